@@ -1,0 +1,77 @@
+"""The `agentledger` command line. Thin: each command wires stages together and renders the result."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from schemas.config import Settings, from_env
+from schemas.errors import AgentLedgerError
+
+from .output import err_console
+
+app = typer.Typer(
+    name="agentledger",
+    help=(
+        "A flight recorder for AI coding agents: every sandbox, approval and network event as a "
+        "hash-chained Avro record, through Kafka (or an embedded local log) into DuckDB.\n\n"
+        "Example:  agentledger demo"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    home: Optional[Path] = typer.Option(None, "--home", envvar="AGENTLEDGER_HOME",
+                                        help="Local state: embedded log, spool, keys, default warehouse. [default: ./.agentledger]"),
+    bootstrap_servers: Optional[str] = typer.Option(None, "--bootstrap-servers", envvar="AGENTLEDGER_BOOTSTRAP_SERVERS",
+                                                    help="Kafka bootstrap servers; when set, Kafka is the transport."),
+    warehouse: Optional[str] = typer.Option(None, "--warehouse", envvar="AGENTLEDGER_WAREHOUSE",
+                                            help="DuckDB file (or ducklake:...). [default: HOME/warehouse.duckdb]"),
+    topic: Optional[str] = typer.Option(None, "--topic", envvar="AGENTLEDGER_TOPIC", help="Events topic."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    env = dict(__import__("os").environ)
+    if home is not None:
+        env["AGENTLEDGER_HOME"] = str(home)
+    if bootstrap_servers is not None:
+        env["AGENTLEDGER_BOOTSTRAP_SERVERS"] = bootstrap_servers
+    if warehouse is not None:
+        env["AGENTLEDGER_WAREHOUSE"] = warehouse
+    if topic is not None:
+        env["AGENTLEDGER_TOPIC"] = topic
+    ctx.obj = from_env(env)
+
+
+def settings(ctx: typer.Context) -> Settings:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Settings) else from_env()
+
+
+def _register() -> None:
+    from .commands import core, schemas_cmd
+
+    core.register(app)
+    schemas_cmd.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except AgentLedgerError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(1)

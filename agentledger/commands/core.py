@@ -1,0 +1,181 @@
+"""demo, simulate, ingest, sql: the main job, end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from schemas.config import Settings
+from schemas.errors import WarehouseError
+
+from ..output import Format, console, err_console, print_json, render_rows
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, disable=not enabled, transient=True)
+
+
+def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float = 0.1, labels: Path | None = None,
+                   force_attack_first: bool = False, show_progress: bool = True):
+    from producers.recorder import Recorder
+    from producers.simulate import simulate, write_labels
+    from schemas.transport import open_sink
+
+    sink = open_sink(s)
+    with _progress(show_progress) as progress:
+        task = progress.add_task("simulating sessions", total=sessions)
+        try:
+            result = simulate(lambda clock, rng: Recorder(sink, topic=s.topic, clock=clock, rng=rng), sessions, seed,
+                              attack_rate=attack_rate, force_attack_first=force_attack_first,
+                              on_session=lambda i: progress.advance(task))
+        finally:
+            sink.close()
+    if labels is not None:
+        write_labels(labels, result, seed)
+    return result
+
+
+def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True, batch_records: int = 50_000):
+    from consumers.ingest import Ingestor
+    from schemas.transport import open_source
+    from schemas.warehouse import open_warehouse
+
+    stop = threading.Event()
+    if follow:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    wh = open_warehouse(s.warehouse)
+    source = open_source(s)
+    try:
+        ing = Ingestor(wh, source, s.topic, batch_records=batch_records)
+        ing.assign()
+        with _progress(show_progress) as progress:
+            total = None if follow else ing.lag()
+            task = progress.add_task("ingesting events", total=total)
+
+            def on_batch(r, stats):
+                progress.update(task, advance=r.messages)
+
+            stats = ing.run(follow=follow, stop=stop, on_batch=on_batch)
+    finally:
+        source.close()
+        wh.close()
+    return stats
+
+
+def register(app: typer.Typer) -> None:
+    from ..cli import settings
+
+    @app.command()
+    def demo(
+        ctx: typer.Context,
+        sessions: int = typer.Option(6, help="How many sessions to simulate (one is suspicious)."),
+        seed: int = typer.Option(42, help="Simulation seed."),
+    ) -> None:
+        """Run the main job on this machine: simulate agent sessions, record them, ingest, summarise.
+
+        Uses the embedded local log unless AGENTLEDGER_BOOTSTRAP_SERVERS is set.
+
+        Example:  AGENTLEDGER_HOME=/tmp/al agentledger demo
+        """
+        s = settings(ctx)
+        console.print(f"[bold]agentledger demo[/] — transport: {s.transport_label}; warehouse: {s.warehouse}")
+        result = run_simulation(s, sessions, seed, attack_rate=0.0, force_attack_first=True)
+        console.print(f"recorded {result.events} events in {result.sessions} sessions "
+                      f"(suspicious: {', '.join(l['session_id'] for l in result.labels) or 'none'})")
+        stats = run_ingest(s)
+        console.print(f"ingested {stats.accepted} events, {stats.dead_letters} quarantined, "
+                      f"in {stats.seconds:.2f}s")
+        from schemas.warehouse import open_warehouse
+
+        with open_warehouse(s.warehouse, read_only=True) as wh:
+            cur = wh.con.execute("""
+                SELECT s.session_id, s.agent, s.event_count AS events, s.commands, s.file_events AS files,
+                       s.network_attempts AS net, s.sandbox_denied + s.approvals_denied + s.network_denied AS denied,
+                       c.status AS chain
+                FROM sessions s JOIN chain_status c USING (session_id) ORDER BY s.started_at""")
+            render_rows([d[0] for d in cur.description], cur.fetchall(), Format.table, title="sessions")
+        console.print(
+            "\n[bold]Try next:[/]\n"
+            "  agentledger sql \"select family, count(*) from events group by 1\"\n"
+            "  agentledger sql \"select session_id, seq, kind, file_accessed.path from events "
+            "where file_accessed.path like '%/.aws/%' or file_accessed.path like '%/.ssh/%'\"\n"
+            "  agentledger sql \"select network_attempted.host, network_attempted.port, count(*) from events "
+            "where kind = 'network_attempted' group by all order by 3 desc\"\n"
+            "  agentledger sql \"select * from chain_status\" --format json"
+        )
+
+    @app.command()
+    def simulate(
+        ctx: typer.Context,
+        sessions: int = typer.Option(10, "--sessions", "-n", help="Number of sessions."),
+        seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical events."),
+        attack_rate: float = typer.Option(0.1, help="Fraction of sessions carrying a labelled attack."),
+        labels: Optional[Path] = typer.Option(None, help="Write ground-truth labels (JSON lines) here, apart from the events."),
+        fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
+    ) -> None:
+        """Emit deterministic, realistic coding-agent sessions to the configured transport.
+
+        Example:  agentledger simulate --sessions 200 --seed 7 --format json
+        """
+        s = settings(ctx)
+        result = run_simulation(s, sessions, seed, attack_rate=attack_rate, labels=labels,
+                                show_progress=fmt is not Format.json)
+        if fmt is Format.json:
+            print_json({"sessions": result.sessions, "events": result.events})
+        else:
+            console.print(f"emitted {result.events} events in {result.sessions} sessions to {s.transport_label}"
+                          f" ({len(result.labels)} labelled attack sessions)")
+
+    @app.command()
+    def ingest(
+        ctx: typer.Context,
+        until_caught_up: bool = typer.Option(False, "--until-caught-up", help="Exit at zero lag (the default)."),
+        follow: bool = typer.Option(False, "--follow", help="Keep ingesting until interrupted (SIGINT/SIGTERM)."),
+        batch: int = typer.Option(50_000, help="Max events per transaction."),
+        fmt: Format = typer.Option(Format.table, "--format", help="table or json (summary)."),
+    ) -> None:
+        """Consume events exactly once into the warehouse (rows and offsets commit together).
+
+        Example:  agentledger ingest --until-caught-up
+        """
+        if until_caught_up and follow:
+            raise typer.BadParameter("choose one of --until-caught-up and --follow")
+        s = settings(ctx)
+        stats = run_ingest(s, follow=follow, batch_records=batch, show_progress=fmt is not Format.json)
+        if fmt is Format.json:
+            print_json(stats.as_dict())
+        else:
+            console.print(f"ingested {stats.accepted} events ({stats.dead_letters} quarantined) "
+                          f"in {stats.batches} batches, {stats.seconds:.2f}s")
+
+    @app.command()
+    def sql(
+        ctx: typer.Context,
+        query: str = typer.Argument(..., help="SQL to run (read-only)."),
+        fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+    ) -> None:
+        """Run read-only SQL on the warehouse.
+
+        Example:  agentledger sql "select family, count(*) from events group by 1" --format json
+        """
+        import duckdb
+
+        from schemas.warehouse import open_warehouse
+
+        s = settings(ctx)
+        with open_warehouse(s.warehouse, read_only=True) as wh:
+            try:
+                cur = wh.con.execute(query)
+            except duckdb.Error as exc:
+                raise WarehouseError(str(exc).strip()) from exc
+            if cur.description is None:
+                return
+            render_rows([d[0] for d in cur.description], cur.fetchall(), fmt)

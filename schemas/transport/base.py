@@ -1,0 +1,78 @@
+"""The transport interface shared by the Kafka adapter and the embedded local log."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str
+    key: bytes
+    value: bytes
+
+
+class Sink(ABC):
+    """Where producers put encoded events. Per key (session), order is preserved."""
+
+    @abstractmethod
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        """Queue one message. May block at most the sink's configured bound; never drops silently."""
+
+    @abstractmethod
+    def flush(self, timeout: float | None = None) -> None:
+        """Return once every message sent so far is durable: acknowledged by all in-sync replicas
+        (Kafka, acks=all) or fsync-ed (local log). Otherwise raise `NotDurableError`, whose
+        ``undelivered`` lists the messages that are not known to be durable, in send order."""
+
+    @abstractmethod
+    def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
+        """Create the topic if it does not exist."""
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and release resources."""
+
+
+PartitionsCallback = Callable[[list[tuple[str, int]]], None]
+
+
+class Source(ABC):
+    """Where consumers read encoded events from, by (topic, partition, offset)."""
+
+    @abstractmethod
+    def partitions(self, topic: str) -> list[int]:
+        """Partition numbers of the topic (empty if it does not exist)."""
+
+    @abstractmethod
+    def assign(self, topic: str, offsets: dict[int, int]) -> None:
+        """Read every partition of ``topic``; partition p starts at ``offsets[p]`` (else the beginning)."""
+
+    @abstractmethod
+    def poll(self, max_records: int, timeout_s: float) -> list[Message]:
+        """Next messages, in offset order within each partition; empty after ``timeout_s`` if none."""
+
+    @abstractmethod
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        """Offset one past the last message of each partition, now."""
+
+    @abstractmethod
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Next offset this source will return, per assigned (topic, partition)."""
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources. Offsets are never committed here: the warehouse owns them."""

@@ -1,0 +1,106 @@
+"""Shared fixtures. Kafka tests use a REAL broker: the one named by $AGENTLEDGER_TEST_BOOTSTRAP
+(scripts/test starts it) or one this session starts with scripts/kafka. If it cannot start, every
+test that needs it FAILS with the broker log -- it is never skipped."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KAFKA_SCRIPT = REPO / "scripts" / "kafka"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    def __init__(self, bootstrap: str | None, error: str | None = None, port: int | None = None,
+                 directory: Path | None = None):
+        self.bootstrap = bootstrap
+        self.error = error
+        self.port = port
+        self.directory = directory
+
+    def require(self) -> str:
+        if not self.bootstrap:
+            pytest.fail(f"the Kafka broker is required and could not be started:\n{self.error}", pytrace=False)
+        return self.bootstrap
+
+
+def start_broker(directory: Path, port: int | None = None, partitions: int = 6) -> tuple[str, int]:
+    port = port or free_port()
+    ctrl = free_port()
+    env = {**os.environ, "AGENTLEDGER_PYTHON": sys.executable}
+    proc = subprocess.run(
+        [str(KAFKA_SCRIPT), "start", "--port", str(port), "--controller-port", str(ctrl), "--dir", str(directory),
+         "--partitions", str(partitions)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/kafka start failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc.stdout.strip().splitlines()[-1], port
+
+
+def stop_broker(directory: Path) -> None:
+    subprocess.run([str(KAFKA_SCRIPT), "stop", "--dir", str(directory)], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory) -> Broker:
+    given = os.environ.get("AGENTLEDGER_TEST_BOOTSTRAP")
+    if given:
+        yield Broker(given)
+        return
+    d = tmp_path_factory.mktemp("kafka")
+    try:
+        bootstrap, port = start_broker(d)
+    except Exception as exc:  # reported by every test that needs the broker
+        yield Broker(None, str(exc))
+        return
+    try:
+        yield Broker(bootstrap, port=port, directory=d)
+    finally:
+        stop_broker(d)
+
+
+@pytest.fixture
+def bootstrap(kafka: Broker) -> str:
+    return kafka.require()
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_")}
+    env.update({"AGENTLEDGER_HOME": str(home), "PYTHONPATH": str(REPO), "COLUMNS": "200", "NO_COLOR": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "agentledger", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"agentledger {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+                             f"stderr:\n{proc.stderr}")
+    return proc
