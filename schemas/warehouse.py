@@ -227,6 +227,11 @@ class Warehouse:
                 ) from exc
             raise WarehouseError(f"cannot open warehouse {url}: {exc}") from exc
 
+    def lock_down(self) -> None:
+        """For user-supplied SQL: no file or network access beyond the warehouse, settings frozen."""
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
+
     def load(self, extension: str) -> None:
         load_extension(self.con, extension)
 

@@ -172,6 +172,7 @@ def register(app: typer.Typer) -> None:
 
         s = settings(ctx)
         with open_warehouse(s.warehouse, read_only=True) as wh:
+            wh.lock_down()
             try:
                 cur = wh.con.execute(query)
             except duckdb.Error as exc:

@@ -180,3 +180,24 @@ class KafkaSource(Source):
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def raw_poll(bootstrap_servers: str, topic: str, expected: int, timeout_s: float = 300) -> tuple[int, float]:
+    """Baseline for benchmarks: plain kafka-python poll of a whole topic, values touched, nothing
+    decoded or stored. Returns (messages, seconds)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, **{**CONSUMER_DEFAULTS})
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        n = 0
+        nbytes = 0
+        t0 = time.perf_counter()
+        deadline = t0 + timeout_s
+        while n < expected and time.perf_counter() < deadline:
+            for records in consumer.poll(timeout_ms=500, max_records=CONSUMER_DEFAULTS["max_poll_records"]).values():
+                n += len(records)
+                nbytes += sum(len(r.value) for r in records)
+        return n, time.perf_counter() - t0
+    finally:
+        consumer.close(autocommit=False)

@@ -1,0 +1,21 @@
+"""A small run of each benchmark, so they keep working (the real runs are in bench/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.kafka
+def test_bench_ingest_smoke(bootstrap, tmp_path):
+    proc = subprocess.run([sys.executable, "bench/ingest.py", "--bootstrap", bootstrap, "--events", "3000",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["events"] >= 3000
+    assert result["raw_poll"] > 0 and result["ingest"] > 0 and 0 < result["ratio"]
