@@ -1,0 +1,167 @@
+"""Ed25519 signatures for checkpoints (shared by the recorder, verify, replay and bundles).
+
+A checkpoint states "events 0..head_seq of this session exist and event head_seq hashes to
+head_hash". The signed message is fixed here and must never change for a given algorithm name:
+
+    agentledger-checkpoint-v1\\n<session_id>\\n<head_seq>\\n<head_hash>\\n<event_count>\\n<final 0|1>
+
+Keys: a private key is a PKCS#8 PEM file or the environment variable AGENTLEDGER_SIGNING_KEY
+(PEM text, or the raw 32-byte seed in base64). A public key is a SubjectPublicKeyInfo PEM file.
+The key id is the first 16 hex characters of SHA-256 over the raw 32-byte public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import ConfigError
+
+ALGORITHM = "ed25519"
+SIGNING_KEY_ENV = "AGENTLEDGER_SIGNING_KEY"
+SIGNING_KEY_FILE_ENV = "AGENTLEDGER_SIGNING_KEY_FILE"
+
+
+def checkpoint_message(session_id: str, head_seq: int, head_hash: str, event_count: int, final: bool) -> bytes:
+    return (f"agentledger-checkpoint-v1\n{session_id}\n{head_seq}\n{head_hash}\n{event_count}\n"
+            f"{1 if final else 0}").encode()
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Signer:
+    private_key: Ed25519PrivateKey
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.private_key.public_key()
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.private_key.sign(message)
+
+    def sign_checkpoint(self, session_id: str, head_seq: int, head_hash: str, event_count: int, final: bool) -> bytes:
+        return self.sign(checkpoint_message(session_id, head_seq, head_hash, event_count, final))
+
+
+def generate() -> Signer:
+    return Signer(Ed25519PrivateKey.generate())
+
+
+def private_pem(signer: Signer) -> bytes:
+    return signer.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+
+
+def public_pem(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def write_keypair(signer: Signer, directory: Path) -> tuple[Path, Path]:
+    """Write <key_id>.key (mode 0600) and <key_id>.pub into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    priv = directory / f"{signer.key_id}.key"
+    pub = directory / f"{signer.key_id}.pub"
+    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem(signer))
+    pub.write_bytes(public_pem(signer.public_key))
+    return priv, pub
+
+
+def load_private(data: bytes | str) -> Signer:
+    if isinstance(data, str):
+        data = data.encode()
+    data = data.strip()
+    try:
+        if data.startswith(b"-----BEGIN"):
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(data))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"not an Ed25519 private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError("the signing key must be an Ed25519 key")
+    return Signer(key)
+
+
+def load_public(data: bytes | str) -> Ed25519PublicKey:
+    if isinstance(data, str):
+        data = data.encode()
+    data = data.strip()
+    try:
+        if data.startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = Ed25519PublicKey.from_public_bytes(base64.b64decode(data))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"not an Ed25519 public key: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError("the public key must be an Ed25519 key")
+    return key
+
+
+def signer_from_env(env: dict[str, str] | None = None) -> Signer | None:
+    """The configured signing key, or None when checkpoints are not to be signed."""
+    env = os.environ if env is None else env
+    if env.get(SIGNING_KEY_ENV):
+        return load_private(env[SIGNING_KEY_ENV])
+    if env.get(SIGNING_KEY_FILE_ENV):
+        try:
+            return load_private(Path(env[SIGNING_KEY_FILE_ENV]).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read signing key: {exc}") from exc
+    return None
+
+
+class Keyring:
+    """Public keys by key id, for verification (a directory of *.pub files, plus explicit keys)."""
+
+    def __init__(self, keys: list[Ed25519PublicKey] | None = None):
+        self._keys = {key_id(k): k for k in keys or []}
+
+    @classmethod
+    def from_paths(cls, *paths: Path) -> "Keyring":
+        keys = []
+        for p in paths:
+            p = Path(p)
+            files = sorted(p.glob("*.pub")) if p.is_dir() else [p] if p.exists() else []
+            keys.extend(load_public(f.read_bytes()) for f in files)
+        return cls(keys)
+
+    def add(self, key: Ed25519PublicKey) -> None:
+        self._keys[key_id(key)] = key
+
+    def __contains__(self, kid: str) -> bool:
+        return kid in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def verify(self, kid: str, signature: bytes, message: bytes) -> bool:
+        key = self._keys.get(kid)
+        if key is None:
+            return False
+        try:
+            key.verify(signature, message)
+            return True
+        except InvalidSignature:
+            return False
+
+    def verify_checkpoint(self, kid: str, signature: bytes, session_id: str, head_seq: int, head_hash: str,
+                          event_count: int, final: bool) -> bool:
+        return self.verify(kid, signature, checkpoint_message(session_id, head_seq, head_hash, event_count, final))
