@@ -1,0 +1,327 @@
+"""The policy model: sandbox mode and writable roots, network rules, approval rules.
+
+One engine shared by every stage that decides or re-decides: hooks answering agents, the recording
+sandbox and its egress proxy, and replay's "what would this policy have done". A policy is a TOML
+file (see docs/policy.md)::
+
+    name = "team-default"
+
+    [sandbox]
+    mode = "workspace_write"            # read_only | workspace_write | danger_full_access
+    writable_roots = ["$WORKSPACE", "/tmp"]
+    deny_read = ["~/.ssh/**", "~/.aws/**"]
+
+    [sandbox.env]
+    allow = ["PATH", "HOME", "LANG", "TERM", "CI"]
+    deny = ["*TOKEN*", "*SECRET*", "*PASSWORD*", "AWS_*"]
+
+    [network]
+    default = "deny"                    # allow | deny | ask, when no rule matches
+    [[network.rules]]
+    id = "registries"
+    action = "allow"
+    hosts = ["pypi.org", "*.pythonhosted.org", "registry.npmjs.org"]
+    ports = [443]
+    [[network.rules]]
+    id = "no-raw-ip"
+    action = "deny"
+    raw_ip = true
+
+    [approvals]
+    default = "prompt"                  # allow | prompt | forbidden, for commands no rule matches
+    escalation = "prompt"               # requests to run outside the sandbox
+    noninteractive = "deny"             # what an unanswered prompt becomes
+    timeout_s = 60
+    [[approvals.rules]]
+    id = "read-only-git"
+    decision = "allow"
+    prefix = ["git", ["status", "diff", "log"]]
+
+Semantics, chosen to fail safe: when several rules match, the most restrictive wins (network:
+deny > ask > allow; commands: forbidden > prompt > allow), as in Codex's execpolicy. A command
+prefix element is a string or a list of alternatives. Host patterns are case-insensitive globs
+(``*.example.com`` matches any subdomain, not the apex); ``cidrs`` match IP-literal hosts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+from .errors import ConfigError
+
+NETWORK_ACTIONS = ("allow", "ask", "deny")  # ascending restrictiveness
+COMMAND_DECISIONS = ("allow", "prompt", "forbidden")
+SANDBOX_MODES = ("read_only", "workspace_write", "danger_full_access")
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # network: allow|ask|deny ; command: allow|prompt|forbidden ; file: allow|deny
+    rule: str | None  # id of the deciding rule; None when the default applied
+    reason: str
+
+    @property
+    def allowed(self) -> bool:
+        return self.action == "allow"
+
+
+def _ports(spec: Any) -> list[tuple[int, int]]:
+    out = []
+    for p in spec or []:
+        if isinstance(p, int):
+            out.append((p, p))
+        elif isinstance(p, str) and "-" in p:
+            lo, hi = p.split("-", 1)
+            out.append((int(lo), int(hi)))
+        else:
+            out.append((int(p), int(p)))
+    return out
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class NetworkRule:
+    id: str
+    action: str
+    hosts: tuple[str, ...] = ()
+    cidrs: tuple[Any, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+    protocols: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    raw_ip: bool | None = None
+
+    def matches(self, host: str, port: int | None, protocol: str | None, method: str | None) -> bool:
+        h = host.lower().strip("[]").rstrip(".")
+        ip = None
+        try:
+            ip = ipaddress.ip_address(h)
+        except ValueError:
+            pass
+        if self.raw_ip is not None and (ip is not None) != self.raw_ip:
+            return False
+        if self.hosts or self.cidrs:
+            host_ok = any(_host_match(pat, h) for pat in self.hosts)
+            cidr_ok = ip is not None and any(ip in net for net in self.cidrs)
+            if not (host_ok or cidr_ok):
+                return False
+        if self.ports and (port is None or not any(lo <= port <= hi for lo, hi in self.ports)):
+            return False
+        if self.protocols and (protocol or "").lower() not in self.protocols:
+            return False
+        if self.methods and (method or "").upper() not in self.methods:
+            return False
+        return True
+
+
+def _host_match(pattern: str, host: str) -> bool:
+    pattern = pattern.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and fnmatch.fnmatchcase(host, pattern)
+    return fnmatch.fnmatchcase(host, pattern)
+
+
+@dataclass(frozen=True)
+class CommandRule:
+    id: str
+    decision: str
+    prefix: tuple[tuple[str, ...], ...]  # each position: alternatives
+    justification: str | None = None
+
+    def matches(self, argv: list[str]) -> bool:
+        if len(argv) < len(self.prefix):
+            return False
+        for alts, arg in zip(self.prefix, argv):
+            if not any(fnmatch.fnmatchcase(arg, a) for a in alts):
+                return False
+        return True
+
+
+@dataclass
+class Policy:
+    name: str = "unnamed"
+    sandbox_mode: str = "workspace_write"
+    writable_roots: list[str] = field(default_factory=lambda: ["$WORKSPACE"])
+    deny_read: list[str] = field(default_factory=list)
+    env_allow: list[str] = field(default_factory=list)
+    env_deny: list[str] = field(default_factory=list)
+    network_default: str = "deny"
+    network_rules: list[NetworkRule] = field(default_factory=list)
+    command_default: str = "prompt"
+    escalation: str = "prompt"
+    noninteractive: str = "deny"
+    approval_timeout_s: float = 60.0
+    command_rules: list[CommandRule] = field(default_factory=list)
+    source: str | None = None  # the file it came from
+    digest: str | None = None  # sha256 of the file bytes
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read policy {path}: {exc}") from exc
+        p = cls.from_toml(data.decode(), source=str(path))
+        return p
+
+    @classmethod
+    def from_toml(cls, text: str, source: str | None = None) -> "Policy":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"policy {source or ''}: invalid TOML: {exc}") from exc
+        p = cls.from_dict(data, source=source)
+        p.digest = hashlib.sha256(text.encode()).hexdigest()
+        return p
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str | None = None) -> "Policy":
+        where = f"policy {source}" if source else "policy"
+        sb = data.get("sandbox", {})
+        net = data.get("network", {})
+        ap = data.get("approvals", {})
+        env = sb.get("env", {})
+        mode = sb.get("mode", "workspace_write")
+        _check(mode, SANDBOX_MODES, f"{where}: sandbox.mode")
+        p = cls(
+            name=data.get("name", "unnamed"),
+            sandbox_mode=mode,
+            writable_roots=list(sb.get("writable_roots", ["$WORKSPACE"])),
+            deny_read=list(sb.get("deny_read", [])),
+            env_allow=list(env.get("allow", [])),
+            env_deny=list(env.get("deny", [])),
+            network_default=_check(net.get("default", "deny"), NETWORK_ACTIONS, f"{where}: network.default"),
+            command_default=_check(ap.get("default", "prompt"), COMMAND_DECISIONS, f"{where}: approvals.default"),
+            escalation=_check(ap.get("escalation", "prompt"), COMMAND_DECISIONS, f"{where}: approvals.escalation"),
+            noninteractive=_check(ap.get("noninteractive", "deny"), ("allow", "deny"), f"{where}: approvals.noninteractive"),
+            approval_timeout_s=float(ap.get("timeout_s", 60)),
+            source=source,
+        )
+        for i, r in enumerate(net.get("rules", [])):
+            rid = r.get("id", f"network.rules[{i}]")
+            try:
+                cidrs = tuple(ipaddress.ip_network(c, strict=False) for c in r.get("cidrs", []))
+            except ValueError as exc:
+                raise ConfigError(f"{where}: rule {rid}: {exc}") from exc
+            p.network_rules.append(NetworkRule(
+                id=rid,
+                action=_check(r.get("action"), NETWORK_ACTIONS, f"{where}: rule {rid} action"),
+                hosts=tuple(h.lower() for h in r.get("hosts", [])),
+                cidrs=cidrs,
+                ports=tuple(_ports(r.get("ports"))),
+                protocols=tuple(x.lower() for x in r.get("protocols", [])),
+                methods=tuple(x.upper() for x in r.get("methods", [])),
+                raw_ip=r.get("raw_ip"),
+            ))
+        for i, r in enumerate(ap.get("rules", [])):
+            rid = r.get("id", f"approvals.rules[{i}]")
+            prefix = r.get("prefix")
+            if not prefix or not isinstance(prefix, list):
+                raise ConfigError(f"{where}: rule {rid} needs a non-empty prefix list")
+            p.command_rules.append(CommandRule(
+                id=rid,
+                decision=_check(r.get("decision"), COMMAND_DECISIONS, f"{where}: rule {rid} decision"),
+                prefix=tuple(tuple(x) if isinstance(x, list) else (x,) for x in prefix),
+                justification=r.get("justification"),
+            ))
+        return p
+
+    # -- network --------------------------------------------------------------------------
+    def evaluate_network(self, host: str, port: int | None = None, protocol: str | None = None,
+                         method: str | None = None) -> Decision:
+        matched = [r for r in self.network_rules if r.matches(host, port, protocol, method)]
+        if not matched:
+            return Decision(self.network_default, None, f"no rule matches {host}:{port}; default {self.network_default}")
+        worst = max(matched, key=lambda r: NETWORK_ACTIONS.index(r.action))
+        return Decision(worst.action, worst.id, f"{host}:{port} matched rule {worst.id} ({worst.action})")
+
+    # -- commands -------------------------------------------------------------------------
+    def evaluate_command(self, argv: list[str], *, escalated: bool = False) -> Decision:
+        """allow: run without asking; prompt: ask a human; forbidden: refuse."""
+        argv = [a for a in argv]
+        matched = [r for r in self.command_rules if r.matches(argv)]
+        candidates = []
+        if matched:
+            worst = max(matched, key=lambda r: COMMAND_DECISIONS.index(r.decision))
+            candidates.append(Decision(worst.decision, worst.id, f"matched rule {worst.id} ({worst.decision})"))
+        else:
+            candidates.append(Decision(self.command_default, None, f"no rule matches; default {self.command_default}"))
+        if escalated:
+            candidates.append(Decision(self.escalation, "escalation", f"runs outside the sandbox; escalation {self.escalation}"))
+        return max(candidates, key=lambda d: COMMAND_DECISIONS.index(d.action))
+
+    # -- files ----------------------------------------------------------------------------
+    def roots(self, workspace: str | None) -> list[str]:
+        out = []
+        for r in self.writable_roots:
+            if "$WORKSPACE" in r:
+                if not workspace:
+                    continue
+                r = r.replace("$WORKSPACE", workspace)
+            out.append(os.path.normpath(os.path.expanduser(r)))
+        return out
+
+    def evaluate_write(self, path: str, workspace: str | None = None) -> Decision:
+        if self.sandbox_mode == "danger_full_access":
+            return Decision("allow", "sandbox.mode", "danger_full_access allows every write")
+        if self.sandbox_mode == "read_only":
+            return Decision("deny", "sandbox.mode", "read_only sandbox: no writes")
+        p = os.path.normpath(os.path.expanduser(path))
+        for root in self.roots(workspace):
+            if p == root or p.startswith(root.rstrip("/") + "/"):
+                return Decision("allow", "sandbox.writable_roots", f"inside writable root {root}")
+        return Decision("deny", "sandbox.writable_roots", f"{path} is outside the writable roots")
+
+    def evaluate_read(self, path: str) -> Decision:
+        p = os.path.normpath(os.path.expanduser(path))
+        for pat in self.deny_read:
+            pat_x = os.path.expanduser(pat)
+            if fnmatch.fnmatchcase(p, pat_x) or PurePosixPath(p).match(pat_x):
+                return Decision("deny", "sandbox.deny_read", f"{path} matches deny_read {pat}")
+        return Decision("allow", None, "readable")
+
+    # -- environment ----------------------------------------------------------------------
+    def env_allowed(self, name: str) -> bool:
+        """Deny patterns win; with an allow list, only listed names pass."""
+        if any(fnmatch.fnmatchcase(name.upper(), pat.upper()) for pat in self.env_deny):
+            return False
+        if self.env_allow:
+            return any(fnmatch.fnmatchcase(name, pat) for pat in self.env_allow)
+        return True
+
+    def filter_env(self, env: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in env.items() if self.env_allowed(k)}
+
+    # -- as recorded in session_started ---------------------------------------------------
+    def network_summary(self) -> dict:
+        allowed = sorted({h for r in self.network_rules if r.action == "allow" for h in r.hosts})
+        denied = sorted({h for r in self.network_rules if r.action == "deny" for h in r.hosts})
+        if self.network_default == "allow" and not denied:
+            mode = "enabled"
+        elif not self.network_rules and self.network_default == "deny":
+            mode = "disabled"
+        else:
+            mode = "allowlist"
+        return {"mode": mode, "allowed_domains": allowed, "denied_domains": denied}
+
+
+def _check(value: Any, allowed: Iterable[str], what: str) -> str:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+    return value

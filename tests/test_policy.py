@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+
+from schemas.errors import ConfigError
+from schemas.policy import Policy
+
+POLICY = """
+name = "t"
+[sandbox]
+mode = "workspace_write"
+writable_roots = ["$WORKSPACE", "/tmp"]
+deny_read = ["~/.ssh/**", "/home/*/.aws/*"]
+[sandbox.env]
+allow = ["PATH", "HOME", "LANG", "GITHUB_TOKEN"]
+deny = ["*TOKEN*", "AWS_*"]
+[network]
+default = "deny"
+[[network.rules]]
+id = "registries"
+action = "allow"
+hosts = ["pypi.org", "*.pythonhosted.org"]
+ports = [443]
+[[network.rules]]
+id = "no-raw-ip"
+action = "deny"
+raw_ip = true
+[[network.rules]]
+id = "lan"
+action = "allow"
+cidrs = ["127.0.0.0/8"]
+[[network.rules]]
+id = "ask-github"
+action = "ask"
+hosts = ["github.com"]
+[approvals]
+default = "prompt"
+escalation = "prompt"
+[[approvals.rules]]
+id = "git-read"
+decision = "allow"
+prefix = ["git", ["status", "diff", "log"]]
+[[approvals.rules]]
+id = "no-rm-rf"
+decision = "forbidden"
+prefix = ["rm", "-rf"]
+[[approvals.rules]]
+id = "tests"
+decision = "allow"
+prefix = ["pytest"]
+"""
+
+
+@pytest.fixture
+def p():
+    return Policy.from_toml(POLICY)
+
+
+def test_network(p):
+    assert p.evaluate_network("pypi.org", 443).action == "allow"
+    assert p.evaluate_network("files.pythonhosted.org", 443).rule == "registries"
+    assert p.evaluate_network("pythonhosted.org", 443).action == "deny", "wildcard does not match the apex"
+    assert p.evaluate_network("pypi.org", 80).action == "deny"
+    assert p.evaluate_network("PyPI.org.", 443).action == "allow"
+    assert p.evaluate_network("github.com", 443).action == "ask"
+    d = p.evaluate_network("203.0.113.5", 80)
+    assert d.action == "deny" and d.rule == "no-raw-ip"
+    # most restrictive wins: loopback is allowed by "lan" but is a raw IP
+    assert p.evaluate_network("127.0.0.1", 8000).action == "deny"
+    assert p.evaluate_network("evil.example", 443).rule is None
+
+
+def test_commands(p):
+    assert p.evaluate_command(["git", "status"]).action == "allow"
+    assert p.evaluate_command(["git", "push"]).action == "prompt"
+    assert p.evaluate_command(["rm", "-rf", "/"]).action == "forbidden"
+    assert p.evaluate_command(["pytest", "-q"], escalated=True).action == "prompt"
+    assert p.evaluate_command(["rm", "-rf", "x"], escalated=True).action == "forbidden"
+
+
+def test_files_and_env(p):
+    assert p.evaluate_write("/w/src/a.py", workspace="/w").allowed
+    assert not p.evaluate_write("/w2/a.py", workspace="/w").allowed
+    assert not p.evaluate_write("/etc/passwd", workspace="/w").allowed
+    assert p.evaluate_write("/tmp/x", workspace="/w").allowed
+    assert p.evaluate_read("/home/dev/.aws/credentials").action == "deny"
+    assert p.evaluate_read("/w/README.md").allowed
+    assert p.filter_env({"PATH": "/bin", "GITHUB_TOKEN": "x", "AWS_SECRET": "y", "EDITOR": "vi"}) == {"PATH": "/bin"}
+
+
+def test_bad_policies_are_clear_errors():
+    with pytest.raises(ConfigError, match="network.default"):
+        Policy.from_toml('[network]\ndefault = "maybe"')
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        Policy.from_toml("[network")
+    with pytest.raises(ConfigError, match="prefix"):
+        Policy.from_toml('[[approvals.rules]]\nid="x"\ndecision="allow"')
+
+
+def test_digest_and_summary(p):
+    assert len(p.digest) == 64
+    s = p.network_summary()
+    assert s["mode"] == "allowlist" and "pypi.org" in s["allowed_domains"]
