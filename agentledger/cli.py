@@ -60,10 +60,11 @@ def settings(ctx: typer.Context) -> Settings:
 
 
 def _register() -> None:
-    from .commands import core, schemas_cmd
+    from .commands import core, groups, schemas_cmd
 
     core.register(app)
     schemas_cmd.register(app)
+    groups.register(app)
 
 
 _register()

@@ -1,0 +1,15 @@
+"""Command groups shared by several command modules (e.g. `import` has codex-rollout, otel, bundle)."""
+
+from __future__ import annotations
+
+import typer
+
+import_app = typer.Typer(
+    help="Import sessions recorded elsewhere into the transport (and so into the warehouse).\n\n"
+         "Example:  agentledger import codex-rollout ~/.codex/sessions",
+    no_args_is_help=True,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(import_app, name="import")
