@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -93,8 +94,9 @@ class KafkaSink(Sink):
             self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="agentledger", **config)
         except KafkaError as exc:
             raise TransportError(f"cannot connect a producer to {bootstrap_servers}: {exc}") from exc
-        self._inflight: list[tuple[Outgoing, Any]] = []
+        self._inflight: deque[tuple[Outgoing, Any]] = deque()
         self._topics: set[str] = set()
+        self._sends = 0
 
     def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
         if topic not in self._topics:
@@ -108,9 +110,49 @@ class KafkaSink(Sink):
         except KafkaError as exc:
             raise NotDurableError(f"Kafka did not accept the event: {exc}", [msg]) from exc
         self._inflight.append((msg, fut))
+        self._sends += 1
+        if not self._sends & 0xFFF:
+            self.prune()
+
+    def prune(self) -> Exception | None:
+        """Forget the acknowledged prefix of the in-flight messages (bounds memory). Returns the error
+        of the oldest in-flight message if it failed (the caller decides: retry, spool, refuse)."""
+        inflight = self._inflight
+        while inflight:
+            fut = inflight[0][1]
+            if not fut.is_done:
+                return None
+            if fut.failed():
+                return fut.exception or NotDurableError("delivery failed")
+            inflight.popleft()
+        return None
+
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for acknowledgements; True when nothing is in flight any more."""
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaTimeoutError:
+            pass
+        return self.prune() is None and not self._inflight
+
+    def unacknowledged(self) -> list[Outgoing]:
+        """Messages not known to be acknowledged, in send order; forgets every tracked message."""
+        out = [m for m, fut in self._inflight if not fut.is_done or fut.failed()]
+        self._inflight = deque()
+        return out
+
+    def abort(self) -> None:
+        """Stop at once: pending batches are failed, connections closed. Use after `unacknowledged`."""
+        try:
+            self._producer.close(timeout=0)
+        except Exception:  # noqa: BLE001 -- closing a broken client must not raise
+            log.debug("abort: producer close failed", exc_info=True)
 
     def flush(self, timeout: float | None = None) -> None:
-        inflight, self._inflight = self._inflight, []
+        inflight, self._inflight = self._inflight, deque()
         try:
             self._producer.flush(timeout=timeout)
         except KafkaTimeoutError:
@@ -201,3 +243,24 @@ def raw_poll(bootstrap_servers: str, topic: str, expected: int, timeout_s: float
         return n, time.perf_counter() - t0
     finally:
         consumer.close(autocommit=False)
+
+
+def raw_send(bootstrap_servers: str, topic: str, values: list[bytes], keys: list[bytes],
+             timeout_s: float = 300, **overrides: Any) -> float:
+    """Baseline for benchmarks: plain kafka-python `send()` of pre-encoded values with the same producer
+    settings as `KafkaSink` (acks=all, idempotence), then one flush. Returns seconds, send to last ack."""
+    config = {**PRODUCER_DEFAULTS, **overrides, "acks": "all", "enable_idempotence": True}
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="agentledger-bench-raw", **config)
+    try:
+        producer.partitions_for(topic)  # metadata up front, as our sink has it after ensure_topic
+        n = len(keys)
+        t0 = time.perf_counter()
+        futures = [producer.send(topic, key=keys[i % n], value=v) for i, v in enumerate(values)]
+        producer.flush(timeout=timeout_s)
+        elapsed = time.perf_counter() - t0
+        failed = sum(1 for f in futures if not f.is_done or f.failed())
+        if failed:
+            raise NotDurableError(f"raw baseline: {failed} messages not acknowledged")
+        return elapsed
+    finally:
+        producer.close(timeout=10)
