@@ -138,6 +138,7 @@ def open_producer_sink(settings: Settings, **options) -> Sink:
 
 
 DIRECT, SPOOLING = "direct", "spooling"
+MAX_IN_FLIGHT = 100_000
 
 
 class SpoolingSink(Sink):
@@ -155,7 +156,6 @@ class SpoolingSink(Sink):
             "bootstrap_timeout_ms": options.connect_timeout_ms,
             "request_timeout_ms": max(options.flush_timeout_ms, 5000),
             "delivery_timeout_ms": max(options.flush_timeout_ms * 3, 30_000),
-            "buffer_memory": 16 * 1024 * 1024,
             "reconnect_backoff_max_ms": 2000,
             **kafka_overrides,
         }
@@ -173,6 +173,7 @@ class SpoolingSink(Sink):
         self._connected = threading.Event()
         self._first_send_done = False
         self._gave_up_connecting = False
+        self._kafka_up = False
         self.last_error: str | None = None
         self.stats = {"direct": 0, "spooled": 0, "drained": 0, "refused": 0, "switches": 0}
         self._thread = threading.Thread(target=self._pump, name="agentledger-spool-pump", daemon=True)
@@ -214,9 +215,14 @@ class SpoolingSink(Sink):
                 try:
                     self._kafka.send(topic, key, value)
                     self.stats["direct"] += 1
+                    if not self.stats["direct"] & 0xFFF and self._kafka.in_flight() > MAX_IN_FLIGHT:
+                        # kafka-python's buffer is unbounded: a broker that stops acknowledging shows here
+                        self._leave_direct(f"{self._kafka.in_flight()} events unacknowledged: broker too slow")
                     return
                 except NotDurableError as exc:
                     self._leave_direct(f"Kafka did not take the event within {self.options.max_block_ms} ms: {exc}")
+                    self._spool_one(Outgoing(topic, key, value), reserved)
+                    return
             self._spool_one(Outgoing(topic, key, value), reserved)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -240,12 +246,13 @@ class SpoolingSink(Sink):
         finally:
             deadline = time.monotonic() + (5.0 if timeout is None else timeout)
             with self._lock:
+                # Only worth waiting while Kafka answers: otherwise the spool already holds everything durably.
                 while self._state != DIRECT and time.monotonic() < deadline and self._thread.is_alive() \
-                        and self._has_spooled():
+                        and self._kafka_up and self._has_spooled():
                     self._wake.wait(0.1)
                 self._closed = True
                 self._wake.notify_all()
-            self._thread.join(max(0.5, deadline - time.monotonic()))
+            self._thread.join(max(0.2, deadline - time.monotonic()) if self._kafka_up else 0.2)
             with self._lock:
                 self._persist_overflow()
                 if self._kafka is not None:
@@ -384,6 +391,7 @@ class SpoolingSink(Sink):
                 if kafka is None:
                     kafka = self._connect()
                     self._connected.set()
+                    self._kafka_up = True
                 with self.spool.drain_lock() as held:
                     if not held:
                         time.sleep(0.2)  # another process drains; our events are in its way
@@ -391,11 +399,12 @@ class SpoolingSink(Sink):
                     if self._drain_until_direct(kafka):
                         kafka = None  # handed over to the direct path
                 backoff = 0.05
-            except (NotDurableError, TransportError, OSError) as exc:
-                self.last_error = str(exc)
+            except Exception as exc:  # noqa: BLE001 -- the pump must survive anything and retry
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("agentledger spool: Kafka not available yet: %s", exc)
                 with self._lock:
                     self._gave_up_connecting = True
+                    self._kafka_up = False
                     self._wake.notify_all()
                 if kafka is not None:
                     kafka.abort()
