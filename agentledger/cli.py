@@ -65,6 +65,9 @@ def _register() -> None:
     core.register(app)
     schemas_cmd.register(app)
     groups.register(app)
+    from .commands import producers_cmd
+
+    producers_cmd.register(app)
 
 
 _register()

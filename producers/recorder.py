@@ -357,10 +357,12 @@ class SessionRecorder:
             self.ended = False
             self._end_lost = self._end_args
 
-    def _record_gap(self) -> bool:
+    def _record_gap(self, force: bool = False) -> bool:
+        """Write the owed gap event. Unforced, only once ordinary events fit again (so the gap is not
+        followed by more losses); forced (session end, close) it may use the spool's control reserve."""
         g = self.gap_pending
         sink = self.recorder.sink
-        if g is None or not getattr(sink, "accepting", lambda: True)():
+        if g is None or (not force and not getattr(sink, "accepting", lambda: True)()):
             return False
         self.gap_pending = None
         what = "refused: the spool was full" if g["gap_kind"] == "spool_overflow" else "lost: neither Kafka nor the spool could take them"
@@ -368,11 +370,13 @@ class SessionRecorder:
         before = self.seq
         self.gap(g["gap_kind"], reason, lost_events=g["lost_events"], lost_bytes=g["lost_bytes"],
                  first_lost_at=g["first_lost_at"], last_lost_at=g["last_lost_at"])
+        if self.seq == before:  # the gap itself was refused: keep owing the original one
+            self.gap_pending = g
         return self.seq > before
 
     def settle(self) -> None:
         """Record an owed gap (and a session end that was lost) if the sink takes events again."""
-        if self.gap_pending is not None and self._record_gap() and self._end_lost is not None:
+        if self.gap_pending is not None and self._record_gap(force=True) and self._end_lost is not None:
             status, reason = self._end_lost
             self._end_lost = None
             self.end(status, reason)
@@ -422,7 +426,7 @@ class SessionRecorder:
     def end(self, status: str = "completed", reason: str | None = None, **step: Any) -> Sealed:
         """End the session; a final signed checkpoint follows when a signing key is configured."""
         if self.gap_pending is not None:
-            self._record_gap()
+            self._record_gap(force=True)
         self._end_seq, self._end_args = self.seq, (status, reason)
         before = self.seq
         sealed = self.emit("session_ended", {"status": status, "reason": reason}, **step)
