@@ -140,7 +140,7 @@ DETECTORS: tuple[Detector, ...] = (
         r"secret|client_secret|sig|signature|auth|sessionid|session_id|credential|x-amz-signature|x-amz-credential|"
         r"x-amz-security-token)=([^&#\s\"']{3,})"), 1, _not_placeholder),
     Detector("password_assignment", re.compile(
-        r"(?i)(?:\b|_)(?:passw(?:or)?d|passwd|pwd)[\"']?(?:\s*[:=]\s*|\s+(?=[^\s=:]))[\"']?([^\s\"'&;,]{3,})"), 1,
+        r"(?i)(?:\b|_)(?:passw(?:or)?d|passwd|pwd)[\"']?(?:\s*[:=]\s*|\s+(?=[^\s=:]))[\"']?([^\s\"';]{3,})"), 1,
         _not_placeholder),
     Detector("token_assignment", re.compile(
         r"(?i)(?:\b|_)(?:token|secret|api[_-]?key|apikey|access[_-]?key|secret[_-]?key|client[_-]?secret|auth[_-]?token|"
@@ -240,22 +240,20 @@ class Redactor:
 
     def redact_argv(self, argv: list[str], path: str, out: list[dict]) -> list[str]:
         res = list(argv)
+        flagged = False  # the previous item was `--password`, `--token`, ...: this one is the secret
         for i, a in enumerate(res):
             if not isinstance(a, str):
+                flagged = False
                 continue
             new, found = self.scan(a)
+            if not found and flagged and a and not a.startswith("-") and not _PLACEHOLDER.match(a):
+                prev = res[i - 1].lower()
+                det = "password_assignment" if "pass" in prev or "pwd" in prev else "token_assignment"
+                new, found = self.token(det, a), [(det, self.token(det, a))]
             if found:
                 res[i] = new
                 out.extend({"field": f"{path}[{i}]", "detector": d, "token": t} for d, t in found)
-            # `--password hunter2`: the secret is the next argument
-            if i + 1 < len(res) and _FLAG_SECRET.match(a) and isinstance(res[i + 1], str):
-                value = res[i + 1]
-                if value and not value.startswith(TOKEN_PREFIX) and not _PLACEHOLDER.match(value) \
-                        and not value.startswith("-"):
-                    det = "password_assignment" if "pass" in a.lower() or "pwd" in a.lower() else "token_assignment"
-                    tok = self.token(det, value)
-                    res[i + 1] = tok
-                    out.append({"field": f"{path}[{i + 1}]", "detector": det, "token": tok})
+            flagged = bool(_FLAG_SECRET.match(a))
         return res
 
     def _walk(self, value, path: str, out: list[dict]):
