@@ -154,6 +154,8 @@ class Recorder:
         self._kinds = {k.kind: k.name for k in self.store.kinds}
         self._sessions: dict[str, SessionRecorder] = {}  # sessions whose events may not be durable yet
         self._send_control = getattr(sink, "send_control", sink.send)
+        self._id_rng: random.Random | None = None
+        self._id_pid = -1
         sink.ensure_topic(topic)
 
     @classmethod
@@ -174,7 +176,15 @@ class Recorder:
 
     def new_id(self, at_us: int | None = None) -> str:
         ms = (at_us if at_us is not None else self.clock()) // 1000
-        return uuid7(ms, self.rng.randbytes(10) if self.rng else os.urandom(10))
+        rng = self.rng
+        if rng is None:
+            # One os.urandom per event costs a syscall, and with Kafka's sender thread running, a GIL
+            # hand-over (~10 us). Ids need uniqueness, not secrecy: a generator seeded from the OS,
+            # reseeded after fork so that parent and child never share a sequence.
+            if self._id_pid != os.getpid():
+                self._id_rng, self._id_pid = random.Random(os.urandom(32)), os.getpid()
+            rng = self._id_rng
+        return uuid7(ms, rng.randbytes(10))
 
     def session(self, *, agent: str, cwd: str, session_id: str | None = None, **started: Any) -> "SessionRecorder":
         """A new session; ``started`` are the fields of session_started (model, sandbox_mode, ...)."""

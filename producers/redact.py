@@ -40,9 +40,10 @@ and it costs tens of microseconds a line -- too slow for the emit path (bench/em
 below follow its maintained ones where they exist (AWS, GitHub, Slack, Stripe, JWT, private keys,
 URL userinfo), and the test suite runs detect-secrets as an independent oracle over redacted events.
 
-Speed: strings shorter than 8 characters or without any trigger (``=``, ``@``, ``:``, and the
-literal prefixes of the token formats) skip the regex work entirely; most event strings (paths,
-test output, package names) take that fast path.
+Speed: strings shorter than 8 characters, strings already found clean (a bounded memo: paths,
+argv words and domain lists repeat a lot), and strings without any trigger (``=``, ``@``, a
+``key: value`` colon, or one of the literal prefixes/keywords of the formats, tested as plain
+substrings of the lower-cased text) skip the regex work entirely; that is most event strings.
 """
 
 from __future__ import annotations
@@ -151,10 +152,25 @@ DETECTORS: tuple[Detector, ...] = (
 )
 DETECTOR_NAMES = tuple(d.name for d in DETECTORS)
 
-# Cheap pre-filter: a string that matches none of these cannot match any detector.
-_TRIGGER = re.compile(
-    r"[=@]|:\s*\S|AKIA|ASIA|ABIA|ACCA|A3T|gh[pousr]_|github_pat_|sk-|[srp]k_|xox|eyJ|PRIVATE KEY|PuTTY|"
-    r"[Bb]earer|BEARER|[Bb]asic |--\w*(?:pass|pwd|token|secret|key)|(?i:passw|pwd|token|secret|api.?key|credential)")
+# Cheap pre-filter: a string for which this is False cannot match any detector. Plain substring tests on
+# the lower-cased text (C speed, ~1 us) instead of one big regex alternation (~5 us on a 50-char path).
+_TRIGGER_WORDS = ("akia", "asia", "abia", "acca", "a3t", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "sk-",
+                  "k_live_", "k_test_", "xox", "eyj", "private key", "putty", "hooks.slack", "bearer", "basic ",
+                  "passw", "pwd", "token", "secret", "api_key", "apikey", "api-key", "access_key", "access-key",
+                  "credential", "authorization", "private_key", "session_key")
+_COLON_VALUE = re.compile(r":\s*[\"']?[A-Za-z0-9+_\-][A-Za-z0-9+/=_\-.~]{19}")
+
+
+def _maybe_secret(text: str) -> bool:
+    if "=" in text or "@" in text:
+        return True
+    low = text.lower()
+    for w in _TRIGGER_WORDS:
+        if w in low:
+            return True
+    return ":" in text and _COLON_VALUE.search(text) is not None
+
+
 _MIN_LEN = 8
 _FLAG_SECRET = re.compile(r"^--?(?:password|passwd|pwd|pass|token|api-?key|secret|client-secret|access-key|auth-token|"
                           r"with-token|private-key|key)$", re.IGNORECASE)
@@ -197,6 +213,7 @@ class Redactor:
         self._key = key
         self.detectors = tuple(detectors)
         self._tokens: dict[tuple[str, str], str] = {}
+        self._clean: set[str] = set()  # strings already scanned and found clean (paths, argv words repeat a lot)
 
     def token(self, detector: str, secret: str) -> str:
         cached = self._tokens.get((detector, secret))
@@ -209,7 +226,7 @@ class Redactor:
 
     def scan(self, text: str) -> tuple[str, list[tuple[str, str]]]:
         """``text`` with every secret replaced, and the (detector, token) of each replacement."""
-        if len(text) < _MIN_LEN or not _TRIGGER.search(text):
+        if len(text) < _MIN_LEN or text in self._clean or not _maybe_secret(text):
             return text, []
         found: list[tuple[str, str]] = []
         for det in self.detectors:
@@ -236,6 +253,8 @@ class Redactor:
             if pieces:
                 pieces.append(text[last:])
                 text = "".join(pieces)
+        if not found and len(self._clean) < 50_000 and len(text) < 512:
+            self._clean.add(text)
         return text, found
 
     def redact_argv(self, argv: list[str], path: str, out: list[dict]) -> list[str]:
@@ -244,6 +263,9 @@ class Redactor:
         for i, a in enumerate(res):
             if not isinstance(a, str):
                 flagged = False
+                continue
+            if not flagged and (len(a) < _MIN_LEN or a in self._clean or not _maybe_secret(a)):
+                flagged = a[:1] == "-" and bool(_FLAG_SECRET.match(a))
                 continue
             new, found = self.scan(a)
             if not found and flagged and a and not a.startswith("-") and not _PLACEHOLDER.match(a):
@@ -265,10 +287,15 @@ class Redactor:
             return value
         if isinstance(value, dict):
             changed = None
+            clean = self._clean
             for k, v in value.items():
-                if k in SKIP_FIELDS or v is None or isinstance(v, (int, float, bool, bytes)):
+                if type(v) is str:  # the common case, inlined: most strings take the fast path here
+                    if len(v) < _MIN_LEN or k in SKIP_FIELDS or v in clean or not _maybe_secret(v):
+                        continue
+                    nv = self._walk(v, f"{path}.{k}", out)
+                elif v is None or k in SKIP_FIELDS or isinstance(v, (int, float, bool, bytes)):
                     continue
-                if k == "argv" and isinstance(v, list):
+                elif k == "argv" and isinstance(v, list):
                     nv = self.redact_argv(v, f"{path}.{k}", out)
                 else:
                     nv = self._walk(v, f"{path}.{k}", out)
@@ -280,6 +307,8 @@ class Redactor:
         if isinstance(value, list):
             res = None
             for i, item in enumerate(value):
+                if type(item) is str and (len(item) < _MIN_LEN or item in self._clean or not _maybe_secret(item)):
+                    continue
                 nv = self._walk(item, f"{path}[{i}]", out)
                 if nv is not item and nv != item:
                     if res is None:

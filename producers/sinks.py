@@ -87,6 +87,8 @@ class ProducerOptions:
     spool_dir          [AGENTLEDGER_SPOOL_DIR, $AGENTLEDGER_HOME/spool]
     spool_max_bytes    bound on undrained spool bytes [AGENTLEDGER_SPOOL_MAX_BYTES, 1G]
     connect_timeout_ms how long one background connection attempt may take [5000]
+    kafka_process      run the Kafka client in a child process (bulk producers: simulator, importers,
+                       benchmarks; not for short-lived hooks) [AGENTLEDGER_KAFKA_PROCESS=1, default off]
     """
 
     mode: str = "spool"
@@ -96,6 +98,7 @@ class ProducerOptions:
     spool_max_bytes: int = 1 << 30
     connect_timeout_ms: int = 5000
     write_every: int = 2000
+    kafka_process: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "ProducerOptions":
@@ -109,6 +112,8 @@ class ProducerOptions:
             o = replace(o, flush_timeout_ms=int(env["AGENTLEDGER_FLUSH_TIMEOUT_MS"]))
         if env.get("AGENTLEDGER_SPOOL_DIR"):
             o = replace(o, spool_dir=Path(env["AGENTLEDGER_SPOOL_DIR"]))
+        if env.get("AGENTLEDGER_KAFKA_PROCESS"):
+            o = replace(o, kafka_process=env["AGENTLEDGER_KAFKA_PROCESS"].strip().lower() in ("1", "true", "yes", "on"))
         if env.get("AGENTLEDGER_SPOOL_MAX_BYTES"):
             o = replace(o, spool_max_bytes=_size(env["AGENTLEDGER_SPOOL_MAX_BYTES"]))
         o = replace(o, **{k: v for k, v in overrides.items() if v is not None})
@@ -359,10 +364,11 @@ class SpoolingSink(Sink):
 
     # -- background: connect, drain, switch back -----------------------------------------------
     def _connect(self):
-        from schemas.transport.kafka import KafkaSink
+        from schemas.transport.kafka import KafkaProcessSink, KafkaSink
 
-        kafka = KafkaSink(self.settings.bootstrap_servers, default_partitions=self.settings.partitions,
-                          **self._kafka_overrides)
+        cls = KafkaProcessSink if self.options.kafka_process else KafkaSink
+        kafka = cls(self.settings.bootstrap_servers, default_partitions=self.settings.partitions,
+                    **self._kafka_overrides)
         try:
             with self._lock:
                 topics = set(self._topics)

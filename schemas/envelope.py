@@ -85,10 +85,11 @@ class Sealer:
         self.store = store
         self.header = codec.SOE_MAGIC + store.current.fingerprint
         self._parsed = store.current.parsed
+        self._encode = codec.Encoder(self._parsed)
 
     def seal(self, record: dict) -> Sealed:
         record["hash"] = ""
-        value, digest = seal(self.header, codec.encode(self._parsed, record))
+        value, digest = seal(self.header, self._encode(record))
         record["hash"] = digest
         return Sealed(value, digest, record)
 

@@ -28,7 +28,8 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
     from producers.simulate import parse_mix, simulate, simulation_recorder, write_labels, write_public_key
     from producers.sinks import open_producer_sink
 
-    sink = open_producer_sink(s)
+    # A bulk producer: the Kafka client gets its own process (see schemas/transport/kafka.py).
+    sink = open_producer_sink(s, kafka_process=True)
     with _progress(show_progress) as progress:
         task = progress.add_task("simulating sessions", total=sessions)
         try:
@@ -37,7 +38,10 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
                               sessions, seed, attack_rate=attack_rate, force_attack_first=force_attack_first,
                               attacks=attacks, mix=parse_mix(mix), on_session=lambda i: progress.advance(task))
         finally:
-            sink.close()
+            sink.close(timeout=60)
+    if getattr(sink, "state", "direct") != "direct" and sink.spool.undrained():
+        err_console.print(f"[yellow]Kafka unavailable: {sink.spool.undrained()} events are spooled in "
+                          f"{sink.spool.root}; they are sent when Kafka answers (or run: agentledger spool drain)[/]")
     write_public_key(seed, s.home / "keys")
     if labels is not None:
         write_labels(labels, result, seed)
