@@ -290,11 +290,15 @@ class SpoolingSink(Sink):
         self.stats["switches"] += 1
         self.last_error = why
         log.warning("agentledger: spooling events locally: %s", why)
-        if unacked is None:
-            unacked = kafka.unacknowledged() if kafka is not None else []
+        t0 = time.monotonic()
         if kafka is not None:
-            kafka.abort()
-        self._spool_unacked(unacked)
+            kafka.abort()  # first: nothing it still holds is sent after this
+            if unacked is None:
+                unacked = kafka.unacknowledged()
+        t1 = time.monotonic()
+        self._spool_unacked(unacked or [])
+        log.info("agentledger: switch to spool: abort %.3fs, spooled %d unacknowledged in %.3fs", t1 - t0,
+                 len(unacked or []), time.monotonic() - t1)
         self._wake.notify_all()
 
     def _spool_unacked(self, unacked: list[Outgoing]) -> None:
@@ -382,16 +386,25 @@ class SpoolingSink(Sink):
     def _pump(self) -> None:
         backoff = 0.05
         kafka = None
+        stuck: tuple[int | None, float] = (None, 0.0)
         while True:
             with self._lock:
                 if self._closed:
                     break
                 if self._state == DIRECT:
-                    self._wake.wait(1.0)
+                    self._wake.wait(0.5)
                     if self._state == DIRECT and self._kafka is not None:
                         err = self._kafka.prune()
+                        head = self._kafka.oldest()
+                        now = time.monotonic()
+                        if head is None or head != stuck[0]:
+                            stuck = (head, now)
                         if err is not None:
                             self._leave_direct(f"a delivery failed: {err}")
+                        elif head is not None and now - stuck[1] > self.options.flush_timeout_ms / 1000:
+                            # Kafka stopped acknowledging (broker gone, partition leaderless): do not keep
+                            # events in memory until the client's delivery timeout; make them durable now.
+                            self._leave_direct(f"no acknowledgement from Kafka for {now - stuck[1]:.1f}s")
                     continue
             try:
                 if kafka is None:

@@ -9,6 +9,7 @@ the warehouse stores them in the same transaction as the rows (see consumers/ing
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -129,6 +130,11 @@ class KafkaSink(Sink):
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    def oldest(self) -> int | None:
+        """Identity of the oldest unacknowledged message (to notice that acknowledgements stopped)."""
+        self.prune()
+        return id(self._inflight[0][2]) if self._inflight else None
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for acknowledgements; True when nothing is in flight any more."""
         try:
@@ -144,11 +150,28 @@ class KafkaSink(Sink):
         return out
 
     def abort(self) -> None:
-        """Stop at once: pending batches are failed, connections closed. Use after `unacknowledged`."""
+        """Stop at once: pending batches are failed and never sent again. Never blocks.
+
+        kafka-python's ``close(timeout=0)`` first flushes, which raises while anything is pending (exactly
+        when we abort), so the sender thread is force-closed directly; it fails the pending batches and
+        ends by itself (a background thread closes the client's sockets once it has)."""
+        producer = self._producer
+        sender = getattr(producer, "_sender", None)
         try:
-            self._producer.close(timeout=0)
+            if sender is not None:
+                sender.force_close()
         except Exception:  # noqa: BLE001 -- closing a broken client must not raise
-            log.debug("abort: producer close failed", exc_info=True)
+            log.debug("abort: force close failed", exc_info=True)
+
+        def finish() -> None:
+            try:
+                if sender is not None:
+                    sender.join(30)
+                producer.close(timeout=1)
+            except Exception:  # noqa: BLE001
+                log.debug("abort: producer close failed", exc_info=True)
+
+        threading.Thread(target=finish, name="agentledger-kafka-abort", daemon=True).start()
 
     def flush(self, timeout: float | None = None) -> None:
         inflight, self._inflight = self._inflight, deque()
@@ -468,6 +491,12 @@ class KafkaProcessSink(Sink):
 
     def in_flight(self) -> int:
         return self._count
+
+    def oldest(self) -> int | None:
+        self._forget_acked()
+        if self._shipped:
+            return id(self._shipped[0][1])
+        return id(self._batch[0][2]) if self._batch else None
 
     def wait(self, timeout: float) -> bool:
         if self._batch:
