@@ -439,7 +439,7 @@ class SpoolingSink(Sink):
         """Drain the spool; when it is empty, switch to direct under the send lock. Returns True if switched."""
         flush_s = self.options.flush_timeout_ms / 1000
         while True:
-            if self._closed and not self._draining_on_close():
+            if self._closed:
                 return False
             drained = 0
             for topic in self.spool.topics():
@@ -466,6 +466,3 @@ class SpoolingSink(Sink):
                 self._wake.notify_all()
                 log.info("agentledger: spool drained; events go straight to Kafka again")
                 return True
-
-    def _draining_on_close(self) -> bool:
-        return False
