@@ -706,6 +706,8 @@ def simulate(
                  "description": (ATTACKS[attack].__doc__ or "").strip() if attack else ""}
         result.labels.append(label)
         result.sessions += 1
+        if result.sessions % 1000 == 0:
+            recorder.flush()  # bounds what the recorder tracks as not yet durable (long runs)
         if on_session:
             on_session(i)
     recorder.flush()

@@ -142,7 +142,8 @@ def test_broker_down_then_up_every_event_exactly_once_in_order(tmp_path, kafka, 
         stop_broker(broker_dir)
 
 
-def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka):
+@pytest.mark.parametrize("kafka_process", [False, True], ids=["client-in-process", "client-in-child-process"])
+def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka, kafka_process):
     """Direct to Kafka, the broker stops mid-stream (unacknowledged events are in the client), comes back."""
     kafka.require()
     port = free_port()
@@ -151,7 +152,8 @@ def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka):
     try:
         settings = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home"), "AGENTLEDGER_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
                              "AGENTLEDGER_TOPIC": "dies.events"})
-        sink = open_producer_sink(settings, max_block_ms=BOUND_MS, connect_timeout_ms=2000, flush_timeout_ms=2000)
+        sink = open_producer_sink(settings, max_block_ms=BOUND_MS, connect_timeout_ms=2000, flush_timeout_ms=2000,
+                                  kafka_process=kafka_process)
         rec = Recorder(sink, topic=settings.topic)
         sessions = [rec.session(agent="codex", cwd="/w") for _ in range(10)]
         assert sink.wait_direct(60)

@@ -98,6 +98,7 @@ class KafkaSink(Sink):
         self._inflight: deque[tuple[str, bytes, bytes, Any]] = deque()
         self._topics: set[str] = set()
         self._sends = 0
+        self._partition_cache: dict[tuple[str, bytes], int] = {}
 
     def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
         if topic not in self._topics:
@@ -106,7 +107,17 @@ class KafkaSink(Sink):
 
     def send(self, topic: str, key: bytes, value: bytes) -> None:
         try:
-            fut = self._producer.send(topic, key=key, value=value)
+            # The default partitioner's choice, computed once per session key (murmur2 is pure Python).
+            p = self._partition_cache.get((topic, key))
+            if p is None:
+                parts = self._producer.partitions_for(topic)
+                if parts:
+                    parts = sorted(parts)
+                    p = parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
+                    if len(self._partition_cache) > 100_000:
+                        self._partition_cache.clear()
+                    self._partition_cache[(topic, key)] = p
+            fut = self._producer.send(topic, key=key, value=value, partition=p)
         except KafkaError as exc:
             raise NotDurableError(f"Kafka did not accept the event: {exc}", [Outgoing(topic, key, value)]) from exc
         self._inflight.append((topic, key, value, fut))
