@@ -192,10 +192,18 @@ class Recorder:
         s.start(agent=agent, cwd=cwd, **started)
         return s
 
-    def resume(self, session_id: str, next_seq: int, head_hash: str) -> "SessionRecorder":
-        """Continue a session whose chain head is known (another process recorded the start)."""
+    def resume(self, session_id: str, next_seq: int, head_hash: str, *, crash_recovered: str | None = None,
+               lost_events: int | None = None, **step: Any) -> "SessionRecorder":
+        """Continue a session whose chain head is known (another process recorded the start).
+
+        ``crash_recovered``: the previous recorder of this session died (its reason, e.g. "hook process
+        killed"); the first event of the resumed chain is then a ``gap`` of kind ``crash_recovered``
+        saying that events after seq ``next_seq - 1`` may be missing (``lost_events`` if known)."""
         s = SessionRecorder(self, session_id)
         s.seq, s.head_hash, s.started = next_seq, head_hash, True
+        if crash_recovered:
+            s.gap("crash_recovered", crash_recovered[:500], lost_events=lost_events,
+                  related_seq=next_seq - 1 if next_seq else None, **step)
         return s
 
     def payload_name(self, kind: str) -> str:

@@ -176,3 +176,29 @@ def test_send_never_blocks_longer_than_the_bound_when_kafka_is_unreachable(tmp_p
         rec.sink.close(timeout=0.2)
     finally:
         srv.close()
+
+
+def test_crash_recovered_session_starts_with_a_gap(tmp_path):
+    settings = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home")})
+    rec = Recorder(open_producer_sink(settings), topic=settings.topic)
+    s = rec.session(agent="codex", cwd="/w")
+    s.command_started(["make"], cwd="/w")
+    rec.flush()
+    rec2 = Recorder(open_producer_sink(settings), topic=settings.topic)
+    s2 = rec2.resume(s.session_id, s.seq, s.head_hash, crash_recovered="previous hook process was killed (SIGKILL)")
+    s2.end()
+    rec2.flush()
+    from schemas.transport.local import LocalLog
+    log = LocalLog(settings.log_dir)
+    store = load_store()
+    v = ChainVerifier(s.session_id)
+    names = []
+    for p in range(log.partition_count(settings.topic)):
+        for m in log.read(settings.topic, p, 0, 100):
+            fp, body = soe_split(m.value)
+            r = decode(body, store.by_fingerprint(fp).parsed)
+            assert v.check(m.value, r) is None
+            names.append((r["payload"][0].rsplit(".", 1)[1], r["payload"][1]))
+    assert [n for n, _ in names] == ["SessionStarted", "CommandStarted", "Gap", "SessionEnded"]
+    gap = names[2][1]
+    assert gap["gap_kind"] == "crash_recovered" and gap["related_seq"] == 1 and "SIGKILL" in gap["reason"]
