@@ -411,12 +411,23 @@ class SpoolingSink(Sink):
                     kafka = self._connect()
                     self._connected.set()
                     self._kafka_up = True
-                with self.spool.drain_lock() as held:
+                try:
+                    lock = self.spool.drain_lock()
+                    held = lock.__enter__()
+                except OSError as exc:
+                    # No spool can exist here (unwritable, not a directory): nothing on disk can be
+                    # overtaken, so Kafka alone carries the events, the memory-held ones first.
+                    if self._direct_without_spool(kafka, exc):
+                        kafka = None
+                    continue
+                try:
                     if not held:
                         time.sleep(0.2)  # another process drains; our events are in its way
                         continue
                     if self._drain_until_direct(kafka):
                         kafka = None  # handed over to the direct path
+                finally:
+                    lock.__exit__(None, None, None)
                 backoff = 0.05
             except Exception as exc:  # noqa: BLE001 -- the pump must survive anything and retry
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -434,6 +445,24 @@ class SpoolingSink(Sink):
                 backoff = min(backoff * 2, 2.0)
         if kafka is not None:
             kafka.abort()
+
+    def _direct_without_spool(self, kafka, why: Exception) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            log.warning("agentledger: the spool %s is unusable (%s); sending to Kafka only", self.spool.root, why)
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            for i, m in enumerate(pending):
+                try:
+                    kafka.send(m.topic, m.key, m.value)
+                except NotDurableError:
+                    self._pending = pending[i:]
+                    self._pending_bytes = sum(len(x.value) for x in self._pending)
+                    raise
+            self._kafka = kafka
+            self._state = DIRECT
+            self._wake.notify_all()
+            return True
 
     def _drain_until_direct(self, kafka) -> bool:
         """Drain the spool; when it is empty, switch to direct under the send lock. Returns True if switched."""

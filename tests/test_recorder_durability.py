@@ -202,3 +202,17 @@ def test_crash_recovered_session_starts_with_a_gap(tmp_path):
     assert [n for n, _ in names] == ["SessionStarted", "CommandStarted", "Gap", "SessionEnded"]
     gap = names[2][1]
     assert gap["gap_kind"] == "crash_recovered" and gap["related_seq"] == 1 and "SIGKILL" in gap["reason"]
+
+
+@pytest.mark.kafka
+def test_unusable_spool_does_not_stop_a_healthy_kafka(bootstrap, topic, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    settings = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home"), "AGENTLEDGER_BOOTSTRAP_SERVERS": bootstrap,
+                         "AGENTLEDGER_TOPIC": topic})
+    rec = Recorder.from_settings(settings, mode="fail_closed", spool_dir=blocker / "spool")
+    s = rec.session(agent="codex", cwd="/w")
+    with s.guarded():
+        s.command_started(["make"], cwd="/w")
+    assert rec.sink.state == "direct" and rec.events_sent == 2
+    rec.close(timeout=10)
