@@ -179,6 +179,7 @@ class SpoolingSink(Sink):
         self._first_send_done = False
         self._gave_up_connecting = False
         self._kafka_up = False
+        self._connecting = False
         self.last_error: str | None = None
         self.stats = {"direct": 0, "spooled": 0, "drained": 0, "refused": 0, "switches": 0}
         self._thread = threading.Thread(target=self._pump, name="agentledger-spool-pump", daemon=True)
@@ -244,8 +245,10 @@ class SpoolingSink(Sink):
             self._write_pending()
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush, give the background thread up to ``timeout`` s (default 5) to drain what is spooled,
-        then stop. Whatever is still spooled stays durable for the next producer or `spool drain`."""
+        """Flush, give the background thread up to ``timeout`` s (default 5) to connect and drain what is
+        spooled (not waiting at all once a connection attempt has failed), then stop. Whatever is still
+        spooled stays durable for the next producer or `agentledger spool drain`. Short-lived processes
+        that must exit fast pass a small timeout."""
         try:
             self.flush()
         finally:
@@ -253,7 +256,7 @@ class SpoolingSink(Sink):
             with self._lock:
                 # Only worth waiting while Kafka answers: otherwise the spool already holds everything durably.
                 while self._state != DIRECT and time.monotonic() < deadline and self._thread.is_alive() \
-                        and self._kafka_up and self._has_spooled():
+                        and (self._kafka_up or self._connecting) and self._has_spooled():
                     self._wake.wait(0.1)
                 self._closed = True
                 self._wake.notify_all()
@@ -408,7 +411,11 @@ class SpoolingSink(Sink):
                     continue
             try:
                 if kafka is None:
-                    kafka = self._connect()
+                    self._connecting = True
+                    try:
+                        kafka = self._connect()
+                    finally:
+                        self._connecting = False
                     self._connected.set()
                     self._kafka_up = True
                 try:
