@@ -1,0 +1,144 @@
+"""Replaying one session: verify its raw bytes, decode it natively, project and lay out its timeline.
+
+    raw = WarehouseSource(con).read(session_id)        # or Kafka / local log / bundle
+    with replay(raw, keyring=keyring) as r:
+        r.verification.status, r.state(at=42).digest, r.timeline()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schemas.contract import SchemaStore, load_store
+from schemas.signing import Keyring, load_public
+
+from . import verify as _verify
+from .bundle import BundleCheck, check_bundle
+from .chain import ChainResult, verify_values
+from .projection import SessionState, project
+from .sources import RawSession
+from .timeline import build_timeline, fetch_events
+from .workset import Workset, WorksetError, load
+
+
+@dataclass
+class Replay:
+    raw: RawSession
+    chain: ChainResult
+    workset: Workset
+    verification: _verify.Verification
+    bundle_check: BundleCheck | None = None
+    alerts: list[dict] = field(default_factory=list)
+    decode_note: str | None = None
+    store: SchemaStore | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.raw.session_id
+
+    @property
+    def con(self):
+        return self.workset.con
+
+    def state(self, at: int | None = None) -> SessionState:
+        return project(self.con, self.session_id, at)
+
+    def timeline(self, at: int | None = None) -> list[dict]:
+        return build_timeline(fetch_events(self.con, self.session_id, at, self.store), self.chain, self.alerts)
+
+    def checkpoint_rows(self) -> list[dict]:
+        return checkpoint_rows(self.con, self.session_id)
+
+    def close(self) -> None:
+        self.workset.close()
+
+    def __enter__(self) -> "Replay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def checkpoint_rows(con, session_id: str) -> list[dict]:
+    cur = con.execute("SELECT seq, checkpoint FROM events WHERE session_id = ? AND kind = 'checkpoint' ORDER BY seq",
+                      [session_id])
+    return [{"seq": s, **cp} for s, cp in cur.fetchall()]
+
+
+def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStore | None = None,
+           alerts: list[dict] | None = None) -> Replay:
+    """Verify and load ``raw``. Never raises for bad data: a broken chain or undecodable events are
+    reported in the verification (events after an undecodable one are left out and said so)."""
+    store = store or load_store()
+    keyring = keyring or Keyring()
+    bcheck = None
+    if raw.bundle is not None:
+        bcheck = check_bundle(raw.bundle)
+        chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+    else:
+        chain = verify_values(raw.values, session_id=raw.session_id)
+    note = None
+    try:
+        ws = load(raw, store)
+    except WorksetError as exc:
+        prefix = RawSession(raw.session_id, raw.values[: chain.verified], raw.source, raw.where,
+                            raw.provenance[: chain.verified], raw.writer_schemas)
+        ws = load(prefix, store)
+        note = f"{exc}; showing the {chain.verified} verified events only"
+    con = ws.con
+    ended = con.execute("SELECT count(*) FROM events WHERE session_id = ? AND kind = 'session_ended'",
+                        [raw.session_id]).fetchone()[0] > 0
+    gaps, lost = con.execute("SELECT count(*), coalesce(sum(gap.lost_events), 0) FROM events "
+                             "WHERE session_id = ? AND kind = 'gap'", [raw.session_id]).fetchone()
+    embedded = None
+    if raw.bundle is not None:
+        keys = []
+        for pem in raw.bundle.public_keys.values():
+            try:
+                keys.append(load_public(pem))
+            except Exception:  # a damaged embedded key is reported as unknown, never trusted
+                continue
+        embedded = Keyring(keys)
+    cps = _verify.check_checkpoints(checkpoint_rows(con, raw.session_id), chain, raw.session_id, keyring, embedded)
+    v = _verify.build(chain, raw.session_id, checkpoints=cps, ended=ended, gaps=int(gaps), lost_events=int(lost),
+                      duplicates_dropped=raw.duplicates_dropped,
+                      source={"kind": raw.source, "where": raw.where, "scanned": raw.scanned})
+    if bcheck is not None and not bcheck.ok and v.status != "broken":
+        v.status, v.first_bad_seq, v.reason, v.detail = "broken", bcheck.first_bad_seq, bcheck.reason, bcheck.detail
+    if note:
+        v.detail = (v.detail + "; " if v.detail else "") + note
+    return Replay(raw, chain, ws, v, bcheck, list(alerts or []), note, store)
+
+
+# --- alerts (optional: the detection stage adds an `alerts` table to the warehouse) ---------------
+
+_ALERT_COLUMNS = ("alert_id", "session_id", "rule_id", "model_id", "severity", "title", "first_seq", "last_seq",
+                  "evidence_seqs", "explanation", "created_at")
+
+
+def warehouse_alerts(con, session_id: str) -> list[dict]:
+    """Alerts of a session from the warehouse's ``alerts`` table, when there is one (else [])."""
+    cols = [r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'alerts' ORDER BY ordinal_position"
+    ).fetchall()]
+    if "session_id" not in cols:
+        return []
+    use = [c for c in _ALERT_COLUMNS if c in cols]
+    quoted = ", ".join(f'"{c}"' for c in use)
+    order = "first_seq, " if "first_seq" in cols else ""
+    rows = con.execute(f"SELECT {quoted} FROM alerts WHERE session_id = ? ORDER BY {order}1", [session_id]).fetchall()
+    out = []
+    for r in rows:
+        a = dict(zip(use, r))
+        ev = a.get("evidence_seqs")
+        if isinstance(ev, str):
+            ev = [int(x) for x in ev.replace("[", "").replace("]", "").split(",") if x.strip().lstrip("-").isdigit()]
+        if not ev:
+            ev = [s for s in (a.get("first_seq"), a.get("last_seq")) if s is not None]
+        a["evidence_seqs"] = sorted({int(s) for s in ev or []})
+        a["alert_id"] = str(a.get("alert_id") or f"alert-{len(out) + 1}")
+        a["source"] = a.get("rule_id") or a.get("model_id") or "?"
+        if a.get("created_at") is not None:
+            a["created_at"] = str(a["created_at"])
+        out.append(a)
+    return out
