@@ -103,6 +103,10 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
     v = _verify.build(chain, raw.session_id, checkpoints=cps, ended=ended, gaps=int(gaps), lost_events=int(lost),
                       duplicates_dropped=raw.duplicates_dropped,
                       source={"kind": raw.source, "where": raw.where, "scanned": raw.scanned})
+    after = -1 if v.signed_through is None else v.signed_through
+    v.unsigned_events = con.execute(
+        "SELECT count(*) FROM events WHERE session_id = ? AND seq > ? AND kind NOT IN ('checkpoint', 'session_ended')",
+        [raw.session_id, after]).fetchone()[0]
     if bcheck is not None and not bcheck.ok and v.status != "broken":
         v.status, v.first_bad_seq, v.reason, v.detail = "broken", bcheck.first_bad_seq, bcheck.reason, bcheck.detail
     if note:
@@ -142,3 +146,65 @@ def warehouse_alerts(con, session_id: str) -> list[dict]:
             a["created_at"] = str(a["created_at"])
         out.append(a)
     return out
+
+
+# --- bundles: offline verification --------------------------------------------------------------
+
+@dataclass
+class BundleVerification:
+    path: str
+    ok: bool
+    check: "BundleCheck"
+    verification: _verify.Verification | None
+    problem: str | None = None  # what failed, in one sentence
+
+    @property
+    def first_bad_seq(self) -> int | None:
+        if self.verification is not None and self.verification.first_bad_seq is not None:
+            return self.verification.first_bad_seq
+        return self.check.first_bad_seq
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "problem": self.problem, "first_bad_seq": self.first_bad_seq,
+                "structure": self.check.as_dict(),
+                "verification": self.verification.as_dict() if self.verification else None}
+
+
+def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bool = False,
+                  store: SchemaStore | None = None) -> BundleVerification:
+    """Verify a bundle file offline (no warehouse, no broker). Never raises for bad data.
+
+    Structure first (header digest, framing, chain, count, head: raw bytes only). Only a
+    structurally sound bundle is decoded, to check its checkpoint events against the header's list,
+    their signatures, and to count gaps."""
+    from .bundle import BundleError, read_bundle
+    from .sources import BundleSource
+
+    try:
+        b = read_bundle(path)
+    except BundleError as exc:
+        chk = BundleCheck(False, None, None, 0, None, None, "bad_header", str(exc), header_ok=False)
+        return BundleVerification(str(path), False, chk, None, str(exc))
+    chk = check_bundle(b)
+    if not chk.ok:
+        where = f"first bad seq {chk.first_bad_seq}: " if chk.first_bad_seq is not None else ""
+        return BundleVerification(str(path), False, chk, None, f"{where}{chk.reason}: {chk.detail}")
+    raw = BundleSource(path).read()
+    raw.bundle = b
+    with replay(raw, keyring=keyring, store=store) as r:
+        v = r.verification
+        listed = sorted((int(c["seq"]), c["signature"]) for c in b.checkpoints)
+        from .bundle import checkpoint_entry
+
+        actual = sorted((e["seq"], e["signature"]) for e in (checkpoint_entry(c["seq"], c) for c in r.checkpoint_rows()))
+    problem = None
+    if listed != actual:
+        problem = "the header's checkpoint list does not match the checkpoint events in the bundle"
+        v.status, v.reason, v.detail = "broken", "header_checkpoints", problem
+    elif v.status == "broken":
+        problem = f"first bad seq {v.first_bad_seq}: {v.reason}: {v.detail}"
+    elif require_signature and v.unsigned_events:
+        problem = ("no trusted signature covers the bundle's events" if v.signed_through is None else
+                   f"trusted signatures cover seq 0..{v.signed_through} only: {v.unsigned_events} later events "
+                   "are unsigned")
+    return BundleVerification(str(path), problem is None, chk, v, problem)

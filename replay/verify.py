@@ -66,6 +66,7 @@ class Verification:
     key_ids: list[str] = field(default_factory=list)
     duplicates_dropped: int = 0
     source: dict = field(default_factory=dict)
+    unsigned_events: int = 0  # events not covered by a valid signature (checkpoints and the end excepted)
 
     @property
     def ok(self) -> bool:
@@ -83,7 +84,7 @@ def signature_summary(v: Verification) -> str:
     if any(c.failed for c in v.checkpoints):
         return "bad"
     if valid:
-        return "valid" if v.signed_through is not None and v.signed_through >= v.head_seq - 1 else "partial"
+        return "valid" if v.unsigned_events == 0 else "partial"
     if v.checkpoints:
         return "unverified"
     return "none"
