@@ -38,7 +38,7 @@ from schemas import codec
 from schemas.envelope import GENESIS_HASH
 from schemas.errors import AgentLedgerError
 
-from .chain import ChainResult, RawChainVerifier, schema_has_envelope_head
+from .chain import ChainResult, RawChainVerifier, schema_has_envelope_head, verify_spans
 
 BUNDLE_FORMAT = "1"
 META_PREFIX = "agentledger."
@@ -411,13 +411,8 @@ def check_bundle(b: Bundle) -> BundleCheck:
         b.checkpoints  # noqa: B018 -- parse now, so a damaged list is a header error
     except BundleError as exc:
         return BundleCheck(False, None, None, len(b.spans), None, None, "bad_header", str(exc), header_ok=False)
-    v = RawChainVerifier(session_id, first_seq, first_prev)
-    prefix = codec.SOE_MAGIC + b.fingerprint
-    data = b.data
-    for s, e in b.spans:
-        if not v.add(b"", (prefix, data[s:e])):
-            break
-    chain = v.result(len(b.spans))
+    chain = verify_spans(b.data, b.spans, codec.SOE_MAGIC + b.fingerprint, session_id=session_id,
+                         first_seq=first_seq, first_prev_hash=first_prev)
     chk = BundleCheck(True, session_id, expected, len(b.spans), chain)
 
     def bad(seq: int, reason: str, detail: str) -> BundleCheck:

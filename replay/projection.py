@@ -17,8 +17,10 @@ The state (all sections sorted deterministically):
 * ``denials``, ``gaps``, ``checkpoints`` -- as recorded;
 * ``counts`` -- events per family and kind, first and last seq and time.
 
-The state digest is SHA-256 over the canonical JSON of the state (sorted keys, no whitespace,
-UTF-8). The same events always give the same digest; a state "at" the last seq equals the full
+The state digest is SHA-256 over the canonical JSON (sorted keys, no whitespace, UTF-8) of the
+session summary, the counts and, per section, its row count and the SHA-256 of its rows as JSON
+lines in the section's order (rendered natively by DuckDB, so a million-event state never has to
+be brought into Python to be digested). The same events always give the same digest; a state "at" the last seq equals the full
 state. Alerts are context from the warehouse, not events, and are not part of the digest.
 """
 
@@ -71,7 +73,7 @@ s AS (SELECT seq, occurred_at, command_started AS c FROM ev WHERE kind = 'comman
 f AS (SELECT seq, occurred_at, command_finished AS c FROM ev WHERE kind = 'command_finished')
 SELECT coalesce(s.c.command_id, f.c.command_id) AS command_id, s.c.argv AS argv, s.c.cwd AS cwd,
        s.c.escalated AS escalated, s.c.parent_command_id AS parent_command_id,
-       s.seq AS started_seq, s.occurred_at AS started_at, f.seq AS finished_seq, f.occurred_at AS finished_at,
+       s.seq AS started_seq, strftime(s.occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ') AS started_at, f.seq AS finished_seq, strftime(f.occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ') AS finished_at,
        coalesce(f.c.status, 'running') AS status, f.c.exit_code AS exit_code, f.c.duration_ms AS duration_ms,
        f.c.stdout.sha256 AS stdout_sha256, f.c.stdout.size AS stdout_size, f.c.stderr.sha256 AS stderr_sha256,
        f.c.stderr.size AS stderr_size
@@ -101,7 +103,7 @@ FROM x GROUP BY path ORDER BY path""",
 WITH {ev},
 r AS (SELECT seq, occurred_at, approval_requested AS a FROM ev WHERE kind = 'approval_requested'),
 d AS (SELECT seq, occurred_at, approval_decided AS a FROM ev WHERE kind = 'approval_decided')
-SELECT coalesce(r.a.request_id, d.a.request_id) AS request_id, r.seq AS requested_seq, r.occurred_at AS requested_at,
+SELECT coalesce(r.a.request_id, d.a.request_id) AS request_id, r.seq AS requested_seq, strftime(r.occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ') AS requested_at,
        r.a.action_kind AS action_kind, r.a.subject AS subject, r.a.risk AS risk, r.a.command_id AS command_id,
        r.a.justification AS justification,
        d.seq AS decided_seq, coalesce(d.a.decision, 'pending') AS decision, d.a.decided_by AS decided_by,
@@ -116,7 +118,7 @@ d AS (SELECT min(seq) AS seq, arg_min(network_decided, seq) AS x FROM ev WHERE k
       GROUP BY network_decided.attempt_id),
 c AS (SELECT min(seq) AS seq, arg_min(network_completed, seq) AS x FROM ev WHERE kind = 'network_completed'
       GROUP BY network_completed.attempt_id)
-SELECT a.x.attempt_id AS attempt_id, a.seq AS attempted_seq, a.occurred_at AS attempted_at, a.x.host AS host,
+SELECT a.x.attempt_id AS attempt_id, a.seq AS attempted_seq, strftime(a.occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ') AS attempted_at, a.x.host AS host,
        a.x.port AS port, a.x.protocol AS protocol, a.x.method AS method, a.x.url AS url, a.x.command_id AS command_id,
        d.seq AS decided_seq, coalesce(d.x.decision, 'undecided') AS decision, d.x.rule AS rule,
        c.seq AS completed_seq, coalesce(c.x.outcome, 'pending') AS outcome, c.x.status AS status,
@@ -138,16 +140,16 @@ SELECT a.x.host AS host, a.x.port AS port, a.x.protocol AS protocol, count(*) AS
        coalesce(sum(c.x.bytes_in), 0)::BIGINT AS bytes_in, coalesce(sum(c.x.bytes_out), 0)::BIGINT AS bytes_out,
        min(a.seq) AS first_seq, max(a.seq) AS last_seq
 FROM a LEFT JOIN d ON d.x.attempt_id = a.x.attempt_id LEFT JOIN c ON c.x.attempt_id = a.x.attempt_id
-GROUP BY ALL ORDER BY host, port, protocol""",
+GROUP BY a.x.host, a.x.port, a.x.protocol ORDER BY a.x.host, a.x.port, a.x.protocol""",
     "denials": """
 WITH {ev}
-SELECT seq, occurred_at, sandbox_denied.operation AS operation, sandbox_denied.target AS target,
+SELECT seq, strftime(occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ') AS occurred_at, sandbox_denied.operation AS operation, sandbox_denied.target AS target,
        sandbox_denied.rule AS rule, sandbox_denied.reason AS reason, sandbox_denied.command_id AS command_id,
        sandbox_denied.inferred AS inferred
 FROM ev WHERE kind = 'sandbox_denied' ORDER BY seq""",
     "gaps": """
 WITH {ev}
-SELECT seq, occurred_at, gap.gap_kind AS gap_kind, gap.reason AS reason, gap.field AS field,
+SELECT seq, strftime(occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ') AS occurred_at, gap.gap_kind AS gap_kind, gap.reason AS reason, gap.field AS field,
        gap.lost_events AS lost_events, gap.lost_bytes AS lost_bytes, gap.related_seq AS related_seq
 FROM ev WHERE kind = 'gap' ORDER BY seq""",
     "checkpoints": """
@@ -165,17 +167,13 @@ class SessionState:
     as_of_seq: int | None  # last seq folded in (None: no events)
     session: dict
     counts: dict
-    tables: dict[str, Table] = field(default_factory=dict)
+    tables: dict[str, Table] = field(default_factory=dict)  # empty when projected with materialize=False
+    sections: dict[str, dict] = field(default_factory=dict)  # name -> {"rows": n, "digest": sha256}
     digest: str = ""
 
     def canonical(self) -> dict:
-        return {
-            "session_id": self.session_id,
-            "as_of_seq": self.as_of_seq,
-            "session": self.session,
-            "counts": self.counts,
-            **{name: {"columns": t.columns, "rows": t.rows} for name, t in self.tables.items()},
-        }
+        return {"session_id": self.session_id, "as_of_seq": self.as_of_seq, "session": self.session,
+                "counts": self.counts, "sections": self.sections}
 
     def as_dict(self) -> dict:
         """JSON-friendly: each section as a list of objects."""
@@ -197,21 +195,31 @@ def state_digest(state: SessionState) -> str:
     return hashlib.sha256(canonical_json(state.canonical())).hexdigest()
 
 
-def _table(con, sql: str, params: dict) -> Table:
-    cur = con.execute(sql.format(ev=EV), params)
-    desc = cur.description
-    cols = [d[0] for d in desc]
-    conv = [i for i, d in enumerate(desc) if str(d[1]).upper().startswith(("TIMESTAMP", "BLOB", "STRUCT", "MAP"))]
-    rows = cur.fetchall()
-    if conv:
-        out = []
-        for r in rows:
-            r = list(r)
-            for i in conv:
-                r[i] = _iso(r[i])
-            out.append(r)
-        return Table(cols, out)
-    return Table(cols, [list(r) for r in rows])
+def _numbered(sql: str) -> str:
+    """Add ``_ord`` (the row's position in the section's documented order) to a section query."""
+    head, order = sql.rsplit("ORDER BY ", 1)
+    i = head.rfind("\nSELECT ") + len("\nSELECT ")
+    return f"{head[:i]}row_number() OVER (ORDER BY {order}) AS _ord, {head[i:]}"
+
+
+_counter = iter(range(1, 1 << 62))
+
+
+def _section(con, name: str, params: dict, materialize: bool) -> tuple[dict, Table | None]:
+    """Build the section natively as a temp table; digest it there; fetch it when asked."""
+    tbl = f"_state_{next(_counter)}_{name}"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {tbl} AS {_numbered(_SQL[name].format(ev=EV))}", params)
+    try:
+        n, digest = con.execute(
+            f"SELECT count(*), sha256(coalesce(string_agg(to_json(t)::VARCHAR, chr(10) ORDER BY _ord), '')) "
+            f"FROM {tbl} t").fetchone()
+        table = None
+        if materialize:
+            cur = con.execute(f"SELECT * EXCLUDE (_ord) FROM {tbl} ORDER BY _ord")
+            table = Table([d[0] for d in cur.description], [list(r) for r in cur.fetchall()])
+        return {"rows": n, "digest": digest}, table
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {tbl}")
 
 
 def _session_info(con, params: dict) -> dict:
@@ -238,13 +246,19 @@ def _counts(con, params: dict) -> dict:
             "last_at": _iso(span[4]), "by_family": dict(by_family), "by_kind": dict(by_kind)}
 
 
-def project(con, session_id: str, at: int | None = None) -> SessionState:
+def project(con, session_id: str, at: int | None = None, *, materialize: bool = True) -> SessionState:
     """The state of ``session_id`` after event ``at`` (all events when None), from ``con``'s
-    ``events`` table. Deterministic: equal events give an equal state and digest."""
+    ``events`` table. Deterministic: equal events give an equal state and digest.
+
+    Each section is computed and digested natively (SHA-256 over its rows as JSON lines, in the
+    section's order); ``materialize=False`` skips bringing the rows into Python (the digest and
+    counts are the same)."""
     params = {"sid": session_id, "at": MAX_SEQ if at is None else int(at)}
     counts = _counts(con, params)
     state = SessionState(session_id, counts["last_seq"], _session_info(con, params), counts)
     for name in SECTIONS:
-        state.tables[name] = _table(con, _SQL[name], params)
+        state.sections[name], table = _section(con, name, params, materialize)
+        if table is not None:
+            state.tables[name] = table
     state.digest = state_digest(state)
     return state

@@ -16,7 +16,7 @@ import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from schemas.contract import SchemaStore, load_store
 from schemas.errors import AgentLedgerError
@@ -228,20 +228,41 @@ class LocalLogSessionSource(SessionSource):
 # --- bundle ----------------------------------------------------------------------------------------
 
 
+class BundleValues(Sequence):
+    """The wire values of a bundle's events, sliced on demand (a million-event bundle is not copied)."""
+
+    def __init__(self, bundle):
+        self._b = bundle
+        self._prefix = b"\xc3\x01" + bundle.fingerprint
+
+    def __len__(self) -> int:
+        return len(self._b.spans)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        s, e = self._b.spans[i]
+        return self._prefix + self._b.data[s:e]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+
 class BundleSource(SessionSource):
     """A bundle file. Its events are the blocks that frame correctly; `verify` reports the rest."""
 
     name = "bundle"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, bundle=None):
         self.path = Path(path)
+        self.bundle = bundle
 
     def read(self, session_id: str | None = None) -> RawSession:
         from .bundle import read_bundle
 
-        b = read_bundle(self.path)
+        b = self.bundle or read_bundle(self.path)
         sid = b.session_id
         if session_id and session_id != sid:
             raise SessionNotFound(f"{self.path} holds session {sid}, not {session_id}")
-        return RawSession(sid, b.values(), self.name, str(self.path), [Provenance() for _ in b.spans],
+        return RawSession(sid, BundleValues(b), self.name, str(self.path), [Provenance()] * len(b.spans),
                           writer_schemas={b.fingerprint: b.header.schema}, scanned=len(b.spans), bundle=b)

@@ -10,8 +10,10 @@ resolved to the current reader in Python first, as ingest does.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 
@@ -54,10 +56,11 @@ def new_warehouse(store: SchemaStore | None = None) -> Warehouse:
     return wh
 
 
-def _insert_ocf(wh: Warehouse, path: str, fp_hex: str) -> None:
+def _insert_ocf(wh: Warehouse, path: str, fp_hex: str, literal: bool = False) -> None:
+    target = path if literal else f"'{path}'"
     src = (f"(SELECT a.*, '{fp_hex}' AS schema_fingerprint, NULL::VARCHAR AS source_topic, "
            "NULL::INTEGER AS source_partition, NULL::BIGINT AS source_offset, NULL::TIMESTAMP AS ingested_at "
-           f"FROM read_avro('{path}') a)")
+           f"FROM read_avro({target}) a)")
     wh.con.execute(wh.insert_select_sql(src))
 
 
@@ -69,9 +72,9 @@ def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None
     cur = store.current
     b = raw.bundle
     try:
-        if b is not None and getattr(b, "framing_error", None) is None and b.fingerprint == cur.fingerprint \
-                and b.path is not None and len(b.spans) == len(raw.values):
-            _insert_ocf(wh, str(b.path).replace("'", "''"), cur.fingerprint_hex)
+        if b is not None and b.framing_error is None and b.fingerprint == cur.fingerprint \
+                and len(b.spans) == len(raw.values):
+            _load_bundle(wh, b, cur.fingerprint_hex)
         else:
             _load_values(wh, raw, store)
     except Exception as exc:
@@ -80,6 +83,37 @@ def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None
         raise WorksetError(f"cannot decode the events of session {raw.session_id}: {str(exc).splitlines()[0]}") from exc
     n = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
     return Workset(wh, raw.session_id, n)
+
+
+CHUNK_EVENTS = 100_000
+
+
+def _load_bundle(wh: Warehouse, b, fp_hex: str) -> None:
+    """A bundle is already an OCF of the current schema: DuckDB reads it as it is. A big one is cut
+    at block boundaries into a few containers (same header) in a private temporary directory (in
+    memory where /dev/shm exists), which DuckDB decodes in parallel without calling back into Python."""
+    n = len(b.spans)
+    if n <= CHUNK_EVENTS and b.path is not None:
+        _insert_ocf(wh, str(b.path).replace("'", "''"), fp_hex)
+        return
+    parts = max(2, min(8, n // CHUNK_EVENTS))
+    header = b.data[: b.header.length]
+    bounds = [n * k // parts for k in range(parts + 1)]
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(prefix="agentledger-replay-", dir=shm if shm.is_dir() else None) as d:
+        paths = []
+        for k in range(parts):
+            i, j = bounds[k], bounds[k + 1]
+            if i == j:
+                continue
+            start = b.header.length if i == 0 else b.spans[i - 1][1] + codec.SYNC_LEN
+            end = b.spans[j - 1][1] + codec.SYNC_LEN
+            path = Path(d) / f"part-{k}.avro"
+            with open(path, "wb") as f:
+                f.write(header)
+                f.write(memoryview(b.data)[start:end])
+            paths.append(str(path).replace("'", "''"))
+        _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", fp_hex, literal=True)
 
 
 def _load_values(wh: Warehouse, raw: RawSession, store: SchemaStore) -> None:
