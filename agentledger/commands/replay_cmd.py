@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from schemas.config import Settings
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, WarehouseError
 
 from ..output import Format, console, err_console, print_json, render_rows
 from .groups import import_app
@@ -63,7 +63,14 @@ def read_session(s: Settings, session: str, source: str):
         raise typer.BadParameter("--source must be auto, warehouse, kafka, log or bundle")
     if source == "bundle" or (source == "auto" and Path(session).is_file()):
         return BundleSource(Path(session)).read(), []
-    wh = _warehouse_if_any(s)
+    try:
+        wh = _warehouse_if_any(s)
+    except WarehouseError as exc:
+        if source == "warehouse":
+            raise
+        # e.g. locked by a running `ingest --follow`: read the transport without the offsets hint
+        err_console.print(f"[yellow]warehouse not used: {exc}[/]")
+        wh = None
     try:
         alerts, hint = [], None
         if wh is not None:
@@ -145,7 +152,8 @@ def _print_timeline(entries: list[dict], total: int, limit: int | None) -> None:
         console.print(f"[dim]showing {len(shown)} of {total} events; --limit 0 shows all, --format json gives all[/]")
 
 
-def _print_state(state: dict) -> None:
+def _print_state(state: dict, limit: int | None = TABLE_LIMIT) -> None:
+    state = {k: (v[:limit] if limit and isinstance(v, list) else v) for k, v in state.items()}
     c = state["counts"]
     sess = state["session"]
     console.print(f"[bold]state after seq {state['as_of_seq']}[/]: {c['events']} events "
@@ -247,7 +255,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"[bold]session {raw.session_id}[/] from {raw.where}")
             console.print(_verification_line(v))
             _print_timeline(timeline, n, None if limit == 0 else (limit or TABLE_LIMIT))
-            _print_state(state)
+            _print_state(state, None if limit == 0 else (limit or TABLE_LIMIT))
             if rep is not None:
                 _print_whatif(rep)
             if alerts:
@@ -279,7 +287,6 @@ def register(app: typer.Typer) -> None:
         import duckdb
 
         from replay.whatif import session_ids, what_if
-        from schemas.errors import WarehouseError
 
         s = settings(ctx)
         pol = _load_policy(policy)
@@ -287,6 +294,7 @@ def register(app: typer.Typer) -> None:
         if wh is None:
             raise WarehouseError(f"no warehouse at {s.warehouse}: run `agentledger ingest` first")
         with wh:
+            wh.lock_down()  # --sessions is user SQL: no file or network access, as for `agentledger sql`
             try:
                 ids = session_ids(wh.con, sessions)
             except duckdb.Error as exc:
