@@ -34,7 +34,6 @@ from producers.recorder import ProducerIdentity, Recorder  # noqa: E402
 from replay.bundle import read_bundle, write_bundle  # noqa: E402
 from replay.session import replay  # noqa: E402
 from replay.sources import BundleSource  # noqa: E402
-from schemas import codec  # noqa: E402
 from schemas.contract import load_store  # noqa: E402
 from schemas.transport.base import Sink  # noqa: E402
 

@@ -38,7 +38,7 @@ from schemas import codec
 from schemas.envelope import GENESIS_HASH
 from schemas.errors import AgentLedgerError
 
-from .chain import ChainResult, RawChainVerifier, schema_has_envelope_head, verify_spans
+from .chain import ChainResult, RawChainVerifier, envelope_head, schema_has_envelope_head, verify_spans
 
 BUNDLE_FORMAT = "1"
 META_PREFIX = "agentledger."
@@ -117,8 +117,6 @@ def write_bundle(
     if not chain.ok and not allow_broken:
         raise BundleError(f"session {session_id} does not verify (first bad seq {chain.first_bad_seq}: "
                           f"{chain.reason}); refusing to export it as evidence (use --allow-broken to export anyway)")
-    from .chain import envelope_head
-
     first_seq = envelope_head(values[0])[2]
     prev_first = values[0][-130:-66].decode("ascii", "replace")
     last_hash = values[-1][-64:].decode("ascii", "replace")
