@@ -65,6 +65,7 @@ def _register() -> None:
     core.register(app)
     schemas_cmd.register(app)
     groups.register(app)
+    from .commands import replay_cmd; replay_cmd.register(app)  # noqa: E702
     from .commands import producers_cmd
 
     producers_cmd.register(app)

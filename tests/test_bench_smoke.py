@@ -21,6 +21,16 @@ def test_bench_ingest_smoke(bootstrap, tmp_path):
     assert result["raw_poll"] > 0 and result["ingest"] > 0 and 0 < result["ratio"]
 
 
+def test_bench_replay_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/replay.py", "--events", "6000", "--decode-sample", "2000",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["events"] == 6000 and result["events_per_s"] > 0
+    assert result["baseline_sha256_events_per_s"] > 0 and result["baseline_fastavro_decode_events_per_s"] > 0
+    assert result["processes"] > 0 and len(result["state_digest"]) == 64
+
+
 @pytest.mark.kafka
 def test_bench_emit_smoke(bootstrap, tmp_path):
     proc = subprocess.run([sys.executable, "bench/emit.py", "--bootstrap", bootstrap, "--events", "3000", "--rounds", "1",

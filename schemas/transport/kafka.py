@@ -554,3 +554,59 @@ class KafkaProcessSink(Sink):
 
 
 _REPO_ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
+
+def partition_count(bootstrap_servers: str, topic: str, timeout_s: float = 30) -> int:
+    """Partitions of ``topic`` (0 when it does not exist)."""
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-replay",
+                                 request_timeout_ms=int(timeout_s * 1000) + 1000)
+    except KafkaError as exc:
+        raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        return len(parts) if parts else 0
+    except KafkaError as exc:
+        raise TransportError(f"cannot read the partitions of {topic}: {exc}") from exc
+    finally:
+        consumer.close(autocommit=False)
+
+
+def scan_partition(bootstrap_servers: str, topic: str, partition: int, start: int | None = None, *,
+                   key: bytes | None = None, timeout_s: float = 120, **overrides: Any) -> tuple[list[Message], int, int]:
+    """Read one partition from ``start`` (its beginning when None or out of range) up to its end offset
+    as of the call, keeping only messages whose key is ``key`` (all when None). Nothing is decoded
+    and no offset is committed. Returns (messages, first offset read, end offset)."""
+    config = {**CONSUMER_DEFAULTS, **overrides}
+    config["enable_auto_commit"] = False
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-replay", **config)
+    except KafkaError as exc:
+        raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
+    tp = TopicPartition(topic, partition)
+    out: list[Message] = []
+    try:
+        consumer.assign([tp])
+        begin = consumer.beginning_offsets([tp])[tp]
+        end = consumer.end_offsets([tp])[tp]
+        first = begin if start is None or start < begin or start > end else start
+        consumer.seek(tp, first)
+        deadline = time.monotonic() + timeout_s
+        pos = first
+        while pos < end:
+            if time.monotonic() > deadline:
+                raise TransportError(f"{topic}/{partition}: read {pos - first} of {end - first} messages in "
+                                     f"{timeout_s:.0f}s; gave up")
+            for records in consumer.poll(timeout_ms=500, max_records=CONSUMER_DEFAULTS["max_poll_records"]).values():
+                for r in records:
+                    if r.offset >= end:
+                        continue
+                    if key is None or r.key == key:
+                        out.append(Message(topic, partition, r.offset, r.key, r.value, r.timestamp))
+                    pos = max(pos, r.offset + 1)
+            pos = max(pos, consumer.position(tp))
+        return out, first, end
+    except KafkaError as exc:
+        raise TransportError(f"reading {topic}/{partition} failed: {exc}") from exc
+    finally:
+        consumer.close(autocommit=False)
