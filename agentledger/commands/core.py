@@ -24,7 +24,7 @@ def _progress(enabled: bool) -> Progress:
 
 def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float = 0.1, labels: Path | None = None,
                    force_attack_first: bool = False, show_progress: bool = True, mix: str | None = None,
-                   attacks: list[str] | None = None, checkpoint_every: int = 1000):
+                   attacks: list[str] | None = None, checkpoint_every: int = 1000, sign: bool = True):
     from producers.simulate import parse_mix, simulate, simulation_recorder, write_labels, write_public_key
     from producers.sinks import open_producer_sink
 
@@ -36,7 +36,7 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
         task = progress.add_task("simulating sessions", total=sessions)
         try:
             result = simulate(lambda clock, rng: simulation_recorder(sink, s.topic, seed, clock, rng,
-                                                                     checkpoint_every=checkpoint_every),
+                                                                     checkpoint_every=checkpoint_every, sign=sign),
                               sessions, seed, attack_rate=attack_rate, force_attack_first=force_attack_first,
                               attacks=attacks, mix=parse_mix(mix), on_session=lambda i: progress.advance(task))
         finally:
@@ -44,7 +44,8 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
     if getattr(sink, "state", "direct") != "direct" and sink.spool.undrained():
         err_console.print(f"[yellow]Kafka unavailable: {sink.spool.undrained()} events are spooled in "
                           f"{sink.spool.root}; they are sent when Kafka answers (or run: agentledger spool drain)[/]")
-    write_public_key(seed, s.home / "keys")
+    if sign:
+        write_public_key(seed, s.home / "keys")
     if labels is not None:
         write_labels(labels, result, seed)
     return result
@@ -132,6 +133,7 @@ def register(app: typer.Typer) -> None:
                                                      "(others 0). Scenarios: see producers/simulate.py."),
         benign_only: bool = typer.Option(False, "--benign-only", help="No attacks (near-misses stay)."),
         checkpoint_every: int = typer.Option(1000, help="Signed checkpoint every N events of a session (0: only at the end)."),
+        sign: bool = typer.Option(True, "--sign/--no-sign", help="Sign checkpoints with the seed's simulation key."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
     ) -> None:
         """Emit deterministic, realistic coding-agent sessions (with labelled attacks) to the configured transport.
@@ -145,7 +147,7 @@ def register(app: typer.Typer) -> None:
         s = settings(ctx)
         result = run_simulation(s, sessions, seed, attack_rate=0.0 if benign_only else attack_rate, labels=labels,
                                 show_progress=fmt is not Format.json, mix=mix,
-                                checkpoint_every=checkpoint_every or 10**12)
+                                checkpoint_every=checkpoint_every or 10**12, sign=sign)
         attacks = sum(1 for l in result.labels if l["attack"])
         if fmt is Format.json:
             print_json({"sessions": result.sessions, "events": result.events, "attack_sessions": attacks})
