@@ -59,6 +59,7 @@ MAX_EVENT_BYTES = 1_000_000
 DEFAULT_CHECKPOINT_EVERY = 1000
 CHECKPOINT_EVERY_ENV = "AGENTLEDGER_CHECKPOINT_EVERY"
 _CONTROL_KINDS = frozenset({"gap", "checkpoint", "session_ended"})
+_DEFAULT = object()
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,25 @@ class Recorder:
         clock: Callable[[], int] = system_clock_us,
         rng: random.Random | None = None,
         store: SchemaStore | None = None,
-        transforms: Iterable[Transform] = (),
-        signer: signing.Signer | None = None,
-        checkpoint_every: int = 0,
+        transforms: Iterable[Transform] | None = None,
+        signer: signing.Signer | None | object = _DEFAULT,
+        checkpoint_every: int | None = None,
         mode: str | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
     ):
+        """``transforms``/``signer`` left out: with a sink from `open_producer_sink` (which knows the
+        settings), redaction is on and the configured signing key (if any) signs checkpoints every
+        AGENTLEDGER_CHECKPOINT_EVERY events; with any other sink, neither. Pass ``transforms=[]`` or
+        ``signer=None`` to turn them off explicitly."""
+        settings = getattr(sink, "settings", None)
+        if transforms is None:
+            from .redact import default_transforms
+
+            transforms = default_transforms(settings) if isinstance(settings, Settings) else []
+        if signer is _DEFAULT:
+            signer = load_signer(settings) if isinstance(settings, Settings) else None
+        if checkpoint_every is None:
+            checkpoint_every = int(os.environ.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
         self.sink = sink
         self.topic = topic
         self.identity = identity or ProducerIdentity.local("unknown")

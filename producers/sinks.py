@@ -138,6 +138,7 @@ def open_producer_sink(settings: Settings, **options) -> Sink:
     if not settings.uses_kafka:
         sink = open_sink(settings)
         sink.mode = opts.mode  # type: ignore[attr-defined]
+        sink.settings = settings  # type: ignore[attr-defined] -- the Recorder takes its defaults from it
         return sink
     return SpoolingSink(settings, opts, **kafka_overrides)
 

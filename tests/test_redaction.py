@@ -184,3 +184,16 @@ def test_seeded_secrets_never_reach_kafka_or_the_warehouse_in_clear(bootstrap, t
         toks = set(re.findall(r"\[SECRET:[a-z0-9_]+:" + hmac8(s, key) + r"\]", dump))
         assert len(toks) == 1, (s[:12], toks)
     wh.close()
+
+
+def test_redaction_is_on_by_default_for_every_producer_using_the_factory(tmp_path):
+    """Hooks, importers and the sandbox build `Recorder(open_producer_sink(settings))`: redaction is on."""
+    settings = from_env({"AGENTLEDGER_HOME": str(tmp_path)})
+    rec = Recorder(open_producer_sink(settings), topic=settings.topic)
+    gh = SAMPLES["github_token"][0]
+    sealed = rec.session(agent="codex", cwd="/w").command_started(["gh", "--token", gh], cwd="/w")
+    assert gh.encode() not in sealed.value and sealed.record["redactions"]
+    key = (tmp_path / "keys" / "redaction.key").read_bytes().strip()
+    assert sealed.record["payload"][1]["argv"][2] == f"[SECRET:github_token:{hmac8(gh, key)}]"
+    off = Recorder(open_producer_sink(settings), topic=settings.topic, transforms=[])
+    assert gh.encode() in off.session(agent="codex", cwd="/w").command_started(["gh", gh], cwd="/w").value
