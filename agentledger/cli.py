@@ -65,6 +65,7 @@ def _register() -> None:
     core.register(app)
     schemas_cmd.register(app)
     groups.register(app)
+    from .commands import sandbox_cmd; sandbox_cmd.register(app)  # noqa: E702
 
 
 _register()
