@@ -180,6 +180,7 @@ class EgressProxy:
     def gate(self, attempt_id: str, host: str, port: int, protocol: str, method: str, subject: str) -> tuple[bool, str | None]:
         """Decide (and record the decision, asking when the rule says so). Returns (allowed, rule)."""
         d = self.policy.evaluate_network(host, port, protocol, method)
+        d = type(d)(d.action, d.rule or "network.default", d.reason)
         self.observe("network_decided", {"attempt_id": attempt_id, "decision": d.action, "rule": d.rule,
                                          "reason": d.reason, "policy_source": self.policy_source}, now_us())
         if d.action == "allow":
@@ -200,11 +201,14 @@ class EgressProxy:
 
     def completed(self, attempt_id: str, outcome: str, *, status: int | None = None, bytes_in: int = 0,
                   bytes_out: int = 0, started: float, response_digest: str | None = None,
-                  error: str | None = None) -> None:
+                  error: str | None = None, at_us: int | None = None) -> None:
+        """``at_us``: when the last byte was handed to the client (taken *before* writing it, so the
+        event is ordered before anything the command does with the response)."""
         self.observe("network_completed", {"attempt_id": attempt_id, "outcome": outcome, "status": status,
                                            "bytes_in": int(bytes_in), "bytes_out": int(bytes_out),
                                            "duration_ms": int((time.monotonic() - started) * 1000),
-                                           "response_digest": response_digest, "error": error}, now_us())
+                                           "response_digest": response_digest, "error": error},
+                     at_us if at_us is not None else now_us())
 
     def remember(self, ex: Exchange) -> None:
         with self._lock:
@@ -264,21 +268,24 @@ class _Handler(BaseHTTPRequestHandler):
         attempt_id = px.attempt(host, port, "https", "CONNECT", None)
         allowed, rule = px.gate(attempt_id, host, port, "https", "CONNECT", f"CONNECT {host}:{port}")
         if not allowed:
-            self._reply(403, f"agentledger egress proxy: {host}:{port} blocked by policy (rule {rule or 'default'})",
-                        {"X-Agentledger-Rule": rule or "default"})
-            px.completed(attempt_id, "blocked", started=started, error=f"denied by {rule or 'default'}")
+            handed = now_us()
+            self._reply(403, f"agentledger egress proxy: {host}:{port} blocked by policy (rule {rule})",
+                        {"X-Agentledger-Rule": str(rule)})
+            px.completed(attempt_id, "blocked", started=started, error=f"denied by {rule}", at_us=handed)
             px.remember(Exchange(attempt_id, None, None, None, False))
             return
         if px.replay is not None:
+            handed = now_us()
             self._reply(502, "agentledger egress proxy: HTTPS tunnels cannot be served from a recording")
-            px.completed(attempt_id, "error", started=started, error="tunnel not replayable")
+            px.completed(attempt_id, "error", started=started, error="tunnel not replayable", at_us=handed)
             return
         try:
             upstream = socket.create_connection((host, port), timeout=px.connect_timeout)
         except OSError as exc:
             outcome = "timeout" if isinstance(exc, TimeoutError) else "refused" if isinstance(exc, ConnectionRefusedError) else "error"
+            handed = now_us()
             self._reply(502, f"agentledger egress proxy: cannot reach {host}:{port}: {exc}")
-            px.completed(attempt_id, outcome, started=started, error=str(exc)[:300])
+            px.completed(attempt_id, outcome, started=started, error=str(exc)[:300], at_us=handed)
             return
         upstream.settimeout(None)
         self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -332,10 +339,11 @@ class _Handler(BaseHTTPRequestHandler):
         allowed, rule = px.gate(attempt_id, host, port, parts.scheme, method, f"{method} {redact_url(url)}")
         key = request_key(method, url, body)
         if not allowed:
-            self._reply(403, f"agentledger egress proxy: {host}:{port} blocked by policy (rule {rule or 'default'})",
-                        {"X-Agentledger-Rule": rule or "default"})
+            handed = now_us()
+            self._reply(403, f"agentledger egress proxy: {host}:{port} blocked by policy (rule {rule})",
+                        {"X-Agentledger-Rule": str(rule)})
             px.completed(attempt_id, "blocked", bytes_out=len(body), started=started,
-                         error=f"denied by {rule or 'default'}")
+                         error=f"denied by {rule}", at_us=handed)
             px.remember(Exchange(attempt_id, key, None, None, False))
             return
         if px.replay is not None:
@@ -347,8 +355,9 @@ class _Handler(BaseHTTPRequestHandler):
         px = self.proxy
         got = px.replay.take(key)
         if got is None:
+            handed = now_us()
             self._reply(502, "agentledger egress proxy: this request is not in the recording")
-            px.completed(attempt_id, "error", bytes_out=len(body), started=started, error="not in the recording")
+            px.completed(attempt_id, "error", bytes_out=len(body), started=started, error="not in the recording", at_us=handed)
             return
         record, payload = got
         self.send_response_only(int(record["status"]), record.get("reason") or None)
@@ -357,12 +366,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Connection", "close")
+        handed = now_us()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
         self.close_connection = True
         px.completed(attempt_id, "ok", status=int(record["status"]), bytes_in=len(payload), bytes_out=len(body),
-                     started=started, response_digest=sha256_hex(payload))
+                     started=started, response_digest=sha256_hex(payload), at_us=handed)
 
     def _forward(self, attempt_id, key, parts, host, port, method, body, started) -> None:
         px = self.proxy
@@ -385,8 +395,9 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError as exc:
             conn.close()
             outcome = "timeout" if isinstance(exc, TimeoutError) else "refused" if isinstance(exc, ConnectionRefusedError) else "error"
+            handed = now_us()
             self._reply(502, f"agentledger egress proxy: cannot reach {host}:{port}: {exc}")
-            px.completed(attempt_id, outcome, bytes_out=len(body), started=started, error=str(exc)[:300])
+            px.completed(attempt_id, outcome, bytes_out=len(body), started=started, error=str(exc)[:300], at_us=handed)
             px.remember(Exchange(attempt_id, key, None, None, False))
             return
         headers = [(k, v) for k, v in resp.getheaders()]
@@ -398,6 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length is not None and method != "HEAD":
             self.send_header("Content-Length", length)
         self.send_header("Connection", "close")
+        handed = now_us()
         self.end_headers()
         h = hashlib.sha256()
         kept = bytearray()
@@ -407,6 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if method != "HEAD":
                 while chunk := resp.read(65536):
+                    handed = now_us()
                     self.wfile.write(chunk)
                     h.update(chunk)
                     n += len(chunk)
@@ -430,7 +443,7 @@ class _Handler(BaseHTTPRequestHandler):
                       "body_size": n, "body_stored": stored}
             record_digest = px.store.put(json.dumps(record, sort_keys=True).encode()).digest
         px.completed(attempt_id, "ok" if error is None else "error", status=resp.status, bytes_in=n,
-                     bytes_out=len(body), started=started, response_digest=digest, error=error)
+                     bytes_out=len(body), started=started, response_digest=digest, error=error, at_us=handed)
         px.remember(Exchange(attempt_id, key, record_digest, digest, stored))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _http

@@ -163,6 +163,7 @@ class SandboxReexecutor:
         profile = sandbox_profile(self.policy, True, escalated)
 
         decision = self.policy.evaluate_command(list(argv), escalated=escalated)
+        decision = type(decision)(decision.action, decision.rule or "approvals.default", decision.reason)
         approved = True
         if decision.action != "allow":
             digest = action_digest(list(argv), cwd)

@@ -264,6 +264,7 @@ class SandboxSession:
 
         # 1. approval
         decision = self.policy.evaluate_command(list(argv), escalated=escalate)
+        decision = type(decision)(decision.action, decision.rule or "approvals.default", decision.reason)
         if decision.action != "allow":
             rule = next((r for r in self.policy.command_rules if r.id == decision.rule), None)
             ask = Ask("exec", shlex.join(argv), action_digest(list(argv), cwd), decision.rule, decision.reason,
