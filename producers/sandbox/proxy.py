@@ -133,6 +133,8 @@ class EgressProxy:
         self.connect_timeout = connect_timeout
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active: dict[int, list[socket.socket]] = {}  # handler id -> its sockets
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -144,14 +146,30 @@ class EgressProxy:
         finally:
             os.umask(old)
         self._server.proxy = self
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="agentledger-egress-proxy", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every request being handled has been recorded; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._active, timeout)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, let requests in flight finish and be recorded (a command that exits right
+        after reading its response must not lose the ``network_completed``), then cut what is left."""
         if self._server is not None:
             self._server.shutdown()
+            if not self.wait_idle(grace_s):
+                with self._lock:
+                    stuck = [s for socks in self._active.values() for s in socks]
+                for sock in stuck:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                self.wait_idle(grace_s)
             self._server.server_close()
             self._server = None
         try:
@@ -210,6 +228,19 @@ class EgressProxy:
                                            "response_digest": response_digest, "error": error},
                      at_us if at_us is not None else now_us())
 
+    def _begin(self, key: int, sock: socket.socket) -> None:
+        with self._lock:
+            self._active[key] = [sock]
+
+    def _track(self, key: int, sock: socket.socket) -> None:
+        with self._lock:
+            self._active.setdefault(key, []).append(sock)
+
+    def _end(self, key: int) -> None:
+        with self._idle:
+            self._active.pop(key, None)
+            self._idle.notify_all()
+
     def remember(self, ex: Exchange) -> None:
         with self._lock:
             self.exchanges.append(ex)
@@ -225,6 +256,16 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def proxy(self) -> EgressProxy:
         return self.server.proxy
+
+    def setup(self):
+        super().setup()
+        self.server.proxy._begin(id(self), self.connection)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.proxy._end(id(self))
 
     def _reply(self, status: int, text: str, extra: dict | None = None) -> int:
         body = (text + "\n").encode()
@@ -288,6 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
             px.completed(attempt_id, outcome, started=started, error=str(exc)[:300], at_us=handed)
             return
         upstream.settimeout(None)
+        px._track(id(self), upstream)
         self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         self.wfile.flush()
         counts = {"in": 0, "out": 0}
