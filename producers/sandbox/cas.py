@@ -81,6 +81,7 @@ class ContentStore:
         self.max_blob_bytes = max_blob_bytes
         self.max_total_bytes = max_total_bytes
         self._usage: int | None = None
+        self._dirs: set[Path] = set()
         for d in (self.root, self.root / "blobs", self.root / "sessions", self.root / "tmp"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(d, 0o700)
@@ -129,7 +130,9 @@ class ContentStore:
 
     def _place(self, tmp: Path, digest: str, size: int) -> Stored:
         dest = self.path(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if dest.parent not in self._dirs:  # one mkdir per fan-out directory and process, not per blob
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._dirs.add(dest.parent)
         os.chmod(tmp, 0o600)
         os.replace(tmp, dest)
         self._usage = self.usage() + size

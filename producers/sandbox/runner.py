@@ -442,6 +442,15 @@ def build_observations(spec: CommandSpec, ex: Execution, before: Snapshot, after
     def rel(path: str) -> str:
         return os.path.relpath(path, ws)
 
+    read_denied: dict[str, bool] = {}
+
+    def hidden(path: str) -> bool:
+        if not policy.deny_read:
+            return False
+        if path not in read_denied:
+            read_denied[path] = policy.evaluate_read(path).action == "deny"
+        return read_denied[path]
+
     # files: one event per (path, operation, new_path), at its first occurrence
     seen: dict[tuple, Observation] = {}
     denied: set[tuple] = set()
@@ -462,10 +471,10 @@ def build_observations(spec: CommandSpec, ex: Execution, before: Snapshot, after
                                                 "reason": f"{op.errno} ({_ERRNO_TEXT.get(op.errno, op.errno)}): "
                                                           f"{d.reason if d.action == 'deny' else 'the mount is read-only'}",
                                                 "command_id": owner(op.image), "inferred": False}, op.ts)
-            elif not op.write and policy.evaluate_read(path).action == "deny":
+            elif not op.write and hidden(path):
                 _deny_read(emit, denied, policy, path, op, owner(op.image))
             continue
-        if not op.write and policy.evaluate_read(path).action == "deny":
+        if not op.write and hidden(path):
             _deny_read(emit, denied, policy, path, op, owner(op.image))
             continue
         if op.op == "open" and not op.write:
