@@ -350,3 +350,41 @@ def _as_nobody(root: Path, nobody, py: str, site: str) -> None:
     assert [(d.payload["operation"], d.payload["target"]) for d in of_kind(evs, "sandbox_denied")] == [
         ("file_write", "/etc/nb-probe")]
     assert any(f.payload["path"] == f"{root}/ws/a.txt" for f in of_kind(evs, "file_accessed"))
+
+
+def test_edits_between_commands_are_replayed_and_extra_actions_reported(box):
+    pol = box.policy()
+    (box.ws / "note.txt").write_text("first\n")
+    assert box.run("sh", "-c", "cat note.txt > copy1.txt", pol=pol, session="ed").returncode == 0
+    (box.ws / "note.txt").write_text("edited outside the sandbox\n")  # e.g. the agent's own patch tool
+    script = 'cat note.txt > copy2.txt; if [ "$MY_SETTING" = x ]; then echo > extra.txt; fi'
+    assert box.run("sh", "-c", script, pol=pol, session="ed").returncode == 0
+    sandbox("end", "ed", env=box.env, cwd=box.ws)
+    shutil.rmtree(box.ws)
+    rep = json.loads(sandbox("reexecute", "ed", "--format", "json", env=box.env, cwd=box.root).stdout)
+    assert rep["reproducible"], rep["divergences"]
+
+    proc = sandbox("reexecute", "ed", "--format", "json", "--set-env", "MY_SETTING=x", env=box.env, cwd=box.root,
+                   check=False)
+    rep = json.loads(proc.stdout)
+    evs = box.events("ed")
+    tops = {e.payload["command_id"] for e in of_kind(evs, "command_started") if not e.payload.get("parent_command_id")}
+    finished = [e.seq for e in of_kind(evs, "command_finished") if e.payload["command_id"] in tops]
+    extra = [d for d in rep["divergences"] if d["field"] == "presence"]
+    assert [(d["seq"], d["expected"], d["actual"], d["change"]["type"]) for d in extra] == [
+        (finished[1], "absent", "happened", "file")]
+    assert extra[0]["change"]["path"].endswith("/extra.txt")
+
+
+def test_doctor_and_forget(box):
+    rows = json.loads(sandbox("doctor", "--format", "json", env=box.env, cwd=box.ws).stdout)
+    ok = {r["check"]: r["ok"] for r in rows}
+    assert ok["bwrap"] and ok["strace"] and ok["faketime"] and ok["namespaces"] and ok["ptrace"]
+    (box.ws / "f").write_text("content")
+    assert box.run("cat", "f", session="fg").returncode == 0
+    sandbox("end", "fg", env=box.env, cwd=box.ws)
+    out = sandbox("forget", "fg", env=box.env, cwd=box.ws).stdout
+    assert "forgot session fg" in out and not (box.home / "cas" / "sessions" / "fg.json").exists()
+    assert box.events("fg"), "the events stay"
+    p = sandbox("reexecute", "fg", env=box.env, cwd=box.root, check=False)
+    assert p.returncode == 1 and "no recording of session fg" in p.stderr

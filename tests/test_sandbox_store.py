@@ -107,3 +107,26 @@ def test_missing_blobs_are_reported_on_restore(tmp_path):
     dest.mkdir()
     assert tree.apply(str(dest), snap.manifest["entries"], store) == ["large"]
     assert (dest / "small").read_text() == "ok"
+
+
+def test_forget_deletes_only_what_no_other_session_needs(tmp_path):
+    from producers.sandbox.cas import forget
+
+    store = ContentStore.open(tmp_path / "home", {})
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "shared").write_text("both sessions saw this")
+    (ws / "only-a").write_text("only a")
+    snap_a = tree.take(str(ws))
+    tree.store_snapshot(snap_a, store)
+    (ws / "only-a").unlink()
+    snap_b = tree.take(str(ws))
+    tree.store_snapshot(snap_b, store)
+    env_a = store.put_json({"A": "1"}).digest
+    for sid, snap, env in (("a", snap_a, env_a), ("b", snap_b, None)):
+        store.save_manifest(sid, {"commands": {"c": {"workspace_before": snap.digest, "env": env}}, "exchanges": {}})
+    n, size = forget(store, "a")
+    assert n == 3 and size > 0  # a's tree, a's env and the file only a had
+    assert store.load_manifest("a") is None
+    assert store.has(snap_b.digest) and store.has(snap_b.entries["shared"].digest)
+    assert not store.has(snap_a.digest) and not store.has(env_a)

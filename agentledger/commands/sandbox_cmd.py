@@ -271,6 +271,30 @@ def register(app: typer.Typer) -> None:
             console.print(f"re-executed workspace kept at {runner.fresh}")
         raise typer.Exit(0 if report.reproducible else DIVERGED_EXIT)
 
+    @sandbox_app.command("forget")
+    def forget_cmd(
+        ctx: typer.Context,
+        session: str = typer.Argument(..., help="The session whose recording store data to delete."),
+    ) -> None:
+        """Delete what the recording store keeps for a session (file contents, environments, bodies).
+
+        Its events stay in the log and the warehouse; it can no longer be re-executed. Blobs other
+        sessions still need are kept.
+
+        Example:  agentledger sandbox forget s1
+        """
+        from producers.sandbox.cas import ContentStore, check_session_id, forget
+
+        s = settings(ctx)
+        store = ContentStore.open(s.home)
+        if store.load_manifest(check_session_id(session)) is None:
+            raise typer.BadParameter(f"no recording of session {session} in {store.root}")
+        n, size = forget(store, session)
+        import shutil
+
+        shutil.rmtree(s.home / "sandbox" / "sessions" / session, ignore_errors=True)
+        console.print(f"forgot session {session}: {n} blobs, {size} bytes deleted")
+
     @sandbox_app.command("doctor")
     def doctor(
         fmt: Format = typer.Option(Format.table, "--format", help="table or json."),

@@ -249,6 +249,55 @@ class ContentStore:
             os.close(dfd)
 
 
+def referenced(store: ContentStore, manifest: dict) -> set[str]:
+    """Every blob a session manifest needs (directly, or through trees and response records)."""
+    refs: set[str] = set()
+
+    def add(d):
+        if isinstance(d, str) and _HEX64.match(d):
+            refs.add(d)
+
+    add(manifest.get("policy"))
+    for c in manifest.get("commands", {}).values():
+        for k in ("env", "stdin", "stdout", "stderr"):
+            add(c.get(k))
+        for k in ("workspace_before", "workspace_after"):
+            d = c.get(k)
+            add(d)
+            if d and store.has(d):
+                try:
+                    for entry in store.get_json(d).get("entries", {}).values():
+                        if entry[0] == "f":
+                            add(entry[2])
+                except (StoreError, ValueError):
+                    pass
+    for x in manifest.get("exchanges", {}).values():
+        add(x.get("response"))
+        add(x.get("body_digest"))
+    return refs
+
+
+def forget(store: ContentStore, session_id: str) -> tuple[int, int]:
+    """Delete a session's manifest and every blob no other manifest needs. Returns (blobs, bytes) freed."""
+    store.manifest_path(session_id).unlink(missing_ok=True)
+    keep: set[str] = set()
+    for m in (store.root / "sessions").glob("*.json"):
+        try:
+            keep |= referenced(store, json.loads(m.read_text()))
+        except (OSError, json.JSONDecodeError):
+            return 0, 0  # an unreadable manifest: keep everything rather than guess
+    n = size = 0
+    for dirpath, _, files in os.walk(store.root / "blobs"):
+        for f in files:
+            if f not in keep:
+                p = os.path.join(dirpath, f)
+                size += os.stat(p).st_size
+                os.unlink(p)
+                n += 1
+    store._usage = None
+    return n, size
+
+
 def canonical_json(obj) -> bytes:
     """The one serialisation whose SHA-256 is a digest we record (trees, environments)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
