@@ -388,3 +388,25 @@ def test_doctor_and_forget(box):
     assert box.events("fg"), "the events stay"
     p = sandbox("reexecute", "fg", env=box.env, cwd=box.root, check=False)
     assert p.returncode == 1 and "no recording of session fg" in p.stderr
+
+
+def test_network_ask_rule_prompts_with_the_destination_and_its_digest(box):
+    from producers.sandbox.proxy import network_digest
+    from sandbox_support import Server
+
+    srv = Server({"/a.txt": b"asked and answered\n"})
+    try:
+        pol = box.policy(asked=srv.port, noninteractive="deny")
+        code, term = run_in_pty(box.cli("run", "--policy", str(pol), "--session", "na", "--", PY, "-c",
+                                        f"import urllib.request as u; print(u.urlopen('{srv.url('/a.txt')}').read())"),
+                                env=box.env, cwd=box.ws, answer=b"y\n")
+    finally:
+        srv.stop()
+    digest = network_digest("http", "127.0.0.1", srv.port)
+    assert code == 0 and "asked and answered" in term, term
+    assert "approval needed (network, rule ask-server)" in term and f"sha256:{digest}" in term
+    assert f"GET {srv.url('/a.txt')}" in term
+    assert srv.hits == ["/a.txt"]
+    evs = box.events("na")
+    assert decided(evs) == [("approved", "user", "ask-server")]
+    assert of_kind(evs, "approval_requested")[0].payload["action_digest"] == digest

@@ -193,20 +193,20 @@ def register(app: typer.Typer) -> None:
 
         if status not in ("completed", "failed", "aborted", "interrupted"):
             raise typer.BadParameter("status must be completed, failed, aborted or interrupted")
+        from producers.sandbox.cas import check_session_id
+
         s = settings(ctx)
-        state = s.home / "sandbox" / "sessions" / session / "state.json"
+        state = s.home / "sandbox" / "sessions" / check_session_id(session) / "state.json"
         if not state.exists():
             raise SessionStateError(f"no sandbox session {session} under {s.home}")
-        workspace = json.loads(state.read_text())["workspace"]
-        policy_path = None
+        st = json.loads(state.read_text())
         from producers.sandbox.cas import ContentStore
 
-        manifest = ContentStore.open(s.home).load_manifest(session) or {}
-        src = manifest.get("policy_source")
-        if src and not src.startswith("builtin:"):
-            policy_path = src
-        sess = SandboxSession.open(s, session_id=session, workspace=workspace, policy_path=policy_path,
-                                   interactive=False)
+        store = ContentStore.open(s.home)
+        manifest = store.load_manifest(session) or {}
+        # the policy the session was started with, from the store (the file may have moved or changed)
+        sess = SandboxSession.open(s, session_id=session, workspace=st["workspace"], interactive=False,
+                                   policy_text=(store.get(st["policy_digest"]), manifest.get("policy_source")))
         try:
             seq = sess.end(status, reason)
         finally:

@@ -154,14 +154,18 @@ class SandboxSession:
     def open(cls, settings: Settings, *, session_id: str | None = None, policy_path: str | os.PathLike | None = None,
              workspace: str | os.PathLike | None = None, interactive: bool | None = None,
              options: Options | None = None, env: dict | None = None, max_blob_bytes: int | None = None,
-             max_total_bytes: int | None = None) -> "SandboxSession":
+             max_total_bytes: int | None = None, policy_text: tuple[bytes, str | None] | None = None) -> "SandboxSession":
+        """Start or continue a session. ``policy_text`` (bytes, source) gives the policy itself, e.g.
+        the copy the recording store kept, instead of a file."""
         host_env = dict(os.environ if env is None else env)
         ws = os.path.realpath(workspace or os.getcwd())
-        if not os.path.isdir(ws):
-            raise SandboxError(f"workspace {ws} is not a directory")
         if ws == "/":
             raise SandboxError("the workspace cannot be / (it would make the whole machine writable)")
-        policy, policy_bytes = load_policy(policy_path, host_env)
+        if policy_text is not None:
+            policy_bytes = policy_text[0]
+            policy = Policy.from_toml(policy_bytes.decode(), source=policy_text[1])
+        else:
+            policy, policy_bytes = load_policy(policy_path, host_env)
         tools = Tools.find(host_env)
         tools.require(policy.sandbox_mode != "danger_full_access")
         options = options or Options()
@@ -189,6 +193,8 @@ class SandboxSession:
                                             f"(sha256 {state['policy_digest'][:12]}…); one session has one policy")
                 rec = recorder.resume(sid, state["next_seq"], state["head_hash"])
             else:
+                if not os.path.isdir(ws):
+                    raise SandboxError(f"workspace {ws} is not a directory")
                 rec = recorder.session(agent=AGENT, cwd=ws, session_id=sid, agent_version=agent_version(),
                                        sandbox_mode=policy.sandbox_mode, writable_roots=policy.roots(ws),
                                        approval_policy=approval_policy_label(policy),
@@ -252,6 +258,8 @@ class SandboxSession:
         if self.state.get("ended"):
             raise SessionStateError(f"session {self.session_id} has ended")
         ws = self.workspace
+        if not os.path.isdir(ws):
+            raise SandboxError(f"workspace {ws} is not a directory")
         cwd = os.path.realpath(cwd) if cwd else (os.path.realpath(os.getcwd())
                                                 if tree_inside(os.path.realpath(os.getcwd()), ws) else ws)
         if not os.path.isdir(cwd):
