@@ -134,8 +134,19 @@ def load_session(settings: Settings, session_id: str, source: str = "auto") -> l
                 if source == "warehouse":
                     raise ReexecutionError(f"cannot read the warehouse {wh}: {exc}") from exc
                 events = []
-    if not events and source in ("auto", "log"):
-        events = load_from_transport(settings, session_id)
+    complete = bool(events) and events[-1].kind == "session_ended"
+    if source == "log" or (source == "auto" and not complete):
+        # the warehouse may lag behind the log: take the longer verified record
+        try:
+            logged = load_from_transport(settings, session_id)
+        except ReexecutionError:
+            raise
+        except AgentLedgerError:
+            if source == "log" or not events:
+                raise
+            logged = []
+        if len(logged) > len(events):
+            events = logged
     if not events:
         raise ReexecutionError(f"session {session_id} not found ({source}: warehouse {settings.warehouse}, "
                                f"{settings.transport_label})")

@@ -181,11 +181,14 @@ def test_environment_is_filtered_and_values_stay_out_of_events(box):
     assert b"tok-secret-1" not in raw
 
 
-def test_timeout_kills_the_whole_sandbox(box):
+def test_timeout_kills_the_whole_sandbox_and_reexecution_cuts_it_off_too(box):
     t0 = time.monotonic()
     p = box.run("sh", "-c", "sleep 60 & sleep 60", opts=("--timeout", "1"))
     assert p.returncode == 124 and time.monotonic() - t0 < 30
     assert finished_status(box.events()) == ["timed_out"]
+    t0 = time.monotonic()
+    rep = json.loads(sandbox("reexecute", "s", "--format", "json", env=box.env, cwd=box.root).stdout)
+    assert rep["reproducible"] and time.monotonic() - t0 < 30
 
 
 def test_stdin_is_passed_recorded_and_replayed(box):

@@ -208,8 +208,13 @@ class SandboxReexecutor:
         collected: list[Observation] = []
         before = tree.take(self.fresh)
         self.actual[before.digest] = ("tree", before.manifest["entries"])
+        timeout_s = self.timeout_s
+        if timeout_s is None and entry.get("status") == "timed_out":  # it was cut off: cut it off again
+            fin = next((e["payload"] for e in events if e["kind"] == "command_finished"
+                        and e["payload"]["command_id"] == cid), None)
+            timeout_s = max(1.0, (fin or {}).get("duration_ms", 1000) / 1000)
         spec = CommandSpec(list(argv), cwd, env, stdin, self.workspace, self.fresh, sandboxed=True,
-                           clock_offset_s=entry["clock_us"] / 1e6 - time.time(), timeout_s=self.timeout_s,
+                           clock_offset_s=entry["clock_us"] / 1e6 - time.time(), timeout_s=timeout_s,
                            hide=(str(self.settings.home),))
         sock_dir = tempfile.mkdtemp(prefix="agentledger-px-")
         proxy = EgressProxy(self.policy, os.path.join(sock_dir, "proxy.sock"),
