@@ -130,7 +130,7 @@ def sandbox_env(policy: Policy, host_env: dict[str, str], *, tools: Tools, optio
         for name in PROXY_ENV:
             env[name] = proxy
     env["AGENTLEDGER_SANDBOX"] = "bwrap" if sandboxed else "none"
-    if tools.faketime:
+    if tools.faketime and sandboxed:  # outside the sandbox there is no private /run for the clock file
         env["LD_PRELOAD"] = tools.faketime
         env["FAKETIME_TIMESTAMP_FILE"] = clock_file
         env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
@@ -289,10 +289,7 @@ def execute(spec: CommandSpec, policy: Policy, tools: Tools, options: Options, *
             cwd = "/"
         else:
             argv += ["--", *launcher]
-            env = dict(spec.env)
-            if "FAKETIME_TIMESTAMP_FILE" in env:
-                env["FAKETIME_TIMESTAMP_FILE"] = clock_file
-            popen_env = env
+            popen_env = dict(spec.env)
             cwd = spec.cwd
         started_us = time.time_ns() // 1000
         t0 = time.monotonic()
