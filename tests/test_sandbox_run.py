@@ -251,7 +251,10 @@ def test_a_killed_recorder_leaves_a_gap_and_the_chain_continues(box):
     time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    scratch = json.loads(state.read_text())["in_flight"]["scratch"]
+    assert os.path.isdir(scratch)
     assert box.run("true", session="k").returncode == 0
+    assert not os.path.exists(scratch), "recovery removes the dead run's scratch directory"
     evs = box.events("k")  # verified: hash chain intact across both processes
     gaps = of_kind(evs, "gap")
     assert len(gaps) == 1 and gaps[0].payload["gap_kind"] == "crash_recovered"

@@ -216,13 +216,13 @@ class SandboxReexecutor:
         spec = CommandSpec(list(argv), cwd, env, stdin, self.workspace, self.fresh, sandboxed=True,
                            clock_offset_s=entry["clock_us"] / 1e6 - time.time(), timeout_s=timeout_s,
                            hide=(str(self.settings.home),))
-        sock_dir = tempfile.mkdtemp(prefix="agentledger-px-")
+        sock_dir = tempfile.mkdtemp(prefix="agentledger-sbx-")
         proxy = EgressProxy(self.policy, os.path.join(sock_dir, "proxy.sock"),
                             observe=lambda k, p, t: collected.append(Observation(k, p, t)), approver=approver,
                             new_id=new_id, command_id=cid,
                             replay=ReplayResponses(self.store, exchanges, overrides)).start()
         try:
-            ex = execute(spec, self.policy, self.tools, self.options, proxy_socket=proxy.socket_path)
+            ex = execute(spec, self.policy, self.tools, self.options, proxy_socket=proxy.socket_path, run_dir=sock_dir)
         finally:
             proxy.stop()
             shutil.rmtree(sock_dir, ignore_errors=True)

@@ -266,10 +266,14 @@ def _pump(src: BinaryIO, cap: Capture, echo: BinaryIO | None) -> None:
 
 def execute(spec: CommandSpec, policy: Policy, tools: Tools, options: Options, *, proxy_socket: str | None,
             echo_stdout: BinaryIO | None = None, echo_stderr: BinaryIO | None = None,
-            on_interrupt: Callable[[], None] | None = None) -> Execution:
-    """Run ``spec`` traced (and sandboxed unless ``spec.sandboxed`` is false); block until it ends."""
+            on_interrupt: Callable[[], None] | None = None, run_dir: str | None = None) -> Execution:
+    """Run ``spec`` traced (and sandboxed unless ``spec.sandboxed`` is false); block until it ends.
+
+    ``run_dir``: a private scratch directory for the trace and clock file (removed by the caller);
+    by default one is made and removed here."""
     tools.require(spec.sandboxed)
-    run_dir = tempfile.mkdtemp(prefix="agentledger-sbx-")
+    own = run_dir is None
+    run_dir = run_dir or tempfile.mkdtemp(prefix="agentledger-sbx-")
     os.chmod(run_dir, 0o700)
     try:
         trace_path = os.path.join(run_dir, "trace")
@@ -355,7 +359,8 @@ def execute(spec: CommandSpec, policy: Policy, tools: Tools, options: Options, *
             code = None
         return Execution(code, sig, status, started_us, duration_ms, out, err, analysis, proc.returncode)
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if own:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -229,6 +230,8 @@ class SandboxSession:
                      related_seq=fl.get("seq"))
         self.rec.command_finished(fl["command_id"], exit_code=None, duration_ms=0, status="killed",
                                   stdout=dict(EMPTY_OUTPUT), stderr=dict(EMPTY_OUTPUT))
+        if fl.get("scratch", "").startswith(tempfile.gettempdir() + "/agentledger-sbx-"):
+            shutil.rmtree(fl["scratch"], ignore_errors=True)
         self.state["in_flight"] = None
 
     def _save(self) -> None:
@@ -324,7 +327,9 @@ class SandboxSession:
                                                "env_names": sorted(env), "sandbox_profile": profile,
                                                "escalated": escalate, "workspace_digest": before.digest,
                                                "env_digest": env_digest(env), "stdin_digest": stdin_digest})
-        self.state["in_flight"] = {"command_id": command_id, "argv": list(argv), "seq": s_seq}
+        # scratch (trace, proxy socket) in /tmp: a unix socket path must stay short
+        scratch = tempfile.mkdtemp(prefix="agentledger-sbx-")
+        self.state["in_flight"] = {"command_id": command_id, "argv": list(argv), "seq": s_seq, "scratch": scratch}
         self._save()
 
         # 3. run it
@@ -332,23 +337,22 @@ class SandboxSession:
         hide = tuple(p for p in (str(self.settings.home),) if os.path.exists(p))
         spec = CommandSpec(list(argv), cwd, env, stdin, ws, ws, sandboxed=sandboxed, clock_offset_s=0.0,
                            timeout_s=timeout_s, hide=hide)
-        proxy_dir = tempfile.mkdtemp(prefix="agentledger-px-")
         proxy = None
         try:
             if sandboxed:
                 from .runner import Observation
 
-                proxy = EgressProxy(self.policy, os.path.join(proxy_dir, "proxy.sock"),
+                proxy = EgressProxy(self.policy, os.path.join(scratch, "proxy.sock"),
                                     observe=lambda k, p, t: collected.append(Observation(k, p, t)),
                                     approver=self.approver, new_id=self.recorder.new_id, command_id=command_id,
                                     store=self.store).start()
             ex = execute(spec, self.policy, self.tools, self.options,
                          proxy_socket=proxy.socket_path if proxy else None,
-                         echo_stdout=echo_stdout, echo_stderr=echo_stderr)
+                         echo_stdout=echo_stdout, echo_stderr=echo_stderr, run_dir=scratch)
         finally:
             if proxy is not None:
                 proxy.stop()
-            os.rmdir(proxy_dir) if os.path.isdir(proxy_dir) and not os.listdir(proxy_dir) else None
+            shutil.rmtree(scratch, ignore_errors=True)
 
         # 4. what happened
         after = tree.take(ws, exclude=exclude, cache=self.statcache)
