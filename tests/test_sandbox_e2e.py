@@ -16,14 +16,13 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 from producers.recorder import action_digest
 from producers.sandbox.proxy import network_digest
-from sandbox_support import PY, Server, events, of_kind, policy, run_in_pty, sandbox, sandbox_env
+from sandbox_support import PY, Server, events, policy, run_in_pty, sandbox, sandbox_env
 
 SESSION = "e2e-session-1"
 MY_SETTING = "value-7c1d"  # must never appear in an event

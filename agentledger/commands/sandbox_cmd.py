@@ -119,13 +119,13 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         command: List[str] = typer.Argument(..., help="The command and its arguments (after --)."),
         policy: Optional[Path] = typer.Option(None, "--policy", envvar="AGENTLEDGER_SANDBOX_POLICY",
-                                              help="Policy file (TOML, see docs/policy.md). [default: built in]"),
+                                              help="Policy file (TOML, see docs/policy.md). Default: the built-in policy."),
         session: Optional[str] = typer.Option(None, "--session",
                                               help="Session to record into (created if new, continued otherwise). "
                                                    "Without it: a one-command session, ended afterwards."),
-        workspace: Optional[Path] = typer.Option(None, "--workspace", help="Writable workspace. [default: cwd]"),
-        cwd: Optional[Path] = typer.Option(None, "--cwd", help="Directory to run in. [default: cwd if inside "
-                                                               "the workspace, else the workspace]"),
+        workspace: Optional[Path] = typer.Option(None, "--workspace", help="Writable workspace. Default: the current directory."),
+        cwd: Optional[Path] = typer.Option(None, "--cwd", help="Directory to run in. Default: the current directory if inside "
+                                                               "the workspace, else the workspace."),
         escalate: bool = typer.Option(False, "--escalate", help="Ask to run outside the sandbox (needs approval)."),
         justification: Optional[str] = typer.Option(None, "--justification", help="Shown to the approver."),
         non_interactive: bool = typer.Option(False, "--non-interactive",

@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
