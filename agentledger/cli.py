@@ -66,6 +66,7 @@ def _register() -> None:
     schemas_cmd.register(app)
     groups.register(app)
     from .commands import replay_cmd; replay_cmd.register(app)  # noqa: E702
+    from .commands import sandbox_cmd; sandbox_cmd.register(app)  # noqa: E702
 
 
 _register()
