@@ -322,3 +322,11 @@ def test_changed_network_response_is_named_at_its_seq(replayable, tmp_path):
                    cwd=replayable["root"], check=False)
     assert proc.returncode == 3
     assert f"diverged at seq {completed}" in proc.stdout and "/data.txt" in proc.stdout
+
+
+def test_replay_reexecute_is_the_same_reexecution(replayable):
+    proc = run_cli("replay", SESSION, "--reexecute", "--format", "json", env=replayable["env"],
+                   cwd=replayable["root"], check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["reproducible"] is True and report["commands_run"] == 5
