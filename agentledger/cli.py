@@ -64,6 +64,7 @@ def _register() -> None:
 
     core.register(app)
     schemas_cmd.register(app)
+    from .commands import ledger_cmd; ledger_cmd.register(app)  # noqa: E702 -- verify, deadletters, compact
 
 
 _register()
