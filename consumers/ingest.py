@@ -551,37 +551,30 @@ class Ingestor:
     def _stage(self, msgs: list[Message], groups: dict[bytes, list[int]], dead: list[_Dead]) -> int:
         """Decode the hash-valid messages natively into TEMP TABLE stage (+ provenance, + _i)."""
         con = self.con
-        con.execute("DROP TABLE IF EXISTS temp.stage")
+        path = self._put_ocf([])
+        try:
+            con.register("_meta", self._meta(msgs, b"", []))
+            con.execute(f"CREATE OR REPLACE TEMP TABLE stage AS {self._stage_sql(path)}")
+        finally:
+            con.unregister("_meta")
+            self._fs.rm(path)
         total = 0
-        created = False
         for fp, idxs in groups.items():
             version = self.store.by_fingerprint(fp)
             bodies = [msgs[i].value[10:] for i in idxs]
             if fp != self.store.current.fingerprint:
                 bodies, idxs = self._upcast(version, bodies, idxs, msgs, dead)
-            n = self._stage_part(msgs, fp, idxs, bodies, dead, created=created)
-            created = created or n > 0
-            total += n
-        if total:
-            # A body that decodes but does not end where its bytes end (its decoded hash is not the
-            # hash the message carries) is not one well-formed event: refuse it.
-            bad = con.execute("SELECT _i FROM stage WHERE hash IS DISTINCT FROM _claimed").fetchall()
-            for (i,) in bad:
-                dead.append(_Dead(i, "undecodable", "the Avro body does not span the message (trailing bytes)"))
-            if bad:
-                con.execute("DELETE FROM stage WHERE hash IS DISTINCT FROM _claimed")
-                total -= len(bad)
+            total += self._stage_part(msgs, fp, idxs, bodies, dead)
         return total
 
-    def _stage_part(self, msgs, fp: bytes, idxs: list[int], bodies: list[bytes], dead: list[_Dead], created: bool) -> int:
-        """Stage one run of bodies; if DuckDB cannot decode the run, bisect to isolate the bad body.
+    @staticmethod
+    def _stage_sql(path: str) -> str:
+        return (f"SELECT a.*, m.*, now()::TIMESTAMP AS ingested_at FROM read_avro('memory://{path}') a "
+                "POSITIONAL JOIN _meta m")
 
-        Every staged body already passed the hash check, so a decode failure means a producer wrote
-        bytes its own schema cannot read -- rare enough that bisecting costs nothing in practice."""
-        if not idxs:
-            return 0
-        con = self.con
-        meta = pa.table({
+    @staticmethod
+    def _meta(msgs: list[Message], fp: bytes, idxs: list[int]) -> pa.Table:
+        return pa.table({
             "_i": pa.array(idxs, pa.int64()),
             "_claimed": pa.array([msgs[i].value[-64:].decode("ascii", "replace") for i in idxs], pa.string()),
             "schema_fingerprint": pa.array([fp.hex()] * len(idxs), pa.string()),
@@ -589,34 +582,42 @@ class Ingestor:
             "source_partition": pa.array([msgs[i].partition for i in idxs], pa.int32()),
             "source_offset": pa.array([msgs[i].offset for i in idxs], pa.int64()),
         })
+
+    def _stage_part(self, msgs, fp: bytes, idxs: list[int], bodies: list[bytes], dead: list[_Dead]) -> int:
+        """Stage one run of bodies; if they do not decode cleanly, bisect to isolate the bad ones.
+
+        Every staged body already passed the hash check, so a bad body means a producer sealed bytes
+        its own schema cannot read. DuckDB's reader does not stop a record at its block's end, so a
+        body that decodes short shifts the records after it: each row's decoded ``hash`` must equal
+        the hash its message carries, or the run is split. Rare enough to cost nothing in practice."""
+        if not idxs:
+            return 0
+        con = self.con
+        meta = self._meta(msgs, fp, idxs)
         path = self._put_ocf(bodies)
-        sql = (f"SELECT a.*, m.*, now()::TIMESTAMP AS ingested_at FROM read_avro('memory://{path}') a "
-               "POSITIONAL JOIN _meta m")
         con.register("_meta", meta)
+        err = None
         try:
-            if created:
-                n_before = con.execute("SELECT count(*) FROM stage").fetchone()[0]
-                con.execute(f"INSERT INTO stage {sql}")
-                n_after = con.execute("SELECT count(*) FROM stage").fetchone()[0]
-                ok = n_after - n_before == len(idxs)
-            else:
-                con.execute(f"CREATE OR REPLACE TEMP TABLE stage AS {sql}")
-                ok = con.execute("SELECT count(*) FROM stage").fetchone()[0] == len(idxs)
-            if ok:
+            before = con.execute("SELECT count(*) FROM stage").fetchone()[0]
+            con.execute(f"INSERT INTO stage {self._stage_sql(path)}")
+            n, bad = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE hash IS DISTINCT FROM _claimed)
+                                     FROM stage WHERE _i >= {min(idxs)} AND _i IN (SELECT _i FROM _meta)""").fetchone()
+            if n == len(idxs) and bad == 0 and n + before == con.execute("SELECT count(*) FROM stage").fetchone()[0]:
                 return len(idxs)
-            err = "the reader returned a different number of records than it was given"
-            con.execute(f"DELETE FROM stage WHERE _i IN (SELECT _i FROM _meta)")
+            err = ("the Avro body does not span the message (short or trailing bytes)" if len(idxs) == 1
+                   else "records decoded out of step")
+            con.execute("DELETE FROM stage WHERE _i IN (SELECT _i FROM _meta)")
         except duckdb.Error as exc:
-            err = str(exc).splitlines()[0]
+            err = "DuckDB avro reader: " + str(exc).splitlines()[0]
         finally:
             con.unregister("_meta")
             self._fs.rm(path)
         if len(idxs) == 1:
-            dead.append(_Dead(idxs[0], "undecodable", f"DuckDB avro reader: {err}"))
+            dead.append(_Dead(idxs[0], "undecodable", err))
             return 0
         mid = len(idxs) // 2
-        n = self._stage_part(msgs, fp, idxs[:mid], bodies[:mid], dead, created)
-        return n + self._stage_part(msgs, fp, idxs[mid:], bodies[mid:], dead, created or n > 0)
+        return (self._stage_part(msgs, fp, idxs[:mid], bodies[:mid], dead)
+                + self._stage_part(msgs, fp, idxs[mid:], bodies[mid:], dead))
 
     def _put_ocf(self, bodies: list[bytes]) -> str:
         path = f"/agentledger-ingest/{uuid.uuid4().hex}.avro"
