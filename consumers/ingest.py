@@ -217,7 +217,7 @@ class Ingestor:
         mine = {p for t, p in self.source.assigned() if t == self.topic}
         return sum(max(0, end - pos.get((self.topic, p), 0)) for p, end in ends.items() if p in mine)
 
-    # -- consumer-group callbacks (run on the fetch thread, inside poll) ----------------------
+    # -- consumer-group callbacks (run during poll; kafka-python runs them on its IO thread) ---
     def _on_revoked(self, partitions: list[int]) -> None:
         """Drop what was fetched but not processed; wait until the batch in flight commits or aborts."""
         with self._lock:
@@ -231,15 +231,23 @@ class Ingestor:
             self._generation += 1
             while self._busy:
                 self._lock.wait()
-        stored = self.stored_offsets(self._fetch_cursor())
-        begin = None
-        for p in partitions:
+        stored = self._read_offsets_retrying()
+        for p in partitions:  # no blocking client calls here: the Kafka client may run this on its IO thread
             if p in stored:
                 self.source.seek(self.topic, p, stored[p])
             else:
-                begin = begin if begin is not None else self.source.beginning_offsets(self.topic)
-                self.source.seek(self.topic, p, begin.get(p, 0))
+                self.source.seek_to_beginning(self.topic, p)
         log.info("partitions assigned: %s (from %s)", partitions, {p: stored.get(p, "beginning") for p in partitions})
+
+    def _read_offsets_retrying(self) -> dict[int, int]:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self.stored_offsets(self._fetch_cursor())
+            except duckdb.Error as exc:
+                if not is_retryable(exc) or attempt == self.max_retries:
+                    raise
+                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
+        raise AssertionError("unreachable")
 
     def _fetch_cursor(self) -> duckdb.DuckDBPyConnection:
         if self._fetch_con is None:
@@ -282,7 +290,8 @@ class Ingestor:
                     raise item
                 with self._lock:
                     if item.generation != self._generation:
-                        continue  # fetched before a rebalance: the new owner reads it again
+                        self._resync = True  # fetched before a rebalance: read again from the stored offsets
+                        continue
                     self._busy = True
                 try:
                     r = self.ingest(item)
@@ -333,7 +342,10 @@ class Ingestor:
                 start = self._positions()
                 msgs = self._collect()
                 if self._generation != gen:
-                    continue  # a rebalance happened inside poll: everything was re-seeked
+                    # a rebalance (or a resync) happened during the poll: what was fetched may mix
+                    # old and new positions -- drop it and restart every partition from the warehouse
+                    self._do_resync()
+                    continue
                 if msgs:
                     idle_since = time.monotonic()
                     end = self._positions()
@@ -370,10 +382,14 @@ class Ingestor:
         with self._lock:
             self._resync = False
             self._generation += 1
-        stored = self.stored_offsets(self._fetch_cursor())
+        stored = self._read_offsets_retrying()
         for t, p in self.source.assigned():
-            if t == self.topic and p in stored:
+            if t != self.topic:
+                continue
+            if p in stored:
                 self.source.seek(t, p, stored[p])
+            else:
+                self.source.seek_to_beginning(t, p)
 
     def _collect(self) -> list[Message]:
         batch = self.source.poll(self.batch_records, self.poll_timeout_s)

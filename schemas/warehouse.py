@@ -423,11 +423,19 @@ class Warehouse:
             opts.append("READ_ONLY")
         if self.snapshot is not None:
             opts.append(f"SNAPSHOT_VERSION {int(self.snapshot)}")
-        try:
-            self.con.execute(f"ATTACH '{_lit(LAKE_PREFIX + lake.catalog)}' AS {LAKE_ALIAS}"
-                             + (f" ({', '.join(opts)})" if opts else ""))
-        except duckdb.Error as exc:
-            raise WarehouseError(f"cannot attach DuckLake {self.url}: {str(exc).strip()}") from exc
+        for attempt in range(40):  # several processes creating / attaching one catalog race on its lock
+            try:
+                self.con.execute(f"ATTACH '{_lit(LAKE_PREFIX + lake.catalog)}' AS {LAKE_ALIAS}"
+                                 + (f" ({', '.join(opts)})" if opts else ""))
+                break
+            except duckdb.Error as exc:
+                if not is_retryable(exc) or attempt == 39:
+                    raise WarehouseError(f"cannot attach DuckLake {self.url}: {str(exc).strip()}") from exc
+                try:
+                    self.con.execute(f"DETACH {LAKE_ALIAS}")
+                except duckdb.Error:
+                    pass
+                time.sleep(0.05 * (attempt + 1))
         self.con.execute(f"USE {LAKE_ALIAS}")
 
     def cursor(self) -> duckdb.DuckDBPyConnection:

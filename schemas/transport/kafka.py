@@ -179,6 +179,9 @@ class KafkaSource(Source):
 
         self._consumer.subscribe([topic], listener=_Listener())
 
+    def seek_to_beginning(self, topic: str, partition: int) -> None:
+        self._consumer.seek_to_beginning(TopicPartition(topic, partition))
+
     def beginning_offsets(self, topic: str) -> dict[int, int]:
         tps = [TopicPartition(topic, p) for p in self.partitions(topic)]
         return {tp.partition: off for tp, off in self._consumer.beginning_offsets(tps).items()}
