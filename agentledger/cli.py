@@ -67,6 +67,7 @@ def _register() -> None:
     groups.register(app)
     from .commands import replay_cmd; replay_cmd.register(app)  # noqa: E702
     from .commands import sandbox_cmd; sandbox_cmd.register(app)  # noqa: E702
+    from .commands import ledger_cmd; ledger_cmd.register(app)  # noqa: E702 -- verify, deadletters, compact
 
 
 _register()
