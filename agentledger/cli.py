@@ -66,9 +66,9 @@ def _register() -> None:
     schemas_cmd.register(app)
     groups.register(app)
     from .commands import replay_cmd; replay_cmd.register(app)  # noqa: E702
-    from .commands import producers_cmd
-
-    producers_cmd.register(app)
+    from .commands import sandbox_cmd; sandbox_cmd.register(app)  # noqa: E702
+    from .commands import ledger_cmd; ledger_cmd.register(app)  # noqa: E702 -- verify, deadletters, compact
+    from .commands import producers_cmd; producers_cmd.register(app)  # noqa: E702 -- keys, spool
 
 
 _register()

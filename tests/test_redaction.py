@@ -196,4 +196,5 @@ def test_redaction_is_on_by_default_for_every_producer_using_the_factory(tmp_pat
     key = (tmp_path / "keys" / "redaction.key").read_bytes().strip()
     assert sealed.record["payload"][1]["argv"][2] == f"[SECRET:github_token:{hmac8(gh, key)}]"
     off = Recorder(open_producer_sink(settings), topic=settings.topic, transforms=[])
-    assert gh.encode() in off.session(agent="codex", cwd="/w").command_started(["gh", gh], cwd="/w").value
+    plain = off.session(agent="codex", cwd="/w").emit("command_started", {"command_id": "c", "argv": ["gh", gh], "cwd": "/w"})
+    assert gh.encode() in plain.value

@@ -216,10 +216,14 @@ def register(app: typer.Typer) -> None:
         public_key: Optional[List[Path]] = typer.Option(None, "--public-key", help="Trusted public key file or directory (repeatable)."),
         limit: Optional[int] = typer.Option(None, "--limit", help=f"Timeline rows to show (table default {TABLE_LIMIT}; 0 = all)."),
         strict: bool = typer.Option(False, "--strict", help="Exit 1 when the session does not verify."),
+        reexecute: bool = typer.Option(False, "--reexecute",
+                                       help="Re-run a sandbox-recorded session and compare it event by event "
+                                            "(exit 3 on divergence); see `agentledger sandbox reexecute`."),
     ) -> None:
         """Rebuild a session step by step: verify its chain and signatures, show its timeline and its state.
 
         The same events always give the same state digest; `--at SEQ` shows the state after SEQ.
+        With `--reexecute`, a session recorded by `agentledger sandbox run` is re-run in a fresh sandbox.
 
         Example:  agentledger replay 019b76db-57b7-7950-9849-665d7968f07e --at 12 --html /tmp/session.html
         """
@@ -228,6 +232,12 @@ def register(app: typer.Typer) -> None:
         from replay.whatif import what_if
 
         s = settings(ctx)
+        if reexecute:
+            from .sandbox_cmd import render_report, run_reexecution
+
+            report, _ = run_reexecution(s, session, source="auto" if source in ("auto", "bundle", "kafka") else source)
+            render_report(report, fmt)
+            raise typer.Exit(0 if report.reproducible else 3)
         raw, alerts = read_session(s, session, source)
         with replay(raw, keyring=_keyring(s, public_key), alerts=alerts) as r:
             v = r.verification.as_dict()

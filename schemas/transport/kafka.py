@@ -14,13 +14,13 @@ import time
 from collections import deque
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
 from ..errors import NotDurableError, TransportError
-from .base import Message, Outgoing, Sink, Source
+from .base import Message, Outgoing, PartitionCallback, Sink, Source
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,35 @@ class KafkaSource(Source):
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self._consumer.seek(TopicPartition(topic, partition), offset)
+
+    def subscribe(self, topic: str, group: str, on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+        """Kafka's group protocol assigns partitions among the members of ``group`` (the consumer must
+        have been created with ``group_id=group``). Offsets are never committed to the group."""
+        if self._consumer.config.get("group_id") != group:
+            raise TransportError(f"the Kafka consumer was created for group {self._consumer.config.get('group_id')!r}, "
+                                 f"not {group!r}")
+
+        def parts(tps) -> list[int]:
+            return sorted(tp.partition for tp in tps if tp.topic == topic)
+
+        class _Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                on_revoked(parts(revoked))
+
+            def on_partitions_assigned(self, assigned):
+                on_assigned(parts(assigned))
+
+        self._consumer.subscribe([topic], listener=_Listener())
+
+    def seek_to_beginning(self, topic: str, partition: int) -> None:
+        self._consumer.seek_to_beginning(TopicPartition(topic, partition))
+
+    def beginning_offsets(self, topic: str) -> dict[int, int]:
+        tps = [TopicPartition(topic, p) for p in self.partitions(topic)]
+        return {tp.partition: off for tp, off in self._consumer.beginning_offsets(tps).items()}
+
+    def assigned(self) -> list[tuple[str, int]]:
+        return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
 
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
         try:
