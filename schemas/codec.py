@@ -58,14 +58,14 @@ class Encoder:
     """`encode` for one schema on a hot path: reuses its buffer (one producer thread per encoder)."""
 
     def __init__(self, parsed: Any):
-        self._parsed = parsed
+        self.parsed = parsed
         self._buf = io.BytesIO()
 
     def __call__(self, record: dict) -> bytes:
         buf = self._buf
         buf.seek(0)
         buf.truncate()
-        fastavro.schemaless_writer(buf, self._parsed, record)
+        fastavro.schemaless_writer(buf, self.parsed, record)
         return buf.getvalue()
 
 

@@ -85,11 +85,13 @@ class Sealer:
         self.store = store
         self.header = codec.SOE_MAGIC + store.current.fingerprint
         self._parsed = store.current.parsed
-        self._encode = codec.Encoder(self._parsed)
+        self._encoder = codec.Encoder(self._parsed)
 
     def seal(self, record: dict) -> Sealed:
         record["hash"] = ""
-        value, digest = seal(self.header, self._encode(record))
+        if self._encoder.parsed is not self._parsed:  # the writer schema was swapped (tests of old writers)
+            self._encoder = codec.Encoder(self._parsed)
+        value, digest = seal(self.header, self._encoder(record))
         record["hash"] = digest
         return Sealed(value, digest, record)
 

@@ -191,7 +191,8 @@ def test_redaction_is_on_by_default_for_every_producer_using_the_factory(tmp_pat
     settings = from_env({"AGENTLEDGER_HOME": str(tmp_path)})
     rec = Recorder(open_producer_sink(settings), topic=settings.topic)
     gh = SAMPLES["github_token"][0]
-    sealed = rec.session(agent="codex", cwd="/w").command_started(["gh", "--token", gh], cwd="/w")
+    sealed = rec.session(agent="codex", cwd="/w").emit("command_started", {"command_id": "c", "cwd": "/w",
+                                                                         "argv": ["gh", "--token", gh]})
     assert gh.encode() not in sealed.value and sealed.record["redactions"]
     key = (tmp_path / "keys" / "redaction.key").read_bytes().strip()
     assert sealed.record["payload"][1]["argv"][2] == f"[SECRET:github_token:{hmac8(gh, key)}]"
