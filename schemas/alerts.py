@@ -56,5 +56,8 @@ def encode_alert(row: dict) -> bytes:
 
 
 def decode_alert(value: bytes) -> dict:
-    """Decode an alert written by any released alert schema (resolved to the current one)."""
-    return store().decode(value)
+    """Decode an alert written by any released alert schema (resolved to the current one); the
+    alert_id comes back as a string, timestamps as aware UTC datetimes."""
+    rec = store().decode(value)
+    rec["alert_id"] = str(rec["alert_id"])
+    return rec

@@ -48,7 +48,7 @@ def make_detector(s: Settings, wh, *, rules_dirs: list[Path] | None = None, mode
 
     sink = open_sink(s) if publish and s.uses_kafka else None
     try:
-        return Detector(wh, rules_dirs=rules_dirs, model=model, sink=sink)
+        return Detector(wh, rules_dirs=rules_dirs, model=model, sink=sink, alerts_topic=s.alerts_topic)
     except BaseException:
         if sink is not None:
             sink.close(timeout=5)
