@@ -265,7 +265,9 @@ class Detector:
         t = time.perf_counter()
         ev = F.load_events(self.con)
         feats, evidence = F.session_features(ev, self.model.vocabulary)
-        assessed = self.model.assess(feats, evidence)
+        ended = {r[0] for r in self.con.execute(
+            "SELECT DISTINCT session_id FROM detect_events WHERE kind = 'session_ended'").fetchall()}
+        assessed = self.model.assess(feats, evidence, ended)
         res.scored = len(assessed)
         for a in assessed:
             if not a["anomalous"]:

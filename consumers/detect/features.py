@@ -86,7 +86,10 @@ def load_events(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
 
 
 def tokens(ev: pl.DataFrame) -> pl.Series:
-    """A coarse, generic token per event (what kind of thing happened, never an identifier)."""
+    """A coarse, generic token per event (what kind of thing happened, never an identifier).
+
+    Null for a network attempt or an approval request whose decision has not been ingested yet (a
+    batch boundary fell between them): its token is not known yet, so it is not surprising yet."""
     path = pl.col("path").fill_null("")
     path_class = (pl.when(pl.col("inside_ws").fill_null(False)).then(pl.lit("ws"))
                   .when(path.str.contains(r"^/(tmp|var/tmp|private/tmp|dev/shm)/")).then(pl.lit("tmp"))
@@ -109,9 +112,9 @@ def tokens(ev: pl.DataFrame) -> pl.Series:
                                                            path_class]))
            .when(k == "network_attempted").then(pl.concat_str([pl.lit("net:"), host_class, pl.lit(":"), port_class, pl.lit(":"),
                                                                pl.col("method").fill_null("-"), pl.lit(":"),
-                                                               pl.col("net_decision").fill_null("undecided")]))
+                                                               pl.col("net_decision")]))
            .when(k == "approval_requested").then(pl.concat_str([pl.lit("approval:"), pl.col("action_kind").fill_null("?"),
-                                                                pl.lit(":"), pl.col("decision").fill_null("pending")]))
+                                                                pl.lit(":"), pl.col("decision")]))
            .when(k == "sandbox_denied").then(pl.concat_str([pl.lit("denied:"), pl.col("denied_op").fill_null("?")]))
            .otherwise(k))
     return ev.select(tok.alias("token")).to_series()
@@ -119,7 +122,7 @@ def tokens(ev: pl.DataFrame) -> pl.Series:
 
 def vocabulary(ev: pl.DataFrame) -> dict:
     """Token counts of (benign training) events, for the rarity features."""
-    counts = ev.with_columns(tokens(ev)).group_by("token").len()
+    counts = ev.with_columns(tokens(ev)).drop_nulls("token").group_by("token").len()
     return {"total": int(counts["len"].sum()), "counts": dict(zip(counts["token"].to_list(), counts["len"].to_list()))}
 
 
@@ -150,7 +153,8 @@ def session_features(ev: pl.DataFrame, vocab: dict | None = None) -> tuple[pl.Da
         floor = 0.5  # Laplace-style: a never-seen token counts as half an occurrence
         rare_cut = math.log10(total / 5.0)  # rarer than 5 occurrences in training
         sur = (ev.select("session_id", "seq").with_columns(tokens(ev)).join(table, on="token", how="left")
-               .with_columns((math.log10(total) - pl.col("_c").fill_null(floor).log10()).alias("_s")))
+               .with_columns(pl.when(pl.col("token").is_null()).then(0.0)
+                             .otherwise(math.log10(total) - pl.col("_c").fill_null(floor).log10()).alias("_s")))
         rar = sur.group_by("session_id").agg(
             pl.col("_s").max().alias("rarity_max"),
             pl.col("_s").sort(descending=True).head(3).mean().alias("rarity_top3"),
@@ -193,3 +197,14 @@ def prefixes(ev: pl.DataFrame, per_session: int = 2, seed: int = 0) -> pl.DataFr
             .with_columns(pl.concat_str([pl.col("session_id"), pl.lit("#"), pl.col("_cut").cast(pl.String)])
                           .alias("session_id"))
             .drop("_cut").sort("session_id", "seq"))
+
+
+def warehouse_events(con: duckdb.DuckDBPyConnection, sessions: list[str] | None = None,
+                     rules_dirs: list | None = None) -> pl.DataFrame:
+    """``detect_events`` of ``sessions`` (default: all) of the warehouse on ``con``, as polars -- what
+    notebooks start from. Works on a read-only connection (the relation is a TEMP table)."""
+    from .prepare import load_lists, prepare
+    from .rules import rule_dirs
+
+    prepare(con, load_lists(rule_dirs(rules_dirs)), sessions)
+    return load_events(con)

@@ -137,8 +137,13 @@ class AnomalyModel:
             return np.zeros(0)
         return -self.score_samples(F.transform(feats, self.features).to_numpy())
 
-    def assess(self, feats: pl.DataFrame, evidence: dict[str, dict[str, list[int]]]) -> list[dict]:
-        """Score, verdict, severity, the most unusual features and their evidence, per session."""
+    def assess(self, feats: pl.DataFrame, evidence: dict[str, dict[str, list[int]]],
+               ended: set[str] | None = None) -> list[dict]:
+        """Score, verdict, severity, the most unusual features and their evidence, per session.
+
+        The isolation score of a session that has not ended is provisional (its counts are still
+        growing), so on its own it raises at most a medium alert until the session ends; novelty
+        only grows with more events and counts at once. ``ended=None``: every session has ended."""
         scores = self.score(feats)
         out = []
         for row, s in zip(feats.iter_rows(named=True), scores):
@@ -146,8 +151,10 @@ class AnomalyModel:
             reasons = []
             severity = None
             if s >= self.threshold:
-                severity = "high" if s >= self.threshold_high else "medium"
-                reasons.append(f"isolation score {s:.3f} ≥ threshold {self.threshold:.3f}")
+                final = ended is None or row["session_id"] in ended
+                severity = "high" if s >= self.threshold_high and final else "medium"
+                reasons.append(f"isolation score {s:.3f} ≥ threshold {self.threshold:.3f}"
+                               + ("" if final else " (session still open)"))
             if novelty >= self.novelty_threshold:
                 severity = "high"
                 reasons.append(f"a behaviour benign training sessions never showed (rarity {novelty:.2f} ≥ "
