@@ -96,6 +96,14 @@ def test_rules_list_and_check(detected):
     assert "compile and run" in run_cli("rules", "check", env=env).stdout
 
 
+def test_rules_check_names_a_broken_rule(tmp_path):
+    d = tmp_path / "rules"
+    d.mkdir()
+    (d / "oops.sql").write_text("/*---\nid: oops\ntitle: t\nseverity: low\n---*/\nSELECT nope FROM detect_events\n")
+    proc = run_cli("rules", "check", "--rules-dir", str(d), env=cli_env(tmp_path / "home"), check=False)
+    assert proc.returncode == 1 and "rule oops" in proc.stderr and "oops.sql" in proc.stderr
+
+
 def test_a_crash_between_commit_and_detection_is_caught_up(tmp_path):
     """Ingest without detection is what a crash right after a batch's commit leaves behind; the next
     `ingest --detect` examines those sessions before anything else."""

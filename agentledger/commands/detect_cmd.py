@@ -272,14 +272,11 @@ def register(app: typer.Typer) -> None:
         Example:  agentledger rules check --rules-dir ./my-rules
         """
         from consumers.detect import Detector
-        from consumers.detect.prepare import prepare
         from schemas.warehouse import open_warehouse
 
         with open_warehouse(":memory:") as wh:
-            det = Detector(wh, rules_dirs=rule_dirs_arg(rules_dir), model=None)
-            prepare(wh.con, det.lists, [])
-            det._run_rules(__import__("consumers.detect", fromlist=["DetectResult"]).DetectResult())
-        console.print(f"{len(det.rules)} rules compile and run")
+            n = Detector(wh, rules_dirs=rule_dirs_arg(rules_dir), model=None).check_rules()
+        console.print(f"{n} rules compile and run")
 
 
 def rule_dirs_arg(dirs: Optional[List[Path]]) -> list[Path]:

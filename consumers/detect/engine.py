@@ -203,7 +203,7 @@ class Detector:
             t = time.perf_counter()
             heads = con.execute("""SELECT session_id, max(seq), any_value("agent"), any_value("user"),
                                           any_value(machine) FROM detect_events GROUP BY 1""").fetchall()
-            self._explain(cands, {h[0]: h[2:] for h in heads})
+            self._explain(cands, {h[0]: h[2:] for h in heads}, {h[0]: h[1] for h in heads})
             res.timings["explain"] = time.perf_counter() - t
             t = time.perf_counter()
             for attempt in range(self.max_retries + 1):
@@ -283,7 +283,7 @@ class Detector:
         res.timings["model"] = time.perf_counter() - t
         return assessed
 
-    def _explain(self, cands: list[dict], who: dict[str, tuple]) -> None:
+    def _explain(self, cands: list[dict], who: dict[str, tuple], heads: dict[str, int]) -> None:
         """Fill in explanation, first/last seq and times, citing evidence events by seq."""
         pairs_s, pairs_q = [], []
         for c in cands:
@@ -309,8 +309,8 @@ class Detector:
                                            for x in c["assessment"]["evidence"].get(n, [])]}
                 text, _ = self.model.explain(c["assessment"], describe)
                 c["summary"] = text
-                if not c["evidence_seqs"]:
-                    c["evidence_seqs"] = [max((q for (s, q) in info if s == sid), default=0)]
+                if not c["evidence_seqs"]:  # unusual as a whole, no feature stands out: cite the session's head
+                    c["evidence_seqs"] = [heads.get(sid, 0)]
             ev = c["evidence_seqs"][:MAX_EVIDENCE]
             c["evidence_seqs"] = ev
             cited = "; ".join(f"#{q} {info.get((sid, q), ('?', None))[0]}" for q in ev[:CITED])
@@ -324,6 +324,15 @@ class Detector:
             c["last_event_at"] = info.get((sid, ev[-1]), (None, None))[1]
             agent, user, host = who.get(sid, (None, None, None))
             c.update(agent=agent, user=user, host=host)
+
+    def check_rules(self) -> int:
+        """Run every rule on an empty scope: raises `RuleError` naming the first rule whose SQL fails."""
+        try:
+            P.prepare(self.con, self.lists, [])
+            self._run_rules(DetectResult())
+        finally:
+            P.drop(self.con)
+        return len(self.rules)
 
     # -- the transaction ------------------------------------------------------------------------
     def _write(self, sessions: list[str], cands: list[dict], scores: list[dict], heads: dict[str, int],
@@ -466,9 +475,4 @@ class Detector:
                     raise WarehouseError(f"marking alerts published failed: {str(exc).strip()}") from exc
                 time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
         return len(done)
-
-
-def rules_summary(detector: Detector) -> list[dict]:
-    return [{"id": r.id, "title": r.title, "severity": r.severity, "mitre": r.mitre, "kind": r.kind,
-             "source": r.source, "escalates_to": r.escalations, "digest": r.digest} for r in detector.rules]
 
