@@ -114,9 +114,11 @@ def register(app: typer.Typer) -> None:
         result = run_simulation(s, sessions, seed, attack_rate=0.0, force_attack_first=True)
         console.print(f"recorded {result.events} events in {result.sessions} sessions "
                       f"(suspicious: {', '.join(l['session_id'] for l in result.labels if l['attack']) or 'none'})")
-        stats = run_ingest(s)
+        stats = run_ingest(s, detect=True)
         console.print(f"ingested {stats.accepted} events, {stats.dead_letters} quarantined, "
                       f"in {stats.seconds:.2f}s")
+        loud = sum(v for k, v in stats.detection.by_severity.items() if k in ("high", "critical"))
+        console.print(f"detection raised {stats.detection.alerts_new} alerts ({loud} high or critical)")
         from schemas.warehouse import open_for
 
         with open_for(s, read_only=True) as wh:
@@ -133,7 +135,8 @@ def register(app: typer.Typer) -> None:
             "where file_accessed.path like '%/.aws/%' or file_accessed.path like '%/.ssh/%'\"\n"
             "  agentledger sql \"select network_attempted.host, network_attempted.port, count(*) from events "
             "where kind = 'network_attempted' group by all order by 3 desc\"\n"
-            "  agentledger sql \"select * from chain_status\" --format json"
+            "  agentledger sql \"select * from chain_status\" --format json\n"
+            "  agentledger alerts --severity high --explain"
         )
 
     @app.command()
