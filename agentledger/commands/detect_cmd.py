@@ -141,6 +141,7 @@ def register(app: typer.Typer) -> None:
 
         s = settings(ctx)
         with open_for(s) as wh:
+            wh.lock_down()  # rules are SQL: no file or network access beyond the warehouse while they run
             det = make_detector(s, wh, rules_dirs=rule_dirs_arg(rules_dir), model=_model_arg(model, no_model),
                                 publish=publish)
             try:
@@ -275,6 +276,7 @@ def register(app: typer.Typer) -> None:
         from schemas.warehouse import open_warehouse
 
         with open_warehouse(":memory:") as wh:
+            wh.lock_down()
             n = Detector(wh, rules_dirs=rule_dirs_arg(rules_dir), model=None).check_rules()
         console.print(f"{n} rules compile and run")
 

@@ -6,7 +6,7 @@ so sequences that span ingest batches are seen whole), runs every rule and the m
 ONE warehouse transaction:
 
 * ``alerts``: one alert per (rule or model, session). Its ``alert_id`` is a UUIDv5 of (rule id,
-  session id, first evidence seq), so running detection again -- after a crash, from
+  session id, first evidence seq; model alerts: model id, session id), so running detection again -- after a crash, from
   ``agentledger detect``, or from another ingest process -- finds the same alert instead of making a
   second one. When new events add evidence or raise the severity, the alert is rewritten with
   ``revision + 1``. Alerts are never withdrawn by later events (an alert that was published stays
@@ -57,8 +57,12 @@ CHUNK_EVENTS = 500_000
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
-def alert_id(rule_id: str, session_id: str, first_seq: int) -> str:
-    return str(uuid.uuid5(ALERT_NAMESPACE, f"{rule_id}\n{session_id}\n{first_seq}"))
+def alert_id(rule_id: str, session_id: str, first_seq: int | None) -> str:
+    """UUIDv5 of (rule id, session id, first evidence seq); a model alert is one per (model, session),
+    whatever its evidence (``first_seq=None``): a session scored while unfinished and again when
+    complete cites different events, but is the same finding."""
+    key = f"{rule_id}\n{session_id}" + ("" if first_seq is None else f"\n{first_seq}")
+    return str(uuid.uuid5(ALERT_NAMESPACE, key))
 
 
 @dataclass
@@ -360,7 +364,8 @@ class Detector:
                     old = existing.get((c["rule_id"], c["session_id"]))
                     row = {k: c.get(k) for k in _ALERT_SCHEMA.names}
                     if old is None:
-                        row.update(alert_id=alert_id(c["rule_id"], c["session_id"], c["first_seq"]), revision=1,
+                        first = None if c["detector"] == "model" else c["first_seq"]
+                        row.update(alert_id=alert_id(c["rule_id"], c["session_id"], first), revision=1,
                                    created_at=now, updated_at=now, published_at=None)
                         written.append((row, True))
                         continue
