@@ -65,6 +65,7 @@ def _register() -> None:
     core.register(app)
     schemas_cmd.register(app)
     groups.register(app)
+    from .commands import agents; agents.register(app)  # noqa: E702  (issue 5: import codex-rollout/otel, hook)
 
 
 _register()
