@@ -13,7 +13,8 @@ Guarantees, per session (all producers of this host share them through `Producer
   with the send and flush to the transport inside, so seq order is transport order.
 * **Each fact once.** A fact already recorded (re-import, the other source of the same session,
   a retried hook) is skipped; several observations of the same new fact in one batch become one
-  event, the most informative one (highest priority, then earliest).
+  event, the most informative one (highest priority, then earliest), completed with the
+  fields only the others state.
 * **Crash consistency (write-ahead outbox).** Sealed events are committed to the outbox before
   they are sent; the head advances, and their facts are recorded, only in the transaction that
   follows a successful ``flush()``. A crash or a `NotDurableError` leaves them in the outbox, and
@@ -162,6 +163,25 @@ def build_session_started(infos: list[SessionInfo], default_agent: str, default_
     return payload
 
 
+def _merge(group: list[Observation]) -> Observation:
+    """One event from several observations of the same fact: the most informative one (highest
+    priority, then earliest), with fields it leaves unknown filled from the others."""
+    if len(group) == 1:
+        return group[0]
+    ranked = sorted(group, key=lambda o: (-o.priority, o.at_us))
+    best = ranked[0]
+    payload = dict(best.payload)
+    for other in ranked[1:]:
+        for k, v in other.payload.items():
+            if payload.get(k) in _UNINFORMATIVE and v not in _UNINFORMATIVE:
+                payload[k] = v
+    return Observation(best.session_id, best.fact, best.kind, payload, best.at_us,
+                       turn_id=best.turn_id or next((o.turn_id for o in ranked if o.turn_id), None),
+                       tool_call_id=best.tool_call_id or next((o.tool_call_id for o in ranked if o.tool_call_id), None),
+                       source=best.source, agent=best.agent, agent_version=best.agent_version, priority=best.priority,
+                       order=best.order)
+
+
 class SessionAppender:
     """Appends observations to sessions; one instance per process run (importer or hook)."""
 
@@ -283,19 +303,17 @@ class SessionAppender:
                 obs += more_obs
                 infs += more_infos
             known = self.state.known_facts(session_id, [o.fact for o in obs] + [SESSION_STARTED, SESSION_ENDED])
-            best: dict[str, Observation] = {}
+            candidates: dict[str, list[Observation]] = {}
             for o in obs:
                 if o.fact in known:
                     res.already_recorded += 1
                     continue
-                cur = best.get(o.fact)
-                if cur is None:
-                    best[o.fact] = o
-                    continue
-                res.merged += 1
-                if (o.priority, -o.at_us) > (cur.priority, -cur.at_us):
-                    best[o.fact] = o
-            chosen = sorted(best.values(), key=lambda o: (o.at_us, o.order))
+                candidates.setdefault(o.fact, []).append(o)
+            chosen = []
+            for group in candidates.values():
+                res.merged += len(group) - 1
+                chosen.append(_merge(group))
+            chosen.sort(key=lambda o: (o.at_us, o.order))
             started = SESSION_STARTED in known or head.next_seq > 0
             ending = [o for o in chosen if o.kind == "session_ended"]
             chosen = [o for o in chosen if o.kind != "session_ended"] + ending[:1]
