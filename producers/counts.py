@@ -52,9 +52,8 @@ class FileCounts:
             if isinstance(v, dict):
                 for name, n in v.items():
                     self.bump(k, name, n)
-            elif k != "pending_tail_bytes":
+            else:
                 setattr(self, k, getattr(self, k) + v)
-        self.pending_tail_bytes = other.pending_tail_bytes
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FileCounts":

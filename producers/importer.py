@@ -381,5 +381,6 @@ def run_import(
 def _cumulative(state: ProducerState, fr: FileReport) -> FileCounts:
     row = state.file_row(fr.path)
     total = FileCounts.from_dict(row["counts"]) if row and fr.status == "grown" else FileCounts()
+    total.pending_tail_bytes = 0  # a tail is pending now or not at all, never cumulative
     total.add(fr.counts)
     return total

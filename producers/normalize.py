@@ -249,9 +249,13 @@ def approval_decision(value: Any) -> str:
                 return approval_decision(value[k])
         keys = " ".join(value)
         return approval_decision(keys)
+    if value is None:
+        return "unknown"
     a = _alpha(value)
     if not a:
         return "unknown"
+    if a == "no":
+        return "denied"
     if "forsession" in a or "execpolicyamendment" in a or "always" in a or "permanent" in a:
         return "approved_for_session"
     if "networkpolicyamendment" in a:
@@ -262,7 +266,7 @@ def approval_decision(value: Any) -> str:
         return "timed_out"
     if a.startswith(("abort", "cancel", "interrupt")):
         return "aborted"
-    if a.startswith(("denied", "deny", "reject", "decline", "block", "no", "forbid")):
+    if a.startswith(("denied", "deny", "reject", "decline", "block", "forbid", "refuse")):
         return "denied"
     return "unknown"
 
