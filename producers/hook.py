@@ -85,6 +85,14 @@ class Verdict:
     network: tuple | None = None  # (host, port, protocol, decision) for WebFetch
 
 
+def kafka_options(budget_s: float) -> dict:
+    """Producer settings that keep one hook call within its budget: send at once, and give up on
+    bootstrap, metadata and acknowledgement after the budget (the events then wait in the outbox)."""
+    ms = max(500, int(budget_s * 1000))
+    return {"linger_ms": 0, "bootstrap_timeout_ms": ms, "max_block_ms": ms, "request_timeout_ms": ms,
+            "delivery_timeout_ms": ms + 1000}
+
+
 def load_policy(path: str | None):
     if not path:
         return None
@@ -448,7 +456,7 @@ def handle(
     own = appender is None
     try:
         if appender is None:
-            sink_options = {"linger_ms": 0} if settings.uses_kafka else {}
+            sink_options = kafka_options(budget_s) if settings.uses_kafka else {}
             appender = SessionAppender(settings, sink_options=sink_options, lock_timeout_s=budget_s,
                                        flush_timeout_s=budget_s)
         res = appender.append(hev.sid, [], [hev.info()],

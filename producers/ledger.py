@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable
 from schemas.config import Settings
 from schemas.contract import SchemaStore, load_store
 from schemas.envelope import claimed_hash
+from schemas.errors import NotDurableError, TransportError
 from schemas.transport.base import Sink
 
 from .importstate import Head, ProducerState, Staged
@@ -247,11 +248,17 @@ class SessionAppender:
             self.state.close()
 
     def _send(self, session_id: str, staged: list[Staged]) -> None:
-        sink = self.sink
-        key = session_id.encode("utf-8", "surrogateescape")
-        for s in staged:
-            sink.send(self.settings.topic, key, s.value)
-        sink.flush(self.flush_timeout_s)
+        """Deliver in seq order; any transport failure is a `NotDurableError` (the outbox keeps them)."""
+        try:
+            sink = self.sink
+            key = session_id.encode("utf-8", "surrogateescape")
+            for s in staged:
+                sink.send(self.settings.topic, key, s.value)
+            sink.flush(self.flush_timeout_s)
+        except NotDurableError:
+            raise
+        except TransportError as exc:
+            raise NotDurableError(f"transport unavailable: {exc}") from exc
 
     # -- outbox ---------------------------------------------------------------------------
     def _drain_locked(self, head: Head) -> int:
@@ -291,18 +298,27 @@ class SessionAppender:
         """Record the observations of one session that are not recorded yet; see the module doc
         for the guarantees. ``prepare(head)`` is called under the session lock and may add
         observations that depend on recorded state. ``activity_us``: the latest time the sources
-        show activity in the session (also records that are not events), for ``end``. Raises `NotDurableError` (events stay in the
-        outbox, nothing is marked recorded) or `LockTimeout`."""
+        show activity in the session (also records that are not events), for ``end``.
+
+        Events still in the outbox from an earlier failure are sent first. If the transport is
+        still down, the new events are sealed after them and join them in the outbox (so nothing
+        is lost and the order holds) and `NotDurableError` is raised; nothing is marked recorded
+        until a later append or `drain` delivers them. Also raises `LockTimeout`."""
         res = AppendResult(session_id)
         with self.state.session_lock(session_id, self.lock_timeout_s):
             head = self.state.head(session_id)
-            res.resent = self._drain_locked(head)
+            pending: list[Staged] = []
+            try:
+                res.resent = self._drain_locked(head)
+            except NotDurableError:
+                pending = self.state.outbox(session_id)
             obs, infs = list(observations), list(infos)
             if prepare is not None:
                 more_obs, more_infos = prepare(head)
                 obs += more_obs
                 infs += more_infos
             known = self.state.known_facts(session_id, [o.fact for o in obs] + [SESSION_STARTED, SESSION_ENDED])
+            known |= {p.fact for p in pending}
             candidates: dict[str, list[Observation]] = {}
             for o in obs:
                 if o.fact in known:
@@ -338,19 +354,26 @@ class SessionAppender:
             if end_hint:
                 head.end_hint = end_hint
             if not events:
+                if pending:
+                    raise NotDurableError(f"{len(pending)} event(s) of session {session_id} wait in the outbox: "
+                                          "the transport is still not accepting them")
                 if extra is not None or (end_hint and head.exists):
                     self.state.commit_head(head, [], extra=extra)
                 return res
-            staged = self._seal(head, events, res)
+            base = head
+            if pending:  # seal after what waits in the outbox: it will be delivered first
+                base = Head(session_id, pending[-1].seq + 1, claimed_hash(pending[-1].value) or head.head_hash)
+            staged = self._seal(base, events, res)
             self.state.stage(session_id, staged)
-            self._send(session_id, staged)
+            self._send(session_id, pending + staged)
             head.head_hash = claimed_hash(staged[-1].value) or head.head_hash
             if head.agent is None:
                 head.agent = events[0].agent
-            if any(e.kind == "session_ended" for e in events):
+            if any(e.kind == "session_ended" for e in events) or any(p.fact == SESSION_ENDED for p in pending):
                 head.ended = True
-            self.state.commit_head(head, staged, extra=extra)
+            self.state.commit_head(head, pending + staged, extra=extra)
             res.added = len(staged)
+            res.resent += len(pending)
             res.first_seq, res.last_seq = staged[0].seq, staged[-1].seq
             res.ended = head.ended
         return res
