@@ -243,9 +243,10 @@ def import_ms(env: dict) -> dict:
     """Import time of the hook path, and whether heavy libraries stay out of it."""
     inp = json.dumps({"session_id": "import-probe", "hook_event_name": "PreToolUse", "cwd": "/tmp", "tool_name": "Bash",
                       "tool_use_id": "probe", "tool_input": {"command": "true"}}).encode()
-    with tempfile.TemporaryDirectory() as probe_home:
+    with tempfile.TemporaryDirectory() as probe_home:  # the in-process path: what a call costs without a server
         proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "agentledger", "hook"], input=inp,
-                              capture_output=True, env={**env, "AGENTLEDGER_HOME": probe_home}, cwd=REPO, timeout=60)
+                              capture_output=True, env={**env, "AGENTLEDGER_HOME": probe_home, "AGENTLEDGER_HOOK_DAEMON": "0"},
+                              cwd=REPO, timeout=60)
     total, modules = 0, set()
     for line in proc.stderr.decode(errors="replace").splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -268,6 +269,9 @@ def main() -> None:
     ap.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (default: the embedded local log)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--mode", choices=("server", "inprocess"), default="server",
+                    help="server: calls go to the warm per-home hook server (the default in production); "
+                         "inprocess: AGENTLEDGER_HOOK_DAEMON=0, every call does all the work itself")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-bench-hook-"))
     home = work / "home"
@@ -277,7 +281,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_") and k != "PYTHONDONTWRITEBYTECODE"}
     # Installed packages have their bytecode compiled; give this run a private bytecode cache so the
     # hook is measured as users run it (not recompiling sources on every call), without writing in REPO.
-    env.update({"AGENTLEDGER_HOME": str(home), "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(work / "pycache")})
+    env.update({"AGENTLEDGER_HOME": str(home), "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(work / "pycache"),
+                "AGENTLEDGER_HOOK_DAEMON": "1" if args.mode == "server" else "0", "AGENTLEDGER_HOOK_DAEMON_IDLE": "120"})
     if args.bootstrap:
         env["AGENTLEDGER_BOOTSTRAP_SERVERS"] = args.bootstrap
         env["AGENTLEDGER_TOPIC"] = f"bench.hook.{uuid.uuid4().hex[:10]}"
@@ -293,15 +298,20 @@ def main() -> None:
     calls = sum(len(c) for c in sessions)
     baseline, baseline_cpu = run_calls(sessions, [sys.executable, "-c", "import sys; sys.stdin.buffer.read()"], env)
     t0 = time.perf_counter()
-    times, cpu = run_calls(sessions, [sys.executable, "-m", "agentledger", "hook", "--policy", str(policy)], env,
-                           check_answer)
+    try:
+        times, cpu = run_calls(sessions, [sys.executable, "-m", "agentledger", "hook", "--policy", str(policy)], env,
+                               check_answer)
+    finally:
+        if args.mode == "server":  # we started it (the first call did): stop it
+            subprocess.run([sys.executable, "-m", "agentledger", "hook", "--stop-server"], env=env, cwd=REPO,
+                           capture_output=True, timeout=60)
     wall = time.perf_counter() - t0
     ing = subprocess.run([sys.executable, "-m", "agentledger", "ingest", "--format", "json"], capture_output=True,
                          env=env, cwd=REPO, text=True, timeout=600)
     if ing.returncode != 0:
         raise SystemExit(f"ingest failed: {ing.stderr[-2000:]}")
     result = {
-        "transport": "kafka" if args.bootstrap else "local",
+        "transport": "kafka" if args.bootstrap else "local", "mode": args.mode,
         "tool_uses": args.tool_uses, "sessions": args.sessions, "invocations": calls,
         "p50_ms": round(statistics.median(times), 1), "p99_ms": round(pct(times, 99), 1), "max_ms": round(max(times), 1),
         "baseline_p50_ms": round(statistics.median(baseline), 1), "baseline_p99_ms": round(pct(baseline, 99), 1),

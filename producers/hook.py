@@ -176,11 +176,18 @@ def _deny_response(event: str, reason: str, style: str) -> tuple[int, str, str]:
 
 def save_reject(settings: Settings, raw: bytes, reason: str) -> Path:
     """Input we could not use is kept with the reason, never dropped."""
-    d = Path(settings.home) / "state" / "hook-rejects"
-    d.mkdir(parents=True, exist_ok=True)
+    from .importstate import ProducerState
+
+    state = ProducerState(settings.home)
+    state.ensure_dirs()
+    d = state.dir / "hook-rejects"
+    d.mkdir(exist_ok=True, mode=0o700)
     p = d / f"{time.time_ns()}-{os.getpid()}.json"
-    p.write_text(json.dumps({"reason": reason, "received_at_ns": time.time_ns(),
-                             "raw": raw.decode("utf-8", "replace")}) + "\n")
+    # Owner-only: the input may hold what redaction would have removed from an event.
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"reason": reason, "received_at_ns": time.time_ns(),
+                            "raw": raw.decode("utf-8", "replace")}) + "\n")
     return p
 
 

@@ -65,10 +65,17 @@ class ProducerState:
         self._con: sqlite3.Connection | None = None
 
     # -- connection -----------------------------------------------------------------------
+    def ensure_dirs(self) -> None:
+        # Owner-only: the outbox holds sealed events, rejects hold excerpts of source lines.
+        if not self.lock_dir.is_dir():
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(exist_ok=True, mode=0o700)
+            self.lock_dir.mkdir(exist_ok=True, mode=0o700)
+
     @property
     def con(self) -> sqlite3.Connection:
         if self._con is None:
-            self.lock_dir.mkdir(parents=True, exist_ok=True)
+            self.ensure_dirs()
             con = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
             con.execute("PRAGMA busy_timeout=60000")
             con.execute("PRAGMA journal_mode=WAL")
@@ -103,7 +110,7 @@ class ProducerState:
     @contextmanager
     def session_lock(self, session_id: str, timeout_s: float = 30.0) -> Iterator[None]:
         """Exclusive lock of one session across processes (flock; released if the holder dies)."""
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_dirs()
         fd = os.open(self.lock_path(session_id), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             deadline = time.monotonic() + timeout_s

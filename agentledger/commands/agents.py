@@ -122,40 +122,31 @@ def register(app: typer.Typer) -> None:
                                        help="json: hookSpecificOutput on stdout, exit 0; exit-code: reason on stderr, exit 2."),
         fail_closed: bool = typer.Option(False, "--fail-closed",
                                          help="Deny PreToolUse/PermissionRequest when the event cannot be recorded."),
-        budget: float = typer.Option(5.0, "--budget", help="Seconds to wait at most for the session lock and the transport."),
+        budget: float = typer.Option(5.0, "--budget", help="Seconds to wait at most for the session lock, Kafka, the acknowledgement."),
         drain: bool = typer.Option(False, "--drain", help="Only re-send events left in the outbox by failed or killed hooks."),
+        serve: bool = typer.Option(False, "--serve", help="Run the warm hook server of this home (started automatically)."),
+        stop_server: bool = typer.Option(False, "--stop-server", help="Stop the warm hook server of this home."),
     ) -> None:
         """Record one Codex / Claude Code hook event read as JSON from stdin; answer policy denials.
 
         Register it for SessionStart, UserPromptSubmit, PreToolUse, PermissionRequest, PostToolUse
         and Stop (config snippets: docs/agents.md). Never blocks the agent unless --fail-closed.
+        A warm per-home server makes calls cheap; AGENTLEDGER_HOOK_DAEMON=0 does all work in-process.
 
         Example:  echo '{"session_id":"s1","hook_event_name":"PreToolUse","cwd":"/w","tool_name":"Bash","tool_use_id":"t1","tool_input":{"command":"rm -rf /"}}' | agentledger hook --policy team.toml
         """
-        from producers.hook import MAX_INPUT, handle
-
+        from .. import hookmain
         from ..cli import settings
 
         s = settings(ctx)
-        if drain:
-            from producers.ledger import SessionAppender
-
-            appender = SessionAppender(s, lock_timeout_s=budget, flush_timeout_s=budget)
-            try:
-                n = appender.drain_all()
-            finally:
-                appender.close()
-            err_console.print(f"re-sent {n} events")
-            return
-        if deny_style not in ("json", "exit-code"):
-            raise typer.BadParameter("--deny-style must be json or exit-code")
-        raw = sys.stdin.buffer.read(MAX_INPUT + 1)
-        out = handle(raw[:MAX_INPUT], s, policy_path=str(policy) if policy else None, agent=agent,
-                     deny_style=deny_style, fail_closed=fail_closed, budget_s=budget)
-        if out.stdout:
-            sys.stdout.write(out.stdout)
-            sys.stdout.flush()
-        if out.stderr:
-            sys.stderr.write(out.stderr)
-            sys.stderr.flush()
-        raise typer.Exit(out.exit_code)
+        # The global flags (--home, --bootstrap-servers, ...) reach the hook the way agents set them: as environment.
+        os.environ["AGENTLEDGER_HOME"] = str(s.home)
+        os.environ["AGENTLEDGER_TOPIC"] = s.topic
+        os.environ["AGENTLEDGER_WAREHOUSE"] = s.warehouse
+        if s.bootstrap_servers:
+            os.environ["AGENTLEDGER_BOOTSTRAP_SERVERS"] = s.bootstrap_servers
+        argv = ["--agent", agent, "--deny-style", deny_style, "--budget", str(budget)]
+        argv += ["--policy", str(policy)] if policy else []
+        argv += [flag for flag, on in (("--fail-closed", fail_closed), ("--drain", drain), ("--serve", serve),
+                                       ("--stop-server", stop_server)) if on]
+        raise typer.Exit(hookmain.main(argv))
