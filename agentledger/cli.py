@@ -65,6 +65,9 @@ def _register() -> None:
     core.register(app)
     schemas_cmd.register(app)
     groups.register(app)
+    from .commands import replay_cmd; replay_cmd.register(app)  # noqa: E702
+    from .commands import sandbox_cmd; sandbox_cmd.register(app)  # noqa: E702
+    from .commands import ledger_cmd; ledger_cmd.register(app)  # noqa: E702 -- verify, deadletters, compact
     from .commands import agents; agents.register(app)  # noqa: E702  (issue 5: import codex-rollout/otel, hook)
 
 

@@ -3,8 +3,16 @@
     python bench/ingest.py --bootstrap 127.0.0.1:9092 --events 500000
 
 Produces N simulated events to a fresh topic, then measures (1) a raw kafka-python poll of the
-whole topic (values touched, nothing decoded or stored) and (2) `agentledger ingest` into a fresh
-DuckDB warehouse. The last line is JSON: {"raw_poll": ev/s, "ingest": ev/s, "ratio": ingest/raw_poll, ...}.
+whole topic (values touched, nothing decoded or stored), (2) `agentledger ingest` into a fresh
+DuckDB warehouse (committed, exactly once), (3) the embedded-log ingest of the same events, and
+(4) the Kafka ingest again into a warehouse that already holds --base-rows events (20M by default).
+
+The base rows are built fast inside DuckDB: the ingested rows are copied with INSERT ... SELECT,
+each copy with rewritten ids (event_id, session_id get a per-copy prefix) and timestamps moved
+back by whole days, so the event_ids stay UUIDv7-ordered *older* than the new events (as in real
+life: the warehouse holds the past) and chain_heads gets one row per copied session.
+
+The last line is JSON: {"raw_poll", "ingest", "ratio", "embedded", "ingest_at_20m", ...} in events/s.
 """
 
 from __future__ import annotations
@@ -51,8 +59,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--bootstrap", default=os.environ.get("AGENTLEDGER_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=50_000)
+    ap.add_argument("--batch", type=int, default=100_000)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--base-rows", type=int, default=20_000_000, help="rows already in the warehouse for ingest_at_20m")
+    ap.add_argument("--skip-embedded", action="store_true")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-bench-"))
     topic = f"bench.ingest.{uuid.uuid4().hex[:8]}"
@@ -67,19 +77,106 @@ def main(argv=None) -> dict:
     assert got == n, f"raw poll saw {got} of {n}"
     print(f"raw kafka-python poll: {n / raw_s:,.0f} msg/s", file=sys.stderr)
 
-    with open_warehouse(str(work / "warehouse.duckdb")) as wh:
-        src = open_source(s)
-        t0 = time.perf_counter()
-        stats = Ingestor(wh, src, topic, batch_records=args.batch).run()
-        ingest_s = time.perf_counter() - t0
-        src.close()
-        stored = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
-    assert stats.accepted == stored == n, (stats.as_dict(), stored, n)
-    print(f"agentledger ingest: {n / ingest_s:,.0f} events/s", file=sys.stderr)
-    result = {"events": n, "raw_poll": round(n / raw_s), "ingest": round(n / ingest_s),
-              "ratio": round((n / ingest_s) / (n / raw_s), 3), "produce": round(n / produce_s)}
+    ingest_rate = _kafka_ingest(s, topic, str(work / "warehouse.duckdb"), n, args.batch)
+    print(f"agentledger ingest: {ingest_rate:,.0f} events/s", file=sys.stderr)
+
+    embedded = None
+    if not args.skip_embedded:
+        local = from_env({"AGENTLEDGER_HOME": str(work / "embedded"), "AGENTLEDGER_TOPIC": topic})
+        _copy_to_local(args.bootstrap, topic, local, n)
+        with open_warehouse(str(work / "embedded.duckdb")) as wh:
+            src = open_source(local)
+            t0 = time.perf_counter()
+            st = Ingestor(wh, src, topic, batch_records=args.batch).run()
+            embedded = n / (time.perf_counter() - t0)
+            src.close()
+            assert st.accepted == n, st.as_dict()
+        print(f"embedded-log ingest: {embedded:,.0f} events/s", file=sys.stderr)
+
+    big = str(work / "big.duckdb")
+    t0 = time.perf_counter()
+    base = _build_base(str(work / "warehouse.duckdb"), big, args.base_rows)
+    print(f"built a warehouse of {base:,} rows in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    at_base = _kafka_ingest(s, topic, big, n, args.batch, base=base)
+    print(f"ingest into {base:,} rows: {at_base:,.0f} events/s", file=sys.stderr)
+
+    result = {"events": n, "raw_poll": round(n / raw_s), "ingest": round(ingest_rate),
+              "ratio": round(ingest_rate / (n / raw_s), 3),
+              "embedded": round(embedded) if embedded else None,
+              "ingest_at_20m": round(at_base), "base_rows": base,
+              "at_20m_vs_ingest": round(at_base / ingest_rate, 3), "produce": round(n / produce_s)}
     print(json.dumps(result))
     return result
+
+
+def _kafka_ingest(s, topic, url, n, batch, base=0) -> float:
+    with open_warehouse(url) as wh:
+        wh.con.execute("DELETE FROM ingest_offsets WHERE topic = ?", [topic])
+        src = open_source(s)
+        t0 = time.perf_counter()
+        stats = Ingestor(wh, src, topic, batch_records=batch).run()
+        secs = time.perf_counter() - t0
+        src.close()
+        stored = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
+    assert stats.accepted == n and stored == n + base, (stats.as_dict(), stored, n, base)
+    return n / secs
+
+
+def _copy_to_local(bootstrap, topic, local, n) -> None:
+    """The same events in the embedded log (same partitions), for the embedded-log rate."""
+    from schemas.transport.kafka import KafkaSource
+    from schemas.transport.local import LocalLog
+
+    src = KafkaSource(bootstrap)
+    src.assign(topic, {})
+    log = LocalLog(local.log_dir)
+    log.ensure_topic(topic, len(src.partitions(topic)))
+    got = 0
+    while got < n:
+        msgs = src.poll(50_000, 1.0)
+        by_p: dict[int, list[bytes]] = {}
+        for m in msgs:
+            by_p.setdefault(m.partition, []).append(m.value)
+        for p, vals in by_p.items():
+            log.append(topic, p, vals)
+        got += len(msgs)
+    src.close()
+
+
+def _build_base(seed_db: str, url: str, rows: int) -> int:
+    """A warehouse of about ``rows`` events (copies of the ingested ones with rewritten ids), no offsets."""
+    import shutil
+
+    shutil.copy(seed_db, url)
+    with open_warehouse(url) as wh:
+        con = wh.con
+        con.execute("DELETE FROM ingest_offsets")
+        n0 = con.execute("SELECT count(*) FROM events").fetchone()[0]
+        con.execute("CREATE TEMP TABLE seed AS SELECT * FROM events")
+        con.execute("DELETE FROM events")
+        con.execute("DELETE FROM chain_heads")
+        cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                          "WHERE table_name = 'events' ORDER BY ordinal_position").fetchall()]
+        copies = max(1, rows // max(1, n0))
+        for k in range(copies, 0, -1):  # oldest first, so the table is in time order
+            sel = []
+            for c in cols:
+                if c == "event_id":
+                    sel.append(f"printf('%08x', epoch_ms(occurred_at - INTERVAL {k * 30} DAY) // 65536) || "
+                               f"substr(event_id, 9, 5) || '{k:04x}' || substr(event_id, 18) AS event_id")
+                elif c == "session_id":
+                    sel.append(f"'{k:06x}' || substr(session_id, 7) AS session_id")
+                elif c == "occurred_at":
+                    sel.append(f"occurred_at - INTERVAL {k * 30} DAY AS occurred_at")
+                else:
+                    sel.append(f'"{c}"')
+            con.execute("BEGIN")
+            con.execute(f"INSERT INTO events SELECT {', '.join(sel)} FROM seed")
+            con.execute("COMMIT")
+        con.execute("""INSERT INTO chain_heads SELECT session_id, max(seq), arg_max(hash, seq), count(*),
+                       min(occurred_at), max(occurred_at), true, now()::TIMESTAMP FROM events GROUP BY 1""")
+        con.execute("CHECKPOINT")
+        return con.execute("SELECT count(*) FROM events").fetchone()[0]
 
 
 if __name__ == "__main__":

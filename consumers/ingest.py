@@ -1,15 +1,27 @@
-"""Exactly-once ingest of encoded events from a transport into the DuckDB warehouse.
+"""Exactly-once ingest of encoded events from a transport into the warehouse (DuckDB file or DuckLake).
 
 Guarantee (the one auditors rely on): for every batch, the accepted events, the quarantined
 messages, the new chain heads and the next offset of every (topic, partition) in the batch are
-written in ONE DuckDB transaction. A crash before COMMIT loses the whole batch and the offsets
+written in ONE warehouse transaction. A crash before COMMIT loses the whole batch and the offsets
 with it, so the restarted consumer reads the same messages again; a crash after COMMIT keeps both.
-The source never commits offsets of its own. As a second guard, an event is only accepted if it
-extends its session's chain head (seq = head + 1, prev_hash = head hash) and its event_id is new.
+The source never commits offsets of its own.
 
-Decoding is native: message bodies that share a writer schema are framed as one in-memory Avro
-Object Container File and DuckDB's avro extension turns them into rows. Python touches each message
-only to check its header and its hash (SHA-256 over the raw bytes, no decoding).
+Two guards make a stale writer harmless (a "zombie": a group member that lost its partitions but
+does not know yet, or a second process on the same warehouse): the offset of a partition only
+advances if the stored offset is exactly where the batch starts, checked inside the transaction
+(else the transaction rolls back and the consumer re-seeks); and an event is only accepted if it
+extends its session's chain head (seq = head + 1, prev_hash = head hash) and its event_id is new.
+On a DuckLake, a commit that loses a race with another writer is retried from the start.
+
+Speed: a fetch thread polls the source (kafka-python decodes record batches in Python) while the
+main thread runs the previous batch through DuckDB, which releases the GIL -- the two overlap on
+two cores. Decoding is native: message bodies that share a writer schema are framed as one
+in-memory Avro Object Container File and DuckDB's avro extension turns them into rows. Python
+touches each message only to check its header and its hash (SHA-256 over the raw bytes).
+
+Chains continue across batches, restarts and partitions (the heads are in `chain_heads`). An event
+that arrived before its predecessor is parked in `dead_letters` (seq_gap) and ingested, in the same
+transaction, as soon as the predecessor lands; its dead letter is then marked resolved.
 """
 
 from __future__ import annotations
@@ -17,11 +29,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import duckdb
 import fsspec
@@ -30,14 +43,27 @@ import pyarrow as pa
 from schemas import codec
 from schemas.contract import SchemaStore
 from schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
-from schemas.errors import DecodeError, WarehouseError
+from schemas.errors import AgentLedgerError, DecodeError, WarehouseError
 from schemas.transport.base import Message, Source
-from schemas.warehouse import Warehouse
+from schemas.warehouse import Warehouse, is_retryable
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1024 * 1024
+# Large transactions: DuckDB's per-commit cost is high (see bench/ingest.py and docs/warehouse.md).
+DEFAULT_BATCH = 100_000
 _HASH_TAG = b"\x80\x01"
+# Reasons whose dead letters may become acceptable later without any change to the event itself.
+_PARKED = ("seq_gap",)
+
+
+class OffsetConflict(AgentLedgerError):
+    """The stored offset of a partition is not where this batch starts: another writer (a zombie, or
+    the new owner after a rebalance) committed it. The batch is rolled back, never half-applied."""
+
+    def __init__(self, conflicts: dict[tuple[str, int], tuple[int | None, int]]):
+        self.conflicts = conflicts
+        super().__init__("; ".join(f"{t}/{p}: stored {s}, batch starts at {b}" for (t, p), (s, b) in conflicts.items()))
 
 
 @dataclass
@@ -45,7 +71,9 @@ class BatchResult:
     messages: int = 0
     accepted: int = 0
     dead_letters: int = 0
+    healed: int = 0  # parked dead letters accepted because their predecessor arrived
     reasons: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
 
 
 @dataclass
@@ -54,6 +82,9 @@ class IngestStats:
     messages: int = 0
     accepted: int = 0
     dead_letters: int = 0
+    healed: int = 0
+    retries: int = 0
+    offset_conflicts: int = 0
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -62,12 +93,16 @@ class IngestStats:
         self.messages += r.messages
         self.accepted += r.accepted
         self.dead_letters += r.dead_letters
+        self.healed += r.healed
+        self.retries += r.retries
         for k, v in r.reasons.items():
             self.reasons[k] = self.reasons.get(k, 0) + v
 
     def as_dict(self) -> dict:
         return {"batches": self.batches, "messages": self.messages, "events": self.accepted,
-                "dead_letters": self.dead_letters, "seconds": round(self.seconds, 3), "reasons": self.reasons}
+                "dead_letters": self.dead_letters, "healed": self.healed, "retries": self.retries,
+                "offset_conflicts": self.offset_conflicts, "seconds": round(self.seconds, 3),
+                "reasons": self.reasons}
 
 
 @dataclass
@@ -80,6 +115,38 @@ class _Dead:
     event_id: str | None = None
 
 
+@dataclass
+class Batch:
+    """Messages polled together, with the source position of each of their partitions before and after."""
+
+    messages: list[Message]
+    start: dict[tuple[str, int], int]
+    end: dict[tuple[str, int], int]
+    generation: int = 0
+
+    @classmethod
+    def of(cls, msgs: list[Message]) -> "Batch":
+        start: dict[tuple[str, int], int] = {}
+        end: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            k = (m.topic, m.partition)
+            if k not in start or m.offset < start[k]:
+                start[k] = m.offset
+            if m.offset + 1 > end.get(k, -1):
+                end[k] = m.offset + 1
+        return cls(msgs, start, end)
+
+
+@dataclass
+class _Retry:
+    """Dead letters fed through validation again (deadletters retry, or a predecessor arrived)."""
+
+    ids: list[str]
+
+
+_DONE = object()
+
+
 class Ingestor:
     def __init__(
         self,
@@ -87,9 +154,13 @@ class Ingestor:
         source: Source,
         topic: str,
         *,
-        batch_records: int = 50_000,
+        batch_records: int = DEFAULT_BATCH,
         poll_timeout_s: float = 0.5,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        group: str | None = None,
+        prefetch: int = 1,
+        max_retries: int = 30,
+        compact_every_s: float | None = None,
     ):
         self.wh = warehouse
         self.con = warehouse.con
@@ -99,31 +170,89 @@ class Ingestor:
         self.batch_records = batch_records
         self.poll_timeout_s = poll_timeout_s
         self.max_message_bytes = max_message_bytes
+        self.group = group
+        self.prefetch = max(1, prefetch)
+        self.max_retries = max_retries
+        self.compact_every_s = compact_every_s
         self._fs = fsspec.filesystem("memory")
-        if not self.con.filesystem_is_registered(self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]):
+        protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
+        if not self.con.filesystem_is_registered(protocol):
             self.con.register_filesystem(self._fs)
         self.wh.load("avro")
+        self.wh.tune_for_ingest()
         cur = self.store.current
         self._sync = os.urandom(16)
         self._ocf_header = codec.ocf_header(cur.schema, self._sync)
         self._insert_sql = warehouse.insert_select_sql("stage")
+        self._ended_tag = "u%d" % self.store.kind_by_label("session", "session_ended").index
         self._assigned = False
+        # fetch thread <-> main thread
+        self._lock = threading.Condition()
+        self._generation = 0
+        self._busy = False
+        self._resync = False
+        self._fetch_con: duckdb.DuckDBPyConnection | None = None
+        self._last_compact = time.monotonic()
+        self._touched: list[str] = []
 
     # -- offsets ------------------------------------------------------------------------------
-    def stored_offsets(self) -> dict[int, int]:
-        rows = self.con.execute(
-            'SELECT "partition", next_offset FROM ingest_offsets WHERE topic = ?', [self.topic]).fetchall()
+    def stored_offsets(self, con: duckdb.DuckDBPyConnection | None = None) -> dict[int, int]:
+        rows = (con or self.con).execute(
+            'SELECT "partition", max(next_offset) FROM ingest_offsets WHERE topic = ? GROUP BY 1', [self.topic]).fetchall()
         return {p: o for p, o in rows}
 
     def assign(self) -> None:
-        """Seek every partition to the offset stored with the data (the beginning if none)."""
+        """Read every partition, each from the offset stored with the data (the beginning if none)."""
         self.source.assign(self.topic, self.stored_offsets())
+        self._assigned = True
+
+    def subscribe(self) -> None:
+        """Join the consumer group: partitions come and go with rebalances (see _on_assigned/_on_revoked)."""
+        self.source.subscribe(self.topic, self.group, self._on_assigned, self._on_revoked)
         self._assigned = True
 
     def lag(self) -> int:
         ends = self.source.end_offsets(self.topic)
         pos = self.source.positions()
-        return sum(max(0, end - pos.get((self.topic, p), 0)) for p, end in ends.items())
+        mine = {p for t, p in self.source.assigned() if t == self.topic}
+        return sum(max(0, end - pos.get((self.topic, p), 0)) for p, end in ends.items() if p in mine)
+
+    # -- consumer-group callbacks (run during poll; kafka-python runs them on its IO thread) ---
+    def _on_revoked(self, partitions: list[int]) -> None:
+        """Drop what was fetched but not processed; wait until the batch in flight commits or aborts."""
+        with self._lock:
+            self._generation += 1
+            while self._busy:
+                self._lock.wait()
+        log.info("partitions revoked: %s", partitions)
+
+    def _on_assigned(self, partitions: list[int]) -> None:
+        with self._lock:
+            self._generation += 1
+            while self._busy:
+                self._lock.wait()
+        stored = self._read_offsets_retrying()
+        for p in partitions:  # no blocking client calls here: the Kafka client may run this on its IO thread
+            if p in stored:
+                self.source.seek(self.topic, p, stored[p])
+            else:
+                self.source.seek_to_beginning(self.topic, p)
+        log.info("partitions assigned: %s (from %s)", partitions, {p: stored.get(p, "beginning") for p in partitions})
+
+    def _read_offsets_retrying(self) -> dict[int, int]:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self.stored_offsets(self._fetch_cursor())
+            except duckdb.Error as exc:
+                if not is_retryable(exc) or attempt == self.max_retries:
+                    raise
+                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
+        raise AssertionError("unreachable")
+
+    def _fetch_cursor(self) -> duckdb.DuckDBPyConnection:
+        if self._fetch_con is None:
+            self._fetch_con = self.wh.cursor()
+        return self._fetch_con
 
     # -- main loop ----------------------------------------------------------------------------
     def run(
@@ -134,26 +263,133 @@ class Ingestor:
         on_batch: Callable[[BatchResult, IngestStats], None] | None = None,
         idle_exit_s: float | None = None,
     ) -> IngestStats:
-        """Ingest until caught up (zero lag) or, with ``follow``, until ``stop`` is set."""
+        """Ingest until caught up (zero lag) or, with ``follow``, until ``stop`` is set.
+
+        A fetch thread fills a small queue of batches while this thread commits them, so polling
+        and DuckDB overlap. Any error stops both and is raised here; committed batches stay."""
         if not self._assigned:
-            self.assign()
+            self.subscribe() if self.group else self.assign()
+        stop = stop or threading.Event()
+        halt = threading.Event()
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        fetcher = threading.Thread(target=self._fetch_loop, args=(q, follow, stop, halt, idle_exit_s),
+                                   name="agentledger-fetch", daemon=True)
         stats = IngestStats()
         t0 = time.perf_counter()
-        while not (stop and stop.is_set()):
-            batch = self._collect()
-            if batch:
-                r = self.ingest_batch(batch)
+        fetcher.start()
+        try:
+            while not stop.is_set():
+                try:
+                    item = q.get(timeout=0.2)
+                except queue.Empty:
+                    self._maybe_compact(follow)
+                    continue
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                with self._lock:
+                    if item.generation != self._generation:
+                        self._resync = True  # fetched before a rebalance: read again from the stored offsets
+                        continue
+                    self._busy = True
+                try:
+                    r = self.ingest(item)
+                except OffsetConflict as exc:
+                    stats.offset_conflicts += 1
+                    log.warning("offset conflict, re-seeking: %s", exc)
+                    with self._lock:
+                        self._resync = True
+                        self._generation += 1
+                    continue
+                finally:
+                    with self._lock:
+                        self._busy = False
+                        self._lock.notify_all()
                 stats.add(r)
-                log.info("committed batch %d: %d messages, %d events, %d quarantined",
-                         stats.batches, r.messages, r.accepted, r.dead_letters)
+                log.info("committed batch %d: %d messages, %d events, %d quarantined, %d healed",
+                         stats.batches, r.messages, r.accepted, r.dead_letters, r.healed)
                 if on_batch:
                     on_batch(r, stats)
-                if len(batch) >= self.batch_records or follow:
-                    continue
-            if not follow and self.lag() == 0:
-                break
+                self._maybe_compact(follow)
+        finally:
+            halt.set()
+            fetcher.join(timeout=30)
+            if self._fetch_con is not None:
+                self._fetch_con.close()
+                self._fetch_con = None
         stats.seconds = time.perf_counter() - t0
         return stats
+
+    def _fetch_loop(self, q: queue.Queue, follow: bool, stop: threading.Event, halt: threading.Event,
+                    idle_exit_s: float | None) -> None:
+        def put(item) -> bool:
+            while not (halt.is_set() or stop.is_set()):
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        idle_since = time.monotonic()
+        try:
+            while not (halt.is_set() or stop.is_set()):
+                if self._resync:
+                    self._do_resync()
+                with self._lock:
+                    gen = self._generation
+                start = self._positions()
+                msgs = self._collect()
+                if self._generation != gen:
+                    # a rebalance (or a resync) happened during the poll: what was fetched may mix
+                    # old and new positions -- drop it and restart every partition from the warehouse
+                    self._do_resync()
+                    continue
+                if msgs:
+                    idle_since = time.monotonic()
+                    end = self._positions()
+                    b = Batch.of(msgs)
+                    for k in b.start:
+                        b.start[k] = start.get(k, b.start[k])
+                        b.end[k] = max(end.get(k, b.end[k]), b.end[k])
+                    b.generation = gen
+                    if not put(b):
+                        return
+                    continue
+                if not follow and self._caught_up():
+                    put(_DONE)
+                    return
+                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    put(_DONE)
+                    return
+        except BaseException as exc:  # handed to the main thread, which raises it
+            put(exc)
+
+    def _caught_up(self) -> bool:
+        if self.group and not self.source.assigned():
+            return False  # not a member yet: nothing assigned is not the same as nothing to read
+        return self.lag() == 0
+
+    def _positions(self) -> dict[tuple[str, int], int]:
+        try:
+            return self.source.positions()
+        except Exception:  # a position the client cannot tell yet; the batch's own offsets will do
+            return {}
+
+    def _do_resync(self) -> None:
+        """After an offset conflict: every partition restarts from the offset stored in the warehouse."""
+        with self._lock:
+            self._resync = False
+            self._generation += 1
+        stored = self._read_offsets_retrying()
+        for t, p in self.source.assigned():
+            if t != self.topic:
+                continue
+            if p in stored:
+                self.source.seek(t, p, stored[p])
+            else:
+                self.source.seek_to_beginning(t, p)
 
     def _collect(self) -> list[Message]:
         batch = self.source.poll(self.batch_records, self.poll_timeout_s)
@@ -164,17 +400,69 @@ class Ingestor:
             batch.extend(more)
         return batch
 
+    def _maybe_compact(self, follow: bool) -> None:
+        if not (follow and self.compact_every_s and self.wh.is_lake):
+            return
+        if time.monotonic() - self._last_compact < self.compact_every_s:
+            return
+        self._last_compact = time.monotonic()
+        try:
+            out = self.wh.compact()
+            log.info("compacted the lake: %s", out)
+        except duckdb.Error as exc:  # compaction is housekeeping: a lost race waits for the next round
+            log.warning("compaction skipped: %s", str(exc).splitlines()[0])
+
     # -- one batch, one transaction -----------------------------------------------------------
     def ingest_batch(self, msgs: list[Message]) -> BatchResult:
+        """Ingest ``msgs`` in one transaction (offsets: from the messages themselves)."""
+        return self.ingest(Batch.of(msgs))
+
+    def ingest(self, batch: Batch) -> BatchResult:
+        """Commit ``batch`` exactly once. Retries a transaction that lost a race on a DuckLake;
+        raises `OffsetConflict` (nothing written) if another writer already committed these offsets."""
+        checked = self._precheck(batch.messages)
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = self._transaction(batch.messages, checked, batch=batch)
+                r.retries = attempt
+                return r
+            except OffsetConflict:
+                raise
+            except duckdb.Error as exc:
+                if not is_retryable(exc) or attempt == self.max_retries:
+                    raise WarehouseError(f"ingest transaction failed: {str(exc).strip()}") from exc
+                log.info("transaction lost a race (%s); retrying", str(exc).splitlines()[0])
+                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
+        raise AssertionError("unreachable")
+
+    def retry_dead_letters(self, letters: list[tuple[str, Message]], heal: bool = True) -> BatchResult:
+        """Feed dead letters ``(dead_letter_id, message)`` through the same validation, in one
+        transaction: accepted ones become events (with the letter's provenance) and their letters
+        are resolved; identical duplicates are resolved as such; the rest stay, with the new reason."""
+        msgs = [m for _, m in letters]
+        checked = self._precheck(msgs)
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._transaction(msgs, checked, retry=_Retry([i for i, _ in letters]), heal=heal)
+            except duckdb.Error as exc:
+                if not is_retryable(exc) or attempt == self.max_retries:
+                    raise WarehouseError(f"retry transaction failed: {str(exc).strip()}") from exc
+                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
+        raise AssertionError("unreachable")
+
+    def _precheck(self, msgs: list[Message]) -> tuple[list[_Dead], dict[bytes, list[int]]]:
+        """Header, size, writer schema and hash of every message, from raw bytes (no decoding)."""
         dead: list[_Dead] = []
         groups: dict[bytes, list[int]] = {}
         max_len = self.max_message_bytes
         sha = hashlib.sha256
         by_fp = self.store.by_fingerprint
         known: dict[bytes, bool] = {}
+        min_len = codec.SOE_HEADER_LEN + HASH_FIELD_LEN
+        magic = codec.SOE_MAGIC
         for i, m in enumerate(msgs):
             v = m.value
-            if v is None or len(v) < codec.SOE_HEADER_LEN + HASH_FIELD_LEN or v[:2] != codec.SOE_MAGIC:
+            if v is None or len(v) < min_len or v[:2] != magic:
                 dead.append(_Dead(i, "undecodable", "not an agentledger event (bad single-object header or too short)"))
                 continue
             if len(v) > max_len:
@@ -191,81 +479,161 @@ class Ingestor:
                 dead.append(_Dead(i, "hash_mismatch", "the message bytes do not hash to the hash it carries"))
                 continue
             groups.setdefault(fp, []).append(i)
+        return dead, groups
 
-        result = BatchResult(messages=len(msgs))
+    def _transaction(self, msgs: list[Message], checked, *, batch: Batch | None = None,
+                     retry: _Retry | None = None, heal: bool = True) -> BatchResult:
+        dead = list(checked[0])
+        groups = checked[1]
         con = self.con
+        # Decode BEFORE the transaction: a failed statement aborts a DuckDB transaction, and isolating
+        # an undecodable body means letting the reader fail (then bisecting).
+        staged = self._stage(msgs, groups, dead)
         con.execute("BEGIN TRANSACTION")
         try:
-            staged = self._stage(msgs, groups, dead)
-            if staged:
-                accepted = self._check_chains(msgs, dead)
-                if accepted:
-                    con.execute(self._insert_sql + " WHERE s._i NOT IN (SELECT _i FROM rejected)")
-                    self._update_heads()
-                result.accepted = accepted
-            self._write_dead_letters(msgs, dead)
-            self._write_offsets(msgs)
+            if batch is not None:
+                self._check_offsets(batch)
+            result = self._apply(msgs, staged, dead, retry=retry)
+            if batch is not None:
+                self._write_offsets(msgs, batch)
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # a failed COMMIT already ended the transaction
             raise
         finally:
-            for t in ("stage", "rejected"):
-                con.execute(f"DROP TABLE IF EXISTS {t}")
+            for t in ("stage", "rejected", "new_heads"):
+                con.execute(f"DROP TABLE IF EXISTS temp.{t}")
+        if heal and result.accepted and self._touched:
+            result.healed = self._heal()
+            result.accepted += result.healed
+        return result
+
+    def _apply(self, msgs: list[Message], staged: int, dead: list[_Dead], *, retry: _Retry | None) -> BatchResult:
+        """Chain-check and insert what `_stage` decoded (inside the caller's transaction)."""
+        result = BatchResult(messages=len(msgs))
+        con = self.con
+        self._touched = []
+        con.execute("CREATE OR REPLACE TEMP TABLE rejected (_i BIGINT, reason VARCHAR, detail VARCHAR)")
+        if staged:
+            accepted = self._check_chains(msgs, dead)
+            if accepted:
+                if con.execute("SELECT count(*) FROM rejected").fetchone()[0]:
+                    con.execute(self._insert_sql + " WHERE s._i NOT IN (SELECT _i FROM rejected)")
+                else:
+                    con.execute(self._insert_sql)
+                self._update_heads()
+            result.accepted = accepted
+        if retry is None:
+            self._write_dead_letters(msgs, dead)
+        else:
+            self._resolve_letters(msgs, dead, retry)
         result.dead_letters = len(dead)
         for d in dead:
             result.reasons[d.reason] = result.reasons.get(d.reason, 0) + 1
         return result
 
+    def _heal(self) -> int:
+        """Parked events whose predecessor just landed: accept them now, in transactions of their own
+        (a run of them: each round may unblock the next)."""
+        healed = 0
+        sessions = self._touched
+        for _ in range(1000):
+            con = self.con
+            con.register("_touched", pa.table({"session_id": pa.array(sessions, pa.string())}))
+            try:
+                # every parked event of those sessions, so that a whole reordered run lands at once
+                rows = con.execute(f"""
+                    SELECT d.dead_letter_id, d.topic, d."partition", d."offset", d."key", d.raw
+                    FROM dead_letters d JOIN chain_heads h USING (session_id)
+                    WHERE d.resolved_at IS NULL AND d.reason IN {_sql_list(_PARKED)} AND d.seq > h.head_seq
+                      AND d.session_id IN (SELECT session_id FROM _touched)
+                    ORDER BY d.session_id, d.seq, d.received_at""").fetchall()
+            finally:
+                con.unregister("_touched")
+            if not rows:
+                break
+            r = self.retry_dead_letters([(lid, Message(t, p, o, k, bytes(raw))) for lid, t, p, o, k, raw in rows],
+                                        heal=False)
+            healed += r.accepted
+            if not r.accepted:
+                break
+            sessions = self._touched
+        return healed
+
+    # -- staging ------------------------------------------------------------------------------
     def _stage(self, msgs: list[Message], groups: dict[bytes, list[int]], dead: list[_Dead]) -> int:
         """Decode the hash-valid messages natively into TEMP TABLE stage (+ provenance, + _i)."""
         con = self.con
-        con.execute("CREATE OR REPLACE TEMP TABLE rejected (_i BIGINT, reason VARCHAR, detail VARCHAR)")
+        path = self._put_ocf([])
+        try:
+            con.register("_meta", self._meta(msgs, b"", []))
+            con.execute(f"CREATE OR REPLACE TEMP TABLE stage AS {self._stage_sql(path)}")
+        finally:
+            con.unregister("_meta")
+            self._fs.rm(path)
         total = 0
         for fp, idxs in groups.items():
             version = self.store.by_fingerprint(fp)
             bodies = [msgs[i].value[10:] for i in idxs]
             if fp != self.store.current.fingerprint:
                 bodies, idxs = self._upcast(version, bodies, idxs, msgs, dead)
-            total += self._stage_part(msgs, fp, idxs, bodies, dead, created=total > 0)
+            total += self._stage_part(msgs, fp, idxs, bodies, dead)
         return total
 
-    def _stage_part(self, msgs, fp: bytes, idxs: list[int], bodies: list[bytes], dead: list[_Dead], created: bool) -> int:
-        """Stage one run of bodies; if DuckDB cannot decode the run, bisect to isolate the bad body.
+    @staticmethod
+    def _stage_sql(path: str) -> str:
+        return (f"SELECT a.*, m.*, now()::TIMESTAMP AS ingested_at FROM read_avro('memory://{path}') a "
+                "POSITIONAL JOIN _meta m")
 
-        Every staged body already passed the hash check, so a decode failure means a producer wrote
-        bytes its own schema cannot read -- rare enough that bisecting costs nothing in practice."""
-        if not idxs:
-            return 0
-        con = self.con
-        meta = pa.table({
+    @staticmethod
+    def _meta(msgs: list[Message], fp: bytes, idxs: list[int]) -> pa.Table:
+        return pa.table({
             "_i": pa.array(idxs, pa.int64()),
+            "_claimed": pa.array([msgs[i].value[-64:].decode("ascii", "replace") for i in idxs], pa.string()),
             "schema_fingerprint": pa.array([fp.hex()] * len(idxs), pa.string()),
             "source_topic": pa.array([msgs[i].topic for i in idxs], pa.string()),
             "source_partition": pa.array([msgs[i].partition for i in idxs], pa.int32()),
             "source_offset": pa.array([msgs[i].offset for i in idxs], pa.int64()),
         })
+
+    def _stage_part(self, msgs, fp: bytes, idxs: list[int], bodies: list[bytes], dead: list[_Dead]) -> int:
+        """Stage one run of bodies; if they do not decode cleanly, bisect to isolate the bad ones.
+
+        Every staged body already passed the hash check, so a bad body means a producer sealed bytes
+        its own schema cannot read. DuckDB's reader does not stop a record at its block's end, so a
+        body that decodes short shifts the records after it: each row's decoded ``hash`` must equal
+        the hash its message carries, or the run is split. Rare enough to cost nothing in practice."""
+        if not idxs:
+            return 0
+        con = self.con
+        meta = self._meta(msgs, fp, idxs)
         path = self._put_ocf(bodies)
-        sql = (f"SELECT a.*, m.*, now()::TIMESTAMP AS ingested_at FROM read_avro('memory://{path}') a "
-               "POSITIONAL JOIN _meta m")
         con.register("_meta", meta)
+        err = None
         try:
-            if created:
-                con.execute(f"INSERT INTO stage {sql}")
-            else:
-                con.execute(f"CREATE OR REPLACE TEMP TABLE stage AS {sql}")
-            return len(idxs)
+            before = con.execute("SELECT count(*) FROM stage").fetchone()[0]
+            con.execute(f"INSERT INTO stage {self._stage_sql(path)}")
+            n, bad = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE hash IS DISTINCT FROM _claimed)
+                                     FROM stage WHERE _i >= {min(idxs)} AND _i IN (SELECT _i FROM _meta)""").fetchone()
+            if n == len(idxs) and bad == 0 and n + before == con.execute("SELECT count(*) FROM stage").fetchone()[0]:
+                return len(idxs)
+            err = ("the Avro body does not span the message (short or trailing bytes)" if len(idxs) == 1
+                   else "records decoded out of step")
+            con.execute("DELETE FROM stage WHERE _i IN (SELECT _i FROM _meta)")
         except duckdb.Error as exc:
-            err = str(exc).splitlines()[0]
+            err = "DuckDB avro reader: " + str(exc).splitlines()[0]
         finally:
             con.unregister("_meta")
             self._fs.rm(path)
         if len(idxs) == 1:
-            dead.append(_Dead(idxs[0], "undecodable", f"DuckDB avro reader: {err}"))
+            dead.append(_Dead(idxs[0], "undecodable", err))
             return 0
         mid = len(idxs) // 2
-        n = self._stage_part(msgs, fp, idxs[:mid], bodies[:mid], dead, created)
-        return n + self._stage_part(msgs, fp, idxs[mid:], bodies[mid:], dead, created or n > 0)
+        return (self._stage_part(msgs, fp, idxs[:mid], bodies[:mid], dead)
+                + self._stage_part(msgs, fp, idxs[mid:], bodies[mid:], dead))
 
     def _put_ocf(self, bodies: list[bytes]) -> str:
         path = f"/agentledger-ingest/{uuid.uuid4().hex}.avro"
@@ -287,6 +655,7 @@ class Ingestor:
                 dead.append(_Dead(i, "undecodable", exc.detail))
         return out_b, out_i
 
+    # -- the chain guard ----------------------------------------------------------------------
     def _check_chains(self, msgs: list[Message], dead: list[_Dead]) -> int:
         """Accept what extends each session's chain head; everything else goes to `rejected`."""
         con = self.con
@@ -338,7 +707,8 @@ class Ingestor:
         if not rejected:
             return
         tbl = pa.table({"_i": pa.array([d.i for d in rejected], pa.int64()),
-                        "reason": [d.reason for d in rejected], "detail": [d.detail for d in rejected]})
+                        "reason": pa.array([d.reason for d in rejected], pa.string()),
+                        "detail": pa.array([d.detail for d in rejected], pa.string())})
         con.register("_rej", tbl)
         try:
             con.execute("INSERT INTO rejected SELECT * FROM _rej")
@@ -387,6 +757,7 @@ class Ingestor:
                 old = dict(con.execute(
                     "SELECT seq, hash FROM events WHERE session_id = ? AND seq IN (SELECT unnest(?))",
                     [sid, older]).fetchall())
+            seen_gap: dict[int, str] = {}
             for _, i, seq, prev, h, eid in pending:
                 if seq <= head_seq:
                     existing = accepted_hash.get(seq, old.get(seq))
@@ -396,32 +767,37 @@ class Ingestor:
                         reason, detail = "conflicting_duplicate", f"seq {seq} was already ingested with different content"
                 elif seq == head_seq + 1:
                     reason, detail = "chain_mismatch", f"seq {seq}: prev_hash does not match the hash of seq {head_seq}"
+                elif seen_gap.get(seq) == h:
+                    reason, detail = "duplicate", f"seq {seq} arrived twice with identical content, ahead of the chain"
                 else:
                     reason, detail = "seq_gap", f"seq {seq} arrived while the chain head is {head_seq} (missing or reordered)"
+                    seen_gap.setdefault(seq, h)
                 rejected.append(_Dead(i, reason, detail, sid, seq, eid))
         return rejected
 
     def _update_heads(self) -> None:
         con = self.con
-        con.execute("""
+        con.execute(f"""
             CREATE OR REPLACE TEMP TABLE new_heads AS
-            SELECT s.session_id, max(s.seq) AS head_seq, arg_max(s.hash, s.seq) AS head_hash, count(*) AS n,
-                   min(s.occurred_at) AS first_at, max(s.occurred_at) AS last_at,
-                   bool_or(union_tag(s.payload) = 'u%d') AS ended
-            FROM stage s WHERE s._i NOT IN (SELECT _i FROM rejected) GROUP BY s.session_id
-        """ % self.store.kind_by_label("session", "session_ended").index)
-        con.execute("""
-            CREATE OR REPLACE TEMP TABLE merged_heads AS
             SELECT n.session_id, n.head_seq, n.head_hash, coalesce(h.event_count, 0) + n.n AS event_count,
-                   least(h.first_at, n.first_at) AS first_at, greatest(h.last_at, n.last_at) AS last_at,
+                   CASE WHEN h.first_at IS NULL THEN n.first_at ELSE least(h.first_at, n.first_at) END AS first_at,
+                   CASE WHEN h.last_at IS NULL THEN n.last_at ELSE greatest(h.last_at, n.last_at) END AS last_at,
                    coalesce(h.ended, false) OR n.ended AS ended, now()::TIMESTAMP AS updated_at
-            FROM new_heads n LEFT JOIN chain_heads h USING (session_id)
+            FROM (
+              SELECT s.session_id, max(s.seq) AS head_seq, arg_max(s.hash, s.seq) AS head_hash, count(*) AS n,
+                     min(s.occurred_at) AS first_at, max(s.occurred_at) AS last_at,
+                     bool_or(union_tag(s.payload) = '{self._ended_tag}') AS ended
+              FROM stage s WHERE s._i NOT IN (SELECT _i FROM rejected) GROUP BY s.session_id
+            ) n LEFT JOIN chain_heads h USING (session_id)
         """)
         con.execute("DELETE FROM chain_heads WHERE session_id IN (SELECT session_id FROM new_heads)")
-        con.execute("INSERT INTO chain_heads SELECT * FROM merged_heads")
-        con.execute("DROP TABLE new_heads")
-        con.execute("DROP TABLE merged_heads")
+        con.execute("INSERT INTO chain_heads SELECT * FROM new_heads")
+        # sessions whose parked events may now fit (see _heal), if any session has parked events at all
+        self._touched = [r[0] for r in con.execute(f"""
+            SELECT DISTINCT d.session_id FROM dead_letters d JOIN new_heads n USING (session_id)
+            WHERE d.resolved_at IS NULL AND d.reason IN {_sql_list(_PARKED)} AND d.seq = n.head_seq + 1""").fetchall()]
 
+    # -- dead letters -------------------------------------------------------------------------
     def _write_dead_letters(self, msgs: list[Message], dead: list[_Dead]) -> None:
         if not dead:
             return
@@ -429,19 +805,19 @@ class Ingestor:
             if d.session_id is None:
                 d.session_id, d.seq, d.event_id = _best_effort_ids(self.store, msgs[d.i].value)
         tbl = pa.table({
-            "dead_letter_id": [str(uuid.uuid4()) for _ in dead],
-            "topic": [msgs[d.i].topic for d in dead],
+            "dead_letter_id": pa.array([str(uuid.uuid4()) for _ in dead], pa.string()),
+            "topic": pa.array([msgs[d.i].topic for d in dead], pa.string()),
             "partition": pa.array([msgs[d.i].partition for d in dead], pa.int32()),
             "offset": pa.array([msgs[d.i].offset for d in dead], pa.int64()),
             "key": pa.array([msgs[d.i].key for d in dead], pa.binary()),
             "raw": pa.array([msgs[d.i].value for d in dead], pa.binary()),
-            "reason": [d.reason for d in dead],
-            "detail": [d.detail for d in dead],
+            "reason": pa.array([d.reason for d in dead], pa.string()),
+            "detail": pa.array([d.detail for d in dead], pa.string()),
             "session_id": pa.array([d.session_id for d in dead], pa.string()),
             "seq": pa.array([d.seq for d in dead], pa.int64()),
             "event_id": pa.array([d.event_id for d in dead], pa.string()),
-            "fingerprint": [msgs[d.i].value[2:10].hex() if msgs[d.i].value and len(msgs[d.i].value) >= 10 else None
-                            for d in dead],
+            "fingerprint": pa.array([msgs[d.i].value[2:10].hex() if msgs[d.i].value and len(msgs[d.i].value) >= 10
+                                     else None for d in dead], pa.string()),
         })
         self.con.register("_dead", tbl)
         try:
@@ -451,15 +827,93 @@ class Ingestor:
         finally:
             self.con.unregister("_dead")
 
-    def _write_offsets(self, msgs: list[Message]) -> None:
-        nxt: dict[tuple[str, int], int] = {}
-        for m in msgs:
-            k = (m.topic, m.partition)
-            if m.offset + 1 > nxt.get(k, -1):
-                nxt[k] = m.offset + 1
-        for (topic, p), off in nxt.items():
-            self.con.execute('DELETE FROM ingest_offsets WHERE topic = ? AND "partition" = ?', [topic, p])
-            self.con.execute("INSERT INTO ingest_offsets VALUES (?, ?, ?, now()::TIMESTAMP)", [topic, p, off])
+    def _resolve_letters(self, msgs: list[Message], dead: list[_Dead], retry: _Retry) -> None:
+        """After re-validating dead letters: resolve the accepted and the identical duplicates; the
+        others keep waiting, with the reason they failed for this time."""
+        by_i = {d.i: d for d in dead}
+        resolved: list[tuple[str, str]] = []
+        still: list[tuple[str, str, str]] = []
+        for i, lid in enumerate(retry.ids):
+            d = by_i.get(i)
+            if d is None:
+                resolved.append((lid, "ingested on retry"))
+            elif d.reason == "duplicate":
+                resolved.append((lid, "duplicate: an identical event is in the warehouse"))
+            else:
+                still.append((lid, d.reason, d.detail))
+        con = self.con
+        if resolved:
+            con.register("_res", pa.table({"id": pa.array([r[0] for r in resolved], pa.string()),
+                                           "resolution": pa.array([r[1] for r in resolved], pa.string())}))
+            try:
+                con.execute("""UPDATE dead_letters SET resolved_at = now()::TIMESTAMP, resolution = r.resolution
+                               FROM _res r WHERE dead_letters.dead_letter_id = r.id""")
+            finally:
+                con.unregister("_res")
+        changed = still
+        if changed:
+            con.register("_still", pa.table({"id": pa.array([s[0] for s in changed], pa.string()),
+                                             "reason": pa.array([s[1] for s in changed], pa.string()),
+                                             "detail": pa.array([s[2] for s in changed], pa.string())}))
+            try:
+                con.execute("""UPDATE dead_letters SET reason = s.reason, detail = s.detail
+                               FROM _still s WHERE dead_letters.dead_letter_id = s.id
+                                 AND (dead_letters.reason <> s.reason OR dead_letters.detail <> s.detail)""")
+            finally:
+                con.unregister("_still")
+
+    # -- offsets --------------------------------------------------------------------------------
+    def _check_offsets(self, batch: Batch) -> None:
+        """The zombie guard: each partition's stored offset must be exactly where this batch starts."""
+        if not batch.start:
+            return
+        stored = {(self.topic, p): o for p, o in self.stored_offsets().items()}
+        conflicts = {}
+        begin = None
+        for k, first in batch.start.items():
+            s = stored.get(k) if k[0] == self.topic else self._stored_other(k)
+            if s is None or s == first:
+                continue
+            if first > s:
+                # Not a zombie if retention removed [s, first): the messages are gone from the source.
+                begin = begin if begin is not None else self._beginning()
+                if begin.get(k[1], 0) >= first:
+                    log.error("%s/%d: offsets %d..%d were deleted by retention before they were ingested",
+                              k[0], k[1], s, first - 1)
+                    continue
+            conflicts[k] = (s, first)
+        if conflicts:
+            raise OffsetConflict(conflicts)
+
+    def _stored_other(self, k: tuple[str, int]) -> int | None:
+        row = self.con.execute('SELECT max(next_offset) FROM ingest_offsets WHERE topic = ? AND "partition" = ?',
+                               list(k)).fetchone()
+        return row[0] if row else None
+
+    def _beginning(self) -> dict[int, int]:
+        try:
+            return self.source.beginning_offsets(self.topic)
+        except Exception:
+            return {}
+
+    def _write_offsets(self, msgs: list[Message], batch: Batch | None = None) -> None:
+        nxt = dict((batch or Batch.of(msgs)).end)
+        if not nxt:
+            return
+        tbl = pa.table({"topic": pa.array([k[0] for k in nxt], pa.string()),
+                        "partition": pa.array([k[1] for k in nxt], pa.int32()),
+                        "next_offset": pa.array(list(nxt.values()), pa.int64())})
+        self.con.register("_off", tbl)
+        try:
+            self.con.execute("""DELETE FROM ingest_offsets WHERE topic || '/' || "partition"
+                                IN (SELECT topic || '/' || "partition" FROM _off)""")
+            self.con.execute('INSERT INTO ingest_offsets SELECT topic, "partition", next_offset, now()::TIMESTAMP FROM _off')
+        finally:
+            self.con.unregister("_off")
+
+
+def _sql_list(items: Iterable[str]) -> str:
+    return "(" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + ")"
 
 
 def _best_effort_ids(store: SchemaStore, value: bytes | None) -> tuple[str | None, int | None, str | None]:

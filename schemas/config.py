@@ -4,6 +4,7 @@ AGENTLEDGER_HOME               local state: the embedded log, spool, keys, wareh
 AGENTLEDGER_BOOTSTRAP_SERVERS  when set, Kafka is the transport                       (unset: embedded log)
 AGENTLEDGER_WAREHOUSE          DuckDB file path, or ducklake:<catalog>                 ($HOME/warehouse.duckdb)
 AGENTLEDGER_TOPIC              events topic                                            (agentledger.events)
+AGENTLEDGER_LAKE_DATA_PATH     DuckLake data (Parquet) directory or URL                (<catalog file>.files/)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Settings:
     warehouse: str
     topic: str = DEFAULT_TOPIC
     partitions: int = DEFAULT_PARTITIONS
+    lake_data_path: str | None = None
 
     @property
     def uses_kafka(self) -> bool:
@@ -51,4 +53,5 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         warehouse=warehouse,
         topic=env.get("AGENTLEDGER_TOPIC") or DEFAULT_TOPIC,
         partitions=int(env.get("AGENTLEDGER_PARTITIONS") or DEFAULT_PARTITIONS),
+        lake_data_path=env.get("AGENTLEDGER_LAKE_DATA_PATH") or None,
     )

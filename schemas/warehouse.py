@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.resources as ilr
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,41 +183,207 @@ GROUP BY e.session_id
 """,
     "chain_status": """
 CREATE OR REPLACE VIEW chain_status AS
-WITH pending AS (
-  SELECT d.session_id, min(d.seq) AS first_bad_seq, arg_min(d.reason, d.seq) AS reason,
-         arg_min(d.detail, d.seq) AS detail, count(*) AS quarantined
+WITH letters AS (
+  SELECT d.session_id, d.seq, d.reason, d.detail
   FROM dead_letters d
-  JOIN chain_heads h ON h.session_id = d.session_id
-  WHERE d.resolved_at IS NULL AND d.seq > h.head_seq
-  GROUP BY d.session_id
+  WHERE d.resolved_at IS NULL AND d.session_id IS NOT NULL AND d.seq IS NOT NULL
+    AND d.reason NOT IN ('duplicate', 'offsets_skipped')
+),
+blocking AS (
+  -- what should extend the chain but was quarantined, or a second, different event for a seq
+  SELECT l.session_id, l.seq, l.reason, l.detail
+  FROM letters l LEFT JOIN chain_heads h USING (session_id)
+  WHERE l.seq > coalesce(h.head_seq, -1) OR l.reason = 'conflicting_duplicate'
+),
+pending AS (
+  SELECT session_id, min(seq) AS first_letter_seq, arg_min(reason, seq) AS reason,
+         arg_min(detail, seq) AS detail, count(*) AS quarantined,
+         bool_or(reason = 'conflicting_duplicate') AS forked, min(seq) FILTER (WHERE reason = 'conflicting_duplicate') AS fork_seq
+  FROM blocking GROUP BY session_id
 )
 SELECT
-  h.session_id,
+  coalesce(h.session_id, p.session_id) AS session_id,
   CASE WHEN p.session_id IS NOT NULL THEN 'broken' WHEN h.ended THEN 'ok' ELSE 'open' END AS status,
-  CASE WHEN p.session_id IS NOT NULL THEN h.head_seq + 1 END AS first_bad_seq,
+  CASE WHEN p.session_id IS NULL THEN NULL
+       WHEN p.forked THEN least(p.fork_seq, coalesce(h.head_seq, -1) + 1)
+       ELSE coalesce(h.head_seq, -1) + 1 END AS first_bad_seq,
   p.reason, p.detail,
-  h.head_seq, h.head_hash, h.event_count, coalesce(p.quarantined, 0) AS quarantined_after_head,
+  h.head_seq, h.head_hash, coalesce(h.event_count, 0) AS event_count,
+  coalesce(p.quarantined, 0) AS quarantined_after_head,
   h.first_at, h.last_at, h.updated_at
-FROM chain_heads h LEFT JOIN pending p USING (session_id)
+FROM chain_heads h FULL OUTER JOIN pending p ON p.session_id = h.session_id
+""",
+    # --- auditor views (docs/warehouse.md) ------------------------------------------------
+    "approvals": """
+CREATE OR REPLACE VIEW approvals AS
+SELECT
+  r.session_id, r.approval_requested.request_id AS request_id, r.seq AS request_seq,
+  r.occurred_at AS requested_at, r.approval_requested.action_kind AS action_kind,
+  r.approval_requested.subject AS subject, r.approval_requested.risk AS risk,
+  r.approval_requested.justification AS justification, r.approval_requested.command_id AS command_id,
+  d.seq AS decision_seq, d.occurred_at AS decided_at,
+  coalesce(d.approval_decided.decision, 'pending') AS decision,
+  d.approval_decided.decided_by AS decided_by, d.approval_decided.decider AS decider,
+  d.approval_decided.rule AS rule,
+  coalesce(d.approval_decided.latency_ms, date_diff('millisecond', r.occurred_at, d.occurred_at)) AS latency_ms,
+  d.approval_decided.action_digest IS NOT NULL
+    AND d.approval_decided.action_digest <> r.approval_requested.action_digest AS digest_mismatch,
+  r.producer."user" AS "user", r.producer.host AS host, r.producer.agent_name AS agent
+FROM events r
+LEFT JOIN events d
+  ON d.kind = 'approval_decided' AND d.session_id = r.session_id
+ AND d.approval_decided.request_id = r.approval_requested.request_id
+WHERE r.kind = 'approval_requested'
+""",
+    "denied_actions": """
+CREATE OR REPLACE VIEW denied_actions AS
+SELECT session_id, seq, occurred_at, 'approval' AS source, approval_decided.decision AS decision,
+       approval_decided.request_id AS subject, approval_decided.rule AS rule, NULL AS reason,
+       producer."user" AS "user", producer.host AS host
+FROM events WHERE kind = 'approval_decided' AND approval_decided.decision IN ('denied', 'timed_out', 'aborted')
+UNION ALL
+SELECT session_id, seq, occurred_at, 'command', command_finished.status, command_finished.command_id, NULL, NULL,
+       producer."user", producer.host
+FROM events WHERE kind = 'command_finished' AND command_finished.status = 'declined'
+UNION ALL
+SELECT session_id, seq, occurred_at, 'sandbox', sandbox_denied.operation, sandbox_denied.target,
+       sandbox_denied.rule, sandbox_denied.reason, producer."user", producer.host
+FROM events WHERE kind = 'sandbox_denied'
+UNION ALL
+SELECT session_id, seq, occurred_at, 'network', network_decided.decision, network_decided.attempt_id,
+       network_decided.rule, network_decided.reason, producer."user", producer.host
+FROM events WHERE kind = 'network_decided' AND network_decided.decision = 'deny'
+""",
+    "network_egress": """
+CREATE OR REPLACE VIEW network_egress AS
+SELECT
+  a.session_id, a.seq, a.occurred_at, a.network_attempted.attempt_id AS attempt_id,
+  a.network_attempted.host AS host, a.network_attempted.port AS port,
+  a.network_attempted.protocol AS protocol, a.network_attempted.method AS method,
+  coalesce(d.network_decided.decision, 'undecided') AS decision, d.network_decided.rule AS rule,
+  d.network_decided.reason AS reason, d.network_decided.policy_source AS policy_source,
+  c.network_completed.outcome AS outcome, c.network_completed.status AS status,
+  c.network_completed.bytes_in AS bytes_in, c.network_completed.bytes_out AS bytes_out,
+  a.network_attempted.command_id AS command_id, a.producer."user" AS "user", a.producer.host AS agent_host
+FROM events a
+LEFT JOIN events d ON d.kind = 'network_decided' AND d.session_id = a.session_id
+ AND d.network_decided.attempt_id = a.network_attempted.attempt_id
+LEFT JOIN events c ON c.kind = 'network_completed' AND c.session_id = a.session_id
+ AND c.network_completed.attempt_id = a.network_attempted.attempt_id
+WHERE a.kind = 'network_attempted'
+""",
+    "sandbox_denials": """
+CREATE OR REPLACE VIEW sandbox_denials AS
+SELECT
+  d.session_id, d.seq, d.occurred_at, d.sandbox_denied.operation AS operation, d.sandbox_denied.target AS target,
+  d.sandbox_denied.rule AS rule, d.sandbox_denied.reason AS reason, d.sandbox_denied.inferred AS inferred,
+  d.sandbox_denied.command_id AS command_id, c.command_started.argv AS argv, c.command_started.cwd AS cwd,
+  d.producer."user" AS "user", d.producer.host AS host, d.producer.agent_name AS agent
+FROM events d
+LEFT JOIN events c ON c.kind = 'command_started' AND c.session_id = d.session_id
+ AND c.command_started.command_id = d.sandbox_denied.command_id
+WHERE d.kind = 'sandbox_denied'
+""",
+    "sessions_without_end": """
+CREATE OR REPLACE VIEW sessions_without_end AS
+SELECT h.session_id, h.first_at AS started_at, h.last_at AS last_event_at, h.head_seq AS last_seq,
+       h.event_count, date_diff('second', h.last_at, now()::TIMESTAMP) AS silent_for_s
+FROM chain_heads h WHERE NOT h.ended
+""",
+    "dead_letter_summary": """
+CREATE OR REPLACE VIEW dead_letter_summary AS
+SELECT reason, topic, count(*) AS letters, count(*) FILTER (WHERE resolved_at IS NULL) AS unresolved,
+       count(DISTINCT session_id) AS sessions, min(received_at) AS first_received_at,
+       max(received_at) AS last_received_at, sum(octet_length(raw)) AS raw_bytes
+FROM dead_letters GROUP BY reason, topic
 """,
 }
 
 
-class Warehouse:
-    """An open warehouse connection (a DuckDB file, or ``:memory:``)."""
+LAKE_PREFIX = "ducklake:"
+LAKE_ALIAS = "lake"
+# DuckDB settings for the ingest connection. Measured (bench/ingest.py): commits below
+# auto_checkpoint_skip_wal_threshold rows go through the WAL and a later checkpoint rewrites the
+# table's trailing row group, so small transactions cost far more per row than large ones.
+INGEST_SETTINGS = {"preserve_insertion_order": "false"}
+RETRYABLE_MARKERS = ("database is locked", "conflict", "failed to commit ducklake", "could not serialize",
+                     "concurrent", "busy")
 
-    def __init__(self, url: str, read_only: bool = False, store: SchemaStore | None = None):
+
+def is_retryable(exc: BaseException) -> bool:
+    """A commit that lost a race with another writer (DuckLake catalog) and may simply be retried."""
+    text = str(exc).lower()
+    return isinstance(exc, duckdb.Error) and any(m in text for m in RETRYABLE_MARKERS)
+
+
+@dataclass(frozen=True)
+class LakeLocation:
+    """Where a DuckLake warehouse lives: its catalog database and its data (Parquet) directory."""
+
+    catalog: str  # what follows "ducklake:" -- sqlite:/path/meta.sqlite, postgres:dbname=..., /path/x.ducklake
+    data_path: str | None
+
+    @property
+    def kind(self) -> str:
+        if self.catalog.startswith("sqlite:"):
+            return "sqlite"
+        if self.catalog.startswith(("postgres:", "postgresql:")):
+            return "postgres"
+        return "duckdb"
+
+    @property
+    def catalog_file(self) -> Path | None:
+        if self.kind == "sqlite":
+            return Path(self.catalog.split(":", 1)[1])
+        if self.kind == "duckdb":
+            return Path(self.catalog[len("duckdb:"):] if self.catalog.startswith("duckdb:") else self.catalog)
+        return None
+
+
+def parse_lake(url: str, data_path: str | None = None) -> LakeLocation:
+    """``ducklake:<catalog>``; the data path defaults to ``<catalog file>.files/`` next to a file catalog."""
+    catalog = url[len(LAKE_PREFIX):]
+    if not catalog:
+        raise WarehouseError("a DuckLake warehouse needs a catalog: ducklake:sqlite:/path/meta.sqlite")
+    loc = LakeLocation(catalog, data_path)
+    if loc.catalog_file is not None:
+        f = loc.catalog_file.expanduser().absolute()
+        cat = f"sqlite:{f}" if loc.kind == "sqlite" else str(f)
+        loc = LakeLocation(cat, data_path or str(f) + ".files/")
+    elif not data_path:
+        raise WarehouseError("a DuckLake warehouse on Postgres needs a data path (AGENTLEDGER_LAKE_DATA_PATH), "
+                             "e.g. s3://bucket/agentledger/ or a shared directory")
+    return loc
+
+
+class Warehouse:
+    """An open warehouse connection: a DuckDB file (or ``:memory:``), or a DuckLake (``ducklake:...``).
+
+    A DuckDB file has one writer process and no concurrent readers. A DuckLake has any number of
+    readers, which see committed snapshots, and several writers; a writer whose commit loses a race
+    gets an error `is_retryable` recognises, and must redo its transaction.
+    """
+
+    def __init__(self, url: str, read_only: bool = False, store: SchemaStore | None = None, *,
+                 snapshot: int | None = None, data_path: str | None = None):
         self.url = url
         self.read_only = read_only
         self.store = store or load_store()
-        if url.startswith("ducklake:"):
-            raise WarehouseError("DuckLake warehouses are not supported by this build yet")
+        self.snapshot = snapshot
+        self.lake: LakeLocation | None = None
+        config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        if url.startswith(LAKE_PREFIX):
+            self.lake = parse_lake(url, data_path)
+            self.con = duckdb.connect(":memory:", config=config)
+            self._attach_lake()
+            return
+        if snapshot is not None:
+            raise WarehouseError("snapshots (--snapshot) need a DuckLake warehouse (AGENTLEDGER_WAREHOUSE=ducklake:...)")
         path = Path(url) if url != ":memory:" else None
         if path is not None and not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
         if path is not None and read_only and not path.exists():
             raise WarehouseError(f"no warehouse at {path}: run `agentledger ingest` first")
-        config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
         try:
             self.con = duckdb.connect(url, read_only=read_only, config=config)
         except duckdb.IOException as exc:
@@ -227,28 +394,116 @@ class Warehouse:
                 ) from exc
             raise WarehouseError(f"cannot open warehouse {url}: {exc}") from exc
 
+    @property
+    def is_lake(self) -> bool:
+        return self.lake is not None
+
+    def _attach_lake(self) -> None:
+        lake = self.lake
+        assert lake is not None
+        if lake.kind == "sqlite":
+            load_extension(self.con, "sqlite_scanner")
+        elif lake.kind == "postgres":
+            load_extension(self.con, "postgres_scanner")
+        load_extension(self.con, "ducklake")
+        f = lake.catalog_file
+        if f is not None:
+            if not f.exists():
+                if self.read_only:
+                    raise WarehouseError(f"no DuckLake catalog at {f}: run `agentledger ingest` first")
+                f.parent.mkdir(parents=True, exist_ok=True)
+                if lake.kind == "sqlite":
+                    _sqlite_wal(f)
+            if lake.data_path and "://" not in lake.data_path and not self.read_only:
+                Path(lake.data_path).mkdir(parents=True, exist_ok=True)
+        opts = []
+        if lake.data_path and not self.read_only:
+            opts.append(f"DATA_PATH '{_lit(lake.data_path)}'")
+        if self.read_only:
+            opts.append("READ_ONLY")
+        if self.snapshot is not None:
+            opts.append(f"SNAPSHOT_VERSION {int(self.snapshot)}")
+        for attempt in range(40):  # several processes creating / attaching one catalog race on its lock
+            try:
+                self.con.execute(f"ATTACH '{_lit(LAKE_PREFIX + lake.catalog)}' AS {LAKE_ALIAS}"
+                                 + (f" ({', '.join(opts)})" if opts else ""))
+                break
+            except duckdb.Error as exc:
+                if not is_retryable(exc) or attempt == 39:
+                    raise WarehouseError(f"cannot attach DuckLake {self.url}: {str(exc).strip()}") from exc
+                try:
+                    self.con.execute(f"DETACH {LAKE_ALIAS}")
+                except duckdb.Error:
+                    pass
+                time.sleep(0.05 * (attempt + 1))
+        self.con.execute(f"USE {LAKE_ALIAS}")
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """Another connection to the same database, for another thread (a connection is not thread-safe)."""
+        cur = self.con.cursor()
+        if self.is_lake:
+            cur.execute(f"USE {LAKE_ALIAS}")
+        return cur
+
     def lock_down(self) -> None:
         """For user-supplied SQL: no file or network access beyond the warehouse, settings frozen."""
+        if self.is_lake:
+            data_path = self.con.execute(f"SELECT data_path FROM ducklake_settings('{LAKE_ALIAS}')").fetchone()[0]
+            self.con.execute("SET allowed_directories = ?", [[data_path]])
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
 
     def load(self, extension: str) -> None:
         load_extension(self.con, extension)
 
+    def tune_for_ingest(self) -> None:
+        for k, v in INGEST_SETTINGS.items():
+            self.con.execute(f"SET {k} = {v}")
+
+    def _relations(self) -> dict[str, str]:
+        """Tables and views of the warehouse database (not temp, not other attached ones)."""
+        rows = self.con.execute("""
+            SELECT table_name, table_type FROM information_schema.tables
+            WHERE table_catalog = current_database() AND table_schema = current_schema()""").fetchall()
+        return {name: kind for name, kind in rows}
+
     def ensure_schema(self) -> None:
-        """Create missing tables and (re)create views. Idempotent; never drops data."""
+        """Create missing tables and views; recreate views whose definition changed. Idempotent;
+        never drops data. Several processes may run it at once on a DuckLake: a lost race is retried."""
         if self.read_only:
             return
-        for ddl in _tables_ddl(self.store, constraints=True):
-            self.con.execute(ddl)
+        for attempt in range(20):
+            try:
+                self._ensure_schema_once()
+                return
+            except duckdb.Error as exc:
+                if not is_retryable(exc) and "already exists" not in str(exc) or attempt == 19:
+                    raise WarehouseError(f"cannot create the warehouse schema: {str(exc).strip()}") from exc
+                time.sleep(0.05 * (attempt + 1))
+
+    def _ensure_schema_once(self) -> None:
+        have = self._relations()
+        for name, ddl in zip(TABLE_NAMES, _tables_ddl(self.store, constraints=True)):
+            if name not in have:
+                self.con.execute(ddl)
         self._add_missing_columns()
-        for ddl in VIEWS.values():
-            self.con.execute(ddl)
+        current = self._view_definitions()
+        wanted = _canonical_views(self.store)
+        for name, ddl in VIEWS.items():
+            if _norm(current.get(name, "")) != _norm(wanted[name]):
+                self.con.execute(ddl)
         self.record_schema_versions()
+
+    def _view_definitions(self) -> dict[str, str]:
+        rows = self.con.execute("""
+            SELECT view_name, sql FROM duckdb_views()
+            WHERE NOT internal AND database_name = current_database() AND schema_name = current_schema()""").fetchall()
+        return {name: sql for name, sql in rows}
 
     def _add_missing_columns(self) -> None:
         have = {r[0] for r in self.con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'events'").fetchall()}
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'events' "
+            "AND table_catalog = current_database() AND table_schema = current_schema()").fetchall()}
         for c in event_columns(self.store):
             if c.name not in have:
                 self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(c.name)} {c.type}")
@@ -271,6 +526,57 @@ class Warehouse:
         exprs = ",\n  ".join(f"{c.source} AS {_q(c.name)}" for c in cols)
         return f"INSERT INTO events ({names})\nSELECT\n  {exprs}\nFROM {source_sql} s"
 
+    # -- DuckLake: snapshots and maintenance ------------------------------------------------
+    def snapshots(self, limit: int = 20) -> list[tuple]:
+        """(snapshot_id, time, changes) of the lake, newest first."""
+        self._need_lake("snapshots")
+        return self.con.execute(
+            f"SELECT snapshot_id, snapshot_time::TIMESTAMP, changes::VARCHAR FROM {LAKE_ALIAS}.snapshots() "
+            "ORDER BY snapshot_id DESC LIMIT ?", [limit]).fetchall()
+
+    def current_snapshot(self) -> int | None:
+        if not self.is_lake:
+            return None
+        if self.snapshot is not None:
+            return self.snapshot
+        return self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{LAKE_ALIAS}')").fetchone()[0]
+
+    def compact(self, expire_older_than: str | None = "1 hour") -> dict:
+        """Merge small Parquet files, expire old snapshots and delete files nothing refers to any more.
+
+        Safe while ingest and readers run: DuckLake rewrites files in a new snapshot; a reader pinned to
+        an expired snapshot loses it, so ``expire_older_than`` keeps recent ones for reproducible audits.
+        """
+        self._need_lake("compaction")
+        out: dict[str, Any] = {}
+        before = self._file_count()
+        self.con.execute(f"CALL ducklake_flush_inlined_data('{LAKE_ALIAS}')")
+        self.con.execute(f"CALL ducklake_merge_adjacent_files('{LAKE_ALIAS}')")
+        out["files_before"] = before
+        out["files_after_merge"] = self._file_count()
+        if expire_older_than:
+            # Snapshot ids are chosen here rather than with older_than => ...: this DuckLake build
+            # compared older_than wrongly (it expired snapshots seconds old; seen with 1.5.5).
+            ids = [r[0] for r in self.con.execute(
+                f"SELECT snapshot_id FROM {LAKE_ALIAS}.snapshots() "
+                f"WHERE snapshot_time < now() - INTERVAL '{_lit(expire_older_than)}' "
+                f"AND snapshot_id < (SELECT max(snapshot_id) FROM {LAKE_ALIAS}.snapshots())").fetchall()]
+            out["snapshots_expired"] = len(ids)
+            if ids:
+                self.con.execute(f"CALL ducklake_expire_snapshots('{LAKE_ALIAS}', versions => ?)", [ids])
+            rows = self.con.execute(f"CALL ducklake_cleanup_old_files('{LAKE_ALIAS}', cleanup_all => true)").fetchall()
+            out["files_deleted"] = len(rows)
+        return out
+
+    def _file_count(self) -> int:
+        return self.con.execute(
+            f"SELECT count(*) FROM __ducklake_metadata_{LAKE_ALIAS}.ducklake_data_file "
+            "WHERE end_snapshot IS NULL").fetchone()[0]
+
+    def _need_lake(self, what: str) -> None:
+        if not self.is_lake:
+            raise WarehouseError(f"{what} needs a DuckLake warehouse (AGENTLEDGER_WAREHOUSE=ducklake:...)")
+
     def close(self) -> None:
         self.con.close()
 
@@ -281,11 +587,60 @@ class Warehouse:
         self.close()
 
 
-def open_warehouse(url: str, read_only: bool = False) -> Warehouse:
-    wh = Warehouse(url, read_only=read_only)
+TABLE_NAMES = ["events", "ingest_offsets", "chain_heads", "dead_letters", "schema_versions"]
+
+
+def _lit(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _norm(sql: str) -> str:
+    return " ".join(sql.replace(";", " ").split()).lower().replace("create or replace view", "create view")
+
+
+_CANONICAL: dict[str, dict[str, str]] = {}
+
+
+def _canonical_views(store: SchemaStore) -> dict[str, str]:
+    """The view definitions as DuckDB stores them (it re-formats SQL), to tell whether a stored view
+    is current without re-creating it -- every DDL statement is a catalog commit on a DuckLake."""
+    key = store.current.fingerprint_hex
+    if key not in _CANONICAL:
+        con = duckdb.connect(":memory:")
+        try:
+            for ddl in _tables_ddl(store, constraints=True):
+                con.execute(ddl)
+            for ddl in VIEWS.values():
+                con.execute(ddl)
+            _CANONICAL[key] = {n: sql for n, sql in con.execute(
+                "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall()}
+        finally:
+            con.close()
+    return _CANONICAL[key]
+
+
+def _sqlite_wal(path: Path) -> None:
+    """A new SQLite catalog in WAL mode, so that readers never block the writer (persistent setting)."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+def open_warehouse(url: str, read_only: bool = False, *, snapshot: int | None = None,
+                   data_path: str | None = None) -> Warehouse:
+    wh = Warehouse(url, read_only=read_only, snapshot=snapshot, data_path=data_path)
     if not read_only:
         wh.ensure_schema()
     return wh
+
+
+def open_for(settings, read_only: bool = False, *, snapshot: int | None = None) -> Warehouse:
+    """The configured warehouse (``settings.warehouse``), created on first write."""
+    return open_warehouse(settings.warehouse, read_only, snapshot=snapshot, data_path=settings.lake_data_path)
 
 
 def kinds(store: SchemaStore | None = None) -> list[PayloadKind]:

@@ -14,8 +14,19 @@ from conftest import REPO
 @pytest.mark.kafka
 def test_bench_ingest_smoke(bootstrap, tmp_path):
     proc = subprocess.run([sys.executable, "bench/ingest.py", "--bootstrap", bootstrap, "--events", "3000",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--workdir", str(tmp_path), "--base-rows", "30000", "--batch", "1000"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["events"] >= 3000
     assert result["raw_poll"] > 0 and result["ingest"] > 0 and 0 < result["ratio"]
+    assert result["embedded"] > 0 and result["ingest_at_20m"] > 0 and result["base_rows"] >= result["events"]
+
+
+def test_bench_replay_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/replay.py", "--events", "6000", "--decode-sample", "2000",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["events"] == 6000 and result["events_per_s"] > 0
+    assert result["baseline_sha256_events_per_s"] > 0 and result["baseline_fastavro_decode_events_per_s"] > 0
+    assert result["processes"] > 0 and len(result["state_digest"]) == 64

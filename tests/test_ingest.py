@@ -121,11 +121,11 @@ def test_crash_mid_batch_commits_nothing(home, monkeypatch):
         calls = {"n": 0}
         orig = ing._write_offsets
 
-        def boom(msgs):
+        def boom(msgs, *rest):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("simulated crash before COMMIT")
-            return orig(msgs)
+            return orig(msgs, *rest)
 
         monkeypatch.setattr(ing, "_write_offsets", boom)
         with pytest.raises(RuntimeError):

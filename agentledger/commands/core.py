@@ -42,22 +42,24 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
     return result
 
 
-def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True, batch_records: int = 50_000):
-    from consumers.ingest import Ingestor
+def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True, batch_records: int | None = None,
+               group: str | None = None, compact_every_s: float | None = None):
+    from consumers.ingest import DEFAULT_BATCH, Ingestor
     from schemas.transport import open_source
-    from schemas.warehouse import open_warehouse
+    from schemas.warehouse import open_for
 
     stop = threading.Event()
-    if follow:
+    if follow or group:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    wh = open_warehouse(s.warehouse)
-    source = open_source(s)
+    wh = open_for(s)
+    source = open_source(s, group_id=group) if group and s.uses_kafka else open_source(s)
     try:
-        ing = Ingestor(wh, source, s.topic, batch_records=batch_records)
-        ing.assign()
+        ing = Ingestor(wh, source, s.topic, batch_records=batch_records or DEFAULT_BATCH, group=group,
+                       compact_every_s=compact_every_s)
+        ing.subscribe() if group else ing.assign()
         with _progress(show_progress) as progress:
-            total = None if follow else ing.lag()
+            total = None if follow or group else ing.lag()
             task = progress.add_task("ingesting events", total=total)
 
             def on_batch(r, stats):
@@ -93,9 +95,9 @@ def register(app: typer.Typer) -> None:
         stats = run_ingest(s)
         console.print(f"ingested {stats.accepted} events, {stats.dead_letters} quarantined, "
                       f"in {stats.seconds:.2f}s")
-        from schemas.warehouse import open_warehouse
+        from schemas.warehouse import open_for
 
-        with open_warehouse(s.warehouse, read_only=True) as wh:
+        with open_for(s, read_only=True) as wh:
             cur = wh.con.execute("""
                 SELECT s.session_id, s.agent, s.event_count AS events, s.commands, s.file_events AS files,
                        s.network_attempts AS net, s.sandbox_denied + s.approvals_denied + s.network_denied AS denied,
@@ -139,7 +141,10 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         until_caught_up: bool = typer.Option(False, "--until-caught-up", help="Exit at zero lag (the default)."),
         follow: bool = typer.Option(False, "--follow", help="Keep ingesting until interrupted (SIGINT/SIGTERM)."),
-        batch: int = typer.Option(50_000, help="Max events per transaction."),
+        batch: int = typer.Option(100_000, help="Max events per transaction (large is faster: see docs/warehouse.md)."),
+        group: Optional[str] = typer.Option(None, "--group", help="Consumer group: several ingest processes share "
+                                                                  "the topic's partitions (needs a DuckLake warehouse)."),
+        compact_every: float = typer.Option(600.0, help="With --follow on a DuckLake: compact every N seconds (0: never)."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json (summary)."),
     ) -> None:
         """Consume events exactly once into the warehouse (rows and offsets commit together).
@@ -149,7 +154,11 @@ def register(app: typer.Typer) -> None:
         if until_caught_up and follow:
             raise typer.BadParameter("choose one of --until-caught-up and --follow")
         s = settings(ctx)
-        stats = run_ingest(s, follow=follow, batch_records=batch, show_progress=fmt is not Format.json)
+        if group and s.uses_kafka and not s.warehouse.startswith("ducklake:"):
+            raise typer.BadParameter("--group needs a warehouse several processes can write: "
+                                     "AGENTLEDGER_WAREHOUSE=ducklake:sqlite:/path/meta.sqlite (or Postgres)")
+        stats = run_ingest(s, follow=follow, batch_records=batch, show_progress=fmt is not Format.json,
+                           group=group, compact_every_s=compact_every or None)
         if fmt is Format.json:
             print_json(stats.as_dict())
         else:
@@ -161,17 +170,19 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         query: str = typer.Argument(..., help="SQL to run (read-only)."),
         fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+        snapshot: Optional[int] = typer.Option(None, "--snapshot", help="DuckLake: query this snapshot (see "
+                                                                        "`agentledger snapshots`), for reproducible findings."),
     ) -> None:
-        """Run read-only SQL on the warehouse.
+        """Run read-only SQL on the warehouse (on a DuckLake: the latest committed snapshot, or --snapshot N).
 
         Example:  agentledger sql "select family, count(*) from events group by 1" --format json
         """
         import duckdb
 
-        from schemas.warehouse import open_warehouse
+        from schemas.warehouse import open_for
 
         s = settings(ctx)
-        with open_warehouse(s.warehouse, read_only=True) as wh:
+        with open_for(s, read_only=True, snapshot=snapshot) as wh:
             wh.lock_down()
             try:
                 cur = wh.con.execute(query)

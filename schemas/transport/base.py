@@ -46,6 +46,7 @@ class Sink(ABC):
 
 
 PartitionsCallback = Callable[[list[tuple[str, int]]], None]
+PartitionCallback = Callable[[list[int]], None]
 
 
 class Source(ABC):
@@ -73,6 +74,30 @@ class Source(ABC):
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         raise NotImplementedError
+
+    # -- consumer groups (scale-out) -------------------------------------------------------
+    def subscribe(self, topic: str, group: str, on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+        """Join consumer group ``group`` on ``topic``: each partition is read by exactly one member at a time.
+
+        Both callbacks run during `poll` (on the polling thread, or on the client's IO thread: they
+        must not call blocking source methods). ``on_revoked(partitions)`` runs before
+        partitions are taken away: the caller must finish (commit) or abort its work on them before
+        returning, because another member may start reading them right after. ``on_assigned(partitions)``
+        runs once partitions are this member's: the caller seeks each one to the offset stored with its
+        data (the group itself stores no offsets; the warehouse does)."""
+        raise NotImplementedError(f"{type(self).__name__} has no consumer groups")
+
+    def seek_to_beginning(self, topic: str, partition: int) -> None:
+        """Read ``partition`` from its first available message (non-blocking; resolved on the next poll)."""
+        self.seek(topic, partition, self.beginning_offsets(topic).get(partition, 0))
+
+    def beginning_offsets(self, topic: str) -> dict[int, int]:
+        """First offset still available per partition (above 0 once retention deleted old messages)."""
+        return {p: 0 for p in self.partitions(topic)}
+
+    def assigned(self) -> list[tuple[str, int]]:
+        """The (topic, partition)s this source reads now."""
+        return sorted(self.positions())
 
     def close(self) -> None:
         """Release resources. Offsets are never committed here: the warehouse owns them."""

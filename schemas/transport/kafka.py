@@ -12,13 +12,13 @@ import logging
 import time
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
 from ..errors import NotDurableError, TransportError
-from .base import Message, Outgoing, Sink, Source
+from .base import Message, Outgoing, PartitionCallback, Sink, Source
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,35 @@ class KafkaSource(Source):
     def seek(self, topic: str, partition: int, offset: int) -> None:
         self._consumer.seek(TopicPartition(topic, partition), offset)
 
+    def subscribe(self, topic: str, group: str, on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
+        """Kafka's group protocol assigns partitions among the members of ``group`` (the consumer must
+        have been created with ``group_id=group``). Offsets are never committed to the group."""
+        if self._consumer.config.get("group_id") != group:
+            raise TransportError(f"the Kafka consumer was created for group {self._consumer.config.get('group_id')!r}, "
+                                 f"not {group!r}")
+
+        def parts(tps) -> list[int]:
+            return sorted(tp.partition for tp in tps if tp.topic == topic)
+
+        class _Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                on_revoked(parts(revoked))
+
+            def on_partitions_assigned(self, assigned):
+                on_assigned(parts(assigned))
+
+        self._consumer.subscribe([topic], listener=_Listener())
+
+    def seek_to_beginning(self, topic: str, partition: int) -> None:
+        self._consumer.seek_to_beginning(TopicPartition(topic, partition))
+
+    def beginning_offsets(self, topic: str) -> dict[int, int]:
+        tps = [TopicPartition(topic, p) for p in self.partitions(topic)]
+        return {tp.partition: off for tp, off in self._consumer.beginning_offsets(tps).items()}
+
+    def assigned(self) -> list[tuple[str, int]]:
+        return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
@@ -199,5 +228,61 @@ def raw_poll(bootstrap_servers: str, topic: str, expected: int, timeout_s: float
                 n += len(records)
                 nbytes += sum(len(r.value) for r in records)
         return n, time.perf_counter() - t0
+    finally:
+        consumer.close(autocommit=False)
+
+
+def partition_count(bootstrap_servers: str, topic: str, timeout_s: float = 30) -> int:
+    """Partitions of ``topic`` (0 when it does not exist)."""
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-replay",
+                                 request_timeout_ms=int(timeout_s * 1000) + 1000)
+    except KafkaError as exc:
+        raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        return len(parts) if parts else 0
+    except KafkaError as exc:
+        raise TransportError(f"cannot read the partitions of {topic}: {exc}") from exc
+    finally:
+        consumer.close(autocommit=False)
+
+
+def scan_partition(bootstrap_servers: str, topic: str, partition: int, start: int | None = None, *,
+                   key: bytes | None = None, timeout_s: float = 120, **overrides: Any) -> tuple[list[Message], int, int]:
+    """Read one partition from ``start`` (its beginning when None or out of range) up to its end offset
+    as of the call, keeping only messages whose key is ``key`` (all when None). Nothing is decoded
+    and no offset is committed. Returns (messages, first offset read, end offset)."""
+    config = {**CONSUMER_DEFAULTS, **overrides}
+    config["enable_auto_commit"] = False
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-replay", **config)
+    except KafkaError as exc:
+        raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
+    tp = TopicPartition(topic, partition)
+    out: list[Message] = []
+    try:
+        consumer.assign([tp])
+        begin = consumer.beginning_offsets([tp])[tp]
+        end = consumer.end_offsets([tp])[tp]
+        first = begin if start is None or start < begin or start > end else start
+        consumer.seek(tp, first)
+        deadline = time.monotonic() + timeout_s
+        pos = first
+        while pos < end:
+            if time.monotonic() > deadline:
+                raise TransportError(f"{topic}/{partition}: read {pos - first} of {end - first} messages in "
+                                     f"{timeout_s:.0f}s; gave up")
+            for records in consumer.poll(timeout_ms=500, max_records=CONSUMER_DEFAULTS["max_poll_records"]).values():
+                for r in records:
+                    if r.offset >= end:
+                        continue
+                    if key is None or r.key == key:
+                        out.append(Message(topic, partition, r.offset, r.key, r.value, r.timestamp))
+                    pos = max(pos, r.offset + 1)
+            pos = max(pos, consumer.position(tp))
+        return out, first, end
+    except KafkaError as exc:
+        raise TransportError(f"reading {topic}/{partition} failed: {exc}") from exc
     finally:
         consumer.close(autocommit=False)

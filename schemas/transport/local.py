@@ -30,7 +30,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .. import codec
 from ..errors import DecodeError, NotDurableError, TransportError
@@ -380,6 +380,46 @@ class LocalSource(Source):
         self.log = log
         self._positions: dict[tuple[str, int], int] = {}
         self._rr = 0
+        self._group: tuple[str, str, Callable[[list[int]], None]] | None = None
+        self._group_fd: int | None = None
+
+    def subscribe(self, topic: str, group: str, on_assigned, on_revoked) -> None:
+        """A single-member group: the member holding ``<topic>/.group-<group>.lock`` reads every
+        partition; another process subscribing to the same group waits (its polls return nothing)
+        until the holder exits. The lock dies with its process, so a killed member is replaced."""
+        if not group or "/" in group or group.startswith("."):
+            raise TransportError(f"invalid group name {group!r}")
+        self.log.ensure_topic(topic)
+        self._group = (topic, group, on_assigned)
+        self._try_join()
+
+    def _try_join(self) -> bool:
+        if self._group_fd is not None:
+            return True
+        topic, group, on_assigned = self._group
+        path = self.log.topic_dir(topic) / f".group-{group}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._group_fd = fd
+        parts = self.partitions(topic)
+        for p in parts:
+            self._positions.setdefault((topic, p), 0)
+        on_assigned(parts)
+        return True
+
+    def assigned(self) -> list[tuple[str, int]]:
+        if self._group is not None and self._group_fd is None:
+            return []
+        return sorted(self._positions)
+
+    def close(self) -> None:
+        if self._group_fd is not None:
+            os.close(self._group_fd)  # releases the flock
+            self._group_fd = None
 
     def partitions(self, topic: str) -> list[int]:
         return list(range(self.log.partition_count(topic)))
@@ -393,6 +433,13 @@ class LocalSource(Source):
 
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
         deadline = time.monotonic() + timeout_s
+        if self._group is not None and not self._try_join():
+            while time.monotonic() < deadline:
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                if self._try_join():
+                    break
+            else:
+                return []
         while True:
             out: list[Message] = []
             keys = list(self._positions)

@@ -1,0 +1,206 @@
+"""verify, deadletters, compact, snapshots: checking and maintaining the warehouse."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from schemas.errors import WarehouseError
+
+from ..output import Format, console, err_console, print_json, render_rows
+
+
+class _Kind(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def register(app: typer.Typer) -> None:
+    from ..cli import settings
+
+    @app.command()
+    def verify(
+        ctx: typer.Context,
+        sessions: Optional[List[str]] = typer.Argument(None, help="Sessions to verify (default: all)."),
+        public_key: Optional[List[Path]] = typer.Option(
+            None, "--public-key", help="Ed25519 public key (.pub PEM) or a directory of them; repeatable. "
+                                       "$AGENTLEDGER_HOME/keys/*.pub are always included."),
+        require_signatures: bool = typer.Option(False, "--require-signatures",
+                                                help="An unsigned session is a failure, not 'ok (unsigned)'."),
+        fmt: _Kind = typer.Option(_Kind.table, "--format", help="table or json."),
+    ) -> None:
+        """Re-check sessions from the warehouse: every hash, the chain, and signed checkpoints.
+
+        Exits 1 if any session is broken, naming its first bad seq and the reason. Rows are
+        re-encoded to the exact bytes the producer sealed, so an edited row is found.
+
+        Example:  agentledger verify --public-key ~/.agentledger/keys --format json
+        """
+        from consumers.verify import verify as run_verify
+        from schemas.signing import Keyring
+        from schemas.warehouse import open_for
+
+        s = settings(ctx)
+        paths = [s.home / "keys", *(public_key or [])]
+        for p in public_key or []:
+            if not p.exists():
+                raise WarehouseError(f"no public key at {p}")
+        keyring = Keyring.from_paths(*paths)
+        with open_for(s, read_only=True) as wh:
+            verdicts = list(run_verify(wh, sessions, keyring, require_signatures=require_signatures))
+        bad = [v for v in verdicts if not v.ok]
+        if fmt is _Kind.json:
+            print_json({"ok": not bad, "sessions": len(verdicts), "broken": len(bad), "keys": len(keyring),
+                        "results": [v.as_dict() for v in verdicts]})
+        else:
+            render_rows(["session_id", "result", "events", "checkpoints", "signed", "detail"],
+                        [(v.session_id, v.label, v.events, v.checkpoints, v.signed_checkpoints, v.detail or "")
+                         for v in verdicts], Format.table, title="verify")
+            console.print(f"{len(verdicts) - len(bad)} of {len(verdicts)} sessions verify"
+                          + (f"; [bold red]{len(bad)} broken[/]" if bad else ""))
+        if bad:
+            raise typer.Exit(1)
+
+    dl = typer.Typer(help="Quarantined messages: list them, feed them through validation again.\n\n"
+                          "Example:  agentledger deadletters list --reason seq_gap",
+                     no_args_is_help=True)
+    app.add_typer(dl, name="deadletters")
+
+    @dl.command("list")
+    def deadletters_list(
+        ctx: typer.Context,
+        reason: Optional[List[str]] = typer.Option(None, "--reason", help="Only this reason (repeatable)."),
+        session: Optional[str] = typer.Option(None, "--session", help="Only this session."),
+        include_resolved: bool = typer.Option(False, "--all", help="Include resolved dead letters."),
+        summary: bool = typer.Option(False, "--summary", help="Counts per reason instead of letters."),
+        limit: int = typer.Option(100, help="At most this many rows."),
+        fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+    ) -> None:
+        """List quarantined messages with their reason (raw bytes: size and a hex prefix).
+
+        Example:  agentledger deadletters list --reason hash_mismatch --format json
+        """
+        from schemas.warehouse import open_for
+
+        s = settings(ctx)
+        where, params = _filters(reason, session, include_resolved)
+        with open_for(s, read_only=True) as wh:
+            if summary:
+                cur = wh.con.execute(f"""
+                    SELECT reason, count(*) AS letters, count(*) FILTER (WHERE resolved_at IS NULL) AS unresolved,
+                           count(DISTINCT session_id) AS sessions, min(received_at) AS first_received_at,
+                           max(received_at) AS last_received_at
+                    FROM dead_letters WHERE {where} GROUP BY reason ORDER BY letters DESC""", params)
+            else:
+                cur = wh.con.execute(f"""
+                    SELECT dead_letter_id, reason, detail, topic, "partition", "offset", session_id, seq,
+                           octet_length(raw) AS raw_bytes, hex(raw[1:24]) AS raw_prefix, received_at,
+                           resolved_at, resolution
+                    FROM dead_letters WHERE {where}
+                    ORDER BY received_at, topic, "partition", "offset" LIMIT ?""", [*params, limit])
+            render_rows([d[0] for d in cur.description], cur.fetchall(), fmt)
+
+    @dl.command("retry")
+    def deadletters_retry(
+        ctx: typer.Context,
+        reason: Optional[List[str]] = typer.Option(None, "--reason", help="Only this reason (repeatable)."),
+        session: Optional[str] = typer.Option(None, "--session", help="Only this session."),
+        letter_id: Optional[List[str]] = typer.Option(None, "--id", help="Only this dead letter (repeatable)."),
+        fmt: Format = typer.Option(Format.table, "--format", help="table or json (summary)."),
+    ) -> None:
+        """Feed unresolved dead letters through the same validation again (idempotent).
+
+        Use it after the cause is fixed: a writer schema was added (AGENTLEDGER_SCHEMA_PATH), or a
+        missing predecessor arrived. Accepted letters become events and are marked resolved, in the
+        same transaction; identical duplicates are resolved as such; the rest stay, with the reason
+        they failed for this time.
+
+        Example:  AGENTLEDGER_SCHEMA_PATH=./more-schemas agentledger deadletters retry --reason unknown_fingerprint
+        """
+        from consumers.ingest import Ingestor
+        from schemas.transport.base import Message
+        from schemas.warehouse import open_for
+
+        s = settings(ctx)
+        where, params = _filters(reason, session, False)
+        if letter_id:
+            where += " AND dead_letter_id IN (SELECT unnest(?))"
+            params.append(list(letter_id))
+        with open_for(s) as wh:
+            rows = wh.con.execute(f"""
+                SELECT dead_letter_id, topic, "partition", "offset", "key", raw FROM dead_letters
+                WHERE {where} ORDER BY session_id NULLS LAST, seq, received_at""", params).fetchall()
+            letters = [(lid, Message(t, p, o, k, bytes(raw) if raw is not None else b"")) for lid, t, p, o, k, raw in rows]
+            ing = Ingestor(wh, None, s.topic)
+            total = {"retried": len(letters), "accepted": 0, "resolved_as_duplicate": 0, "still_quarantined": 0,
+                     "reasons": {}}
+            for i in range(0, len(letters), 50_000):
+                r = ing.retry_dead_letters(letters[i:i + 50_000])
+                total["accepted"] += r.accepted
+                dup = r.reasons.get("duplicate", 0)
+                total["resolved_as_duplicate"] += dup
+                total["still_quarantined"] += r.dead_letters - dup
+                for k, v in r.reasons.items():
+                    if k != "duplicate":
+                        total["reasons"][k] = total["reasons"].get(k, 0) + v
+        if fmt is Format.json:
+            print_json(total)
+        else:
+            console.print(f"retried {total['retried']} dead letters: {total['accepted']} ingested, "
+                          f"{total['resolved_as_duplicate']} resolved as duplicates, "
+                          f"{total['still_quarantined']} still quarantined {total['reasons'] or ''}")
+
+    @app.command()
+    def compact(
+        ctx: typer.Context,
+        expire_older_than: str = typer.Option("1 hour", help="Expire snapshots older than this interval "
+                                                              "(queries pinned to them stop working)."),
+        fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
+    ) -> None:
+        """Merge small Parquet files of a DuckLake warehouse and expire old snapshots (safe while ingest runs).
+
+        Example:  agentledger compact --expire-older-than "7 days"
+        """
+        from schemas.warehouse import open_for
+
+        s = settings(ctx)
+        with open_for(s) as wh:
+            out = wh.compact(expire_older_than)
+        if fmt is Format.json:
+            print_json(out)
+        else:
+            console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in out.items()))
+
+    @app.command()
+    def snapshots(
+        ctx: typer.Context,
+        limit: int = typer.Option(20, help="How many, newest first."),
+        fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+    ) -> None:
+        """List the snapshots of a DuckLake warehouse (pin a query to one with `sql --snapshot N`).
+
+        Example:  agentledger snapshots --limit 5
+        """
+        from schemas.warehouse import open_for
+
+        s = settings(ctx)
+        with open_for(s, read_only=True) as wh:
+            render_rows(["snapshot_id", "snapshot_time", "changes"], wh.snapshots(limit), fmt)
+
+
+def _filters(reason, session, include_resolved) -> tuple[str, list]:
+    where = ["TRUE"]
+    params: list = []
+    if not include_resolved:
+        where.append("resolved_at IS NULL")
+    if reason:
+        where.append("reason IN (SELECT unnest(?))")
+        params.append(list(reason))
+    if session:
+        where.append("session_id = ?")
+        params.append(session)
+    return " AND ".join(where), params

@@ -1,0 +1,298 @@
+"""Replaying one session: verify its raw bytes, decode it natively, project and lay out its timeline.
+
+    raw = WarehouseSource(con).read(session_id)        # or Kafka / local log / bundle
+    with replay(raw, keyring=keyring) as r:
+        r.verification.status, r.state(at=42).digest, r.timeline()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from schemas.contract import SchemaStore, load_store
+from schemas.signing import Keyring, load_public
+
+from . import verify as _verify
+from .bundle import BundleCheck, check_bundle
+from .chain import ChainResult, verify_values
+from .projection import SessionState, project
+from .sources import RawSession
+from .timeline import build_timeline, fetch_events
+from .workset import Workset, WorksetError, load
+
+
+@dataclass
+class Replay:
+    raw: RawSession
+    chain: ChainResult
+    workset: Workset
+    verification: _verify.Verification
+    bundle_check: BundleCheck | None = None
+    alerts: list[dict] = field(default_factory=list)
+    decode_note: str | None = None
+    store: SchemaStore | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.raw.session_id
+
+    @property
+    def con(self):
+        return self.workset.con
+
+    def state(self, at: int | None = None, *, materialize: bool = True) -> SessionState:
+        return project(self.con, self.session_id, at, materialize=materialize)
+
+    def timeline(self, at: int | None = None) -> list[dict]:
+        return build_timeline(fetch_events(self.con, self.session_id, at, self.store), self.chain, self.alerts)
+
+    def checkpoint_rows(self) -> list[dict]:
+        return checkpoint_rows(self.con, self.session_id)
+
+    def close(self) -> None:
+        self.workset.close()
+
+    def __enter__(self) -> "Replay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+PARALLEL_MIN_EVENTS = 100_000
+
+
+def _try_load(raw: RawSession, store: SchemaStore) -> dict:
+    try:
+        return {"ws": load(raw, store)}
+    except WorksetError as exc:
+        return {"error": exc}
+
+
+def _can_fork() -> bool:
+    import multiprocessing as mp
+
+    return "fork" in mp.get_all_start_methods()
+
+
+class _SpanHashes(Sequence):
+    """The hashes of a bundle's first ``n`` events, read from the file (they verified, so the hash
+    each event carries is its hash)."""
+
+    def __init__(self, bundle, n: int):
+        self._b, self._n = bundle, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        e = self._b.spans[i][1]
+        return self._b.data[e - 64 : e].decode("ascii")
+
+
+def _check_child(bundle, conn) -> None:
+    try:
+        chk = check_bundle(bundle)
+        if chk.chain is not None:
+            chk.chain.hashes = []
+        conn.send(chk)
+    except BaseException as exc:  # reported to the parent, which re-raises
+        conn.send(exc)
+    finally:
+        conn.close()
+
+
+def _check_in_child(bundle, work) -> BundleCheck:
+    """check_bundle(bundle) in a forked child while ``work()`` runs here."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_check_child, args=(bundle, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        work()
+        res = parent.recv()
+    finally:
+        proc.join()
+        parent.close()
+    if isinstance(res, BaseException):
+        raise res
+    if res.chain is not None:
+        res.chain.hashes = _SpanHashes(bundle, res.chain.verified)
+    return res
+
+
+def checkpoint_rows(con, session_id: str) -> list[dict]:
+    cur = con.execute("SELECT seq, checkpoint FROM events WHERE session_id = ? AND kind = 'checkpoint' ORDER BY seq",
+                      [session_id])
+    return [{"seq": s, **cp} for s, cp in cur.fetchall()]
+
+
+def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStore | None = None,
+           alerts: list[dict] | None = None) -> Replay:
+    """Verify and load ``raw``. Never raises for bad data: a broken chain or undecodable events are
+    reported in the verification (events after an undecodable one are left out and said so)."""
+    store = store or load_store()
+    keyring = keyring or Keyring()
+    bcheck = None
+    box: dict = {}
+    if raw.bundle is not None and len(raw.bundle.spans) >= PARALLEL_MIN_EVENTS and _can_fork():
+        # A big bundle: the raw chain is verified in a forked process (pure hashing, no GIL shared)
+        # while this one decodes the events natively; the two take about the same time.
+        bcheck = _check_in_child(raw.bundle, lambda: box.update(_try_load(raw, store)))
+        chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+    else:
+        if raw.bundle is not None:
+            bcheck = check_bundle(raw.bundle)
+            chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+        else:
+            chain = verify_values(raw.values, session_id=raw.session_id)
+        box.update(_try_load(raw, store))
+    note = None
+    err = box.get("error")
+    if err is not None and not isinstance(err, WorksetError):
+        raise err
+    if err is not None:
+        prefix = RawSession(raw.session_id, list(raw.values[: chain.verified]), raw.source, raw.where,
+                            raw.provenance[: chain.verified], raw.writer_schemas)
+        ws = load(prefix, store)
+        note = f"{err}; showing the {chain.verified} verified events only"
+    else:
+        ws = box["ws"]
+    con = ws.con
+    ended = con.execute("SELECT count(*) FROM events WHERE session_id = ? AND kind = 'session_ended'",
+                        [raw.session_id]).fetchone()[0] > 0
+    gaps, lost = con.execute("SELECT count(*), coalesce(sum(gap.lost_events), 0) FROM events "
+                             "WHERE session_id = ? AND kind = 'gap'", [raw.session_id]).fetchone()
+    embedded = None
+    if raw.bundle is not None:
+        keys = []
+        for pem in raw.bundle.public_keys.values():
+            try:
+                keys.append(load_public(pem))
+            except Exception:  # a damaged embedded key is reported as unknown, never trusted
+                continue
+        embedded = Keyring(keys)
+    cps = _verify.check_checkpoints(checkpoint_rows(con, raw.session_id), chain, raw.session_id, keyring, embedded)
+    v = _verify.build(chain, raw.session_id, checkpoints=cps, ended=ended, gaps=int(gaps), lost_events=int(lost),
+                      duplicates_dropped=raw.duplicates_dropped,
+                      source={"kind": raw.source, "where": raw.where, "scanned": raw.scanned})
+    after = -1 if v.signed_through is None else v.signed_through
+    v.unsigned_events = con.execute(
+        "SELECT count(*) FROM events WHERE session_id = ? AND seq > ? AND kind NOT IN ('checkpoint', 'session_ended')",
+        [raw.session_id, after]).fetchone()[0]
+    if bcheck is not None and not bcheck.ok and v.status != "broken":
+        v.status, v.first_bad_seq, v.reason, v.detail = "broken", bcheck.first_bad_seq, bcheck.reason, bcheck.detail
+    if note:
+        v.detail = (v.detail + "; " if v.detail else "") + note
+    return Replay(raw, chain, ws, v, bcheck, list(alerts or []), note, store)
+
+
+# --- alerts (optional: the detection stage adds an `alerts` table to the warehouse) ---------------
+
+_ALERT_COLUMNS = ("alert_id", "session_id", "rule_id", "model_id", "severity", "title", "first_seq", "last_seq",
+                  "evidence_seqs", "explanation", "created_at")
+
+
+def warehouse_alerts(con, session_id: str) -> list[dict]:
+    """Alerts of a session from the warehouse's ``alerts`` table, when there is one (else [])."""
+    cols = [r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'alerts' ORDER BY ordinal_position"
+    ).fetchall()]
+    if "session_id" not in cols:
+        return []
+    use = [c for c in _ALERT_COLUMNS if c in cols]
+    quoted = ", ".join(f'"{c}"' for c in use)
+    order = "first_seq, " if "first_seq" in cols else ""
+    rows = con.execute(f"SELECT {quoted} FROM alerts WHERE session_id = ? ORDER BY {order}1", [session_id]).fetchall()
+    out = []
+    for r in rows:
+        a = dict(zip(use, r))
+        ev = a.get("evidence_seqs")
+        if isinstance(ev, str):
+            ev = [int(x) for x in ev.replace("[", "").replace("]", "").split(",") if x.strip().lstrip("-").isdigit()]
+        if not ev:
+            ev = [s for s in (a.get("first_seq"), a.get("last_seq")) if s is not None]
+        a["evidence_seqs"] = sorted({int(s) for s in ev or []})
+        a["alert_id"] = str(a.get("alert_id") or f"alert-{len(out) + 1}")
+        a["source"] = a.get("rule_id") or a.get("model_id") or "?"
+        if a.get("created_at") is not None:
+            a["created_at"] = str(a["created_at"])
+        out.append(a)
+    return out
+
+
+# --- bundles: offline verification --------------------------------------------------------------
+
+@dataclass
+class BundleVerification:
+    path: str
+    ok: bool
+    check: "BundleCheck"
+    verification: _verify.Verification | None
+    problem: str | None = None  # what failed, in one sentence
+
+    @property
+    def first_bad_seq(self) -> int | None:
+        if self.verification is not None and self.verification.first_bad_seq is not None:
+            return self.verification.first_bad_seq
+        return self.check.first_bad_seq
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "problem": self.problem, "first_bad_seq": self.first_bad_seq,
+                "structure": self.check.as_dict(),
+                "verification": self.verification.as_dict() if self.verification else None}
+
+
+def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bool = False,
+                  store: SchemaStore | None = None) -> BundleVerification:
+    """Verify a bundle file offline (no warehouse, no broker). Never raises for bad data.
+
+    Structure first (header digest, framing, chain, count, head: raw bytes only). Only a
+    structurally sound bundle is decoded, to check its checkpoint events against the header's list,
+    their signatures, and to count gaps."""
+    from .bundle import BundleError, read_bundle
+    from .sources import BundleSource
+
+    try:
+        b = read_bundle(path)
+    except BundleError as exc:
+        chk = BundleCheck(False, None, None, 0, None, None, "bad_header", str(exc), header_ok=False)
+        return BundleVerification(str(path), False, chk, None, str(exc))
+    big = len(b.spans) >= PARALLEL_MIN_EVENTS
+    if not big:  # cheap: find structural damage before paying for decoding
+        chk = check_bundle(b)
+        if not chk.ok:
+            where = f"first bad seq {chk.first_bad_seq}: " if chk.first_bad_seq is not None else ""
+            return BundleVerification(str(path), False, chk, None, f"{where}{chk.reason}: {chk.detail}")
+    raw = BundleSource(path, b).read()
+    with replay(raw, keyring=keyring, store=store) as r:
+        chk = r.bundle_check
+        if not chk.ok:
+            where = f"first bad seq {chk.first_bad_seq}: " if chk.first_bad_seq is not None else ""
+            return BundleVerification(str(path), False, chk, None, f"{where}{chk.reason}: {chk.detail}")
+        v = r.verification
+        listed = sorted((int(c["seq"]), c["signature"]) for c in b.checkpoints)
+        from .bundle import checkpoint_entry
+
+        actual = sorted((e["seq"], e["signature"]) for e in (checkpoint_entry(c["seq"], c) for c in r.checkpoint_rows()))
+    problem = None
+    if listed != actual:
+        problem = "the header's checkpoint list does not match the checkpoint events in the bundle"
+        v.status, v.reason, v.detail = "broken", "header_checkpoints", problem
+    elif v.status == "broken":
+        problem = f"first bad seq {v.first_bad_seq}: {v.reason}: {v.detail}"
+    elif require_signature and v.unsigned_events:
+        problem = ("no trusted signature covers the bundle's events" if v.signed_through is None else
+                   f"trusted signatures cover seq 0..{v.signed_through} only: {v.unsigned_events} later events "
+                   "are unsigned")
+    return BundleVerification(str(path), problem is None, chk, v, problem)

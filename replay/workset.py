@@ -1,0 +1,167 @@
+"""A session's events decoded into an in-memory DuckDB table shaped exactly like the warehouse's
+``events`` (same DDL, from schemas/warehouse.py), so projections and what-if queries are the same
+SQL whether they run on one replayed session or on the whole warehouse.
+
+Decoding is native: the bodies are framed as an in-memory Avro container and DuckDB's avro
+extension reads them (a bundle file is read in place). Bodies of an older writer schema are
+resolved to the current reader in Python first, as ingest does.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from schemas import codec
+from schemas.contract import SchemaStore, load_store
+from schemas.errors import AgentLedgerError, DecodeError
+from schemas.warehouse import Warehouse
+
+from .sources import RawSession
+
+
+class WorksetError(AgentLedgerError):
+    """The session's events could not be decoded."""
+
+
+@dataclass
+class Workset:
+    wh: Warehouse
+    session_id: str
+    events: int
+
+    @property
+    def con(self):
+        return self.wh.con
+
+    def close(self) -> None:
+        self.wh.close()
+
+    def __enter__(self) -> "Workset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def new_warehouse(store: SchemaStore | None = None) -> Warehouse:
+    wh = Warehouse(":memory:", store=store or load_store())
+    wh.ensure_schema()
+    wh.load("avro")
+    return wh
+
+
+def _insert_ocf(wh: Warehouse, path: str, fp_hex: str, literal: bool = False) -> None:
+    target = path if literal else f"'{path}'"
+    src = (f"(SELECT a.*, '{fp_hex}' AS schema_fingerprint, NULL::VARCHAR AS source_topic, "
+           "NULL::INTEGER AS source_partition, NULL::BIGINT AS source_offset, NULL::TIMESTAMP AS ingested_at "
+           f"FROM read_avro({target}) a)")
+    wh.con.execute(wh.insert_select_sql(src))
+
+
+def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None = None) -> Workset:
+    """Decode ``raw`` into a fresh in-memory warehouse (or ``wh``). Raises `WorksetError` when a body
+    cannot be decoded (the chain verifier names such events; replay stops at them)."""
+    store = store or load_store()
+    wh = wh or new_warehouse(store)
+    cur = store.current
+    b = raw.bundle
+    try:
+        if b is not None and b.framing_error is None and b.fingerprint == cur.fingerprint \
+                and len(b.spans) == len(raw.values):
+            _load_bundle(wh, b, cur.fingerprint_hex)
+        else:
+            _load_values(wh, raw, store)
+    except Exception as exc:
+        if isinstance(exc, AgentLedgerError):
+            raise
+        raise WorksetError(f"cannot decode the events of session {raw.session_id}: {str(exc).splitlines()[0]}") from exc
+    n = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
+    return Workset(wh, raw.session_id, n)
+
+
+CHUNK_EVENTS = 100_000
+
+
+def _load_bundle(wh: Warehouse, b, fp_hex: str) -> None:
+    """A bundle is already an OCF of the current schema: DuckDB reads it as it is. A big one is cut
+    at block boundaries into a few containers (same header) in a private temporary directory (in
+    memory where /dev/shm exists), which DuckDB decodes in parallel without calling back into Python."""
+    n = len(b.spans)
+    if n <= CHUNK_EVENTS and b.path is not None:
+        _insert_ocf(wh, str(b.path).replace("'", "''"), fp_hex)
+        return
+    parts = max(2, min(8, n // CHUNK_EVENTS))
+    header = b.data[: b.header.length]
+    bounds = [n * k // parts for k in range(parts + 1)]
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(prefix="agentledger-replay-", dir=shm if shm.is_dir() else None) as d:
+        paths = []
+        for k in range(parts):
+            i, j = bounds[k], bounds[k + 1]
+            if i == j:
+                continue
+            start = b.header.length if i == 0 else b.spans[i - 1][1] + codec.SYNC_LEN
+            end = b.spans[j - 1][1] + codec.SYNC_LEN
+            path = Path(d) / f"part-{k}.avro"
+            with open(path, "wb") as f:
+                f.write(header)
+                f.write(memoryview(b.data)[start:end])
+            paths.append(str(path).replace("'", "''"))
+        _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", fp_hex, literal=True)
+
+
+def _load_values(wh: Warehouse, raw: RawSession, store: SchemaStore) -> None:
+    fs = fsspec.filesystem("memory")
+    if not wh.con.filesystem_is_registered("memory"):
+        wh.con.register_filesystem(fs)
+    cur = store.current
+    sync = os.urandom(16)
+    header = codec.ocf_header(cur.schema, sync)
+    run: list[bytes] = []
+    run_fp: bytes | None = None
+
+    def flush() -> None:
+        if not run:
+            return
+        path = f"/agentledger-replay/{uuid.uuid4().hex}.avro"
+        with fs.open(path, "wb") as f:
+            f.write(header)
+            f.write(codec.ocf_blocks(run, sync))
+        try:
+            _insert_ocf(wh, f"memory://{path}", run_fp.hex())
+        finally:
+            fs.rm(path)
+        run.clear()
+
+    for v in raw.values:
+        fp = v[2:10]
+        body = v[10:]
+        if fp != cur.fingerprint:
+            body = _upcast(store, raw, fp, body)
+        if fp != run_fp:
+            flush()
+            run_fp = fp
+        run.append(body)
+    flush()
+
+
+def _upcast(store: SchemaStore, raw: RawSession, fp: bytes, body: bytes) -> bytes:
+    cur = store.current.parsed
+    version = store.by_fingerprint(fp)
+    if version is not None:
+        writer = version.parsed
+    elif fp in raw.writer_schemas:
+        writer = codec.parse(raw.writer_schemas[fp])
+    else:
+        raise WorksetError(f"writer schema {fp.hex()} is unknown here (not released in this version and not "
+                           "embedded in the source)")
+    try:
+        return codec.encode(cur, codec.decode(body, writer, cur))
+    except DecodeError as exc:
+        raise WorksetError(f"an event of writer schema {fp.hex()} does not decode: {exc.detail}") from exc
