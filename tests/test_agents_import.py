@@ -61,6 +61,13 @@ def reverify_from_warehouse(warehouse: str) -> dict[str, int]:
         con.close()
 
 
+def verify(env, expect_sessions: int) -> dict:
+    """`agentledger verify` (issue 4): every hash and the chain, re-checked from the warehouse."""
+    out = json.loads(run_cli("verify", "--format", "json", env=env).stdout)
+    assert out["ok"] and out["broken"] == 0 and out["sessions"] == expect_sessions, out
+    return out
+
+
 def chain_status(env) -> dict[str, str]:
     rows = json.loads(run_cli("sql", "select session_id, status from chain_status", "--format", "json", env=env).stdout)
     return {r["session_id"]: r["status"] for r in rows}
@@ -85,6 +92,8 @@ def test_fixtures_import_with_counts_equal_to_the_sources_and_reimport_adds_noth
     assert dead[0]["n"] == 0
     counts = reverify_from_warehouse(str(tmp_path / "home" / "warehouse.duckdb"))
     assert counts == {sid: sum(k.values()) for sid, k in warehouse_counts(env).items()}
+    results = verify(env, 5)["results"]
+    assert {r["status"] for r in results} == {"ok"} and sum(r["events"] for r in results) == sum(counts.values())
 
 
 def test_session_started_carries_policies_git_and_the_codex_session_id(tmp_path):
@@ -177,6 +186,7 @@ def test_rollout_and_otel_of_one_session_make_one_chain_in_any_order(tmp_path, o
         times = [r["occurred_at"] for r in rows]
         assert times == sorted(times)
     reverify_from_warehouse(str(tmp_path / "home" / "warehouse.duckdb"))
+    verify(env, 1)
 
 
 def _lines(p: Path) -> list[bytes]:
@@ -216,8 +226,9 @@ def test_a_replaced_file_is_read_again_without_duplicating_facts(tmp_path):
     shutil.copy(ROLLOUT_A, live)
     env = cli_env(tmp_path / "home")
     import_json(env, "codex-rollout", str(live))
-    live.unlink()
-    shutil.copy(ROLLOUT_A, live)  # new inode, same content (log rotation, restore from backup)
+    fresh = tmp_path / "restored.tmp"
+    shutil.copy(ROLLOUT_A, fresh)
+    fresh.replace(live)  # another file (new inode), same content: log rotation, restore from backup
     again = import_json(env, "codex-rollout", str(live))
     assert again["files"][0]["status"] == "rewritten" and again["totals"]["events_added"] == 0
     assert again["totals"]["already_recorded"] > 0
@@ -263,6 +274,7 @@ def test_garbage_is_counted_per_file_kept_with_line_numbers_and_shows_as_gaps(tm
     assert [g["k"] for g in gaps] == ["source_incomplete", "source_incomplete"]
     assert "line 7" in gaps[0]["r"] and "line 13" in gaps[1]["r"]
     assert set(chain_status(env).values()) == {"ok"}
+    verify(env, 1)
 
 
 def test_dry_run_records_and_remembers_nothing(tmp_path):
@@ -287,6 +299,7 @@ def test_import_through_kafka(tmp_path, bootstrap, topic):
     assert as_source_counts(warehouse_counts(env)) == count_sources(sorted(FIXTURES.iterdir()))
     assert set(chain_status(env).values()) == {"ok"}
     reverify_from_warehouse(str(tmp_path / "home" / "warehouse.duckdb"))
+    verify(env, 5)
 
 
 def test_settings_home_holds_the_state(tmp_path):

@@ -384,8 +384,8 @@ def test_patches():
         {"path": "/x", "operation": "rename", "new_path": "/y"}, {"path": "/z", "operation": "delete", "new_path": None}]
 
 
-def test_sqlite_is_only_used_by_the_state_module():
-    from test_layering import FIRST_PARTY, imports_of, py_files
+def test_producer_state_is_the_only_sqlite_user_among_the_stages():
+    from test_layering import CLI, STAGES, imports_of, py_files
 
-    users = {str(f.relative_to(REPO)) for pkg in FIRST_PARTY for f in py_files(pkg) if "sqlite3" in imports_of(f)}
+    users = {str(f.relative_to(REPO)) for pkg in (*STAGES, CLI) for f in py_files(pkg) if "sqlite3" in imports_of(f)}
     assert users <= {"producers/importstate.py"}, users
