@@ -6,8 +6,9 @@ rich or the other commands; everything else goes through the typer CLI. The opti
 
 When a warm hook server runs for this $AGENTLEDGER_HOME (producers/hookd.py), the call is a thin
 client: it hands its input over a Unix socket and prints the answer, importing nothing of the
-recorder. Otherwise it does the work itself and starts a server in the background for the next
-calls. ``AGENTLEDGER_HOOK_DAEMON=0`` turns the server off (every call in-process).
+recorder. Without one, it starts one in the background and waits up to START_WAIT_S for it; if the
+server cannot start (or answer), the call does the work itself. ``AGENTLEDGER_HOOK_DAEMON=0`` turns
+the server off (every call in-process).
 """
 
 from __future__ import annotations
@@ -130,32 +131,81 @@ def _request(sock_path: str, header: dict, raw: bytes, timeout: float) -> dict |
         s.close()
 
 
-def _start_server(home: str) -> None:
-    """Start a server for this home in the background (at most one starter at a time)."""
+START_WAIT_S = 2.0  # how long a call waits for a server that is starting, before doing the work itself
+FAILED_BACKOFF_S = 60.0
+
+
+def _held(path: str) -> bool:
+    """Whether some process holds the flock on ``path`` (a live server holds hookd.lock)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _start_server(home: str) -> bool:
+    """Make sure a server for this home is starting; False when servers keep failing to start here."""
     import fcntl
     import subprocess
+    import time
 
     state = os.path.join(home, "state")
+    failed = os.path.join(state, "hookd.failed")
+    try:
+        if time.time() - os.stat(failed).st_mtime < FAILED_BACKOFF_S:
+            return False
+    except OSError:
+        pass
+    if _held(os.path.join(state, "hookd.lock")):
+        return True  # one is running (binding, or retiring and about to be replaced)
     try:
         os.makedirs(state, mode=0o700, exist_ok=True)
         fd = os.open(os.path.join(state, "hookd.spawn.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
-        return
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        return  # another hook call is starting it
+        return True  # another hook call is starting it right now
     try:
-        log = open(os.path.join(state, "hookd.log"), "ab")
-        env = {**os.environ, "AGENTLEDGER_HOME": home}
-        subprocess.Popen([sys.executable, "-m", "agentledger", "hook", "--serve"], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=log, env=env, start_new_session=True, close_fds=True)
-        log.close()
+        with open(os.path.join(state, "hookd.log"), "ab") as log:
+            subprocess.Popen([sys.executable, "-m", "agentledger", "hook", "--serve"], stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=log, env={**os.environ, "AGENTLEDGER_HOME": home},
+                             start_new_session=True, close_fds=True)
+        return True
     except OSError:
-        pass
+        return False
     finally:
         os.close(fd)
+
+
+def _wait_for_server(home: str, sock_path: str) -> bool:
+    import time
+
+    deadline = time.monotonic() + START_WAIT_S
+    while time.monotonic() < deadline:
+        if os.path.exists(sock_path):
+            return True
+        time.sleep(0.02)
+    if _held(os.path.join(home, "state", "hookd.lock")):
+        return False  # alive but slow to start (a loaded machine): no reason to stop trying
+    try:  # remember, so that the next calls do not wait for a server that cannot start here
+        with open(os.path.join(home, "state", "hookd.failed"), "w") as f:
+            f.write("no hook server socket appeared; see hookd.log\n")
+    except OSError:
+        pass
+    return False
 
 
 def main(argv: list[str]) -> int:
@@ -189,6 +239,8 @@ def main(argv: list[str]) -> int:
                       "args": {"policy": policy, "agent": args.agent, "deny_style": args.deny_style,
                                "fail_closed": args.fail_closed, "budget": args.budget}}
             answer = _request(sock_path, header, raw, args.budget * 4 + 10)
+            if answer is None and len(sock_path) <= 100 and _start_server(home) and _wait_for_server(home, sock_path):
+                answer = _request(sock_path, header, raw, args.budget * 4 + 10)
             if answer is not None:
                 if answer.get("stdout"):
                     sys.stdout.write(answer["stdout"])
@@ -197,10 +249,7 @@ def main(argv: list[str]) -> int:
                     sys.stderr.write(answer["stderr"])
                     sys.stderr.flush()
                 return int(answer["exit"])
-    code = _in_process(args, raw)
-    if use_server and not args.drain:
-        _start_server(home)
-    return code
+    return _in_process(args, raw)
 
 
 def _in_process(args, raw: bytes) -> int:

@@ -59,7 +59,7 @@ def write_frame(sock: socket.socket, data: bytes) -> None:
 
 
 class HookServer:
-    def __init__(self, home: Path, code: str, idle_s: float = 900.0, workers: int = 8):
+    def __init__(self, home: Path, code: str, idle_s: float = 900.0, workers: int = 4):
         self.home = Path(home)
         self.state = self.home / "state"
         self.sock_path = self.state / "hookd.sock"
@@ -162,6 +162,10 @@ class HookServer:
                 os.umask(old)
             ino = os.stat(self.sock_path).st_ino
             srv.listen(128)
+            try:
+                (self.state / "hookd.failed").unlink()
+            except FileNotFoundError:
+                pass
             srv.settimeout(0.5)
             try:
                 while not self.stop.is_set():
