@@ -86,11 +86,11 @@ class Verdict:
 
 
 def kafka_options(budget_s: float) -> dict:
-    """Producer settings that keep one hook call within its budget: send at once, and give up on
-    bootstrap, metadata and acknowledgement after the budget (the events then wait in the outbox)."""
+    """Producer sink options that keep one hook call within its budget: send at once; a connection
+    and an acknowledgement get at most the budget, after which the producer sink spools the events
+    locally (durably) and drains them to Kafka later (producers/sinks.py)."""
     ms = max(500, int(budget_s * 1000))
-    return {"linger_ms": 0, "bootstrap_timeout_ms": ms, "max_block_ms": ms, "request_timeout_ms": ms,
-            "delivery_timeout_ms": ms + 1000}
+    return {"linger_ms": 0, "flush_timeout_ms": ms, "connect_timeout_ms": ms, "max_block_ms": min(ms, 1000)}
 
 
 def load_policy(path: str | None):
@@ -427,9 +427,12 @@ def handle(
     appender: SessionAppender | None = None,
     now_us: int | None = None,
 ) -> HookOutcome:
-    """Record one hook invocation and say what to answer (stdout, stderr, exit code)."""
+    """Record one hook invocation and say what to answer (stdout, stderr, exit code). Fail-closed
+    when asked, or when AGENTLEDGER_RECORDING_MODE=fail_closed (the producers' recording mode)."""
     t0 = time.perf_counter()
     out = HookOutcome()
+    fail_closed = fail_closed or os.environ.get("AGENTLEDGER_RECORDING_MODE", "").strip().lower().replace(
+        "-", "_") == "fail_closed"
     try:
         data = json.loads(raw.decode("utf-8", "replace")) if raw.strip() else None
     except ValueError as exc:

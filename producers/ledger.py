@@ -27,20 +27,22 @@ Guarantees, per session (all producers of this host share them through `Producer
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from schemas.config import Settings
 from schemas.contract import SchemaStore, load_store
-from schemas.envelope import claimed_hash
+from schemas.envelope import claimed_hash, peek
 from schemas.errors import NotDurableError, TransportError
 from schemas.transport.base import Sink
 
 from .importstate import Head, ProducerState, Staged
 from .normalize import fact_event_id
-from .recorder import ProducerIdentity, Recorder, Transform
-from .sinks import open_producer_sink
+from .recorder import (CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY, ProducerIdentity, Recorder, Transform,
+                       load_signer)
+from .sinks import ProducerOptions, open_producer_sink
 
 SESSION_STARTED = "session_started"
 SESSION_ENDED = "session_ended"
@@ -104,14 +106,12 @@ class AppendResult:
 
 
 def producer_transforms(settings: Settings) -> list[Transform]:
-    """THE single place where importers and the hook get their record transforms.
+    """The record transforms of importers and the hook: secret redaction (keyed HMAC tokens, see
+    producers/redact.py), as for every producer. Deterministic, so a re-import computes the same
+    events (the outbox re-sends stored bytes and does not depend on it)."""
+    from .redact import default_transforms
 
-    MERGE POINT (issue 3, secret redaction): when ``default_transforms(settings)`` exists in
-    producers, return it here; every event of codex_rollout, otel and hook then passes through it.
-    Transforms must be deterministic (keyed HMAC), which the outbox re-send does not rely on but
-    the fact-level idempotence of re-imports does.
-    """
-    return []
+    return default_transforms(settings)
 
 
 class _Capture(Sink):
@@ -131,6 +131,8 @@ class _Capture(Sink):
 
 
 _UNINFORMATIVE = (None, "", "unknown", [], {})
+_UNSET_DEFAULT = object()
+CONTROL_KINDS = frozenset({"gap", "checkpoint", "session_ended"})
 
 
 def build_session_started(infos: list[SessionInfo], default_agent: str, default_version: str | None) -> dict:
@@ -197,6 +199,7 @@ class SessionAppender:
         flush_timeout_s: float | None = 30.0,
         transforms: Iterable[Transform] | None = None,
         store: SchemaStore | None = None,
+        signer: Any = _UNSET_DEFAULT,
     ):
         self.settings = settings
         self.state = state or ProducerState(settings.home)
@@ -206,6 +209,12 @@ class SessionAppender:
         self.flush_timeout_s = flush_timeout_s
         self.transforms = list(transforms) if transforms is not None else producer_transforms(settings)
         self.store = store or load_store()
+        # Signed checkpoints as every producer writes them (issue 3): every N events of a session and
+        # after its end, when a signing key is configured. Counted from the recorded facts, so they
+        # continue across processes and sources.
+        self.signer = signer if signer is not _UNSET_DEFAULT else load_signer(settings)
+        self.checkpoint_every = int(os.environ.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
+        self.recording_mode = ProducerOptions.from_env().mode
         self._capture = _Capture()
         self._recorders: dict[tuple, Recorder] = {}
         self._topic_ready = False
@@ -234,8 +243,10 @@ class SessionAppender:
         key = (agent, version, source)
         rec = self._recorders.get(key)
         if rec is None:
+            # Checkpoints are placed by _seal (the count spans processes); the recorder's own is off.
             rec = Recorder(self._capture, topic=self.settings.topic, store=self.store, transforms=self.transforms,
-                           identity=ProducerIdentity.local(agent, version, source=source))
+                           identity=ProducerIdentity.local(agent, version, source=source), signer=self.signer,
+                           checkpoint_every=0, mode=self.recording_mode)
             self._recorders[key] = rec
         return rec
 
@@ -393,15 +404,39 @@ class SessionAppender:
     def _seal(self, head: Head, events: list[Observation], res: AppendResult) -> list[Staged]:
         self._capture.values.clear()
         seq, prev = head.next_seq, head.head_hash
-        staged = []
+        staged: list[Staged] = []
+        since = self._since_checkpoint(head) if self.signer else 0
         for e in events:
             rec = self._recorder(e.agent, e.agent_version, e.source)
             sr = rec.resume(head.session_id, seq, prev)
+            if e.kind == "session_started":
+                e.payload.setdefault("recording_mode", self.recording_mode)
+                if self.signer and not e.payload.get("checkpoint_key_id"):
+                    e.payload["checkpoint_key_id"] = self.signer.key_id
             event_id = fact_event_id(head.session_id, e.fact, e.at_us)
-            sealed = sr.emit(e.kind, e.payload, occurred_at_us=e.at_us, event_id=event_id, turn_id=e.turn_id,
-                             tool_call_id=e.tool_call_id)
-            staged.append(Staged(seq, sealed.value, e.fact, event_id, e.at_us))
-            res.kinds[e.kind] = res.kinds.get(e.kind, 0) + 1
+            sr.emit(e.kind, e.payload, occurred_at_us=e.at_us, event_id=event_id, turn_id=e.turn_id,
+                    tool_call_id=e.tool_call_id)
+            # What the recorder published for this fact, in order: the event, then what it adds to it
+            # (a `truncated` gap per oversized field), then our checkpoint if one is due.
+            kinds = [e.kind] + ["gap"] * (len(self._capture.values) - 1)
+            if self.signer:
+                since += e.kind not in CONTROL_KINDS
+                if e.kind == "session_ended" or since >= self.checkpoint_every:
+                    if sr.checkpoint(final=e.kind == "session_ended", occurred_at_us=e.at_us) is not None:
+                        kinds.append("checkpoint")
+                    since = 0
+            for i, (value, kind) in enumerate(zip(self._capture.values, kinds)):
+                p = peek(value)
+                fact = e.fact if i == 0 else f"{e.fact}#{kind}{i}"
+                staged.append(Staged(p.seq, value, fact, p.event_id, p.occurred_at_us))
+                res.kinds[kind] = res.kinds.get(kind, 0) + 1
+            self._capture.values.clear()
             seq, prev = sr.seq, sr.head_hash
-        self._capture.values.clear()
         return staged
+
+    def _since_checkpoint(self, head: Head) -> int:
+        """Events of the session after its last checkpoint (by any producer of this host)."""
+        row = self.state.con.execute(
+            "SELECT max(seq) FROM facts WHERE session_id = ? AND fact GLOB '*#checkpoint*'", (head.session_id,)).fetchone()
+        last = row[0] if row and row[0] is not None else -1
+        return max(0, head.next_seq - 1 - last)

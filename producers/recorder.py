@@ -5,27 +5,61 @@
         cmd = s.command_started(["pytest", "-q"], cwd="/work/repo")
         s.command_finished(cmd, exit_code=0, duration_ms=1532, stdout=b"...")
 
-The recorder assigns event ids (UUIDv7), the per-session ``seq`` and the hash chain, encodes with
-the current schema and hands the bytes to a transport `Sink`, keyed by session id.
+The recorder assigns event ids (UUIDv7), the per-session ``seq`` and the hash chain, applies the
+transforms (secret redaction by default, see `default_transforms`), encodes with the current schema
+and hands the bytes to a transport `Sink`, keyed by session id. `Recorder.from_settings` wires the
+defaults every producer should use (spooling sink, redaction, signing key, checkpoint interval).
+
+Guarantees:
+- **The chain never breaks silently.** If the sink refuses or loses events (spool full, spool
+  unwritable while Kafka is down), the session rolls back to its last event the sink still holds
+  and the next event it can record is a ``gap`` (``spool_overflow`` or ``dropped``) saying how many
+  events, bytes and which time range were lost. Events that Kafka or the spool accepted are never
+  rolled back.
+- **Events fit the broker.** An event larger than ``max_event_bytes`` (default just under Kafka's
+  1 MiB) has its largest fields cut, and a ``gap`` of kind ``truncated`` follows it naming the field,
+  the bytes lost and the event's seq.
+- **Signed checkpoints.** With a signing key, a ``checkpoint`` event follows every
+  ``checkpoint_every`` events and the session end (``final``), signing head_seq/head_hash/event_count
+  of the events before it (schemas/checkpoints.py verifies them).
+- **Fail-closed** (``mode="fail_closed"``): `SessionRecorder.guarded` makes the events of an action
+  durable before the action may run, or raises `RecordingRefused` with nothing of them recorded; an
+  event that cannot be accepted raises `RecordingRefused` too. In ``spool`` mode (the default) the
+  recorder never raises for transport reasons: losses become gap events.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import logging
 import os
 import random
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-from schemas.config import DEFAULT_TOPIC
+from schemas import signing
+from schemas.config import DEFAULT_TOPIC, Settings
 from schemas.contract import SchemaStore, load_store
-from schemas.envelope import GENESIS_HASH, Sealed, Sealer, make_record, system_clock_us, uuid7
+from schemas.envelope import GENESIS_HASH, Sealed, Sealer, make_record, peek, system_clock_us, uuid7
+from schemas.errors import NotDurableError
 from schemas.transport.base import Sink
+
+from .sinks import RecordingRefused, SpoolFullError
+
+log = logging.getLogger(__name__)
 
 RECORDER_VERSION = "agentledger/0.1.0"
 EXCERPT_BYTES = 2048
+# Kafka's default max message size is 1 MiB (kafka-python max_request_size counts the whole request):
+# keep every event comfortably below it.
+MAX_EVENT_BYTES = 1_000_000
+DEFAULT_CHECKPOINT_EVERY = 1000
+CHECKPOINT_EVERY_ENV = "AGENTLEDGER_CHECKPOINT_EVERY"
+_CONTROL_KINDS = frozenset({"gap", "checkpoint", "session_ended"})
+_DEFAULT = object()
 
 
 @dataclass(frozen=True)
@@ -98,8 +132,25 @@ class Recorder:
         clock: Callable[[], int] = system_clock_us,
         rng: random.Random | None = None,
         store: SchemaStore | None = None,
-        transforms: Iterable[Transform] = (),
+        transforms: Iterable[Transform] | None = None,
+        signer: signing.Signer | None | object = _DEFAULT,
+        checkpoint_every: int | None = None,
+        mode: str | None = None,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ):
+        """``transforms``/``signer`` left out: with a sink from `open_producer_sink` (which knows the
+        settings), redaction is on and the configured signing key (if any) signs checkpoints every
+        AGENTLEDGER_CHECKPOINT_EVERY events; with any other sink, neither. Pass ``transforms=[]`` or
+        ``signer=None`` to turn them off explicitly."""
+        settings = getattr(sink, "settings", None)
+        if transforms is None:
+            from .redact import default_transforms
+
+            transforms = default_transforms(settings) if isinstance(settings, Settings) else []
+        if signer is _DEFAULT:
+            signer = load_signer(settings) if isinstance(settings, Settings) else None
+        if checkpoint_every is None:
+            checkpoint_every = int(os.environ.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
         self.sink = sink
         self.topic = topic
         self.identity = identity or ProducerIdentity.local("unknown")
@@ -108,13 +159,46 @@ class Recorder:
         self.store = store or load_store()
         self.sealer = Sealer(self.store)
         self.transforms = list(transforms)
+        self.signer = signer
+        self.checkpoint_every = checkpoint_every if signer else 0
+        self.mode = mode or getattr(sink, "mode", None) or "spool"
+        self.max_event_bytes = max_event_bytes
         self.events_sent = 0
+        self.events_lost = 0
         self._kinds = {k.kind: k.name for k in self.store.kinds}
+        self._sessions: dict[str, SessionRecorder] = {}  # sessions whose events may not be durable yet
+        self._send_control = getattr(sink, "send_control", sink.send)
+        self._id_rng: random.Random | None = None
+        self._id_pid = -1
         sink.ensure_topic(topic)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, identity: ProducerIdentity | None = None,
+                      env: dict[str, str] | None = None, sink: Sink | None = None, **options: Any) -> "Recorder":
+        """The recorder every producer should use: `open_producer_sink` (``options`` go to it: mode,
+        max_block_ms, spool_max_bytes, ...), redaction on, the configured signing key (env
+        AGENTLEDGER_SIGNING_KEY / _FILE, else ``$AGENTLEDGER_HOME/keys/current``) and a checkpoint
+        every AGENTLEDGER_CHECKPOINT_EVERY (1000) events."""
+        from .redact import default_transforms
+        from .sinks import open_producer_sink
+
+        env = os.environ if env is None else env
+        sink = sink or open_producer_sink(settings, **options)
+        every = int(env.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
+        return cls(sink, topic=settings.topic, identity=identity, transforms=default_transforms(settings, env),
+                   signer=load_signer(settings, env), checkpoint_every=every)
 
     def new_id(self, at_us: int | None = None) -> str:
         ms = (at_us if at_us is not None else self.clock()) // 1000
-        return uuid7(ms, self.rng.randbytes(10) if self.rng else os.urandom(10))
+        rng = self.rng
+        if rng is None:
+            # One os.urandom per event costs a syscall, and with Kafka's sender thread running, a GIL
+            # hand-over (~10 us). Ids need uniqueness, not secrecy: a generator seeded from the OS,
+            # reseeded after fork so that parent and child never share a sequence.
+            if self._id_pid != os.getpid():
+                self._id_rng, self._id_pid = random.Random(os.urandom(32)), os.getpid()
+            rng = self._id_rng
+        return uuid7(ms, rng.randbytes(10))
 
     def session(self, *, agent: str, cwd: str, session_id: str | None = None, **started: Any) -> "SessionRecorder":
         """A new session; ``started`` are the fields of session_started (model, sandbox_mode, ...)."""
@@ -122,10 +206,18 @@ class Recorder:
         s.start(agent=agent, cwd=cwd, **started)
         return s
 
-    def resume(self, session_id: str, next_seq: int, head_hash: str) -> "SessionRecorder":
-        """Continue a session whose chain head is known (another process recorded the start)."""
+    def resume(self, session_id: str, next_seq: int, head_hash: str, *, crash_recovered: str | None = None,
+               lost_events: int | None = None, **step: Any) -> "SessionRecorder":
+        """Continue a session whose chain head is known (another process recorded the start).
+
+        ``crash_recovered``: the previous recorder of this session died (its reason, e.g. "hook process
+        killed"); the first event of the resumed chain is then a ``gap`` of kind ``crash_recovered``
+        saying that events after seq ``next_seq - 1`` may be missing (``lost_events`` if known)."""
         s = SessionRecorder(self, session_id)
         s.seq, s.head_hash, s.started = next_seq, head_hash, True
+        if crash_recovered:
+            s.gap("crash_recovered", crash_recovered[:500], lost_events=lost_events,
+                  related_seq=next_seq - 1 if next_seq else None, **step)
         return s
 
     def payload_name(self, kind: str) -> str:
@@ -134,15 +226,56 @@ class Recorder:
         except KeyError:
             raise ValueError(f"unknown event kind {kind!r}; known: {sorted(self._kinds)}") from None
 
-    def publish(self, session_id: str, sealed: Sealed) -> None:
-        self.sink.send(self.topic, session_id.encode(), sealed.value)
+    def publish(self, session_id: str, sealed: Sealed, control: bool = False) -> None:
+        (self._send_control if control else self.sink.send)(self.topic, session_id.encode(), sealed.value)
         self.events_sent += 1
 
-    def flush(self, timeout: float | None = None) -> None:
-        self.sink.flush(timeout)
+    def flush(self, timeout: float | None = None) -> bool:
+        """Make every event recorded so far durable. Returns True if it is. Otherwise the events that
+        are not durable are rolled back into pending gap records; in fail-closed mode it then raises
+        `RecordingRefused`, in spool mode it returns False."""
+        try:
+            self.sink.flush(timeout)
+        except NotDurableError as exc:
+            self._lost(exc)
+            if self.mode == "fail_closed":
+                raise RecordingRefused(f"events could not be made durable: {exc}", exc.undelivered) from exc
+            return False
+        for sid, s in list(self._sessions.items()):
+            s.durable_seq = s.seq
+            if s.ended and not s.gap_pending:
+                del self._sessions[sid]
+        return True
 
     def close(self, timeout: float | None = None) -> None:
-        self.sink.close(timeout)
+        """Record pending gap events where possible, flush, and close the sink."""
+        for s in list(self._sessions.values()):
+            s.settle()
+        try:
+            self.flush(timeout)
+        finally:
+            self.sink.close(timeout)
+
+    def _lost(self, exc: NotDurableError, current: "SessionRecorder | None" = None) -> None:
+        """The sink forgot ``exc.undelivered``: roll each session back to its last held event."""
+        gap_kind = "spool_overflow" if isinstance(exc, SpoolFullError) else "dropped"
+        by_session: dict[str, list] = {}
+        for m in exc.undelivered:
+            try:
+                p = peek(m.value)
+            except Exception:  # noqa: BLE001 -- not ours; nothing to roll back
+                continue
+            by_session.setdefault(p.session_id, []).append((p, len(m.value)))
+        for sid, items in by_session.items():
+            s = self._sessions.get(sid)
+            if s is None:
+                self.events_lost += len(items)
+                log.error("agentledger: %d event(s) of session %s lost and the session is no longer open", len(items), sid)
+                continue
+            counted = sum(1 for p, _ in items if p.seq < s.seq)  # the current event was never counted
+            self.events_sent -= counted
+            self.events_lost += len(items)
+            s.rolled_back(items, gap_kind, str(exc))
 
 
 class SessionRecorder:
@@ -155,6 +288,13 @@ class SessionRecorder:
         self.head_hash = GENESIS_HASH
         self.started = False
         self.ended = False
+        self.durable_seq = 0
+        self.gap_pending: dict | None = None  # losses not yet recorded as a gap event
+        self._end_lost: tuple[str, str | None] | None = None
+        self._since_checkpoint = 0
+        self._end_seq = -1
+        self._end_args: tuple[str, str | None] | None = None
+        recorder._sessions[session_id] = self
 
     # -- core -----------------------------------------------------------------------------
     def emit(
@@ -168,8 +308,48 @@ class SessionRecorder:
         trace: dict | None = None,
         event_id: str | None = None,
     ) -> Sealed:
+        """Record one event. Returns it sealed. In spool mode an event the sink refused is not recorded
+        (a gap will say so); in fail-closed mode that raises `RecordingRefused`."""
+        r = self.recorder
+        if self.gap_pending is not None and kind != "gap":
+            self._record_gap()
+        sealed, truncated = self._seal(kind, payload, occurred_at_us, turn_id, tool_call_id, trace, event_id)
+        try:
+            r.publish(self.session_id, sealed, control=kind in _CONTROL_KINDS)
+        except NotDurableError as exc:
+            r._lost(exc, self)
+            if r.mode == "fail_closed":
+                raise RecordingRefused(f"{kind} could not be recorded (fail-closed): {exc}", exc.undelivered) from exc
+            return sealed
+        self.seq += 1
+        self.head_hash = sealed.hash
+        if kind == "checkpoint":
+            self._since_checkpoint = 0
+        else:
+            self._since_checkpoint += 1
+        for path, lost in truncated:
+            self.gap("truncated", f"the event exceeded {r.max_event_bytes} bytes; field cut to fit",
+                     field=path, lost_bytes=lost, related_seq=self.seq - 1, occurred_at_us=sealed.record["occurred_at"])
+        if r.checkpoint_every and self._since_checkpoint >= r.checkpoint_every and kind not in _CONTROL_KINDS:
+            self.checkpoint(final=False, occurred_at_us=sealed.record["occurred_at"])
+        return sealed
+
+    def _seal(self, kind, payload, occurred_at_us, turn_id, tool_call_id, trace, event_id):
         r = self.recorder
         at = occurred_at_us if occurred_at_us is not None else r.clock()
+        record = self._record(kind, payload, at, turn_id, tool_call_id, trace, event_id)
+        sealed = r.sealer.seal(record)
+        truncated: list[tuple[str, int]] = []
+        while len(sealed.value) > r.max_event_bytes:
+            cut = _cut_largest(record, len(sealed.value) - r.max_event_bytes)
+            if cut is None:
+                raise ValueError(f"{kind} event of {len(sealed.value)} bytes cannot be cut below {r.max_event_bytes}")
+            truncated.append(cut)
+            sealed = r.sealer.seal(record)
+        return sealed, truncated
+
+    def _record(self, kind, payload, at, turn_id, tool_call_id, trace, event_id) -> dict:
+        r = self.recorder
         record = make_record(
             event_id=event_id or r.new_id(at),
             session_id=self.session_id,
@@ -185,30 +365,109 @@ class SessionRecorder:
         )
         for t in r.transforms:
             record = t(record)
-        sealed = r.sealer.seal(record)
-        r.publish(self.session_id, sealed)
-        self.seq += 1
-        self.head_hash = sealed.hash
-        return sealed
+        return record
+
+    # -- losses, checkpoints, fail-closed -------------------------------------------------------
+    def rolled_back(self, items: list, gap_kind: str, reason: str) -> None:
+        """Called by the recorder: the sink lost ``items`` (envelope peeks + sizes), a suffix of this
+        session. Continue the chain from the event before the first of them, and owe a gap record."""
+        first = min(items, key=lambda it: it[0].seq)[0]
+        if first.seq < self.seq:
+            self.seq, self.head_hash = first.seq, first.prev_hash
+        times = [p.occurred_at_us for p, _ in items]
+        g = self.gap_pending or {"gap_kind": gap_kind, "lost_events": 0, "lost_bytes": 0,
+                                 "first_lost_at": min(times), "last_lost_at": max(times), "reason": reason}
+        if g["gap_kind"] != gap_kind:
+            g["gap_kind"] = "dropped"
+        g["lost_events"] += len(items)
+        g["lost_bytes"] += sum(n for _, n in items)
+        g["first_lost_at"] = min(g["first_lost_at"], *times)
+        g["last_lost_at"] = max(g["last_lost_at"], *times)
+        g["reason"] = reason[:300]
+        self.gap_pending = g
+        if self.ended and self.seq <= self._end_seq:
+            self.ended = False
+            self._end_lost = self._end_args
+
+    def _record_gap(self, force: bool = False) -> bool:
+        """Write the owed gap event. Unforced, only once ordinary events fit again (so the gap is not
+        followed by more losses); forced (session end, close) it may use the spool's control reserve."""
+        g = self.gap_pending
+        sink = self.recorder.sink
+        if g is None or (not force and not getattr(sink, "accepting", lambda: True)()):
+            return False
+        self.gap_pending = None
+        what = "refused: the spool was full" if g["gap_kind"] == "spool_overflow" else "lost: neither Kafka nor the spool could take them"
+        reason = f"{g['lost_events']} event(s), {g['lost_bytes']} bytes {what} ({g['reason']})"[:500]
+        before = self.seq
+        self.gap(g["gap_kind"], reason, lost_events=g["lost_events"], lost_bytes=g["lost_bytes"],
+                 first_lost_at=g["first_lost_at"], last_lost_at=g["last_lost_at"])
+        if self.seq == before:  # the gap itself was refused: keep owing the original one
+            self.gap_pending = g
+        return self.seq > before
+
+    def settle(self) -> None:
+        """Record an owed gap (and a session end that was lost) if the sink takes events again."""
+        if self.gap_pending is not None and self._record_gap(force=True) and self._end_lost is not None:
+            status, reason = self._end_lost
+            self._end_lost = None
+            self.end(status, reason)
+
+    def checkpoint(self, final: bool = False, **step: Any) -> Sealed | None:
+        """Sign the chain head (the events before this checkpoint). No-op without a signing key."""
+        signer = self.recorder.signer
+        if signer is None or self.seq == 0:
+            return None
+        head_seq, count = self.seq - 1, self.seq
+        sig = signer.sign_checkpoint(self.session_id, head_seq, self.head_hash, count, final)
+        payload = {"head_seq": head_seq, "head_hash": self.head_hash, "event_count": count,
+                   "algorithm": signing.ALGORITHM, "key_id": signer.key_id, "signature": sig, "final": final}
+        return self.emit("checkpoint", payload, **step)
+
+    @contextmanager
+    def guarded(self) -> Iterator["SessionRecorder"]:
+        """Record the events of an action that must not run unrecorded::
+
+            with session.guarded():
+                cmd = session.command_started(argv, cwd)
+            run(argv)            # only reached when the event is durable
+
+        On exit the events are flushed (Kafka ack or spool fsync). In fail-closed mode, if that fails,
+        `RecordingRefused` is raised, the session is rolled back (nothing claims to be recorded) and the
+        agent side must deny the action. In spool mode it never raises."""
+        yield self
+        self.recorder.flush()
 
     # -- session family -------------------------------------------------------------------
     def start(self, *, agent: str, cwd: str, network_policy: dict | None = None, **fields: Any) -> Sealed:
         step = _pop_step(fields)
+        signer = self.recorder.signer
         payload = {
             "agent": agent,
             "cwd": cwd,
             "sandbox_mode": "unknown",
             "approval_policy": "unknown",
             "network_policy": network_policy or {"mode": "unknown", "allowed_domains": [], "denied_domains": []},
-            "recording_mode": "spool",
+            "recording_mode": self.recorder.mode,
+            "checkpoint_key_id": signer.key_id if signer else None,
             **fields,
         }
         self.started = True
         return self.emit("session_started", payload, **step)
 
     def end(self, status: str = "completed", reason: str | None = None, **step: Any) -> Sealed:
-        self.ended = True
-        return self.emit("session_ended", {"status": status, "reason": reason}, **step)
+        """End the session; a final signed checkpoint follows when a signing key is configured."""
+        if self.gap_pending is not None:
+            self._record_gap(force=True)
+        self._end_seq, self._end_args = self.seq, (status, reason)
+        before = self.seq
+        sealed = self.emit("session_ended", {"status": status, "reason": reason}, **step)
+        if self.seq > before:
+            self.ended = True
+            self.checkpoint(final=True, **{k: v for k, v in step.items() if k == "occurred_at_us"})
+        else:
+            self._end_lost = (status, reason)
+        return sealed
 
     def gap(self, gap_kind: str, reason: str, **fields: Any) -> Sealed:
         step = _pop_step(fields)
@@ -307,3 +566,61 @@ _STEP_KEYS = ("occurred_at_us", "turn_id", "tool_call_id", "trace", "event_id")
 def _pop_step(fields: dict) -> dict:
     """Envelope arguments (time, agent-step links, trace) travel in the same kwargs as payload fields."""
     return {k: fields.pop(k) for k in _STEP_KEYS if k in fields}
+
+
+def _cut_largest(record: dict, excess: int) -> tuple[str, int] | None:
+    """Shorten the largest string of the payload by at least ``excess`` bytes (+ room for the marker).
+    Returns (field path, bytes cut) or None if there is nothing left to cut."""
+    best: tuple[int, Any, Any, str] | None = None
+
+    def walk(container, key, value, path):
+        nonlocal best
+        if isinstance(value, str):
+            n = len(value.encode("utf-8", "surrogateescape"))
+            if best is None or n > best[0]:
+                best = (n, container, key, path)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(value, k, v, f"{path}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(value, i, v, f"{path}[{i}]")
+
+    name, payload = record["payload"]
+    payload = _deep_copy(payload)
+    record["payload"] = (name, payload)
+    walk(None, None, payload, "payload")
+    if best is None or best[0] <= 64:
+        return None
+    size, container, key, path = best
+    keep = max(0, size - excess - 128)
+    raw = container[key].encode("utf-8", "surrogateescape")[:keep].decode("utf-8", "ignore")
+    container[key] = raw + f"…[truncated {size - keep} bytes]"
+    return path, size - keep
+
+
+def _deep_copy(v):
+    if isinstance(v, dict):
+        return {k: _deep_copy(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_deep_copy(x) for x in v]
+    return v
+
+
+def load_signer(settings: Settings, env: dict[str, str] | None = None) -> signing.Signer | None:
+    """The checkpoint signing key: AGENTLEDGER_SIGNING_KEY / AGENTLEDGER_SIGNING_KEY_FILE, else the key
+    `agentledger keys generate` marked current in ``$AGENTLEDGER_HOME/keys``; None means unsigned."""
+    signer = signing.signer_from_env(env)
+    if signer is not None:
+        return signer
+    keys = settings.home / "keys"
+    try:
+        kid = (keys / "current").read_text().strip()
+    except OSError:
+        return None
+    try:
+        return signing.load_private((keys / f"{kid}.key").read_bytes())
+    except OSError as exc:
+        from schemas.errors import ConfigError
+
+        raise ConfigError(f"signing key {kid} named in {keys / 'current'} is unreadable: {exc}") from exc

@@ -54,6 +54,21 @@ def encode(parsed: Any, record: dict) -> bytes:
     return out.getvalue()
 
 
+class Encoder:
+    """`encode` for one schema on a hot path: reuses its buffer (one producer thread per encoder)."""
+
+    def __init__(self, parsed: Any):
+        self.parsed = parsed
+        self._buf = io.BytesIO()
+
+    def __call__(self, record: dict) -> bytes:
+        buf = self._buf
+        buf.seek(0)
+        buf.truncate()
+        fastavro.schemaless_writer(buf, self.parsed, record)
+        return buf.getvalue()
+
+
 def decode(body: bytes, writer: Any, reader: Any | None = None) -> dict:
     """Decode one Avro body; union members come back as ``(record name, value)`` tuples."""
     try:

@@ -85,10 +85,13 @@ class Sealer:
         self.store = store
         self.header = codec.SOE_MAGIC + store.current.fingerprint
         self._parsed = store.current.parsed
+        self._encoder = codec.Encoder(self._parsed)
 
     def seal(self, record: dict) -> Sealed:
         record["hash"] = ""
-        value, digest = seal(self.header, codec.encode(self._parsed, record))
+        if self._encoder.parsed is not self._parsed:  # the writer schema was swapped (tests of old writers)
+            self._encoder = codec.Encoder(self._parsed)
+        value, digest = seal(self.header, self._encoder(record))
         record["hash"] = digest
         return Sealed(value, digest, record)
 
@@ -168,3 +171,50 @@ Clock = Callable[[], int]  # microseconds since the epoch, UTC
 
 def system_clock_us() -> int:
     return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    event_id: str
+    session_id: str
+    seq: int
+    occurred_at_us: int
+    prev_hash: str
+    hash: str
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = acc = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        acc |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (acc >> 1) ^ -(acc & 1), pos
+        shift += 7
+
+
+def peek(value: bytes) -> Peek:
+    """The envelope fields transports need (session key, seq, time, chain links), read from the raw
+    bytes without decoding the record. Relies only on the field order every schema version keeps:
+    event_id, session_id, seq, occurred_at first; prev_hash, hash last (both 64 hex characters)."""
+    try:
+        pos = 10
+        n, pos = _varint(value, pos)
+        event_id = value[pos:pos + n].decode()
+        pos += n
+        n, pos = _varint(value, pos)
+        session_id = value[pos:pos + n].decode()
+        pos += n
+        seq, pos = _varint(value, pos)
+        at, pos = _varint(value, pos)
+    except (IndexError, UnicodeDecodeError) as exc:
+        from .errors import DecodeError
+
+        raise DecodeError("undecodable", f"cannot read the envelope: {exc}") from exc
+    tail = value[-2 * HASH_FIELD_LEN:]
+    if tail[:2] != _HASH_PREFIX or tail[HASH_FIELD_LEN:HASH_FIELD_LEN + 2] != _HASH_PREFIX:
+        from .errors import DecodeError
+
+        raise DecodeError("undecodable", "the event does not end with prev_hash and hash")
+    return Peek(event_id, session_id, seq, at, tail[2:HASH_FIELD_LEN].decode(), tail[HASH_FIELD_LEN + 2:].decode())

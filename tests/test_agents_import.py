@@ -307,3 +307,39 @@ def test_settings_home_holds_the_state(tmp_path):
     import_json(env, "codex-rollout", str(ROLLOUT_C))
     s = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home")})
     assert (s.home / "state" / "producers.db").exists()
+
+
+def test_imported_sessions_carry_signed_checkpoints_and_no_secret_in_clear(tmp_path):
+    """Issue 3's producer guarantees hold for imports: redaction before encoding, signed checkpoints
+    every N events (counted across runs) and at the end; `verify --require-signatures` accepts them."""
+    secret = "ghp_" + "Ab3dE5fG7hI9jK1lM3nO5pQ7rS9tU1vW3xY5"
+    live = tmp_path / ROLLOUT_B.name
+    live.write_bytes(ROLLOUT_B.read_bytes().replace(b"pytest -q tests/test_api.py",
+                                                    f"GITHUB_TOKEN={secret} pytest -q tests/test_api.py".encode()))
+    env = cli_env(tmp_path / "home", AGENTLEDGER_CHECKPOINT_EVERY="7")
+    run_cli("keys", "generate", env=env)
+    lines = _lines(live)
+    part = tmp_path / "part" / live.name
+    part.parent.mkdir()
+    part.write_bytes(b"".join(lines[:15]))
+    import_json(env, "codex-rollout", str(part), "--keep-open")
+    part.write_bytes(b"".join(lines))
+    import_json(env, "codex-rollout", str(part))
+    run_cli("ingest", env=env)
+    out = json.loads(run_cli("verify", "--require-signatures", "--format", "json", env=env).stdout)
+    assert out["ok"] and out["results"][0]["signed"] and out["results"][0]["status"] == "ok"
+    rows = q_all(env, "select seq, kind, checkpoint from events order by seq")
+    ckpts = [r for r in rows if r["kind"] == "checkpoint"]
+    assert ckpts[-1]["checkpoint"]["final"] and rows[-1]["kind"] == "checkpoint" and rows[-2]["kind"] == "session_ended"
+    between = [b["seq"] - a["seq"] - 1 for a, b in zip([{"seq": -1}] + ckpts[:-1], ckpts[:-1])]
+    assert between and all(n == 7 for n in between)  # every 7 events, across the two imports
+    st = q_all(env, "select session_started from events where kind = 'session_started'")[0]["session_started"]
+    assert st["checkpoint_key_id"] and st["recording_mode"] == "spool"
+    dump = run_cli("sql", "select * from events", "--format", "json", env=env).stdout
+    assert secret not in dump and "[SECRET:" in dump
+    for seg in (tmp_path / "home" / "log").rglob("*.avro"):
+        assert secret.encode() not in seg.read_bytes()
+
+
+def q_all(env, sql):
+    return json.loads(run_cli("sql", sql, "--format", "json", env=env).stdout)

@@ -30,3 +30,13 @@ def test_bench_replay_smoke(tmp_path):
     assert result["events"] == 6000 and result["events_per_s"] > 0
     assert result["baseline_sha256_events_per_s"] > 0 and result["baseline_fastavro_decode_events_per_s"] > 0
     assert result["processes"] > 0 and len(result["state_digest"]) == 64
+
+
+@pytest.mark.kafka
+def test_bench_emit_smoke(bootstrap, tmp_path):
+    proc = subprocess.run([sys.executable, "bench/emit.py", "--bootstrap", bootstrap, "--events", "3000", "--rounds", "1",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["events"] >= 3000
+    assert result["ours"] > 0 and result["baseline"] > 0 and result["ratio"] > 0 and result["ours_in_process"] > 0

@@ -152,26 +152,52 @@ def test_input_that_cannot_be_used_is_kept_and_reported_without_blocking(tmp_pat
     assert {json.loads(p.read_text())["raw"] for p in kept} == {"{not json", '{"hook_event_name": "PreToolUse"}', "[1,2]", ""}
 
 
-def test_transport_down_exit_1_or_fail_closed_and_the_outbox_is_sent_later(tmp_path):
+@pytest.mark.kafka
+def test_kafka_down_the_hook_spools_and_the_events_reach_kafka_later(tmp_path, bootstrap, topic):
+    """Kafka unreachable: the producer sink spools locally and durably; the call succeeds. Drained
+    later to the real broker, the session arrives whole and in order."""
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
-    env = cli_env(tmp_path / "home", AGENTLEDGER_BOOTSTRAP_SERVERS=dead)
-    pre = {"session_id": "down-1", "hook_event_name": "PreToolUse", "cwd": "/w", "tool_name": "Bash",
+    env = cli_env(tmp_path / "home", AGENTLEDGER_BOOTSTRAP_SERVERS=dead, AGENTLEDGER_TOPIC=topic)
+    base = {"session_id": "down-1", "cwd": "/w", "tool_name": "Bash", "tool_use_id": "t1",
+            "tool_input": {"command": "make"}}
+    hook(env, {**base, "hook_event_name": "PreToolUse"}, "--budget", "1", check_exit=0)
+    hook(env, {**base, "hook_event_name": "PostToolUse", "tool_response": {"stdout": "ok", "exit_code": 0}},
+         "--budget", "1", check_exit=0)
+    st = json.loads(run_cli("spool", "status", "--format", "json", env=env).stdout)
+    assert st["undrained_events"] == 3  # session_started, command_started, command_finished
+    up = cli_env(tmp_path / "home", AGENTLEDGER_BOOTSTRAP_SERVERS=bootstrap, AGENTLEDGER_TOPIC=topic)
+    drained = json.loads(run_cli("spool", "drain", "--format", "json", env=up).stdout)
+    assert drained == {"drained": 3, "remaining": 0}
+    run_cli("ingest", env=up)
+    rows = q(up, "select seq, kind, tool_call_id from events order by seq")
+    assert [(r["kind"], r["tool_call_id"]) for r in rows] == [
+        ("session_started", None), ("command_started", "t1"), ("command_finished", "t1")]
+
+
+def test_neither_kafka_nor_spool_exit_1_or_fail_closed_and_the_outbox_is_sent_later(tmp_path):
+    """Kafka down and the spool full: never silent. Exit 1 (a non-blocking error), or with
+    --fail-closed a deny; what was sealed waits in the outbox and goes out first, in order, later."""
+    dead = f"127.0.0.1:{free_port()}"
+    env = cli_env(tmp_path / "home", AGENTLEDGER_BOOTSTRAP_SERVERS=dead, AGENTLEDGER_SPOOL_MAX_BYTES="1")
+    pre = {"session_id": "down-2", "hook_event_name": "PreToolUse", "cwd": "/w", "tool_name": "Bash",
            "tool_use_id": "t1", "tool_input": {"command": "make"}}
-    soft = hook(env, pre, "--budget", "2")
+    soft = hook(env, pre, "--budget", "1")
     assert soft.returncode == 1 and soft.stdout == b"" and b"not recorded durably" in soft.stderr
-    closed = hook(env, {**pre, "tool_use_id": "t2"}, "--budget", "2", "--fail-closed")
+    closed = hook(env, {**pre, "tool_use_id": "t2"}, "--budget", "1", "--fail-closed")
     assert closed.returncode == 0
     answer = json.loads(closed.stdout)["hookSpecificOutput"]
     assert answer["permissionDecision"] == "deny" and "could not be recorded" in answer["permissionDecisionReason"]
-    # what was sealed waits in the outbox; once a transport works it is sent, in order, exactly once
+    mode = hook({**env, "AGENTLEDGER_RECORDING_MODE": "fail_closed"}, {**pre, "tool_use_id": "t3"}, "--budget", "1")
+    assert json.loads(mode.stdout)["hookSpecificOutput"]["permissionDecision"] == "deny"
     local = cli_env(tmp_path / "home")
     drained = hook(local, b"", "--drain", check_exit=0)
-    assert b"re-sent 3 events" in drained.stderr  # session_started, command_started t1 ... and t2's
+    assert b"re-sent 4 events" in drained.stderr  # session_started, then t1, t2, t3 in the order they came
     hook(local, {**pre, "hook_event_name": "PostToolUse", "tool_response": {"stdout": "", "exit_code": 0}}, check_exit=0)
     run_cli("ingest", env=local)
     rows = q(local, "select seq, kind, tool_call_id from events order by seq")
     assert [(r["kind"], r["tool_call_id"]) for r in rows] == [
-        ("session_started", None), ("command_started", "t1"), ("command_started", "t2"), ("command_finished", "t1")]
+        ("session_started", None), ("command_started", "t1"), ("command_started", "t2"), ("command_started", "t3"),
+        ("command_finished", "t1")]
     assert q(local, "select status from chain_status") == [{"status": "open"}]
 
 

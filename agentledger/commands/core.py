@@ -23,20 +23,29 @@ def _progress(enabled: bool) -> Progress:
 
 
 def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float = 0.1, labels: Path | None = None,
-                   force_attack_first: bool = False, show_progress: bool = True):
-    from producers.recorder import Recorder
-    from producers.simulate import simulate, write_labels
-    from schemas.transport import open_sink
+                   force_attack_first: bool = False, show_progress: bool = True, mix: str | None = None,
+                   attacks: list[str] | None = None, checkpoint_every: int = 1000, sign: bool = True):
+    from producers.simulate import parse_mix, simulate, simulation_recorder, write_labels, write_public_key
+    from producers.sinks import open_producer_sink
 
-    sink = open_sink(s)
+    # A bulk producer: the Kafka client gets its own process (see schemas/transport/kafka.py).
+    sink = open_producer_sink(s, kafka_process=True)
+    if hasattr(sink, "wait_direct"):
+        sink.wait_direct(15.0)  # a bulk run can afford to wait for the connection instead of spooling
     with _progress(show_progress) as progress:
         task = progress.add_task("simulating sessions", total=sessions)
         try:
-            result = simulate(lambda clock, rng: Recorder(sink, topic=s.topic, clock=clock, rng=rng), sessions, seed,
-                              attack_rate=attack_rate, force_attack_first=force_attack_first,
-                              on_session=lambda i: progress.advance(task))
+            result = simulate(lambda clock, rng: simulation_recorder(sink, s.topic, seed, clock, rng,
+                                                                     checkpoint_every=checkpoint_every, sign=sign),
+                              sessions, seed, attack_rate=attack_rate, force_attack_first=force_attack_first,
+                              attacks=attacks, mix=parse_mix(mix), on_session=lambda i: progress.advance(task))
         finally:
-            sink.close()
+            sink.close(timeout=60)
+    if getattr(sink, "state", "direct") != "direct" and sink.spool.undrained():
+        err_console.print(f"[yellow]Kafka unavailable: {sink.spool.undrained()} events are spooled in "
+                          f"{sink.spool.root}; they are sent when Kafka answers (or run: agentledger spool drain)[/]")
+    if sign:
+        write_public_key(seed, s.home / "keys")
     if labels is not None:
         write_labels(labels, result, seed)
     return result
@@ -91,7 +100,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"[bold]agentledger demo[/] — transport: {s.transport_label}; warehouse: {s.warehouse}")
         result = run_simulation(s, sessions, seed, attack_rate=0.0, force_attack_first=True)
         console.print(f"recorded {result.events} events in {result.sessions} sessions "
-                      f"(suspicious: {', '.join(l['session_id'] for l in result.labels) or 'none'})")
+                      f"(suspicious: {', '.join(l['session_id'] for l in result.labels if l['attack']) or 'none'})")
         stats = run_ingest(s)
         console.print(f"ingested {stats.accepted} events, {stats.dead_letters} quarantined, "
                       f"in {stats.seconds:.2f}s")
@@ -120,21 +129,33 @@ def register(app: typer.Typer) -> None:
         sessions: int = typer.Option(10, "--sessions", "-n", help="Number of sessions."),
         seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical events."),
         attack_rate: float = typer.Option(0.1, help="Fraction of sessions carrying a labelled attack."),
-        labels: Optional[Path] = typer.Option(None, help="Write ground-truth labels (JSON lines) here, apart from the events."),
+        labels: Optional[Path] = typer.Option(None, help="Write ground-truth labels (JSON lines, one per session) "
+                                                         "here, apart from the events."),
+        mix: Optional[str] = typer.Option(None, help="Attack scenario weights, e.g. 'crypto_mining=3,persistence=1' "
+                                                     "(others 0). Scenarios: see producers/simulate.py."),
+        benign_only: bool = typer.Option(False, "--benign-only", help="No attacks (near-misses stay)."),
+        checkpoint_every: int = typer.Option(1000, help="Signed checkpoint every N events of a session (0: only at the end)."),
+        sign: bool = typer.Option(True, "--sign/--no-sign", help="Sign checkpoints with the seed's simulation key."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
     ) -> None:
-        """Emit deterministic, realistic coding-agent sessions to the configured transport.
+        """Emit deterministic, realistic coding-agent sessions (with labelled attacks) to the configured transport.
 
-        Example:  agentledger simulate --sessions 200 --seed 7 --format json
+        The same --sessions/--seed/options give byte-identical events and labels. Secrets in the simulated
+        sessions are fake and redacted like real ones; checkpoints are signed with a key derived from the
+        seed, whose public key is written to HOME/keys.
+
+        Example:  agentledger simulate --sessions 1000 --seed 11 --labels labels.jsonl --format json
         """
         s = settings(ctx)
-        result = run_simulation(s, sessions, seed, attack_rate=attack_rate, labels=labels,
-                                show_progress=fmt is not Format.json)
+        result = run_simulation(s, sessions, seed, attack_rate=0.0 if benign_only else attack_rate, labels=labels,
+                                show_progress=fmt is not Format.json, mix=mix,
+                                checkpoint_every=checkpoint_every or 10**12, sign=sign)
+        attacks = sum(1 for l in result.labels if l["attack"])
         if fmt is Format.json:
-            print_json({"sessions": result.sessions, "events": result.events})
+            print_json({"sessions": result.sessions, "events": result.events, "attack_sessions": attacks})
         else:
             console.print(f"emitted {result.events} events in {result.sessions} sessions to {s.transport_label}"
-                          f" ({len(result.labels)} labelled attack sessions)")
+                          f" ({attacks} labelled attack sessions)")
 
     @app.command()
     def ingest(

@@ -9,7 +9,9 @@ the warehouse stores them in the same transaction as the rows (see consumers/ing
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -93,8 +95,10 @@ class KafkaSink(Sink):
             self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="agentledger", **config)
         except KafkaError as exc:
             raise TransportError(f"cannot connect a producer to {bootstrap_servers}: {exc}") from exc
-        self._inflight: list[tuple[Outgoing, Any]] = []
+        self._inflight: deque[tuple[str, bytes, bytes, Any]] = deque()
         self._topics: set[str] = set()
+        self._sends = 0
+        self._partition_cache: dict[tuple[str, bytes], int] = {}
 
     def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
         if topic not in self._topics:
@@ -102,24 +106,95 @@ class KafkaSink(Sink):
             self._topics.add(topic)
 
     def send(self, topic: str, key: bytes, value: bytes) -> None:
-        msg = Outgoing(topic, key, value)
         try:
-            fut = self._producer.send(topic, key=key, value=value)
+            # The default partitioner's choice, computed once per session key (murmur2 is pure Python).
+            p = self._partition_cache.get((topic, key))
+            if p is None:
+                parts = self._producer.partitions_for(topic)
+                if parts:
+                    parts = sorted(parts)
+                    p = parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
+                    if len(self._partition_cache) > 100_000:
+                        self._partition_cache.clear()
+                    self._partition_cache[(topic, key)] = p
+            fut = self._producer.send(topic, key=key, value=value, partition=p)
         except KafkaError as exc:
-            raise NotDurableError(f"Kafka did not accept the event: {exc}", [msg]) from exc
-        self._inflight.append((msg, fut))
+            raise NotDurableError(f"Kafka did not accept the event: {exc}", [Outgoing(topic, key, value)]) from exc
+        self._inflight.append((topic, key, value, fut))
+        self._sends += 1
+        if not self._sends & 0xFFF:
+            self.prune()
+
+    def prune(self) -> Exception | None:
+        """Forget the acknowledged prefix of the in-flight messages (bounds memory). Returns the error
+        of the oldest in-flight message if it failed (the caller decides: retry, spool, refuse)."""
+        inflight = self._inflight
+        while inflight:
+            fut = inflight[0][3]
+            if not fut.is_done:
+                return None
+            if fut.failed():
+                return fut.exception or NotDurableError("delivery failed")
+            inflight.popleft()
+        return None
+
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def oldest(self) -> int | None:
+        """Identity of the oldest unacknowledged message (to notice that acknowledgements stopped)."""
+        self.prune()
+        return id(self._inflight[0][2]) if self._inflight else None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for acknowledgements; True when nothing is in flight any more."""
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaTimeoutError:
+            pass
+        return self.prune() is None and not self._inflight
+
+    def unacknowledged(self) -> list[Outgoing]:
+        """Messages not known to be acknowledged, in send order; forgets every tracked message."""
+        out = [Outgoing(t, k, v) for t, k, v, fut in self._inflight if not fut.is_done or fut.failed()]
+        self._inflight = deque()
+        return out
+
+    def abort(self) -> None:
+        """Stop at once: pending batches are failed and never sent again. Never blocks.
+
+        kafka-python's ``close(timeout=0)`` first flushes, which raises while anything is pending (exactly
+        when we abort), so the sender thread is force-closed directly; it fails the pending batches and
+        ends by itself (a background thread closes the client's sockets once it has)."""
+        producer = self._producer
+        sender = getattr(producer, "_sender", None)
+        try:
+            if sender is not None:
+                sender.force_close()
+        except Exception:  # noqa: BLE001 -- closing a broken client must not raise
+            log.debug("abort: force close failed", exc_info=True)
+
+        def finish() -> None:
+            try:
+                if sender is not None:
+                    sender.join(30)
+                producer.close(timeout=1)
+            except Exception:  # noqa: BLE001
+                log.debug("abort: producer close failed", exc_info=True)
+
+        threading.Thread(target=finish, name="agentledger-kafka-abort", daemon=True).start()
 
     def flush(self, timeout: float | None = None) -> None:
-        inflight, self._inflight = self._inflight, []
+        inflight, self._inflight = self._inflight, deque()
         try:
             self._producer.flush(timeout=timeout)
         except KafkaTimeoutError:
             pass  # the futures below say which messages are not acknowledged
         failed = []
         first_error = None
-        for msg, fut in inflight:
+        for t, k, v, fut in inflight:
             if not fut.is_done or fut.failed():
-                failed.append(msg)
+                failed.append(Outgoing(t, k, v))
                 if first_error is None:
                     first_error = fut.exception if fut.is_done else "no acknowledgement before the timeout"
         if failed:
@@ -230,6 +305,284 @@ def raw_poll(bootstrap_servers: str, topic: str, expected: int, timeout_s: float
         return n, time.perf_counter() - t0
     finally:
         consumer.close(autocommit=False)
+
+
+def raw_send(bootstrap_servers: str, topic: str, values: list[bytes], keys: list[bytes],
+             timeout_s: float = 300, **overrides: Any) -> float:
+    """Baseline for benchmarks: plain kafka-python `send()` of pre-encoded values with the same producer
+    settings as `KafkaSink` (acks=all, idempotence), then one flush. Returns seconds, send to last ack."""
+    config = {**PRODUCER_DEFAULTS, **overrides, "acks": "all", "enable_idempotence": True}
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="agentledger-bench-raw", **config)
+    try:
+        producer.partitions_for(topic)  # metadata up front, as our sink has it after ensure_topic
+        n = len(keys)
+        t0 = time.perf_counter()
+        futures = [producer.send(topic, key=keys[i % n], value=v) for i, v in enumerate(values)]
+        producer.flush(timeout=timeout_s)
+        elapsed = time.perf_counter() - t0
+        failed = sum(1 for f in futures if not f.is_done or f.failed())
+        if failed:
+            raise NotDurableError(f"raw baseline: {failed} messages not acknowledged")
+        return elapsed
+    finally:
+        producer.close(timeout=10)
+
+
+# --- the Kafka client in a child process --------------------------------------------------------
+#
+# kafka-python does its per-message work (partitioning, batch building, futures) in Python, under the
+# GIL of the process that calls send(). A producer that also builds, redacts, encodes and hashes every
+# event pays for both on one core. `KafkaProcessSink` moves the client into a child process: the parent
+# ships batches of encoded events over a pipe and keeps its own copy of every message until the child
+# reports it acknowledged (acks=all), so the durability contract of `Sink` is unchanged: flush waits for
+# acknowledgements, `unacknowledged()` hands back exactly what Kafka has not confirmed, and `abort()`
+# kills the child. Worth it for bulk producers (simulator, importers, benchmarks); a short-lived hook
+# process should use `KafkaSink` (starting the child costs a Python start-up).
+
+import os as _os
+import pickle as _pickle
+import struct as _struct
+import subprocess as _subprocess
+import sys as _sys
+import threading as _threading
+
+_FRAME = _struct.Struct("<I")
+SHIP_EVERY = 512
+
+
+def _write_frame(f, obj) -> None:
+    data = _pickle.dumps(obj, protocol=_pickle.HIGHEST_PROTOCOL)
+    f.write(_FRAME.pack(len(data)) + data)
+    f.flush()
+
+
+def _read_frame(f):
+    head = f.read(_FRAME.size)
+    if len(head) < _FRAME.size:
+        return None
+    (n,) = _FRAME.unpack(head)
+    return _pickle.loads(f.read(n))
+
+
+def _child_main() -> None:
+    """Entry point of the child: ``python -c 'from schemas.transport.kafka import _child_main; _child_main()'``."""
+    import queue
+
+    inp, out = _sys.stdin.buffer, _sys.stdout.buffer
+    _sys.stdout = _sys.stderr  # nothing else may write to the frame channel
+    out_lock = _threading.Lock()
+
+    def reply(obj) -> None:
+        with out_lock:
+            _write_frame(out, obj)
+
+    bootstrap, config = _read_frame(inp)
+    try:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="agentledger", **config)
+    except Exception as exc:  # noqa: BLE001 -- reported to the parent, which decides
+        reply(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    reply(("ready",))
+    work: queue.Queue = queue.Queue()
+    acks: queue.Queue = queue.Queue()
+
+    def reader() -> None:
+        while True:
+            item = _read_frame(inp)
+            work.put(item if item is not None else ("close", 5.0))
+            if item is None or item[0] == "close":
+                return
+
+    def acker() -> None:
+        while True:
+            item = acks.get()
+            if item is None:
+                return
+            bid, futures, error = item
+            if error is None:
+                for fut in futures:
+                    try:
+                        fut.get()
+                    except Exception as exc:  # noqa: BLE001
+                        error = f"{type(exc).__name__}: {exc}"
+                        break
+            reply(("fail", bid, error) if error else ("ack", bid))
+
+    _threading.Thread(target=reader, daemon=True).start()
+    ack_thread = _threading.Thread(target=acker, daemon=True)
+    ack_thread.start()
+    partitions: dict[str, list[int]] = {}
+    cache: dict[tuple[str, bytes], int] = {}
+    while True:
+        item = work.get()
+        if item[0] == "close":
+            producer.flush(timeout=item[1])
+            acks.put(None)
+            ack_thread.join(item[1])
+            producer.close(timeout=1)
+            return
+        _, bid, batch = item
+        futures, error = [], None
+        try:
+            for topic, key, value in batch:
+                # Same partition as kafka-python's default partitioner, computed once per session key.
+                p = cache.get((topic, key))
+                if p is None:
+                    parts = partitions.get(topic)
+                    if parts is None:
+                        parts = partitions[topic] = sorted(producer.partitions_for(topic))
+                    p = cache[(topic, key)] = parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
+                futures.append(producer.send(topic, key=key, value=value, partition=p))
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+        acks.put((bid, futures, error))
+
+
+class KafkaProcessSink(Sink):
+    """`KafkaSink` semantics with the Kafka client in a child process (see above)."""
+
+    def __init__(self, bootstrap_servers: str, default_partitions: int = 6, **overrides: Any):
+        self.bootstrap_servers = bootstrap_servers
+        self.default_partitions = default_partitions
+        config = {**PRODUCER_DEFAULTS, **overrides, "acks": "all", "enable_idempotence": True}
+        connect_s = config.get("bootstrap_timeout_ms", 30_000) / 1000 + 10
+        env = {**_os.environ, "PYTHONPATH": _os.pathsep.join(p for p in [_REPO_ROOT, _os.environ.get("PYTHONPATH")] if p)}
+        self._proc = _subprocess.Popen(
+            [_sys.executable, "-c", "from schemas.transport.kafka import _child_main; _child_main()"],
+            stdin=_subprocess.PIPE, stdout=_subprocess.PIPE, env=env)
+        self._cond = _threading.Condition()
+        self._ready: tuple | None = None
+        self._acked = -1
+        self._error: str | None = None
+        self._reader = _threading.Thread(target=self._read_replies, daemon=True)
+        self._reader.start()
+        try:
+            _write_frame(self._proc.stdin, (bootstrap_servers, config))
+        except OSError as exc:
+            self.abort()
+            raise TransportError(f"cannot start the Kafka client process: {exc}") from exc
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready is not None, timeout=connect_s)
+        if self._ready is None or self._ready[0] != "ready":
+            self.abort()
+            why = self._ready[1] if self._ready else f"no answer within {connect_s:.0f}s"
+            raise TransportError(f"cannot connect a producer to {bootstrap_servers}: {why}")
+        self._batch: list[tuple[str, bytes, bytes]] = []
+        self._shipped: deque[tuple[int, list[tuple[str, bytes, bytes]]]] = deque()
+        self._next_bid = 0
+        self._count = 0
+        self._topics: set[str] = set()
+
+    def _read_replies(self) -> None:
+        out = self._proc.stdout
+        while True:
+            try:
+                msg = _read_frame(out)
+            except Exception:  # noqa: BLE001 -- a dying child
+                msg = None
+            with self._cond:
+                if msg is None:
+                    self._error = self._error or "the Kafka client process ended"
+                    if self._ready is None:
+                        self._ready = ("error", self._error)
+                    self._cond.notify_all()
+                    return
+                if msg[0] in ("ready", "error") and self._ready is None:
+                    self._ready = msg
+                elif msg[0] == "ack":
+                    self._acked = msg[1]
+                elif msg[0] == "fail":
+                    self._error = self._error or msg[2]
+                self._cond.notify_all()
+
+    def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
+        if topic not in self._topics:
+            ensure_topic(self.bootstrap_servers, topic, partitions or self.default_partitions)
+            self._topics.add(topic)
+
+    def _ship(self) -> None:
+        batch, self._batch = self._batch, []
+        bid = self._next_bid
+        self._next_bid += 1
+        self._shipped.append((bid, batch))
+        try:
+            _write_frame(self._proc.stdin, ("batch", bid, batch))
+        except OSError as exc:
+            with self._cond:
+                self._error = self._error or f"the Kafka client process is gone: {exc}"
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        if self._error is not None:
+            raise NotDurableError(f"Kafka client failed: {self._error}", [Outgoing(topic, key, value)])
+        self._batch.append((topic, key, value))
+        self._count += 1
+        if len(self._batch) >= SHIP_EVERY:
+            self._ship()
+
+    def _forget_acked(self) -> None:
+        acked = self._acked
+        shipped = self._shipped
+        while shipped and shipped[0][0] <= acked:
+            self._count -= len(shipped.popleft()[1])
+
+    def prune(self) -> Exception | None:
+        self._forget_acked()
+        return NotDurableError(self._error) if self._error else None
+
+    def in_flight(self) -> int:
+        return self._count
+
+    def oldest(self) -> int | None:
+        self._forget_acked()
+        if self._shipped:
+            return id(self._shipped[0][1])
+        return id(self._batch[0][2]) if self._batch else None
+
+    def wait(self, timeout: float) -> bool:
+        if self._batch:
+            self._ship()
+        last = self._next_bid - 1
+        with self._cond:
+            self._cond.wait_for(lambda: self._acked >= last or self._error is not None, timeout=timeout)
+        self._forget_acked()
+        return self._error is None and not self._shipped
+
+    def unacknowledged(self) -> list[Outgoing]:
+        self._forget_acked()
+        out = [Outgoing(*m) for _, batch in self._shipped for m in batch] + [Outgoing(*m) for m in self._batch]
+        self._shipped.clear()
+        self._batch = []
+        self._count = 0
+        return out
+
+    def abort(self) -> None:
+        try:
+            self._proc.kill()
+            self._proc.wait(5)
+        except Exception:  # noqa: BLE001
+            log.debug("abort: killing the Kafka client process failed", exc_info=True)
+
+    def flush(self, timeout: float | None = None) -> None:
+        ok = self.wait(3600.0 if timeout is None else timeout)
+        if not ok:
+            why = self._error or "no acknowledgement before the timeout"
+            undelivered = self.unacknowledged()
+            if undelivered:
+                raise NotDurableError(f"{len(undelivered)} event(s) not acknowledged by Kafka: {why}", undelivered)
+
+    def close(self, timeout: float | None = None) -> None:
+        try:
+            self.flush(timeout)
+        finally:
+            try:
+                _write_frame(self._proc.stdin, ("close", 5.0))
+                self._proc.stdin.close()
+                self._proc.wait(timeout if timeout is not None else 10)
+            except Exception:  # noqa: BLE001
+                self.abort()
+
+
+_REPO_ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 
 def partition_count(bootstrap_servers: str, topic: str, timeout_s: float = 30) -> int:
