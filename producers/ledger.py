@@ -22,6 +22,10 @@ Guarantees, per session (all producers of this host share them through `Producer
   reaches the transport, in order; a re-send of an event that had in fact arrived is a
   byte-identical duplicate that ingest refuses as ``duplicate`` without breaking the chain.
 * **Deterministic ids.** event_id = UUIDv7(time from the source, sha256(session, fact)).
+* **Like every producer.** Records pass through `producer_transforms` (secret redaction) before
+  sealing; with a signing key, a signed checkpoint follows every ``AGENTLEDGER_CHECKPOINT_EVERY``
+  events of a session (counted from the recorded facts, so across processes and sources) and its
+  end; the producer sink (`open_producer_sink`) spools when Kafka is slow or down.
 """
 
 from __future__ import annotations
