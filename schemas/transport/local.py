@@ -274,10 +274,12 @@ class LocalLog:
             self._sync(fd)
         finally:
             os.close(fd)
-        now = int(time.time() * 1000)
+        # The index timestamp is the event's own time (like Kafka's CreateTime), not the wall clock,
+        # so that the same events make byte-identical logs, index included.
+        stamps = [_event_ms(v) for v in values]
         fd = os.open(seg.idx_path, os.O_WRONLY | os.O_APPEND)
         try:
-            os.write(fd, b"".join(IDX_ENTRY.pack(p, now) for p in positions))
+            os.write(fd, b"".join(IDX_ENTRY.pack(p, t) for p, t in zip(positions, stamps)))
             self._sync(fd)
         finally:
             os.close(fd)
@@ -329,6 +331,15 @@ class LocalLog:
         if len(out) < take:
             raise TransportError(f"{seg.path}: indexed record {offset + len(out)} is not a complete block")
         return out
+
+
+def _event_ms(value: bytes) -> int:
+    from ..envelope import peek
+
+    try:
+        return max(0, peek(value).occurred_at_us // 1000)
+    except DecodeError:
+        return int(time.time() * 1000)
 
 
 def _valid_blocks(data: bytes, sync: bytes, start: int) -> list[codec.RawBlock]:
