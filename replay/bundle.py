@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from schemas import codec
 from schemas.envelope import GENESIS_HASH
-from schemas.errors import AgentLedgerError
+from schemas.errors import AgentLedgerError, DecodeError
 
 from .chain import ChainResult, RawChainVerifier, envelope_head, schema_has_envelope_head, verify_spans
 
@@ -176,18 +176,10 @@ def write_bundle(
 
 
 def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    shift = acc = 0
-    while True:
-        if pos >= end:
-            raise BundleError("the header is cut short (varint runs past the end)")
-        b = buf[pos]
-        pos += 1
-        acc |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return (acc >> 1) ^ -(acc & 1), pos
-        shift += 7
-        if shift > 63:
-            raise BundleError("the header holds a varint longer than 10 bytes")
+    try:
+        return codec.read_varint(buf, pos, end)
+    except DecodeError as exc:
+        raise BundleError(f"the header is damaged ({exc.detail})") from exc
 
 
 @dataclass

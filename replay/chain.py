@@ -20,7 +20,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from schemas.codec import SOE_HEADER_LEN, SOE_MAGIC
+from schemas.codec import SOE_HEADER_LEN, SOE_MAGIC, read_varint
+from schemas.errors import DecodeError
 from schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
 
 _HASH_TAG = b"\x80\x01"
@@ -33,19 +34,10 @@ class BadEnvelope(ValueError):
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = acc = 0
-    n = len(buf)
-    while True:
-        if pos >= n:
-            raise BadEnvelope("varint runs past the end of the event")
-        b = buf[pos]
-        pos += 1
-        acc |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return (acc >> 1) ^ -(acc & 1), pos
-        shift += 7
-        if shift > 63:
-            raise BadEnvelope("varint longer than 10 bytes")
+    try:
+        return read_varint(buf, pos)
+    except DecodeError as exc:
+        raise BadEnvelope(f"{exc.detail} in the event") from exc
 
 
 def envelope_head(value: bytes, offset: int = SOE_HEADER_LEN) -> tuple[str, str, int]:

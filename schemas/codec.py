@@ -103,11 +103,14 @@ def zigzag_varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+def read_varint(buf: bytes | memoryview, pos: int, end: int | None = None) -> tuple[int, int]:
+    """Decode one Avro zigzag varint at ``pos`` (not past ``end``); returns (value, next position).
+    The one varint reader of the project: envelope peeks, OCF block walks and bundle headers use it."""
+    end = len(buf) if end is None else end
     shift = 0
     acc = 0
     while True:
-        if pos >= len(buf):
+        if pos >= end:
             raise DecodeError("truncated", "varint runs past the end of the data")
         b = buf[pos]
         pos += 1
@@ -190,8 +193,8 @@ def iter_ocf_blocks(data: bytes | memoryview, sync: bytes, start: int) -> Iterat
     n = len(data)
     while pos < n:
         try:
-            count, p = _read_varint(data, pos)
-            size, p = _read_varint(data, p)
+            count, p = read_varint(data, pos)
+            size, p = read_varint(data, p)
         except DecodeError:
             return
         if count < 1 or size < 0:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from . import codec
 from .contract import SchemaStore
+from .errors import DecodeError
 
 GENESIS_HASH = "0" * 64
 HASH_FIELD_LEN = 66
@@ -183,38 +184,23 @@ class Peek:
     hash: str
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = acc = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        acc |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return (acc >> 1) ^ -(acc & 1), pos
-        shift += 7
-
-
 def peek(value: bytes) -> Peek:
     """The envelope fields transports need (session key, seq, time, chain links), read from the raw
     bytes without decoding the record. Relies only on the field order every schema version keeps:
     event_id, session_id, seq, occurred_at first; prev_hash, hash last (both 64 hex characters)."""
     try:
         pos = 10
-        n, pos = _varint(value, pos)
+        n, pos = codec.read_varint(value, pos)
         event_id = value[pos:pos + n].decode()
         pos += n
-        n, pos = _varint(value, pos)
+        n, pos = codec.read_varint(value, pos)
         session_id = value[pos:pos + n].decode()
         pos += n
-        seq, pos = _varint(value, pos)
-        at, pos = _varint(value, pos)
+        seq, pos = codec.read_varint(value, pos)
+        at, pos = codec.read_varint(value, pos)
     except (IndexError, UnicodeDecodeError) as exc:
-        from .errors import DecodeError
-
         raise DecodeError("undecodable", f"cannot read the envelope: {exc}") from exc
     tail = value[-2 * HASH_FIELD_LEN:]
     if tail[:2] != _HASH_PREFIX or tail[HASH_FIELD_LEN:HASH_FIELD_LEN + 2] != _HASH_PREFIX:
-        from .errors import DecodeError
-
         raise DecodeError("undecodable", "the event does not end with prev_hash and hash")
     return Peek(event_id, session_id, seq, at, tail[2:HASH_FIELD_LEN].decode(), tail[HASH_FIELD_LEN + 2:].decode())

@@ -306,6 +306,11 @@ LAKE_ALIAS = "lake"
 # auto_checkpoint_skip_wal_threshold rows go through the WAL and a later checkpoint rewrites the
 # table's trailing row group, so small transactions cost far more per row than large ones.
 INGEST_SETTINGS = {"preserve_insertion_order": "false"}
+# A DuckDB file also checkpoints whenever its WAL passes checkpoint_threshold (16 MB by default),
+# i.e. every few thousand of our wide rows; raising it let the ingest connection run ~1.4x faster
+# (210k events: 28.8k -> 39.7k ev/s, same machine, same run). The WAL is replayed on the next open
+# after a crash, so the bound is also the most that replay has to read.
+FILE_INGEST_SETTINGS = {"checkpoint_threshold": "'512MB'"}
 RETRYABLE_MARKERS = ("database is locked", "conflict", "failed to commit ducklake", "could not serialize",
                      "concurrent", "busy")
 
@@ -457,7 +462,8 @@ class Warehouse:
         load_extension(self.con, extension)
 
     def tune_for_ingest(self) -> None:
-        for k, v in INGEST_SETTINGS.items():
+        settings = INGEST_SETTINGS if self.is_lake else {**INGEST_SETTINGS, **FILE_INGEST_SETTINGS}
+        for k, v in settings.items():
             self.con.execute(f"SET {k} = {v}")
 
     def _relations(self) -> dict[str, str]:

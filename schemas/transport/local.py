@@ -164,6 +164,24 @@ class LocalLog:
         if self.fsync:
             os.fsync(fd)
 
+    def _tail_consistent(self, seg: _Segment, count: int) -> bool:
+        """True when the segment ends exactly after its last indexed block (a few bytes read)."""
+        size = seg.path.stat().st_size
+        if not count:
+            return size == seg.header.length
+        with open(seg.idx_path, "rb") as f:
+            f.seek((count - 1) * IDX_ENTRY.size)
+            last_pos, _ = IDX_ENTRY.unpack(f.read(IDX_ENTRY.size))
+        with open(seg.path, "rb") as f:
+            f.seek(last_pos)
+            head = f.read(20)
+        try:
+            n, p = codec.read_varint(head, 0)
+            blen, p = codec.read_varint(head, p)
+        except DecodeError:
+            return False
+        return n == 1 and size == last_pos + p + blen + codec.SYNC_LEN
+
     def _recover_tail(self, seg: _Segment) -> int:
         """Make the index and the segment agree after a crash; returns the record count."""
         idx_size = seg.idx_path.stat().st_size if seg.idx_path.exists() else 0
@@ -172,6 +190,8 @@ class LocalLog:
                 f.truncate(idx_size - idx_size % IDX_ENTRY.size)
             idx_size -= idx_size % IDX_ENTRY.size
         count = idx_size // IDX_ENTRY.size
+        if self._tail_consistent(seg, count):
+            return count  # the common case: no crash since the last append, nothing to read
         data = seg.path.read_bytes()
         if count:
             with open(seg.idx_path, "rb") as f:

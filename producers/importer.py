@@ -1,0 +1,386 @@
+"""Importing agent records (Codex rollouts, OTLP/JSON logs) into the event stream, incrementally.
+
+One run:
+
+1. Each input file is compared with what was imported before (device, inode, size, mtime, a
+   digest of its head): unchanged files are skipped, grown files are read from their stored offset
+   with the parser context saved last time, replaced or truncated files are read again from the
+   start. Only complete lines are consumed: an unterminated last line (a file still being
+   written) is left for the next run.
+2. Every file is parsed into observations (see codex_rollout.py, otel.py); problems are counted
+   per file and unusable lines are kept in the ``rejects`` table with their offset.
+3. Per session, all observations of this run -- rollout and OTel alike -- are merged in time
+   order and appended by `SessionAppender` (one chain per session, each fact once, outbox).
+   Sessions with no activity for ``end_idle_s`` get a session_ended (sources have no end record).
+4. Only then are the new file offsets committed. A crash before that re-reads the same bytes next
+   time; their facts are already recorded, so nothing is added twice.
+
+Guarantee: re-importing the same bytes adds no event; a grown file adds only events for facts not
+recorded yet; the rollout and the OTel log of one session, imported together or in either order,
+make one session with one gapless chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from schemas.config import Settings
+
+from .codex_rollout import RolloutParser
+from .counts import FileCounts
+from .importstate import ProducerState
+from .ledger import AppendResult, EndRule, Observation, SessionAppender, SessionInfo
+from .otel import OtelParser
+
+HEAD_LEN = 4096
+SETTLE_S = 60.0  # a file untouched this long is not being written: its unterminated tail counts
+ROLLOUT_SUFFIXES = (".jsonl",)
+OTEL_SUFFIXES = (".json", ".jsonl", ".ndjson", ".otlp")
+PARSERS = {"codex_rollout": RolloutParser, "otel": OtelParser}
+AGENT_OF = {"codex_rollout": ("codex", None, "codex_rollout"), "otel": ("unknown", None, "otel")}
+
+
+@dataclass
+class FileReport:
+    path: str
+    kind: str
+    status: str = "new"  # new | grown | unchanged | rewritten | error
+    from_offset: int = 0
+    to_offset: int = 0
+    sessions: list = field(default_factory=list)
+    observations: int = 0
+    counts: FileCounts = field(default_factory=FileCounts)
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "status": self.status, "from_offset": self.from_offset,
+                "to_offset": self.to_offset, "bytes_read": self.to_offset - self.from_offset,
+                "sessions": self.sessions, "observations": self.observations, "counts": self.counts.as_dict(),
+                "problems": self.counts.problems, "error": self.error}
+
+
+@dataclass
+class ImportReport:
+    files: list[FileReport] = field(default_factory=list)
+    sessions: list[AppendResult] = field(default_factory=list)
+    resent: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    rejects: list = field(default_factory=list)
+
+    @property
+    def events_added(self) -> int:
+        return sum(s.added for s in self.sessions)
+
+    def totals(self) -> dict:
+        statuses: dict[str, int] = {}
+        for f in self.files:
+            statuses[f.status] = statuses.get(f.status, 0) + 1
+        total = FileCounts()
+        for f in self.files:
+            total.add(f.counts)
+        kinds: dict[str, int] = {}
+        for s in self.sessions:
+            for k, n in s.kinds.items():
+                kinds[k] = kinds.get(k, 0) + n
+        return {"files": len(self.files), **{f"files_{k}": v for k, v in sorted(statuses.items())},
+                "sessions": len({s.session_id for s in self.sessions}),
+                "observations": sum(f.observations for f in self.files),
+                "events_added": self.events_added, "already_recorded": sum(s.already_recorded for s in self.sessions),
+                "merged": sum(s.merged for s in self.sessions), "resent": self.resent, "kinds": kinds,
+                "problems": sum(f.counts.problems for f in self.files), "counts": total.as_dict()}
+
+    def as_dict(self) -> dict:
+        return {"totals": self.totals(), "files": [f.as_dict() for f in self.files],
+                "sessions": [s.as_dict() for s in self.sessions], "seconds": round(self.seconds, 3),
+                "dry_run": self.dry_run, "rejects": self.rejects[:100]}
+
+
+def sniff(path: str) -> str | None:
+    """The format of a file from its first bytes: "otel", "codex_rollout", or None (unclear)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return None
+    if any(m in head for m in (b'"resourceLogs"', b'"resource_logs"', b'"logRecords"', b'"log_records"')):
+        return "otel"
+    if any(m in head for m in (b'"session_meta"', b'"turn_context"', b'"response_item"', b'"event_msg"',
+                               b'"record_type"')):
+        return "codex_rollout"
+    first_line = head.split(b"\n", 1)[0]
+    try:
+        obj = json.loads(first_line)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and ("payload" in obj and "type" in obj or {"id", "timestamp"} <= set(obj)):
+        return "codex_rollout"
+    return None
+
+
+def discover(paths: Iterable[str | Path], kind: str) -> list[tuple[str, str]]:
+    """(path, format) of the files named and of the files under the directories named (recursively,
+    by suffix). A named file that is clearly of the other format is imported as that format; under
+    directories only files of the wanted format are taken (sniffed from their first bytes)."""
+    suffixes = ROLLOUT_SUFFIXES if kind == "codex_rollout" else OTEL_SUFFIXES
+    out: list[tuple[str, str]] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for f in sorted(files):
+                    if f.endswith(suffixes) and not f.startswith("."):
+                        full = os.path.abspath(os.path.join(root, f))
+                        if (sniff(full) or kind) == kind:
+                            out.append((full, kind))
+        else:
+            full = os.path.abspath(str(p))
+            out.append((full, sniff(full) or kind))
+    return out
+
+
+def _split_lines(data: bytes, base: int, settled: bool) -> tuple[list[tuple[int, bytes]], int, int]:
+    """Complete lines of ``data`` (which starts at file offset ``base``) and the offset after the
+    last one consumed. An unterminated tail is consumed only once the file has settled."""
+    lines = []
+    pos = 0
+    while True:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break
+        lines.append((base + pos, data[pos:nl]))
+        pos = nl + 1
+    tail = data[pos:]
+    if tail.strip() and settled:
+        try:
+            json.loads(tail)
+            lines.append((base + pos, tail))
+            pos = len(data)
+        except ValueError:
+            pass
+    elif not tail.strip():
+        pos = len(data)
+    return lines, base + pos, len(data) - pos
+
+
+def _decode(raw: bytes, counts: FileCounts) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts.non_utf8 += 1
+        return raw.decode("utf-8", "replace")
+
+
+def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: float, idle_s: float,
+                report: FileReport, rejects: list) -> tuple[object | None, dict | None]:
+    st = os.stat(path)
+    settled = now - st.st_mtime >= SETTLE_S
+    same_file = row is not None and row["dev"] == st.st_dev and row["inode"] == st.st_ino
+    if same_file and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns and row["offset"] == st.st_size:
+        report.status = "unchanged"
+        report.from_offset = report.to_offset = row["offset"]
+        report.sessions = list(row["sessions"])
+        return None, None
+    with open(path, "rb") as f:
+        start, ctx = 0, None
+        if same_file and st.st_size >= row["offset"]:
+            head = f.read(row["head_len"])
+            if hashlib.sha256(head).hexdigest() == row["head_sha"]:
+                start, ctx = row["offset"], row["context"]
+                report.status = "grown" if st.st_size > row["offset"] else "unchanged"
+        if row is not None and start == 0:
+            report.status = "rewritten"
+        f.seek(start)
+        data = f.read()
+        f.seek(0)
+        head = f.read(HEAD_LEN)
+    report.from_offset = start
+    parser = PARSERS[kind](path, ctx, file_index, report.counts)
+    lineno = int((ctx or {}).get("_lines", 0))
+    if kind == "otel" and start == 0 and data.lstrip()[:1] == b"{":
+        first_line = data.split(b"\n", 1)[0]
+        try:
+            json.loads(first_line)
+        except ValueError:
+            probe = FileCounts()
+            try:
+                doc = json.loads(_decode(data, probe))
+            except ValueError:
+                doc = None
+            if doc is not None:  # one (pretty-printed) OTLP document
+                report.counts.lines += data.count(b"\n") + 1
+                report.counts.non_utf8 += probe.non_utf8
+                parser.feed(doc, 0, 1)
+                parser.finish(settled)
+                _finish_report(report, parser, len(data), head, st, lineno + data.count(b"\n") + 1)
+                return parser, st
+            if not settled:  # a document still being written
+                report.counts.pending_tail_bytes = len(data)
+                report.to_offset = start
+                report.status = "pending"
+                return None, None
+    lines, end, tail = _split_lines(data, start, settled)
+    report.counts.pending_tail_bytes = tail
+    for off, raw in lines:
+        lineno += 1
+        report.counts.lines += 1
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            report.counts.blank += 1
+            continue
+        text = _decode(raw, report.counts)
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            report.counts.invalid_json += 1
+            rejects.append((path, off, lineno, f"invalid JSON: {exc.msg}", raw[:200]))
+            parser.garbage(off, lineno, raw, "not valid JSON")
+            continue
+        if not isinstance(obj, dict):
+            rejects.append((path, off, lineno, f"JSON {type(obj).__name__}, not an object", raw[:200]))
+        parser.feed(obj, off, lineno)
+    parser.finish(settled and (now - st.st_mtime) >= idle_s)
+    _finish_report(report, parser, end, head, st, lineno)
+    if report.status == "grown" and end == start:
+        report.status = "unchanged"  # only an unterminated tail was added: nothing to read yet
+    return parser, st
+
+
+def _finish_report(report: FileReport, parser, end: int, head: bytes, st, lineno: int) -> None:
+    report.to_offset = end
+    parser.ctx["_lines"] = lineno
+    report.observations = len(parser.observations) + len(parser.infos)
+    sids = {o.session_id for o in parser.observations} | {i.session_id for i in parser.infos}
+    if getattr(parser, "session_id", None):
+        sids.add(parser.session_id)
+    sids |= getattr(parser, "sessions", set())
+    report.sessions = sorted(s for s in sids if s)
+    parser._file_row = {"dev": st.st_dev, "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                        "offset": end, "head_len": min(len(head), end),
+                        "head_sha": hashlib.sha256(head[:min(len(head), end)]).hexdigest()}
+
+
+def run_import(
+    settings: Settings,
+    rollouts: Iterable[str | Path] = (),
+    otel: Iterable[str | Path] = (),
+    *,
+    end_idle_s: float | None = 3600.0,
+    dry_run: bool = False,
+    now: float | None = None,
+    appender: SessionAppender | None = None,
+    on_file: Callable[[FileReport], None] | None = None,
+    on_session: Callable[[AppendResult], None] | None = None,
+) -> ImportReport:
+    """Import the given rollout and OTel files/directories in one run (see the module doc).
+
+    ``end_idle_s``: a session with no activity for that long (by source time) is ended; None keeps
+    every session open. Raises `NotDurableError` / `LockTimeout` when events cannot be made durable;
+    file offsets are then not advanced (the next run redoes the work, adding nothing twice)."""
+    t0 = time.perf_counter()
+    now = time.time() if now is None else now
+    report = ImportReport(dry_run=dry_run)
+    state = appender.state if appender is not None else ProducerState(settings.home)
+    inputs, seen = [], set()
+    for path, kind in discover(rollouts, "codex_rollout") + discover(otel, "otel"):
+        if path not in seen:
+            seen.add(path)
+            inputs.append((path, kind))
+    parsed: list[tuple[FileReport, object, object]] = []
+    rejects: list[tuple] = []
+    idle = end_idle_s if end_idle_s is not None else float("inf")
+    for i, (path, kind) in enumerate(inputs):
+        fr = FileReport(path, kind)
+        report.files.append(fr)
+        try:
+            row = state.file_row(path)
+            parser, st = _parse_file(path, kind, row, i, now, idle, fr, rejects)
+        except OSError as exc:
+            fr.status, fr.error = "error", f"{type(exc).__name__}: {exc}"
+            parser = None
+        if parser is not None:
+            parsed.append((fr, parser, row))
+        if on_file:
+            on_file(fr)
+    # -- merge per session, in time order ------------------------------------------------------
+    obs: dict[str, list[Observation]] = {}
+    infos: dict[str, list[SessionInfo]] = {}
+    hints: dict[str, tuple[int, str]] = {}
+    agents: dict[str, tuple] = {}
+    activity: dict[str, int] = {}
+    turns: dict[tuple[str, str], str] = {}
+    for fr, parser, _ in parsed:
+        for o in parser.observations:
+            obs.setdefault(o.session_id, []).append(o)
+            agents.setdefault(o.session_id, (o.agent, o.agent_version, o.source))
+            activity[o.session_id] = max(activity.get(o.session_id, 0), o.at_us)
+            if o.turn_id and o.tool_call_id:
+                turns[(o.session_id, o.tool_call_id)] = o.turn_id
+        for sid, last in getattr(parser, "activity", {}).items():
+            activity[sid] = max(activity.get(sid, 0), last)
+        for inf in parser.infos:
+            infos.setdefault(inf.session_id, []).append(inf)
+        sid = getattr(parser, "session_id", None)
+        if sid and parser.ctx.get("last_us"):
+            activity[sid] = max(activity.get(sid, 0), parser.ctx["last_us"])
+        if sid and parser.end_hint:
+            last = parser.ctx.get("last_us") or 0
+            if sid not in hints or hints[sid][0] <= last:
+                hints[sid] = (last, parser.end_hint)
+    for sid, lst in obs.items():  # OTel records carry no turn id: take the one the rollout gives the call
+        for o in lst:
+            if o.turn_id is None and o.tool_call_id:
+                o.turn_id = turns.get((sid, o.tool_call_id))
+    report.rejects = [{"path": r[0], "offset": r[1], "line": r[2], "reason": r[3],
+                       "excerpt": bytes(r[4]).decode("utf-8", "replace")} for r in rejects]
+    every = set(obs) | set(infos)
+    for fr in report.files:
+        every |= set(fr.sessions)
+        for s in fr.sessions:
+            agents.setdefault(s, AGENT_OF[fr.kind])
+    if dry_run:
+        report.seconds = time.perf_counter() - t0
+        return report
+    own = appender is None
+    appender = appender or SessionAppender(settings, state=state)
+    try:
+        report.resent = appender.drain_all()
+        end = EndRule(int((now - idle) * 1e6)) if end_idle_s is not None else None
+
+        def first_at(sid: str) -> int:
+            return min([o.at_us for o in obs.get(sid, [])] + [i.at_us for i in infos.get(sid, [])], default=0)
+
+        for sid in sorted(every, key=lambda s: (first_at(s), s)):
+            res = appender.append(sid, obs.get(sid, []), infos.get(sid, []), end=end,
+                                  end_hint=hints.get(sid, (0, None))[1], activity_us=activity.get(sid),
+                                  default_agent=agents.get(sid, ("unknown", None, "unknown")), start_if_new=True)
+            report.sessions.append(res)
+            if on_session:
+                on_session(res)
+        # Every event parsed from these bytes is durable and committed: now advance the offsets.
+        rows = []
+        for fr, parser, _ in parsed:
+            ctx = parser.ctx
+            rows.append({"path": fr.path, "kind": fr.kind, **parser._file_row, "context": ctx,
+                         "sessions": fr.sessions, "counts": _cumulative(state, fr).as_dict()})
+        state.save_files(rows, rejects)
+    finally:
+        if own:
+            appender.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _cumulative(state: ProducerState, fr: FileReport) -> FileCounts:
+    row = state.file_row(fr.path)
+    total = FileCounts.from_dict(row["counts"]) if row and fr.status == "grown" else FileCounts()
+    total.pending_tail_bytes = 0  # a tail is pending now or not at all, never cumulative
+    total.add(fr.counts)
+    return total

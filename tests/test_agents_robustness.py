@@ -1,0 +1,391 @@
+"""Codex-format sessions we have not seen must load just as cleanly; crashes lose and duplicate nothing."""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from agent_sources import count_sources
+from conftest import REPO
+from producers import normalize as N
+from producers.importer import run_import
+from producers.importstate import ProducerState
+from producers.ledger import SessionAppender
+from schemas.config import from_env
+from schemas.contract import load_store
+from schemas.envelope import ChainVerifier
+from schemas.errors import NotDurableError
+from schemas.transport import open_sink, open_source
+from schemas.transport.base import Sink
+
+FIXTURES = REPO / "tests" / "fixtures" / "codex"
+ROLLOUTS = sorted(FIXTURES.glob("rollout-*.jsonl"))
+OTELS = sorted(FIXTURES.glob("otel-codex-0.*"))
+KINDS = {"commands": "command_started", "files": "file_accessed", "decisions": "approval_decided",
+         "network": "network_decided"}
+OPTIONAL = ["summary", "effort", "model", "originator", "cli_version", "duration", "stdout", "stderr", "aggregated_output",
+            "formatted_output", "rationale", "risk_level", "justification", "timeout_ms", "workdir", "timestamp",
+            "git", "instructions", "source", "model_provider", "parsed_cmd", "turn_id", "cwd", "encrypted_content"]
+
+
+def read_log(s) -> tuple[dict, dict]:
+    """Per session: kind counts, and the chain verified from the raw log bytes."""
+    store = load_store()
+    src = open_source(s)
+    try:
+        src.assign(s.topic, {})
+        ends = src.end_offsets(s.topic)
+        msgs = []
+        while sum(src.positions().get((s.topic, p), 0) for p in ends) < sum(ends.values()):
+            msgs += src.poll(10_000, 1.0)
+    finally:
+        src.close()
+    kinds: dict = defaultdict(Counter)
+    verifiers: dict = {}
+    for m in msgs:
+        rec = store.decode(m.value)
+        sid = rec["session_id"]
+        v = verifiers.setdefault(sid, ChainVerifier(sid))
+        assert v.check(m.value, rec) is None, (sid, rec["seq"], v.check(m.value, rec))
+        kinds[sid][rec["payload"][0]] += 1
+    names = {k.name: k.kind for k in store.kinds}
+    return {sid: {names[k]: n for k, n in c.items()} for sid, c in kinds.items()}, {s: v.count for s, v in verifiers.items()}
+
+
+def as_counts(kinds: dict) -> dict:
+    return {sid: {k: c.get(kind, 0) for k, kind in KINDS.items()} for sid, c in kinds.items()}
+
+
+# -- mutations of real-format lines ------------------------------------------------------------
+
+def _mutate_obj(obj, rng: random.Random, what: str):
+    target = obj.get("payload") if isinstance(obj.get("payload"), dict) and rng.random() < 0.7 else obj
+    if what == "unknown_field":
+        target[f"x_{rng.randrange(10**6)}"] = rng.choice([1, "v", None, [1, {"a": 2}], {"nested": {"deep": True}}])
+    elif what == "drop_optional":
+        for k in [k for k in list(target) if k in OPTIONAL]:
+            if rng.random() < 0.5:
+                del target[k]
+    elif what == "reorder":
+        items = list(target.items())
+        rng.shuffle(items)
+        target.clear()
+        target.update(items)
+    return obj
+
+
+def mutate_lines(raw: bytes, rng: random.Random, ops: list[str]) -> bytes:
+    lines = raw.splitlines(keepends=False)
+    for op in ops:
+        i = rng.randrange(len(lines) + 1)
+        if op == "extra_type":
+            lines.insert(i, json.dumps({"timestamp": "2026-01-01T00:00:00Z", "type": f"new_{rng.randrange(99)}",
+                                        "payload": {"type": "whatever", "n": rng.random()}}).encode())
+        elif op == "extra_event_msg":
+            lines.insert(i, json.dumps({"timestamp": "2026-01-01T00:00:00Z", "type": "event_msg",
+                                        "payload": {"type": f"future_event_{rng.randrange(99)}", "k": [1, 2]}}).encode())
+        elif op == "garbage":
+            lines.insert(i, rng.choice([b"garbage", b"{", b"null", b"\x00\x01\x02", b'{"type": 1,}', b"[]"]))
+        elif op == "non_utf8":
+            lines.insert(i, b'{"timestamp":"2025-09-14T10:02:30Z","type":"event_msg","payload":{"type":"agent_message",'
+                            b'"message":"\xc3\x28 \xff\xfe"}}')
+        elif op in ("unknown_field", "drop_optional", "reorder", "compact_spacing"):
+            j = rng.randrange(len(lines))
+            try:
+                obj = json.loads(lines[j])
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if op == "compact_spacing":
+                lines[j] = json.dumps(obj, indent=None, separators=(", ", " : ")).encode()
+            else:
+                lines[j] = json.dumps(_mutate_obj(obj, rng, op)).encode()
+    out = b"\n".join(lines) + b"\n"
+    if "truncated_tail" in ops:
+        out += b'{"timestamp":"2026-01-01T00:00:00Z","type":"event_msg","payload":{"ty'
+    return out
+
+
+MUTATIONS = st.lists(st.sampled_from(["extra_type", "extra_event_msg", "garbage", "non_utf8", "unknown_field",
+                                      "drop_optional", "reorder", "compact_spacing", "truncated_tail"]),
+                     min_size=1, max_size=12)
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=MUTATIONS, seed=st.integers(0, 2**32 - 1), which=st.integers(0, len(ROLLOUTS) - 1), with_otel=st.booleans())
+def test_mutated_sources_import_cleanly_with_exact_counts(ops, seed, which, with_otel):
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        src = ROLLOUTS[which]
+        files = [d / src.name]
+        files[0].write_bytes(mutate_lines(src.read_bytes(), rng, ops))
+        otel = []
+        if with_otel:
+            for o in OTELS:
+                (d / o.name).write_bytes(o.read_bytes())  # OTel documents are whole lines: mutate only the rollout
+                otel.append(d / o.name)
+        s = from_env({"AGENTLEDGER_HOME": str(d / "home")})
+        rep = run_import(s, [files[0]], otel)
+        assert not [f for f in rep.files if f.status == "error"]
+        kinds, chains = read_log(s)
+        expected = count_sources(files + otel)
+        assert as_counts(kinds) == {sid: c for sid, c in expected.items() if sid in kinds}
+        assert set(expected) <= set(kinds) | {sid for sid, c in expected.items() if not any(c.values())}
+        assert all(n == sum(kinds[sid].values()) for sid, n in chains.items())
+        t = rep.totals()["counts"]
+        assert t["invalid_json"] + t["not_object"] == sum(1 for op in ops if op == "garbage")
+        assert t["non_utf8"] == ops.count("non_utf8")
+        assert (t["pending_tail_bytes"] > 0) == ("truncated_tail" in ops)
+        again = run_import(s, [files[0]], otel)
+        assert again.events_added == 0
+
+
+def _snake(obj):
+    """protobuf-JSON snake_case spelling of an OTLP document (both are valid exports)."""
+    if isinstance(obj, list):
+        return [_snake(x) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    rename = {"resourceLogs": "resource_logs", "scopeLogs": "scope_logs", "logRecords": "log_records",
+              "timeUnixNano": "time_unix_nano", "observedTimeUnixNano": "observed_time_unix_nano",
+              "stringValue": "string_value", "intValue": "int_value", "boolValue": "bool_value",
+              "doubleValue": "double_value", "severityText": "severity_text"}
+    return {rename.get(k, k): _snake(v) for k, v in obj.items()}
+
+
+def mutate_otel(doc: dict, rng: random.Random, ops: list[str]) -> dict:
+    rls = doc.get("resourceLogs") or doc.get("resource_logs")
+    lists = [sl.get("logRecords") if "logRecords" in sl else sl.get("log_records")
+             for rl in rls for sl in rl.get("scopeLogs", rl.get("scope_logs", []))]
+    recs = [r for lst in lists for r in lst]
+    for op in ops:
+        r = rng.choice(recs)
+        attrs = r["attributes"]
+        if op == "unknown_attr":
+            attrs.insert(rng.randrange(len(attrs) + 1), {"key": f"x.{rng.randrange(999)}",
+                                                          "value": rng.choice([{"stringValue": "v"}, {"intValue": "7"},
+                                                                               {"arrayValue": {"values": [{"intValue": 1}]}},
+                                                                               {"kvlistValue": {"values": []}}])})
+        elif op == "shuffle":
+            rng.shuffle(attrs)
+        elif op == "drop_optional":
+            r["attributes"] = [a for a in attrs if a["key"] not in ("app.version", "event.timestamp", "model",
+                                                                     "auth_mode", "terminal.type", "duration_ms")]
+        elif op == "int_as_number":
+            for a in attrs:
+                for k in ("intValue", "int_value"):
+                    if k in a["value"]:
+                        a["value"][k] = int(a["value"][k])
+        elif op == "no_time":
+            r.pop("timeUnixNano", None)
+            r.pop("time_unix_nano", None)
+        elif op == "unknown_event":
+            lists[0].append(
+                {"timeUnixNano": "1770128405300000000", "attributes": [
+                    {"key": "event.name", "value": {"stringValue": f"codex.future_{rng.randrange(99)}"}},
+                    {"key": "conversation.id", "value": {"stringValue": "019c2d3e-4f50-7a6b-8c9d-0e1f2a3b4c5d"}}]})
+    return _snake(doc) if "snake" in ops else doc
+
+
+@hsettings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.sampled_from(["unknown_attr", "shuffle", "drop_optional", "int_as_number", "no_time",
+                                     "unknown_event", "snake"]), min_size=1, max_size=10),
+       seed=st.integers(0, 2**32 - 1), pretty=st.booleans())
+def test_mutated_otel_exports_import_cleanly_with_exact_counts(ops, seed, pretty):
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        files = []
+        for src in OTELS + [FIXTURES / "otel-codex-exec-019d0a1b.json"]:
+            text = src.read_text()
+            docs = [json.loads(x) for x in text.splitlines() if x.strip()] if src.suffix == ".jsonl" else [json.loads(text)]
+            docs = [mutate_otel(doc, rng, ops) for doc in docs]
+            out = d / src.name
+            if pretty and len(docs) == 1:
+                out.write_text(json.dumps(docs[0], indent=1))
+            else:
+                out.write_text("".join(json.dumps(x) + "\n" for x in docs))
+            files.append(out)
+        s = from_env({"AGENTLEDGER_HOME": str(d / "home")})
+        rep = run_import(s, [], files)
+        kinds, chains = read_log(s)
+        assert as_counts(kinds) == count_sources(files)
+        assert rep.totals()["counts"]["unknown_types"].get("(document without resourceLogs)") is None
+        assert run_import(s, [], files).events_added == 0
+
+
+# -- crash consistency -------------------------------------------------------------------------
+
+class FailingFlush(Sink):
+    """Delegates to a real sink; the first ``fail`` flushes fail before (or after) delivering."""
+
+    def __init__(self, inner: Sink, *, fail: int = 1, after_delivery: bool = False):
+        self.inner, self.fail, self.after = inner, fail, after_delivery
+
+    def send(self, topic, key, value):
+        self.inner.send(topic, key, value)
+
+    def flush(self, timeout=None):
+        if self.fail > 0:
+            self.fail -= 1
+            if self.after:
+                self.inner.flush(timeout)
+            else:
+                self.inner._pending.clear()  # the transport lost them
+            raise NotDurableError("simulated broker outage")
+        self.inner.flush(timeout)
+
+    def ensure_topic(self, topic, partitions=None):
+        self.inner.ensure_topic(topic, partitions)
+
+    def close(self, timeout=None):
+        self.inner.close(timeout)
+
+
+def _ingest(s):
+    from consumers.ingest import Ingestor
+    from schemas.warehouse import open_warehouse
+
+    with open_warehouse(s.warehouse) as wh:
+        stats = Ingestor(wh, open_source(s), s.topic).run()
+        status = dict(wh.con.execute("SELECT session_id, status FROM chain_status").fetchall())
+        kinds = defaultdict(dict)
+        for sid, kind, n in wh.con.execute("SELECT session_id, kind, count(*) FROM events GROUP BY ALL").fetchall():
+            kinds[sid][kind] = n
+    return stats, status, kinds
+
+
+@pytest.mark.parametrize("after_delivery", [False, True], ids=["lost-before-delivery", "delivered-then-crashed"])
+def test_a_failed_flush_keeps_events_in_the_outbox_and_the_next_run_sends_them_once(tmp_path, after_delivery):
+    s = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home")})
+    app = SessionAppender(s, sink=FailingFlush(open_sink(s), after_delivery=after_delivery))
+    with pytest.raises(NotDurableError):
+        run_import(s, [FIXTURES], [FIXTURES], appender=app)
+    state = ProducerState(s.home)
+    pending = state.sessions_with_outbox()
+    assert len(pending) == 1 and not state.file_row(str(ROLLOUTS[0]))  # offsets not advanced
+    app.close()
+    rep = run_import(s, [FIXTURES], [FIXTURES])
+    assert rep.resent > 0 and not ProducerState(s.home).sessions_with_outbox()
+    stats, status, kinds = _ingest(s)
+    assert set(status.values()) == {"ok"}
+    assert as_counts(kinds) == count_sources(sorted(FIXTURES.iterdir()))
+    # delivered-then-crashed: the re-sent copies are byte-identical duplicates, refused without harm
+    assert stats.dead_letters == (rep.resent if after_delivery else 0)
+    assert set(stats.reasons) <= {"duplicate"}
+
+
+def test_a_crash_between_delivery_and_commit_is_repaired_by_the_next_producer(tmp_path, monkeypatch):
+    s = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home")})
+    real = ProducerState.commit_head
+    calls = {"n": 0}
+
+    def crash_once(self, head, staged, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2 and staged:
+            raise KeyboardInterrupt("killed after the transport acknowledged")
+        return real(self, head, staged, **kw)
+
+    monkeypatch.setattr(ProducerState, "commit_head", crash_once)
+    with pytest.raises(KeyboardInterrupt):
+        run_import(s, [FIXTURES], [FIXTURES])
+    monkeypatch.setattr(ProducerState, "commit_head", real)
+    app = SessionAppender(s)
+    try:
+        resent = app.drain_all()
+    finally:
+        app.close()
+    assert resent > 0
+    run_import(s, [FIXTURES], [FIXTURES])
+    stats, status, kinds = _ingest(s)
+    assert set(status.values()) == {"ok"} and set(stats.reasons) == {"duplicate"}
+    assert as_counts(kinds) == count_sources(sorted(FIXTURES.iterdir()))
+
+
+# -- spellings --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw,want", [
+    ("approved", "approved"), ("Approved", "approved"), ("approvedforsession", "approved_for_session"),
+    ("approved_for_session", "approved_for_session"), ("ApprovedForSession", "approved_for_session"),
+    ("acceptForSession", "approved_for_session"), ("approvedexecpolicyamendment", "approved_for_session"),
+    ("approved_execpolicy_amendment", "approved_for_session"), ("networkpolicyamendment", "approved_for_session"),
+    ("denied", "denied"), ("Denied", "denied"), ("decline", "denied"), ("timedout", "timed_out"),
+    ("timed_out", "timed_out"), ("abort", "aborted"), ("Abort", "aborted"), ("accept", "approved"),
+    ("reject", "denied"), ({"approved_execpolicy_amendment": {"proposed_execpolicy_amendment": ["git"]}}, "approved_for_session"),
+    ("🤷", "unknown"), (None, "unknown"),
+])
+def test_decision_spellings(raw, want):
+    assert N.approval_decision(raw) == want
+
+
+@pytest.mark.parametrize("raw,want", [
+    ("untrusted", "untrusted"), ("unless-trusted", "untrusted"), ("UnlessTrusted", "untrusted"),
+    ("on-failure", "on_failure"), ("OnFailure", "on_failure"), ("on_request", "on_request"), ("on-request", "on_request"),
+    ("never", "never"), ("Never", "never"), ({"granular": {"rules": True}}, "granular"), ({"reject": {}}, "granular"),
+    ("granular", "granular"), ("sometimes", "unknown"),
+])
+def test_approval_policy_spellings(raw, want):
+    assert N.approval_policy(raw) == want
+
+
+@pytest.mark.parametrize("raw,want", [
+    ({"type": "workspace-write", "writable_roots": []}, "workspace_write"), ("read-only", "read_only"),
+    ("ReadOnly", "read_only"), ("danger-full-access", "danger_full_access"), ({"type": "external-sandbox"}, "external_sandbox"),
+    ("WorkspaceWrite { writable_roots: [], network_access: false }", "workspace_write"), ("chroot", "unknown"),
+])
+def test_sandbox_spellings(raw, want):
+    assert N.sandbox_mode(raw) == want
+
+
+@pytest.mark.parametrize("decision,source,want", [
+    ("accept", "user_permanent", ("approved_for_session", "user")), ("accept", "user_temporary", ("approved", "user")),
+    ("accept", "config", ("approved", "policy")), ("accept", "hook", ("approved", "policy")),
+    ("reject", "user_reject", ("denied", "user")), ("reject", "user_abort", ("aborted", "user")),
+    ("reject", "hook", ("denied", "policy")),
+])
+def test_claude_decisions(decision, source, want):
+    assert (N.claude_decision(decision, source), N.decision_source(source)) == want
+
+
+def test_sources_of_codex_decisions():
+    assert [N.decision_source(x) for x in ("Config", "config", "User", "user", "AutomatedReviewer", "guardian", "?")] == [
+        "policy", "policy", "user", "user", "reviewer", "reviewer", "unknown"]
+
+
+def test_times_and_outputs():
+    assert N.parse_time_us("2025-09-14T10:02:11.482Z") == N.parse_time_us("2025-09-14T12:02:11.482+02:00")
+    assert N.parse_time_us("2025-09-14T10:02:11.482123456Z") % 1_000_000 == 482123
+    assert N.parse_time_us("1757844131482000000") == N.parse_time_us("2025-09-14T10:02:11.482Z")
+    assert N.parse_time_us("garbage") is None and N.parse_time_us(None) is None
+    assert N.duration_ms({"secs": 1, "nanos": 420_000_000}) == 1420
+    out = N.parse_exec_output("Chunk ID: 1\nWall time: 0.25 seconds\nProcess exited with code 3\nOutput:\nboom")
+    assert (out["exit_code"], out["duration_ms"]) == (3, 250)
+    out = N.parse_exec_output(json.dumps({"output": "x", "metadata": {"exit_code": 0, "duration_seconds": 1.5}}))
+    assert (out["text"], out["exit_code"], out["duration_ms"]) == ("x", 0, 1500)
+    assert N.infer_sandbox_denial(0, "Permission denied") is None
+    assert N.infer_sandbox_denial(1, "touch: cannot touch '/etc/x': Read-only file system")["operation"] == "file_write"
+    assert N.infer_sandbox_denial(1, "all good") is None
+
+
+def test_patches():
+    ops = N.parse_patch("*** Begin Patch\n*** Add File: a\n+x\n*** Update File: b\n*** Move to: c\n@@\n-x\n+y\n"
+                        "*** Delete File: d\n*** End Patch")
+    assert [(o["path"], o["operation"], o["new_path"]) for o in ops] == [
+        ("a", "create", None), ("b", "rename", "c"), ("d", "delete", None)]
+    assert N.patch_changes({"/x": {"update": {"move_path": "/y"}}, "/z": {"type": "delete"}}) == [
+        {"path": "/x", "operation": "rename", "new_path": "/y"}, {"path": "/z", "operation": "delete", "new_path": None}]
+
+
+def test_producer_state_is_the_only_sqlite_user_among_the_stages():
+    from test_layering import CLI, STAGES, imports_of, py_files
+
+    users = {str(f.relative_to(REPO)) for pkg in (*STAGES, CLI) for f in py_files(pkg) if "sqlite3" in imports_of(f)}
+    assert users <= {"producers/importstate.py"}, users
