@@ -56,9 +56,12 @@ def cli(home: Path, *args: str) -> tuple[str, float]:
 def evaluate(labels: list[dict], alerts: list[tuple]) -> dict:
     """Per-scenario counts for rules, model and both, from labels and (session, detector, severity) rows."""
     hi = collections.defaultdict(set)
+    model_any = set()
     for sid, detector, severity in alerts:
         if severity in HIGH:
             hi[sid].add(detector)
+        if detector == "model":
+            model_any.add(sid)
     per = collections.OrderedDict()
     near = collections.Counter()
     near_total = collections.Counter()
@@ -89,6 +92,9 @@ def evaluate(labels: list[dict], alerts: list[tuple]) -> dict:
         "model_recall": rate(sum(1 for l in attacks if "model" in hi.get(l["session_id"], ())), len(attacks)),
         "rules_benign_alert_rate": rate(sum(1 for l in benign if "rule" in hi.get(l["session_id"], ())), len(benign)),
         "model_benign_alert_rate": rate(sum(1 for l in benign if "model" in hi.get(l["session_id"], ())), len(benign)),
+        # the model's medium alerts too (novelty or an unusual score alone)
+        "model_any_severity_recall": rate(sum(1 for l in attacks if l["session_id"] in model_any), len(attacks)),
+        "model_any_severity_benign_rate": rate(sum(1 for l in benign if l["session_id"] in model_any), len(benign)),
         "per_scenario": per,
         "near_misses": {k: {"sessions": near_total[k], "alerted": near[k]} for k in sorted(near_total)},
     }
@@ -104,7 +110,8 @@ def print_report(ev: dict) -> None:
     print(f"\nrecall {ev['recall']:.2%} of {ev['attack_sessions']} attack sessions (rules {ev['rules_recall']:.2%}, "
           f"model {ev['model_recall']:.2%}); high/critical alerts on {ev['benign_alert_rate']:.2%} of "
           f"{ev['benign_sessions']} benign sessions (rules {ev['rules_benign_alert_rate']:.2%}, "
-          f"model {ev['model_benign_alert_rate']:.2%})")
+          f"model {ev['model_benign_alert_rate']:.2%}); model alerts of any severity: "
+          f"{ev['model_any_severity_recall']:.2%} of attacks, {ev['model_any_severity_benign_rate']:.2%} of benign")
     hit = {k: v for k, v in ev["near_misses"].items() if v["alerted"]}
     print("benign near-misses with a high/critical alert:", hit or "none")
 

@@ -8,9 +8,10 @@ thresholds and the training/evaluation metadata; scikit-learn is only needed to 
 (notebooks/02_anomaly_model.ipynb). `score_samples` reproduces scikit-learn's
 ``IsolationForest.score_samples`` exactly (tests/test_detect_model.py checks it).
 
-A session is anomalous when its isolation score reaches the trained threshold (benign quantile,
-severity medium; a higher quantile gives high), or when its rarest event is a behaviour the
-benign training sessions (almost) never showed (novelty, severity high).
+A session is anomalous when its isolation score reaches the trained threshold (a benign quantile),
+or when its rarest event is a behaviour the benign training sessions never showed (novelty). Either
+alone is a medium alert; both, or an isolation score over the high threshold, a high one (see
+`AnomalyModel.assess`).
 """
 
 from __future__ import annotations
@@ -141,24 +142,29 @@ class AnomalyModel:
                ended: set[str] | None = None) -> list[dict]:
         """Score, verdict, severity, the most unusual features and their evidence, per session.
 
+        Severity: an isolation score over the threshold, or novelty, alone is ``medium`` (worth a
+        look: the model knows what its training sessions did, not what is dangerous); ``high`` when
+        the isolation score is over the high threshold, or over the threshold together with novelty.
         The isolation score of a session that has not ended is provisional (its counts are still
-        growing), so on its own it raises at most a medium alert until the session ends; novelty
-        only grows with more events and counts at once. ``ended=None``: every session has ended."""
+        growing), so it raises ``high`` only once the session ended. ``ended=None``: all have."""
         scores = self.score(feats)
         out = []
         for row, s in zip(feats.iter_rows(named=True), scores):
             novelty = float(row.get("rarity_max", 0.0))
+            final = ended is None or row["session_id"] in ended
+            unusual = s >= self.threshold
+            novel = novelty >= self.novelty_threshold
             reasons = []
-            severity = None
-            if s >= self.threshold:
-                final = ended is None or row["session_id"] in ended
-                severity = "high" if s >= self.threshold_high and final else "medium"
+            if unusual:
                 reasons.append(f"isolation score {s:.3f} ≥ threshold {self.threshold:.3f}"
                                + ("" if final else " (session still open)"))
-            if novelty >= self.novelty_threshold:
-                severity = "high"
+            if novel:
                 reasons.append(f"a behaviour benign training sessions never showed (rarity {novelty:.2f} ≥ "
                                f"{self.novelty_threshold:.2f})")
+            severity = None
+            if unusual or novel:
+                high = final and unusual and (s >= self.threshold_high or novel)
+                severity = "high" if high else "medium"
             top = self.unusual(row)
             out.append({"session_id": row["session_id"], "score": float(s), "novelty": novelty,
                         "anomalous": severity is not None, "severity": severity, "reasons": reasons,
