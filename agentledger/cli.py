@@ -69,6 +69,7 @@ def _register() -> None:
     from .commands import sandbox_cmd; sandbox_cmd.register(app)  # noqa: E702
     from .commands import ledger_cmd; ledger_cmd.register(app)  # noqa: E702 -- verify, deadletters, compact
     from .commands import producers_cmd; producers_cmd.register(app)  # noqa: E702 -- keys, spool
+    from .commands import detect_cmd; detect_cmd.register(app)  # noqa: E702 -- detect, alerts, rules
     from .commands import agents; agents.register(app)  # noqa: E702  (issue 5: import codex-rollout/otel, hook)
 
 

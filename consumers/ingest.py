@@ -74,6 +74,7 @@ class BatchResult:
     healed: int = 0  # parked dead letters accepted because their predecessor arrived
     reasons: dict[str, int] = field(default_factory=dict)
     retries: int = 0
+    sessions: list[str] = field(default_factory=list)  # sessions that gained events (committed)
 
 
 @dataclass
@@ -161,6 +162,7 @@ class Ingestor:
         prefetch: int = 1,
         max_retries: int = 30,
         compact_every_s: float | None = None,
+        after_commit: Callable[[BatchResult], None] | None = None,
     ):
         self.wh = warehouse
         self.con = warehouse.con
@@ -174,6 +176,10 @@ class Ingestor:
         self.prefetch = max(1, prefetch)
         self.max_retries = max_retries
         self.compact_every_s = compact_every_s
+        # Called on the ingest thread after each batch committed (detection: consumers/detect). An
+        # exception stops ingest; the batch itself is committed and stays.
+        self.after_commit = after_commit
+        self._batch_sessions: list[str] = []
         self._fs = fsspec.filesystem("memory")
         protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
         if not self.con.filesystem_is_registered(protocol):
@@ -309,6 +315,8 @@ class Ingestor:
                 stats.add(r)
                 log.info("committed batch %d: %d messages, %d events, %d quarantined, %d healed",
                          stats.batches, r.messages, r.accepted, r.dead_letters, r.healed)
+                if self.after_commit:
+                    self.after_commit(r)
                 if on_batch:
                     on_batch(r, stats)
                 self._maybe_compact(follow)
@@ -507,8 +515,10 @@ class Ingestor:
             for t in ("stage", "rejected", "new_heads"):
                 con.execute(f"DROP TABLE IF EXISTS temp.{t}")
         if heal and result.accepted and self._touched:
-            result.healed = self._heal()
+            healed_sessions: list[str] = []
+            result.healed = self._heal(healed_sessions)
             result.accepted += result.healed
+            result.sessions = list(dict.fromkeys([*result.sessions, *healed_sessions]))
         return result
 
     def _apply(self, msgs: list[Message], staged: int, dead: list[_Dead], *, retry: _Retry | None) -> BatchResult:
@@ -516,6 +526,7 @@ class Ingestor:
         result = BatchResult(messages=len(msgs))
         con = self.con
         self._touched = []
+        self._batch_sessions = []
         con.execute("CREATE OR REPLACE TEMP TABLE rejected (_i BIGINT, reason VARCHAR, detail VARCHAR)")
         if staged:
             accepted = self._check_chains(msgs, dead)
@@ -526,6 +537,7 @@ class Ingestor:
                     con.execute(self._insert_sql)
                 self._update_heads()
             result.accepted = accepted
+            result.sessions = list(self._batch_sessions)
         if retry is None:
             self._write_dead_letters(msgs, dead)
         else:
@@ -535,9 +547,10 @@ class Ingestor:
             result.reasons[d.reason] = result.reasons.get(d.reason, 0) + 1
         return result
 
-    def _heal(self) -> int:
+    def _heal(self, sessions_out: list[str] | None = None) -> int:
         """Parked events whose predecessor just landed: accept them now, in transactions of their own
-        (a run of them: each round may unblock the next)."""
+        (a run of them: each round may unblock the next). Sessions that gained events are appended
+        to ``sessions_out``."""
         healed = 0
         sessions = self._touched
         for _ in range(1000):
@@ -558,6 +571,8 @@ class Ingestor:
             r = self.retry_dead_letters([(lid, Message(t, p, o, k, bytes(raw))) for lid, t, p, o, k, raw in rows],
                                         heal=False)
             healed += r.accepted
+            if sessions_out is not None:
+                sessions_out.extend(r.sessions)
             if not r.accepted:
                 break
             sessions = self._touched
@@ -790,6 +805,7 @@ class Ingestor:
               FROM stage s WHERE s._i NOT IN (SELECT _i FROM rejected) GROUP BY s.session_id
             ) n LEFT JOIN chain_heads h USING (session_id)
         """)
+        self._batch_sessions = [r[0] for r in con.execute("SELECT session_id FROM new_heads").fetchall()]
         con.execute("DELETE FROM chain_heads WHERE session_id IN (SELECT session_id FROM new_heads)")
         con.execute("INSERT INTO chain_heads SELECT * FROM new_heads")
         # sessions whose parked events may now fit (see _heal), if any session has parked events at all

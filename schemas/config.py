@@ -5,6 +5,7 @@ AGENTLEDGER_BOOTSTRAP_SERVERS  when set, Kafka is the transport                 
 AGENTLEDGER_WAREHOUSE          DuckDB file path, or ducklake:<catalog>                 ($HOME/warehouse.duckdb)
 AGENTLEDGER_TOPIC              events topic                                            (agentledger.events)
 AGENTLEDGER_LAKE_DATA_PATH     DuckLake data (Parquet) directory or URL                (<catalog file>.files/)
+AGENTLEDGER_ALERTS_TOPIC       alerts topic (Kafka only)                               (agentledger.alerts)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Settings:
     topic: str = DEFAULT_TOPIC
     partitions: int = DEFAULT_PARTITIONS
     lake_data_path: str | None = None
+    alerts_topic: str = ALERTS_TOPIC
 
     @property
     def uses_kafka(self) -> bool:
@@ -54,4 +56,5 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
         topic=env.get("AGENTLEDGER_TOPIC") or DEFAULT_TOPIC,
         partitions=int(env.get("AGENTLEDGER_PARTITIONS") or DEFAULT_PARTITIONS),
         lake_data_path=env.get("AGENTLEDGER_LAKE_DATA_PATH") or None,
+        alerts_topic=env.get("AGENTLEDGER_ALERTS_TOPIC") or ALERTS_TOPIC,
     )

@@ -493,12 +493,16 @@ class Warehouse:
             if name not in have:
                 self.con.execute(ddl)
         self._add_missing_columns()
+        self._ensure_detection_schema(have)
         current = self._view_definitions()
         wanted = _canonical_views(self.store)
         for name, ddl in VIEWS.items():
             if _norm(current.get(name, "")) != _norm(wanted[name]):
                 self.con.execute(ddl)
         self.record_schema_versions()
+
+    def _ensure_detection_schema(self, have: dict[str, str]) -> None:
+        ensure_detection_schema(self.con, have)
 
     def _view_definitions(self) -> dict[str, str]:
         rows = self.con.execute("""
@@ -651,3 +655,93 @@ def open_for(settings, read_only: bool = False, *, snapshot: int | None = None) 
 
 def kinds(store: SchemaStore | None = None) -> list[PayloadKind]:
     return (store or load_store()).kinds
+
+
+# --- detection (consumers/detect): alerts, anomaly scores, detection progress ------------------
+# DuckLake has no PRIMARY KEY / UNIQUE: the detector upserts with DELETE + INSERT in one
+# transaction, keyed as documented in docs/warehouse.md.
+
+ALERT_EXTRA_COLUMNS = [("published_at", "TIMESTAMP")]  # outbox: NULL until the alerts topic acknowledged it
+
+
+def alert_columns() -> list[tuple[str, str]]:
+    """The `alerts` table: one column per field of schemas/alert.avsc (the record published to
+    the alerts topic), plus the outbox column."""
+    schema = load_store("alert").current.schema
+    named: dict[str, Any] = {}
+    ns = schema.get("namespace", "")
+    return [(f["name"], duck_type(f["type"], named, ns)) for f in schema["fields"]] + ALERT_EXTRA_COLUMNS
+
+
+DETECTION_TABLES = {
+    "anomaly_scores": """CREATE TABLE IF NOT EXISTS anomaly_scores (
+  session_id VARCHAR, model_id VARCHAR, head_seq BIGINT, score DOUBLE, threshold DOUBLE, anomalous BOOLEAN,
+  features MAP(VARCHAR, DOUBLE), top_features VARCHAR[], scored_at TIMESTAMP
+)""",
+    "detection_state": """CREATE TABLE IF NOT EXISTS detection_state (
+  session_id VARCHAR, head_seq BIGINT, detector_digest VARCHAR, detected_at TIMESTAMP
+)""",
+}
+
+DETECTION_VIEWS = {
+    "session_risk": """
+CREATE OR REPLACE VIEW session_risk AS
+WITH a AS (
+  SELECT session_id, count(*) AS alerts,
+         max(CASE severity WHEN 'critical' THEN 4 WHEN 'high' THEN 3 WHEN 'medium' THEN 2 ELSE 1 END) AS rank,
+         list(DISTINCT rule_id ORDER BY rule_id) AS rules, min(created_at) AS first_alert_at
+  FROM alerts GROUP BY session_id
+),
+s AS (
+  SELECT session_id, max(score) AS anomaly_score, bool_or(anomalous) AS anomalous
+  FROM anomaly_scores GROUP BY session_id
+)
+SELECT h.session_id, coalesce(a.alerts, 0) AS alerts,
+       CASE a.rank WHEN 4 THEN 'critical' WHEN 3 THEN 'high' WHEN 2 THEN 'medium' WHEN 1 THEN 'low' END AS max_severity,
+       coalesce(a.rules, []) AS rules, a.first_alert_at, s.anomaly_score, coalesce(s.anomalous, false) AS anomalous,
+       h.first_at AS started_at, h.last_at AS last_event_at, h.event_count, h.ended
+FROM chain_heads h LEFT JOIN a USING (session_id) LEFT JOIN s USING (session_id)
+""",
+}
+
+
+def _detection_tables_ddl() -> dict[str, str]:
+    cols = ",\n  ".join(f"{_q(n)} {t}" for n, t in alert_columns())
+    return {"alerts": f"CREATE TABLE IF NOT EXISTS alerts (\n  {cols}\n)", **DETECTION_TABLES}
+
+
+_DETECTION_CANONICAL: dict[str, str] = {}
+
+
+def ensure_detection_schema(con: duckdb.DuckDBPyConnection, have: dict[str, str]) -> None:
+    """Create the detection tables and views (idempotent; adds columns a newer alert schema has)."""
+    for name, ddl in _detection_tables_ddl().items():
+        if name not in have:
+            con.execute(ddl)
+    present = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'alerts' "
+        "AND table_catalog = current_database() AND table_schema = current_schema()").fetchall()}
+    for n, t in alert_columns():
+        if n not in present:
+            con.execute(f"ALTER TABLE alerts ADD COLUMN {_q(n)} {t}")
+    if not _DETECTION_CANONICAL:
+        mem = duckdb.connect(":memory:")
+        try:
+            mem.execute(_tables_ddl(load_store(), constraints=False)[2])  # chain_heads
+            for ddl in _detection_tables_ddl().values():
+                mem.execute(ddl)
+            for ddl in DETECTION_VIEWS.values():
+                mem.execute(ddl)
+            _DETECTION_CANONICAL.update(mem.execute(
+                "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall())
+        finally:
+            mem.close()
+    current = {name: sql for name, sql in con.execute("""
+        SELECT view_name, sql FROM duckdb_views()
+        WHERE NOT internal AND database_name = current_database() AND schema_name = current_schema()""").fetchall()}
+    for name, ddl in DETECTION_VIEWS.items():
+        if _norm(current.get(name, "")) != _norm(_DETECTION_CANONICAL.get(name, ddl)):
+            con.execute(ddl)
+
+
+DETECTION_TABLE_NAMES = ["alerts", "anomaly_scores", "detection_state"]

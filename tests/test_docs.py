@@ -48,3 +48,21 @@ def test_every_events_column_is_documented():
     doc = (REPO / "docs" / "warehouse.md").read_text()
     missing = [c.name for c in event_columns(load_store()) if f"`{c.name}`" not in doc]
     assert not missing, f"docs/warehouse.md lacks: {missing}"
+
+
+def test_every_detection_column_is_documented():
+    """alerts (from the alert schema) and anomaly_scores/detection_state in docs/warehouse.md; the
+    detect_events relation rules are written against in docs/detection.md."""
+    from consumers.detect.prepare import BUILTIN_DIR, columns, load_lists, prepare
+    from schemas.warehouse import alert_columns, open_warehouse
+
+    wh_doc = (REPO / "docs" / "warehouse.md").read_text()
+    with open_warehouse(":memory:") as wh:
+        missing = [n for n, _ in alert_columns() if f"`{n}`" not in wh_doc]
+        for table in ("anomaly_scores", "detection_state"):
+            cols = [r[0] for r in wh.con.execute(f"DESCRIBE {table}").fetchall()]
+            missing += [f"{table}.{c}" for c in cols if f"`{c}`" not in wh_doc]
+        prepare(wh.con, load_lists([BUILTIN_DIR]), [])
+        det_doc = (REPO / "docs" / "detection.md").read_text()
+        missing += [f"detect_events.{c}" for c, _ in columns(wh.con) if f"`{c}`" not in det_doc]
+    assert not missing, f"undocumented: {missing}"

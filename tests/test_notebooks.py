@@ -22,6 +22,7 @@ SAVEFIG = re.compile(r"""savefig\(\s*["']([^"']+)["']""")
 
 def test_there_are_notebooks():
     assert any(p.name.startswith("03_incident_replay") for p in NOTEBOOKS)
+    assert {"01_audit_queries", "02_anomaly_model", "03_incident_replay"} <= {p.stem for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

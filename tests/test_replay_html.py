@@ -35,12 +35,13 @@ def html_case(tmp_path_factory):
         seqs = [r[0] for r in wh.con.execute(
             "SELECT seq FROM events WHERE session_id = ? AND (file_accessed.path LIKE '%/.aws/%' OR "
             "network_attempted.host = '203.0.113.50') ORDER BY seq", [sid]).fetchall()]
-        # the detection stage's alerts table (shape from the detection issue), made here by the test
-        wh.con.execute("CREATE TABLE alerts (alert_id VARCHAR, session_id VARCHAR, rule_id VARCHAR, severity VARCHAR, "
-                       "first_seq BIGINT, last_seq BIGINT, evidence_seqs BIGINT[], explanation VARCHAR, "
-                       "created_at TIMESTAMP)")
-        wh.con.execute("INSERT INTO alerts VALUES ('a-1', ?, 'cred-read-then-egress', 'critical', ?, ?, ?, "
-                       "'credentials read, then a POST to a raw IP', now())", [sid, seqs[0], seqs[-1], seqs])
+        # the detection stage's alerts, raised by the real detector (consumers/detect)
+        from consumers.detect import Detector
+
+        Detector(wh).detect()
+        alerted = {q for (ev,) in wh.con.execute("SELECT evidence_seqs FROM alerts WHERE session_id = ?", [sid]).fetchall()
+                   for q in ev}
+        assert set(seqs) <= alerted, (seqs, alerted)
     (d / "policy.toml").write_text('name = "no-raw-ip"\n[network]\ndefault = "allow"\n'
                                    '[[network.rules]]\nid = "no-raw-ip"\naction = "deny"\nraw_ip = true\n'
                                    '[approvals]\ndefault = "allow"\n')

@@ -102,8 +102,29 @@ def test_schemas_check_cli_passes_and_fails_on_a_changed_type(tmp_path, home):
     assert "type_mismatch" in proc.stdout
 
 
+RELEASED_SUBJECTS = ("event", "alert")
+
+
 def test_released_files_are_never_edited():
-    """Released schemas are immutable history: their fingerprints are pinned here."""
+    """Released schemas are immutable history: their fingerprints are pinned here, per subject
+    (keys ``<subject>.v<N>``), and every released file is pinned."""
     pinned = json.loads((SCHEMA_DIR / "released" / "FINGERPRINTS.json").read_text())
-    store = SchemaStore()
-    assert {f"v{v.version}": v.fingerprint_hex for v in store.released} == pinned
+    found = {f"{subject}.v{v.version}": v.fingerprint_hex
+             for subject in RELEASED_SUBJECTS for v in SchemaStore(subject).released}
+    assert found == pinned
+    files = {p.name.removesuffix(".avsc") for p in (SCHEMA_DIR / "released").glob("*.avsc")}
+    assert files == set(pinned), "a released schema file is not pinned (or a pinned one is missing)"
+
+
+def test_alert_schema_is_released_and_compatible():
+    store = SchemaStore("alert")
+    assert store.is_current_released
+    results = check_full_transitive(store.current.schema, store.released)
+    assert results and all(r.ok for r in results)
+    enums = [t for t in walk_types(store.current.schema) if t.get("type") == "enum"]
+    assert enums and all(e.get("default") in e["symbols"] for e in enums)
+
+
+def test_schemas_check_cli_passes_for_the_alert_subject(home):
+    ok = run_cli("schemas", "check", "--subject", "alert", env=cli_env(home))
+    assert "compatible" in ok.stdout + ok.stderr

@@ -52,7 +52,8 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
 
 
 def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True, batch_records: int | None = None,
-               group: str | None = None, compact_every_s: float | None = None):
+               group: str | None = None, compact_every_s: float | None = None, detect: bool = False,
+               detect_options: dict | None = None):
     from consumers.ingest import DEFAULT_BATCH, Ingestor
     from schemas.transport import open_source
     from schemas.warehouse import open_for
@@ -63,9 +64,15 @@ def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True,
             signal.signal(sig, lambda *_: stop.set())
     wh = open_for(s)
     source = open_source(s, group_id=group) if group and s.uses_kafka else open_source(s)
+    detection = None
     try:
+        if detect:  # alerts within seconds: detection runs after each committed batch (detect_cmd.py)
+            from .detect_cmd import IngestDetection
+
+            detection = IngestDetection(s, wh, catch_up=not group, **(detect_options or {}))
+            detection.start()
         ing = Ingestor(wh, source, s.topic, batch_records=batch_records or DEFAULT_BATCH, group=group,
-                       compact_every_s=compact_every_s)
+                       compact_every_s=compact_every_s, after_commit=detection)
         ing.subscribe() if group else ing.assign()
         with _progress(show_progress) as progress:
             total = None if follow or group else ing.lag()
@@ -76,8 +83,14 @@ def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True,
 
             stats = ing.run(follow=follow, stop=stop, on_batch=on_batch)
     finally:
-        source.close()
-        wh.close()
+        try:
+            if detection is not None:
+                detection.close()
+        finally:
+            source.close()
+            wh.close()
+    if detection is not None:
+        stats.detection = detection.total
     return stats
 
 
@@ -101,9 +114,11 @@ def register(app: typer.Typer) -> None:
         result = run_simulation(s, sessions, seed, attack_rate=0.0, force_attack_first=True)
         console.print(f"recorded {result.events} events in {result.sessions} sessions "
                       f"(suspicious: {', '.join(l['session_id'] for l in result.labels if l['attack']) or 'none'})")
-        stats = run_ingest(s)
+        stats = run_ingest(s, detect=True)
         console.print(f"ingested {stats.accepted} events, {stats.dead_letters} quarantined, "
                       f"in {stats.seconds:.2f}s")
+        loud = sum(v for k, v in stats.detection.by_severity.items() if k in ("high", "critical"))
+        console.print(f"detection raised {stats.detection.alerts_new} alerts ({loud} high or critical)")
         from schemas.warehouse import open_for
 
         with open_for(s, read_only=True) as wh:
@@ -120,7 +135,8 @@ def register(app: typer.Typer) -> None:
             "where file_accessed.path like '%/.aws/%' or file_accessed.path like '%/.ssh/%'\"\n"
             "  agentledger sql \"select network_attempted.host, network_attempted.port, count(*) from events "
             "where kind = 'network_attempted' group by all order by 3 desc\"\n"
-            "  agentledger sql \"select * from chain_status\" --format json"
+            "  agentledger sql \"select * from chain_status\" --format json\n"
+            "  agentledger alerts --severity high --explain"
         )
 
     @app.command()
@@ -167,10 +183,19 @@ def register(app: typer.Typer) -> None:
                                                                   "the topic's partitions (needs a DuckLake warehouse)."),
         compact_every: float = typer.Option(600.0, help="With --follow on a DuckLake: compact every N seconds (0: never)."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json (summary)."),
+        detect: bool = typer.Option(False, "--detect", help="Run the rules and the anomaly model on every committed "
+                                                            "batch: alerts in `alerts` and on agentledger.alerts."),
+        rules_dir: Optional[list[Path]] = typer.Option(None, "--rules-dir", help="With --detect: more rules "
+                                                       "(repeatable; also $AGENTLEDGER_RULES_DIR)."),
+        model: Optional[str] = typer.Option(None, "--model", help="With --detect: model artifact, or 'none'."),
     ) -> None:
         """Consume events exactly once into the warehouse (rows and offsets commit together).
 
+        With --detect, each committed batch's sessions are examined right away (whole sessions, so a
+        sequence split across batches is seen whole) and alerts are published to the alerts topic.
+
         Example:  agentledger ingest --until-caught-up
+        Example:  agentledger ingest --follow --detect
         """
         if until_caught_up and follow:
             raise typer.BadParameter("choose one of --until-caught-up and --follow")
@@ -178,13 +203,23 @@ def register(app: typer.Typer) -> None:
         if group and s.uses_kafka and not s.warehouse.startswith("ducklake:"):
             raise typer.BadParameter("--group needs a warehouse several processes can write: "
                                      "AGENTLEDGER_WAREHOUSE=ducklake:sqlite:/path/meta.sqlite (or Postgres)")
+        detect_options = None
+        if detect:
+            from .detect_cmd import _model_arg
+
+            detect_options = {"rules_dirs": list(rules_dir or []), "model": _model_arg(model, False)}
         stats = run_ingest(s, follow=follow, batch_records=batch, show_progress=fmt is not Format.json,
-                           group=group, compact_every_s=compact_every or None)
+                           group=group, compact_every_s=compact_every or None, detect=detect,
+                           detect_options=detect_options)
+        detection = getattr(stats, "detection", None)
         if fmt is Format.json:
-            print_json(stats.as_dict())
+            print_json({**stats.as_dict(), **({"detection": detection.as_dict()} if detection else {})})
         else:
             console.print(f"ingested {stats.accepted} events ({stats.dead_letters} quarantined) "
                           f"in {stats.batches} batches, {stats.seconds:.2f}s")
+            if detection:
+                console.print(f"detection: {detection.sessions} session passes, {detection.alerts_new} new alerts, "
+                              f"{detection.alerts_updated} updated, {detection.published} published")
 
     @app.command()
     def sql(
