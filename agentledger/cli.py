@@ -60,17 +60,18 @@ def settings(ctx: typer.Context) -> Settings:
 
 
 def _register() -> None:
-    from .commands import core, groups, schemas_cmd
+    from .commands import (agents, core, detect_cmd, groups, ledger_cmd, producers_cmd, replay_cmd, sandbox_cmd,
+                           schemas_cmd)
 
-    core.register(app)
-    schemas_cmd.register(app)
-    groups.register(app)
-    from .commands import replay_cmd; replay_cmd.register(app)  # noqa: E702
-    from .commands import sandbox_cmd; sandbox_cmd.register(app)  # noqa: E702
-    from .commands import ledger_cmd; ledger_cmd.register(app)  # noqa: E702 -- verify, deadletters, compact
-    from .commands import producers_cmd; producers_cmd.register(app)  # noqa: E702 -- keys, spool
-    from .commands import detect_cmd; detect_cmd.register(app)  # noqa: E702 -- detect, alerts, rules
-    from .commands import agents; agents.register(app)  # noqa: E702  (issue 5: import codex-rollout/otel, hook)
+    core.register(app)           # demo, simulate, ingest, sql
+    schemas_cmd.register(app)    # schemas check | list | release
+    groups.register(app)         # the shared `import` group
+    ledger_cmd.register(app)     # verify, deadletters, compact, snapshots
+    producers_cmd.register(app)  # keys, spool
+    agents.register(app)         # import codex-rollout | otel, hook
+    detect_cmd.register(app)     # detect, alerts, rules
+    replay_cmd.register(app)     # replay, whatif, export, verify-bundle, import bundle
+    sandbox_cmd.register(app)    # sandbox run | reexecute | end | doctor | forget
 
 
 _register()
