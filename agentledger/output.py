@@ -59,10 +59,16 @@ def render_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: Form
                         for v in r])
         sys.stdout.write(buf.getvalue())
     else:
+        cells = [["" if v is None else str(jsonable(v)) for v in r] for r in rows]
         t = Table(title=title, show_lines=False)
-        for c in columns:
-            ident = str(c).endswith("_id") or str(c) in ("hash", "prev_hash")
-            t.add_column(str(c), overflow="fold", no_wrap=ident, min_width=36 if str(c) == "session_id" else None)
-        for r in rows:
-            t.add_row(*["" if v is None else str(jsonable(v)) for v in r])
+        widest = [max([len(str(c)), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+        ident = [str(c).endswith("_id") or str(c) in ("hash", "prev_hash") for c in columns]
+        keep = [w <= 14 or idn for w, idn in zip(widest, ident)]
+        if sum(w + 3 for w, k in zip(widest, keep) if k) + 1 > console.width:
+            keep = ident  # too wide for this terminal: only ids keep their width, the rest fold
+        for c, w, idn, k in zip(columns, widest, ident, keep):
+            # short columns keep their width; long free text folds; ids never wrap
+            t.add_column(str(c), overflow="fold", no_wrap=idn, min_width=w if k else None)
+        for r in cells:
+            t.add_row(*r)
         console.print(t)

@@ -123,11 +123,14 @@ def register(app: typer.Typer) -> None:
 
         with open_for(s, read_only=True) as wh:
             cur = wh.con.execute("""
-                SELECT s.session_id, s.agent, s.event_count AS events, s.commands, s.file_events AS files,
+                SELECT left(s.session_id, 13) AS session, s.agent, s.event_count AS events, s.commands AS cmds,
                        s.network_attempts AS net, s.sandbox_denied + s.approvals_denied + s.network_denied AS denied,
+                       (SELECT count(*) FROM alerts a WHERE a.session_id = s.session_id
+                          AND a.severity IN ('high', 'critical')) AS alerts,
                        c.status AS chain
                 FROM sessions s JOIN chain_status c USING (session_id) ORDER BY s.started_at""")
-            render_rows([d[0] for d in cur.description], cur.fetchall(), Format.table, title="sessions")
+            render_rows([d[0] for d in cur.description], cur.fetchall(), Format.table,
+                        title="sessions (replay and export accept a unique id prefix)")
         console.print(
             "\n[bold]Try next:[/]\n"
             "  agentledger sql \"select family, count(*) from events group by 1\"\n"
