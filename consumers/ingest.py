@@ -711,6 +711,18 @@ class Ingestor:
             for i, sid, seq, eid in collisions:
                 excluded[i] = _Dead(i, "duplicate_event_id", f"event_id {eid} is already used in this batch", sid, seq, eid)
                 sessions.add(sid)
+        # a message ahead of its chain that reuses the id of an accepted event is a conflicting
+        # duplicate, as it is when that event sits in an earlier batch: the reason must not depend on
+        # where the batches were cut (and it is not parked as a gap that could heal)
+        gaps = [d for d in folded if d.reason == "seq_gap"]
+        if gaps:
+            taken = {r[0] for r in con.execute(
+                "SELECT event_id FROM stage WHERE _i NOT IN (SELECT _i FROM rejected) AND event_id IN (SELECT unnest(?))",
+                [sorted({d.event_id for d in gaps})]).fetchall()}
+            for d in gaps:
+                if d.event_id in taken:
+                    d.reason, d.detail = "duplicate_event_id", (f"event_id {d.event_id} is already used in this batch "
+                                                                f"(and seq {d.seq} is ahead of the chain)")
         dead.extend(excluded.values())
         dead.extend(folded)
         n_stage = con.execute("SELECT count(*) FROM stage").fetchone()[0]

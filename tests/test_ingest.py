@@ -13,7 +13,7 @@ from producers.recorder import Recorder
 from producers.simulate import simulate
 from schemas.config import from_env
 from schemas.contract import load_store
-from schemas.envelope import Sealer
+from schemas.envelope import Sealer, uuid7_now
 from schemas.transport import open_sink, open_source
 from schemas.transport.base import Message
 from schemas.warehouse import open_warehouse
@@ -94,6 +94,7 @@ def test_bad_input_is_quarantined_with_raw_bytes_and_reason(home):
     # a well-formed, correctly sealed event whose seq jumps ahead (a gap)
     rec = store.decode(good[4])
     rec["seq"] = 40
+    rec["event_id"] = uuid7_now(random.Random(2))
     gap = Sealer(store).seal(rec).value
     stream = [good[0], good[1], rnd, good[2], unknown_fp, bytes(forged), good[3], b"", gap, good[2]] + good[4:] + other
     with open_warehouse(s.warehouse) as wh:
@@ -111,6 +112,26 @@ def test_bad_input_is_quarantined_with_raw_bytes_and_reason(home):
         # chain_status reports the session whose next event is stuck behind a gap
         st = dict(wh.con.execute("SELECT session_id, status FROM chain_status").fetchall())
         assert st[sid] == "broken"
+
+
+@pytest.mark.parametrize("cut", ["same_batch", "next_batch"])
+def test_a_reused_event_id_ahead_of_the_chain_has_one_reason_wherever_batches_are_cut(home, cut):
+    s = settings_for(home)
+    store = load_store()
+    _, good = record_session(n_commands=3, seed=13)
+    rec = store.decode(good[2])
+    rec["seq"] = 50  # ahead of the chain, and with the id of an event already accepted
+    forged = Sealer(store).seal(rec).value
+    with open_warehouse(s.warehouse) as wh:
+        ing = Ingestor(wh, open_source(s), "t")
+        if cut == "same_batch":
+            ing.ingest_batch(_msgs(good + [forged]))
+        else:
+            ing.ingest_batch(_msgs(good))
+            ing.ingest_batch(_msgs([forged], start=len(good)))
+        rows = wh.con.execute("SELECT reason, raw FROM dead_letters").fetchall()
+        assert rows == [("duplicate_event_id", forged)]
+        assert wh.con.execute("SELECT count(*) FROM events").fetchone()[0] == len(good)
 
 
 def test_crash_mid_batch_commits_nothing(home, monkeypatch):

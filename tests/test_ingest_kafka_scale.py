@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO, cli_env, run_cli
 from schemas.contract import load_store
-from schemas.envelope import Sealer
+from schemas.envelope import Sealer, uuid7_now
 from schemas.transport.kafka import KafkaSink, KafkaSource
 
 pytestmark = pytest.mark.kafka
@@ -67,6 +67,7 @@ def craft_bad(good_msgs, n_bad, rng: random.Random):
         else:
             rec = store.decode(v)
             rec["seq"] = rec["seq"] + 10_000 + k
+            rec["event_id"] = uuid7_now(rng)  # a new event far ahead of its chain (reusing the id would make it a duplicate id)
             out.append((m.key, sealer.seal(dict(rec)).value, {"seq_gap"}))
     return out
 
