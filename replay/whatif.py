@@ -98,6 +98,10 @@ class WhatIfReport:
     sessions: list[SessionWhatIf]
     divergences: list[Divergence]
     requests: int
+    # requests of a kind the policy file says nothing about ([sandbox] / [network] / [approvals]
+    # absent), by kind: reported, never re-decided under defaults the user did not write
+    not_redecided: dict[str, Counter] = field(default_factory=dict)  # section -> kind -> count
+    sections: tuple[str, ...] = ()
 
     def summary(self) -> dict:
         eff = Counter(d.effect for d in self.divergences)
@@ -112,6 +116,8 @@ class WhatIfReport:
             "by_effect": dict(sorted(eff.items())), "by_kind": dict(sorted(kinds.items())),
             "newly_blocked_destinations": sorted({d.target for d in self.divergences
                                                   if d.kind == "network" and d.effect in ("block", "refuse")}),
+            "policy_sections": list(self.sections),
+            "not_redecided": {sec: dict(sorted(c.items())) for sec, c in sorted(self.not_redecided.items())},
         }
 
     def as_dict(self) -> dict:
@@ -253,6 +259,15 @@ def _policy_verdict(decision: str | None, decided_by: str | None) -> str | None:
 
 # --- deciding -------------------------------------------------------------------------------------
 
+def section_of(req: Request) -> str:
+    """The policy section that decides ``req``: network, approvals (commands) or sandbox (files)."""
+    if req.kind == "network":
+        return "network"
+    if req.kind in ("command", "approval") and "argv" in req.args:
+        return "approvals"
+    return "sandbox"
+
+
 def decide(policy: Policy, req: Request, cwd: str | None) -> Decision:
     a = req.args
     if req.kind == "network":
@@ -287,7 +302,12 @@ def what_if(con, policy: Policy, sessions: Iterable[str] | None = None) -> WhatI
         per[sid] = SessionWhatIf(sid, recorded_policy_digest=i.get("policy_digest"),
                                  same_policy=bool(policy.digest and i.get("policy_digest") == policy.digest))
     divs: list[Divergence] = []
+    skipped: dict[str, Counter] = {}
     for r in requests:
+        sec = section_of(r)
+        if sec not in policy.sections:
+            skipped.setdefault(sec, Counter())[r.kind] += 1
+            continue
         s = per[r.session_id]
         s.requests += 1
         d = decide(policy, r, info.get(r.session_id, {}).get("cwd"))
@@ -300,7 +320,8 @@ def what_if(con, policy: Policy, sessions: Iterable[str] | None = None) -> WhatI
         s.divergences += 1
         s.effects[eff] += 1
         s.broke_work += broke
-    return WhatIfReport(policy.name, policy.digest, list(per.values()), divs, len(requests))
+    return WhatIfReport(policy.name, policy.digest, list(per.values()), divs, len(requests) - sum(sum(c.values()) for c in skipped.values()),
+                        skipped, tuple(sorted(policy.sections)))
 
 
 def session_ids(con, query: str | None) -> list[str] | None:
@@ -325,6 +346,9 @@ def summarize_for_humans(rep: WhatIfReport) -> list[str]:
                      + ", ".join(f"{k} {v}" for k, v in s["by_effect"].items()))
     if s["newly_blocked_destinations"]:
         lines.append("newly blocked destinations: " + ", ".join(s["newly_blocked_destinations"]))
+    for sec, kinds in s["not_redecided"].items():
+        lines.append(f"not re-decided (the policy has no [{sec}] section): "
+                     + ", ".join(f"{v} {k} requests" for k, v in kinds.items()))
     return lines
 
 

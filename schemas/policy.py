@@ -59,6 +59,7 @@ from .errors import ConfigError
 NETWORK_ACTIONS = ("allow", "ask", "deny")  # ascending restrictiveness
 COMMAND_DECISIONS = ("allow", "prompt", "forbidden")
 SANDBOX_MODES = ("read_only", "workspace_write", "danger_full_access")
+POLICY_SECTIONS = frozenset({"sandbox", "network", "approvals"})
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,9 @@ class Policy:
     command_rules: list[CommandRule] = field(default_factory=list)
     source: str | None = None  # the file it came from
     digest: str | None = None  # sha256 of the file bytes
+    # the sections the file states ([sandbox], [network], [approvals]); what-if re-decides only the
+    # requests of those (a network-only policy asks a network-only question)
+    sections: frozenset[str] = POLICY_SECTIONS
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -192,6 +196,10 @@ class Policy:
     @classmethod
     def from_dict(cls, data: dict, source: str | None = None) -> "Policy":
         where = f"policy {source}" if source else "policy"
+        unknown = sorted(set(data) - {"name", "description", *POLICY_SECTIONS})
+        if unknown:
+            raise ConfigError(f"{where}: unknown top-level key(s) {', '.join(unknown)} "
+                              "(a policy has name, description, [sandbox], [network], [approvals])")
         sb = data.get("sandbox", {})
         net = data.get("network", {})
         ap = data.get("approvals", {})
@@ -211,6 +219,7 @@ class Policy:
             noninteractive=_check(ap.get("noninteractive", "deny"), ("allow", "deny"), f"{where}: approvals.noninteractive"),
             approval_timeout_s=float(ap.get("timeout_s", 60)),
             source=source,
+            sections=frozenset(k for k in POLICY_SECTIONS if k in data),
         )
         for i, r in enumerate(net.get("rules", [])):
             rid = r.get("id", f"network.rules[{i}]")
@@ -311,9 +320,9 @@ class Policy:
     def network_summary(self) -> dict:
         allowed = sorted({h for r in self.network_rules if r.action == "allow" for h in r.hosts})
         denied = sorted({h for r in self.network_rules if r.action == "deny" for h in r.hosts})
-        if self.network_default == "allow" and not denied:
-            mode = "enabled"
-        elif not self.network_rules and self.network_default == "deny":
+        if self.network_default == "allow":
+            mode = "enabled"  # open by default (denied_domains lists what is still refused)
+        elif not allowed and not any(r.action != "deny" for r in self.network_rules):
             mode = "disabled"
         else:
             mode = "allowlist"

@@ -155,6 +155,8 @@ def register(app: typer.Typer) -> None:
         benign_only: bool = typer.Option(False, "--benign-only", help="No attacks (near-misses stay)."),
         checkpoint_every: int = typer.Option(1000, help="Signed checkpoint every N events of a session (0: only at the end)."),
         sign: bool = typer.Option(True, "--sign/--no-sign", help="Sign checkpoints with the seed's simulation key."),
+        write_policy: Optional[Path] = typer.Option(None, "--write-policy", help="Also write the policy the "
+                                                    "simulated sessions run under (TOML), to start what-if from."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
     ) -> None:
         """Emit deterministic, realistic coding-agent sessions (with labelled attacks) to the configured transport.
@@ -163,18 +165,29 @@ def register(app: typer.Typer) -> None:
         sessions are fake and redacted like real ones; checkpoints are signed with a key derived from the
         seed, whose public key is written to HOME/keys.
 
+        Every network decision is the simulator's policy's (--write-policy gives the file): `replay SESSION
+        --policy` with it reports no divergence; a copy with one more deny rule reports exactly what it catches.
+
         Example:  agentledger simulate --sessions 1000 --seed 11 --labels labels.jsonl --format json
         """
         s = settings(ctx)
+        if write_policy is not None:
+            from producers.simulate import SIMULATOR_POLICY
+
+            write_policy.parent.mkdir(parents=True, exist_ok=True)
+            write_policy.write_bytes(SIMULATOR_POLICY.read_bytes())
         result = run_simulation(s, sessions, seed, attack_rate=0.0 if benign_only else attack_rate, labels=labels,
                                 show_progress=fmt is not Format.json, mix=mix,
                                 checkpoint_every=checkpoint_every or 10**12, sign=sign)
         attacks = sum(1 for l in result.labels if l["attack"])
         if fmt is Format.json:
-            print_json({"sessions": result.sessions, "events": result.events, "attack_sessions": attacks})
+            print_json({"sessions": result.sessions, "events": result.events, "attack_sessions": attacks,
+                        "policy": str(write_policy) if write_policy else None})
         else:
             console.print(f"emitted {result.events} events in {result.sessions} sessions to {s.transport_label}"
                           f" ({attacks} labelled attack sessions)")
+            if write_policy is not None:
+                console.print(f"the policy they ran under: {write_policy} (try: agentledger whatif --policy {write_policy})")
 
     @app.command()
     def ingest(

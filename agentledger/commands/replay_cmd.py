@@ -197,6 +197,9 @@ def _print_whatif(rep: dict, limit: int | None = None) -> None:
                   f"{s['broken_work']} successful actions; effects {s['by_effect'] or '{}'}")
     if s["newly_blocked_destinations"]:
         console.print("newly blocked destinations: " + ", ".join(s["newly_blocked_destinations"]))
+    for sec, kinds in (s.get("not_redecided") or {}).items():
+        console.print(f"not re-decided (the policy has no [{sec}] section): "
+                      + ", ".join(f"{v} {k} requests" for k, v in kinds.items()), markup=False, style="dim")
 
 
 # --- commands ----------------------------------------------------------------------------------------
