@@ -35,23 +35,9 @@ from replay.bundle import read_bundle, write_bundle  # noqa: E402
 from replay.session import replay  # noqa: E402
 from replay.sources import BundleSource  # noqa: E402
 from schemas.contract import load_store  # noqa: E402
-from schemas.transport.base import Sink  # noqa: E402
+from schemas.transport.base import MemorySink  # noqa: E402
 
 TARGET = 300_000
-
-
-class ListSink(Sink):
-    def __init__(self) -> None:
-        self.values: list[bytes] = []
-
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
-        self.values.append(value)
-
-    def flush(self, timeout: float | None = None) -> None:
-        pass
-
-    def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
-        pass
 
 
 def record(n: int, seed: int) -> tuple[str, list[bytes]]:
@@ -62,7 +48,7 @@ def record(n: int, seed: int) -> tuple[str, list[bytes]]:
         t[0] += rng.randint(1000, 500_000)
         return t[0]
 
-    sink = ListSink()
+    sink = MemorySink()
     rec = Recorder(sink, identity=ProducerIdentity("codex", "0.63.0", "devbox-1", "dev"), clock=clock, rng=rng)
     s = rec.session(agent="codex", cwd="/w", model="gpt-5.1-codex", sandbox_mode="workspace_write")
     files = [f"/w/src/m{i}.py" for i in range(200)]

@@ -40,7 +40,7 @@ from schemas.config import Settings
 from schemas.contract import SchemaStore, load_store
 from schemas.envelope import claimed_hash, peek
 from schemas.errors import NotDurableError, TransportError
-from schemas.transport.base import Sink
+from schemas.transport.base import MemorySink, Sink
 
 from .importstate import Head, ProducerState, Staged
 from .normalize import fact_event_id
@@ -116,22 +116,6 @@ def producer_transforms(settings: Settings) -> list[Transform]:
     from .redact import default_transforms
 
     return default_transforms(settings)
-
-
-class _Capture(Sink):
-    """Collects what the recorder publishes; the appender stages it before the real send."""
-
-    def __init__(self) -> None:
-        self.values: list[bytes] = []
-
-    def send(self, topic: str, key: bytes, value: bytes) -> None:
-        self.values.append(value)
-
-    def flush(self, timeout: float | None = None) -> None:
-        pass
-
-    def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
-        pass
 
 
 _UNINFORMATIVE = (None, "", "unknown", [], {})
@@ -219,7 +203,7 @@ class SessionAppender:
         self.signer = signer if signer is not _UNSET_DEFAULT else load_signer(settings)
         self.checkpoint_every = int(os.environ.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
         self.recording_mode = ProducerOptions.from_env().mode
-        self._capture = _Capture()
+        self._capture = MemorySink()  # collects what the recorder publishes; staged before the real send
         self._recorders: dict[tuple, Recorder] = {}
         self._topic_ready = False
 
@@ -406,7 +390,7 @@ class SessionAppender:
                            agent=payload["agent"], agent_version=payload["agent_version"])
 
     def _seal(self, head: Head, events: list[Observation], res: AppendResult) -> list[Staged]:
-        self._capture.values.clear()
+        self._capture.clear()
         seq, prev = head.next_seq, head.head_hash
         staged: list[Staged] = []
         since = self._since_checkpoint(head) if self.signer else 0
@@ -422,7 +406,7 @@ class SessionAppender:
                     tool_call_id=e.tool_call_id)
             # What the recorder published for this fact, in order: the event, then what it adds to it
             # (a `truncated` gap per oversized field), then our checkpoint if one is due.
-            kinds = [e.kind] + ["gap"] * (len(self._capture.values) - 1)
+            kinds = [e.kind] + ["gap"] * (len(self._capture.sent) - 1)
             if self.signer:
                 since += e.kind not in CONTROL_KINDS
                 if e.kind == "session_ended" or since >= self.checkpoint_every:
@@ -434,7 +418,7 @@ class SessionAppender:
                 fact = e.fact if i == 0 else f"{e.fact}#{kind}{i}"
                 staged.append(Staged(p.seq, value, fact, p.event_id, p.occurred_at_us))
                 res.kinds[kind] = res.kinds.get(kind, 0) + 1
-            self._capture.values.clear()
+            self._capture.clear()
             seq, prev = sr.seq, sr.head_hash
         return staged
 

@@ -8,25 +8,11 @@ from hypothesis import given, settings, strategies as st
 from producers.recorder import Recorder
 from schemas.contract import load_store
 from schemas.envelope import GENESIS_HASH, ChainVerifier, claimed_hash, hash_ok, uuid7
-from schemas.transport.base import Sink
-
-
-class ListSink(Sink):
-    def __init__(self):
-        self.sent = []
-
-    def send(self, topic, key, value):
-        self.sent.append((topic, key, value))
-
-    def flush(self, timeout=None):
-        pass
-
-    def ensure_topic(self, topic, partitions=None):
-        pass
+from schemas.transport.base import MemorySink
 
 
 def record_session(n_commands=5, seed=1):
-    sink = ListSink()
+    sink = MemorySink()
     t = [1_700_000_000_000_000]
 
     def clock():

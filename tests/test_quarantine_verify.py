@@ -20,7 +20,8 @@ from schemas.envelope import Sealer
 from schemas.signing import Keyring
 from schemas.transport.base import Message
 from schemas.warehouse import VIEWS, open_warehouse
-from test_envelope import ListSink, record_session
+from schemas.transport.base import MemorySink
+from test_envelope import record_session
 
 
 def _msgs(values, partition=0, start=0, topic="t"):
@@ -113,7 +114,7 @@ def test_deadletters_retry_after_a_schema_is_added(tmp_path, home):
 
     store2 = SchemaStore("event", [extra])
     v99 = store2.by_fingerprint(next(fp for fp in store2.fingerprints if fp not in load_store().fingerprints))
-    sink = ListSink()
+    sink = MemorySink()
     rec = Recorder(sink, store=store2, rng=random.Random(5))
     rec.sealer.header = b"\xc3\x01" + v99.fingerprint  # write with the newer schema
     rec.sealer._parsed = v99.parsed
@@ -146,7 +147,7 @@ def test_deadletters_retry_after_a_schema_is_added(tmp_path, home):
 # -- verify ------------------------------------------------------------------------------------
 
 def _signed_session(signer, *, tamper_signature=False, wrong_head=False, n=3, seed=31):
-    sink = ListSink()
+    sink = MemorySink()
     t = [1_700_000_000_000_000]
 
     def clock():

@@ -45,6 +45,30 @@ class Sink(ABC):
         """Flush and release resources."""
 
 
+class MemorySink(Sink):
+    """Keeps what is sent, in order, in memory (``sent``: (topic, key, value); ``values``: the
+    values). For staging before a real send, benchmarks and tests; durable only as the process is."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    @property
+    def values(self) -> list[bytes]:
+        return [v for _, _, v in self.sent]
+
+    def clear(self) -> None:
+        self.sent.clear()
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        self.sent.append((topic, key, value))
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+    def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
+        pass
+
+
 PartitionsCallback = Callable[[list[tuple[str, int]]], None]
 PartitionCallback = Callable[[list[int]], None]
 
