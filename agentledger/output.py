@@ -7,6 +7,7 @@ import datetime as dt
 import decimal
 import io
 import json
+import re
 import sys
 import uuid
 from enum import Enum
@@ -59,16 +60,74 @@ def render_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: Form
                         for v in r])
         sys.stdout.write(buf.getvalue())
     else:
-        cells = [["" if v is None else str(jsonable(v)) for v in r] for r in rows]
-        t = Table(title=title, show_lines=False)
-        widest = [max([len(str(c)), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-        ident = [str(c).endswith("_id") or str(c) in ("hash", "prev_hash") for c in columns]
-        keep = [w <= 14 or idn for w, idn in zip(widest, ident)]
-        if sum(w + 3 for w, k in zip(widest, keep) if k) + 1 > console.width:
-            keep = ident  # too wide for this terminal: only ids keep their width, the rest fold
-        for c, w, idn, k in zip(columns, widest, ident, keep):
-            # short columns keep their width; long free text folds; ids never wrap
-            t.add_column(str(c), overflow="fold", no_wrap=idn, min_width=w if k else None)
-        for r in cells:
-            t.add_row(*r)
-        console.print(t)
+        _render_table([str(c) for c in columns], [["" if v is None else str(jsonable(v)) for v in r] for r in rows],
+                      title)
+
+
+MIN_FREE_TEXT = 12  # narrowest a long free-text column is folded to
+SHORT = 14  # columns no wider than this keep their width
+
+
+def _is_ident(column: str) -> bool:
+    return column.endswith("_id") or column in ("hash", "prev_hash", "head_hash")
+
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_HEX = re.compile(r"^[0-9a-f]{32,}$")
+
+
+def _shorten(value: str) -> str:
+    """A UUID to its first 13 characters (a uuid7's time prefix: replay/export accept a unique
+    prefix), a long hex digest to 16; anything else as it is."""
+    if _UUID.match(value):
+        return value[:13] + "…"
+    if _HEX.match(value):
+        return value[:16] + "…"
+    return value
+
+
+def _render_table(columns: list[str], cells: list[list[str]], title: str | None) -> None:
+    """A table that reads on this terminal: as it is when it fits; else ids and hashes shortened
+    (JSON/CSV give them whole), short columns kept, long text folded; and when even that cannot fit,
+    one block of "column  value" lines per row (psql's expanded display)."""
+    width = console.width
+
+    def widths(rows: list[list[str]]) -> list[int]:
+        return [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+
+    def total(ws) -> int:
+        return sum(w + 3 for w in ws) + 1
+
+    ident = [_is_ident(c) for c in columns]
+    full = cells
+    widest = widths(cells)
+    if total(widest) > width and any(ident):
+        cells = [[_shorten(v) if idn else v for v, idn in zip(r, ident)] for r in cells]
+        widest = widths(cells)
+    floor = [w if w <= SHORT or idn else min(w, MIN_FREE_TEXT) for w, idn in zip(widest, ident)]
+    if total(floor) > width and len(columns) > 2:
+        _render_expanded(columns, full, title)
+        return
+    t = Table(title=title, show_lines=False)
+    fits = total(widest) <= width
+    for c, w, f, idn in zip(columns, widest, floor, ident):
+        t.add_column(c, overflow="fold", no_wrap=idn, min_width=None if fits else f)
+    for r in cells:
+        t.add_row(*r)
+    console.print(t)
+
+
+def _render_expanded(columns: list[str], cells: list[list[str]], title: str | None) -> None:
+    if title:
+        console.print(f"[bold]{title}[/]", highlight=False)
+    label = max(len(c) for c in columns)
+    for n, r in enumerate(cells, 1):
+        console.print(f"[dim]─[ row {n} ]{'─' * max(0, min(console.width, 60) - 10 - len(str(n)))}[/]")
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(min_width=label, style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for c, v in zip(columns, r):
+            grid.add_row(c, v)
+        console.print(grid)
+    if not cells:
+        console.print("[dim](no rows)[/]")

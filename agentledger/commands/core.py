@@ -94,6 +94,24 @@ def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True,
     return stats
 
 
+def _demo_policies(home: Path) -> str:
+    """Write the simulator's policy and a strict-egress variant of it under HOME/policies; return
+    the strict one's path as the user would type it."""
+    from producers.simulate import SIMULATOR_POLICY
+
+    d = home / "policies"
+    d.mkdir(parents=True, exist_ok=True)
+    text = SIMULATOR_POLICY.read_text()
+    (d / "simulated-fleet.toml").write_text(text)
+    strict = d / "strict-egress.toml"
+    strict.write_text(text.replace('name = "simulated-fleet"', 'name = "strict-egress"')
+                      .replace('[network]\ndefault = "allow"', '[network]\ndefault = "deny"'))
+    try:
+        return str(strict.relative_to(Path.cwd()))
+    except ValueError:
+        return str(strict)
+
+
 def register(app: typer.Typer) -> None:
     from ..cli import settings
 
@@ -131,8 +149,15 @@ def register(app: typer.Typer) -> None:
                 FROM sessions s JOIN chain_status c USING (session_id) ORDER BY s.started_at""")
             render_rows([d[0] for d in cur.description], cur.fetchall(), Format.table,
                         title="sessions (replay and export accept a unique id prefix)")
+        suspicious = [l["session_id"] for l in result.labels if l["attack"]]
+        strict = _demo_policies(s.home)
+        hints = ""
+        if suspicious:
+            hints += f"  agentledger replay {suspicious[0][:13]}    # timeline, state, chain and signatures\n"
+        hints += (f"  agentledger whatif --policy {strict}    # what a deny-by-default egress policy "
+                  "would have stopped\n")
         console.print(
-            "\n[bold]Try next:[/]\n"
+            "\n[bold]Try next:[/]\n" + hints +
             "  agentledger sql \"select family, count(*) from events group by 1\"\n"
             "  agentledger sql \"select session_id, seq, kind, file_accessed.path from events "
             "where file_accessed.path like '%/.aws/%' or file_accessed.path like '%/.ssh/%'\"\n"

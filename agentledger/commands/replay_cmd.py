@@ -133,20 +133,31 @@ def _verification_line(v: dict) -> Text:
 
 def _print_timeline(entries: list[dict], total: int, limit: int | None) -> None:
     t = Table(title="timeline", show_lines=False, expand=True)
-    for col, kw in (("seq", {"justify": "right"}), ("time (UTC)", {"no_wrap": True}), ("family", {}), ("kind", {}),
-                    ("what happened", {"overflow": "fold", "ratio": 1}), ("pairs", {}), ("chain", {})):
+    # on a narrow terminal the family column goes (the kind carries its colour) and "what happened"
+    # keeps a readable width; the rest fold
+    narrow = console.width < 120
+    cols = [("seq", {"justify": "right", "no_wrap": True}), ("time (UTC)", {"no_wrap": True}),
+            *([] if narrow else [("family", {})]), ("kind", {"overflow": "fold"}),
+            ("what happened", {"overflow": "fold", "ratio": 1}),
+            *([] if narrow else [("pairs", {"overflow": "fold", "max_width": 16})]), ("chain", {"no_wrap": True})]
+    for col, kw in cols:
         t.add_column(col, **kw)
     shown = entries if limit is None else entries[:limit]
     for e in shown:
-        chain = {"ok": Text("✔", "green"), "bad": Text("✘ first bad", "bold red"),
+        chain = {"ok": Text("✔", "green"), "bad": Text("✘" if narrow else "✘ first bad", "bold red"),
                  "unverified": Text("?", "yellow")}[e["chain"]]
         summary = Text(e["summary"])
         if e["kind"] in ("sandbox_denied", "gap") or e["payload"].get("decision") in ("deny", "denied"):
             summary.stylize("bold red")
         for a in e["alerts"]:
             summary.append(f"  ⚑ {a}", "bold red")
-        t.add_row(str(e["seq"]), (e["occurred_at"] or "")[11:23], Text(e["family"], FAMILY_STYLE.get(e["family"], "")),
-                  e["kind"], summary, " ".join(f"#{s}" for s in e["related_seqs"]), chain)
+        style = FAMILY_STYLE.get(e["family"], "")
+        fam = [] if narrow else [Text(e["family"], style)]
+        pairs = [] if narrow else [" ".join(f"#{s}" for s in e["related_seqs"])]
+        if narrow and e["related_seqs"]:
+            summary.append("  ↔ " + " ".join(f"#{s}" for s in e["related_seqs"]), "dim")
+        t.add_row(str(e["seq"]), (e["occurred_at"] or "")[11:19 if narrow else 23], *fam,
+                  Text(e["kind"], style if narrow else ""), summary, *pairs, chain)
     console.print(t)
     if len(shown) < total:
         console.print(f"[dim]showing {len(shown)} of {total} events; --limit 0 shows all, --format json gives all[/]")
