@@ -100,6 +100,10 @@ def test_schemas_check_cli_passes_and_fails_on_a_changed_type(tmp_path, home):
     assert proc.returncode == 1
     assert "INCOMPATIBLE" in proc.stdout + proc.stderr
     assert "type_mismatch" in proc.stdout
+    # the candidate may also be given as an argument; a missing file is a usage error, not "compatible"
+    assert run_cli("schemas", "check", str(bad), env=env, check=False).returncode == 1
+    missing = run_cli("schemas", "check", str(tmp_path / "nope.avsc"), env=env, check=False)
+    assert missing.returncode == 2 and "no such schema file" in missing.stderr
 
 
 RELEASED_SUBJECTS = ("event", "alert")

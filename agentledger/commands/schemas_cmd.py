@@ -18,16 +18,25 @@ def register(app: typer.Typer) -> None:
 
     @schemas_app.command("check")
     def check(
+        candidate: Optional[Path] = typer.Argument(None, metavar="[SCHEMA]", help="Candidate .avsc (same as --schema)."),
         schema: Optional[Path] = typer.Option(None, "--schema", help="Candidate .avsc (default: schemas/event.avsc)."),
         subject: str = typer.Option("event", help="Schema subject."),
         fmt: Format = typer.Option(Format.table, "--format"),
     ) -> None:
         """Fail unless the schema is FULL_TRANSITIVE compatible with every released version.
 
-        Example:  agentledger schemas check --schema /tmp/event-edited.avsc
+        Example:  agentledger schemas check /tmp/event-edited.avsc
         """
         from schemas.compat import check_store
         from schemas.contract import SchemaStore
+
+        if candidate is not None and schema is not None and candidate != schema:
+            err_console.print("give the candidate schema once: as an argument or with --schema")
+            raise typer.Exit(2)
+        schema = schema or candidate
+        if schema is not None and not schema.is_file():
+            err_console.print(f"no such schema file: {schema}")
+            raise typer.Exit(2)
 
         store = SchemaStore(subject)
         results = check_store(store, schema)
