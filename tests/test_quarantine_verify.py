@@ -203,14 +203,22 @@ def test_verify_signed_unsigned_tampered_and_edited_rows(tmp_path, home):
     assert got[uns_sid].label == "ok (unsigned)"
     assert (got[bad_sid].status, got[bad_sid].reason) == ("broken", "bad_signature")
     assert (got[wrong_sid].status, got[wrong_sid].reason) == ("broken", "checkpoint_mismatch")
-    assert (got[unk_sid].status, got[unk_sid].reason) == ("broken", "unknown_key")
+    # a key we do not hold proves nothing either way: unsigned, and it says which key it would need
+    assert got[unk_sid].status == "ok" and not got[unk_sid].signed
+    assert got[unk_sid].unknown_key_ids == [other.key_id] and other.key_id in got[unk_sid].label
     assert (got[edit_sid].status, got[edit_sid].first_bad_seq, got[edit_sid].reason) == ("broken", 2, "hash_mismatch")
 
     env = cli_env(home)
     proc = run_cli("verify", "--format", "json", env=env, check=False)
     assert proc.returncode == 1
     out = json.loads(proc.stdout)
-    assert out["broken"] == 4 and out["sessions"] == 6
+    assert out["broken"] == 3 and out["sessions"] == 6
+    strict = json.loads(run_cli("verify", unk_sid, "--require-signatures", "--format", "json", env=env,
+                                check=False).stdout)
+    assert strict["broken"] == 1 and "unknown key" in json.dumps(strict)
+    pub = tmp_path / "other.pub"
+    pub.write_bytes(signing.public_pem(other.public_key))
+    assert run_cli("verify", unk_sid, "--require-signatures", "--public-key", str(pub), env=env).returncode == 0
     proc = run_cli("verify", ok_sid, uns_sid, env=env)
     assert "2 of 2 sessions verify" in proc.stdout
     proc = run_cli("verify", ok_sid, uns_sid, "--require-signatures", "--format", "json", env=env, check=False)
