@@ -87,6 +87,21 @@ IGNORED_EVENTS = frozenset({
 IGNORED_TOP = frozenset({"compacted", "state"})
 
 
+_HEREDOC_PATCH = re.compile(r"(?:^|[;&|]\s*|\s)apply_patch\s*<<-?\s*['\"]?(\w+)['\"]?\s*\n(.*?)\n\1\s*$", re.S)
+
+
+def shell_patch(argv: list[str], shell: str | None) -> str | None:
+    """The patch of an ``apply_patch`` run through the shell tool -- ``["apply_patch", patch]`` or
+    ``bash -lc "[cd dir &&] apply_patch <<'EOF' … EOF"`` (the forms Codex intercepts) -- else None."""
+    if len(argv) == 2 and os.path.basename(argv[0]) in PATCH_TOOLS and "*** Begin Patch" in argv[1]:
+        return argv[1]
+    if shell and "apply_patch" in shell and "*** Begin Patch" in shell:
+        m = _HEREDOC_PATCH.search(shell.strip())
+        if m:
+            return m.group(2)
+    return None
+
+
 def session_id_from_path(path: str) -> str | None:
     m = _UUID.findall(os.path.basename(path))
     return m[-1].lower() if m else None
@@ -320,7 +335,7 @@ class RolloutParser:
             action = p.get("action") if isinstance(p.get("action"), dict) else {}
             call_id = str(p.get("call_id") or p.get("id") or "")
             self._exec_call(call_id, {"command": action.get("command"), "workdir": action.get("working_directory"),
-                                      "timeout_ms": action.get("timeout_ms")}, at)
+                                      "timeout_ms": action.get("timeout_ms"), "env": action.get("env")}, at)
         elif t == "custom_tool_call":
             name = str(p.get("name") or "")
             if name in PATCH_TOOLS:
@@ -348,8 +363,10 @@ class RolloutParser:
         escalated = perm in ("require_escalated", "with_additional_permissions") or bool(
             args.get("with_escalated_permissions") is True)
         justification = args.get("justification")
+        env = args.get("env")
+        env_names = sorted(str(k) for k in env)[:200] if isinstance(env, dict) else []  # names only, never values
         self._obs(f"cmd:{call_id}:started", "command_started",
-                  {"command_id": call_id, "argv": argv, "shell": shell, "cwd": cwd, "env_names": [],
+                  {"command_id": call_id, "argv": argv, "shell": shell, "cwd": cwd, "env_names": env_names,
                    "sandbox_profile": self.ctx.get("sandbox") if not escalated else "escalated",
                    "escalated": escalated},
                   at, call_id=call_id, priority=P_START_CALL)
@@ -362,6 +379,12 @@ class RolloutParser:
                       at, call_id=call_id, priority=P_REQ_ESCALATION)
         self.ctx["calls"][call_id] = {"kind": "exec", "at": at, "argv": argv[:50], "shell": (shell or "")[:2000],
                                       "cwd": cwd, "turn": self.ctx.get("turn_id")}
+        patch = shell_patch(argv, shell)
+        if patch is not None:
+            # Codex intercepts `apply_patch` run through the shell tool and applies it as a patch:
+            # the files it names change like those of an apply_patch call.
+            self.ctx["calls"][call_id]["patch"] = True
+            self._file_ops(call_id, parse_patch(patch), at, P_FILE_CALL, cwd=cwd)
 
     def _patch_call(self, call_id: str, patch: str, at: int) -> None:
         ops = parse_patch(patch)
@@ -373,10 +396,12 @@ class RolloutParser:
         if not ops:
             self.counts.bump("unknown_values", "apply_patch without file operations")
 
-    def _file_ops(self, call_id: str, ops: list[dict], at: int, priority: int, turn_id: str | None = None) -> None:
+    def _file_ops(self, call_id: str, ops: list[dict], at: int, priority: int, turn_id: str | None = None,
+                  cwd: str | None = None) -> None:
+        base = cwd or self._cwd()
         for op in ops:
-            path = resolve_path(op["path"], self._cwd())
-            new_path = resolve_path(op["new_path"], self._cwd()) if op.get("new_path") else None
+            path = resolve_path(op["path"], base)
+            new_path = resolve_path(op["new_path"], base) if op.get("new_path") else None
             self._obs(f"file:{call_id}:{path}", "file_accessed",
                       {"path": path, "operation": op["operation"], "new_path": new_path, "command_id": None,
                        "inside_workspace": inside(path, self._cwd())},
@@ -420,6 +445,8 @@ class RolloutParser:
                       {"request_id": call_id, "decision": "denied", "decided_by": "user", "decider": None,
                        "rule": "command declined", "latency_ms": None, "action_digest": None},
                       at, call_id=call_id, priority=P_DECIDED_DECLINED, turn_id=turn_id)
+            if (call or {}).get("patch"):
+                self.ctx.setdefault("declined_patches", []).append(call_id)
         elif status == "failed":
             denial = infer_sandbox_denial(code if code is not None else 1, stderr, stdout)
             if denial:

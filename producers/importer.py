@@ -39,6 +39,7 @@ from .ledger import AppendResult, EndRule, Observation, SessionAppender, Session
 from .otel import OtelParser
 
 HEAD_LEN = 4096
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors and tools put before the first line
 SETTLE_S = 60.0  # a file untouched this long is not being written: its unterminated tail counts
 ROLLOUT_SUFFIXES = (".jsonl",)
 OTEL_SUFFIXES = (".json", ".jsonl", ".ndjson", ".otlp")
@@ -158,14 +159,18 @@ def _split_lines(data: bytes, base: int, settled: bool) -> tuple[list[tuple[int,
         lines.append((base + pos, data[pos:nl]))
         pos = nl + 1
     tail = data[pos:]
-    if tail.strip() and settled:
+    if tail.strip():
+        # A complete JSON *object* cannot be the prefix of a longer one-line object, so such a tail
+        # is a whole record even while the file is written (hand-made files often lack the final
+        # newline); anything else waits until the file has settled.
         try:
-            json.loads(tail)
+            obj = json.loads(tail[len(BOM):] if base + pos == 0 and tail.startswith(BOM) else tail)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) or (obj is not None and settled):
             lines.append((base + pos, tail))
             pos = len(data)
-        except ValueError:
-            pass
-    elif not tail.strip():
+    else:
         pos = len(data)
     return lines, base + pos, len(data) - pos
 
@@ -204,14 +209,15 @@ def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: fl
     report.from_offset = start
     parser = PARSERS[kind](path, ctx, file_index, report.counts)
     lineno = int((ctx or {}).get("_lines", 0))
-    if kind == "otel" and start == 0 and data.lstrip()[:1] == b"{":
-        first_line = data.split(b"\n", 1)[0]
+    doc_data = data[len(BOM):] if start == 0 and data.startswith(BOM) else data
+    if kind == "otel" and start == 0 and doc_data.lstrip()[:1] == b"{":
+        first_line = doc_data.split(b"\n", 1)[0]
         try:
             json.loads(first_line)
         except ValueError:
             probe = FileCounts()
             try:
-                doc = json.loads(_decode(data, probe))
+                doc = json.loads(_decode(doc_data, probe))
             except ValueError:
                 doc = None
             if doc is not None:  # one (pretty-printed) OTLP document
@@ -232,6 +238,8 @@ def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: fl
         lineno += 1
         report.counts.lines += 1
         raw = raw.rstrip(b"\r")
+        if off == 0 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
         if not raw.strip():
             report.counts.blank += 1
             continue

@@ -115,13 +115,20 @@ def duration_ms(value: Any) -> int | None:
         nanos = _num(value.get("nanos", value.get("nanoseconds", 0))) or 0
         return int(secs * 1000 + nanos / 1e6)
     if isinstance(value, (int, float)):
-        return int(value)
+        # A whole number is milliseconds (Codex's `duration_ms`); a fractional one is seconds, as
+        # written by tools that serialise a Rust Duration with `as_secs_f64`.
+        return int(value) if float(value).is_integer() else int(round(value * 1000))
     s = str(value).strip().lower()
     m = re.fullmatch(r"([\d.]+)\s*(ms|s|sec|secs|seconds)?", s)
     if not m:
         return None
-    x = float(m.group(1))
-    return int(x if m.group(2) == "ms" else x * 1000) if m.group(2) else int(x)
+    try:
+        x = float(m.group(1))
+    except ValueError:
+        return None
+    if m.group(2):
+        return int(x) if m.group(2) == "ms" else int(round(x * 1000))
+    return int(x) if x.is_integer() else int(round(x * 1000))
 
 
 def _num(v: Any) -> float | None:
@@ -395,7 +402,7 @@ def urls_in(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-_EXIT = [re.compile(p, re.I | re.M) for p in (r"^\s*exit code:\s*(-?\d+)", r"process exited with code\s*(-?\d+)",
+_EXIT = [re.compile(p, re.I | re.M) for p in (r"^\s*exit code:?\s*(-?\d+)", r"process exited with code\s*(-?\d+)",
                                        r"exited with (?:exit )?code\s*(-?\d+)", r"^\s*exit status:?\s*(-?\d+)")]
 _WALL = re.compile(r"wall time:\s*([\d.]+)\s*(?:seconds|s)\b", re.I)
 

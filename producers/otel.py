@@ -94,6 +94,30 @@ def attrs_dict(attrs: Any) -> dict:
     return out
 
 
+_PREFIXED = re.compile(r"^(codex|claude_code)\.")
+
+
+def _event_name(rec: dict, a: dict, body: Any, scope: str) -> str | None:
+    """The event name, prefixed. Claude Code puts the bare name in the ``event.name`` attribute
+    (``tool_decision``) and the prefixed one in the body (``claude_code.tool_decision``), and some
+    pipelines drop the body: then the prefix comes from the scope / service name or the id
+    attribute only that agent sets (``session.id`` for Claude Code, ``conversation.id`` for Codex)."""
+    named = [n for n in (_k(rec, "eventName", "event_name"), a.get("event.name")) if isinstance(n, str) and n.strip()]
+    for n in named + ([body] if isinstance(body, str) else []):
+        if _PREFIXED.match(n):
+            return n
+    if not named:
+        return None
+    bare = named[0].strip()
+    if "." in bare:  # another namespace: counted as an unknown type under its own name
+        return bare
+    if "claude" in scope.lower() or ("session.id" in a and "conversation.id" not in a):
+        return f"claude_code.{bare}"
+    if "codex" in scope.lower() or "conversation.id" in a:
+        return f"codex.{bare}"
+    return bare
+
+
 class OtelParser:
     kind = SOURCE
 
@@ -110,6 +134,7 @@ class OtelParser:
         self._offset = 0
         self._n = 0
         self._seen_keys: dict[str, int] = {}
+        self._last_at = 0
 
     # -- entry points ---------------------------------------------------------------------
     def feed(self, obj: Any, offset: int, lineno: int) -> None:
@@ -133,9 +158,13 @@ class OtelParser:
                 if not isinstance(sl, dict):
                     self.counts.not_object += 1
                     continue
+                scope = _k(sl, "scope", "instrumentationLibrary")
+                scope_name = str(scope.get("name") or "") if isinstance(scope, dict) else ""
+                if not scope_name:
+                    scope_name = str(resource.get("service.name") or "")
                 for rec in _k(sl, "logRecords", "log_records") or []:
                     if isinstance(rec, dict):
-                        self._record(rec, resource)
+                        self._record(rec, resource, scope_name)
                     else:
                         self.counts.not_object += 1
 
@@ -146,19 +175,19 @@ class OtelParser:
         pass
 
     # -- records --------------------------------------------------------------------------
-    def _record(self, rec: dict, resource: dict) -> None:
+    def _record(self, rec: dict, resource: dict, scope: str = "") -> None:
         self.counts.records += 1
         self._n += 1
         a = attrs_dict(rec.get("attributes"))
         body = attr_value(rec.get("body"))
-        name = (_k(rec, "eventName", "event_name") or a.get("event.name")
-                or (body if isinstance(body, str) and re.match(r"^(codex|claude_code)\.", body) else None))
+        name = _event_name(rec, a, body, scope)
         if not name:
             self.counts.bump("unknown_types", "(log record without event name)")
             return
-        name = str(name)
+        # A record with no usable time (OTLP sends "0" for unset) follows the one before it.
         at = (parse_time_us(_k(rec, "timeUnixNano", "time_unix_nano")) or parse_time_us(a.get("event.timestamp"))
-              or parse_time_us(_k(rec, "observedTimeUnixNano", "observed_time_unix_nano")) or 0)
+              or parse_time_us(_k(rec, "observedTimeUnixNano", "observed_time_unix_nano")) or self._last_at)
+        self._last_at = at
         sid = first(a, ("conversation.id", "session.id", "thread.id", "session_id")) or \
             first(resource, ("conversation.id", "session.id"))
         if name in IGNORED_NAMES:
@@ -283,8 +312,10 @@ class OtelParser:
     def _network_decision(self, sid, agent, version, at, a, rec):
         host = str(first(a, ("server.address", "network.peer.address", "host", "url.domain")) or "")
         if not host:
+            # Still a decision: recorded with the host unknown rather than dropped (and counted).
             self.counts.bump("unknown_values", "network policy decision without server.address")
-            return
+            m = re.match(r"^[a-z][a-z0-9+.-]*://(?:[^/@]*@)?(\[[^\]]+\]|[^/:?#]+)", str(a.get("url.full") or ""), re.I)
+            host = m.group(1).strip("[]") if m else "(unknown)"
         port = as_int(first(a, ("server.port", "network.peer.port", "port")))
         proto = network_protocol(first(a, ("network.transport.protocol", "network.protocol.name", "protocol")), port)
         if port is None:
@@ -356,11 +387,18 @@ class OtelParser:
                        "sandbox_profile": None, "escalated": False},
                       max(0, at - dur * 1000), call_id=call_id, priority=P_START)
             error = str(a.get("error") or "")
+            code = 0 if success else parse_exec_output(error)["exit_code"]
             self._obs(sid, agent, version, f"cmd:{call_id}:finished", "command_finished",
-                      {"command_id": call_id, "exit_code": 0 if success else parse_exec_output(error)["exit_code"],
+                      {"command_id": call_id, "exit_code": code,
                        "duration_ms": dur, "status": "completed" if success is not False else "failed",
                        "stdout": output_digest(""), "stderr": output_digest(error)},
                       at, call_id=call_id, priority=P_FINISH)
+            denial = infer_sandbox_denial(code if code is not None else 1, error) if success is False else None
+            if denial:
+                self._obs(sid, agent, version, f"denied:{call_id}", "sandbox_denied",
+                          {"operation": denial["operation"], "target": str(denial["target"] or shell or " ".join(argv))[:1000],
+                           "rule": None, "reason": denial["reason"], "command_id": call_id, "inferred": True},
+                          at, call_id=call_id, priority=P_FINISH)
         elif tool in CLAUDE_FILE_TOOLS:
             path = first(params, ("file_path", "notebook_path", "path"))
             if not path or success is False:
