@@ -248,11 +248,11 @@ def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: fl
             obj = json.loads(text)
         except ValueError as exc:
             report.counts.invalid_json += 1
-            rejects.append((path, off, lineno, f"invalid JSON: {exc.msg}", raw[:200]))
+            rejects.append((path, off, lineno, f"invalid JSON: {exc.msg}", raw[:REJECT_SCAN_BYTES]))
             parser.garbage(off, lineno, raw, "not valid JSON")
             continue
         if not isinstance(obj, dict):
-            rejects.append((path, off, lineno, f"JSON {type(obj).__name__}, not an object", raw[:200]))
+            rejects.append((path, off, lineno, f"JSON {type(obj).__name__}, not an object", raw[:REJECT_SCAN_BYTES]))
         parser.feed(obj, off, lineno)
     parser.finish(settled and (now - st.st_mtime) >= idle_s)
     _finish_report(report, parser, end, head, st, lineno)
@@ -273,6 +273,25 @@ def _finish_report(report: FileReport, parser, end: int, head: bytes, st, lineno
     parser._file_row = {"dev": st.st_dev, "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                         "offset": end, "head_len": min(len(head), end),
                         "head_sha": hashlib.sha256(head[:min(len(head), end)]).hexdigest()}
+
+
+REJECT_SCAN_BYTES = 64 * 1024  # of an unusable line, what is scanned for secrets before its excerpt is kept
+REJECT_EXCERPT_CHARS = 200
+
+
+def _redacted_rejects(settings: Settings, rejects: list[tuple]) -> list[tuple]:
+    """Unusable lines are kept as excerpts (local state and the report): secrets in them are
+    replaced by the same tokens as in events before the excerpt is cut, so none is kept in clear."""
+    if not rejects:
+        return rejects
+    from .redact import Redactor, load_redaction_key
+
+    red = Redactor(load_redaction_key(settings.home))
+    out = []
+    for *head, raw in rejects:
+        text, _ = red.scan(bytes(raw).decode("utf-8", "replace"))
+        out.append((*head, text[:REJECT_EXCERPT_CHARS].encode()))
+    return out
 
 
 def run_import(
@@ -346,6 +365,7 @@ def run_import(
         for o in lst:
             if o.turn_id is None and o.tool_call_id:
                 o.turn_id = turns.get((sid, o.tool_call_id))
+    rejects = _redacted_rejects(settings, rejects)
     report.rejects = [{"path": r[0], "offset": r[1], "line": r[2], "reason": r[3],
                        "excerpt": bytes(r[4]).decode("utf-8", "replace")} for r in rejects]
     every = set(obs) | set(infos)

@@ -248,3 +248,25 @@ def test_a_codex_home_copied_elsewhere_is_the_same_sessions(tmp_path):
     shutil.copytree(CODEX_HOME, copy)
     again = import_json(env, "codex-rollout", str(copy))
     assert again["totals"]["files"] == 3 and again["totals"]["events_added"] == 0
+
+
+def test_a_secret_in_an_unusable_line_is_not_kept_in_clear(tmp_path):
+    """Unusable lines are kept as excerpts (the import report, the producer state): redacted first."""
+    sys.path.insert(0, str(UNSEEN))
+    try:
+        import make_fixtures as fx
+    finally:
+        sys.path.remove(str(UNSEEN))
+    src = next(CODEX_HOME.rglob(f"*{U2}.jsonl"))
+    broken = tmp_path / src.name
+    lines = src.read_bytes().rstrip(b"\n").split(b"\n")
+    junk = ('{"type": "event_msg", "payload": {"type": "agent_message", "message": "export GITHUB_TOKEN='
+            + fx.GH + '"').encode()  # cut short: not JSON
+    broken.write_bytes(b"\n".join([*lines[:3], junk, *lines[3:]]) + b"\n")
+    env = cli_env(tmp_path / "home")
+    report = import_json(env, "codex-rollout", str(broken))
+    assert any("invalid JSON" in r["reason"] and "[SECRET:" in r["excerpt"] for r in report["rejects"])
+    assert fx.GH not in json.dumps(report)
+    for f in (tmp_path / "home").rglob("*"):
+        if f.is_file():
+            assert fx.GH.encode() not in f.read_bytes(), f
