@@ -58,9 +58,8 @@ from .recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
 
 SIM_EPOCH_US = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 
-ALLOWED_DOMAINS = ["pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "github.com",
-                   "objects.githubusercontent.com", "crates.io", "static.crates.io"]
-DENIED_DOMAINS = ["pastebin.com", "transfer.sh"]
+# hosts behaviours try that the simulator's policy refuses (rules deny-telemetry, deny-paste-sites)
+REFUSED_HOSTS = ["telemetry.example-analytics.io", "api.unknown-cdn.net", "pastebin.com", "transfer.sh"]
 
 SIMULATOR_POLICY = Path(__file__).with_name("simulator_policy.toml")
 _POLICY: list[Policy] = []
@@ -335,7 +334,7 @@ def b_install(ctx: SimContext) -> None:
 
 def b_denied_host(ctx: SimContext) -> None:
     """A telemetry/analytics call the policy blocks."""
-    host = ctx.rng.choice(["telemetry.example-analytics.io", "api.unknown-cdn.net", *DENIED_DOMAINS])
+    host = ctx.rng.choice(REFUSED_HOSTS)
     ctx.network(host, 443, method="POST")
 
 
