@@ -191,11 +191,18 @@ def load_redaction_key(home: Path, env: dict[str, str] | None = None) -> bytes:
         pass
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32).hex().encode())
-            f.flush()
-            os.fsync(f.fileno())
+        # Written whole under a private name, then linked into place: a process racing us (the first
+        # hook calls of a fresh home run concurrently) sees no key or the whole key, never an empty file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32).hex().encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
     except FileExistsError:
         pass  # another process created it first: use theirs
     except OSError as exc:

@@ -166,6 +166,20 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/") or root == "/"
 
 
+PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/run")
+
+
+def runtime_dirs(python: str) -> list[str]:
+    """What the launcher needs to run inside the sandbox that the private tmpfs mounts would hide:
+    the launcher's directory and the interpreter's installation (a clone or a virtualenv under /tmp
+    is common). Bound read-only, after the tmpfs mounts."""
+    exe = os.path.abspath(python)
+    real = os.path.realpath(exe)  # a virtualenv's python is a symlink to the base interpreter
+    dirs = {os.path.dirname(LAUNCHER), os.path.dirname(os.path.dirname(real))}
+    dirs.add(sys.prefix if _under(exe, sys.prefix) else os.path.dirname(os.path.dirname(exe)))
+    return sorted(d for d in dirs if os.path.isdir(d) and any(_under(d, t) for t in PRIVATE_TMPFS))
+
+
 def bwrap_argv(tools: Tools, policy: Policy, spec: CommandSpec, options: Options, *, proxy_socket: str | None,
                clock_file: str) -> list[str]:
     a = [tools.bwrap, "--unshare-user"]
@@ -175,6 +189,8 @@ def bwrap_argv(tools: Tools, policy: Policy, spec: CommandSpec, options: Options
           "--unshare-uts", "--hostname", options.hostname, "--unshare-cgroup-try", "--unshare-net",
           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
           "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/run", "--dir", RUN_DIR_IN_SANDBOX]
+    for need in runtime_dirs(options.python):
+        a += ["--ro-bind", need, need]
     if proxy_socket:
         a += ["--bind", proxy_socket, PROXY_SOCKET_IN_SANDBOX]
     a += ["--ro-bind", clock_file, CLOCK_FILE_IN_SANDBOX]
