@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from producers.sandbox import strace as st
-from producers.sandbox.runner import LAUNCHER, Tools
+from producers.sandbox.runner import LAUNCHER, Tools, runtime_dirs
 from sandbox_support import PY
 
 
@@ -99,7 +99,9 @@ def test_a_real_trace_through_bwrap_and_the_launcher(tmp_path, seccomp):
             "os.unlink('d/e')\n")
     argv = st.strace_argv(tools.strace, str(trace), seccomp_bpf=seccomp) + [
         tools.bwrap, "--unshare-user", "--unshare-net", "--unshare-pid", "--die-with-parent", "--ro-bind", "/", "/",
-        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--bind", str(ws), str(ws), "--chdir", str(ws), "--",
+        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+        *[x for d in runtime_dirs(PY) for x in ("--ro-bind", d, d)],  # an install under /tmp stays visible
+        "--bind", str(ws), str(ws), "--chdir", str(ws), "--",
         PY, "-I", "-S", LAUNCHER, json.dumps({"marker": marker}), "--", PY, "-c", code]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
