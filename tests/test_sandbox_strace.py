@@ -120,3 +120,24 @@ def test_a_real_trace_through_bwrap_and_the_launcher(tmp_path, seccomp):
     assert next(o for o in a.file_ops if o.op == "chmod").mode == 0o600
     assert ("10.9.9.9", 443, "ENETUNREACH") in {(c.host, c.port, c.errno) for c in a.connects}
     assert not any("python3" in o.path and o.write for o in a.file_ops)
+
+
+def test_an_interpreter_installed_under_tmp_stays_visible_in_the_sandbox(tmp_path):
+    """The sandbox mounts a private /tmp: a virtualenv (or a clone) living there is bound back read-only."""
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    dirs = runtime_dirs(str(venv / "bin" / "python"))
+    assert str(venv) in dirs
+    assert all(d.startswith(("/tmp/", "/var/tmp/", "/run/")) for d in dirs)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    tools = Tools.find()
+    argv = [tools.bwrap, "--unshare-user", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev",
+            "--proc", "/proc", "--tmpfs", "/tmp", *[x for d in dirs for x in ("--ro-bind", d, d)],
+            "--bind", str(ws), str(ws), "--chdir", str(ws), "--",
+            str(venv / "bin" / "python"), "-I", "-S", "-c", "print('inside')"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "inside", p.stderr
