@@ -173,10 +173,13 @@ def runtime_dirs(python: str) -> list[str]:
     """What the launcher needs to run inside the sandbox that the private tmpfs mounts would hide:
     the launcher's directory and the interpreter's installation (a clone or a virtualenv under /tmp
     is common). Bound read-only, after the tmpfs mounts."""
+    dirs = {os.path.dirname(LAUNCHER)}
     exe = os.path.abspath(python)
-    real = os.path.realpath(exe)  # a virtualenv's python is a symlink to the base interpreter
-    dirs = {os.path.dirname(LAUNCHER), os.path.dirname(os.path.dirname(real))}
-    dirs.add(sys.prefix if _under(exe, sys.prefix) else os.path.dirname(os.path.dirname(exe)))
+    for _ in range(40):  # every hop of the symlink chain (venv python -> base python ...): its install
+        dirs.add(os.path.dirname(os.path.dirname(exe)))
+        if not os.path.islink(exe):
+            break
+        exe = os.path.normpath(os.path.join(os.path.dirname(exe), os.readlink(exe)))
     return sorted(d for d in dirs if os.path.isdir(d) and any(_under(d, t) for t in PRIVATE_TMPFS))
 
 
