@@ -336,21 +336,5 @@ def session_ids(con, query: str | None) -> list[str] | None:
     return [str(r[i]) for r in cur.fetchall() if r[i] is not None]
 
 
-def summarize_for_humans(rep: WhatIfReport) -> list[str]:
-    s = rep.summary()
-    lines = [f"{s['requests']} requests in {s['sessions']} sessions re-decided under policy {rep.policy!r}: "
-             f"{s['divergences']} would differ, in {s['sessions_diverging']} sessions."]
-    if s["divergences"]:
-        lines.append(f"would stop {s['sessions_stopped']} sessions; would break {s['broken_work']} successful actions "
-                     f"in {s['sessions_with_broken_work']} sessions; effects: "
-                     + ", ".join(f"{k} {v}" for k, v in s["by_effect"].items()))
-    if s["newly_blocked_destinations"]:
-        lines.append("newly blocked destinations: " + ", ".join(s["newly_blocked_destinations"]))
-    for sec, kinds in s["not_redecided"].items():
-        lines.append(f"not re-decided (the policy has no [{sec}] section): "
-                     + ", ".join(f"{v} {k} requests" for k, v in kinds.items()))
-    return lines
-
-
 __all__ = ["Divergence", "Request", "SessionWhatIf", "WhatIfReport", "collect_requests", "decide", "what_if",
-           "session_ids", "summarize_for_humans"]
+           "session_ids"]
