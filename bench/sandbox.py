@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producers.sandbox import strace as st  # noqa: E402
-from producers.sandbox.runner import LAUNCHER, Tools, runtime_binds  # noqa: E402
+from producers.sandbox.runner import LAUNCHER, Tools, runtime_dirs  # noqa: E402
 
 WORKLOAD = """
 import json, os, subprocess, sys, email.mime.text, http.client, xml.dom.minidom
@@ -54,7 +54,7 @@ print(sum(len(open(os.path.join("out", x)).read()) for x in os.listdir("out")))
 def bwrap_prefix(tools: Tools, ws: str) -> list[str]:
     return [tools.bwrap, "--unshare-user", "--cap-drop", "ALL", "--die-with-parent", "--unshare-pid", "--unshare-net",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            *runtime_binds(sys.executable),  # an install under /tmp stays visible
+            *[x for d in runtime_dirs(sys.executable) for x in ("--ro-bind", d, d)],  # an install under /tmp
             "--bind", ws, ws, "--chdir", ws, "--"]
 
 

@@ -336,5 +336,27 @@ def session_ids(con, query: str | None) -> list[str] | None:
     return [str(r[i]) for r in cur.fetchall() if r[i] is not None]
 
 
+def summarize_for_humans(rep: "WhatIfReport | dict") -> list[str]:
+    """The report's summary as sentences (the CLI and notebook 03 print these).
+
+    Takes a report, its ``as_dict()`` form, or just its ``summary()`` dict."""
+    if isinstance(rep, WhatIfReport):
+        s = rep.summary()
+    else:
+        s = rep.get("summary", rep)
+    lines = [f"{s['requests']} requests in {s['sessions']} sessions re-decided under policy {s['policy']!r}: "
+             f"{s['divergences']} would differ, in {s['sessions_diverging']} sessions."]
+    if s["divergences"]:
+        lines.append(f"would stop {s['sessions_stopped']} sessions; would break {s['broken_work']} successful actions "
+                     f"in {s['sessions_with_broken_work']} sessions; effects: "
+                     + ", ".join(f"{k} {v}" for k, v in s["by_effect"].items()))
+    if s["newly_blocked_destinations"]:
+        lines.append("newly blocked destinations: " + ", ".join(s["newly_blocked_destinations"]))
+    for sec, kinds in (s.get("not_redecided") or {}).items():
+        lines.append(f"not re-decided (the policy has no [{sec}] section): "
+                     + ", ".join(f"{v} {k} requests" for k, v in kinds.items()))
+    return lines
+
+
 __all__ = ["Divergence", "Request", "SessionWhatIf", "WhatIfReport", "collect_requests", "decide", "what_if",
-           "session_ids"]
+           "session_ids", "summarize_for_humans"]

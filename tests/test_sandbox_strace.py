@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from producers.sandbox import strace as st
-from producers.sandbox.runner import LAUNCHER, Tools, runtime_binds, runtime_dirs
+from producers.sandbox.runner import LAUNCHER, Tools, runtime_dirs
 from sandbox_support import PY
 
 
@@ -100,7 +100,7 @@ def test_a_real_trace_through_bwrap_and_the_launcher(tmp_path, seccomp):
     argv = st.strace_argv(tools.strace, str(trace), seccomp_bpf=seccomp) + [
         tools.bwrap, "--unshare-user", "--unshare-net", "--unshare-pid", "--die-with-parent", "--ro-bind", "/", "/",
         "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-        *runtime_binds(PY),  # an install under /tmp stays visible
+        *[x for d in runtime_dirs(PY) for x in ("--ro-bind", d, d)],  # an install under /tmp stays visible
         "--bind", str(ws), str(ws), "--chdir", str(ws), "--",
         PY, "-I", "-S", LAUNCHER, json.dumps({"marker": marker}), "--", PY, "-c", code]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -136,7 +136,7 @@ def test_an_interpreter_installed_under_tmp_stays_visible_in_the_sandbox(tmp_pat
     ws.mkdir()
     tools = Tools.find()
     argv = [tools.bwrap, "--unshare-user", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev",
-            "--proc", "/proc", "--tmpfs", "/tmp", *runtime_binds(str(venv / "bin" / "python")),
+            "--proc", "/proc", "--tmpfs", "/tmp", *[x for d in dirs for x in ("--ro-bind", d, d)],
             "--bind", str(ws), str(ws), "--chdir", str(ws), "--",
             str(venv / "bin" / "python"), "-I", "-S", "-c", "print('inside')"]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=60)

@@ -83,6 +83,9 @@ def test_forbidding_a_domain_reports_exactly_that_sessions_requests_to_it(policy
     assert sub["summary"]["sessions"] == 7 and sub["divergences"] == []
     table = run_cli("whatif", "--policy", str(s.home / "forbid.toml"), env=env).stdout
     assert gen.special_session in table and "share.example.com:443" in table
+    assert f"{summ['requests']} requests in 8 sessions re-decided" in table and "2 would differ, in 1 sessions" in table
+    assert "would stop 1 sessions; would break 2 successful actions" in table
+    assert "newly blocked destinations: share.example.com:443" in table
     csv_out = run_cli("whatif", "--policy", str(s.home / "forbid.toml"), "--format", "csv", env=env).stdout
     assert len(csv_out.strip().splitlines()) == 3
 

@@ -203,14 +203,9 @@ def _print_whatif(rep: dict, limit: int | None = None) -> None:
                       d["effect"], d["outcome"]) for d in shown], Format.table, title=f"what if: policy {s['policy']}")
         if len(shown) < len(divs):
             console.print(f"[dim]showing {len(shown)} of {len(divs)} divergences[/]")
-    console.print(f"{s['requests']} requests in {s['sessions']} sessions re-decided: [bold]{s['divergences']}[/] would "
-                  f"differ in {s['sessions_diverging']} sessions; would stop {s['sessions_stopped']} sessions and break "
-                  f"{s['broken_work']} successful actions; effects {s['by_effect'] or '{}'}")
-    if s["newly_blocked_destinations"]:
-        console.print("newly blocked destinations: " + ", ".join(s["newly_blocked_destinations"]))
-    for sec, kinds in (s.get("not_redecided") or {}).items():
-        console.print(f"not re-decided (the policy has no [{sec}] section): "
-                      + ", ".join(f"{v} {k} requests" for k, v in kinds.items()), markup=False, style="dim")
+    from replay.whatif import summarize_for_humans
+    for line in summarize_for_humans(s):
+        console.print(line, markup=False, highlight=False)
 
 
 # --- commands ----------------------------------------------------------------------------------------

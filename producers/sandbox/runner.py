@@ -183,11 +183,6 @@ def runtime_dirs(python: str) -> list[str]:
     return sorted(d for d in dirs if os.path.isdir(d) and any(_under(d, t) for t in PRIVATE_TMPFS))
 
 
-def runtime_binds(python: str) -> list[str]:
-    """bwrap arguments binding `runtime_dirs` back read-only; they go after the tmpfs mounts."""
-    return [x for d in runtime_dirs(python) for x in ("--ro-bind", d, d)]
-
-
 def bwrap_argv(tools: Tools, policy: Policy, spec: CommandSpec, options: Options, *, proxy_socket: str | None,
                clock_file: str) -> list[str]:
     a = [tools.bwrap, "--unshare-user"]
@@ -197,7 +192,8 @@ def bwrap_argv(tools: Tools, policy: Policy, spec: CommandSpec, options: Options
           "--unshare-uts", "--hostname", options.hostname, "--unshare-cgroup-try", "--unshare-net",
           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
           "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--tmpfs", "/run", "--dir", RUN_DIR_IN_SANDBOX]
-    a += runtime_binds(options.python)
+    for need in runtime_dirs(options.python):
+        a += ["--ro-bind", need, need]
     if proxy_socket:
         a += ["--bind", proxy_socket, PROXY_SOCKET_IN_SANDBOX]
     a += ["--ro-bind", clock_file, CLOCK_FILE_IN_SANDBOX]
