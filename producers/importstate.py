@@ -77,13 +77,21 @@ class ProducerState:
         if self._con is None:
             self.ensure_dirs()
             con = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            con.execute("PRAGMA busy_timeout=60000")
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                # Every statement is IF NOT EXISTS, so processes racing here are harmless.
-                con.executescript(_DDL.read_text())
-                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            try:
+                con.execute("PRAGMA busy_timeout=60000")
+                # Switching a new file to WAL takes its lock in rollback-journal mode, where SQLite
+                # answers "database is locked" at once (no busy wait) to processes racing to do the
+                # same, e.g. the first hook calls of several sessions. One process at a time sets
+                # the file up; the flock goes with the process if it dies.
+                with self._exclusive(self.dir / "setup.lock"):
+                    con.execute("PRAGMA journal_mode=WAL")
+                    if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                        con.executescript(_DDL.read_text())  # idempotent (IF NOT EXISTS)
+                        con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                con.execute("PRAGMA synchronous=FULL")
+            except BaseException:
+                con.close()
+                raise
             self._con = con
         return self._con
 
@@ -111,7 +119,14 @@ class ProducerState:
     def session_lock(self, session_id: str, timeout_s: float = 30.0) -> Iterator[None]:
         """Exclusive lock of one session across processes (flock; released if the holder dies)."""
         self.ensure_dirs()
-        fd = os.open(self.lock_path(session_id), os.O_RDWR | os.O_CREAT, 0o644)
+        with self._exclusive(self.lock_path(session_id), timeout_s,
+                             f"session {session_id} stayed locked by another producer for {timeout_s}s"):
+            yield
+
+    @staticmethod
+    @contextmanager
+    def _exclusive(path: Path, timeout_s: float = 60.0, what: str | None = None) -> Iterator[None]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             deadline = time.monotonic() + timeout_s
             delay = 0.0005
@@ -123,7 +138,7 @@ class ProducerState:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
                     if time.monotonic() >= deadline:
-                        raise LockTimeout(f"session {session_id} stayed locked by another producer for {timeout_s}s")
+                        raise LockTimeout(what or f"{path} stayed locked for {timeout_s}s")
                     time.sleep(delay)
                     delay = min(delay * 2, 0.02)
             try:
