@@ -316,7 +316,27 @@ def parse_bundle(data: bytes, path: Path | None = None) -> Bundle:
     n = len(data)
     i = 0
     spans = b.spans
+    append = spans.append
+    starts_with = data.startswith
     while pos < n:
+        # fast path: a one-record block whose size fits a one- or two-byte varint (events < 8 KiB)
+        if data[pos] == 0x02 and pos + 3 <= n:
+            b1 = data[pos + 1]
+            if b1 & 1:  # a negative size: damaged
+                size, p = 0, pos
+            elif b1 < 0x80:
+                size, p = b1 >> 1, pos + 2
+            elif data[pos + 2] < 0x80:
+                size, p = ((b1 & 0x7F) | (data[pos + 2] << 7)) >> 1, pos + 3
+            else:
+                size, p = 0, pos
+            end = p + size
+            if size > 0 and end + codec.SYNC_LEN <= n and starts_with(sync, end):
+                append((p, end))
+                pos = end + codec.SYNC_LEN
+                i += 1
+                continue
+        # anything else, including every kind of damage, takes the careful path below
         if data[pos] != 0x02:  # zigzag(1): every bundle block holds exactly one record
             try:
                 count, _ = _varint(data, pos, n)

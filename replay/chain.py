@@ -214,13 +214,17 @@ def verify_spans(data: bytes, spans: Sequence[tuple[int, int]], header: bytes, *
     hashes = []
     append = hashes.append
     tag = _HASH_TAG
+    starts = data.startswith if isinstance(data, bytes) else bytes(data).startswith
+    copy = base.copy
+    if len(prev) != HASH_FIELD_LEN - 2:  # an odd first_prev_hash: the careful verifier says what is wrong
+        return _verify_spans_carefully(data, spans, header, session_id, first_seq, first_prev_hash)
     for s, e in spans:
-        h = base.copy()
+        h = copy()
         h.update(mv[s : e - HASH_FIELD_LEN])
         claimed = data[e - 64 : e]
-        if h.hexdigest().encode() != claimed or data[e - 66 : e - 64] != tag:
+        if h.hexdigest().encode() != claimed or not starts(tag, e - 66, e - 64):
             break
-        if data[e - 132 : e - 130] != tag or data[e - 130 : e - 66] != prev:
+        if not starts(tag, e - 132, e - 130) or not starts(prev, e - 130, e - 66):
             break
         # envelope head: event_id, session_id (strings, one-byte lengths in practice), seq
         n1 = data[s]
@@ -231,10 +235,9 @@ def verify_spans(data: bytes, spans: Sequence[tuple[int, int]], header: bytes, *
         if n2 & 0x80:
             break
         p += 1
-        sid = data[p : p + (n2 >> 1)]
         if sid_b is None:
-            sid_b = sid
-        elif sid != sid_b:
+            sid_b = data[p : p + (n2 >> 1)]
+        elif n2 >> 1 != len(sid_b) or not starts(sid_b, p):
             break
         p += n2 >> 1
         b = data[p]
@@ -260,6 +263,10 @@ def verify_spans(data: bytes, spans: Sequence[tuple[int, int]], header: bytes, *
                         expected - 1, prev.decode(), hashes=hashes)
         return r
     # a failure (or an unusual encoding): the careful verifier says exactly what and where
+    return _verify_spans_carefully(data, spans, header, session_id, first_seq, first_prev_hash)
+
+
+def _verify_spans_carefully(data, spans, header, session_id, first_seq, first_prev_hash) -> ChainResult:
     v = RawChainVerifier(session_id, first_seq, first_prev_hash)
     for s, e in spans:
         if not v.add(b"", (header, data[s:e])):

@@ -205,14 +205,40 @@ def _numbered(sql: str) -> str:
 _counter = iter(range(1, 1 << 62))
 
 
+def _digest_rows(con, tbl: str, batch_size: int = 1_000_000) -> tuple[int, str]:
+    """(rows, SHA-256 of the rows' JSON joined by newlines in ``_ord`` order) of a section table.
+
+    DuckDB renders the JSON lines (in parallel) and hands them over as Arrow string arrays; their
+    byte buffers are hashed in place by hashlib. The same digest as DuckDB's
+    ``sha256(string_agg(to_json(t)::VARCHAR, chr(10) ORDER BY _ord))``, at about a third of the
+    cost for a large section (the single concatenated string is never built)."""
+    import numpy as np
+    import pyarrow as pa
+
+    h = hashlib.sha256()
+    n = 0
+    table = con.execute(f"SELECT CASE WHEN _ord = 1 THEN '' ELSE chr(10) END || to_json(t)::VARCHAR AS j "
+                        f"FROM {tbl} t ORDER BY _ord").to_arrow_table(batch_size)
+    for chunk in table.column(0).chunks:
+        if len(chunk) == 0:
+            continue
+        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+            chunk = chunk.cast(pa.large_string())  # e.g. string_view from a newer DuckDB
+        _, offsets, data = chunk.buffers()
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offs = np.frombuffer(offsets, dtype=width)
+        start, end = int(offs[chunk.offset]), int(offs[chunk.offset + len(chunk)])
+        h.update(memoryview(data)[start:end])
+        n += len(chunk)
+    return n, h.hexdigest()
+
+
 def _section(con, name: str, params: dict, materialize: bool) -> tuple[dict, Table | None]:
     """Build the section natively as a temp table; digest it there; fetch it when asked."""
     tbl = f"_state_{next(_counter)}_{name}"
     con.execute(f"CREATE OR REPLACE TEMP TABLE {tbl} AS {_numbered(_SQL[name].format(ev=EV))}", params)
     try:
-        n, digest = con.execute(
-            f"SELECT count(*), sha256(coalesce(string_agg(to_json(t)::VARCHAR, chr(10) ORDER BY _ord), '')) "
-            f"FROM {tbl} t").fetchone()
+        n, digest = _digest_rows(con, tbl)
         table = None
         if materialize:
             cur = con.execute(f"SELECT * EXCLUDE (_ord) FROM {tbl} ORDER BY _ord")

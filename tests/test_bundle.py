@@ -121,6 +121,59 @@ def test_a_thousand_random_mutations_are_all_caught_and_named(signed_bundle, tmp
     assert set(kinds) == {"flip", "delete", "swap", "insert_copy", "insert_foreign", "truncate"}
 
 
+def _careful_framing(data: bytes) -> tuple[list, int | None]:
+    """Reference framing parse: Avro block by block with the general varint reader."""
+    b = parse_bundle(data[: parse_bundle(data).header.length])  # header only
+    sync, pos, spans = b.header.sync, b.header.length, []
+    while pos < len(data):
+        try:
+            count, p = codec.read_varint(data, pos)
+            size, p = codec.read_varint(data, p)
+        except Exception:
+            return spans, len(spans)
+        if count != 1 or size <= 0 or p + size + 16 > len(data) or data[p + size : p + size + 16] != sync:
+            return spans, len(spans)
+        spans.append((p, p + size))
+        pos = p + size + 16
+    return spans, None
+
+
+def test_framing_fast_path_agrees_with_the_general_parser_on_damaged_and_large_blocks(signed_bundle, tmp_path):
+    out, *_ = signed_bundle
+    data = out.read_bytes()
+    header, blocks = _blocks(data)
+    rng = random.Random(7)
+    cases = [data]
+    for _ in range(400):  # damage where the fast path decides: block count, size varint, sync marker
+        i = rng.randrange(len(blocks))
+        blk = bytearray(blocks[i])
+        pos = rng.choice([0, 1, 2, len(blk) - 1 - rng.randrange(16)])
+        blk[pos] = rng.randrange(256)
+        cases.append(header + b"".join(blocks[:i]) + bytes(blk) + b"".join(blocks[i + 1:]))
+    # events of 100 B .. 20 KiB: one-, two- and three-byte size varints
+    rec_home = tmp_path / "big"
+    from producers.recorder import ProducerIdentity, Recorder
+    from schemas.transport.base import MemorySink
+
+    sink = MemorySink()
+    rec = Recorder(sink, identity=ProducerIdentity("codex", "1.0"), rng=random.Random(3))
+    sess = rec.session(agent="codex", cwd="/w")
+    for k in (10, 3_000, 9_000, 20_000):
+        c = sess.command_started(["echo", "x" * k], "/w")
+        sess.command_finished(c, exit_code=0, duration_ms=1)
+    sess.end("completed")
+    big = rec_home.with_suffix(".avro")
+    write_bundle(big, session_id=sess.session_id, values=sink.values, writer_schema=load_store().current.schema,
+                 checkpoints=[])
+    cases.append(big.read_bytes())
+    for case in cases:
+        b = parse_bundle(case)
+        spans, bad = _careful_framing(case)
+        assert b.spans == spans
+        assert (b.framing_error[0] if b.framing_error else None) == bad
+    assert len(parse_bundle(cases[-1]).spans) == 10 and verify_bundle(big).ok
+
+
 def test_every_header_byte_and_sync_marker_is_covered(signed_bundle, tmp_path):
     out, *_ = signed_bundle
     data = out.read_bytes()
@@ -263,3 +316,20 @@ def test_a_bundle_of_a_writer_schema_this_version_does_not_know_verifies_and_rep
     b = json.loads(run_cli("replay", sid, "--format", "json", env=cli_env(s.home)).stdout)
     assert a["verification"]["status"] == "ok" and a["state_digest"] == b["state_digest"]
     assert a["verification"]["head_hash"] != b["verification"]["head_hash"]
+
+
+def test_the_fast_chain_pass_checks_the_exact_first_prev_hash_and_session(signed_bundle):
+    from replay.chain import verify_spans
+    from schemas.envelope import GENESIS_HASH
+
+    out, *_ = signed_bundle
+    b = parse_bundle(out.read_bytes())
+    hdr = codec.SOE_MAGIC + b.fingerprint
+    assert verify_spans(b.data, b.spans, hdr, first_prev_hash=GENESIS_HASH).ok
+    for odd in ("", GENESIS_HASH[:10], GENESIS_HASH + "0", "f" * 64):
+        r = verify_spans(b.data, b.spans, hdr, first_prev_hash=odd)
+        assert not r.ok and r.first_bad_seq == 0 and r.reason == "chain_mismatch", odd
+    sid = b.session_id
+    for other in (sid[:-1], sid + "x", sid[:-1] + ("0" if sid[-1] != "0" else "1")):
+        r = verify_spans(b.data, b.spans, hdr, session_id=other)
+        assert not r.ok and r.first_bad_seq == 0 and r.reason == "wrong_session", other
