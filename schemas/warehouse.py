@@ -631,13 +631,18 @@ def _canonical_views(store: SchemaStore) -> dict[str, str]:
 
 def _sqlite_wal(path: Path) -> None:
     """A new SQLite catalog in WAL mode, so that readers never block the writer (persistent setting)."""
+    import fcntl
     import sqlite3
 
-    con = sqlite3.connect(path)
-    try:
-        con.execute("PRAGMA journal_mode=WAL")
-    finally:
-        con.close()
+    # Two writers creating the same new catalog at once: switching to WAL in rollback-journal mode
+    # answers "database is locked" without waiting, so they take turns (the flock dies with them).
+    with open(path.with_name(path.name + ".setup-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        con = sqlite3.connect(path, timeout=60)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
 
 
 def open_warehouse(url: str, read_only: bool = False, *, snapshot: int | None = None,
