@@ -4,8 +4,11 @@ Records one session of N events (default 1,000,000) with the real Recorder (comm
 writes and reads, approvals, network attempts), exports it as a bundle, then times what
 `agentledger verify-bundle` + `agentledger replay` do with it:
 
-  verify   header digest, framing, SHA-256 chain over the raw bytes of every event (no decoding)
-  load     native decode of the bundle into the in-memory warehouse table (DuckDB's avro reader)
+  read     the file and its header
+  verify   header digest, block framing, SHA-256 chain over the raw bytes of every event (no
+           decoding), in a forked child process
+  load     meanwhile, native decode of the bundle into the in-memory warehouse table (DuckDB's avro
+           reader, on parts cut at sync markers; the cuts are checked against the child's framing)
   project  the full session state (processes, files, approvals, network, ...) and its digest
 
 Baselines measured in the same run, on the same bytes:
@@ -31,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producers.recorder import ProducerIdentity, Recorder  # noqa: E402
-from replay.bundle import read_bundle, write_bundle  # noqa: E402
+from replay.bundle import write_bundle  # noqa: E402
 from replay.session import replay  # noqa: E402
 from replay.sources import BundleSource  # noqa: E402
 from schemas.contract import load_store  # noqa: E402
@@ -117,8 +120,7 @@ def main() -> None:
 
     # ours: what verify-bundle + replay do, from the file
     t0 = time.perf_counter()
-    b = read_bundle(path)
-    raw = BundleSource(path, b).read()
+    raw = BundleSource(path).read()  # as `agentledger replay FILE` does: the header only, no framing yet
     t_read = time.perf_counter() - t0
     r = replay(raw, store=store)
     t_verify_load = time.perf_counter() - t0 - t_read

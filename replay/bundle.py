@@ -267,8 +267,29 @@ class Bundle:
     data: bytes
     header: BundleHeader
     fingerprint: bytes
-    spans: list[tuple[int, int]] = field(default_factory=list)  # body start, end of each well-formed block
-    framing_error: tuple[int, str] | None = None  # (block index, what is wrong)
+    _spans: list[tuple[int, int]] | None = field(default=None, repr=False)
+    _framing_error: tuple[int, str] | None = field(default=None, repr=False)
+
+    @property
+    def framed(self) -> bool:
+        return self._spans is not None
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """(body start, end) of each well-formed block, framed on first use."""
+        if self._spans is None:
+            self._spans, self._framing_error = frame_blocks(self.data, self.header.length, self.header.sync)
+        return self._spans
+
+    @property
+    def framing_error(self) -> tuple[int, str] | None:
+        """(block index, what is wrong) where the framing stops being sound, or None."""
+        self.spans  # noqa: B018
+        return self._framing_error
+
+    def set_framing(self, spans: list[tuple[int, int]], error: tuple[int, str] | None) -> None:
+        """Framing worked out elsewhere (a verifying child process) over these same bytes."""
+        self._spans, self._framing_error = spans, error
 
     @property
     def session_id(self) -> str:
@@ -299,9 +320,10 @@ class Bundle:
         return keys if isinstance(keys, dict) else {}
 
 
-def parse_bundle(data: bytes, path: Path | None = None) -> Bundle:
-    """Parse header and block framing. Framing problems are recorded (not raised) so that
-    verification can name the seq where they start; a bad header raises `BundleError`."""
+def parse_bundle(data: bytes, path: Path | None = None, *, frame: bool = True) -> Bundle:
+    """Parse header and (unless ``frame`` is False: then on first use) block framing. Framing
+    problems are recorded (not raised) so that verification can name the seq where they start; a
+    bad header raises `BundleError`."""
     header = read_header(data)
     codec_name = header.metadata.get("avro.codec", b"null")
     if codec_name != b"null":
@@ -311,11 +333,17 @@ def parse_bundle(data: bytes, path: Path | None = None) -> Bundle:
     except Exception as exc:  # a damaged schema: fastavro raises several types
         raise BundleError(f"the header's avro.schema is not a valid Avro schema: {exc}") from None
     b = Bundle(path, data, header, fp)
-    sync = header.sync
-    pos = header.length
+    if frame:
+        b.spans  # noqa: B018
+    return b
+
+
+def frame_blocks(data: bytes, pos: int, sync: bytes) -> tuple[list[tuple[int, int]], tuple[int, str] | None]:
+    """The (body start, end) of each one-record block from ``pos`` on, and where the framing stops
+    being sound ((block index, what is wrong), or None)."""
     n = len(data)
     i = 0
-    spans = b.spans
+    spans: list[tuple[int, int]] = []
     append = spans.append
     starts_with = data.startswith
     while pos < n:
@@ -343,34 +371,30 @@ def parse_bundle(data: bytes, path: Path | None = None) -> Bundle:
                 what = f"a block of {count} records (bundles hold one event per block)"
             except BundleError:
                 what = "an unreadable block header"
-            b.framing_error = (i, f"{what} at byte {pos}")
-            return b
+            return spans, (i, f"{what} at byte {pos}")
         try:
             size, p = _varint(data, pos + 1, n)
         except BundleError:
-            b.framing_error = (i, f"the block at byte {pos} is cut short")
-            return b
+            return spans, (i, f"the block at byte {pos} is cut short")
         end = p + size
         if size <= 0 or end + codec.SYNC_LEN > n:
-            b.framing_error = (i, f"the block at byte {pos} claims {size} bytes; the file "
-                                  f"{'ends first' if size > 0 else 'cannot hold that'} (truncated or damaged)")
-            return b
+            return spans, (i, f"the block at byte {pos} claims {size} bytes; the file "
+                              f"{'ends first' if size > 0 else 'cannot hold that'} (truncated or damaged)")
         if data[end : end + codec.SYNC_LEN] != sync:
-            b.framing_error = (i, f"the block at byte {pos} does not end with the file's sync marker (damaged framing)")
-            return b
+            return spans, (i, f"the block at byte {pos} does not end with the file's sync marker (damaged framing)")
         spans.append((p, end))
         pos = end + codec.SYNC_LEN
         i += 1
-    return b
+    return spans, None
 
 
-def read_bundle(path: Path) -> Bundle:
+def read_bundle(path: Path, *, frame: bool = True) -> Bundle:
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BundleError(f"cannot read bundle {path}: {exc}") from exc
-    return parse_bundle(data, path)
+    return parse_bundle(data, path, frame=frame)
 
 
 # --- verifying ----------------------------------------------------------------------------------

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
+from itertools import chain as chain_items
 from dataclasses import dataclass, field
 
 from schemas.contract import SchemaStore, load_store
@@ -19,7 +21,7 @@ from .chain import ChainResult, verify_values
 from .projection import SessionState, project
 from .sources import RawSession
 from .timeline import build_timeline, fetch_events
-from .workset import Workset, WorksetError, load
+from .workset import Workset, WorksetError, cuts_are_block_starts, load, load_unframed_bundle
 
 
 @dataclass
@@ -60,7 +62,7 @@ class Replay:
         self.close()
 
 
-PARALLEL_MIN_EVENTS = 100_000
+PARALLEL_MIN_BYTES = 16 * 1024 * 1024  # a bundle this big is framed and verified in a child process
 
 
 def _try_load(raw: RawSession, store: SchemaStore) -> dict:
@@ -68,6 +70,14 @@ def _try_load(raw: RawSession, store: SchemaStore) -> dict:
         return {"ws": load(raw, store)}
     except WorksetError as exc:
         return {"error": exc}
+
+
+def _try_load_unframed(b, store: SchemaStore) -> dict:
+    try:
+        ws, cuts = load_unframed_bundle(b, store)
+        return {"ws": ws, "cuts": cuts}
+    except Exception:  # damaged bytes: decoded again, framed, by the careful path
+        return {}
 
 
 def _can_fork() -> bool:
@@ -97,35 +107,44 @@ class _SpanHashes(Sequence):
         return self._b.data[e - 64 : e].decode("ascii")
 
 
-def _check_child(bundle, conn) -> None:
+def _check_child(bundle, conn, send_framing: bool) -> None:
     try:
         chk = check_bundle(bundle)
         if chk.chain is not None:
             chk.chain.hashes = []
-        conn.send(chk)
+        framing = None
+        if send_framing:
+            framing = (array("q", chain_items.from_iterable(bundle.spans)), bundle.framing_error)
+        conn.send((chk, framing))
     except BaseException as exc:  # reported to the parent, which re-raises
-        conn.send(exc)
+        conn.send((exc, None))
     finally:
         conn.close()
 
 
 def _check_in_child(bundle, work) -> BundleCheck:
-    """check_bundle(bundle) in a forked child while ``work()`` runs here."""
+    """check_bundle(bundle) in a forked child while ``work()`` runs here. When the bundle was not
+    framed yet, the child frames it and hands the framing back."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_check_child, args=(bundle, child), daemon=True)
+    send_framing = not bundle.framed
+    proc = ctx.Process(target=_check_child, args=(bundle, child, send_framing), daemon=True)
     proc.start()
     child.close()
     try:
         work()
-        res = parent.recv()
+        res, framing = parent.recv()
     finally:
         proc.join()
         parent.close()
     if isinstance(res, BaseException):
         raise res
+    if framing is not None:
+        flat, error = framing
+        it = iter(flat.tolist())
+        bundle.set_framing(list(zip(it, it)), error)
     if res.chain is not None:
         res.chain.hashes = _SpanHashes(bundle, res.chain.verified)
     return res
@@ -145,10 +164,23 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
     keyring = keyring or Keyring()
     bcheck = None
     box: dict = {}
-    if raw.bundle is not None and len(raw.bundle.spans) >= PARALLEL_MIN_EVENTS and _can_fork():
-        # A big bundle: the raw chain is verified in a forked process (pure hashing, no GIL shared)
-        # while this one decodes the events natively; the two take about the same time.
-        bcheck = _check_in_child(raw.bundle, lambda: box.update(_try_load(raw, store)))
+    b = raw.bundle
+    if b is not None and len(b.data) >= PARALLEL_MIN_BYTES and _can_fork():
+        # A big bundle: it is framed and its raw chain verified in a forked process (pure Python
+        # hashing, no GIL shared) while this one decodes the events natively.
+        if not b.framed and b.fingerprint == store.current.fingerprint:
+            # Decoding starts at once, on parts cut at sync markers; once the child's framing is
+            # back, the cuts must be block starts and the rows one per event, else decode again.
+            bcheck = _check_in_child(b, lambda: box.update(_try_load_unframed(b, store)))
+            ws = box.get("ws")
+            if ws is not None and not (b.framing_error is None and ws.events == len(b.spans)
+                                       and cuts_are_block_starts(b, box["cuts"])):
+                ws.close()
+                box = _try_load(raw, store)
+            elif ws is None:
+                box = _try_load(raw, store)
+        else:
+            bcheck = _check_in_child(b, lambda: box.update(_try_load(raw, store)))
         chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
     else:
         if raw.bundle is not None:
@@ -185,7 +217,8 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
     cps = _verify.check_checkpoints(checkpoint_rows(con, raw.session_id), chain, raw.session_id, keyring, embedded)
     v = _verify.build(chain, raw.session_id, checkpoints=cps, ended=ended, gaps=int(gaps), lost_events=int(lost),
                       duplicates_dropped=raw.duplicates_dropped,
-                      source={"kind": raw.source, "where": raw.where, "scanned": raw.scanned})
+                      source={"kind": raw.source, "where": raw.where,
+                              "scanned": len(raw.values) if raw.scanned is None else raw.scanned})
     after = -1 if v.signed_through is None else v.signed_through
     v.unsigned_events = con.execute(
         "SELECT count(*) FROM events WHERE session_id = ? AND seq > ? AND kind NOT IN ('checkpoint', 'session_ended')",
@@ -264,11 +297,11 @@ def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bo
     from .sources import BundleSource
 
     try:
-        b = read_bundle(path)
+        b = read_bundle(path, frame=False)
     except BundleError as exc:
         chk = BundleCheck(False, None, None, 0, None, None, "bad_header", str(exc), header_ok=False)
         return BundleVerification(str(path), False, chk, None, str(exc))
-    big = len(b.spans) >= PARALLEL_MIN_EVENTS
+    big = len(b.data) >= PARALLEL_MIN_BYTES
     if not big:  # cheap: find structural damage before paying for decoding
         chk = check_bundle(b)
         if not chk.ok:

@@ -46,7 +46,7 @@ class RawSession:
     provenance: list[Provenance] = field(default_factory=list)
     writer_schemas: dict[bytes, dict] = field(default_factory=dict)  # fingerprint -> schema (bundles embed theirs)
     duplicates_dropped: int = 0
-    scanned: int = 0  # transport messages examined
+    scanned: int | None = 0  # transport messages examined (None: one per value)
     bundle: object | None = None  # the parsed Bundle, when read from one
 
     def __len__(self) -> int:
@@ -260,9 +260,29 @@ class BundleSource(SessionSource):
     def read(self, session_id: str | None = None) -> RawSession:
         from .bundle import read_bundle
 
-        b = self.bundle or read_bundle(self.path)
+        b = self.bundle or read_bundle(self.path, frame=False)
         sid = b.session_id
         if session_id and session_id != sid:
             raise SessionNotFound(f"{self.path} holds session {sid}, not {session_id}")
-        return RawSession(sid, BundleValues(b), self.name, str(self.path), [Provenance()] * len(b.spans),
-                          writer_schemas={b.fingerprint: b.header.schema}, scanned=len(b.spans), bundle=b)
+        # Nothing here frames the blocks: replay frames and verifies a big bundle in a child process
+        # while this one decodes it.
+        return RawSession(sid, BundleValues(b), self.name, str(self.path), _Repeated(Provenance(), lambda: len(b.spans)),
+                          writer_schemas={b.fingerprint: b.header.schema}, scanned=None, bundle=b)
+
+
+class _Repeated(Sequence):
+    """One item, ``count()`` times (counted when first asked)."""
+
+    def __init__(self, item, count):
+        self._item, self._count = item, count
+
+    def __len__(self) -> int:
+        return self._count()
+
+    def __getitem__(self, i):
+        n = len(self)
+        if isinstance(i, slice):
+            return [self._item] * len(range(*i.indices(n)))
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._item

@@ -86,6 +86,7 @@ def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None
 
 
 CHUNK_EVENTS = 100_000
+CHUNK_BYTES = 32 * 1024 * 1024
 
 
 def _load_bundle(wh: Warehouse, b, fp_hex: str) -> None:
@@ -114,6 +115,59 @@ def _load_bundle(wh: Warehouse, b, fp_hex: str) -> None:
                 f.write(memoryview(b.data)[start:end])
             paths.append(str(path).replace("'", "''"))
         _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", fp_hex, literal=True)
+
+
+def load_unframed_bundle(b, store: SchemaStore | None = None) -> tuple[Workset, list[int]]:
+    """Decode a bundle of the current schema whose blocks have not been framed yet (a child
+    process is framing and verifying them meanwhile): the file is cut into a few parts at sync
+    markers found by plain search, which DuckDB decodes in parallel.
+
+    Returns the workset and the byte offsets where the file was cut. A sync marker can also occur
+    inside an event's bytes, so the caller must check, once the framing is known, that every cut is
+    where a block starts (`cuts_are_block_starts`) and otherwise load the framed bundle instead."""
+    store = store or load_store()
+    wh = new_warehouse(store)
+    try:
+        data, start, sync = b.data, b.header.length, b.header.sync
+        n = len(data)
+        parts = max(2, min(8, (n - start) // CHUNK_BYTES))
+        cuts = []
+        for k in range(1, parts):
+            q = data.find(sync, start + (n - start) * k // parts)
+            if q < 0:
+                break
+            cut = q + codec.SYNC_LEN
+            if cut < n and (not cuts or cut > cuts[-1]):
+                cuts.append(cut)
+        header = data[:start]
+        bounds = [start, *cuts, n]
+        shm = Path("/dev/shm")
+        with tempfile.TemporaryDirectory(prefix="agentledger-replay-", dir=shm if shm.is_dir() else None) as d:
+            paths = []
+            for k in range(len(bounds) - 1):
+                path = Path(d) / f"part-{k}.avro"
+                with open(path, "wb") as f:
+                    f.write(header)
+                    f.write(memoryview(data)[bounds[k]:bounds[k + 1]])
+                paths.append(str(path).replace("'", "''"))
+            _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", store.current.fingerprint_hex, literal=True)
+        events = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
+    except BaseException:
+        wh.close()
+        raise
+    return Workset(wh, b.session_id, events), cuts
+
+
+def cuts_are_block_starts(b, cuts: list[int]) -> bool:
+    """True when each offset is where one of the (now framed) bundle's blocks starts."""
+    from bisect import bisect_left
+
+    spans = b.spans
+    for cut in cuts:
+        j = bisect_left(spans, cut - codec.SYNC_LEN, key=lambda span: span[1])
+        if j >= len(spans) or spans[j][1] != cut - codec.SYNC_LEN:
+            return False
+    return True
 
 
 def _load_values(wh: Warehouse, raw: RawSession, store: SchemaStore) -> None:

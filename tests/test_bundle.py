@@ -12,7 +12,7 @@ import pytest
 from conftest import cli_env, run_cli
 from replay.bundle import BundleError, checkpoint_entry, parse_bundle, write_bundle
 from replay.session import replay, verify_bundle
-from replay.sources import LocalLogSessionSource
+from replay.sources import BundleSource, LocalLogSessionSource
 from schemas import codec, signing
 from schemas.contract import load_store
 from schemas.warehouse import load_extension
@@ -75,43 +75,49 @@ def _expected_first_bad(orig: list[bytes], mutated: list[bytes]) -> int:
     return len(mutated)  # the mutated list is a prefix: the first missing one
 
 
+def _mutate(blocks: list[bytes], rng: random.Random) -> tuple[str, list[bytes], int]:
+    """One random tampering of a bundle's blocks: (kind, mutated blocks, first bad seq)."""
+    n = len(blocks)
+    kind = rng.choice(["flip", "flip", "flip", "delete", "swap", "insert_copy", "insert_foreign", "truncate"])
+    mutated = list(blocks)
+    if kind == "flip":
+        i = rng.randrange(n)
+        blk = bytearray(mutated[i])
+        pos = rng.randrange(len(blk))
+        blk[pos] ^= rng.randrange(1, 256)
+        mutated[i] = bytes(blk)
+    elif kind == "delete":
+        del mutated[rng.randrange(n)]
+    elif kind == "swap":
+        i, j = rng.sample(range(n), 2)
+        mutated[i], mutated[j] = mutated[j], mutated[i]
+    elif kind == "insert_copy":
+        mutated.insert(rng.randrange(n + 1), blocks[rng.randrange(n)])
+    elif kind == "insert_foreign":  # a well-formed event of the same session, but forged
+        j = rng.randrange(n)
+        body = bytearray(blocks[j])
+        body[-20] ^= 1  # inside the hash hex: framing intact, hash wrong
+        mutated.insert(rng.randrange(n + 1), bytes(body))
+    else:
+        mutated = mutated[: rng.randrange(1, n)] if rng.random() < 0.5 else mutated[:-1] + [mutated[-1][:-rng.randrange(1, 30)]]
+    expected = _expected_first_bad(blocks, mutated)
+    if kind == "truncate" and len(mutated) == n:  # last block cut mid-way
+        expected = n - 1
+    return kind, mutated, expected
+
+
 def test_a_thousand_random_mutations_are_all_caught_and_named(signed_bundle, tmp_path):
     out, pub, signer, sid, _ = signed_bundle
     data = out.read_bytes()
     header, blocks = _blocks(data)
     assert header + b"".join(blocks) == data
-    n = len(blocks)
     keyring = signing.Keyring([signer.public_key])
     assert verify_bundle(out, keyring).ok
     rng = random.Random(2024)
     path = tmp_path / "m.avro"
     kinds: dict[str, int] = {}
     for trial in range(1000):
-        kind = rng.choice(["flip", "flip", "flip", "delete", "swap", "insert_copy", "insert_foreign", "truncate"])
-        mutated = list(blocks)
-        if kind == "flip":
-            i = rng.randrange(n)
-            blk = bytearray(mutated[i])
-            pos = rng.randrange(len(blk))
-            blk[pos] ^= rng.randrange(1, 256)
-            mutated[i] = bytes(blk)
-        elif kind == "delete":
-            del mutated[rng.randrange(n)]
-        elif kind == "swap":
-            i, j = rng.sample(range(n), 2)
-            mutated[i], mutated[j] = mutated[j], mutated[i]
-        elif kind == "insert_copy":
-            mutated.insert(rng.randrange(n + 1), blocks[rng.randrange(n)])
-        elif kind == "insert_foreign":  # a well-formed event of the same session, but forged
-            j = rng.randrange(n)
-            body = bytearray(blocks[j])
-            body[-20] ^= 1  # inside the hash hex: framing intact, hash wrong
-            mutated.insert(rng.randrange(n + 1), bytes(body))
-        else:
-            mutated = mutated[: rng.randrange(1, n)] if rng.random() < 0.5 else mutated[:-1] + [mutated[-1][:-rng.randrange(1, 30)]]
-        expected = _expected_first_bad(blocks, mutated)
-        if kind == "truncate" and len(mutated) == n:  # last block cut mid-way
-            expected = n - 1
+        kind, mutated, expected = _mutate(blocks, rng)
         path.write_bytes(header + b"".join(mutated))
         res = verify_bundle(path, keyring)
         assert not res.ok, (trial, kind)
@@ -119,6 +125,102 @@ def test_a_thousand_random_mutations_are_all_caught_and_named(signed_bundle, tmp
         assert f"first bad seq {expected}" in res.problem
         kinds[kind] = kinds.get(kind, 0) + 1
     assert set(kinds) == {"flip", "delete", "swap", "insert_copy", "insert_foreign", "truncate"}
+
+
+def test_big_bundle_path_frames_and_verifies_in_a_child_and_agrees_with_the_serial_path(signed_bundle, tmp_path,
+                                                                                        monkeypatch):
+    """Bundles over PARALLEL_MIN_BYTES are framed and verified in a forked child while the parent
+    decodes parts cut at sync markers: same verdicts, same first bad seq, same state."""
+    import replay.session as S
+
+    out, pub, signer, sid, _ = signed_bundle
+    header, blocks = _blocks(out.read_bytes())
+    keyring = signing.Keyring([signer.public_key])
+    rng = random.Random(99)
+    path = tmp_path / "m.avro"
+    cases = [blocks] + [_mutate(blocks, rng)[1] for _ in range(80)]
+    for trial, mutated in enumerate(cases):
+        path.write_bytes(header + b"".join(mutated))
+        monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 1 << 40)
+        serial = verify_bundle(path, keyring)
+        monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)
+        par = verify_bundle(path, keyring)
+        assert (par.ok, par.first_bad_seq, par.problem) == (serial.ok, serial.first_bad_seq, serial.problem), trial
+    assert verify_bundle(out, keyring).ok  # (still parallel)
+    with replay(BundleSource(out).read(), keyring=keyring) as r:
+        par_state = r.state()
+        assert r.verification.status == "ok" and r.bundle_check.ok and len(r.chain.hashes) == len(blocks)
+        assert r.chain.hashes[-1] == r.chain.head_hash and r.verification.source["scanned"] == len(blocks)
+    monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 1 << 40)
+    with replay(BundleSource(out).read(), keyring=keyring) as r:
+        assert r.state().digest == par_state.digest
+
+
+def test_a_sync_marker_inside_event_bytes_never_changes_what_is_replayed(tmp_path, monkeypatch):
+    """The parallel path cuts the file at sync markers found by search; an event that carries the
+    marker in its own bytes gets a wrong cut, which must be noticed (the decode is redone on the
+    framed blocks), never replayed."""
+    import replay.session as S
+    from replay.bundle import header_digest
+    from replay.workset import cuts_are_block_starts
+    from producers.recorder import ProducerIdentity, Recorder
+    from schemas.transport.base import MemorySink
+
+    marker = b"SYNC-in-an-argv!"
+    sink = MemorySink()
+    rec = Recorder(sink, identity=ProducerIdentity("codex", "1.0"), rng=random.Random(5))
+    sess = rec.session(agent="codex", cwd="/w")
+    for k in range(60):
+        c = sess.command_started(["echo", *([marker.decode()] * 40), str(k)], "/w")
+        sess.command_finished(c, exit_code=0, duration_ms=1)
+    sess.end("completed")
+    honest = tmp_path / "honest.avro"
+    write_bundle(honest, session_id=sess.session_id, values=sink.values, writer_schema=load_store().current.schema,
+                 checkpoints=[])
+    # the same bundle re-framed with the marker as its sync (header digest recomputed: still valid)
+    b = parse_bundle(honest.read_bytes())
+    meta = dict(b.header.metadata)
+    meta["agentledger.header_digest"] = header_digest(meta, marker).encode()
+    body = b"".join(b"\x02" + codec.zigzag_varint(e - s) + b.data[s:e] + marker for s, e in b.spans)
+    crafted = tmp_path / "crafted.avro"
+    crafted.write_bytes(codec.ocf_header(b.header.schema, marker, meta) + body)
+    assert parse_bundle(crafted.read_bytes()).spans and verify_bundle(crafted).ok
+    cb = parse_bundle(crafted.read_bytes())
+    inside = cb.spans[11][0] + 100  # inside a command_started event, whose argv carries the marker
+    assert cb.data.find(marker, cb.spans[11][0]) < cb.spans[11][1] - 16
+    assert not cuts_are_block_starts(cb, [cb.data.find(marker, inside) + 16])
+    assert cuts_are_block_starts(cb, [cb.spans[11][1] + 16])
+    monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 1 << 40)
+    with replay(BundleSource(honest).read()) as r:
+        want = r.state().digest
+    checked, attempts = [], []
+    real_check, real_load = S.cuts_are_block_starts, S.load_unframed_bundle
+
+    def load(bb, store):
+        try:
+            ws, cuts = real_load(bb, store)
+        except Exception as exc:  # DuckDB could not decode a part cut mid-event: also caught
+            attempts.append(type(exc).__name__)
+            raise
+        attempts.append(ws)
+        return ws, cuts
+
+    monkeypatch.setattr(S, "cuts_are_block_starts", lambda bb, cuts: checked.append(real_check(bb, cuts)) or checked[-1])
+    monkeypatch.setattr(S, "load_unframed_bundle", load)
+    monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)
+    with replay(BundleSource(crafted).read()) as r:
+        assert r.verification.status == "ok" and r.workset.events == len(cb.spans)
+        assert r.state().digest == want
+        # the parts cut mid-event failed to decode, or decoded to the wrong rows: either way they were
+        # thrown away (row count, then cut positions, are checked against the child's framing)
+        assert len(attempts) == 1 and r.workset is not attempts[0]
+    # a wrong cut whose parts DuckDB did decode is caught by the framing check and decoded again
+    checked.clear()
+    monkeypatch.setattr(S, "load_unframed_bundle",
+                        lambda bb, store: (real_load(bb, store)[0], [bb.data.find(marker, bb.header.length + 500) + 16]))
+    with replay(BundleSource(honest).read()) as r:  # (honest: its parts decode whatever the cut)
+        assert r.verification.status == "ok" and r.state().digest == want
+    assert checked == [False]
 
 
 def _careful_framing(data: bytes) -> tuple[list, int | None]:
