@@ -206,6 +206,7 @@ def verify_spans(data: bytes, spans: Sequence[tuple[int, int]], header: bytes, *
     """`verify_values` for bodies lying at ``spans`` (start, end) of ``data`` (a bundle or segment),
     each to be prefixed by ``header`` (C3 01 + fingerprint). One tight pass; on the first failure the
     exact reason is worked out by `RawChainVerifier`."""
+    data = bytes(data)  # (no copy when it is bytes already)
     mv = memoryview(data)
     base = hashlib.sha256(header)
     prev = first_prev_hash.encode()
@@ -214,7 +215,7 @@ def verify_spans(data: bytes, spans: Sequence[tuple[int, int]], header: bytes, *
     hashes = []
     append = hashes.append
     tag = _HASH_TAG
-    starts = data.startswith if isinstance(data, bytes) else bytes(data).startswith
+    starts = data.startswith
     copy = base.copy
     if len(prev) != HASH_FIELD_LEN - 2:  # an odd first_prev_hash: the careful verifier says what is wrong
         return _verify_spans_carefully(data, spans, header, session_id, first_seq, first_prev_hash)

@@ -173,11 +173,10 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
             # back, the cuts must be block starts and the rows one per event, else decode again.
             bcheck = _check_in_child(b, lambda: box.update(_try_load_unframed(b, store)))
             ws = box.get("ws")
-            if ws is not None and not (b.framing_error is None and ws.events == len(b.spans)
-                                       and cuts_are_block_starts(b, box["cuts"])):
-                ws.close()
-                box = _try_load(raw, store)
-            elif ws is None:
+            if ws is None or not (b.framing_error is None and ws.events == len(b.spans)
+                                  and cuts_are_block_starts(b, box["cuts"])):
+                if ws is not None:
+                    ws.close()
                 box = _try_load(raw, store)
         else:
             bcheck = _check_in_child(b, lambda: box.update(_try_load(raw, store)))

@@ -91,28 +91,29 @@ CHUNK_BYTES = 32 * 1024 * 1024
 
 def _load_bundle(wh: Warehouse, b, fp_hex: str) -> None:
     """A bundle is already an OCF of the current schema: DuckDB reads it as it is. A big one is cut
-    at block boundaries into a few containers (same header) in a private temporary directory (in
-    memory where /dev/shm exists), which DuckDB decodes in parallel without calling back into Python."""
+    at block boundaries into a few parts (see `_insert_parts`)."""
     n = len(b.spans)
     if n <= CHUNK_EVENTS and b.path is not None:
         _insert_ocf(wh, str(b.path).replace("'", "''"), fp_hex)
         return
     parts = max(2, min(8, n // CHUNK_EVENTS))
-    header = b.data[: b.header.length]
-    bounds = [n * k // parts for k in range(parts + 1)]
+    ends = sorted({n * k // parts for k in range(1, parts + 1)} - {0})  # event index each part ends before
+    _insert_parts(wh, b, [b.header.length] + [b.spans[j - 1][1] + codec.SYNC_LEN for j in ends], fp_hex)
+
+
+def _insert_parts(wh: Warehouse, b, bounds: list[int], fp_hex: str) -> None:
+    """Insert the bundle's bytes ``bounds[k]..bounds[k+1]`` (each a run of whole blocks), each part
+    written as a container with the bundle's header to a private temporary directory (in memory
+    where /dev/shm exists), which DuckDB decodes in parallel without calling back into Python."""
+    header = memoryview(b.data)[: b.header.length]
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory(prefix="agentledger-replay-", dir=shm if shm.is_dir() else None) as d:
         paths = []
-        for k in range(parts):
-            i, j = bounds[k], bounds[k + 1]
-            if i == j:
-                continue
-            start = b.header.length if i == 0 else b.spans[i - 1][1] + codec.SYNC_LEN
-            end = b.spans[j - 1][1] + codec.SYNC_LEN
+        for k in range(len(bounds) - 1):
             path = Path(d) / f"part-{k}.avro"
             with open(path, "wb") as f:
                 f.write(header)
-                f.write(memoryview(b.data)[start:end])
+                f.write(memoryview(b.data)[bounds[k] : bounds[k + 1]])
             paths.append(str(path).replace("'", "''"))
         _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", fp_hex, literal=True)
 
@@ -139,18 +140,7 @@ def load_unframed_bundle(b, store: SchemaStore | None = None) -> tuple[Workset, 
             cut = q + codec.SYNC_LEN
             if cut < n and (not cuts or cut > cuts[-1]):
                 cuts.append(cut)
-        header = data[:start]
-        bounds = [start, *cuts, n]
-        shm = Path("/dev/shm")
-        with tempfile.TemporaryDirectory(prefix="agentledger-replay-", dir=shm if shm.is_dir() else None) as d:
-            paths = []
-            for k in range(len(bounds) - 1):
-                path = Path(d) / f"part-{k}.avro"
-                with open(path, "wb") as f:
-                    f.write(header)
-                    f.write(memoryview(data)[bounds[k]:bounds[k + 1]])
-                paths.append(str(path).replace("'", "''"))
-            _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", store.current.fingerprint_hex, literal=True)
+        _insert_parts(wh, b, [start, *cuts, n], store.current.fingerprint_hex)
         events = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
     except BaseException:
         wh.close()
