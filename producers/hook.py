@@ -42,14 +42,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from schemas.config import Settings
 
-from .importstate import Head
 from .ledger import Observation, SessionAppender, SessionInfo
+from .sinks import recording_mode_from_env
 from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, network_protocol, parse_exec_output,
                         parse_patch, permission_mode_policy, resolve_path, shell_segments, short_digest, simple_commands,
                         urls_in)
@@ -70,11 +70,6 @@ class HookOutcome:
     exit_code: int = 0
     stdout: str = ""
     stderr: str = ""
-    session_id: str | None = None
-    event: str | None = None
-    recorded: int = 0
-    denied: str | None = None
-    timings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -254,7 +249,7 @@ class HookEvent:
         return "permission", f"{self.tool} {text}"[:4000], action_digest(self.tool, text)
 
     # -- per event ------------------------------------------------------------------------
-    def build(self, head: Head, state) -> list[Observation]:
+    def build(self, state) -> list[Observation]:
         e = self.event
         if e in ("PreToolUse", "PermissionRequest"):
             return self._pre(e)
@@ -269,18 +264,21 @@ class HookEvent:
                              call=None)]
         return []
 
-    def _denial(self, v: Verdict) -> list[Observation]:
+    def _approval_request(self) -> tuple[Observation, str, str]:
+        """The approval request of this tool call: (observation, request id, action digest)."""
         rid = self.request_id()
         kind, subject, digest = self.subject()
-        out = [self.obs(f"approval_req:{rid}", "approval_requested",
+        return self.obs(f"approval_req:{rid}", "approval_requested",
                         {"request_id": rid, "action_kind": kind, "subject": subject, "action_digest": digest,
                          "risk": "unknown", "justification": self.tool_input.get("description") or self.tool_input.get("justification"),
-                         "command_id": self.tid if kind == "exec" else None}),
-               self.obs(f"approval:{rid}:decided", "approval_decided",
-                        {"request_id": rid, "decision": "denied", "decided_by": "policy",
-                         "decider": (self.policy.source or self.policy.name) if self.policy else None,
-                         "rule": v.rule or v.reason[:300], "latency_ms": 0, "action_digest": digest})]
-        return out
+                         "command_id": self.tid if kind == "exec" else None}), rid, digest
+
+    def _denial(self, v: Verdict) -> list[Observation]:
+        req, rid, digest = self._approval_request()
+        return [req, self.obs(f"approval:{rid}:decided", "approval_decided",
+                              {"request_id": rid, "decision": "denied", "decided_by": "policy",
+                               "decider": (self.policy.source or self.policy.name) if self.policy else None,
+                               "rule": v.rule or v.reason[:300], "latency_ms": 0, "action_digest": digest})]
 
     def _network_pre(self) -> list[Observation]:
         urls = urls_in(str(self.tool_input.get("url") or ""))
@@ -307,13 +305,7 @@ class HookEvent:
         if v is not None and v.deny:
             return out + self._denial(v)
         if e == "PermissionRequest":
-            rid = self.request_id()
-            kind, subject, digest = self.subject()
-            out.append(self.obs(f"approval_req:{rid}", "approval_requested",
-                                {"request_id": rid, "action_kind": kind, "subject": subject, "action_digest": digest,
-                                 "risk": "unknown",
-                                 "justification": self.tool_input.get("description") or self.tool_input.get("justification"),
-                                 "command_id": self.tid if kind == "exec" else None}))
+            out.append(self._approval_request()[0])
             return out
         if self.tid:
             self.call_change = ("open", {"tool": self.tool})
@@ -429,10 +421,8 @@ def handle(
 ) -> HookOutcome:
     """Record one hook invocation and say what to answer (stdout, stderr, exit code). Fail-closed
     when asked, or when AGENTLEDGER_RECORDING_MODE=fail_closed (the producers' recording mode)."""
-    t0 = time.perf_counter()
     out = HookOutcome()
-    fail_closed = fail_closed or os.environ.get("AGENTLEDGER_RECORDING_MODE", "").strip().lower().replace(
-        "-", "_") == "fail_closed"
+    fail_closed = fail_closed or recording_mode_from_env() == "fail_closed"
     try:
         data = json.loads(raw.decode("utf-8", "replace")) if raw.strip() else None
     except ValueError as exc:
@@ -444,35 +434,29 @@ def handle(
         p = save_reject(settings, raw, err)
         out.exit_code, out.stderr = 1, f"agentledger hook: {err}; input kept in {p}\n"
         return out
-    event = str(data.get("hook_event_name") or data.get("hookEventName") or "")
-    out.event, out.session_id = event, str(data["session_id"])
-    who = _agent(data, agent)
+    hev = HookEvent(data, _agent(data, agent), now_us if now_us is not None else time.time_ns() // 1000, None, None)
+    event = hev.event
     try:
         policy = load_policy(policy_path)
     except Exception as exc:  # a broken policy must not silently allow: say so, and fail closed if asked
-        policy, verdict = None, None
+        policy = None
         out.stderr += f"agentledger hook: policy not loaded: {exc}\n"
         if fail_closed and event in DECISION_EVENTS:
             out.exit_code, out.stdout, extra = _deny_response(event, f"agentledger: policy not loaded: {exc}", deny_style)
             out.stderr += extra
-            out.denied = "policy not loaded"
             return out
-    ti = data.get("tool_input") if isinstance(data.get("tool_input"), dict) else (
-        {"command": data.get("tool_input")} if isinstance(data.get("tool_input"), (str, list)) else {})
-    verdict = evaluate(policy, str(data.get("tool_name") or ""), ti, str(data.get("cwd") or "")) \
-        if policy is not None and event in DECISION_EVENTS else None
-    out.timings["parse_ms"] = (time.perf_counter() - t0) * 1000
-    hev = HookEvent(data, who, now_us if now_us is not None else time.time_ns() // 1000, policy, verdict)
+    hev.policy = policy
+    if policy is not None and event in DECISION_EVENTS:
+        hev.verdict = evaluate(policy, hev.tool, hev.tool_input, hev.cwd)
+    verdict = hev.verdict
     own = appender is None
     try:
         if appender is None:
             sink_options = kafka_options(budget_s) if settings.uses_kafka else {}
             appender = SessionAppender(settings, sink_options=sink_options, lock_timeout_s=budget_s,
                                        flush_timeout_s=budget_s)
-        res = appender.append(hev.sid, [], [hev.info()],
-                              prepare=lambda head: (hev.build(head, appender.state), []),
-                              extra=hev.state_change, start_if_new=True)
-        out.recorded = res.added
+        appender.append(hev.sid, [], [hev.info()], prepare=lambda head: (hev.build(appender.state), []),
+                        extra=hev.state_change, start_if_new=True)
     except Exception as exc:  # recording failed: never silently; the outbox keeps what was sealed
         out.exit_code = 1
         out.stderr += f"agentledger hook: event not recorded durably: {type(exc).__name__}: {exc}\n"
@@ -480,7 +464,6 @@ def handle(
             out.exit_code, out.stdout, extra = _deny_response(
                 event, f"agentledger (fail-closed): this action could not be recorded: {exc}", deny_style)
             out.stderr += extra
-            out.denied = "not recorded"
             return out
     finally:
         if own and appender is not None:
@@ -488,9 +471,7 @@ def handle(
                 appender.close()
             except Exception as exc:
                 out.stderr += f"agentledger hook: closing the transport: {exc}\n"
-    out.timings["total_ms"] = (time.perf_counter() - t0) * 1000
     if verdict is not None and verdict.deny:
-        out.denied = verdict.reason
         code, stdout, stderr = _deny_response(event, verdict.reason, deny_style)
         out.exit_code, out.stdout, out.stderr = code, stdout, out.stderr + stderr
     return out

@@ -394,10 +394,10 @@ def run_import(
                 on_session(res)
         # Every event parsed from these bytes is durable and committed: now advance the offsets.
         rows = []
-        for fr, parser, _ in parsed:
+        for fr, parser, row in parsed:
             ctx = parser.ctx
             rows.append({"path": fr.path, "kind": fr.kind, **parser._file_row, "context": ctx,
-                         "sessions": fr.sessions, "counts": _cumulative(state, fr).as_dict()})
+                         "sessions": fr.sessions, "counts": _cumulative(row, fr).as_dict()})
         state.save_files(rows, rejects)
     finally:
         if own:
@@ -406,8 +406,9 @@ def run_import(
     return report
 
 
-def _cumulative(state: ProducerState, fr: FileReport) -> FileCounts:
-    row = state.file_row(fr.path)
+def _cumulative(row: dict | None, fr: FileReport) -> FileCounts:
+    """The file's counts over every import: those saved with its state row (read before this run
+    parsed it) plus this run's."""
     total = FileCounts.from_dict(row["counts"]) if row and fr.status == "grown" else FileCounts()
     total.pending_tail_bytes = 0  # a tail is pending now or not at all, never cumulative
     total.add(fr.counts)

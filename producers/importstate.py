@@ -157,10 +157,8 @@ class ProducerState:
             return Head(session_id)
         return Head(session_id, row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], True)
 
-    def known_facts(self, session_id: str, facts: Iterable[str] | None = None) -> set[str]:
-        """Which of ``facts`` (all, when None) are already recorded for the session."""
-        if facts is None:
-            return {r[0] for r in self.con.execute("SELECT fact FROM facts WHERE session_id = ?", (session_id,))}
+    def known_facts(self, session_id: str, facts: Iterable[str]) -> set[str]:
+        """Which of ``facts`` are already recorded for the session."""
         wanted = list(dict.fromkeys(facts))
         out: set[str] = set()
         for i in range(0, len(wanted), 500):
@@ -247,14 +245,3 @@ class ProducerState:
                  for r in rows])
             con.executemany("INSERT OR IGNORE INTO rejects VALUES (?, ?, ?, ?, ?, ?)",
                             [(*r, now) for r in rejects])
-
-    def rejects(self, path: str | None = None, limit: int = 100) -> list[dict]:
-        q = "SELECT path, offset, line, reason, excerpt FROM rejects"
-        args: tuple = ()
-        if path:
-            q += " WHERE path = ?"
-            args = (path,)
-        q += " ORDER BY path, offset LIMIT ?"
-        return [{"path": r[0], "offset": r[1], "line": r[2], "reason": r[3],
-                 "excerpt": bytes(r[4] or b"").decode("utf-8", "replace")}
-                for r in self.con.execute(q, (*args, limit))]

@@ -100,7 +100,6 @@ class AppendResult:
     resent: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
-    started: bool = False
     ended: bool = False
     kinds: dict = field(default_factory=dict)
 

@@ -102,10 +102,6 @@ def _epoch_us(x: float) -> int | None:
     return int(x * 1_000_000)
 
 
-def iso(us: int) -> str:
-    return dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
 def duration_ms(value: Any) -> int | None:
     """Codex durations: ``{"secs": s, "nanos": n}`` (Rust Duration), a number of ms, or "1.5s"."""
     if value is None or isinstance(value, bool):

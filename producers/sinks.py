@@ -76,6 +76,12 @@ def _size(text: str) -> int:
         raise ConfigError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
 
 
+def recording_mode_from_env(env: dict[str, str] | None = None) -> str:
+    """AGENTLEDGER_RECORDING_MODE as the producers read it ("" when unset)."""
+    env = os.environ if env is None else env
+    return env.get("AGENTLEDGER_RECORDING_MODE", "").strip().lower().replace("-", "_")
+
+
 @dataclass(frozen=True)
 class ProducerOptions:
     """Producer durability settings (environment variables in brackets).
@@ -105,7 +111,7 @@ class ProducerOptions:
         env = os.environ if env is None else env
         o = cls()
         if env.get("AGENTLEDGER_RECORDING_MODE"):
-            o = replace(o, mode=env["AGENTLEDGER_RECORDING_MODE"].strip().lower().replace("-", "_"))
+            o = replace(o, mode=recording_mode_from_env(env))
         if env.get("AGENTLEDGER_MAX_BLOCK_MS"):
             o = replace(o, max_block_ms=int(env["AGENTLEDGER_MAX_BLOCK_MS"]))
         if env.get("AGENTLEDGER_FLUSH_TIMEOUT_MS"):
