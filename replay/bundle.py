@@ -320,10 +320,10 @@ class Bundle:
         return keys if isinstance(keys, dict) else {}
 
 
-def parse_bundle(data: bytes, path: Path | None = None, *, frame: bool = True) -> Bundle:
-    """Parse header and (unless ``frame`` is False: then on first use) block framing. Framing
-    problems are recorded (not raised) so that verification can name the seq where they start; a
-    bad header raises `BundleError`."""
+def parse_bundle(data: bytes, path: Path | None = None) -> Bundle:
+    """Parse the header (a bad one raises `BundleError`). The blocks are framed on first use of
+    `Bundle.spans`; framing problems are recorded, not raised, so that verification can name the
+    seq where they start."""
     header = read_header(data)
     codec_name = header.metadata.get("avro.codec", b"null")
     if codec_name != b"null":
@@ -332,10 +332,7 @@ def parse_bundle(data: bytes, path: Path | None = None, *, frame: bool = True) -
         fp = codec.fingerprint(header.schema)
     except Exception as exc:  # a damaged schema: fastavro raises several types
         raise BundleError(f"the header's avro.schema is not a valid Avro schema: {exc}") from None
-    b = Bundle(path, data, header, fp)
-    if frame:
-        b.spans  # noqa: B018
-    return b
+    return Bundle(path, data, header, fp)
 
 
 def frame_blocks(data: bytes, pos: int, sync: bytes) -> tuple[list[tuple[int, int]], tuple[int, str] | None]:
@@ -388,13 +385,13 @@ def frame_blocks(data: bytes, pos: int, sync: bytes) -> tuple[list[tuple[int, in
     return spans, None
 
 
-def read_bundle(path: Path, *, frame: bool = True) -> Bundle:
+def read_bundle(path: Path) -> Bundle:
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BundleError(f"cannot read bundle {path}: {exc}") from exc
-    return parse_bundle(data, path, frame=frame)
+    return parse_bundle(data, path)
 
 
 # --- verifying ----------------------------------------------------------------------------------

@@ -157,15 +157,16 @@ def checkpoint_rows(con, session_id: str) -> list[dict]:
 
 
 def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStore | None = None,
-           alerts: list[dict] | None = None) -> Replay:
+           alerts: list[dict] | None = None, bundle_check: BundleCheck | None = None) -> Replay:
     """Verify and load ``raw``. Never raises for bad data: a broken chain or undecodable events are
-    reported in the verification (events after an undecodable one are left out and said so)."""
+    reported in the verification (events after an undecodable one are left out and said so).
+    ``bundle_check``: `check_bundle` of ``raw.bundle`` when the caller has it already."""
     store = store or load_store()
     keyring = keyring or Keyring()
     bcheck = None
     box: dict = {}
     b = raw.bundle
-    if b is not None and len(b.data) >= PARALLEL_MIN_BYTES and _can_fork():
+    if b is not None and bundle_check is None and len(b.data) >= PARALLEL_MIN_BYTES and _can_fork():
         # A big bundle: it is framed and its raw chain verified in a forked process (pure Python
         # hashing, no GIL shared) while this one decodes the events natively.
         if not b.framed and b.fingerprint == store.current.fingerprint:
@@ -183,7 +184,7 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
         chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
     else:
         if raw.bundle is not None:
-            bcheck = check_bundle(raw.bundle)
+            bcheck = bundle_check or check_bundle(raw.bundle)
             chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
         else:
             chain = verify_values(raw.values, session_id=raw.session_id)
@@ -296,18 +297,18 @@ def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bo
     from .sources import BundleSource
 
     try:
-        b = read_bundle(path, frame=False)
+        b = read_bundle(path)
     except BundleError as exc:
         chk = BundleCheck(False, None, None, 0, None, None, "bad_header", str(exc), header_ok=False)
         return BundleVerification(str(path), False, chk, None, str(exc))
-    big = len(b.data) >= PARALLEL_MIN_BYTES
-    if not big:  # cheap: find structural damage before paying for decoding
+    chk = None
+    if len(b.data) < PARALLEL_MIN_BYTES:  # cheap: find structural damage before paying for decoding
         chk = check_bundle(b)
         if not chk.ok:
             where = f"first bad seq {chk.first_bad_seq}: " if chk.first_bad_seq is not None else ""
             return BundleVerification(str(path), False, chk, None, f"{where}{chk.reason}: {chk.detail}")
     raw = BundleSource(path, b).read()
-    with replay(raw, keyring=keyring, store=store) as r:
+    with replay(raw, keyring=keyring, store=store, bundle_check=chk) as r:
         chk = r.bundle_check
         if not chk.ok:
             where = f"first bad seq {chk.first_bad_seq}: " if chk.first_bad_seq is not None else ""

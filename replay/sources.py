@@ -260,29 +260,11 @@ class BundleSource(SessionSource):
     def read(self, session_id: str | None = None) -> RawSession:
         from .bundle import read_bundle
 
-        b = self.bundle or read_bundle(self.path, frame=False)
+        b = self.bundle or read_bundle(self.path)
         sid = b.session_id
         if session_id and session_id != sid:
             raise SessionNotFound(f"{self.path} holds session {sid}, not {session_id}")
         # Nothing here frames the blocks: replay frames and verifies a big bundle in a child process
-        # while this one decodes it.
-        return RawSession(sid, BundleValues(b), self.name, str(self.path), _Repeated(Provenance(), lambda: len(b.spans)),
-                          writer_schemas={b.fingerprint: b.header.schema}, scanned=None, bundle=b)
-
-
-class _Repeated(Sequence):
-    """One item, ``count()`` times (counted when first asked)."""
-
-    def __init__(self, item, count):
-        self._item, self._count = item, count
-
-    def __len__(self) -> int:
-        return self._count()
-
-    def __getitem__(self, i):
-        n = len(self)
-        if isinstance(i, slice):
-            return [self._item] * len(range(*i.indices(n)))
-        if not -n <= i < n:
-            raise IndexError(i)
-        return self._item
+        # while this one decodes it. (A bundle has no transport provenance.)
+        return RawSession(sid, BundleValues(b), self.name, str(self.path), writer_schemas={b.fingerprint: b.header.schema},
+                          scanned=None, bundle=b)

@@ -225,7 +225,7 @@ def test_a_sync_marker_inside_event_bytes_never_changes_what_is_replayed(tmp_pat
 
 def _careful_framing(data: bytes) -> tuple[list, int | None]:
     """Reference framing parse: Avro block by block with the general varint reader."""
-    b = parse_bundle(data, frame=False)  # the header only
+    b = parse_bundle(data)  # the header (blocks are framed on first use)
     sync, pos, spans = b.header.sync, b.header.length, []
     while pos < len(data):
         try:
