@@ -44,8 +44,8 @@ from schemas.transport.base import MemorySink, Sink
 
 from .importstate import Head, ProducerState, Staged
 from .normalize import fact_event_id
-from .recorder import (CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY, ProducerIdentity, Recorder, Transform,
-                       load_signer)
+from .recorder import (CHECKPOINT_EVERY_ENV, CONTROL_KINDS, DEFAULT_CHECKPOINT_EVERY, ProducerIdentity, Recorder,
+                       Transform, load_signer)
 from .sinks import ProducerOptions, open_producer_sink
 
 SESSION_STARTED = "session_started"
@@ -119,7 +119,6 @@ def producer_transforms(settings: Settings) -> list[Transform]:
 
 _UNINFORMATIVE = (None, "", "unknown", [], {})
 _UNSET_DEFAULT = object()
-CONTROL_KINDS = frozenset({"gap", "checkpoint", "session_ended"})
 
 
 def build_session_started(infos: list[SessionInfo], default_agent: str, default_version: str | None) -> dict:

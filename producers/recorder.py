@@ -58,7 +58,7 @@ EXCERPT_BYTES = 2048
 MAX_EVENT_BYTES = 1_000_000
 DEFAULT_CHECKPOINT_EVERY = 1000
 CHECKPOINT_EVERY_ENV = "AGENTLEDGER_CHECKPOINT_EVERY"
-_CONTROL_KINDS = frozenset({"gap", "checkpoint", "session_ended"})
+CONTROL_KINDS = frozenset({"gap", "checkpoint", "session_ended"})  # not counted towards checkpoints
 _DEFAULT = object()
 
 
@@ -315,7 +315,7 @@ class SessionRecorder:
             self._record_gap()
         sealed, truncated = self._seal(kind, payload, occurred_at_us, turn_id, tool_call_id, trace, event_id)
         try:
-            r.publish(self.session_id, sealed, control=kind in _CONTROL_KINDS)
+            r.publish(self.session_id, sealed, control=kind in CONTROL_KINDS)
         except NotDurableError as exc:
             r._lost(exc, self)
             if r.mode == "fail_closed":
@@ -330,7 +330,7 @@ class SessionRecorder:
         for path, lost in truncated:
             self.gap("truncated", f"the event exceeded {r.max_event_bytes} bytes; field cut to fit",
                      field=path, lost_bytes=lost, related_seq=self.seq - 1, occurred_at_us=sealed.record["occurred_at"])
-        if r.checkpoint_every and self._since_checkpoint >= r.checkpoint_every and kind not in _CONTROL_KINDS:
+        if r.checkpoint_every and self._since_checkpoint >= r.checkpoint_every and kind not in CONTROL_KINDS:
             self.checkpoint(final=False, occurred_at_us=sealed.record["occurred_at"])
         return sealed
 

@@ -339,11 +339,8 @@ def session_ids(con, query: str | None) -> list[str] | None:
 def summarize_for_humans(rep: "WhatIfReport | dict") -> list[str]:
     """The report's summary as sentences (the CLI and notebook 03 print these).
 
-    Takes a report, its ``as_dict()`` form, or just its ``summary()`` dict."""
-    if isinstance(rep, WhatIfReport):
-        s = rep.summary()
-    else:
-        s = rep.get("summary", rep)
+    Takes a report or its ``summary()`` dict."""
+    s = rep.summary() if isinstance(rep, WhatIfReport) else rep
     lines = [f"{s['requests']} requests in {s['sessions']} sessions re-decided under policy {s['policy']!r}: "
              f"{s['divergences']} would differ, in {s['sessions_diverging']} sessions."]
     if s["divergences"]:

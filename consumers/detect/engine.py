@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 
 from schemas import alerts as alert_codec
@@ -207,12 +208,13 @@ class Detector:
             t = time.perf_counter()
             heads = con.execute("""SELECT session_id, max(seq), any_value("agent"), any_value("user"),
                                           any_value(machine) FROM detect_events GROUP BY 1""").fetchall()
-            self._explain(cands, {h[0]: h[2:] for h in heads}, {h[0]: h[1] for h in heads})
+            head_seqs = {h[0]: h[1] for h in heads}
+            self._explain(cands, {h[0]: h[2:] for h in heads}, head_seqs)
             res.timings["explain"] = time.perf_counter() - t
             t = time.perf_counter()
             for attempt in range(self.max_retries + 1):
                 try:
-                    written = self._write(sessions, cands, scores, {h[0]: h[1] for h in heads}, rebuild)
+                    written = self._write(sessions, cands, scores, head_seqs, rebuild)
                     break
                 except duckdb.Error as exc:
                     if not is_retryable(exc) or attempt == self.max_retries:
@@ -269,8 +271,7 @@ class Detector:
         t = time.perf_counter()
         ev = F.load_events(self.con)
         feats, evidence = F.session_features(ev, self.model.vocabulary)
-        ended = {r[0] for r in self.con.execute(
-            "SELECT DISTINCT session_id FROM detect_events WHERE kind = 'session_ended'").fetchall()}
+        ended = set(ev.filter(pl.col("kind") == "session_ended")["session_id"].unique().to_list())
         assessed = self.model.assess(feats, evidence, ended)
         res.scored = len(assessed)
         for a in assessed:
