@@ -272,19 +272,44 @@ def _counts(con, params: dict) -> dict:
             "last_at": _iso(span[4]), "by_family": dict(by_family), "by_kind": dict(by_kind)}
 
 
+PARALLEL_MIN_EVENTS = 100_000  # a state this big is projected two sections at a time
+
+
 def project(con, session_id: str, at: int | None = None, *, materialize: bool = True) -> SessionState:
     """The state of ``session_id`` after event ``at`` (all events when None), from ``con``'s
     ``events`` table. Deterministic: equal events give an equal state and digest.
 
     Each section is computed and digested natively (SHA-256 over its rows as JSON lines, in the
     section's order); ``materialize=False`` skips bringing the rows into Python (the digest and
-    counts are the same)."""
+    counts are the same). For a big state, two sections are worked on at once, each on its own
+    cursor of ``con`` (a section has serial stretches: its final sort, hashing its rows), in the
+    biggest-first order; the state is assembled in `SECTIONS` order whatever finishes first."""
     params = {"sid": session_id, "at": MAX_SEQ if at is None else int(at)}
     counts = _counts(con, params)
     state = SessionState(session_id, counts["last_seq"], _session_info(con, params), counts)
+    if counts["events"] >= PARALLEL_MIN_EVENTS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def work(name: str):
+            cur = con.cursor()
+            try:
+                return _section(cur, name, params, materialize)
+            finally:
+                cur.close()
+
+        with ThreadPoolExecutor(2, thread_name_prefix="agentledger-project") as pool:
+            done = {name: pool.submit(work, name) for name in sorted(SECTIONS, key=_SECTION_COST.get, reverse=True)}
+            results = {name: f.result() for name, f in done.items()}
+    else:
+        results = {name: _section(con, name, params, materialize) for name in SECTIONS}
     for name in SECTIONS:
-        state.sections[name], table = _section(con, name, params, materialize)
+        state.sections[name], table = results[name]
         if table is not None:
             state.tables[name] = table
     state.digest = state_digest(state)
     return state
+
+
+# Rough relative cost of each section, for the order they are started in.
+_SECTION_COST = {"processes": 8, "network": 6, "approvals": 4, "destinations": 3, "files": 2, "denials": 1,
+                 "gaps": 1, "checkpoints": 1}

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from schemas.contract import SchemaStore, load_store
 from schemas.signing import Keyring, load_public
 
+from . import native
 from . import verify as _verify
 from .bundle import BundleCheck, check_bundle
 from .chain import ChainResult, verify_values
 from .projection import SessionState, project
 from .sources import RawSession
 from .timeline import build_timeline, fetch_events
-from .workset import Workset, WorksetError, cuts_are_block_starts, load, load_unframed_bundle
+from .workset import Workset, WorksetError, cuts_are_block_starts, load, load_bundle_natively, load_unframed_bundle
 
 
 @dataclass
@@ -150,6 +151,33 @@ def _check_in_child(bundle, work) -> BundleCheck:
     return res
 
 
+def _native_check_and_load(raw: RawSession, store: SchemaStore, box: dict) -> BundleCheck | None:
+    """Decode and check a big unframed bundle with `replay.native` (None when it cannot: the
+    other paths then run). The decoder vouches only for a bundle sound throughout; otherwise the
+    bundle is framed and checked here, which names what is wrong and where. The workset is kept
+    only when it holds one row per framed event; else the framed blocks are decoded again."""
+    b = raw.bundle
+    try:
+        ws, vouched = load_bundle_natively(b, store, verify=True)
+    except Exception:  # not installed properly, or input it cannot read: the other paths decide
+        return None
+    if vouched is not None and vouched.sound:
+        b.set_framing(vouched.spans, None)
+        n = len(vouched.spans)
+        first_seq = b.header.meta_int("first_seq")
+        chain = ChainResult(b.header.meta("session_id"), n, n, first_seq, vouched.head_seq, vouched.head_hash,
+                            hashes=_SpanHashes(b, n))
+        bcheck = check_bundle(b, chain)
+    else:
+        bcheck = check_bundle(b)
+    if b.framing_error is None and ws.events == len(b.spans):
+        box["ws"] = ws
+    else:
+        ws.close()
+        box.update(_try_load(raw, store))
+    return bcheck
+
+
 def checkpoint_rows(con, session_id: str) -> list[dict]:
     cur = con.execute("SELECT seq, checkpoint FROM events WHERE session_id = ? AND kind = 'checkpoint' ORDER BY seq",
                       [session_id])
@@ -166,9 +194,15 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
     bcheck = None
     box: dict = {}
     b = raw.bundle
-    if b is not None and bundle_check is None and len(b.data) >= PARALLEL_MIN_BYTES and _can_fork():
-        # A big bundle: it is framed and its raw chain verified in a forked process (pure Python
-        # hashing, no GIL shared) while this one decodes the events natively.
+    big = b is not None and bundle_check is None and len(b.data) >= PARALLEL_MIN_BYTES
+    if big and not b.framed and b.fingerprint == store.current.fingerprint and native.decoder() is not None:
+        # The native decoder decodes, frames and checks the chain in one process, on two threads.
+        bcheck = _native_check_and_load(raw, store, box)
+    if bcheck is not None:
+        chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+    elif big and _can_fork():
+        # A big bundle without the native decoder: it is framed and its raw chain verified in a
+        # forked process (pure Python hashing, no GIL shared) while this one has DuckDB decode it.
         if not b.framed and b.fingerprint == store.current.fingerprint:
             # Decoding starts at once, on parts cut at sync markers; once the child's framing is
             # back, the cuts must be block starts and the rows one per event, else decode again.

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
+import pyarrow.ipc as ipc
 
 from schemas import codec
 from schemas.contract import SchemaStore, load_store
 from schemas.errors import AgentLedgerError, DecodeError
 from schemas.warehouse import Warehouse
 
+from . import native
 from .sources import RawSession
 
 
@@ -89,9 +92,19 @@ CHUNK_EVENTS = 100_000
 CHUNK_BYTES = 32 * 1024 * 1024
 
 
+NATIVE_MIN_BYTES = 4 * 1024 * 1024  # a bundle this big is decoded by the native decoder when installed
+
+
 def _load_bundle(wh: Warehouse, b, fp_hex: str) -> None:
-    """A bundle is already an OCF of the current schema: DuckDB reads it as it is. A big one is cut
-    at block boundaries into a few parts (see `_insert_parts`)."""
+    """A bundle is already an OCF of the current schema: the native decoder reads a big one when
+    it is installed (`load_bundle_natively`); otherwise DuckDB reads it as it is, a big one cut at
+    block boundaries into a few parts (see `_insert_parts`)."""
+    if len(b.data) >= NATIVE_MIN_BYTES and native.decoder() is not None:
+        try:
+            _insert_native(wh, b)
+            return
+        except native.NativeDecodeError:  # the workset is unchanged: DuckDB's reader below
+            pass
     n = len(b.spans)
     if n <= CHUNK_EVENTS and b.path is not None:
         _insert_ocf(wh, str(b.path).replace("'", "''"), fp_hex)
@@ -116,6 +129,52 @@ def _insert_parts(wh: Warehouse, b, bounds: list[int], fp_hex: str) -> None:
                 f.write(memoryview(b.data)[bounds[k] : bounds[k + 1]])
             paths.append(str(path).replace("'", "''"))
         _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", fp_hex, literal=True)
+
+
+def _insert_native(wh: Warehouse, b, verify: bool = False) -> "native.Vouched | None":
+    """Decode the bundle's bytes with `replay.native` and make ``events`` a view over one table per
+    kind (`Warehouse.events_by_kind`); with ``verify``, the decoder also frames the blocks and
+    checks the chain, and what it found is returned. Raises `native.NativeDecodeError`."""
+    registered: list[str] = []
+
+    def relations(run: native.Decoding):
+        for branch, path in run.kinds():
+            with pa.memory_map(str(path)) as src:
+                table = ipc.open_file(src).read_all()
+            name = f"_native_kind_{branch}"
+            wh.con.register(name, table)
+            registered.append(name)
+            yield branch, name
+
+    with native.scratch_dir() as d, native.Decoding(b.data, b.header.schema, d, bundle=b if verify else None) as run:
+        try:
+            wh.events_by_kind(relations(run), b.fingerprint.hex())
+            out = run.result()
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise native.NativeDecodeError(f"cannot read the decoder's output: {exc}") from exc
+        except Exception as exc:  # e.g. a DuckDB conversion error: the other reader is tried instead
+            if "duckdb" not in type(exc).__module__:
+                raise
+            raise native.NativeDecodeError(f"cannot load the decoder's output: {str(exc).splitlines()[0]}") from exc
+        finally:
+            for name in registered:
+                wh.con.unregister(name)
+    return out.vouched
+
+
+def load_bundle_natively(b, store: SchemaStore | None = None, *, verify: bool = False) -> tuple[Workset, "native.Vouched | None"]:
+    """Decode a bundle of the current schema with the native decoder before its blocks are framed
+    here; with ``verify`` the decoder frames them and checks the chain too (see `native.Vouched`).
+    The caller must make sure the workset holds one row per framed event. Raises
+    `native.NativeDecodeError`."""
+    wh = new_warehouse(store or load_store())
+    try:
+        vouched = _insert_native(wh, b, verify)
+        events = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
+    except BaseException:
+        wh.close()
+        raise
+    return Workset(wh, b.session_id, events), vouched
 
 
 def load_unframed_bundle(b, store: SchemaStore | None = None) -> tuple[Workset, list[int]]:

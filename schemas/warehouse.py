@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import duckdb
@@ -527,6 +528,61 @@ class Warehouse:
                     "INSERT INTO schema_versions VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
                     [v.fingerprint_hex, v.subject, v.label, json.dumps(v.schema)],
                 )
+
+    def events_by_kind(self, sources: Iterable[tuple[int, str]], fingerprint_hex: str) -> None:
+        """Make ``events`` a view over one table per event kind (a replay workset's fast load).
+
+        ``sources`` yields (branch, relation) pairs (each used as soon as it is yielded): the
+        relation holds the events of payload union branch ``branch`` of the *current* schema: its top-level fields except ``payload``, then ``payload`` as that
+        kind's record (what `replay.native` decodes). Each becomes a table of that kind's rows only,
+        and ``events`` a UNION ALL view of them with exactly the table's columns and types, so
+        every query reads the same. Building the one wide table instead writes a null struct per
+        kind per event, which costs more than decoding. Only for an in-memory workset: nothing can
+        be inserted into ``events`` afterwards. All or nothing: on an error nothing has changed."""
+        if self.url != ":memory:":
+            raise WarehouseError("events_by_kind is for in-memory replay worksets only")
+        self.con.execute("BEGIN")
+        try:
+            self._events_by_kind(sources, fingerprint_hex)
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def _events_by_kind(self, sources: Iterable[tuple[int, str]], fingerprint_hex: str) -> None:
+        cols = event_columns(self.store)
+        kinds = {k.index: k for k in self.store.kinds}
+        provenance = {name for name, _ in PROVENANCE_COLUMNS}
+        payload_cols = {k.column for k in self.store.kinds}
+        branches = []
+        for branch, rel in sources:
+            k = kinds.get(branch)
+            if k is None:
+                raise WarehouseError(f"payload branch {branch} is not a kind of the current schema")
+            table = _q(f"events_{k.kind}")
+            stored = [c for c in cols if c.name not in payload_cols and c.name not in ("family", "kind")
+                      and c.name not in provenance]
+            exprs = [f"{c.source} AS {_q(c.name)}" for c in stored]
+            exprs.append(f"s.payload::{next(c.type for c in cols if c.name == k.column)} AS {_q(k.column)}")
+            self.con.execute(f"CREATE TABLE {table} AS SELECT {', '.join(exprs)} FROM {rel} s")
+            sel = []
+            for c in cols:
+                if c.name == "family":
+                    e = f"'{k.family}'"
+                elif c.name == "kind":
+                    e = f"'{k.kind}'"
+                elif c.name == "schema_fingerprint":
+                    e = f"'{fingerprint_hex}'"
+                elif c.name in provenance or (c.name in payload_cols and c.name != k.column):
+                    e = f"NULL::{c.type}"
+                else:
+                    e = _q(c.name)
+                sel.append(f"{e} AS {_q(c.name)}")
+            branches.append(f"SELECT {', '.join(sel)} FROM {table}")
+        if not branches:
+            return
+        self.con.execute("DROP TABLE events")
+        self.con.execute("CREATE VIEW events AS\n" + "\nUNION ALL\n".join(branches))
 
     def insert_select_sql(self, source_sql: str) -> str:
         """INSERT of events from a relation shaped like read_avro() of the *current* schema plus

@@ -129,9 +129,12 @@ def test_a_thousand_random_mutations_are_all_caught_and_named(signed_bundle, tmp
 
 def test_big_bundle_path_frames_and_verifies_in_a_child_and_agrees_with_the_serial_path(signed_bundle, tmp_path,
                                                                                         monkeypatch):
-    """Bundles over PARALLEL_MIN_BYTES are framed and verified in a forked child while the parent
-    decodes parts cut at sync markers: same verdicts, same first bad seq, same state."""
+    """Without the native decoder, bundles over PARALLEL_MIN_BYTES are framed and verified in a
+    forked child while the parent decodes parts cut at sync markers: same verdicts, same first bad
+    seq, same state. (The native path is held to the same in test_native.py.)"""
     import replay.session as S
+
+    monkeypatch.setenv("AGENTLEDGER_AVRO2ARROW", "off")
 
     out, pub, signer, sid, _ = signed_bundle
     header, blocks = _blocks(out.read_bytes())
@@ -166,6 +169,7 @@ def test_a_sync_marker_inside_event_bytes_never_changes_what_is_replayed(tmp_pat
     from producers.recorder import ProducerIdentity, Recorder
     from schemas.transport.base import MemorySink
 
+    monkeypatch.setenv("AGENTLEDGER_AVRO2ARROW", "off")  # (the native decoder cuts nothing: it reads block by block)
     marker = b"SYNC-in-an-argv!"
     sink = MemorySink()
     rec = Recorder(sink, identity=ProducerIdentity("codex", "1.0"), rng=random.Random(5))

@@ -1,0 +1,228 @@
+"""The native bundle decoder (native/avro2arrow, run by replay/native.py): it must decode exactly
+what DuckDB's avro reader decodes, vouch for a chain only when agentledger's own verifier accepts
+it, and never be needed: without it (or when it fails) replay gives the same answers.
+
+scripts/test builds it (AGENTLEDGER_NATIVE=require); a machine without it fails the first test
+here loudly rather than skipping the rest."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+from pathlib import Path
+
+import pytest
+
+import replay.session as S
+from producers.recorder import ProducerIdentity, Recorder
+from producers.redact import Redactor
+from replay import native
+from replay.bundle import check_bundle, checkpoint_entry, parse_bundle, write_bundle
+from replay.session import replay, verify_bundle
+from replay.sources import BundleSource
+from replay.workset import load, load_bundle_natively
+from schemas import signing
+from schemas.contract import load_store
+from schemas.transport.base import MemorySink
+from test_bundle import _blocks, _mutate
+
+
+def test_the_native_decoder_is_installed_and_runs():
+    exe = native.decoder()
+    assert exe is not None, "agentledger-avro2arrow is missing: run scripts/bootstrap with cargo installed"
+    assert os.access(exe, os.X_OK)
+
+
+def _every_kind_session(n_rounds: int = 40, seed: int = 3) -> tuple[str, list[bytes]]:
+    """A session with every event kind, nulls and non-nulls, nested records, lists, timestamps
+    inside payloads, signatures (bytes), redactions and non-ASCII text."""
+    rng = random.Random(seed)
+    t = [1_767_225_600_000_000]
+
+    def clock() -> int:
+        t[0] += rng.randint(1, 900_000)
+        return t[0]
+
+    sink = MemorySink()
+    rec = Recorder(sink, identity=ProducerIdentity("codex", "0.63.0", "devbox-ü", "dév"), clock=clock, rng=rng,
+                   transforms=[Redactor(b"k" * 32)], signer=signing.generate(), checkpoint_every=25)
+    s = rec.session(agent="codex", cwd="/w", model="gpt-5.1-codex", sandbox_mode="workspace_write",
+                    writable_roots=["/w", "/tmp"], approval_policy="on_request",
+                    network_policy={"mode": "allowlist", "allowed_domains": ["pypi.org"], "denied_domains": []},
+                    git={"commit": "a" * 40, "branch": "main", "repository_url": None})
+    for i in range(n_rounds):
+        c = s.command_started(["bash", "-lc", f"echo héllo {i} && pytest -q", ""], "/w", escalated=i % 7 == 0,
+                              env_names=["PATH", "HOME"] if i % 2 else [], pid=1000 + i,
+                              parent_command_id=None if i % 3 else "c-parent", turn_id=f"t{i}",
+                              tool_call_id=f"call_{i}")
+        s.command_finished(c, exit_code=None if i % 11 == 5 else i % 3, duration_ms=rng.randint(0, 10_000),
+                           stdout="token ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8" if i == 4 else f"{i} passed ✓",
+                           stderr="" if i % 2 else "warn")
+        s.file_accessed(f"/w/src/m{i % 9}.py", ["read", "write", "create", "rename", "delete", "chmod"][i % 6],
+                        new_path="/w/src/renamed.py" if i % 6 == 3 else None, digest_after=f"{i:064x}",
+                        size_after=i * 10, mode=0o644 if i % 6 == 5 else None, inside_workspace=i % 5 != 0)
+        if i % 4 == 0:
+            s.sandbox_denied("file_write", f"/etc/x{i}", "outside writable roots", command_id=c, inferred=i % 8 == 0)
+        req = s.approval_requested("exec", f"make deploy {i}", f"{i:064x}", risk="high" if i % 2 else "low",
+                                   justification=None if i % 3 else "needed", command_id=c)
+        if i % 5:
+            s.approval_decided(req, "approved" if i % 2 else "denied", "user", latency_ms=rng.randint(1, 5000),
+                               decider="dana", action_digest=f"{i:064x}")
+        a = s.network_attempted("pypi.org" if i % 2 else "203.0.113.9", 443, "https", method="GET",
+                                url=f"https://pypi.org/simple/p{i}/", command_id=c)
+        s.network_decided(a, "allow" if i % 2 else "deny", rule="r1", reason="policy", policy_source="test")
+        if i % 2:
+            s.network_completed(a, "ok", status=200, bytes_in=1000 + i, bytes_out=200, duration_ms=12,
+                                response_digest=f"{i:064x}")
+        if i == 17:
+            s.gap("dropped", "test gap", lost_events=3, lost_bytes=1200, first_lost_at=t[0] - 5000,
+                  last_lost_at=t[0] - 10, related_seq=s.seq - 1)
+    s.end("completed", reason="done")
+    return s.session_id, sink.values
+
+
+@pytest.fixture(scope="module")
+def every_kind_bundle(tmp_path_factory) -> Path:
+    sid, values = _every_kind_session()
+    store = load_store()
+    path = tmp_path_factory.mktemp("native") / "every-kind.avro"
+    cps = []
+    for v in values:
+        ev = store.decode(v)
+        kind, payload = ev["payload"]
+        if kind.endswith("Checkpoint"):
+            cps.append(checkpoint_entry(ev["seq"], payload))
+    assert len(cps) >= 2
+    write_bundle(path, session_id=sid, values=values, writer_schema=store.current.schema, checkpoints=cps)
+    return path
+
+
+def test_native_decoding_equals_duckdbs_reader_row_for_row(every_kind_bundle, monkeypatch):
+    store = load_store()
+    b = parse_bundle(every_kind_bundle.read_bytes())
+    kinds_used = {k.kind for k in store.kinds}
+    with load_bundle_natively(b, store)[0] as nat:
+        monkeypatch.setenv(native.ENV, "off")
+        with load(BundleSource(every_kind_bundle).read(), store) as ref:
+            assert ref.con.execute("SELECT count(DISTINCT kind) FROM events").fetchone()[0] == len(kinds_used)
+            assert nat.events == ref.events == len(b.spans)
+            columns = "SELECT column_name, column_type FROM (DESCRIBE events)"
+            assert nat.con.execute(columns).fetchall() == ref.con.execute(columns).fetchall()
+            theirs = ref.con.execute("SELECT * FROM events ORDER BY seq").to_arrow_table()
+            nat.con.register("theirs", theirs)
+            for a, b_ in (("events", "theirs"), ("theirs", "events")):
+                diff = nat.con.execute(f"SELECT count(*) FROM (SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b_})").fetchone()
+                assert diff == (0,), (a, b_)
+            # the values that matter most to an auditor, spelled out
+            row = nat.con.execute("SELECT event_id, occurred_at, gap.first_lost_at, redactions FROM events "
+                                  "WHERE kind = 'gap'").fetchone()
+            assert len(row[0]) == 36 and row[2] is not None and row[2] < row[1]
+            assert nat.con.execute("SELECT count(*) FROM events WHERE len(redactions) > 0").fetchone()[0] >= 1
+            assert nat.con.execute("SELECT count(*) FROM events WHERE kind = 'checkpoint' "
+                                   "AND octet_length(checkpoint.signature) = 64").fetchone()[0] >= 2
+
+
+def test_native_verifier_vouches_only_for_what_agentledgers_verifier_accepts(every_kind_bundle, tmp_path):
+    """Differential: on the intact bundle and on 300 random tamperings (flipped bytes, deleted,
+    swapped, inserted, forged and truncated events), the decoder vouches for the chain exactly when
+    `check_bundle` finds it sound, and then its framing is the framing."""
+    header, blocks = _blocks(every_kind_bundle.read_bytes())
+    rng = random.Random(7)
+    cases = [("intact", blocks)] + [_mutate(blocks, rng)[:2] for _ in range(300)]
+    vouched_for = 0
+    for trial, (kind, mutated) in enumerate(cases):
+        b = parse_bundle(header + b"".join(mutated))
+        with native.scratch_dir() as d:
+            try:
+                with native.Decoding(b.data, b.header.schema, d, bundle=b) as run:
+                    v = run.result().vouched
+            except native.NativeDecodeError:
+                v = None  # it could not decode this: replay then does not ask it
+        pb = parse_bundle(b.data)
+        ref = check_bundle(pb)
+        chain_sound = ref.chain is not None and ref.chain.ok and pb.framing_error is None
+        if v is not None:
+            assert v.sound == chain_sound, (trial, kind, ref.reason)
+            if v.framing_ok:
+                assert list(v.spans) == pb.spans, (trial, kind)
+            if v.sound:  # the count and head are still checked, here: same verdict as without it
+                assert (v.head_seq, v.head_hash) == (ref.chain.head_seq, ref.chain.head_hash)
+                again = parse_bundle(b.data)
+                again.set_framing(list(v.spans), None)
+                with_native = check_bundle(again, ref.chain)
+                assert (with_native.ok, with_native.first_bad_seq, with_native.reason) == (ref.ok, ref.first_bad_seq,
+                                                                                          ref.reason)
+        else:
+            assert not chain_sound, (trial, kind)
+        vouched_for += bool(v is not None and v.sound)
+    assert vouched_for >= 2 and vouched_for < len(cases) / 2
+
+
+def test_big_bundle_replay_gives_the_same_verdicts_and_state_with_and_without_the_native_decoder(
+        every_kind_bundle, tmp_path, monkeypatch):
+    header, blocks = _blocks(every_kind_bundle.read_bytes())
+    rng = random.Random(11)
+    path = tmp_path / "m.avro"
+    cases = [blocks] + [_mutate(blocks, rng)[1] for _ in range(40)]
+    monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)  # every bundle takes the big-bundle path
+    used = []
+    real = S._native_check_and_load
+    monkeypatch.setattr(S, "_native_check_and_load", lambda *a: used.append(1) or real(*a))
+    for trial, mutated in enumerate(cases):
+        path.write_bytes(header + b"".join(mutated))
+        got = []
+        for mode in (None, "off"):
+            if mode is None:
+                monkeypatch.delenv(native.ENV, raising=False)
+            else:
+                monkeypatch.setenv(native.ENV, mode)
+            with replay(BundleSource(path).read()) as r:
+                st = r.state()
+                got.append((r.verification.status, r.bundle_check.ok, r.bundle_check.first_bad_seq,
+                            r.bundle_check.reason, r.chain.verified, r.chain.head_hash, r.workset.events,
+                            st.digest, r.decode_note, r.verification.as_dict() if hasattr(r.verification, "as_dict") else None))
+        assert got[0] == got[1], trial
+    assert len(used) == len(cases)  # (the native path was taken each time it was allowed)
+    monkeypatch.delenv(native.ENV, raising=False)
+    res = verify_bundle(every_kind_bundle)
+    assert res.ok, res.problem
+
+
+def _fake_decoder(tmp_path: Path, script: str) -> Path:
+    exe = tmp_path / "fake-avro2arrow"
+    exe.write_text("#!/bin/sh\n" + script + "\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return exe
+
+
+@pytest.mark.parametrize("script", [
+    "echo 'agentledger-avro2arrow: boom' >&2; exit 2",  # fails
+    "echo '{\"kind\": 4, \"rows\": 1}'; echo 'not json'",  # prints nonsense
+    "exit 0",  # says nothing at all
+])
+def test_a_missing_or_broken_decoder_changes_nothing_but_speed(every_kind_bundle, tmp_path, monkeypatch, script):
+    monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.delenv(native.ENV, raising=False)
+    with replay(BundleSource(every_kind_bundle).read()) as r:
+        want = (r.verification.status, r.state().digest, r.workset.events)
+    assert want[0] == "ok"
+    monkeypatch.setenv(native.ENV, str(_fake_decoder(tmp_path, script)))
+    with replay(BundleSource(every_kind_bundle).read()) as r:
+        assert (r.verification.status, r.state().digest, r.workset.events) == want
+    monkeypatch.setenv(native.ENV, str(tmp_path / "does-not-exist"))
+    assert native.decoder() is None
+    with replay(BundleSource(every_kind_bundle).read()) as r:
+        assert (r.verification.status, r.state().digest, r.workset.events) == want
+
+
+def test_the_decoder_reads_a_private_copy_not_the_file_on_disk(every_kind_bundle, tmp_path, monkeypatch):
+    """What is decoded is what was read and verified: rewriting the file afterwards changes nothing."""
+    path = tmp_path / "b.avro"
+    path.write_bytes(every_kind_bundle.read_bytes())
+    raw = BundleSource(path).read()
+    path.write_bytes(b"\0" * len(raw.bundle.data))
+    monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.delenv(native.ENV, raising=False)
+    with replay(raw) as r:
+        assert r.verification.status == "ok" and r.workset.events == len(raw.bundle.spans)
