@@ -51,8 +51,7 @@ from schemas.config import Settings
 from .ledger import Observation, SessionAppender, SessionInfo
 from .sinks import recording_mode_from_env
 from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, network_protocol, parse_exec_output,
-                        parse_patch, permission_mode_policy, resolve_path, shell_segments, short_digest, simple_commands,
-                        urls_in)
+                        parse_patch, permission_mode_policy, resolve_path, short_digest, urls_in)
 from .recorder import action_digest, output_digest
 
 SOURCE = "hook"
@@ -118,14 +117,9 @@ def evaluate(policy, tool: str, tool_input: dict, cwd: str) -> Verdict | None:
             return None
         argv, shell = parsed
         escalated = str(tool_input.get("sandbox_permissions") or "") == "require_escalated"
-        for seg in (shell_segments(shell) if shell else simple_commands(argv)):
-            d = policy.evaluate_command(seg, escalated=escalated)
-            if d.action == "forbidden":
-                return Verdict(True, f"agentledger policy {name}: {' '.join(seg)[:200]}: {d.reason}", d.rule)
-        for scheme, host, port in urls_in(shell or " ".join(argv)):
-            d = policy.evaluate_network(host, port, network_protocol(scheme, port))
-            if d.action == "deny":
-                return Verdict(True, f"agentledger policy {name}: network to {host}:{port}: {d.reason}", d.rule)
+        d = policy.evaluate_shell_call(argv, shell, escalated=escalated)  # (what-if re-decides it the same way)
+        if d.action == "forbidden":
+            return Verdict(True, f"agentledger policy {name}: {d.subject}: {d.reason}", d.rule)
         return None
     if tool in PATCH_TOOLS:
         patch = str(tool_input.get("command") or tool_input.get("input") or "")

@@ -16,6 +16,8 @@ import shlex
 from typing import Any, Iterable
 
 from schemas.envelope import uuid7
+# (the policy engine and the producers share how commands and URLs are read: they live in the core)
+from schemas.policy import SHELLS, network_protocol, shell_segments, simple_commands, urls_in  # noqa: F401
 
 # -- identifiers ------------------------------------------------------------------------------
 
@@ -315,19 +317,6 @@ def network_decision(value: Any) -> str:
     return "unknown"
 
 
-def network_protocol(value: Any, port: int | None = None) -> str:
-    a = str(value or "").lower().replace("-", "_")
-    if a in ("https", "https_connect", "connect", "tls"):
-        return "https"
-    if a in ("http", "socks5_tcp", "socks5_udp", "tcp", "udp", "dns", "ssh", "git"):
-        return a
-    if port == 443:
-        return "https"
-    if port == 80:
-        return "http"
-    return "unknown"
-
-
 # -- commands ---------------------------------------------------------------------------------
 
 def split_shell(command: str) -> list[str]:
@@ -349,53 +338,6 @@ def command_argv(cmd: Any) -> tuple[list[str], str | None] | None:
     if isinstance(cmd, str) and cmd.strip():
         return split_shell(cmd), cmd
     return None
-
-
-SHELLS = {"bash", "sh", "zsh", "dash", "fish", "ksh", "pwsh", "powershell", "powershell.exe", "cmd.exe"}
-
-
-def simple_commands(argv: list[str]) -> list[list[str]]:
-    """The simple commands inside an argv: unwraps ``bash -lc "a && b | c"`` and splits the string on
-    shell operators, so a policy sees every program a compound command runs."""
-    if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] in ("-c", "-lc", "-ic"):
-        return shell_segments(argv[2])
-    return [argv]
-
-
-def shell_segments(command: str) -> list[list[str]]:
-    try:
-        lex = shlex.shlex(command, posix=True, punctuation_chars=";&|()")
-        lex.whitespace_split = True
-        tokens = list(lex)
-    except ValueError:
-        tokens = command.split()
-    out, cur = [], []
-    for t in tokens:
-        if t and set(t) <= set(";&|()"):
-            if cur:
-                out.append(cur)
-            cur = []
-        else:
-            cur.append(t)
-    if cur:
-        out.append(cur)
-    result = []
-    for seg in out:
-        result.extend(simple_commands(seg) if len(seg) >= 3 else [seg])
-    return result or [[command]]
-
-
-_URL = re.compile(r"\b(https?|ftp|ssh|git|wss?)://(?:[^\s/@'\"]+@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-_]+)(?::(\d{1,5}))?")
-
-
-def urls_in(text: str) -> list[tuple[str, str, int]]:
-    """(scheme, host, port) of every URL in a command line."""
-    out = []
-    for m in _URL.finditer(text or ""):
-        scheme, host, port = m.group(1).lower(), m.group(2), m.group(3)
-        default = {"https": 443, "wss": 443, "http": 80, "ws": 80, "ftp": 21, "ssh": 22, "git": 9418}.get(scheme, 0)
-        out.append((scheme, host.strip("[]"), int(port) if port else default))
-    return out
 
 
 _EXIT = [re.compile(p, re.I | re.M) for p in (r"^\s*exit code:?\s*(-?\d+)", r"process exited with code\s*(-?\d+)",

@@ -8,9 +8,13 @@ conventions this relies on):
 * command -- every command the agent asked to run has a command_started (argv, escalated) and,
   when it did not run, a command_finished with status ``declined``. Recorded: an approval request
   linked by command_id means ``prompt`` (or, decided by ``policy``: ``allow`` / ``forbidden``);
-  none means ``allow``, or ``forbidden`` when it was declined. New: `Policy.evaluate_command`.
+  none means ``allow``, or ``forbidden`` when it was declined. New: `Policy.evaluate_command`
+  (every simple command of a shell wrapper), or, for commands `agentledger hook` recorded,
+  `Policy.evaluate_shell_call`: what the hook enforces (also URLs to denied destinations).
 * approval request about no recorded command (action ``exec``) -- recorded ``prompt`` (or the
-  policy's decision); new: the subject parsed as a command line, evaluated as escalated.
+  policy's decision); new: the subject parsed as a command line, evaluated as escalated; a request
+  the hook's policy refused is re-decided as the hook decides (escalated only when the escalation
+  rule refused it).
 * file write (write, create, delete, chmod, rename) -- recorded ``allow``; sandbox denial of a
   write -- recorded ``deny``; new: `Policy.evaluate_write` with the session's cwd as $WORKSPACE.
 * file read -- recorded ``allow``; sandbox denial of a read -- ``deny``; new: `Policy.evaluate_read`.
@@ -179,16 +183,16 @@ def _collect(con, ev: str) -> tuple[list[Request], dict[str, dict]]:
         out.append(Request(sid, seq, "network", f"{(method or '').upper()} {proto} {host}:{port}".strip(), recorded,
                            rule, outcome, {"host": host, "port": port, "protocol": proto, "method": method}))
     # commands with the approval linked to them
-    for sid, seq, argv, esc, status, exit_code, adec, aby, arule, has_req in con.execute(f"""
+    for sid, seq, argv, shell, esc, source, status, exit_code, adec, aby, arule, has_req in con.execute(f"""
         WITH ev AS {ev},
-        s AS (SELECT session_id, seq, command_started AS c FROM ev WHERE kind = 'command_started'),
+        s AS (SELECT session_id, seq, producer, command_started AS c FROM ev WHERE kind = 'command_started'),
         f AS (SELECT session_id, arg_min(command_finished, seq) AS c FROM ev WHERE kind = 'command_finished'
               GROUP BY session_id, command_finished.command_id),
         r AS (SELECT session_id, approval_requested.command_id AS command_id, arg_min(approval_requested.request_id, seq) AS request_id
               FROM ev WHERE kind = 'approval_requested' AND approval_requested.command_id IS NOT NULL GROUP BY 1, 2),
         d AS (SELECT session_id, arg_min(approval_decided, seq) AS a FROM ev WHERE kind = 'approval_decided'
               GROUP BY session_id, approval_decided.request_id)
-        SELECT s.session_id, s.seq, s.c.argv, s.c.escalated, f.c.status, f.c.exit_code,
+        SELECT s.session_id, s.seq, s.c.argv, s.c.shell, s.c.escalated, s.producer."source", f.c.status, f.c.exit_code,
                d.a.decision, d.a.decided_by, d.a.rule, r.request_id IS NOT NULL
         FROM s LEFT JOIN f ON f.session_id = s.session_id AND f.c.command_id = s.c.command_id
                LEFT JOIN r ON r.session_id = s.session_id AND r.command_id = s.c.command_id
@@ -201,16 +205,16 @@ def _collect(con, ev: str) -> tuple[list[Request], dict[str, dict]]:
         outcome = status or "running"
         if status in ("completed", "failed"):
             outcome = "ok" if exit_code == 0 else f"exit {exit_code}"
-        out.append(Request(sid, seq, "command", shlex.join(argv or []), recorded, arule if has_req else None, outcome,
-                           {"argv": list(argv or []), "escalated": bool(esc)}))
+        out.append(Request(sid, seq, "command", shell or shlex.join(argv or []), recorded, arule if has_req else None, outcome,
+                           {"argv": list(argv or []), "escalated": bool(esc), "shell": shell, "source": source}))
     # approvals about no recorded command
-    for sid, seq, akind, subject, adec, aby, arule in con.execute(f"""
+    for sid, seq, source, akind, subject, adec, aby, arule in con.execute(f"""
         WITH ev AS {ev},
         cmds AS (SELECT DISTINCT session_id, command_started.command_id AS command_id FROM ev WHERE kind = 'command_started'),
-        r AS (SELECT session_id, seq, approval_requested AS a FROM ev WHERE kind = 'approval_requested'),
+        r AS (SELECT session_id, seq, producer, approval_requested AS a FROM ev WHERE kind = 'approval_requested'),
         d AS (SELECT session_id, arg_min(approval_decided, seq) AS a FROM ev WHERE kind = 'approval_decided'
               GROUP BY session_id, approval_decided.request_id)
-        SELECT r.session_id, r.seq, r.a.action_kind, r.a.subject, d.a.decision, d.a.decided_by, d.a.rule
+        SELECT r.session_id, r.seq, r.producer."source", r.a.action_kind, r.a.subject, d.a.decision, d.a.decided_by, d.a.rule
         FROM r LEFT JOIN d ON d.session_id = r.session_id AND d.a.request_id = r.a.request_id
         WHERE r.a.action_kind IN ('exec', 'patch')
           AND (r.a.command_id IS NULL OR NOT EXISTS (SELECT 1 FROM cmds WHERE cmds.session_id = r.session_id
@@ -226,7 +230,14 @@ def _collect(con, ev: str) -> tuple[list[Request], dict[str, dict]]:
             argv = shlex.split(subject)
         except ValueError:
             argv = subject.split()
-        out.append(Request(sid, seq, "approval", subject, recorded, arule, outcome, {"argv": argv, "escalated": True}))
+        if source == "hook":
+            # `agentledger hook` records a tool call its policy refused as a request decided by that
+            # policy, whose subject is the command line; it was escalated only if the escalation
+            # rule is what refused it (the request does not record the flag otherwise).
+            args = {"argv": argv, "shell": subject, "source": source, "escalated": arule == "escalation"}
+        else:  # an agent's own approval request for a command: it asks to run it outside the sandbox
+            args = {"argv": argv, "escalated": True}
+        out.append(Request(sid, seq, "approval", subject, recorded, arule, outcome, args))
     # file accesses and sandbox denials of files
     for sid, seq, path, op, new_path in con.execute(f"""
         WITH ev AS {ev}
@@ -273,6 +284,8 @@ def decide(policy: Policy, req: Request, cwd: str | None) -> Decision:
     if req.kind == "network":
         return policy.evaluate_network(a["host"], a["port"], a["protocol"], a["method"])
     if req.kind in ("command", "approval") and "argv" in a:
+        if a.get("source") == "hook":  # decided as the hook decides a shell tool call
+            return policy.evaluate_shell_call(a["argv"], a.get("shell"), escalated=a["escalated"])
         return policy.evaluate_command(a["argv"], escalated=a["escalated"])
     if req.kind == "file_write" or a.get("patch"):
         d = policy.evaluate_write(a["path"], cwd)

@@ -49,6 +49,8 @@ import fnmatch
 import hashlib
 import ipaddress
 import os
+import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -67,6 +69,7 @@ class Decision:
     action: str  # network: allow|ask|deny ; command: allow|prompt|forbidden ; file: allow|deny
     rule: str | None  # id of the deciding rule; None when the default applied
     reason: str
+    subject: str | None = None  # commands: the simple command (or "network to host:port") that decided
 
     @property
     def allowed(self) -> bool:
@@ -261,17 +264,53 @@ class Policy:
 
     # -- commands -------------------------------------------------------------------------
     def evaluate_command(self, argv: list[str], *, escalated: bool = False) -> Decision:
-        """allow: run without asking; prompt: ask a human; forbidden: refuse."""
-        argv = [a for a in argv]
+        """allow: run without asking; prompt: ask a human; forbidden: refuse.
+
+        A shell wrapper (``bash -lc "a && b | c"``) is decided by every simple command it runs (each
+        by its rules, or the default) and by any rule written for the wrapper itself: the most
+        restrictive decision wins, and its ``subject`` names the command that decided."""
+        argv = [str(a) for a in argv]
+        segments = simple_commands(argv)
+        decisions = [self._evaluate_simple(seg, escalated) for seg in segments]
+        if segments != [argv]:
+            whole = [r for r in self.command_rules if r.matches(argv)]
+            if whole:
+                worst = max(whole, key=lambda r: COMMAND_DECISIONS.index(r.decision))
+                decisions.append(Decision(worst.decision, worst.id, f"matched rule {worst.id} ({worst.decision})",
+                                          " ".join(argv)[:200]))
+        return max(decisions, key=lambda d: COMMAND_DECISIONS.index(d.action))  # (the first of the worst)
+
+    def evaluate_shell_call(self, argv: list[str], shell: str | None = None, *, escalated: bool = False) -> Decision:
+        """The decision on an agent's shell tool call, as `agentledger hook` enforces it: every simple
+        command of ``shell`` (the command string, when the agent gave one) or of ``argv`` is decided
+        (`evaluate_command`), and a URL in the command line to a destination the network rules deny
+        makes the call forbidden too."""
+        d = self.evaluate_shell_string(shell, escalated=escalated) if shell else self.evaluate_command(argv, escalated=escalated)
+        if d.action == "forbidden":
+            return d
+        for scheme, host, port in urls_in(shell or " ".join(str(a) for a in argv)):
+            n = self.evaluate_network(host, port, network_protocol(scheme, port))
+            if n.action == "deny":
+                return Decision("forbidden", n.rule, n.reason, f"network to {host}:{port}")
+        return d
+
+    def evaluate_shell_string(self, command: str, *, escalated: bool = False) -> Decision:
+        """`evaluate_command` for a command given as a shell string."""
+        return self.evaluate_command(["sh", "-c", command], escalated=escalated)
+
+    def _evaluate_simple(self, argv: list[str], escalated: bool) -> Decision:
         matched = [r for r in self.command_rules if r.matches(argv)]
+        subject = " ".join(argv)[:200]
         candidates = []
         if matched:
             worst = max(matched, key=lambda r: COMMAND_DECISIONS.index(r.decision))
-            candidates.append(Decision(worst.decision, worst.id, f"matched rule {worst.id} ({worst.decision})"))
+            candidates.append(Decision(worst.decision, worst.id, f"matched rule {worst.id} ({worst.decision})", subject))
         else:
-            candidates.append(Decision(self.command_default, None, f"no rule matches; default {self.command_default}"))
+            candidates.append(Decision(self.command_default, None, f"no rule matches; default {self.command_default}",
+                                       subject))
         if escalated:
-            candidates.append(Decision(self.escalation, "escalation", f"runs outside the sandbox; escalation {self.escalation}"))
+            candidates.append(Decision(self.escalation, "escalation", f"runs outside the sandbox; escalation {self.escalation}",
+                                       subject))
         return max(candidates, key=lambda d: COMMAND_DECISIONS.index(d.action))
 
     # -- files ----------------------------------------------------------------------------
@@ -334,3 +373,65 @@ def _check(value: Any, allowed: Iterable[str], what: str) -> str:
     if value not in allowed:
         raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
     return value
+
+
+# --- how commands and URLs are read (shared by the producers and replay) ---------------------
+
+SHELLS = {"bash", "sh", "zsh", "dash", "fish", "ksh", "pwsh", "powershell", "powershell.exe", "cmd.exe"}
+
+
+def simple_commands(argv: list[str]) -> list[list[str]]:
+    """The simple commands inside an argv: unwraps ``bash -lc "a && b | c"`` and splits the string on
+    shell operators, so a policy sees every program a compound command runs."""
+    if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] in ("-c", "-lc", "-ic"):
+        return shell_segments(argv[2])
+    return [argv]
+
+
+def shell_segments(command: str) -> list[list[str]]:
+    try:
+        lex = shlex.shlex(command, posix=True, punctuation_chars=";&|()")
+        lex.whitespace_split = True
+        tokens = list(lex)
+    except ValueError:
+        tokens = command.split()
+    out, cur = [], []
+    for t in tokens:
+        if t and set(t) <= set(";&|()"):
+            if cur:
+                out.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    if cur:
+        out.append(cur)
+    result = []
+    for seg in out:
+        result.extend(simple_commands(seg) if len(seg) >= 3 else [seg])
+    return result or [[command]]
+
+
+_URL = re.compile(r"\b(https?|ftp|ssh|git|wss?)://(?:[^\s/@'\"]+@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-_]+)(?::(\d{1,5}))?")
+
+
+def urls_in(text: str) -> list[tuple[str, str, int]]:
+    """(scheme, host, port) of every URL in a command line."""
+    out = []
+    for m in _URL.finditer(text or ""):
+        scheme, host, port = m.group(1).lower(), m.group(2), m.group(3)
+        default = {"https": 443, "wss": 443, "http": 80, "ws": 80, "ftp": 21, "ssh": 22, "git": 9418}.get(scheme, 0)
+        out.append((scheme, host.strip("[]"), int(port) if port else default))
+    return out
+
+
+def network_protocol(value: Any, port: int | None = None) -> str:
+    a = str(value or "").lower().replace("-", "_")
+    if a in ("https", "https_connect", "connect", "tls"):
+        return "https"
+    if a in ("http", "socks5_tcp", "socks5_udp", "tcp", "udp", "dns", "ssh", "git"):
+        return a
+    if port == 443:
+        return "https"
+    if port == 80:
+        return "http"
+    return "unknown"
