@@ -11,9 +11,14 @@ writes and reads, approvals, network attempts), exports it as a bundle, then tim
            reader, on parts cut at sync markers; the cuts are checked against the child's framing)
   project  the full session state (processes, files, approvals, network, ...) and its digest
 
+With the native decoder (replay/native.py; scripts/bootstrap builds it when cargo is present)
+verify and load are one process on three threads; without it, a forked child verifies in Python
+while DuckDB's avro reader decodes (docs/replay.md, "How fast, and what limits it").
+
 Baselines measured in the same run, on the same bytes:
   sha256   hashlib over each event's bytes alone (the floor of any verification)
   fastavro Python-level decoding of the events (what a pure-Python replay would pay)
+  python   the same replay without the native decoder (skip with --no-fallback-baseline)
 
 The last line is JSON. Target: >= 300k events/s for verify + load + project.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 import tempfile
@@ -34,6 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producers.recorder import ProducerIdentity, Recorder  # noqa: E402
+import replay.session as session_module_ref  # noqa: E402
+from replay import native  # noqa: E402
 from replay.bundle import write_bundle  # noqa: E402
 from replay.session import replay  # noqa: E402
 from replay.sources import BundleSource  # noqa: E402
@@ -91,7 +99,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--decode-sample", type=int, default=50_000, help="events decoded by the fastavro baseline")
+    ap.add_argument("--no-fallback-baseline", action="store_true", help="skip the run without the native decoder")
+    ap.add_argument("--big-bundle-bytes", type=int, default=None,
+                    help="treat bundles from this size as big (default: replay's own threshold; 0 for smoke runs)")
     args = ap.parse_args()
+    if args.big_bundle_bytes is not None:
+        session_module_ref.PARALLEL_MIN_BYTES = args.big_bundle_bytes
     work = args.workdir or Path(tempfile.mkdtemp(prefix="agentledger-bench-replay-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -118,33 +131,53 @@ def main() -> None:
     t_fastavro = (time.perf_counter() - t0) * n / len(sample)
     del values
 
-    # ours: what verify-bundle + replay do, from the file
-    t0 = time.perf_counter()
-    raw = BundleSource(path).read()  # as `agentledger replay FILE` does: the header only, no framing yet
-    t_read = time.perf_counter() - t0
-    r = replay(raw, store=store)
-    t_verify_load = time.perf_counter() - t0 - t_read
-    v = r.verification
-    t1 = time.perf_counter()
-    state = r.state(materialize=False)
-    t_project = time.perf_counter() - t1
-    total = time.perf_counter() - t0
-    r.close()
-    assert v.status == "ok", v.as_dict()
-    assert state.counts["events"] == n
+    decoder = native.decoder()
+    used = []
+    real_native = session_module_ref._native_check_and_load
+    session_module_ref._native_check_and_load = lambda *a: used.append(1) or real_native(*a)
+
+    def run() -> tuple[float, dict, object]:
+        """What verify-bundle + replay do, from the file: (seconds, phases, state)."""
+        t0 = time.perf_counter()
+        raw = BundleSource(path).read()  # as `agentledger replay FILE` does: the header only, no framing yet
+        t_read = time.perf_counter() - t0
+        r = replay(raw, store=store)
+        t_verify_load = time.perf_counter() - t0 - t_read
+        v = r.verification
+        t1 = time.perf_counter()
+        state = r.state(materialize=False)
+        t_project = time.perf_counter() - t1
+        total = time.perf_counter() - t0
+        r.close()
+        assert v.status == "ok", v.as_dict()
+        assert state.counts["events"] == n
+        return total, {"read_file": round(t_read, 3), "verify_and_load": round(t_verify_load, 3),
+                       "project_and_digest": round(t_project, 3)}, state
+
+    total, phases, state = run()
+    path_taken = "native" if used else "python"
+    fallback = None
+    if decoder is not None and not args.no_fallback_baseline:
+        os.environ[native.ENV] = "off"
+        fb_total, fb_phases, fb_state = run()
+        del os.environ[native.ENV]
+        assert fb_state.digest == state.digest, "the two paths disagree on the state"
+        fallback = {"events_per_s": round(n / fb_total), "seconds": round(fb_total, 3), "phases_s": fb_phases}
     rate = n / total
     result = {
         "events": n,
         "seconds": round(total, 3),
         "events_per_s": round(rate),
-        "phases_s": {"read_file": round(t_read, 3), "verify_and_load": round(t_verify_load, 3),
-                     "project_and_digest": round(t_project, 3)},
+        "decoder": path_taken,
+        "phases_s": phases,
         "state_digest": state.digest,
         "processes": state.sections["processes"]["rows"], "network_attempts": state.sections["network"]["rows"],
         "baseline_sha256_events_per_s": round(n / t_sha),
         "baseline_fastavro_decode_events_per_s": round(n / t_fastavro),
         "ratio_vs_sha256": round(rate / (n / t_sha), 3),
         "ratio_vs_fastavro": round(rate / (n / t_fastavro), 2),
+        "baseline_without_native": fallback,
+        "ratio_vs_without_native": round(rate / fallback["events_per_s"], 2) if fallback else None,
         "target_events_per_s": TARGET,
         "meets_target": rate >= TARGET,
     }

@@ -24,10 +24,14 @@ def test_bench_ingest_smoke(bootstrap, tmp_path):
 
 def test_bench_replay_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "bench/replay.py", "--events", "6000", "--decode-sample", "2000",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--big-bundle-bytes", "0", "--workdir", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["events"] == 6000 and result["events_per_s"] > 0
+    # the big-bundle path with the native decoder, and the same replay without it as the baseline
+    assert result["decoder"] == "native", "the native decoder is missing (scripts/bootstrap builds it)"
+    assert result["baseline_without_native"]["events_per_s"] > 0 and result["ratio_vs_without_native"] > 0
     assert result["baseline_sha256_events_per_s"] > 0 and result["baseline_fastavro_decode_events_per_s"] > 0
     assert result["processes"] > 0 and len(result["state_digest"]) == 64
 
