@@ -124,7 +124,7 @@ def _request(sock_path: str, header: dict, raw: bytes, timeout: float) -> dict |
                 return None
             body += chunk
         answer = json.loads(body)
-        return answer if "exit" in answer or "stopped" in answer else None
+        return answer if "exit" in answer or "stopped" in answer or "served" in answer else None
     except (OSError, ValueError):
         return None
     finally:

@@ -44,6 +44,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from schemas.config import Settings
@@ -412,11 +413,14 @@ def handle(
     budget_s: float = 5.0,
     appender: SessionAppender | None = None,
     now_us: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> HookOutcome:
     """Record one hook invocation and say what to answer (stdout, stderr, exit code). Fail-closed
-    when asked, or when AGENTLEDGER_RECORDING_MODE=fail_closed (the producers' recording mode)."""
+    when asked, or when AGENTLEDGER_RECORDING_MODE=fail_closed (the producers' recording mode).
+    ``env``: the caller's environment (os.environ when None; the warm server passes its client's),
+    which must also be the one ``appender`` was made with."""
     out = HookOutcome()
-    fail_closed = fail_closed or recording_mode_from_env() == "fail_closed"
+    fail_closed = fail_closed or recording_mode_from_env(env) == "fail_closed"
     try:
         data = json.loads(raw.decode("utf-8", "replace")) if raw.strip() else None
     except ValueError as exc:
@@ -448,7 +452,7 @@ def handle(
         if appender is None:
             sink_options = kafka_options(budget_s) if settings.uses_kafka else {}
             appender = SessionAppender(settings, sink_options=sink_options, lock_timeout_s=budget_s,
-                                       flush_timeout_s=budget_s)
+                                       flush_timeout_s=budget_s, env=env)
         appender.append(hev.sid, [], [hev.info()], prepare=lambda head: (hev.build(appender.state), []),
                         extra=hev.state_change, start_if_new=True)
     except Exception as exc:  # recording failed: never silently; the outbox keeps what was sealed

@@ -14,7 +14,12 @@ Lifecycle: a singleton per home (flock on ``hookd.lock``); exits after ``idle_s`
 when asked (``stop`` request), or when a client runs different code (``code`` digest mismatch:
 upgraded install). Protocol: length-prefixed frames (4-byte big-endian length): a JSON header
 ``{"v", "code", "env", "args"}`` then the raw hook input; the answer is one JSON frame
-``{"exit", "stdout", "stderr"}`` or ``{"stale": true}`` / ``{"error": ...}``.
+``{"exit", "stdout", "stderr"}`` or ``{"stale": true}`` / ``{"error": ...}``; a header
+``{"stop": true}`` or ``{"status": true}`` (answer ``{"pid", "served"}``) asks for no work.
+
+Every setting of a call is read from the client's AGENTLEDGER_* variables sent in ``env``, never
+from the server's own environment: a server started by one client must record another exactly as
+that client would in-process (recording mode, redaction key, signing key, checkpoint interval).
 """
 
 from __future__ import annotations
@@ -74,18 +79,18 @@ class HookServer:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hookd")
 
     # -- per worker thread: one appender per transport configuration ------------------------
-    def _appender(self, settings, budget: float):
+    def _appender(self, settings, budget: float, env: dict[str, str]):
         from .hook import kafka_options
         from .ledger import SessionAppender
 
         cache = getattr(self._local, "appenders", None)
         if cache is None:
             cache = self._local.appenders = {}
-        key = (settings, budget)
+        key = (settings, budget, tuple(sorted(env.items())))
         app = cache.get(key)
         if app is None:
             app = SessionAppender(settings, sink_options=kafka_options(budget) if settings.uses_kafka else {},
-                                  lock_timeout_s=budget, flush_timeout_s=budget)
+                                  lock_timeout_s=budget, flush_timeout_s=budget, env=env)
             cache[key] = app
         return app, cache, key
 
@@ -102,6 +107,10 @@ class HookServer:
                 self.stop.set()
                 write_frame(conn, b'{"stopped": true}')
                 return
+            if header.get("status"):
+                with self._mu:
+                    write_frame(conn, json.dumps({"pid": os.getpid(), "served": self.served}).encode())
+                return
             if header.get("v") != PROTO or header.get("code") != self.code:
                 self.stop.set()  # a different install talks to us: make room for a fresh server
                 write_frame(conn, b'{"stale": true}')
@@ -109,14 +118,18 @@ class HookServer:
             args = header.get("args") or {}
             budget = float(args.get("budget", 5.0))
             conn.settimeout(budget * 4 + 10)
-            settings = from_env({k: v for k, v in (header.get("env") or {}).items() if isinstance(v, str)})
+            # Everything is read from the client's environment (its AGENTLEDGER_* variables), never
+            # this server's: the home, transport, recording mode, redaction, signing key, checkpoints.
+            env = {k: v for k, v in (header.get("env") or {}).items()
+                   if isinstance(k, str) and k.startswith("AGENTLEDGER_") and isinstance(v, str)}
+            settings = from_env(env)
             if settings.home != self.home:
                 write_frame(conn, json.dumps({"error": f"server of {self.home}, not {settings.home}"}).encode())
                 return
-            app, cache, key = self._appender(settings, budget)
+            app, cache, key = self._appender(settings, budget, env)
             out = handle(raw, settings, policy_path=args.get("policy"), agent=args.get("agent", "auto"),
                          deny_style=args.get("deny_style", "json"), fail_closed=bool(args.get("fail_closed")),
-                         budget_s=budget, appender=app)
+                         budget_s=budget, appender=app, env=env)
             if out.exit_code == 1 and "not recorded" in out.stderr:
                 cache.pop(key, None)  # the transport failed: start the next call from a fresh sink
                 try:

@@ -34,6 +34,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 from schemas.config import Settings
@@ -108,13 +109,13 @@ class AppendResult:
                                               "first_seq", "last_seq", "ended", "kinds")}
 
 
-def producer_transforms(settings: Settings) -> list[Transform]:
+def producer_transforms(settings: Settings, env: Mapping[str, str] | None = None) -> list[Transform]:
     """The record transforms of importers and the hook: secret redaction (keyed HMAC tokens, see
     producers/redact.py), as for every producer. Deterministic, so a re-import computes the same
     events (the outbox re-sends stored bytes and does not depend on it)."""
     from .redact import default_transforms
 
-    return default_transforms(settings)
+    return default_transforms(settings, env)
 
 
 _UNINFORMATIVE = (None, "", "unknown", [], {})
@@ -186,21 +187,26 @@ class SessionAppender:
         transforms: Iterable[Transform] | None = None,
         store: SchemaStore | None = None,
         signer: Any = _UNSET_DEFAULT,
+        env: Mapping[str, str] | None = None,
     ):
+        """``env``: the environment the producer settings are read from (recording mode, redaction,
+        signing key, checkpoint interval, sink options); os.environ when None. The warm hook server
+        passes each client's."""
+        self.env = os.environ if env is None else env
         self.settings = settings
         self.state = state or ProducerState(settings.home)
         self._sink = sink
         self._sink_options = sink_options or {}
         self.lock_timeout_s = lock_timeout_s
         self.flush_timeout_s = flush_timeout_s
-        self.transforms = list(transforms) if transforms is not None else producer_transforms(settings)
+        self.transforms = list(transforms) if transforms is not None else producer_transforms(settings, self.env)
         self.store = store or load_store()
         # Signed checkpoints as every producer writes them (issue 3): every N events of a session and
         # after its end, when a signing key is configured. Counted from the recorded facts, so they
         # continue across processes and sources.
-        self.signer = signer if signer is not _UNSET_DEFAULT else load_signer(settings)
-        self.checkpoint_every = int(os.environ.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
-        self.recording_mode = ProducerOptions.from_env().mode
+        self.signer = signer if signer is not _UNSET_DEFAULT else load_signer(settings, self.env)
+        self.checkpoint_every = int(self.env.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
+        self.recording_mode = ProducerOptions.from_env(self.env).mode
         self._capture = MemorySink()  # collects what the recorder publishes; staged before the real send
         self._recorders: dict[tuple, Recorder] = {}
         self._topic_ready = False
@@ -209,7 +215,7 @@ class SessionAppender:
     @property
     def sink(self) -> Sink:
         if self._sink is None:
-            self._sink = open_producer_sink(self.settings, **self._sink_options)
+            self._sink = open_producer_sink(self.settings, self.env, **self._sink_options)
         if not self._topic_ready:
             self._ensure_topic()
         return self._sink

@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -135,11 +136,11 @@ def spool_dir(settings: Settings, options: ProducerOptions | None = None) -> Pat
     return Path(options.spool_dir) if options.spool_dir else settings.home / "spool"
 
 
-def open_producer_sink(settings: Settings, **options) -> Sink:
-    """The sink for every producer. ``options``: fields of `ProducerOptions` (override the environment);
-    any other keyword goes to the Kafka producer."""
+def open_producer_sink(settings: Settings, env: Mapping[str, str] | None = None, **options) -> Sink:
+    """The sink for every producer. ``options``: fields of `ProducerOptions` (override the environment,
+    ``env``, default os.environ); any other keyword goes to the Kafka producer."""
     fields = set(ProducerOptions.__dataclass_fields__)
-    opts = ProducerOptions.from_env(**{k: v for k, v in options.items() if k in fields})
+    opts = ProducerOptions.from_env(env, **{k: v for k, v in options.items() if k in fields})
     kafka_overrides = {k: v for k, v in options.items() if k not in fields}
     if not settings.uses_kafka:
         sink = open_sink(settings)

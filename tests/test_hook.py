@@ -415,3 +415,33 @@ def test_the_quick_option_parser_agrees_with_argparse(argv, monkeypatch):
 def test_bad_options_are_reported_by_argparse(tmp_path):
     proc = hook(cli_env(tmp_path / "h"), b"{}", "--agent", "gpt", check_exit=2)
     assert b"invalid choice" in proc.stderr
+
+
+def test_the_warm_server_records_each_call_with_its_clients_settings_not_its_own(tmp_path):
+    """A server started with redaction off and another key must still redact a client's secrets
+    with that client's key, exactly as the client would have in-process."""
+    from agentledger.hookmain import PROTO, _request
+
+    home = tmp_path / "home"
+    env = cli_env(home, AGENTLEDGER_HOOK_DAEMON="1", AGENTLEDGER_HOOK_DAEMON_IDLE="30",
+                  AGENTLEDGER_REDACTION_KEY="the-clients-key")
+    secret = "ghp_" + "Z9y8X7w6V5u4T3s2R1q0P9o8N7m6L5k4J3i2"
+    base = {"session_id": "env-1", "cwd": "/w", "hook_event_name": "PreToolUse", "tool_name": "Bash"}
+    start_server({**env, "AGENTLEDGER_REDACTION": "off", "AGENTLEDGER_REDACTION_KEY": "the-servers-key"}, home)
+    sock = str(home / "state" / "hookd.sock")
+    try:
+        hook(env, {**base, "tool_use_id": "t1", "tool_input": {"command": f"gh auth login --with-token {secret}"}},
+             check_exit=0)
+        assert _request(sock, {"v": PROTO, "status": True}, b"", 5)["served"] == 1  # (the server did it)
+    finally:
+        stop_server(env, home)
+    # the same call in-process, in another session
+    hook({**env, "AGENTLEDGER_HOOK_DAEMON": "0"},
+         {**base, "session_id": "env-2", "tool_use_id": "t1", "tool_input": {"command": f"gh auth login --with-token {secret}"}},
+         check_exit=0)
+    run_cli("ingest", env=env)
+    rows = q(env, "select session_id, command_started.shell sh, redactions from events "
+                  "where kind = 'command_started' order by session_id")
+    assert [r["session_id"] for r in rows] == ["env-1", "env-2"]
+    assert secret not in json.dumps(rows)
+    assert rows[0]["sh"] == rows[1]["sh"] and rows[0]["redactions"] == rows[1]["redactions"] != []
