@@ -47,6 +47,50 @@ def extension_path(name: str) -> Path:
     raise WarehouseError(f"duckdb-extension-{name} has no build for duckdb {duckdb.__version__} under {root}")
 
 
+# Table functions a user query (a detection rule) may call: none of them reads or writes anything.
+SAFE_TABLE_FUNCTIONS = frozenset({"unnest", "range", "generate_series"})
+
+
+def check_select_only(sql: str) -> None:
+    """Refuse user SQL that is more than one SELECT over the warehouse's own relations, whatever
+    connection runs it: several statements, anything but a SELECT (COPY, ATTACH, INSTALL, SET ...),
+    a table function that reads files or the network (read_csv, read_text, glob, ...), or a table
+    name DuckDB would take for a file (``FROM 'x.csv'``). Parsed by DuckDB's own parser
+    (``json_serialize_sql``). Raises `WarehouseError` saying what is not allowed."""
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    finally:
+        con.close()
+    if tree.get("error"):
+        raise WarehouseError(f"only one SELECT is allowed: {tree.get('error_message') or 'unparsable'}")
+    if len(tree.get("statements") or []) != 1:
+        raise WarehouseError(f"only one SELECT is allowed, not {len(tree.get('statements') or [])} statements")
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for x in node:
+                walk(x)
+            return
+        if not isinstance(node, dict):
+            return
+        if node.get("type") == "TABLE_FUNCTION":
+            fn = node.get("function") or {}
+            name = str(fn.get("function_name") or "").lower()
+            if name not in SAFE_TABLE_FUNCTIONS or fn.get("schema") or fn.get("catalog"):
+                raise WarehouseError(f"the table function {name or '?'}() is not allowed here (only "
+                                     f"{', '.join(sorted(SAFE_TABLE_FUNCTIONS))}): no file or network access")
+        elif node.get("type") == "BASE_TABLE":
+            name = str(node.get("table_name") or "")
+            if not name.replace("_", "a").isalnum() or not name.isascii() or node.get("catalog_name"):
+                raise WarehouseError(f"{name!r} is not a warehouse relation (a file path or another catalog)")
+        for v in node.values():
+            walk(v)
+
+    walk(tree["statements"])
+
+
 def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
     con.execute(f"LOAD '{extension_path(name)}'")
 

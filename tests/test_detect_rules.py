@@ -420,3 +420,30 @@ def test_a_rule_whose_sql_fails_names_itself(tmp_path):
         with pytest.raises(RuleError, match="rule typo"):
             det.detect()
         assert det.pending_sessions() == ["s"], "nothing was recorded as examined"
+
+
+SQL_HEAD = "/*---\nid: sneaky\ntitle: t\nseverity: low\n---*/\n"
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("chained.sql", SQL_HEAD + "SELECT session_id, seq FROM detect_events; COPY (SELECT 1) TO 'stolen.csv'",
+     "only one SELECT is allowed"),
+    ("reads.sql", SQL_HEAD + "SELECT session_id, seq FROM detect_events WHERE seq IN "
+                             "(SELECT length(content) FROM read_text('/etc/passwd'))", "read_text() is not allowed"),
+    ("scan.sql", SQL_HEAD + "SELECT session_id, seq FROM detect_events, 'secrets.csv'", "is not a warehouse relation"),
+    ("other-catalog.sql", SQL_HEAD + "SELECT session_id, seq FROM elsewhere.main.events", "another catalog"),
+    ("inject.yaml", "id: sneaky\ntitle: t\nseverity: low\nsteps:\n"
+                    "  - where: \"seq IN (SELECT 1 FROM read_csv('/etc/passwd'))\"\n", "read_csv() is not allowed"),
+])
+def test_rules_that_would_touch_files_or_run_other_statements_are_refused(tmp_path, name, text, message):
+    """Rules run inside `ingest --detect`, whose connection cannot be locked down (ingest reads
+    files): so every rule is parsed by DuckDB's own parser first, and refused unless it is one
+    SELECT over the warehouse's relations, with no file or network access."""
+    d = tmp_path / "rules"
+    d.mkdir()
+    (d / name).write_text(text)
+    with open_warehouse(":memory:") as wh:
+        with pytest.raises(RuleError) as exc:
+            Detector(wh, model=None, rules_dirs=[d])
+    assert message in str(exc.value) and name in str(exc.value)
+    assert not (tmp_path / "stolen.csv").exists()

@@ -246,6 +246,7 @@ def load_file(path: Path) -> Rule:
             return Rule(meta["id"], "", "low", [], "", str(path), enabled=False, kind="sql")
         if not re.match(r"^\s*(WITH|SELECT)\b", sql, re.I):
             raise RuleError(f"{path}: the body of a SQL rule is one SELECT (or WITH ... SELECT)")
+        _check_sql(sql, path)
         return Rule(sql=sql, source=str(path), kind="sql", **meta)
     try:
         data = yaml.safe_load(text)
@@ -255,7 +256,21 @@ def load_file(path: Path) -> Rule:
     if not meta.get("enabled", True) and "steps" not in data:
         return Rule(meta["id"], "", "low", [], "", str(path), enabled=False)
     sql, escal = compile_yaml(data, path)
+    _check_sql(sql, path)
     return Rule(sql=sql, source=str(path), escalations=escal, **meta)
+
+
+def _check_sql(sql: str, path: Path) -> None:
+    """A rule is one SELECT over the warehouse, with no file or network access, wherever it runs
+    (`agentledger detect` also runs rules on a locked-down connection; `ingest --detect` cannot:
+    ingest itself reads files)."""
+    from schemas.warehouse import check_select_only
+    from schemas.errors import WarehouseError
+
+    try:
+        check_select_only(sql)
+    except WarehouseError as exc:
+        raise RuleError(f"{path}: {exc}") from None
 
 
 def rule_files(d: Path) -> list[Path]:
