@@ -26,7 +26,8 @@ from schemas.contract import SchemaStore
 from schemas.envelope import ChainVerifier
 from schemas.errors import DecodeError
 from schemas.rows import iter_session_values
-from schemas.signing import ALGORITHM, Keyring
+from schemas.checkpoints import check_checkpoint
+from schemas.signing import Keyring
 from schemas.warehouse import Warehouse
 
 
@@ -120,33 +121,26 @@ def verify_session(wh: Warehouse, session_id: str, keyring: Keyring, *, require_
 
 
 def _check_checkpoint(v: Verdict, rec: dict, hashes: list[str], keyring: Keyring) -> tuple[str, str] | None:
-    """A checkpoint states the head of the events before it; a signature must verify if present."""
+    """A checkpoint states the head of the events before it; a signature must verify if present
+    (`schemas.checkpoints.check_checkpoint`, the one check replay and bundles use too)."""
     cp = rec["payload"][1]
     v.checkpoints += 1
-    seq = rec["seq"]
-    head_seq, head_hash, count = cp["head_seq"], cp["head_hash"], cp["event_count"]
-    if not (0 <= head_seq < seq) or head_seq >= len(hashes):
-        return "checkpoint_mismatch", f"checkpoint at seq {seq} claims head_seq {head_seq}"
-    if hashes[head_seq] != head_hash:
-        return "checkpoint_mismatch", f"checkpoint head_hash is not the hash of seq {head_seq}"
-    if count != head_seq + 1:
-        return "checkpoint_mismatch", f"checkpoint event_count {count} is not head_seq + 1 = {head_seq + 1}"
-    signature = cp.get("signature") or b""
-    if not signature:
+    r = check_checkpoint(cp, rec["seq"], rec["session_id"], lambda s: hashes[s] if 0 <= s < len(hashes) else None,
+                         keyring)
+    if r.status in ("head_mismatch", "count_mismatch"):
+        return "checkpoint_mismatch", r.detail
+    if r.status in ("bad_signature", "unsupported_algorithm"):
+        return "bad_signature", r.detail
+    if r.status == "unsigned":
         return None  # an unsigned checkpoint is a statement, not evidence
-    if cp.get("algorithm", ALGORITHM) != ALGORITHM:
-        return "bad_signature", f"unsupported checkpoint algorithm {cp.get('algorithm')!r}"
     kid = cp.get("key_id") or ""
-    if kid not in keyring:  # cannot be checked here: not evidence, not a failure (see the module doc)
+    if r.status == "unknown_key":  # cannot be checked here: not evidence, not a failure (see the module doc)
         if kid not in v.unknown_key_ids:
             v.unknown_key_ids.append(kid)
         return None
-    if not keyring.verify_checkpoint(kid, bytes(signature), rec["session_id"], head_seq, head_hash, count,
-                                     bool(cp.get("final"))):
-        return "bad_signature", f"the signature of the checkpoint at seq {seq} does not verify with key {kid}"
     v.signed_checkpoints += 1
     v.signed = True
-    v.covered_to_seq = max(v.covered_to_seq or -1, head_seq)
+    v.covered_to_seq = max(v.covered_to_seq or -1, cp["head_seq"])
     if kid not in v.key_ids:
         v.key_ids.append(kid)
     return None

@@ -19,10 +19,9 @@ by a valid signature.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
-from typing import Any
 
+from schemas.checkpoints import check_checkpoint
 from schemas.signing import Keyring
 
 from .chain import ChainResult
@@ -92,49 +91,23 @@ def signature_summary(v: Verification) -> str:
 
 def check_checkpoints(rows: list[dict], chain: ChainResult, session_id: str, keyring: Keyring,
                       embedded: Keyring | None = None) -> list[CheckpointCheck]:
-    """``rows``: the session's checkpoint payloads with their ``seq`` (signature as bytes or base64/hex)."""
+    """``rows``: the session's checkpoint payloads with their ``seq`` (signature as bytes or base64/hex).
+    Each is checked by `schemas.checkpoints.check_checkpoint` (the check `agentledger verify` uses)."""
     out = []
+    first, hashes = chain.first_seq, chain.hashes
     for r in rows:
         seq, head_seq, count = int(r["seq"]), int(r["head_seq"]), int(r["event_count"])
-        kid, final = r["key_id"], bool(r.get("final"))
-        sig = _sig_bytes(r["signature"])
-        c = CheckpointCheck(seq, head_seq, count, kid, final, "valid")
+        c = CheckpointCheck(seq, head_seq, count, r["key_id"], bool(r.get("final")), "valid")
         out.append(c)
         if seq > chain.head_seq:
             c.status, c.detail = "after_break", "the chain does not verify up to this checkpoint"
             continue
-        i = head_seq - chain.first_seq
-        if not (0 <= i < len(chain.hashes)) or head_seq >= seq:
-            c.status, c.detail = "head_mismatch", f"head_seq {head_seq} is not an earlier event of the chain"
-            continue
-        if chain.hashes[i] != r["head_hash"]:
-            c.status, c.detail = "head_mismatch", f"head_hash is not the hash of seq {head_seq}"
-            continue
-        if count != head_seq + 1:
-            c.status, c.detail = "count_mismatch", f"event_count {count} for head_seq {head_seq}"
-            continue
-        args = (kid, sig, session_id, head_seq, r["head_hash"], count, final)
-        if kid in keyring:
-            if not keyring.verify_checkpoint(*args):
-                c.status, c.detail = "invalid", f"the signature does not verify with key {kid}"
-        elif embedded is not None and kid in embedded:
-            ok = embedded.verify_checkpoint(*args)
-            c.status = "embedded_key_only" if ok else "invalid"
-            c.detail = ("verifies with the public key embedded in the bundle, which is not trusted: pass "
-                        "--public-key to trust it") if ok else f"the signature does not verify with the embedded key {kid}"
-        else:
-            c.status, c.detail = "unknown_key", f"no trusted public key with id {kid}"
+        res = check_checkpoint(r, seq, session_id, lambda s: hashes[s - first] if 0 <= s - first < len(hashes) else None,
+                               keyring, embedded)
+        # a checkpoint here is evidence or it is not: one without a good signature is invalid
+        c.status = "invalid" if res.status in ("bad_signature", "unsupported_algorithm", "unsigned") else res.status
+        c.detail = res.detail
     return out
-
-
-def _sig_bytes(v: Any) -> bytes:
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return bytes(v)
-    s = str(v)
-    try:
-        return bytes.fromhex(s)
-    except ValueError:
-        return base64.b64decode(s)
 
 
 def build(chain: ChainResult, session_id: str, *, checkpoints: list[CheckpointCheck], ended: bool, gaps: int,

@@ -9,16 +9,78 @@ chain ``head_seq == n - 1``. Verifying a checkpoint needs the chain head *as it 
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .signing import ALGORITHM, Keyring
 
 
 @dataclass(frozen=True)
 class CheckpointResult:
-    ok: bool
-    reason: str  # ok | unknown_key | bad_signature | head_mismatch | count_mismatch | unsupported_algorithm
+    """``status``: valid | unsigned | head_mismatch | count_mismatch | unsupported_algorithm |
+    bad_signature | unknown_key (no trusted key with its id) | embedded_key_only (verifies only with
+    a key that came with the evidence itself, which proves nothing until someone trusts it)."""
+
+    status: str
     detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "valid"
+
+
+def signature_bytes(v: Any) -> bytes:
+    """A signature as stored: bytes, or hex / base64 text (a bundle header's list)."""
+    if v is None:
+        return b""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    s = str(v)
+    try:
+        return bytes.fromhex(s)
+    except ValueError:
+        return base64.b64decode(s)
+
+
+def check_checkpoint(cp: dict, seq: int, session_id: str, hash_at: Callable[[int], str | None], keyring: Keyring,
+                     embedded: Keyring | None = None) -> CheckpointResult:
+    """The one check of a checkpoint (payload ``cp``, recorded at ``seq``) against its chain, used by
+    `agentledger verify`, replay and bundle verification alike. ``hash_at(s)``: the verified hash of
+    event ``s`` of the chain (None when the chain holds no such verified event). The head it claims
+    must be an earlier event with that hash and the count must match; then the signature, with a
+    trusted key (``keyring``) or, failing that, a key the evidence brought along (``embedded``)."""
+    head_seq, head_hash, count = int(cp["head_seq"]), cp["head_hash"], int(cp["event_count"])
+    actual = hash_at(head_seq) if 0 <= head_seq < seq else None
+    if actual is None:
+        return CheckpointResult("head_mismatch", f"the checkpoint at seq {seq} claims head_seq {head_seq}, which is not "
+                                                 "an earlier verified event of the chain")
+    if actual != head_hash:
+        return CheckpointResult("head_mismatch", f"the checkpoint at seq {seq}: head_hash is not the hash of seq {head_seq}")
+    if count != head_seq + 1:
+        return CheckpointResult("count_mismatch", f"the checkpoint at seq {seq}: event_count {count} is not head_seq + 1 "
+                                                  f"= {head_seq + 1}")
+    sig = signature_bytes(cp.get("signature"))
+    if not sig:
+        return CheckpointResult("unsigned", f"the checkpoint at seq {seq} carries no signature")
+    if (cp.get("algorithm") or ALGORITHM) != ALGORITHM:
+        return CheckpointResult("unsupported_algorithm", f"the checkpoint at seq {seq} uses algorithm "
+                                                         f"{cp.get('algorithm')!r}")
+    kid = cp.get("key_id") or ""
+    args = (kid, sig, session_id, head_seq, head_hash, count, bool(cp.get("final")))
+    if kid in keyring:
+        if keyring.verify_checkpoint(*args):
+            return CheckpointResult("valid")
+        return CheckpointResult("bad_signature", f"the signature of the checkpoint at seq {seq} does not verify with "
+                                                 f"key {kid}")
+    if embedded is not None and kid in embedded:
+        if embedded.verify_checkpoint(*args):
+            return CheckpointResult("embedded_key_only", "verifies with the public key embedded in the bundle, which "
+                                                         "is not trusted: pass --public-key to trust it")
+        return CheckpointResult("bad_signature", f"the signature of the checkpoint at seq {seq} does not verify with "
+                                                 f"the embedded key {kid}")
+    return CheckpointResult("unknown_key", f"no trusted public key with id {kid}")
 
 
 def checkpoint_fields(record: dict) -> dict:
@@ -34,21 +96,7 @@ def checkpoint_fields(record: dict) -> dict:
 
 
 def verify_checkpoint(record: dict, keyring: Keyring, head_seq: int, head_hash: str) -> CheckpointResult:
-    """Check the checkpoint ``record`` against the chain head that precedes it (``head_seq``,
-    ``head_hash`` as computed by the verifier from the events themselves)."""
-    cp = checkpoint_fields(record)
-    if cp.get("algorithm", ALGORITHM) != ALGORITHM:
-        return CheckpointResult(False, "unsupported_algorithm", f"algorithm {cp.get('algorithm')!r}")
-    if cp["key_id"] not in keyring:
-        return CheckpointResult(False, "unknown_key", f"no public key with id {cp['key_id']} in the keyring")
-    ok = keyring.verify_checkpoint(cp["key_id"], bytes(cp["signature"]), record["session_id"], cp["head_seq"],
-                                   cp["head_hash"], cp["event_count"], bool(cp.get("final")))
-    if not ok:
-        return CheckpointResult(False, "bad_signature", "the signature does not match the checkpoint's fields")
-    if cp["head_seq"] != head_seq or cp["head_hash"] != head_hash:
-        return CheckpointResult(False, "head_mismatch",
-                                f"signed head seq {cp['head_seq']} {cp['head_hash'][:12]}…, chain has seq {head_seq} "
-                                f"{head_hash[:12]}…")
-    if cp["event_count"] != head_seq + 1:
-        return CheckpointResult(False, "count_mismatch", f"event_count {cp['event_count']} for head seq {head_seq}")
-    return CheckpointResult(True, "ok")
+    """`check_checkpoint` for a decoded checkpoint event ``record``, given the chain head that
+    precedes it (``head_seq``, ``head_hash`` as a sequential verifier holds them just before it)."""
+    return check_checkpoint(checkpoint_fields(record), int(record["seq"]), record["session_id"],
+                            lambda s: head_hash if s == head_seq else None, keyring)
