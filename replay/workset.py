@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,11 +132,14 @@ def _insert_parts(wh: Warehouse, b, bounds: list[int], fp_hex: str) -> None:
         _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", fp_hex, literal=True)
 
 
-def _insert_native(wh: Warehouse, b, verify: bool = False) -> "native.Vouched | None":
-    """Decode the bundle's bytes with `replay.native` and make ``events`` a view over one table per
-    kind (`Warehouse.events_by_kind`); with ``verify``, the decoder also frames the blocks and
-    checks the chain, and what it found is returned. Raises `native.NativeDecodeError`."""
+def _insert_native(wh: Warehouse | Callable[[], Warehouse], b, verify: bool = False) -> tuple[Warehouse, "native.Vouched | None"]:
+    """Decode the bundle's bytes with `replay.native` and make ``events`` of ``wh`` (a warehouse,
+    or a function making one: called while the decoder works) a view over one table per kind
+    (`Warehouse.events_by_kind`); with ``verify``, the decoder also frames the blocks and checks
+    the chain. Returns the warehouse and what the decoder found. Raises `native.NativeDecodeError`
+    (a warehouse made here is closed then)."""
     registered: list[str] = []
+    made, closed = None, False
 
     def relations(run: native.Decoding):
         for branch, path in run.kinds():
@@ -148,18 +152,24 @@ def _insert_native(wh: Warehouse, b, verify: bool = False) -> "native.Vouched | 
 
     with native.scratch_dir() as d, native.Decoding(b.data, b.header.schema, d, bundle=b if verify else None) as run:
         try:
+            if callable(wh):
+                wh = made = wh()
             wh.events_by_kind(relations(run), b.fingerprint.hex())
             out = run.result()
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise native.NativeDecodeError(f"cannot read the decoder's output: {exc}") from exc
-        except Exception as exc:  # e.g. a DuckDB conversion error: the other reader is tried instead
-            if "duckdb" not in type(exc).__module__:
-                raise
-            raise native.NativeDecodeError(f"cannot load the decoder's output: {str(exc).splitlines()[0]}") from exc
+        except BaseException as exc:
+            if made is not None:
+                made.close()
+                closed = True
+            if isinstance(exc, (OSError, pa.ArrowInvalid)):
+                raise native.NativeDecodeError(f"cannot read the decoder's output: {exc}") from exc
+            if "duckdb" in type(exc).__module__:  # e.g. a conversion error: the other reader is tried instead
+                raise native.NativeDecodeError(f"cannot load the decoder's output: {str(exc).splitlines()[0]}") from exc
+            raise
         finally:
-            for name in registered:
-                wh.con.unregister(name)
-    return out.vouched
+            if not closed:
+                for name in registered:
+                    wh.con.unregister(name)
+    return wh, out.vouched
 
 
 def load_bundle_natively(b, store: SchemaStore | None = None, *, verify: bool = False) -> tuple[Workset, "native.Vouched | None"]:
@@ -167,9 +177,9 @@ def load_bundle_natively(b, store: SchemaStore | None = None, *, verify: bool = 
     here; with ``verify`` the decoder frames them and checks the chain too (see `native.Vouched`).
     The caller must make sure the workset holds one row per framed event. Raises
     `native.NativeDecodeError`."""
-    wh = new_warehouse(store or load_store())
+    store = store or load_store()
+    wh, vouched = _insert_native(lambda: new_warehouse(store), b, verify)
     try:
-        vouched = _insert_native(wh, b, verify)
         events = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
     except BaseException:
         wh.close()
