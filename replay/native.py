@@ -128,8 +128,11 @@ class Decoding:
         # The bytes go through a private file in ``workdir`` (in memory where /dev/shm exists): a
         # pipe costs more, and the original file may have changed since ``data`` was read from it.
         src = workdir / "input.avro"
-        with open(src, "wb") as f:
-            f.write(data)
+        try:
+            with open(src, "wb") as f:
+                f.write(data)
+        except OSError as exc:  # e.g. a full /dev/shm: DuckDB's reader is used instead
+            raise NativeDecodeError(f"cannot hand the bytes to {BINARY}: {exc}") from exc
         args = [str(exe), "--input", str(src), "--out-dir", str(workdir), "--reader-schema", str(rs)]
         self._spans_file = workdir / "spans.bin" if bundle is not None else None
         if bundle is not None:
@@ -246,12 +249,17 @@ class Spans(Sequence):
 
 
 @contextmanager
-def scratch_dir():
-    """A private temporary directory for the decoder's input and output, in memory where /dev/shm
-    exists. It is removed on exit, by a thread: freeing a large tmpfs file takes a while, and
-    nothing waits for it (the interpreter does, at exit)."""
+def scratch_dir(need_bytes: int = 0):
+    """A private (0700) temporary directory for the decoder's input and output: in memory (/dev/shm)
+    when it has room for ``need_bytes``, else the default temporary directory. It is removed on
+    exit, by a thread: freeing a large tmpfs file takes a while, and nothing waits for it (the
+    interpreter does, at exit)."""
     shm = Path("/dev/shm")
-    d = tempfile.mkdtemp(prefix="agentledger-native-", dir=shm if shm.is_dir() else None)
+    try:
+        roomy = shm.is_dir() and shutil.disk_usage(shm).free > need_bytes
+    except OSError:
+        roomy = False
+    d = tempfile.mkdtemp(prefix="agentledger-native-", dir=shm if roomy else None)
     try:
         yield Path(d)
     finally:

@@ -150,7 +150,8 @@ def _insert_native(wh: Warehouse | Callable[[], Warehouse], b, verify: bool = Fa
             registered.append(name)
             yield branch, name
 
-    with native.scratch_dir() as d, native.Decoding(b.data, b.header.schema, d, bundle=b if verify else None) as run:
+    # room for the input copy and the Arrow files (about 1.2x the input)
+    with native.scratch_dir(3 * len(b.data)) as d, native.Decoding(b.data, b.header.schema, d, bundle=b if verify else None) as run:
         try:
             if callable(wh):
                 wh = made = wh()

@@ -226,3 +226,34 @@ def test_the_decoder_reads_a_private_copy_not_the_file_on_disk(every_kind_bundle
     monkeypatch.delenv(native.ENV, raising=False)
     with replay(raw) as r:
         assert r.verification.status == "ok" and r.workset.events == len(raw.bundle.spans)
+
+
+def test_no_room_for_the_decoders_files_falls_back_to_duckdbs_reader(every_kind_bundle, tmp_path, monkeypatch):
+    """A full scratch directory (a small /dev/shm in a container) is not an error: replay falls back."""
+    import replay.workset as W
+    from contextlib import contextmanager
+
+    @contextmanager
+    def full(need_bytes: int = 0):
+        d = tmp_path / "full"
+        d.mkdir(exist_ok=True)
+        yield d
+
+    real_open = open
+
+    def no_space(path, mode="r", *a, **k):
+        if "full" in str(path) and "w" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(native, "scratch_dir", full)
+    monkeypatch.setattr("builtins.open", no_space)
+    b = parse_bundle(every_kind_bundle.read_bytes())
+    with pytest.raises(native.NativeDecodeError, match="No space left"):
+        load_bundle_natively(b)
+    monkeypatch.setattr(W, "NATIVE_MIN_BYTES", 0)  # load() tries the decoder, then DuckDB's reader
+    with load(BundleSource(every_kind_bundle).read()) as ws:
+        assert ws.events == len(b.spans)
+    monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)
+    with replay(BundleSource(every_kind_bundle).read()) as r:
+        assert r.verification.status == "ok" and r.workset.events == len(b.spans)
