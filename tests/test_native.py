@@ -7,6 +7,7 @@ here loudly rather than skipping the rest."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import stat
@@ -17,6 +18,7 @@ import pytest
 import replay.session as S
 from producers.recorder import ProducerIdentity, Recorder
 from producers.redact import Redactor
+from producers.simulate import SIM_EPOCH_US
 from replay import native
 from replay.bundle import check_bundle, checkpoint_entry, parse_bundle, write_bundle
 from replay.session import replay, verify_bundle
@@ -38,12 +40,7 @@ def _every_kind_session(n_rounds: int = 40, seed: int = 3) -> tuple[str, list[by
     """A session with every event kind, nulls and non-nulls, nested records, lists, timestamps
     inside payloads, signatures (bytes), redactions and non-ASCII text."""
     rng = random.Random(seed)
-    t = [1_767_225_600_000_000]
-
-    def clock() -> int:
-        t[0] += rng.randint(1, 900_000)
-        return t[0]
-
+    clock = itertools.count(SIM_EPOCH_US, 7_919).__next__
     sink = MemorySink()
     rec = Recorder(sink, identity=ProducerIdentity("codex", "0.63.0", "devbox-ü", "dév"), clock=clock, rng=rng,
                    transforms=[Redactor(b"k" * 32)], signer=signing.generate(), checkpoint_every=25)
@@ -76,8 +73,9 @@ def _every_kind_session(n_rounds: int = 40, seed: int = 3) -> tuple[str, list[by
             s.network_completed(a, "ok", status=200, bytes_in=1000 + i, bytes_out=200, duration_ms=12,
                                 response_digest=f"{i:064x}")
         if i == 17:
-            s.gap("dropped", "test gap", lost_events=3, lost_bytes=1200, first_lost_at=t[0] - 5000,
-                  last_lost_at=t[0] - 10, related_seq=s.seq - 1)
+            now = clock()
+            s.gap("dropped", "test gap", lost_events=3, lost_bytes=1200, first_lost_at=now - 5000,
+                  last_lost_at=now - 10, related_seq=s.seq - 1)
     s.end("completed", reason="done")
     return s.session_id, sink.values
 
