@@ -272,7 +272,7 @@ class Policy:
         argv = [str(a) for a in argv]
         segments = simple_commands(argv)
         decisions = [self._evaluate_simple(seg, escalated) for seg in segments]
-        if segments != [argv]:
+        if segments != [argv]:  # a real wrapper: rules written for it count too
             whole = [r for r in self.command_rules if r.matches(argv)]
             if whole:
                 worst = max(whole, key=lambda r: COMMAND_DECISIONS.index(r.decision))
@@ -285,7 +285,11 @@ class Policy:
         command of ``shell`` (the command string, when the agent gave one) or of ``argv`` is decided
         (`evaluate_command`), and a URL in the command line to a destination the network rules deny
         makes the call forbidden too."""
-        d = self.evaluate_shell_string(shell, escalated=escalated) if shell else self.evaluate_command(argv, escalated=escalated)
+        argv = [str(a) for a in argv]
+        if shell and simple_commands(argv) == [argv]:  # a command string (its argv is only its tokens)
+            d = self.evaluate_shell_string(shell, escalated=escalated)
+        else:
+            d = self.evaluate_command(argv, escalated=escalated)
         if d.action == "forbidden":
             return d
         for scheme, host, port in urls_in(shell or " ".join(str(a) for a in argv)):
@@ -295,8 +299,10 @@ class Policy:
         return d
 
     def evaluate_shell_string(self, command: str, *, escalated: bool = False) -> Decision:
-        """`evaluate_command` for a command given as a shell string."""
-        return self.evaluate_command(["sh", "-c", command], escalated=escalated)
+        """A command given as a shell string: decided by every simple command in it (there is no
+        wrapper argv for rules to match)."""
+        decisions = [self._evaluate_simple(seg, escalated) for seg in shell_segments(command)]
+        return max(decisions, key=lambda d: COMMAND_DECISIONS.index(d.action))
 
     def _evaluate_simple(self, argv: list[str], escalated: bool) -> Decision:
         matched = [r for r in self.command_rules if r.matches(argv)]
