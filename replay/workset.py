@@ -38,6 +38,7 @@ class Workset:
     wh: Warehouse
     session_id: str
     events: int
+    decoder: str = "duckdb"  # what decoded the events: "native" (replay.native) or "duckdb" (its avro reader)
 
     @property
     def con(self):
@@ -75,10 +76,11 @@ def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None
     wh = wh or new_warehouse(store)
     cur = store.current
     b = raw.bundle
+    decoder = "duckdb"
     try:
         if b is not None and b.framing_error is None and b.fingerprint == cur.fingerprint \
                 and len(b.spans) == len(raw.values):
-            _load_bundle(wh, b, cur.fingerprint_hex)
+            decoder = _load_bundle(wh, b, cur.fingerprint_hex)
         else:
             _load_values(wh, raw, store)
     except Exception as exc:
@@ -86,7 +88,7 @@ def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None
             raise
         raise WorksetError(f"cannot decode the events of session {raw.session_id}: {str(exc).splitlines()[0]}") from exc
     n = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
-    return Workset(wh, raw.session_id, n)
+    return Workset(wh, raw.session_id, n, decoder)
 
 
 CHUNK_EVENTS = 100_000
@@ -96,23 +98,24 @@ CHUNK_BYTES = 32 * 1024 * 1024
 NATIVE_MIN_BYTES = 4 * 1024 * 1024  # a bundle this big is decoded by the native decoder when installed
 
 
-def _load_bundle(wh: Warehouse, b, fp_hex: str) -> None:
+def _load_bundle(wh: Warehouse, b, fp_hex: str) -> str:
     """A bundle is already an OCF of the current schema: the native decoder reads a big one when
     it is installed (`load_bundle_natively`); otherwise DuckDB reads it as it is, a big one cut at
     block boundaries into a few parts (see `_insert_parts`)."""
     if len(b.data) >= NATIVE_MIN_BYTES and native.decoder() is not None:
         try:
-            _insert_native(wh, b)
-            return
+            _insert_native(wh, b, wh.store, expect_rows=len(b.spans))
+            return "native"
         except native.NativeDecodeError:  # the workset is unchanged: DuckDB's reader below
             pass
     n = len(b.spans)
     if n <= CHUNK_EVENTS and b.path is not None:
         _insert_ocf(wh, str(b.path).replace("'", "''"), fp_hex)
-        return
+        return "duckdb"
     parts = max(2, min(8, n // CHUNK_EVENTS))
     ends = sorted({n * k // parts for k in range(1, parts + 1)} - {0})  # event index each part ends before
     _insert_parts(wh, b, [b.header.length] + [b.spans[j - 1][1] + codec.SYNC_LEN for j in ends], fp_hex)
+    return "duckdb"
 
 
 def _insert_parts(wh: Warehouse, b, bounds: list[int], fp_hex: str) -> None:
@@ -132,14 +135,17 @@ def _insert_parts(wh: Warehouse, b, bounds: list[int], fp_hex: str) -> None:
         _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", fp_hex, literal=True)
 
 
-def _insert_native(wh: Warehouse | Callable[[], Warehouse], b, verify: bool = False) -> tuple[Warehouse, "native.Vouched | None"]:
-    """Decode the bundle's bytes with `replay.native` and make ``events`` of ``wh`` (a warehouse,
-    or a function making one: called while the decoder works) a view over one table per kind
-    (`Warehouse.events_by_kind`); with ``verify``, the decoder also frames the blocks and checks
-    the chain. Returns the warehouse and what the decoder found. Raises `native.NativeDecodeError`
+def _insert_native(wh: Warehouse | Callable[[], Warehouse], b, store: SchemaStore, *, verify: bool = False,
+                   expect_rows: int | None = None) -> tuple[Warehouse, "native.Vouched | None"]:
+    """Decode the bundle's bytes with `replay.native` (with the current reader schema) and make
+    ``events`` of ``wh`` (a warehouse, or a function making one: called while the decoder works) a
+    view over one table per kind (`Warehouse.events_by_kind`); with ``verify``, the decoder also
+    frames the blocks and checks the chain. ``expect_rows``: the number of events the caller framed;
+    any other count is refused. All or nothing: nothing is committed unless the decoder's summary
+    is sound. Returns the warehouse and what the decoder found. Raises `native.NativeDecodeError`
     (a warehouse made here is closed then)."""
-    registered: list[str] = []
-    made, closed = None, False
+    made = None
+    found: dict = {}
 
     def relations(run: native.Decoding):
         for branch, path in run.kinds():
@@ -147,30 +153,32 @@ def _insert_native(wh: Warehouse | Callable[[], Warehouse], b, verify: bool = Fa
                 table = ipc.open_file(src).read_all()
             name = f"_native_kind_{branch}"
             wh.con.register(name, table)
-            registered.append(name)
-            yield branch, name
+            try:
+                yield branch, name  # (its table is made before the next is asked for)
+            finally:
+                wh.con.unregister(name)
+        found["out"] = out = run.result()  # checked before anything is committed
+        if expect_rows is not None and out.rows != expect_rows:
+            raise native.NativeDecodeError(f"the decoder found {out.rows} events, the framing {expect_rows}")
 
     # room for the input copy and the Arrow files (about 1.2x the input)
-    with native.scratch_dir(3 * len(b.data)) as d, native.Decoding(b.data, b.header.schema, d, bundle=b if verify else None) as run:
+    with native.scratch_dir(3 * len(b.data)) as d, \
+            native.Decoding(b.data, store.current.schema, d, bundle=b if verify else None) as run:
+        gen = relations(run)
         try:
             if callable(wh):
                 wh = made = wh()
-            wh.events_by_kind(relations(run), b.fingerprint.hex())
-            out = run.result()
+            wh.events_by_kind(gen, b.fingerprint.hex())
         except BaseException as exc:
+            gen.close()  # (unregisters what it registered, while the connection is open)
             if made is not None:
                 made.close()
-                closed = True
             if isinstance(exc, (OSError, pa.ArrowInvalid)):
                 raise native.NativeDecodeError(f"cannot read the decoder's output: {exc}") from exc
             if "duckdb" in type(exc).__module__:  # e.g. a conversion error: the other reader is tried instead
                 raise native.NativeDecodeError(f"cannot load the decoder's output: {str(exc).splitlines()[0]}") from exc
             raise
-        finally:
-            if not closed:
-                for name in registered:
-                    wh.con.unregister(name)
-    return wh, out.vouched
+    return wh, found["out"].vouched
 
 
 def load_bundle_natively(b, store: SchemaStore | None = None, *, verify: bool = False) -> tuple[Workset, "native.Vouched | None"]:
@@ -179,13 +187,13 @@ def load_bundle_natively(b, store: SchemaStore | None = None, *, verify: bool = 
     The caller must make sure the workset holds one row per framed event. Raises
     `native.NativeDecodeError`."""
     store = store or load_store()
-    wh, vouched = _insert_native(lambda: new_warehouse(store), b, verify)
+    wh, vouched = _insert_native(lambda: new_warehouse(store), b, store, verify=verify)
     try:
         events = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
     except BaseException:
         wh.close()
         raise
-    return Workset(wh, b.session_id, events), vouched
+    return Workset(wh, b.session_id, events, "native"), vouched
 
 
 def load_unframed_bundle(b, store: SchemaStore | None = None) -> tuple[Workset, list[int]]:

@@ -606,7 +606,9 @@ class Warehouse:
             table = _q(f"events_{k.kind}")
             stored = [c for c in cols if c.name not in payload_cols and c.name not in ("family", "kind")
                       and c.name not in provenance]
-            exprs = [f"{c.source} AS {_q(c.name)}" for c in stored]
+            # every column cast to the table's type: what does not fit is an error here, not a
+            # column of another type in the view
+            exprs = [f"CAST(s.{_q(c.name)} AS {c.type}) AS {_q(c.name)}" for c in stored]
             exprs.append(f"s.payload::{next(c.type for c in cols if c.name == k.column)} AS {_q(k.column)}")
             self.con.execute(f"CREATE TABLE {table} AS SELECT {', '.join(exprs)} FROM {rel} s")
             sel = []

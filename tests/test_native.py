@@ -24,7 +24,7 @@ from replay.bundle import check_bundle, checkpoint_entry, parse_bundle, write_bu
 from replay.session import replay, verify_bundle
 from replay.sources import BundleSource
 from replay.workset import load, load_bundle_natively
-from schemas import signing
+from schemas import codec, signing
 from schemas.contract import load_store
 from schemas.transport.base import MemorySink
 from test_bundle import _blocks, _mutate
@@ -255,3 +255,109 @@ def test_no_room_for_the_decoders_files_falls_back_to_duckdbs_reader(every_kind_
     monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)
     with replay(BundleSource(every_kind_bundle).read()) as r:
         assert r.verification.status == "ok" and r.workset.events == len(b.spans)
+
+
+# --- hostile bundles: the decoder never vouches for what agentledger's verifier would refuse -----
+
+def _sealed_chain(seqs: list[int], sid: str = "019b76da-0000-7000-8000-00000000f022") -> list[bytes]:
+    """Events with exactly these seqs, each sealed and chained to the one before (whatever the seqs)."""
+    from schemas.envelope import GENESIS_HASH, Sealer, make_record
+
+    store = load_store()
+    sealer, prev, out = Sealer(store), GENESIS_HASH, []
+    ended = next(k.name for k in store.kinds if k.kind == "session_ended")
+    for i, seq in enumerate(seqs):
+        rec = make_record(event_id=f"019b76da-0000-7000-8000-{i:012x}", session_id=sid, seq=seq,
+                          occurred_at_us=SIM_EPOCH_US + i, producer=ProducerIdentity("codex", "1").record(),
+                          payload_name=ended, payload={"status": "completed", "reason": None}, prev_hash=prev)
+        sealed = sealer.seal(rec)
+        out.append(sealed.value)
+        prev = sealed.hash
+    return out
+
+
+def _vouched(data: bytes, **kw):
+    """(what the decoder vouched for, or None when it gave up), and `check_bundle`'s verdict."""
+    b = parse_bundle(data)
+    with native.scratch_dir() as d:
+        try:
+            with native.Decoding(b.data, load_store().current.schema, d, bundle=b, **kw) as run:
+                v = run.result().vouched
+        except native.NativeDecodeError:
+            v = None
+    return v, check_bundle(parse_bundle(data))
+
+
+def _bundle_of(values: list[bytes], path: Path) -> bytes:
+    write_bundle(path, session_id=parse_session(values[0]), values=values, writer_schema=load_store().current.schema,
+                 checkpoints=[], allow_broken=True)
+    return path.read_bytes()
+
+
+def parse_session(value: bytes) -> str:
+    from replay.chain import envelope_head
+
+    return envelope_head(value)[1]
+
+
+def test_seq_overflowing_a_long_is_not_vouched_for(tmp_path):
+    top = 2**63 - 1
+    v, ref = _vouched(_bundle_of(_sealed_chain([top, -(2**63)]), tmp_path / "wrap.avro"))
+    assert not ref.ok and (v is None or not v.sound)
+    v, ref = _vouched(_bundle_of(_sealed_chain([top]), tmp_path / "top.avro"))
+    assert v is None or not v.sound or ref.ok  # (the last long: vouched only if agentledger accepts it too)
+
+
+def test_an_overlong_seq_varint_is_not_vouched_for(tmp_path):
+    """seq 0 written as ten bytes whose last one overflows 64 bits: Python reads 2**63, not 0."""
+    import hashlib
+
+    from replay.chain import envelope_head
+
+    (value,) = _sealed_chain([0])
+    body = bytearray(value[10:])
+    eid_len = body[0] >> 1
+    at = 1 + eid_len
+    sid_len = body[at] >> 1
+    at += 1 + sid_len
+    assert body[at] == 0  # seq 0: one byte
+    body[at:at + 1] = b"\x80" * 9 + b"\x02"
+    header = value[:10]
+    body[-64:] = hashlib.sha256(header + bytes(body[:-66])).hexdigest().encode()
+    assert envelope_head(header + bytes(body))[2] != 0  # agentledger's reader: not seq 0
+    b = parse_bundle(_bundle_of(_sealed_chain([0]), tmp_path / "one.avro"))
+    data = b.data[: b.header.length] + b"\x02" + codec.zigzag_varint(len(body)) + bytes(body) + b.data[b.spans[0][1]:]
+    v, ref = _vouched(data)
+    assert not ref.ok and (v is None or not v.sound)
+
+
+def test_an_empty_bundle_is_not_vouched_for(tmp_path):
+    from replay.bundle import header_digest
+
+    b = parse_bundle(_bundle_of(_sealed_chain([0]), tmp_path / "one.avro"))
+    meta = dict(b.header.metadata)
+    meta["agentledger.event_count"] = b"0"
+    meta["agentledger.head_hash"] = b""
+    meta["agentledger.header_digest"] = header_digest(meta, b.header.sync).encode()
+    empty = codec.ocf_header(b.header.schema, b.header.sync, meta)
+    v, ref = _vouched(empty)
+    assert not ref.ok and (v is None or not v.sound)
+
+
+def test_a_block_with_bytes_after_its_record_cannot_hang_replay(tmp_path):
+    """arrow-avro 60 loops on a block whose record ends before the block does; agentledger's fast
+    verifier accepts such a block when its last bytes are valid hash fields. The decoder is given up
+    on after its time bound, and nothing of it is used."""
+    import hashlib
+    import time
+
+    (value,) = _sealed_chain([0])
+    header, body = value[:10], value[10:]
+    padded = bytearray(body + b"\x00" * 8 + body[-132:])  # the record, junk, then prev + hash fields again
+    padded[-64:] = hashlib.sha256(header + bytes(padded[:-66])).hexdigest().encode()
+    b = parse_bundle(_bundle_of(_sealed_chain([0]), tmp_path / "one.avro"))
+    data = b.data[: b.header.length] + b"\x02" + codec.zigzag_varint(len(padded)) + bytes(padded) + b.data[b.spans[0][1]:]
+    t0 = time.monotonic()
+    v, ref = _vouched(data, timeout=3)
+    assert time.monotonic() - t0 < 30
+    assert v is None or not v.sound or ref.ok

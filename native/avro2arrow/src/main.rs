@@ -223,6 +223,9 @@ fn varint(data: &[u8], mut pos: usize) -> Option<(i64, usize)> {
     loop {
         let b = *data.get(pos)?;
         pos += 1;
+        if shift == 63 && b > 1 {
+            return None; // more than 64 bits: Python reads a bigger number than this could hold
+        }
         acc |= ((b & 0x7f) as u64) << shift;
         if b & 0x80 == 0 {
             return Some((((acc >> 1) as i64) ^ -((acc & 1) as i64), pos));
@@ -335,20 +338,29 @@ fn verify(data: &[u8], v: &VerifyArgs, f: &Framing) -> Result<String, String> {
                     break;
                 }
             }
-            expected += 1;
+            expected = match expected.checked_add(1) {
+                Some(next) => next,
+                None => {
+                    chain_ok = false; // (Python counts on past i64: not vouched for)
+                    break;
+                }
+            };
             prev.clear();
             prev.extend_from_slice(claimed);
             verified += 1;
         }
     }
-    let head_hash = if verified > 0 { String::from_utf8_lossy(&prev).into_owned() } else { String::new() };
+    // An empty chain is never vouched for (its head is the first prev hash; Python says so).
+    let head_hash = String::from_utf8_lossy(&prev).into_owned();
+    let chain_ok = chain_ok && verified > 0 && verified == spans.len();
+    let head_seq = expected.checked_sub(1).unwrap_or(i64::MIN);
     Ok(format!(
         "{{\"events\":{},\"framing_ok\":{},\"chain_ok\":{},\"verified\":{},\"head_seq\":{},\"head_hash\":\"{}\"}}",
         spans.len(),
         framing_ok,
-        chain_ok && verified == spans.len(),
+        chain_ok,
         verified,
-        expected - 1,
+        head_seq,
         head_hash
     ))
 }
