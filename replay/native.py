@@ -153,9 +153,9 @@ class Decoding:
         except (OSError, ValueError) as exc:
             raise NativeDecodeError(f"{BINARY} did not run: {exc}") from exc
         # A bound on a stuck decoder (arrow-avro 60 loops on a block whose record ends before the
-        # block does): 50x what 1M events take here, then replay falls back to DuckDB's reader.
+        # block does): about 40x what 1M events take here, then replay falls back to DuckDB's reader.
         if timeout is None:
-            timeout = 30 + len(data) / 4e6
+            timeout = 10 + len(data) / 10e6
         self._timer = threading.Timer(timeout, self._proc.kill)
         self._timer.daemon = True
         self._timer.start()
