@@ -33,11 +33,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use arrow_array::{Array, ArrayRef, RecordBatch, UInt32Array, UnionArray};
+use arrow_array::types::Int32Type;
+use arrow_array::{Array, ArrayRef, DictionaryArray, ListArray, RecordBatch, StructArray, UInt32Array, UnionArray};
 use arrow_avro::reader::ReaderBuilder;
 use arrow_avro::schema::AvroSchema;
 use arrow_ipc::writer::FileWriter;
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow_select::take::take;
 use sha2::{Digest, Sha256};
 
@@ -59,11 +60,36 @@ fn plain_field(f: &Field) -> Field {
 }
 
 fn plain(a: ArrayRef) -> Result<ArrayRef, String> {
-    let want = plain_type(a.data_type());
-    if &want == a.data_type() {
-        return Ok(a);
+    let err = |e: arrow_schema::ArrowError| format!("cannot unpack the enums of a {}: {e}", a.data_type());
+    match a.data_type() {
+        DataType::Dictionary(_, _) => {
+            let d = a
+                .as_any()
+                .downcast_ref::<DictionaryArray<Int32Type>>()
+                .ok_or_else(|| format!("an enum decoded as {}, not with Int32 keys", a.data_type()))?;
+            take(plain(d.values().clone())?.as_ref(), d.keys(), None).map_err(err)
+        }
+        DataType::Struct(_) => {
+            let (fields, columns, nulls) = a.as_any().downcast_ref::<StructArray>().expect("a struct").clone().into_parts();
+            let columns = columns.into_iter().map(plain).collect::<Result<Vec<_>, _>>()?;
+            let fields: Fields = fields
+                .iter()
+                .zip(&columns)
+                .map(|(f, c)| f.as_ref().clone().with_data_type(c.data_type().clone()))
+                .collect();
+            Ok(Arc::new(StructArray::try_new(fields, columns, nulls).map_err(err)?))
+        }
+        DataType::List(_) => {
+            let (field, offsets, values, nulls) = a.as_any().downcast_ref::<ListArray>().expect("a list").clone().into_parts();
+            let values = plain(values)?;
+            let field = Arc::new(field.as_ref().clone().with_data_type(values.data_type().clone()));
+            Ok(Arc::new(ListArray::try_new(field, offsets, values, nulls).map_err(err)?))
+        }
+        DataType::LargeList(_) | DataType::Map(_, _) if &plain_type(a.data_type()) != a.data_type() => {
+            Err(format!("cannot unpack the enums inside a {}", a.data_type()))
+        }
+        _ => Ok(a),
     }
-    arrow_cast::cast(&a, &want).map_err(|e| format!("cannot unpack the enums of a {}: {e}", a.data_type()))
 }
 
 struct Args {
