@@ -178,6 +178,11 @@ def _native_check_and_load(raw: RawSession, store: SchemaStore, box: dict) -> Bu
     return bcheck
 
 
+def _chain_of(bcheck: BundleCheck, raw: RawSession) -> ChainResult:
+    """The chain as the bundle check verified it; its events' own when the header was unreadable."""
+    return bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+
+
 def checkpoint_rows(con, session_id: str) -> list[dict]:
     cur = con.execute("SELECT seq, checkpoint FROM events WHERE session_id = ? AND kind = 'checkpoint' ORDER BY seq",
                       [session_id])
@@ -199,7 +204,7 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
         # The native decoder decodes, frames and checks the chain in one process, on two threads.
         bcheck = _native_check_and_load(raw, store, box)
     if bcheck is not None:
-        chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+        chain = _chain_of(bcheck, raw)
     elif big and _can_fork():
         # A big bundle without the native decoder: it is framed and its raw chain verified in a
         # forked process (pure Python hashing, no GIL shared) while this one has DuckDB decode it.
@@ -215,11 +220,11 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
                 box = _try_load(raw, store)
         else:
             bcheck = _check_in_child(b, lambda: box.update(_try_load(raw, store)))
-        chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+        chain = _chain_of(bcheck, raw)
     else:
         if raw.bundle is not None:
             bcheck = bundle_check or check_bundle(raw.bundle)
-            chain = bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+            chain = _chain_of(bcheck, raw)
         else:
             chain = verify_values(raw.values, session_id=raw.session_id)
         box.update(_try_load(raw, store))
