@@ -361,3 +361,46 @@ def test_a_block_with_bytes_after_its_record_cannot_hang_replay(tmp_path):
     v, ref = _vouched(data, timeout=3)
     assert time.monotonic() - t0 < 30
     assert v is None or not v.sound or ref.ok
+
+
+def test_a_summary_that_does_not_add_up_leaves_the_workset_untouched(every_kind_bundle, tmp_path, monkeypatch):
+    """The decoder's summary is checked before anything is committed: a wrong one (here, one row
+    more than its files hold) leaves ``events`` the empty table, and DuckDB's reader fills it."""
+    import replay.workset as W
+
+    real = native.decoder()
+    liar = _fake_decoder(tmp_path, f'"{real}" "$@" | sed -E \'s/^\\{{"rows":([0-9]+)/{{"rows":1\\1/\'')
+    monkeypatch.setenv(native.ENV, str(liar))
+    b = parse_bundle(every_kind_bundle.read_bytes())
+    with pytest.raises(native.NativeDecodeError, match="rows"):
+        load_bundle_natively(b)
+    monkeypatch.setattr(W, "NATIVE_MIN_BYTES", 0)
+    with load(BundleSource(every_kind_bundle).read()) as ws:
+        assert ws.decoder == "duckdb" and ws.events == len(b.spans)
+        assert ws.con.execute("SELECT table_type FROM information_schema.tables "
+                              "WHERE table_name = 'events'").fetchone()[0] == "BASE TABLE"
+    monkeypatch.setenv(native.ENV, str(real))
+    with load(BundleSource(every_kind_bundle).read()) as ws:
+        assert ws.decoder == "native" and ws.events == len(b.spans)
+
+
+def test_a_header_schema_differing_only_in_logical_types_is_read_with_the_current_one(tmp_path):
+    """Logical types do not change a schema's fingerprint: a bundle whose header drops them is
+    decoded with the current reader schema all the same (timestamps stay timestamps)."""
+    import copy
+
+    store = load_store()
+    sid, values = _every_kind_session(n_rounds=3)
+    bare = copy.deepcopy(store.current.schema)
+    for f in bare["fields"]:
+        if f["name"] == "occurred_at":
+            f["type"] = "long"
+    path = tmp_path / "bare.avro"
+    write_bundle(path, session_id=sid, values=values, writer_schema=bare, checkpoints=[
+        checkpoint_entry(ev["seq"], ev["payload"][1]) for ev in map(store.decode, values)
+        if ev["payload"][0].endswith("Checkpoint")])
+    b = parse_bundle(path.read_bytes())
+    assert b.fingerprint == store.current.fingerprint
+    with load_bundle_natively(b, store)[0] as ws:
+        t, first = ws.con.execute("SELECT any_value(typeof(occurred_at)), min(occurred_at) FROM events").fetchone()
+        assert t == "TIMESTAMP" and first.year == 2026
