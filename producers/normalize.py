@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from schemas.envelope import uuid7
 # (the policy engine and the producers share how commands and URLs are read: they live in the core)
-from schemas.policy import SHELLS, network_protocol, shell_segments, simple_commands, urls_in  # noqa: F401
+from schemas.policy import network_protocol, urls_in, wrapped_command  # noqa: F401 (network_protocol, urls_in: for the producers)
 
 # -- identifiers ------------------------------------------------------------------------------
 
@@ -333,8 +333,7 @@ def command_argv(cmd: Any) -> tuple[list[str], str | None] | None:
     if isinstance(cmd, list) and cmd and all(isinstance(x, (str, int, float)) for x in cmd):
         argv = [str(x) for x in cmd]
         # Codex wraps shell strings as [bash, -lc, "..."]: keep argv, expose the string too.
-        shell = argv[2] if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] in ("-c", "-lc", "-ic") else None
-        return argv, shell
+        return argv, wrapped_command(argv)
     if isinstance(cmd, str) and cmd.strip():
         return split_shell(cmd), cmd
     return None

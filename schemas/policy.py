@@ -386,12 +386,18 @@ def _check(value: Any, allowed: Iterable[str], what: str) -> str:
 SHELLS = {"bash", "sh", "zsh", "dash", "fish", "ksh", "pwsh", "powershell", "powershell.exe", "cmd.exe"}
 
 
+def wrapped_command(argv: list[str]) -> str | None:
+    """The command string of a shell wrapper argv (``bash -lc "..."``), else None."""
+    if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] in ("-c", "-lc", "-ic"):
+        return argv[2]
+    return None
+
+
 def simple_commands(argv: list[str]) -> list[list[str]]:
     """The simple commands inside an argv: unwraps ``bash -lc "a && b | c"`` and splits the string on
     shell operators, so a policy sees every program a compound command runs."""
-    if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] in ("-c", "-lc", "-ic"):
-        return shell_segments(argv[2])
-    return [argv]
+    inner = wrapped_command(argv)
+    return shell_segments(inner) if inner is not None else [argv]
 
 
 def shell_segments(command: str) -> list[list[str]]:

@@ -24,7 +24,8 @@
 //!           --first-seq N --first-prev-hash HASH --spans-out FILE]
 //! On success prints a JSON line {"kind": <branch>, "rows": n} as each kind's file is complete,
 //! then one with the summary: {"rows": N, "kinds": {"<branch>": rows, ...}[, "verify": {...}]}.
-//! On failure prints the reason on stderr and exits 2.
+//! On failure prints the reason on stderr and exits 2. With AGENTLEDGER_AVRO2ARROW_TIMINGS set, the
+//! time of each phase goes to stderr (for docs/replay.md's breakdown).
 
 use std::collections::BTreeMap;
 use std::fs::File;
