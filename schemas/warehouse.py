@@ -471,6 +471,12 @@ class Warehouse:
             opts.append(f"DATA_PATH '{_lit(lake.data_path)}'")
         if self.read_only:
             opts.append("READ_ONLY")
+        else:
+            # No rows stored inline in the catalog: DuckLake 1.5.5 gives a BLOB inside a STRUCT back
+            # from there as the text "CAST('...' AS BLOB)", which changed every checkpoint signature
+            # ingested in a small batch (tests/test_replay.py). Small batches become small files,
+            # which `agentledger compact` merges.
+            opts.append("DATA_INLINING_ROW_LIMIT 0")
         if self.snapshot is not None:
             opts.append(f"SNAPSHOT_VERSION {int(self.snapshot)}")
         for attempt in range(40):  # several processes creating / attaching one catalog race on its lock

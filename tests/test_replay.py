@@ -264,3 +264,20 @@ def test_checkpoint_signatures_are_verified_with_trusted_keys_only(tmp_path):
         v = r.verification
         first_cp = min(c.seq for c in v.checkpoints)
         assert v.status == "broken" and v.first_bad_seq == first_cp and v.reason == "checkpoint_invalid"
+
+
+def test_signatures_survive_a_ducklake_warehouse_written_in_small_batches(tmp_path):
+    """DuckLake (1.5.5) stores small inserts inline in its catalog, and a BLOB inside a STRUCT comes
+    back from there as the text "CAST('...' AS BLOB)": every checkpoint signature ingested in a
+    small batch was changed, and `verify` found the event no longer hashing to its hash. The lake
+    is attached with inlining off."""
+    home = tmp_path / "home"
+    signer = signing.generate()
+    signed_session(home, signer)
+    env = cli_env(home, AGENTLEDGER_WAREHOUSE=f"ducklake:sqlite:{tmp_path}/lake/meta.sqlite")
+    run_cli("ingest", "--batch", "3", env=env)
+    rows = json.loads(run_cli("sql", "select checkpoint.signature s from events where kind = 'checkpoint'",
+                              "--format", "json", env=env).stdout)
+    assert rows and all("CAST" not in str(r["s"]) for r in rows)
+    out = json.loads(run_cli("verify", "--format", "json", env=env, check=False).stdout)
+    assert out["ok"] and out["results"][0]["status"] == "ok", out
