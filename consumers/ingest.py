@@ -22,6 +22,12 @@ touches each message only to check its header and its hash (SHA-256 over the raw
 Chains continue across batches, restarts and partitions (the heads are in `chain_heads`). An event
 that arrived before its predecessor is parked in `dead_letters` (seq_gap) and ingested, in the same
 transaction, as soon as the predecessor lands; its dead letter is then marked resolved.
+
+The log-wide Merkle tree (schemas/treelog.py): every transaction that advances sessions -- a batch,
+the healing of parked events, `deadletters retry`, `import bundle`, all through `_update_heads` --
+appends one leaf per advanced session (its new chain head) in that same transaction. With an
+operator key (``tree_heads``), the tree head is signed in the committing transaction (while
+following: at most every ``every_s`` seconds, and always at the end of a run), then published.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
-from schemas import codec
+from schemas import codec, treelog
 from schemas.contract import SchemaStore
 from schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
 from schemas.errors import AgentLedgerError, DecodeError, WarehouseError
@@ -163,6 +169,7 @@ class Ingestor:
         max_retries: int = 30,
         compact_every_s: float | None = None,
         after_commit: Callable[[BatchResult], None] | None = None,
+        tree_heads: treelog.TreeHeads | None = None,
     ):
         self.wh = warehouse
         self.con = warehouse.con
@@ -200,6 +207,70 @@ class Ingestor:
         self._fetch_con: duckdb.DuckDBPyConnection | None = None
         self._last_compact = time.monotonic()
         self._touched: list[str] = []
+        # the Merkle tree: leaves appended by the transaction in progress, heads signed and published
+        self.tree_heads = tree_heads
+        self._tree_added = 0
+        self._unsigned = False
+        self._last_signed = float("-inf")
+        self._follow = False
+
+    # -- tree heads ---------------------------------------------------------------------------
+    def _may_sign(self) -> bool:
+        th = self.tree_heads
+        if th is None or th.signer is None:
+            return False
+        return not self._follow or time.monotonic() - self._last_signed >= th.every_s
+
+    def _sign_in_transaction(self) -> treelog.TreeHead | None:
+        """Inside the committing transaction: sign the tree head if this one added leaves and it is time."""
+        if not self._tree_added:
+            return None
+        self._unsigned = True
+        if not self._may_sign():
+            return None
+        return treelog.sign_head(self.con, self.tree_heads.signer)
+
+    def _after_commit(self, head: treelog.TreeHead | None) -> None:
+        if head is None:
+            return
+        self._unsigned = False
+        self._last_signed = time.monotonic()
+        self.publish_heads()
+
+    def publish_heads(self) -> None:
+        th = self.tree_heads
+        if th is not None and th.publisher is not None:
+            th.publisher.publish(self.con)
+
+    def _maybe_sign_pending(self) -> None:
+        if self._unsigned and self._may_sign():
+            self.finish_tree()
+
+    def finish_tree(self) -> treelog.TreeHead | None:
+        """Sign the tree if leaves were appended since the last head (its own small transaction), then
+        publish whatever head is not published yet. Run at the end of every run and stop."""
+        th = self.tree_heads
+        if th is None or th.signer is None:
+            return None
+        head = None
+        for attempt in range(self.max_retries + 1):
+            self.con.execute("BEGIN TRANSACTION")
+            try:
+                head = treelog.sign_head(self.con, th.signer)
+                self.con.execute("COMMIT")
+                break
+            except duckdb.Error as exc:
+                try:
+                    self.con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
+                if not is_retryable(exc) or attempt == self.max_retries:
+                    raise WarehouseError(f"signing the tree head failed: {str(exc).strip()}") from exc
+                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
+        self._unsigned = False
+        self._last_signed = time.monotonic()
+        self.publish_heads()
+        return head
 
     # -- offsets ------------------------------------------------------------------------------
     def stored_offsets(self, con: duckdb.DuckDBPyConnection | None = None) -> dict[int, int]:
@@ -275,6 +346,8 @@ class Ingestor:
         and DuckDB overlap. Any error stops both and is raised here; committed batches stay."""
         if not self._assigned:
             self.subscribe() if self.group else self.assign()
+        self._follow = follow
+        self.publish_heads()  # a head signed by an earlier run but never published goes out first
         stop = stop or threading.Event()
         halt = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -288,6 +361,7 @@ class Ingestor:
                 try:
                     item = q.get(timeout=0.2)
                 except queue.Empty:
+                    self._maybe_sign_pending()
                     self._maybe_compact(follow)
                     continue
                 if item is _DONE:
@@ -326,6 +400,7 @@ class Ingestor:
             if self._fetch_con is not None:
                 self._fetch_con.close()
                 self._fetch_con = None
+        self.finish_tree()
         stats.seconds = time.perf_counter() - t0
         return stats
 
@@ -504,6 +579,7 @@ class Ingestor:
             result = self._apply(msgs, staged, dead, retry=retry)
             if batch is not None:
                 self._write_offsets(msgs, batch)
+            head = self._sign_in_transaction()
             con.execute("COMMIT")
         except BaseException:
             try:
@@ -514,6 +590,7 @@ class Ingestor:
         finally:
             for t in ("stage", "rejected", "new_heads"):
                 con.execute(f"DROP TABLE IF EXISTS temp.{t}")
+        self._after_commit(head)
         if heal and result.accepted and self._touched:
             healed_sessions: list[str] = []
             result.healed = self._heal(healed_sessions)
@@ -527,6 +604,7 @@ class Ingestor:
         con = self.con
         self._touched = []
         self._batch_sessions = []
+        self._tree_added = 0
         con.execute("CREATE OR REPLACE TEMP TABLE rejected (_i BIGINT, reason VARCHAR, detail VARCHAR)")
         if staged:
             accepted = self._check_chains(msgs, dead)
@@ -820,6 +898,12 @@ class Ingestor:
         self._batch_sessions = [r[0] for r in con.execute("SELECT session_id FROM new_heads").fetchall()]
         con.execute("DELETE FROM chain_heads WHERE session_id IN (SELECT session_id FROM new_heads)")
         con.execute("INSERT INTO chain_heads SELECT * FROM new_heads")
+        # one Merkle leaf per advanced session, in this transaction (schemas/treelog.py)
+        leaves = con.execute("SELECT session_id, head_seq, head_hash, event_count FROM new_heads "
+                             "ORDER BY session_id").fetchall()
+        if leaves:
+            treelog.append_leaves(con, leaves)
+        self._tree_added = len(leaves)
         # sessions whose parked events may now fit (see _heal), if any session has parked events at all
         self._touched = [r[0] for r in con.execute(f"""
             SELECT DISTINCT d.session_id FROM dead_letters d JOIN new_heads n USING (session_id)

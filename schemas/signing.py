@@ -5,6 +5,15 @@ head_hash". The signed message is fixed here and must never change for a given a
 
     agentledger-checkpoint-v1\\n<session_id>\\n<head_seq>\\n<head_hash>\\n<event_count>\\n<final 0|1>
 
+The log operator (the ingest side, see schemas/treelog.py) signs two more messages with its own key,
+never a producer's: a tree head of the warehouse's Merkle tree, and the header of an evidence bundle:
+
+    agentledger-tree-head-v1\\n<log_id>\\n<tree_size>\\n<root_hex>\\n<timestamp_ms>
+    agentledger-bundle-header-v1\\n<session_id>\\n<first_seq>\\n<head_seq>\\n<head_hash>\\n<event_count>
+        \\n<final_checkpoint_seq|none>\\n<log_id>\\n<tree_size>\\n<root_hex>
+
+Each message starts with its own name, so a signature over one can never pass for another.
+
 Keys: a private key is a PKCS#8 PEM file or the environment variable AGENTLEDGER_SIGNING_KEY
 (PEM text, or the raw 32-byte seed in base64). A public key is a SubjectPublicKeyInfo PEM file.
 The key id is the first 16 hex characters of SHA-256 over the raw 32-byte public key.
@@ -27,11 +36,24 @@ from .errors import ConfigError
 ALGORITHM = "ed25519"
 SIGNING_KEY_ENV = "AGENTLEDGER_SIGNING_KEY"
 SIGNING_KEY_FILE_ENV = "AGENTLEDGER_SIGNING_KEY_FILE"
+OPERATOR_KEY_ENV = "AGENTLEDGER_OPERATOR_KEY"
+OPERATOR_KEY_FILE_ENV = "AGENTLEDGER_OPERATOR_KEY_FILE"
 
 
 def checkpoint_message(session_id: str, head_seq: int, head_hash: str, event_count: int, final: bool) -> bytes:
     return (f"agentledger-checkpoint-v1\n{session_id}\n{head_seq}\n{head_hash}\n{event_count}\n"
             f"{1 if final else 0}").encode()
+
+
+def tree_head_message(log_id: str, tree_size: int, root_hex: str, timestamp_ms: int) -> bytes:
+    return f"agentledger-tree-head-v1\n{log_id}\n{int(tree_size)}\n{root_hex}\n{int(timestamp_ms)}".encode()
+
+
+def bundle_header_message(session_id: str, first_seq: int, head_seq: int, head_hash: str, event_count: int,
+                          final_checkpoint_seq: int | None, log_id: str, tree_size: int, root_hex: str) -> bytes:
+    final = "none" if final_checkpoint_seq is None else str(int(final_checkpoint_seq))
+    return (f"agentledger-bundle-header-v1\n{session_id}\n{int(first_seq)}\n{int(head_seq)}\n{head_hash}\n"
+            f"{int(event_count)}\n{final}\n{log_id}\n{int(tree_size)}\n{root_hex}").encode()
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -128,6 +150,75 @@ def signer_from_env(env: dict[str, str] | None = None) -> Signer | None:
     return None
 
 
+def operator_key_dir(home: Path) -> Path:
+    """Where the log operator's key pair lives, and where verify looks for trusted operator keys."""
+    return Path(home) / "keys" / "operator"
+
+
+def load_operator_signer(settings, env: dict[str, str] | None = None, *, create: bool = False) -> Signer | None:
+    """The log operator's key, which signs tree heads and bundle headers (never checkpoints).
+
+    ``AGENTLEDGER_OPERATOR_KEY`` (PEM or base64 seed) or ``AGENTLEDGER_OPERATOR_KEY_FILE``; else the key
+    named by ``$AGENTLEDGER_HOME/keys/operator/current``; else, with ``create``, a new key pair made there
+    once (directory 0700, private key 0600) and marked current. The public key is kept next to it
+    (``<key_id>.pub``), where `agentledger verify` trusts operator keys. None when there is none and
+    ``create`` is false. This is the one place operator keys are loaded."""
+    env = os.environ if env is None else env
+    directory = operator_key_dir(settings.home)
+    signer: Signer | None = None
+    if env.get(OPERATOR_KEY_ENV):
+        signer = load_private(env[OPERATOR_KEY_ENV])
+    elif env.get(OPERATOR_KEY_FILE_ENV):
+        try:
+            signer = load_private(Path(env[OPERATOR_KEY_FILE_ENV]).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the operator key: {exc}") from exc
+    if signer is None:
+        signer = _current_operator_key(directory)
+    if signer is None and create:
+        signer = _create_operator_key(directory)
+    if signer is not None and create:
+        pub = directory / f"{signer.key_id}.pub"
+        if not pub.exists():
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            pub.write_bytes(public_pem(signer.public_key))
+    return signer
+
+
+def _current_operator_key(directory: Path) -> Signer | None:
+    try:
+        kid = (directory / "current").read_text().strip()
+    except OSError:
+        return None
+    try:
+        return load_private((directory / f"{kid}.key").read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"operator key {kid} named in {directory / 'current'} is unreadable: {exc}") from exc
+
+
+def _create_operator_key(directory: Path) -> Signer:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    signer = generate()
+    write_keypair(signer, directory)
+    tmp = directory / f".current.{os.getpid()}.{signer.key_id}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(signer.key_id + "\n")
+    try:
+        os.link(tmp, directory / "current")  # atomic: another process that made one first wins
+    except FileExistsError:
+        for suffix in (".key", ".pub"):
+            (directory / f"{signer.key_id}{suffix}").unlink(missing_ok=True)
+        existing = _current_operator_key(directory)
+        if existing is None:
+            raise ConfigError(f"{directory / 'current'} names no readable operator key") from None
+        signer = existing
+    finally:
+        tmp.unlink(missing_ok=True)
+    return signer
+
+
 class Keyring:
     """Public keys by key id, for verification (a directory of *.pub files, plus explicit keys)."""
 
@@ -161,6 +252,10 @@ class Keyring:
             return True
         except InvalidSignature:
             return False
+
+    def verify_tree_head(self, kid: str, signature: bytes, log_id: str, tree_size: int, root_hex: str,
+                         timestamp_ms: int) -> bool:
+        return self.verify(kid, signature, tree_head_message(log_id, tree_size, root_hex, timestamp_ms))
 
     def verify_checkpoint(self, kid: str, signature: bytes, session_id: str, head_seq: int, head_hash: str,
                           event_count: int, final: bool) -> bool:

@@ -199,6 +199,23 @@ def _tables_ddl(store: SchemaStore, constraints: bool) -> list[str]:
     ]
 
 
+# The log-wide Merkle tree (schemas/treelog.py). Created together, with the one tree_state row, in
+# one transaction: two writers creating them on a new DuckLake conflict, and one retries.
+TREE_TABLES = {
+    "tree_leaves": """CREATE TABLE IF NOT EXISTS tree_leaves (
+  leaf_index BIGINT, session_id VARCHAR, head_seq BIGINT, head_hash VARCHAR, event_count BIGINT,
+  leaf_hash VARCHAR, appended_at TIMESTAMP
+)""",
+    "tree_heads": """CREATE TABLE IF NOT EXISTS tree_heads (
+  log_id VARCHAR, tree_size BIGINT, root_hash VARCHAR, timestamp_ms BIGINT, algorithm VARCHAR, key_id VARCHAR,
+  signature VARCHAR, frontier VARCHAR[], created_at TIMESTAMP
+)""",
+    "tree_state": """CREATE TABLE tree_state (
+  log_id VARCHAR, tree_size BIGINT, root_hash VARCHAR, frontier VARCHAR[], updated_at TIMESTAMP
+)""",
+}
+
+
 VIEWS = {
     "sessions": """
 CREATE OR REPLACE VIEW sessions AS
@@ -544,6 +561,8 @@ class Warehouse:
             if name not in have:
                 self.con.execute(ddl)
         self._add_missing_columns()
+        if "tree_state" not in have:
+            self._create_tree()
         self._ensure_detection_schema(have)
         current = self._view_definitions()
         wanted = _canonical_views(self.store)
@@ -551,6 +570,22 @@ class Warehouse:
             if _norm(current.get(name, "")) != _norm(wanted[name]):
                 self.con.execute(ddl)
         self.record_schema_versions()
+
+    def _create_tree(self) -> None:
+        from .treelog import create_tree
+
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            for ddl in TREE_TABLES.values():
+                self.con.execute(ddl)
+            create_tree(self.con)
+            self.con.execute("COMMIT")
+        except BaseException:
+            try:
+                self.con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise
 
     def _ensure_detection_schema(self, have: dict[str, str]) -> None:
         ensure_detection_schema(self.con, have)
@@ -706,6 +741,7 @@ class Warehouse:
 
 
 TABLE_NAMES = ["events", "ingest_offsets", "chain_heads", "dead_letters", "schema_versions"]
+TREE_TABLE_NAMES = list(TREE_TABLES)
 
 
 def _lit(text: str) -> str:

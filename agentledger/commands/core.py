@@ -56,6 +56,7 @@ def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True,
                detect_options: dict | None = None):
     from consumers.ingest import DEFAULT_BATCH, Ingestor
     from schemas.transport import open_source
+    from schemas.treelog import tree_heads_for
     from schemas.warehouse import open_for
 
     stop = threading.Event()
@@ -65,6 +66,7 @@ def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True,
     wh = open_for(s)
     source = open_source(s, group_id=group) if group and s.uses_kafka else open_source(s)
     detection = None
+    ing = None
     try:
         if detect:  # alerts within seconds: detection runs after each committed batch (detect_cmd.py)
             from .detect_cmd import IngestDetection
@@ -72,7 +74,8 @@ def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True,
             detection = IngestDetection(s, wh, catch_up=not group, **(detect_options or {}))
             detection.start()
         ing = Ingestor(wh, source, s.topic, batch_records=batch_records or DEFAULT_BATCH, group=group,
-                       compact_every_s=compact_every_s, after_commit=detection)
+                       compact_every_s=compact_every_s, after_commit=detection,
+                       tree_heads=tree_heads_for(s, wh.con))
         ing.subscribe() if group else ing.assign()
         with _progress(show_progress) as progress:
             total = None if follow or group else ing.lag()
@@ -87,6 +90,8 @@ def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True,
             if detection is not None:
                 detection.close()
         finally:
+            if ing is not None and ing.tree_heads and ing.tree_heads.publisher:
+                ing.tree_heads.publisher.close()
             source.close()
             wh.close()
     if detection is not None:

@@ -123,6 +123,7 @@ def register(app: typer.Typer) -> None:
         """
         from consumers.ingest import Ingestor
         from schemas.transport.base import Message
+        from schemas.treelog import tree_heads_for
         from schemas.warehouse import open_for
 
         s = settings(ctx)
@@ -135,7 +136,7 @@ def register(app: typer.Typer) -> None:
                 SELECT dead_letter_id, topic, "partition", "offset", "key", raw FROM dead_letters
                 WHERE {where} ORDER BY session_id NULLS LAST, seq, received_at""", params).fetchall()
             letters = [(lid, Message(t, p, o, k, bytes(raw) if raw is not None else b"")) for lid, t, p, o, k, raw in rows]
-            ing = Ingestor(wh, None, s.topic)
+            ing = Ingestor(wh, None, s.topic, tree_heads=tree_heads_for(s, wh.con))
             total = {"retried": len(letters), "accepted": 0, "resolved_as_duplicate": 0, "still_quarantined": 0,
                      "reasons": {}}
             for i in range(0, len(letters), 50_000):
@@ -147,6 +148,8 @@ def register(app: typer.Typer) -> None:
                 for k, v in r.reasons.items():
                     if k != "duplicate":
                         total["reasons"][k] = total["reasons"].get(k, 0) + v
+            ing.finish_tree()
+            ing.tree_heads.publisher.close()
         if fmt is Format.json:
             print_json(total)
         else:

@@ -440,6 +440,7 @@ def register(app: typer.Typer) -> None:
         from replay.bundle import BundleError
         from replay.importing import bundle_messages, new_messages
         from replay.session import verify_bundle
+        from schemas.treelog import tree_heads_for
         from schemas.warehouse import open_warehouse
 
         s = settings(ctx)
@@ -452,12 +453,14 @@ def register(app: typer.Typer) -> None:
         topic, msgs = bundle_messages(b)
         with open_warehouse(s.warehouse) as wh:
             todo = new_messages(wh.con, b.session_id, topic, msgs)
-            ing = Ingestor(wh, None, topic)
+            ing = Ingestor(wh, None, topic, tree_heads=tree_heads_for(s.with_(warehouse=s.warehouse), wh.con))
             accepted = dead = 0
             for i in range(0, len(todo), 50_000):
                 r = ing.ingest_batch(todo[i : i + 50_000])
                 accepted += r.accepted
                 dead += r.dead_letters
+            ing.finish_tree()
+            ing.tree_heads.publisher.close()
         doc = {"bundle": str(bundle), "session_id": b.session_id, "events": len(msgs), "imported": accepted,
                "already_present": len(msgs) - len(todo), "quarantined": dead, "topic": topic, "warehouse": s.warehouse}
         if fmt is Format.json:

@@ -601,6 +601,34 @@ def partition_count(bootstrap_servers: str, topic: str, timeout_s: float = 30) -
         consumer.close(autocommit=False)
 
 
+def last_message(bootstrap_servers: str, topic: str, partition: int, timeout_s: float = 30) -> Message | None:
+    """The last message of one partition (None when it is empty). Nothing is committed."""
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-heads",
+                                 enable_auto_commit=False, request_timeout_ms=int(timeout_s * 1000) + 1000)
+    except KafkaError as exc:
+        raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
+    tp = TopicPartition(topic, partition)
+    try:
+        consumer.assign([tp])
+        begin = consumer.beginning_offsets([tp])[tp]
+        end = consumer.end_offsets([tp])[tp]
+        if end <= begin:
+            return None
+        consumer.seek(tp, end - 1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                for r in records:
+                    if r.offset == end - 1:
+                        return Message(topic, partition, r.offset, r.key, r.value, r.timestamp)
+        raise TransportError(f"{topic}/{partition}: the last message (offset {end - 1}) did not arrive in {timeout_s:.0f}s")
+    except KafkaError as exc:
+        raise TransportError(f"reading the end of {topic}/{partition} failed: {exc}") from exc
+    finally:
+        consumer.close(autocommit=False)
+
+
 def scan_partition(bootstrap_servers: str, topic: str, partition: int, start: int | None = None, *,
                    key: bytes | None = None, timeout_s: float = 120, **overrides: Any) -> tuple[list[Message], int, int]:
     """Read one partition from ``start`` (its beginning when None or out of range) up to its end offset
