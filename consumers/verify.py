@@ -14,7 +14,24 @@ keyring. A session is:
 - ``open``: as ok so far, but it has no session_ended event yet;
 - ``broken``: the first problem is at ``first_bad_seq``, with a ``reason``.
 
-With ``require_signatures``, an unsigned (or only partly covered) session is a problem too.
+Rows are also held to what the warehouse recorded *about* them, so that removing rows shows even
+when what is left verifies: the session's ``chain_heads`` row (head seq, head hash, count) and its
+leaves in the log-wide Merkle tree (schemas/treelog.py; each leaf is the session's chain head at an
+ingest commit, and the latest must be the last row). Sessions are listed from the events, the chain
+heads, the tree and unresolved dead letters, so a session deleted from some of them is still found.
+Reasons of those checks: ``tail_truncated`` (rows end before a recorded head), ``session_deleted``
+(no rows left), ``heads_disagree`` (the chain_heads row is missing or says otherwise),
+``not_in_tree`` (rows beyond the session's latest leaf, or no leaf), ``tree_mismatch`` (a leaf names
+a hash the rows do not have).
+
+The tree itself (`schemas.treelog.check_tree`) is recomputed from its leaves and checked against
+its state, every stored signed tree head and the heads published outside the warehouse.
+
+With ``require_signatures`` a session must also be signed: a valid *final* checkpoint by a trusted
+key covering every event but itself, and its latest leaf covered by a tree head signed by a trusted
+operator key (a published one when published heads were given). A session without a session_ended
+event fails with reason ``open`` unless ``allow_open`` (live monitoring): a session still running
+cannot be told from one whose tail never arrived.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from schemas.errors import DecodeError
 from schemas.rows import iter_session_values
 from schemas.checkpoints import check_checkpoint
 from schemas.signing import Keyring
+from schemas.treelog import TreeReport, has_tree
 from schemas.warehouse import Warehouse
 
 
@@ -43,6 +61,9 @@ class Verdict:
     signed_checkpoints: int = 0
     signed: bool = False
     covered_to_seq: int | None = None  # highest seq covered by a valid signed checkpoint
+    final_signed: bool = False  # a valid final checkpoint by a trusted key
+    leaf_index: int | None = None  # the session's latest leaf in the Merkle tree
+    tree_covered: bool | None = None  # that leaf is in a tree head signed by a trusted operator key
     key_ids: list[str] = field(default_factory=list)
     unknown_key_ids: list[str] = field(default_factory=list)  # signed by keys not in the keyring
 
@@ -65,16 +86,21 @@ class Verdict:
 
 
 def session_ids(wh: Warehouse) -> list[str]:
-    """Every session the warehouse knows: from its events, its chain heads and its dead letters."""
-    rows = wh.con.execute("""
-        SELECT session_id FROM chain_heads
+    """Every session the warehouse knows: from its events, its chain heads, its Merkle tree and its
+    unresolved dead letters."""
+    tree = "UNION SELECT DISTINCT session_id FROM tree_leaves" if has_tree(wh.con) else ""
+    rows = wh.con.execute(f"""
+        SELECT DISTINCT session_id FROM events
+        UNION SELECT session_id FROM chain_heads
+        {tree}
         UNION SELECT DISTINCT session_id FROM dead_letters WHERE session_id IS NOT NULL AND resolved_at IS NULL
         ORDER BY 1""").fetchall()
-    return [r[0] for r in rows]
+    return [r[0] for r in rows if r[0] is not None]
 
 
 def verify_session(wh: Warehouse, session_id: str, keyring: Keyring, *, require_signatures: bool = False,
-                   store: SchemaStore | None = None) -> Verdict:
+                   store: SchemaStore | None = None, allow_open: bool = False,
+                   tree: TreeReport | None = None) -> Verdict:
     store = store or wh.store
     v = Verdict(session_id, "open")
     chain = ChainVerifier(session_id)
@@ -101,17 +127,36 @@ def verify_session(wh: Warehouse, session_id: str, keyring: Keyring, *, require_
         problem = (chain.head_seq + 1, "unreadable_row", f"{exc.reason}: {exc.detail}")
     if problem is None:
         problem = _quarantined_problem(wh, session_id, chain.head_seq)
+    leaves = _leaves(wh, session_id)
+    if problem is None:
+        problem = _recorded_heads_problem(wh, session_id, v.events, hashes, ended, leaves)
     if problem is None and v.events == 0:
         problem = (0, "no_events", "the warehouse holds no event of this session")
+    if leaves:
+        v.leaf_index = leaves[-1][0]
+        if tree is not None:
+            v.tree_covered = v.leaf_index < tree.covered_size
     if problem is None and require_signatures:
         last = chain.head_seq
-        if not v.signed:
+        if not ended and not allow_open:
+            problem = (last + 1, "open", "no session_ended event: the session is still running or its tail is "
+                                         "missing (the two cannot be told apart; --allow-open accepts open sessions)")
+        elif not v.signed:
             problem = (0, "unsigned", "no checkpoint signed by a known key" + (
                 f" (signed by unknown key {', '.join(v.unknown_key_ids)})" if v.unknown_key_ids else ""))
+        elif ended and not v.final_signed:
+            problem = (last, "no_final_checkpoint", "the session ended without a final checkpoint signed by a "
+                                                    "trusted key")
         elif ended and v.covered_to_seq is not None and v.covered_to_seq < last - 1:
             # the final checkpoint follows the end event, so it covers everything but itself
             problem = (v.covered_to_seq + 1, "not_covered",
                        f"events after seq {v.covered_to_seq} are not covered by a signed checkpoint")
+        elif tree is None or not v.tree_covered:
+            covered = [lf for lf in leaves if tree is not None and lf[0] < tree.covered_size]
+            first = covered[-1][1] + 1 if covered else 0
+            src = "published" if tree is not None and tree.coverage_from == "published" else "stored"
+            problem = (first, "not_in_signed_tree",
+                       f"events from seq {first} on are not in any {src} tree head signed by a trusted operator key")
     if problem is not None:
         v.status = "broken"
         v.first_bad_seq, v.reason, v.detail = problem
@@ -140,6 +185,8 @@ def _check_checkpoint(v: Verdict, rec: dict, hashes: list[str], keyring: Keyring
         return None
     v.signed_checkpoints += 1
     v.signed = True
+    if cp.get("final"):
+        v.final_signed = True
     v.covered_to_seq = max(v.covered_to_seq or -1, cp["head_seq"])
     if kid not in v.key_ids:
         v.key_ids.append(kid)
@@ -162,8 +209,60 @@ def _quarantined_problem(wh: Warehouse, session_id: str, head_seq: int) -> tuple
     return head_seq + 1, reason, f"quarantined: {detail}"
 
 
+def _leaves(wh: Warehouse, session_id: str) -> list[tuple[int, int, str, int]]:
+    if not has_tree(wh.con):
+        return []
+    return [tuple(r) for r in wh.con.execute(
+        "SELECT leaf_index, head_seq, head_hash, event_count FROM tree_leaves WHERE session_id = ? ORDER BY leaf_index",
+        [session_id]).fetchall()]
+
+
+def _recorded_heads_problem(wh: Warehouse, session_id: str, rows: int, hashes: list[str], ended: bool,
+                            leaves: list[tuple[int, int, str, int]]) -> tuple[int, str, str] | None:
+    """The rows (``rows`` of them, all verified, seq 0..rows-1 hashing to ``hashes``) against the
+    session's chain_heads row and its leaves in the Merkle tree."""
+    head = wh.con.execute("SELECT head_seq, head_hash, event_count, ended FROM chain_heads WHERE session_id = ?",
+                          [session_id]).fetchall()
+    last = rows - 1
+    recorded = [("the Merkle tree", lf[1]) for lf in leaves[-1:]] + [("chain_heads", h[0]) for h in head]
+    if rows == 0:
+        if recorded:
+            where = " and ".join(sorted({w for w, _ in recorded}))
+            return 0, "session_deleted", f"no events of this session are left, but {where} record it"
+        return None
+    for where, seq in recorded:
+        if seq > last:
+            return last + 1, "tail_truncated", (f"{where} records the session up to seq {seq} ({seq + 1} events), "
+                                                f"the warehouse holds seq 0..{last} only")
+    if leaves:
+        prev = -1
+        for idx, seq, h, n in leaves:
+            if seq <= prev or not 0 <= seq <= last or hashes[seq] != h or n != seq + 1:
+                return max(0, min(seq, last)), "tree_mismatch", (f"Merkle tree leaf {idx} says seq {seq} hashes to "
+                                                                 f"{str(h)[:16]}… with {n} events; the rows disagree")
+            prev = seq
+        if leaves[-1][1] < last:
+            return leaves[-1][1] + 1, "not_in_tree", (f"events after seq {leaves[-1][1]} are in no Merkle tree leaf "
+                                                      "(rows were added to the warehouse outside ingest)")
+    elif has_tree(wh.con):
+        return 0, "not_in_tree", "the session has no leaf in the Merkle tree (rows added outside ingest)"
+    if len(head) != 1:
+        return 0, "heads_disagree", f"the session has {len(head)} chain_heads rows, not one"
+    seq, h, n, h_ended = head[0]
+    if seq < last:
+        return seq + 1, "heads_disagree", f"events after the recorded chain head (seq {seq}) are in the warehouse"
+    if hashes[seq] != h or n != rows or bool(h_ended) != ended:
+        return seq, "heads_disagree", (f"chain_heads says head seq {seq} hashes to {str(h)[:16]}…, {n} events, "
+                                       f"ended {bool(h_ended)}; the rows say {hashes[seq][:16]}…, {rows}, {ended}")
+    return None
+
+
 def verify(wh: Warehouse, sessions: Iterable[str] | None, keyring: Keyring, *,
-           require_signatures: bool = False) -> Iterator[Verdict]:
+           require_signatures: bool = False, allow_open: bool = False,
+           tree: TreeReport | None = None) -> Iterator[Verdict]:
+    """Verify ``sessions`` (default: every session the warehouse knows, see `session_ids`). ``tree``:
+    the result of `schemas.treelog.check_tree`, which says what signed tree heads cover."""
     ids = list(sessions) if sessions else session_ids(wh)
     for sid in ids:
-        yield verify_session(wh, sid, keyring, require_signatures=require_signatures)
+        yield verify_session(wh, sid, keyring, require_signatures=require_signatures, allow_open=allow_open,
+                             tree=tree)

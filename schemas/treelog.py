@@ -437,7 +437,11 @@ def heads_topic_name(events_topic: str) -> str:
 def _pin_path(home: Path, warehouse_url: str) -> Path:
     import hashlib
 
-    return Path(home) / "heads" / "pins" / hashlib.sha256(warehouse_url.encode()).hexdigest()[:24]
+    try:  # a warehouse inside the home is named relative to it, so a moved or copied home keeps its pin
+        key = str(Path(warehouse_url).resolve().relative_to(Path(home).resolve()))
+    except (ValueError, OSError):
+        key = warehouse_url
+    return Path(home) / "heads" / "pins" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def pin_log(home: Path, warehouse_url: str, log_id: str) -> None:

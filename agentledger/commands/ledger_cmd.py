@@ -29,32 +29,51 @@ def register(app: typer.Typer) -> None:
         public_key: Optional[List[Path]] = typer.Option(
             None, "--public-key", help="Ed25519 public key (.pub PEM) or a directory of them; repeatable. "
                                        "$AGENTLEDGER_HOME/keys/*.pub are always included."),
+        operator_key: Optional[List[Path]] = typer.Option(
+            None, "--operator-key", help="Trusted log operator public key (file or directory; repeatable), for "
+                                         "signed tree heads. $AGENTLEDGER_HOME/keys/operator/*.pub are always included."),
+        heads: Optional[List[str]] = typer.Option(
+            None, "--heads", help="Published tree heads to check the warehouse against: a heads file, or "
+                                  "kafka:TOPIC (repeatable). Default: HOME/heads/<log_id>.jsonl, and the heads "
+                                  "topic with Kafka."),
         require_signatures: bool = typer.Option(False, "--require-signatures",
-                                                help="An unsigned session is a failure, not 'ok (unsigned)'."),
+                                                help="An unsigned session is a failure, not 'ok (unsigned)': it needs "
+                                                     "a signed final checkpoint and a signed tree head covering it."),
+        allow_open: bool = typer.Option(False, "--allow-open", help="With --require-signatures: accept sessions "
+                                                                     "that have not ended yet (live monitoring)."),
         fmt: _Kind = typer.Option(_Kind.table, "--format", help="table or json."),
     ) -> None:
-        """Re-check sessions from the warehouse: every hash, the chain, and signed checkpoints.
+        """Re-check sessions from the warehouse: every hash, the chain, signed checkpoints and the Merkle tree.
 
-        Exits 1 if any session is broken, naming its first bad seq and the reason. Rows are
-        re-encoded to the exact bytes the producer sealed, so an edited row is found.
+        Exits 1 if any session is broken, naming its first bad seq and the reason, or if the tree does
+        not match its leaves, its signed heads or the heads published outside the warehouse. Rows are
+        re-encoded to the exact bytes the producer sealed, so an edited row is found; rows are held to
+        chain_heads and the tree, so removed rows and sessions are found too.
 
-        Example:  agentledger verify --public-key ~/.agentledger/keys --format json
+        Example:  agentledger verify --require-signatures --heads /audit/heads.jsonl --format json
         """
         from consumers.verify import verify as run_verify
-        from schemas.signing import Keyring
+        from schemas import treelog
+        from schemas.signing import Keyring, operator_key_dir
         from schemas.warehouse import open_for
 
         s = settings(ctx)
-        paths = [s.home / "keys", *(public_key or [])]
-        for p in public_key or []:
+        for p in [*(public_key or []), *(operator_key or [])]:
             if not p.exists():
                 raise WarehouseError(f"no public key at {p}")
-        keyring = Keyring.from_paths(*paths)
+        keyring = Keyring.from_paths(s.home / "keys", *(public_key or []))
+        operators = Keyring.from_paths(operator_key_dir(s.home), *(operator_key or []))
         with open_for(s, read_only=True) as wh:
-            verdicts = list(run_verify(wh, sessions, keyring, require_signatures=require_signatures))
+            sources, pin_problem = _heads_sources(s, wh.con, heads)
+            tree = treelog.check_tree(wh.con, operators, sources, require_sources=bool(heads))
+            if pin_problem:
+                tree.problem("log_replaced", pin_problem)
+            verdicts = list(run_verify(wh, sessions, keyring, require_signatures=require_signatures,
+                                       allow_open=allow_open, tree=tree))
         bad = [v for v in verdicts if not v.ok]
         if fmt is _Kind.json:
-            print_json({"ok": not bad, "sessions": len(verdicts), "broken": len(bad), "keys": len(keyring),
+            print_json({"ok": not bad and tree.ok, "sessions": len(verdicts), "broken": len(bad), "keys": len(keyring),
+                        "operator_keys": len(operators), "tree": tree.as_dict(),
                         "results": [v.as_dict() for v in verdicts]})
         else:
             render_rows(["session_id", "result", "events", "checkpoints", "signed", "detail"],
@@ -62,7 +81,17 @@ def register(app: typer.Typer) -> None:
                          for v in verdicts], Format.table, title="verify")
             console.print(f"{len(verdicts) - len(bad)} of {len(verdicts)} sessions verify"
                           + (f"; [bold red]{len(bad)} broken[/]" if bad else ""))
-        if bad:
+            console.print(f"Merkle tree: log {tree.log_id}, {tree.size} leaves, root {(tree.root_hash or '?')[:16]}…; "
+                          f"{tree.heads_valid} of {tree.heads} stored heads trusted; "
+                          f"{tree.published_valid} of {tree.published} published heads verify"
+                          + (f" ({', '.join(tree.sources)})" if tree.sources else " (no published heads)"),
+                          markup=False, highlight=False)
+            for w in tree.warnings:
+                console.print(f"  note: {w}", markup=False, highlight=False, style="yellow")
+            for pr in tree.problems:
+                console.print(f"  tree broken: {pr['code']}: {pr['detail']}", markup=False, highlight=False,
+                              style="bold red")
+        if bad or not tree.ok:
             raise typer.Exit(1)
 
     dl = typer.Typer(help="Quarantined messages: list them, feed them through validation again.\n\n"
@@ -193,6 +222,39 @@ def register(app: typer.Typer) -> None:
         s = settings(ctx)
         with open_for(s, read_only=True) as wh:
             render_rows(["snapshot_id", "snapshot_time", "changes"], wh.snapshots(limit), fmt)
+
+
+def _heads_sources(s, con, heads: list[str] | None) -> tuple[list, str | None]:
+    """Where published tree heads are read from: ``--heads`` (files, ``kafka:TOPIC``), else the home's
+    heads file of this warehouse's log and, with Kafka, the heads topic. Also says whether the
+    warehouse's log is not the one this home published heads for (its tree was dropped and re-made)."""
+    from schemas import treelog
+
+    if heads:
+        out = []
+        for h in heads:
+            if h.startswith("kafka:"):
+                if not s.bootstrap_servers:
+                    raise WarehouseError(f"--heads {h} needs --bootstrap-servers (or AGENTLEDGER_BOOTSTRAP_SERVERS)")
+                out.append(treelog.HeadsTopic(s.bootstrap_servers, h[len("kafka:"):]))
+            else:
+                out.append(treelog.HeadsFile(Path(h)))
+        return out, None
+    if not treelog.has_tree(con):
+        return [], None
+    try:
+        log_id = treelog.read_state(con).log_id
+    except treelog.TreeError:
+        return [], None
+    out = treelog.default_destinations(s, log_id)
+    out = [d for d in out if not isinstance(d, treelog.HeadsFile) or d.path.exists()]
+    pinned = treelog.pinned_log(s.home, s.warehouse)
+    if pinned and pinned != log_id:
+        old = treelog.HeadsFile(treelog.heads_file_path(s.home, pinned))
+        return out + ([old] if old.path.exists() else []), (
+            f"this home published heads of log {pinned} for {s.warehouse}, whose tree is now log {log_id}: the "
+            "tree was dropped and made anew")
+    return out, None
 
 
 def _filters(reason, session, include_resolved) -> tuple[str, list]:
