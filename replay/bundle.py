@@ -19,8 +19,19 @@ from checkpoint signatures: a checkpoint signed by a key you trust (``--public-k
 ``$AGENTLEDGER_HOME/keys``) proves events 0..head_seq are what that key holder recorded. Public
 keys embedded in a bundle are reported but never trusted by themselves.
 
-A session whose events were written under several writer schemas cannot be one standard OCF (an
-OCF has one schema): `export` refuses it and names the seq where the schema changes.
+Format 2 adds *provenance* from the exporting warehouse's log operator (schemas/treelog.py):
+
+* ``agentledger.tree_head`` -- a signed tree head (STH) of the warehouse's log-wide Merkle tree;
+* ``agentledger.inclusion`` -- the RFC 9162 inclusion proof, against that STH, of the session's latest
+  leaf, whose entry is (session id, head seq, head hash, event count). One proof covers the whole
+  chain: the head hash commits to every earlier event, so the leaf proves seq 0..head seq;
+* ``agentledger.header_signature`` -- the operator's signature over the header's session id, first
+  seq, head seq, head hash, event count, final checkpoint seq (``agentledger.final_checkpoint_seq``,
+  or none), log id and the STH's size and root (`schemas.signing.bundle_header_message`).
+
+So the head and count of a bundle are signed: a bundle cut after a signed checkpoint, with its header
+rewritten and its digest recomputed, no longer matches its signed header (`check_provenance`).
+Format 1 bundles (no provenance) still verify as before; they cannot pass ``--require-signature``.
 """
 
 from __future__ import annotations
@@ -34,13 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from schemas import codec
+from schemas import codec, merkle, treelog
 from schemas.envelope import GENESIS_HASH
 from schemas.errors import AgentLedgerError, DecodeError
+from schemas.signing import ALGORITHM, Keyring, Signer, bundle_header_message
 
 from .chain import ChainResult, RawChainVerifier, envelope_head, schema_has_envelope_head, verify_spans
 
-BUNDLE_FORMAT = "1"
+BUNDLE_FORMAT = "2"
+READABLE_FORMATS = ("1", "2")
 META_PREFIX = "agentledger."
 HEADER_DIGEST_KEY = "agentledger.header_digest"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -63,6 +76,21 @@ def header_digest(metadata: dict[str, bytes], sync: bytes) -> str:
         v = metadata[k]
         h.update(len(kb).to_bytes(8, "big") + kb + len(v).to_bytes(8, "big") + v)
     return h.hexdigest()
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass
+class Provenance:
+    """What the exporting log operator vouches with: its key, a signed tree head, and the inclusion
+    proof of the session's latest leaf (index ``leaf_index``) against it."""
+
+    signer: Signer
+    tree_head: treelog.TreeHead
+    leaf_index: int
+    path: list[bytes]
 
 
 @dataclass
@@ -90,6 +118,7 @@ def write_bundle(
     exported_at: dt.datetime | None = None,
     chain: ChainResult | None = None,
     allow_broken: bool = False,
+    provenance: "Provenance | None" = None,
 ) -> ExportResult:
     """Write ``values`` (the session's wire values, in seq order) as a bundle at ``path``.
 
@@ -137,6 +166,20 @@ def write_bundle(
         "agentledger.exported_at": (exported_at or dt.datetime.now(dt.timezone.utc)).isoformat().encode(),
         "agentledger.source": source.encode(),
     }
+    finals = [int(c["seq"]) for c in checkpoints if c.get("final")]
+    final_seq = max(finals) if finals else None
+    meta["agentledger.final_checkpoint_seq"] = ("none" if final_seq is None else str(final_seq)).encode()
+    if provenance is not None:
+        th = provenance.tree_head
+        msg = bundle_header_message(session_id, first_seq, last_seq, last_hash, len(values), final_seq, th.log_id,
+                                    th.tree_size, th.root_hash)
+        meta["agentledger.log_id"] = th.log_id.encode()
+        meta["agentledger.tree_head"] = _json(th.as_dict())
+        meta["agentledger.inclusion"] = _json({"leaf_index": provenance.leaf_index, "tree_size": th.tree_size,
+                                               "path": [h.hex() for h in provenance.path]})
+        meta["agentledger.header_signature"] = _json({
+            "algorithm": ALGORITHM, "key_id": provenance.signer.key_id,
+            "signature": base64.b64encode(provenance.signer.sign(msg)).decode()})
     if public_keys:
         meta["agentledger.public_keys"] = json.dumps({k: v.decode() for k, v in sorted(public_keys.items())}).encode()
     for k, v in (extra or {}).items():
@@ -425,8 +468,9 @@ def check_bundle(b: Bundle, chain: ChainResult | None = None) -> BundleCheck:
     only for a sound one); when None it is verified here."""
     h = b.header
     try:
-        if h.meta("bundle") != BUNDLE_FORMAT:
-            raise BundleError(f"unsupported bundle format {h.meta('bundle')!r} (this tool reads {BUNDLE_FORMAT})")
+        if h.meta("bundle") not in READABLE_FORMATS:
+            raise BundleError(f"unsupported bundle format {h.meta('bundle')!r} (this tool reads "
+                              f"{', '.join(READABLE_FORMATS)})")
         digest = h.meta("header_digest")
         if digest != header_digest(h.metadata, h.sync):
             raise BundleError("the header digest does not match the header: its metadata, schema or sync marker "
@@ -472,6 +516,96 @@ def check_bundle(b: Bundle, chain: ChainResult | None = None) -> BundleCheck:
     return chk
 
 
+@dataclass
+class ProvenanceCheck:
+    """``status``: valid | absent (format 1, or exported without a signed tree) | unknown_key (signed by
+    an operator key that is not trusted) | bad_header_signature | bad_tree_head | bad_inclusion |
+    not_a_whole_session | final_checkpoint_mismatch | malformed."""
+
+    status: str
+    detail: str = ""
+    log_id: str | None = None
+    tree_size: int | None = None
+    root_hash: str | None = None
+    leaf_index: int | None = None
+    key_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "valid"
+
+    @property
+    def failed(self) -> bool:
+        """Evidence of tampering (not merely missing or untrusted provenance)."""
+        return self.status not in ("valid", "absent", "unknown_key")
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def check_provenance(b: Bundle, operators: Keyring) -> ProvenanceCheck:
+    """The signed header, the signed tree head and the inclusion proof of a structurally sound bundle
+    (`check_bundle` has already held the chain to the header's head seq, head hash and count), with
+    trusted operator keys. Never raises for bad data."""
+    h = b.header
+    if h.meta("bundle") == "1" or f"{META_PREFIX}tree_head" not in h.metadata:
+        why = ("a format 1 bundle" if h.meta("bundle") == "1" else "exported without a signed tree head")
+        return ProvenanceCheck("absent", f"{why}: its head and count are not signed by a log operator (re-export "
+                                         "it from the warehouse with this version)")
+    try:
+        th = treelog.TreeHead.from_dict(h.meta_json("tree_head"))
+        inc = h.meta_json("inclusion")
+        sig = h.meta_json("header_signature")
+        if not isinstance(inc, dict) or not isinstance(sig, dict):
+            raise BundleError("the inclusion proof or the header signature is not an object")
+        leaf_index, tree_size = int(inc["leaf_index"]), int(inc["tree_size"])
+        path = [bytes.fromhex(str(x)) for x in inc["path"]]
+        signature = base64.b64decode(str(sig["signature"]), validate=True)
+        kid, alg = str(sig["key_id"]), str(sig.get("algorithm") or ALGORITHM)
+        session_id, first_seq = h.meta("session_id"), h.meta_int("first_seq")
+        head_seq, head_hash, count = h.meta_int("head_seq"), h.meta("head_hash"), h.meta_int("event_count")
+        final_raw = h.meta("final_checkpoint_seq")
+        final_seq = None if final_raw == "none" else int(final_raw)
+        log_id = h.meta("log_id")
+    except (BundleError, treelog.TreeError, KeyError, TypeError, ValueError) as exc:
+        return ProvenanceCheck("malformed", f"the bundle's provenance is malformed: {exc}")
+    out = ProvenanceCheck("valid", "", th.log_id, th.tree_size, th.root_hash, leaf_index, kid)
+    msg = bundle_header_message(session_id, first_seq, head_seq, head_hash, count, final_seq, log_id, th.tree_size,
+                                th.root_hash)
+    if alg != ALGORITHM:
+        out.status, out.detail = "bad_header_signature", f"the header signature uses algorithm {alg!r}"
+    elif kid not in operators:
+        out.status, out.detail = "unknown_key", (f"the header is signed by operator key {kid}, which is not trusted "
+                                                 "(pass --operator-key)")
+    elif not operators.verify(kid, signature, msg):
+        out.status, out.detail = "bad_header_signature", ("the header signature does not verify: the session id, "
+                                                          "head seq, head hash, count, final checkpoint or tree head "
+                                                          "were changed after export")
+    elif log_id != th.log_id or tree_size != th.tree_size:
+        out.status, out.detail = "bad_tree_head", "the inclusion proof or the log id names another tree head"
+    elif th.check(operators) != "valid":
+        st = th.check(operators)
+        out.status = "unknown_key" if st == "unknown_key" else "bad_tree_head"
+        out.detail = f"the tree head of size {th.tree_size} is {st} (key {th.key_id})"
+    else:
+        try:
+            merkle.verify_inclusion(leaf_index, th.tree_size,
+                                    treelog.session_leaf_hash(session_id, head_seq, head_hash, count), path,
+                                    bytes.fromhex(th.root_hash))
+        except (merkle.ProofError, ValueError) as exc:
+            out.status, out.detail = "bad_inclusion", f"the session's head is not in the signed tree: {exc}"
+    if out.ok and (first_seq != 0 or count != head_seq + 1):
+        out.status, out.detail = "not_a_whole_session", (f"the bundle holds seq {first_seq}..{head_seq} ({count} "
+                                                         "events), not the session from seq 0")
+    if out.ok:
+        finals = [int(c["seq"]) for c in b.checkpoints if c.get("final")]
+        if (max(finals) if finals else None) != final_seq:
+            out.status, out.detail = "final_checkpoint_mismatch", (
+                f"the signed header names final checkpoint {final_raw}, the bundle lists "
+                f"{max(finals) if finals else 'none'}")
+    return out
+
+
 def verify_file(path: Path) -> BundleCheck:
     """Structural verification of a bundle file; every failure is a `BundleCheck`, never an exception."""
     try:
@@ -490,5 +624,6 @@ def checkpoint_entry(seq: int, cp: dict) -> dict:
             "signature": base64.b64encode(bytes(sig)).decode()}
 
 
-__all__ = ["Bundle", "BundleCheck", "BundleError", "ExportResult", "GENESIS_HASH", "check_bundle",
-           "parse_bundle", "read_bundle", "read_header", "verify_file", "write_bundle", "checkpoint_entry"]
+__all__ = ["Bundle", "BundleCheck", "BundleError", "ExportResult", "GENESIS_HASH", "Provenance", "ProvenanceCheck",
+           "check_bundle", "check_provenance", "parse_bundle", "read_bundle", "read_header", "verify_file",
+           "write_bundle", "checkpoint_entry"]

@@ -17,7 +17,7 @@ from schemas.signing import Keyring, load_public
 
 from . import native
 from . import verify as _verify
-from .bundle import BundleCheck, check_bundle
+from .bundle import BundleCheck, ProvenanceCheck, check_bundle
 from .chain import ChainResult, verify_values
 from .projection import SessionState, project
 from .sources import RawSession
@@ -312,6 +312,7 @@ class BundleVerification:
     check: "BundleCheck"
     verification: _verify.Verification | None
     problem: str | None = None  # what failed, in one sentence
+    provenance: "ProvenanceCheck | None" = None  # the operator's signed header, tree head and inclusion proof
 
     @property
     def first_bad_seq(self) -> int | None:
@@ -322,16 +323,21 @@ class BundleVerification:
     def as_dict(self) -> dict:
         return {"path": self.path, "ok": self.ok, "problem": self.problem, "first_bad_seq": self.first_bad_seq,
                 "structure": self.check.as_dict(),
-                "verification": self.verification.as_dict() if self.verification else None}
+                "verification": self.verification.as_dict() if self.verification else None,
+                "provenance": self.provenance.as_dict() if self.provenance else None}
 
 
 def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bool = False,
-                  store: SchemaStore | None = None) -> BundleVerification:
+                  store: SchemaStore | None = None, operators: Keyring | None = None) -> BundleVerification:
     """Verify a bundle file offline (no warehouse, no broker). Never raises for bad data.
 
     Structure first (header digest, framing, chain, count, head: raw bytes only). Only a
     structurally sound bundle is decoded, to check its checkpoint events against the header's list,
-    their signatures, and to count gaps."""
+    their signatures, and to count gaps. Then its provenance (`replay.bundle.check_provenance`):
+    the log operator's signed header, signed tree head and inclusion proof, with the trusted
+    ``operators`` keys -- made here in Python from the header and the verified chain whichever
+    decoder loaded the events. Provenance that contradicts the bundle is always a failure; missing
+    or untrusted provenance is one with ``require_signature``."""
     from .bundle import BundleError, read_bundle
     from .sources import BundleSource
 
@@ -357,14 +363,21 @@ def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bo
         from .bundle import checkpoint_entry
 
         actual = sorted((e["seq"], e["signature"]) for e in (checkpoint_entry(c["seq"], c) for c in r.checkpoint_rows()))
+    from .bundle import check_provenance
+
+    prov = check_provenance(b, operators or Keyring())
     problem = None
     if listed != actual:
         problem = "the header's checkpoint list does not match the checkpoint events in the bundle"
         v.status, v.reason, v.detail = "broken", "header_checkpoints", problem
     elif v.status == "broken":
         problem = f"first bad seq {v.first_bad_seq}: {v.reason}: {v.detail}"
+    elif prov.failed:
+        problem = f"provenance {prov.status}: {prov.detail}"
     elif require_signature and v.unsigned_events:
         problem = ("no trusted signature covers the bundle's events" if v.signed_through is None else
                    f"trusted signatures cover seq 0..{v.signed_through} only: {v.unsigned_events} later events "
                    "are unsigned")
-    return BundleVerification(str(path), problem is None, chk, v, problem)
+    elif require_signature and not prov.ok:
+        problem = f"provenance {prov.status}: {prov.detail}"
+    return BundleVerification(str(path), problem is None, chk, v, problem, prov)

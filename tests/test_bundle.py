@@ -27,10 +27,12 @@ def signed_bundle(tmp_path_factory):
     _, pub = signing.write_keypair(signer, d / "keys")
     home = d / "home"
     st, sid = signed_session(home, signer)
+    run_cli("ingest", env=cli_env(home))  # the log operator signs a tree head that holds the session
     out = d / "session.avro"
-    doc = json.loads(run_cli("export", sid, "--out", str(out), "--source", "log", "--public-key", str(pub),
+    doc = json.loads(run_cli("export", sid, "--out", str(out), "--source", "warehouse", "--public-key", str(pub),
                              "--embed-public-key", "--format", "json", env=cli_env(home)).stdout)
     assert doc["events"] > 30 and doc["checkpoints"] >= 5 and doc["embedded_keys"] == [signer.key_id]
+    assert doc["tree_head"] is not None and doc["provenance_missing"] is None
     return out, pub, signer, sid, home
 
 
@@ -47,8 +49,13 @@ def test_exported_bundle_is_a_standard_avro_file_and_verifies_offline(signed_bun
     assert con.execute(f"SELECT count(*), max(seq) FROM read_avro('{out}')").fetchone() == (n, n - 1)
     # offline: an empty home (no warehouse, no log, no keys) and no broker configured
     env = cli_env(tmp_path / "empty")
-    proc = run_cli("verify-bundle", str(out), "--public-key", str(pub), "--require-signature", env=env)
-    assert "VERIFIED" in proc.stdout and "signatures valid" in proc.stdout
+    operator = next((home / "keys" / "operator").glob("*.pub"))
+    proc = run_cli("verify-bundle", str(out), "--public-key", str(pub), "--operator-key", str(operator),
+                   "--require-signature", env=env)
+    assert "VERIFIED" in proc.stdout and "signatures valid" in proc.stdout and "provenance valid" in proc.stdout
+    # without the operator's key the header and tree head are no proof
+    proc = run_cli("verify-bundle", str(out), "--public-key", str(pub), "--require-signature", env=env, check=False)
+    assert proc.returncode == 1 and "provenance unknown_key" in proc.stderr
     assert not (tmp_path / "empty" / "warehouse.duckdb").exists()
     doc = json.loads(run_cli("verify-bundle", str(out), "--format", "json", env=env).stdout)
     assert doc["ok"] and {c["status"] for c in doc["verification"]["checkpoints"]} == {"embedded_key_only"}

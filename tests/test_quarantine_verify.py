@@ -17,7 +17,9 @@ from producers.recorder import Recorder
 from schemas import signing
 from schemas.contract import load_store
 from schemas.envelope import Sealer
+from schemas.config import from_env
 from schemas.signing import Keyring
+from schemas.treelog import TreeHeads
 from schemas.transport.base import Message
 from schemas.warehouse import VIEWS, open_warehouse
 from schemas.transport.base import MemorySink
@@ -190,7 +192,9 @@ def test_verify_signed_unsigned_tampered_and_edited_rows(tmp_path, home):
     unk_sid, unk_vals = _signed_session(other, seed=35)
     edit_sid, edit_vals = _signed_session(signer, seed=36)
     with open_warehouse(str(home / "warehouse.duckdb")) as wh:
-        ing = Ingestor(wh, None, "agentledger.events")
+        # as `agentledger ingest` does: the home's log operator key signs the tree heads
+        operator = signing.load_operator_signer(from_env({"AGENTLEDGER_HOME": str(home)}), {}, create=True)
+        ing = Ingestor(wh, None, "agentledger.events", tree_heads=TreeHeads(operator))
         allv = ok_vals + uns_vals + bad_vals + wrong_vals + unk_vals + edit_vals
         r = ing.ingest_batch(_msgs(allv, topic="agentledger.events"))
         assert r.accepted == len(allv)

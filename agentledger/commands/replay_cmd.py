@@ -33,6 +33,46 @@ def _keyring(s: Settings, public_keys: list[Path] | None):
     return Keyring.from_paths(*paths)
 
 
+def _operators(s: Settings, operator_keys: list[Path] | None):
+    from schemas.signing import Keyring, operator_key_dir
+
+    for p in operator_keys or []:
+        if not Path(p).exists():
+            raise ConfigError(f"operator key {p} does not exist")
+    return Keyring.from_paths(*(operator_keys or []), operator_key_dir(s.home))
+
+
+def _provenance(s: Settings, session_id: str, head_seq: int, head_hash: str, count: int):
+    """(Provenance, None) for a bundle whose last event is (head_seq, head_hash): the operator key, the
+    newest signed tree head holding the session's leaf for exactly that head, and its inclusion proof;
+    or (None, why not)."""
+    from replay.bundle import Provenance
+    from schemas import treelog
+    from schemas.signing import load_operator_signer
+
+    signer = load_operator_signer(s)
+    if signer is None:
+        return None, "no log operator key in this home (AGENTLEDGER_OPERATOR_KEY[_FILE] or HOME/keys/operator)"
+    try:
+        wh = _warehouse_if_any(s)
+    except WarehouseError as exc:
+        return None, f"the warehouse cannot be read ({exc})"
+    if wh is None:
+        return None, "no warehouse"
+    with wh:
+        if not treelog.has_tree(wh.con):
+            return None, "the warehouse has no Merkle tree (run `agentledger ingest` once)"
+        row = wh.con.execute("SELECT leaf_index FROM tree_leaves WHERE session_id = ? AND head_seq = ? AND "
+                             "head_hash = ? AND event_count = ? ORDER BY leaf_index DESC LIMIT 1",
+                             [session_id, head_seq, head_hash, count]).fetchone()
+        if row is None:
+            return None, f"the session's head (seq {head_seq}) is not a leaf of the warehouse's Merkle tree"
+        head = treelog.head_covering(wh.con, row[0])
+        if head is None:
+            return None, "no signed tree head holds the session's head yet (run `agentledger ingest` to sign one)"
+        return Provenance(signer, head, row[0], treelog.inclusion_proof(wh.con, row[0], head.tree_size)), None
+
+
 def _public_pems(s: Settings, public_keys: list[Path] | None) -> dict[str, bytes]:
     from schemas.signing import key_id, load_public, public_pem
 
@@ -352,6 +392,7 @@ def register(app: typer.Typer) -> None:
         Example:  agentledger export 019b76db-57b7-7950-9849-665d7968f07e --out incident-42.avro
         """
         from replay.bundle import BundleError, checkpoint_entry, write_bundle
+        from replay.chain import envelope_head
         from replay.session import replay
         from schemas.contract import load_store
 
@@ -370,18 +411,25 @@ def register(app: typer.Typer) -> None:
                 raise BundleError(f"session {raw.session_id} does not verify (first bad seq {v.first_bad_seq}: "
                                   f"{v.reason}); refusing to export it as evidence (--allow-broken exports anyway)")
             cps = [checkpoint_entry(c["seq"], c) for c in r.checkpoint_rows()]
+            last = raw.values[-1]
+            prov, why_not = _provenance(s, raw.session_id, envelope_head(last)[2],
+                                        last[-64:].decode("ascii", "replace"), len(raw.values))
+            if prov is None:
+                err_console.print(f"[yellow]the bundle carries no signed header or tree proof ({why_not}): it "
+                                  "will not pass verify-bundle --require-signature[/]")
             pems = {}
             if embed_public_key:
                 have = _public_pems(s, public_key)
                 pems = {k: have[k] for k in {c["key_id"] for c in cps} if k in have}
             res = write_bundle(out, session_id=raw.session_id, values=raw.values, writer_schema=version.schema,
                                checkpoints=cps, public_keys=pems, source=f"{raw.source}: {raw.where}", chain=r.chain,
-                               allow_broken=allow_broken,
+                               allow_broken=allow_broken, provenance=prov,
                                extra={"signatures": v.as_dict()["signatures"], "gaps": str(v.gaps)})
         doc = {"path": str(res.path), "session_id": res.session_id, "events": res.events, "head_seq": res.head_seq,
                "head_hash": res.head_hash, "writer_fingerprint": res.writer_fingerprint, "checkpoints": res.checkpoints,
                "embedded_keys": sorted(pems), "bytes": res.bytes, "sha256": _file_sha256(res.path),
-               "chain": v.status}
+               "chain": v.status, "tree_head": prov.tree_head.as_dict() if prov else None,
+               "leaf_index": prov.leaf_index if prov else None, "provenance_missing": why_not}
         if fmt is Format.json:
             print_json(doc)
         else:
@@ -394,17 +442,19 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         bundle: Path = typer.Argument(..., help="The bundle file."),
         public_key: Optional[List[Path]] = typer.Option(None, "--public-key", help="Trusted public key file or directory (repeatable)."),
-        require_signature: bool = typer.Option(False, "--require-signature", help="Fail unless trusted signatures cover every event."),
+        operator_key: Optional[List[Path]] = typer.Option(None, "--operator-key", help="Trusted log operator public key file or directory (repeatable; HOME/keys/operator is always included)."),
+        require_signature: bool = typer.Option(False, "--require-signature", help="Fail unless trusted signatures cover every event and a trusted log operator signed the header (head, count, final checkpoint) and a tree head that includes the session."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
     ) -> None:
         """Verify an evidence bundle offline (no warehouse, no broker); exit 1 naming the first bad seq.
 
-        Example:  agentledger verify-bundle incident-42.avro --public-key keys/3f2a9c01d4e5b6a7.pub
+        Example:  agentledger verify-bundle incident-42.avro --public-key keys/3f2a9c01d4e5b6a7.pub --operator-key keys/operator/9b1c2d3e4f5a6b7c.pub --require-signature
         """
         from replay.session import verify_bundle
 
         s = settings(ctx)
-        res = verify_bundle(bundle, _keyring(s, public_key), require_signature=require_signature)
+        res = verify_bundle(bundle, _keyring(s, public_key), require_signature=require_signature,
+                            operators=_operators(s, operator_key))
         if fmt is Format.json:
             print_json(res.as_dict())
         else:
@@ -413,6 +463,11 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[bold green]VERIFIED[/] {bundle}: session {v.session_id}, {v.events} events "
                               f"(seq {v.first_seq}..{v.head_seq}), head {v.head_hash}")
                 console.print(_verification_line(v.as_dict()))
+                p = res.provenance
+                if p is not None:
+                    console.print(f"provenance {p.status}" + (f": tree head of size {p.tree_size} of log {p.log_id}, "
+                                                              f"leaf {p.leaf_index}" if p.ok else f" ({p.detail})"),
+                                  markup=False, highlight=False)
                 if v.status == "open":
                     console.print("[yellow]the session has no session_ended event: it was exported while open, or "
                                   "its end was lost[/]")
