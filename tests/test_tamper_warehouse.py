@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 from conftest import cli_env, run_cli
-from schemas import merkle, signing, treelog
+from schemas import signing
 from schemas.config import from_env
 
 
@@ -70,7 +70,7 @@ def test_an_intact_warehouse_verifies_with_signatures_and_published_heads(pristi
     assert tree["published_valid"] >= 1 and tree["coverage_from"] == "published"
     assert all(r["tree_covered"] and r["final_signed"] for r in doc["results"])
     # the operator key was made once, private 0600 in a 0700 directory, and is not a producer key
-    op = signing.operator_key_dir(home)
+    op = home / "keys" / "operator"
     assert (op.stat().st_mode & 0o777) == 0o700
     assert all((f.stat().st_mode & 0o777) == 0o600 for f in op.glob("*.key"))
     heads = list((home / "heads").glob("*.jsonl"))
@@ -124,9 +124,15 @@ def test_a_deleted_session_is_found_from_the_tree_and_the_published_heads(pristi
     assert rc == 1 and not doc["tree"]["ok"] and codes & {"leaf_index", "root_mismatch", "history_rewritten"}, doc["tree"]
 
 
+def _operator_key(home: Path) -> signing.Signer:
+    return signing.load_operator_signer(from_env({"AGENTLEDGER_HOME": str(home)}), {})
+
+
 def _rewrite_history(home: Path, sid: str, signer: signing.Signer) -> None:
     """Remove session ``sid`` everywhere and rebuild the tree, its state and a signed head over what
     is left, consistently, as an attacker holding ``signer`` would."""
+    from schemas import merkle, treelog
+
     con = duckdb.connect(str(home / "warehouse.duckdb"))
     try:
         for t in ("events", "chain_heads", "dead_letters", "tree_leaves"):
@@ -150,7 +156,7 @@ def test_history_rewritten_in_every_table_is_caught_by_the_published_heads(prist
     auditor_copy = tmp_path / "auditor-heads.jsonl"
     shutil.copy(next((home / "heads").glob("*.jsonl")), auditor_copy)
     # the attacker even holds the operator key: every stored head verifies
-    operator = signing.load_operator_signer(from_env({"AGENTLEDGER_HOME": str(home)}), {})
+    operator = _operator_key(home)
     _rewrite_history(home, sid, operator)
     rc, doc = _verify(home, "--heads", str(auditor_copy))
     assert sid not in {r["session_id"] for r in doc["results"]}  # gone from every table
@@ -189,7 +195,7 @@ def test_heads_published_to_kafka_catch_a_rewrite_even_when_the_heads_file_is_go
     rc, doc = _verify(home, **env)
     assert rc == 0 and f"kafka:{topic}.heads" in doc["tree"]["sources"] and doc["tree"]["published_valid"] >= 2
     shutil.rmtree(home / "heads")
-    operator = signing.load_operator_signer(from_env({"AGENTLEDGER_HOME": str(home)}), {})
+    operator = _operator_key(home)
     _rewrite_history(home, ids[0], operator)
     rc, doc = _verify(home, **env)
     assert rc == 1 and {p["code"] for p in doc["tree"]["problems"]} & {"history_rewritten", "history_rewound"}
