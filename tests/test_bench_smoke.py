@@ -44,3 +44,14 @@ def test_bench_emit_smoke(bootstrap, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["events"] >= 3000
     assert result["ours"] > 0 and result["baseline"] > 0 and result["ratio"] > 0 and result["ours_in_process"] > 0
+
+
+def test_bench_chaos_tampering_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "tampering", "--mutations", "50",
+                           "--sessions", "4", "--cli-runs", "2", "--seed", "3", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["scenario"] == "tampering" and result["tried"] >= 45
+    assert result["undetected"] == 0 and result["tracebacks"] == 0, result
+    assert result["detected"] == result["tried"] and result["detected_with_first_bad_seq"] > 0

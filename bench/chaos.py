@@ -1,0 +1,60 @@
+"""Chaos runner: scenarios that attack or break agentledger and count what it failed to notice.
+
+    python bench/chaos.py --scenario tampering --mutations 1000 --seed 1
+
+Each scenario is a module in bench/chaos_scenarios/ that registers itself with `scenario` (a name
+and a function ``run(args, workdir) -> dict`` of figures); add disk-full, broker-kill, ... runs the
+same way. The last line printed is JSON: {"scenario": name, **figures} per scenario run, or a list
+when several ran. Figures a scenario must keep at 0 are named ``undetected`` and ``tracebacks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # chaos_scenarios (after the repo: bench/replay.py must not shadow replay/)
+
+from chaos_scenarios import SCENARIOS  # noqa: E402 -- the registry
+
+
+def load_scenarios() -> None:
+    import chaos_scenarios
+
+    for m in pkgutil.iter_modules(chaos_scenarios.__path__):
+        importlib.import_module(f"chaos_scenarios.{m.name}")
+
+
+def main(argv=None) -> list[dict]:
+    load_scenarios()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                    help="scenario to run (repeatable; default: all)")
+    ap.add_argument("--mutations", type=int, default=1000, help="tampering: mutations to try")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sessions", type=int, default=6, help="tampering: sessions to record")
+    ap.add_argument("--cli-runs", type=int, default=4, help="tampering: mutations also checked with the real CLI")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-chaos-"))
+    out = []
+    for name in args.scenario or sorted(SCENARIOS):
+        t0 = time.perf_counter()
+        d = work / name
+        d.mkdir(parents=True, exist_ok=True)
+        figures = SCENARIOS[name](args, d)
+        out.append({"scenario": name, **figures, "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(out[-1]), file=sys.stderr)
+    print(json.dumps(out[0] if len(out) == 1 else out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
