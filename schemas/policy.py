@@ -40,7 +40,9 @@ file (see docs/policy.md)::
 Semantics, chosen to fail safe: when several rules match, the most restrictive wins (network:
 deny > ask > allow; commands: forbidden > prompt > allow), as in Codex's execpolicy. A command
 prefix element is a string or a list of alternatives. Host patterns are case-insensitive globs
-(``*.example.com`` matches any subdomain, not the apex); ``cidrs`` match IP-literal hosts.
+(``*.example.com`` matches any subdomain, not the apex); address rules (``cidrs``, and ``hosts``
+entries that are addresses) match an address literal in any spelling, or the addresses a name was
+resolved to (`Policy.evaluate_network`); `schemas.netaddr` is the one reading of a host.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from .errors import ConfigError
+from .netaddr import Host, HostError, IPAddress, aliases, canonical_network, parse_address, parse_host
 
 NETWORK_ACTIONS = ("allow", "ask", "deny")  # ascending restrictiveness
 COMMAND_DECISIONS = ("allow", "prompt", "forbidden")
@@ -90,10 +93,10 @@ def _ports(spec: Any) -> list[tuple[int, int]]:
 
 
 def is_ip(host: str) -> bool:
+    """Whether ``host`` is an address literal, in any of the forms `schemas.netaddr` reads."""
     try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
+        return parse_host(host).is_address
+    except HostError:
         return False
 
 
@@ -101,26 +104,26 @@ def is_ip(host: str) -> bool:
 class NetworkRule:
     id: str
     action: str
-    hosts: tuple[str, ...] = ()
-    cidrs: tuple[Any, ...] = ()
+    hosts: tuple[str, ...] = ()  # as written (name globs and address literals)
+    cidrs: tuple[Any, ...] = ()  # every address range the rule names: its cidrs and its address hosts
     ports: tuple[tuple[int, int], ...] = ()
     protocols: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     raw_ip: bool | None = None
+    names: tuple[str, ...] = ()  # the name globs among hosts, canonical
 
-    def matches(self, host: str, port: int | None, protocol: str | None, method: str | None) -> bool:
-        h = host.lower().strip("[]").rstrip(".")
-        ip = None
-        try:
-            ip = ipaddress.ip_address(h)
-        except ValueError:
-            pass
-        if self.raw_ip is not None and (ip is not None) != self.raw_ip:
+    def matches(self, dest: Host, address: IPAddress | None, port: int | None, protocol: str | None,
+                method: str | None) -> bool:
+        """``dest``: the host as requested; ``address``: the address it is decided at (the literal
+        itself, or one address a name resolved to; None when a name is decided on its own)."""
+        if self.raw_ip is not None and dest.is_address != self.raw_ip:
             return False
         if self.hosts or self.cidrs:
-            host_ok = any(_host_match(pat, h) for pat in self.hosts)
-            cidr_ok = ip is not None and any(ip in net for net in self.cidrs)
-            if not (host_ok or cidr_ok):
+            targets = aliases(address) if address is not None else ()
+            name_ok = any(_host_match(pat, dest.text) for pat in self.names) or (
+                dest.is_address and any(_host_match(pat, str(a)) for pat in self.names for a in targets))
+            addr_ok = any(a in net for a in targets for net in self.cidrs if a.version == net.version)
+            if not (name_ok or addr_ok):
                 return False
         if self.ports and (port is None or not any(lo <= port <= hi for lo, hi in self.ports)):
             return False
@@ -132,10 +135,56 @@ class NetworkRule:
 
 
 def _host_match(pattern: str, host: str) -> bool:
-    pattern = pattern.lower().rstrip(".")
     if pattern.startswith("*."):
         return host.endswith(pattern[1:]) and fnmatch.fnmatchcase(host, pattern)
     return fnmatch.fnmatchcase(host, pattern)
+
+
+def _network_rule(r: dict, rid: str, where: str) -> NetworkRule:
+    """One ``[[network.rules]]`` entry: host entries that are address literals (in any form) become
+    address ranges, the others name globs (canonical: lower case, IDNA, no trailing dot)."""
+    try:
+        cidrs = [canonical_network(ipaddress.ip_network(c, strict=False)) for c in r.get("cidrs", [])]
+    except ValueError as exc:
+        raise ConfigError(f"{where}: rule {rid}: {exc}") from exc
+    names = []
+    for h in r.get("hosts", []):
+        if not isinstance(h, str) or not h.strip():
+            raise ConfigError(f"{where}: rule {rid}: a host must be a non-empty string, not {h!r}")
+        if not any(c in h for c in "*?["):
+            try:
+                host = parse_host(h)
+            except HostError as exc:
+                raise ConfigError(f"{where}: rule {rid}: {exc}") from exc
+            if host.address is not None:
+                cidrs.append(ipaddress.ip_network(host.address))
+            else:
+                names.append(host.text)
+            continue
+        names.append(_glob(h))
+    return NetworkRule(
+        id=rid,
+        action=_check(r.get("action"), NETWORK_ACTIONS, f"{where}: rule {rid} action"),
+        hosts=tuple(h.lower() for h in r.get("hosts", [])),
+        cidrs=tuple(cidrs),
+        ports=tuple(_ports(r.get("ports"))),
+        protocols=tuple(x.lower() for x in r.get("protocols", [])),
+        methods=tuple(x.upper() for x in r.get("methods", [])),
+        raw_ip=r.get("raw_ip"),
+        names=tuple(names),
+    )
+
+
+def _glob(pattern: str) -> str:
+    """A host glob in the canonical form of names (lower case, IDNA labels, no trailing dot)."""
+    pattern = pattern.strip().lower().rstrip(".")
+    if pattern.isascii():
+        return pattern
+    try:
+        return ".".join(label if label.isascii() else label.encode("idna").decode("ascii")
+                        for label in pattern.split("."))
+    except UnicodeError:
+        return pattern
 
 
 @dataclass(frozen=True)
@@ -225,21 +274,7 @@ class Policy:
             sections=frozenset(k for k in POLICY_SECTIONS if k in data),
         )
         for i, r in enumerate(net.get("rules", [])):
-            rid = r.get("id", f"network.rules[{i}]")
-            try:
-                cidrs = tuple(ipaddress.ip_network(c, strict=False) for c in r.get("cidrs", []))
-            except ValueError as exc:
-                raise ConfigError(f"{where}: rule {rid}: {exc}") from exc
-            p.network_rules.append(NetworkRule(
-                id=rid,
-                action=_check(r.get("action"), NETWORK_ACTIONS, f"{where}: rule {rid} action"),
-                hosts=tuple(h.lower() for h in r.get("hosts", [])),
-                cidrs=cidrs,
-                ports=tuple(_ports(r.get("ports"))),
-                protocols=tuple(x.lower() for x in r.get("protocols", [])),
-                methods=tuple(x.upper() for x in r.get("methods", [])),
-                raw_ip=r.get("raw_ip"),
-            ))
+            p.network_rules.append(_network_rule(r, r.get("id", f"network.rules[{i}]"), where))
         for i, r in enumerate(ap.get("rules", [])):
             rid = r.get("id", f"approvals.rules[{i}]")
             prefix = r.get("prefix")
@@ -255,12 +290,39 @@ class Policy:
 
     # -- network --------------------------------------------------------------------------
     def evaluate_network(self, host: str, port: int | None = None, protocol: str | None = None,
-                         method: str | None = None) -> Decision:
-        matched = [r for r in self.network_rules if r.matches(host, port, protocol, method)]
+                         method: str | None = None, addresses: Iterable[str] | None = None) -> Decision:
+        """The decision on a connection to ``host`` (any spelling: see `schemas.netaddr`).
+
+        Name rules (``hosts`` globs) match the name; address rules (``cidrs``, address ``hosts``)
+        match an address literal, or the ``addresses`` a name resolved to -- every one of them is
+        decided and the most restrictive decision wins (the egress proxy resolves once, decides on
+        all of them and connects only to them). A host name without ``addresses`` is decided on
+        the name alone. A host that is no host (`HostError`) is denied."""
+        try:
+            dest = parse_host(host)
+            if dest.address is not None:
+                at = [dest.address]
+            else:
+                at = list(dict.fromkeys(parse_address(a) for a in (addresses or ())))
+        except HostError as exc:
+            return Decision("deny", "network.invalid_host", f"{host!r}:{port} is not a valid destination: {exc}")
+        if not at:
+            return self._decide_network(dest, None, port, protocol, method)
+        decisions = [self._decide_network(dest, a, port, protocol, method) for a in at]
+        return max(decisions, key=lambda d: NETWORK_ACTIONS.index(d.action))  # (the first of the worst)
+
+    def _decide_network(self, dest: Host, address: IPAddress | None, port, protocol, method) -> Decision:
+        name = f"[{dest.text}]" if ":" in dest.text else dest.text
+        where = f"{name}:{port}" + (f" (resolved to {address})" if address is not None and not dest.is_address else "")
+        matched = [r for r in self.network_rules if r.matches(dest, address, port, protocol, method)]
         if not matched:
-            return Decision(self.network_default, None, f"no rule matches {host}:{port}; default {self.network_default}")
+            return Decision(self.network_default, None, f"no rule matches {where}; default {self.network_default}")
         worst = max(matched, key=lambda r: NETWORK_ACTIONS.index(r.action))
-        return Decision(worst.action, worst.id, f"{host}:{port} matched rule {worst.id} ({worst.action})")
+        return Decision(worst.action, worst.id, f"{where} matched rule {worst.id} ({worst.action})")
+
+    def resolves_names(self) -> bool:
+        """Whether a host name's addresses can change a decision: the policy has address rules."""
+        return any(r.cidrs for r in self.network_rules)
 
     # -- commands -------------------------------------------------------------------------
     def evaluate_command(self, argv: list[str], *, escalated: bool = False) -> Decision:
@@ -423,17 +485,45 @@ def shell_segments(command: str) -> list[list[str]]:
     return result or [[command]]
 
 
-_URL = re.compile(r"\b(https?|ftp|ssh|git|wss?)://(?:[^\s/@'\"]+@)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-_]+)(?::(\d{1,5}))?")
+_URL = re.compile(r"\b(https?|ftp|ssh|git|wss?)://([^\s/?#'\"<>`]*)", re.IGNORECASE)
+_DEFAULT_PORTS = {"https": 443, "wss": 443, "http": 80, "ws": 80, "ftp": 21, "ssh": 22, "git": 9418}
+_SHELL_SYNTAX = set("$`{}()*<>|;&")
 
 
 def urls_in(text: str) -> list[tuple[str, str, int]]:
-    """(scheme, host, port) of every URL in a command line."""
+    """(scheme, host, port) of every URL in a command line; the host in canonical form
+    (`schemas.netaddr`) when it is one, else as written.
+
+    The authority is read as URL parsers read it: user info ends at its last ``@``
+    (``http://allowed.com@169.254.169.254/`` goes to 169.254.169.254). A backslash ends the host
+    for WHATWG parsers (browsers, fetch tools) but not for curl, so a URL with one yields both
+    readings. A host made of shell syntax (``http://$HOST/``) is not known before the shell expands
+    it and is left out."""
     out = []
     for m in _URL.finditer(text or ""):
-        scheme, host, port = m.group(1).lower(), m.group(2), m.group(3)
-        default = {"https": 443, "wss": 443, "http": 80, "ws": 80, "ftp": 21, "ssh": 22, "git": 9418}.get(scheme, 0)
-        out.append((scheme, host.strip("[]"), int(port) if port else default))
+        scheme, authority = m.group(1).lower(), m.group(2)
+        readings = [authority.split("\\", 1)[0], authority] if "\\" in authority else [authority]
+        for reading in readings:
+            found = _host_port(reading, _DEFAULT_PORTS.get(scheme, 0))
+            if found is not None and (scheme, *found) not in out:
+                out.append((scheme, *found))
     return out
+
+
+def _host_port(authority: str, default: int) -> tuple[str, int] | None:
+    hostport = authority.rpartition("@")[2]
+    if hostport.startswith("["):
+        host, _, rest = hostport.partition("]")
+        host, port = host + "]", rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = hostport.partition(":")
+    try:
+        host = parse_host(host).text
+    except HostError:
+        if not host or _SHELL_SYNTAX & set(host):
+            return None
+        host = host.strip("[]")
+    return host, int(port) if port.isdigit() and port.isascii() and len(port) <= 5 else default
 
 
 def network_protocol(value: Any, port: int | None = None) -> str:
