@@ -172,6 +172,31 @@ def event_columns(store: SchemaStore) -> list[Column]:
     return cols
 
 
+def struct_fields(store: SchemaStore) -> dict[str, list[tuple[str, str]]]:
+    """(field, type) of every STRUCT column of ``events`` (one level: the record's own fields)."""
+    schema = store.current.schema
+    ns = schema.get("namespace", "")
+    named: dict[str, Any] = {}
+    out: dict[str, list[tuple[str, str]]] = {}
+
+    def record(column: str, t: Any) -> None:
+        duck_type(t, named, ns)  # registers the named types it defines, in schema order
+        if isinstance(t, list):
+            t = next((m for m in t if m != "null"), None)
+        if isinstance(t, str):
+            t = named.get(t if "." in t else f"{ns}.{t}")
+        if isinstance(t, dict) and t.get("type") == "record":
+            out[column] = [(f["name"], duck_type(f["type"], named, t.get("namespace", ns))) for f in t["fields"]]
+
+    for f in schema["fields"]:
+        if f["name"] == "payload":
+            for k in store.kinds:
+                record(k.column, f["type"][k.index])
+        else:
+            record(f["name"], f["type"])
+    return out
+
+
 # --- DDL ----------------------------------------------------------------------------------
 
 def _tables_ddl(store: SchemaStore, constraints: bool) -> list[str]:
@@ -603,6 +628,13 @@ class Warehouse:
         for c in event_columns(self.store):
             if c.name not in have:
                 self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(c.name)} {c.type}")
+        # a field added to a record (with its default, as the evolution rule says) is a field added
+        # to that column's STRUCT; the rows before it read NULL there
+        for column, fields in struct_fields(self.store).items():
+            present = {r[0] for r in self.con.execute(f"DESCRIBE SELECT {_q(column)}.* FROM events").fetchall()}
+            for name, t in fields:
+                if name not in present:
+                    self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(column)}.{_q(name)} {t}")
 
     def record_schema_versions(self) -> None:
         known = {r[0] for r in self.con.execute("SELECT fingerprint FROM schema_versions").fetchall()}

@@ -156,3 +156,36 @@ def test_crash_mid_batch_commits_nothing(home, monkeypatch):
         assert n == off == 100, "two committed batches of 50, nothing of the third"
         Ingestor(wh, open_source(s), s.topic, batch_records=50).run()
         assert_exact(wh.con, res.events)
+
+
+@pytest.mark.parametrize("lake", [False, True], ids=["duckdb", "ducklake"])
+def test_a_warehouse_made_before_a_record_gained_a_field_gains_it_and_keeps_its_rows(tmp_path, lake):
+    """network_decided.addresses was added after v1: a warehouse created from v1 gets the STRUCT field
+    when opened, its rows read it as NULL, and new events fill it."""
+    from schemas.contract import SchemaStore, payload_kinds
+    from schemas.warehouse import Warehouse
+
+    url = f"ducklake:sqlite:{tmp_path / 'lake' / 'meta.sqlite'}" if lake else str(tmp_path / "w.duckdb")
+    s = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home"), "AGENTLEDGER_WAREHOUSE": url})
+    v1 = SchemaStore()
+    v1.current = next(v for v in v1.released if v.version == 1)
+    v1.kinds = payload_kinds(v1.current.schema)
+    with Warehouse(url, store=v1) as old:
+        old.ensure_schema()
+        fields = [r[0] for r in old.con.execute("DESCRIBE SELECT network_decided.* FROM events").fetchall()]
+        assert "addresses" not in fields
+        old.con.execute("INSERT INTO events (event_id, session_id, seq, occurred_at, family, kind, prev_hash, hash, "
+                        "network_decided) VALUES ('e0', 'old', 0, now()::TIMESTAMP, 'network', 'network_decided', "
+                        "'0', '1', {'attempt_id': 'a', 'decision': 'deny', 'rule': 'r', 'reason': NULL, "
+                        "'policy_source': NULL})")
+    sink = open_sink(s)
+    sess = Recorder(sink, topic=s.topic).session(agent="agentledger-sandbox", cwd="/w")
+    a = sess.network_attempted("localhost", 80, "http")
+    sess.network_decided(a, "deny", rule="no-local", addresses=["127.0.0.1"])
+    sink.close()
+    with open_warehouse(s.warehouse) as wh:
+        stats = Ingestor(wh, open_source(s), s.topic).run()
+        assert stats.accepted == 3 and stats.dead_letters == 0
+        rows = wh.con.execute("SELECT session_id, network_decided.addresses FROM events "
+                              "WHERE kind = 'network_decided' ORDER BY session_id").fetchall()
+    assert sorted(rows, key=lambda r: r[0] != "old") == [("old", None), (sess.session_id, ["127.0.0.1"])]

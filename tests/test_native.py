@@ -68,7 +68,8 @@ def _every_kind_session(n_rounds: int = 40, seed: int = 3) -> tuple[str, list[by
                                decider="dana", action_digest=f"{i:064x}")
         a = s.network_attempted("pypi.org" if i % 2 else "203.0.113.9", 443, "https", method="GET",
                                 url=f"https://pypi.org/simple/p{i}/", command_id=c)
-        s.network_decided(a, "allow" if i % 2 else "deny", rule="r1", reason="policy", policy_source="test")
+        s.network_decided(a, "allow" if i % 2 else "deny", rule="r1", reason="policy", policy_source="test",
+                          addresses=["151.101.0.223", "2a04:4e42::223"] if i % 2 else [])
         if i % 2:
             s.network_completed(a, "ok", status=200, bytes_in=1000 + i, bytes_out=200, duration_ms=12,
                                 response_digest=f"{i:064x}")
