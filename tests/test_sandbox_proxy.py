@@ -29,9 +29,9 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
-def get(proxy: EgressProxy, url: str, method: str = "GET", body: bytes | None = None):
+def get(proxy: EgressProxy, url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
     c = UnixHTTPConnection(proxy.socket_path)
-    c.request(method, url, body=body)
+    c.request(method, url, body=body, headers=headers or {})
     r = c.getresponse()
     data = r.read()
     c.close()
@@ -209,3 +209,159 @@ def test_recorded_urls_carry_no_credentials_or_query_values():
         "http://host.example:8080/p/a?token=REDACTED&x=REDACTED&y=REDACTED"
     assert redact_url("https://h/") == "https://h/"
     assert json.dumps(redact_url("http://h/?a=%20b")).count("%20") == 0
+
+
+NO_LOCAL = """name = "no-local"
+[network]
+default = "allow"
+[[network.rules]]
+id = "no-local"
+action = "deny"
+cidrs = ["127.0.0.0/8", "::1/128", "169.254.169.254/32"]
+"""
+
+
+def test_every_spelling_of_a_denied_address_and_a_name_resolving_into_it_are_denied(tmp_path):
+    """Issue 21: ``[::ffff:127.0.0.1]`` got through a deny rule for 127.0.0.0/8, and so did
+    ``localhost``: the proxy decides at the address it would connect to."""
+    s = Server({"/x": b"local secret\n"})
+    proxy, seen = make(tmp_path, Policy.from_toml(NO_LOCAL))
+    try:
+        for host in ["[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "0x7f.1", "2130706433", "0177.0.0.1", "127.1",
+                     "%31%32%37.0.0.1", "localhost", "LocalHost."]:
+            status, headers, _ = get(proxy, f"http://{host}:{s.port}/x", headers={"Host": "app"})
+            assert (status, headers.get("X-Agentledger-Rule")) == (403, "no-local"), host
+            dec = [p for k, p in seen if k == "network_decided"][-1]
+            assert (dec["decision"], dec["rule"], dec["addresses"]) == ("deny", "no-local", ["127.0.0.1"]), host
+        assert "localhost" in dec["reason"] and "resolved to 127.0.0.1" in dec["reason"]
+        for target in [f"[::ffff:127.0.0.1]:{s.port}", f"localhost:{s.port}", f"0x7f.1:{s.port}"]:
+            status, headers, _ = get(proxy, target, method="CONNECT")
+            assert (status, headers.get("X-Agentledger-Rule")) == (403, "no-local"), target
+        assert s.hits == []
+        att = [p for k, p in seen if k == "network_attempted"]
+        assert att[0]["host"] == "::ffff:127.0.0.1"  # what was asked for stays recorded as asked
+    finally:
+        proxy.stop()
+        s.stop()
+
+
+def test_address_rules_allow_names_through_their_resolution_and_name_denials_resolve_nothing(tmp_path):
+    s = Server({"/x": b"ok\n"})
+    pol = Policy.from_toml(f"""
+[network]
+default = "deny"
+[[network.rules]]
+id = "loopback"
+action = "allow"
+cidrs = ["127.0.0.1/32"]
+ports = [{s.port}]
+[[network.rules]]
+id = "no-metadata-name"
+action = "deny"
+hosts = ["metadata.google.internal", "*.localhost"]
+""")
+    proxy, seen = make(tmp_path, pol)
+    try:
+        status, _, body = get(proxy, f"http://localhost:{s.port}/x")
+        assert (status, body) == (200, b"ok\n")
+        dec = [p for k, p in seen if k == "network_decided"][-1]
+        assert (dec["decision"], dec["rule"], dec["addresses"]) == ("allow", "loopback", ["127.0.0.1"])
+        status, headers, _ = get(proxy, f"http://x.localhost:{s.port}/x")
+        assert (status, headers["X-Agentledger-Rule"]) == (403, "no-metadata-name")
+        assert [p for k, p in seen if k == "network_decided"][-1]["addresses"] == []  # never resolved
+        assert proxy.exchanges[0].addresses == ("127.0.0.1",)
+    finally:
+        proxy.stop()
+        s.stop()
+
+
+REBIND = r"""
+import http.client, http.server, json, socket, sys, threading, uuid
+from producers.sandbox.approvals import Answer
+from producers.sandbox.proxy import EgressProxy
+from schemas.policy import Policy
+
+hosts_file, sock_path = sys.argv[1], sys.argv[2]
+
+def serve(addr, port, name, hits):
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(name)
+            self.send_response(200); self.send_header("Content-Length", str(len(name))); self.end_headers()
+            self.wfile.write(name.encode())
+        def log_message(self, *a): pass
+    srv = http.server.ThreadingHTTPServer((addr, port), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+hits = []
+good = serve("127.0.0.2", 0, "good", hits)
+port = good.server_address[1]
+evil = serve("127.0.0.3", port, "evil", hits)
+resolved_when_asked = []
+
+class Rebinder:
+    # the one answering the approval: meanwhile the name is re-pointed, as a rebinding DNS server would
+    def decide(self, ask):
+        if resolved_when_asked:  # asked again: no
+            return Answer("denied", "user", "test", None, 0)
+        with open(hosts_file, "r+") as f:
+            f.write("127.0.0.3 rebind.test\n"); f.truncate()
+        resolved_when_asked.append(socket.getaddrinfo("rebind.test", port, type=socket.SOCK_STREAM)[0][4][0])
+        return Answer("approved", "user", "test", None, 0)
+
+pol = Policy.from_toml('''
+[network]
+default = "deny"
+[[network.rules]]
+id = "good-server"
+action = "allow"
+cidrs = ["127.0.0.2/32"]
+[[network.rules]]
+id = "ask-rebind"
+action = "ask"
+hosts = ["rebind.test"]
+''')
+seen = []
+proxy = EgressProxy(pol, sock_path, observe=lambda k, p, t: seen.append((k, p)), approver=Rebinder(),
+                    new_id=lambda: uuid.uuid4().hex, command_id=None).start()
+
+def get():
+    c = http.client.HTTPConnection("localhost", timeout=30)
+    c.sock = socket.socket(socket.AF_UNIX); c.sock.connect(sock_path)
+    c.request("GET", f"http://rebind.test:{port}/")
+    r = c.getresponse(); body = r.read(); c.close(); proxy.wait_idle(10)
+    return r.status, body.decode()
+
+first = get()
+second = get()
+proxy.stop()
+print(json.dumps({"first": first, "second": second, "hits": hits, "resolved_when_asked": resolved_when_asked,
+                  "decided": [p for k, p in seen if k == "network_decided"]}))
+"""
+
+
+def test_dns_rebinding_between_the_decision_and_the_connection_does_not_reach_the_new_address(tmp_path):
+    """The name resolves to an allowed address when it is decided and to another one right after
+    (a real resolver reading a real /etc/hosts, changed while the approval is asked, in a mount
+    namespace of its own): the proxy connects to the address it decided at, never re-resolves."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from producers.sandbox.runner import Tools
+
+    tools = Tools.find()  # fails loudly without bwrap
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.2 rebind.test\n")
+    argv = [tools.bwrap, "--unshare-user", "--dev-bind", "/", "/", "--bind", str(hosts), "/etc/hosts", "--",
+            sys.executable, "-c", REBIND, str(hosts), str(tmp_path / "proxy.sock")]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["resolved_when_asked"] == ["127.0.0.3"]  # a proxy resolving again would have gone there
+    assert r["first"] == [200, "good"] and r["hits"] == ["good"]
+    assert (r["decided"][0]["decision"], r["decided"][0]["addresses"]) == ("ask", ["127.0.0.2"])
+    # the next request is decided (and asked) at the new address
+    assert r["second"][0] == 403 and r["decided"][1]["addresses"] == ["127.0.0.3"]

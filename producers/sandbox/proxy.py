@@ -14,13 +14,19 @@ says so when there is none. CONNECT tunnels are end-to-end encrypted, so their c
 neither recorded nor replayable: the record shows destination, decision and byte counts.
 
 Destinations are resolved and connected from the host's point of view: a rule allowing
-``127.0.0.1`` allows the host's loopback, which is why the default is to deny.
+``127.0.0.1`` allows the host's loopback, which is why the default is to deny. A host name is
+resolved once, every address it resolved to is decided (address rules match them; the most
+restrictive decision wins), the addresses are recorded in ``network_decided.addresses``, and the
+proxy connects only to those addresses: a second resolution (DNS rebinding) never reaches the
+connection. An address literal in any spelling (``0x7f.1``, ``[::ffff:127.0.0.1]``) is decided and
+connected as its canonical address (`schemas.netaddr`). A name a name rule denies is not resolved.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import socket
@@ -34,6 +40,7 @@ from typing import Callable
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from producers.recorder import action_digest
+from schemas.netaddr import HostError, canonical, parse_host
 from schemas.policy import Policy
 
 from .approvals import Ask
@@ -77,6 +84,56 @@ class Exchange:
     response: str | None  # digest of the response record blob (status, headers, body digest)
     body_digest: str | None
     body_stored: bool
+    addresses: tuple[str, ...] = ()  # what the host was decided at (re-execution decides at them again)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One address a destination was decided at, and how to connect to exactly it."""
+    address: str  # canonical (what the policy decided on and the event records)
+    family: int
+    sockaddr: tuple
+
+
+def targets(host: str, port: int) -> tuple[list[Target], str | None]:
+    """The addresses to decide and connect at: an address literal's canonical address, or what a
+    host name resolves to *now*, once (each address once, in the resolver's order). Returns
+    (targets, why there are none)."""
+    try:
+        h = parse_host(host)
+    except HostError as exc:
+        return [], str(exc)
+    if h.address is not None:
+        name, flags = str(h.address) + (f"%{h.zone}" if h.zone else ""), socket.AI_NUMERICHOST
+    else:
+        name, flags = h.text, 0
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=flags)
+    except (OSError, UnicodeError) as exc:
+        return [], f"cannot resolve {host}: {exc}"
+    out: dict[str, Target] = {}
+    for family, _, _, _, sockaddr in infos:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        address = str(canonical(ipaddress.ip_address(sockaddr[0].split("%", 1)[0])))
+        out.setdefault(address, Target(address, family, sockaddr))
+    return list(out.values()), None if out else f"{host} has no IPv4 or IPv6 address"
+
+
+def connect_to(checked: list[Target], timeout: float, why_none: str | None = None) -> socket.socket:
+    """A TCP connection to the first of the ``checked`` addresses that accepts (never anything else:
+    no name is resolved here)."""
+    last: OSError | None = None
+    for t in checked:
+        sock = socket.socket(t.family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(t.sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last or OSError(why_none or "no address to connect to")
 
 
 class ReplayResponses:
@@ -90,6 +147,12 @@ class ReplayResponses:
                 self.queues[ex["request_key"]].append(ex)
         self.overrides = overrides or {}
         self._lock = threading.Lock()
+
+    def addresses(self, key: str) -> list[str]:
+        """The addresses the next recorded exchange with this key was decided at."""
+        with self._lock:
+            q = self.queues.get(key)
+            return list(q[0].get("addresses") or []) if q else []
 
     def take(self, key: str) -> tuple[dict, bytes] | None:
         """(response record, body) for the next recorded exchange with this key, or None."""
@@ -195,12 +258,34 @@ class EgressProxy:
                                            "command_id": self.command_id}, now_us())
         return attempt_id
 
-    def gate(self, attempt_id: str, host: str, port: int, protocol: str, method: str, subject: str) -> tuple[bool, str | None]:
-        """Decide (and record the decision, asking when the rule says so). Returns (allowed, rule)."""
+    def destination(self, host: str, port: int, protocol: str, method: str,
+                    replay_key: str | None = None) -> tuple[list[Target], str | None]:
+        """Where a request may go, before it is decided: nothing for a name a name rule denies (it is
+        not even resolved) or, when re-executing, the addresses the recording decided at (nothing
+        is resolved then); else `targets`."""
+        try:
+            if parse_host(host).is_address:
+                return targets(host, port)  # no resolver involved
+        except HostError as exc:
+            return [], str(exc)
+        if self.replay is not None:
+            recorded = self.replay.addresses(replay_key) if replay_key else []
+            return [Target(a, 0, ()) for a in recorded], "re-execution does not resolve names"
         d = self.policy.evaluate_network(host, port, protocol, method)
+        if d.action == "deny" and (d.rule is not None or not self.policy.resolves_names()):
+            return [], f"denied by {d.rule or 'network.default'} before resolving"
+        return targets(host, port)
+
+    def gate(self, attempt_id: str, host: str, port: int, protocol: str, method: str, subject: str,
+             at: list[Target]) -> tuple[bool, str | None]:
+        """Decide at the addresses ``at`` (and record the decision, asking when the rule says so).
+        Returns (allowed, rule)."""
+        addresses = [t.address for t in at]
+        d = self.policy.evaluate_network(host, port, protocol, method, addresses=addresses)
         d = type(d)(d.action, d.rule or "network.default", d.reason)
         self.observe("network_decided", {"attempt_id": attempt_id, "decision": d.action, "rule": d.rule,
-                                         "reason": d.reason, "policy_source": self.policy_source}, now_us())
+                                         "reason": d.reason, "policy_source": self.policy_source,
+                                         "addresses": addresses}, now_us())
         if d.action == "allow":
             return True, d.rule
         if d.action == "deny":
@@ -307,13 +392,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, f"agentledger egress proxy: bad CONNECT target {self.path!r}")
             return
         attempt_id = px.attempt(host, port, "https", "CONNECT", None)
-        allowed, rule = px.gate(attempt_id, host, port, "https", "CONNECT", f"CONNECT {host}:{port}")
+        at, why_none = px.destination(host, port, "https", "CONNECT")
+        allowed, rule = px.gate(attempt_id, host, port, "https", "CONNECT", f"CONNECT {host}:{port}", at)
+        addresses = tuple(t.address for t in at)
         if not allowed:
             handed = now_us()
             self._reply(403, f"agentledger egress proxy: {host}:{port} blocked by policy (rule {rule})",
                         {"X-Agentledger-Rule": str(rule)})
             px.completed(attempt_id, "blocked", started=started, error=f"denied by {rule}", at_us=handed)
-            px.remember(Exchange(attempt_id, None, None, None, False))
+            px.remember(Exchange(attempt_id, None, None, None, False, addresses))
             return
         if px.replay is not None:
             handed = now_us()
@@ -321,7 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
             px.completed(attempt_id, "error", started=started, error="tunnel not replayable", at_us=handed)
             return
         try:
-            upstream = socket.create_connection((host, port), timeout=px.connect_timeout)
+            upstream = connect_to(at, px.connect_timeout, why_none)
         except OSError as exc:
             outcome = "timeout" if isinstance(exc, TimeoutError) else "refused" if isinstance(exc, ConnectionRefusedError) else "error"
             handed = now_us()
@@ -362,7 +449,7 @@ class _Handler(BaseHTTPRequestHandler):
         upstream.close()
         self.close_connection = True
         px.completed(attempt_id, "ok", bytes_in=counts["in"], bytes_out=counts["out"], started=started)
-        px.remember(Exchange(attempt_id, None, None, None, False))
+        px.remember(Exchange(attempt_id, None, None, None, False, addresses))
 
     # -- plain HTTP -----------------------------------------------------------------------------
     def _http(self):
@@ -378,20 +465,22 @@ class _Handler(BaseHTTPRequestHandler):
         method = self.command.upper()
         body = self._read_body()
         attempt_id = px.attempt(host, port, parts.scheme, method, redact_url(url))
-        allowed, rule = px.gate(attempt_id, host, port, parts.scheme, method, f"{method} {redact_url(url)}")
         key = request_key(method, url, body)
+        at, why_none = px.destination(host, port, parts.scheme, method, key)
+        allowed, rule = px.gate(attempt_id, host, port, parts.scheme, method, f"{method} {redact_url(url)}", at)
+        addresses = tuple(t.address for t in at)
         if not allowed:
             handed = now_us()
             self._reply(403, f"agentledger egress proxy: {host}:{port} blocked by policy (rule {rule})",
                         {"X-Agentledger-Rule": str(rule)})
             px.completed(attempt_id, "blocked", bytes_out=len(body), started=started,
                          error=f"denied by {rule}", at_us=handed)
-            px.remember(Exchange(attempt_id, key, None, None, False))
+            px.remember(Exchange(attempt_id, key, None, None, False, addresses))
             return
         if px.replay is not None:
             self._serve_recorded(attempt_id, key, body, started)
         else:
-            self._forward(attempt_id, key, parts, host, port, method, body, started)
+            self._forward(attempt_id, key, parts, host, port, method, body, started, at, why_none)
 
     def _serve_recorded(self, attempt_id: str, key: str, body: bytes, started: float) -> None:
         px = self.proxy
@@ -416,10 +505,14 @@ class _Handler(BaseHTTPRequestHandler):
         px.completed(attempt_id, "ok", status=int(record["status"]), bytes_in=len(payload), bytes_out=len(body),
                      started=started, response_digest=sha256_hex(payload), at_us=handed)
 
-    def _forward(self, attempt_id, key, parts, host, port, method, body, started) -> None:
+    def _forward(self, attempt_id, key, parts, host, port, method, body, started, at, why_none) -> None:
         px = self.proxy
+        addresses = tuple(t.address for t in at)
         conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         conn = conn_cls(host, port, timeout=px.connect_timeout)
+        # connect to an address that was decided on, never to a fresh resolution of the name (TLS
+        # still verifies the name)
+        conn._create_connection = lambda _address, timeout, _source=None: connect_to(at, timeout, why_none)
         drop = HOP_BY_HOP | {h.strip().lower() for h in self.headers.get("Connection", "").split(",") if h.strip()}
         try:
             target = urlunsplit(("", "", parts.path or "/", parts.query, ""))
@@ -440,7 +533,7 @@ class _Handler(BaseHTTPRequestHandler):
             handed = now_us()
             self._reply(502, f"agentledger egress proxy: cannot reach {host}:{port}: {exc}")
             px.completed(attempt_id, outcome, bytes_out=len(body), started=started, error=str(exc)[:300], at_us=handed)
-            px.remember(Exchange(attempt_id, key, None, None, False))
+            px.remember(Exchange(attempt_id, key, None, None, False, addresses))
             return
         headers = [(k, v) for k, v in resp.getheaders()]
         self.send_response_only(resp.status, resp.reason)
@@ -486,6 +579,6 @@ class _Handler(BaseHTTPRequestHandler):
             record_digest = px.store.put(json.dumps(record, sort_keys=True).encode()).digest
         px.completed(attempt_id, "ok" if error is None else "error", status=resp.status, bytes_in=n,
                      bytes_out=len(body), started=started, response_digest=digest, error=error, at_us=handed)
-        px.remember(Exchange(attempt_id, key, record_digest, digest, stored))
+        px.remember(Exchange(attempt_id, key, record_digest, digest, stored, addresses))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _http

@@ -397,7 +397,7 @@ class SandboxSession:
             self.manifest["exchanges"][ex_.attempt_id] = {
                 "command_id": command_id, "request_key": ex_.request_key, "response": ex_.response,
                 "body_digest": ex_.body_digest, "body_stored": ex_.body_stored,
-                "seq": completed_seq.get(ex_.attempt_id)}
+                "seq": completed_seq.get(ex_.attempt_id), "addresses": list(ex_.addresses)}
         self.state["in_flight"] = None
         self._save()
         result.exit_code, result.status, result.signal = ex.exit_code, ex.status, ex.signal
