@@ -77,7 +77,51 @@ def test_attribution_ignores_infrastructure_until_the_marker(tmp_path):
     assert [(i.argv, i.exit_code, i.parent) for i in a.images] == [(["sh", "-c", "x"], 7, None), (["ls"], 2, 0)]
     ops = [(o.op, o.path, o.write) for o in a.file_ops]
     assert ops == [("open", "/w/out", True), ("unlink", "/w/sub/gone", True)], "bwrap/launcher/forwarder ops leaked in"
-    assert [(c.host, c.port, c.sock, c.errno) for c in a.connects] == [("10.1.2.3", 80, "TCP", "ENETUNREACH")]
+    assert [(c.host, c.port, c.sock, c.errno) for c in a.network] == [("10.1.2.3", 80, "TCP", "ENETUNREACH")]
+
+
+def test_datagrams_to_an_address_and_raw_sockets_are_network_attempts_and_sent_data_never_poses_as_one():
+    """Lines as strace 6 prints them (sendmmsg as glibc's resolver and ctypes make it); the data sent
+    spells a sockaddr, which must not be read as a destination."""
+    marker = "/.agentledger-exec-n"
+    fake = r'"sa_family=AF_INET, sin_port=htons(53), sin_addr=inet_addr(\"9.9.9.9\")"'
+    iov = f"msg_iov=[{{iov_base={fake}, iov_len=68}}], msg_iovlen=1, msg_controllen=0, msg_flags=0"
+    lines = [
+        f'2 1.0 openat(AT_FDCWD</w>, "{marker}", O_RDONLY) = -1 ENOENT (No such file or directory)',
+        '2 1.1 execve("/usr/bin/python3", ["python3", "u.py"], 0x1 /* 1 vars */) = 0',
+        '2 1.2 socket(AF_INET, SOCK_DGRAM|SOCK_CLOEXEC, IPPROTO_IP) = 3<UDP:[63007]>',
+        '2 1.3 sendto(3<UDP:[63007]>, "\\x12\\x34", 2, 0, {sa_family=AF_INET, sin_port=htons(53), '
+        'sin_addr=inet_addr("192.0.2.1")}, 16) = -1 ENETUNREACH (Network is unreachable)',
+        f'2 1.4 sendto(4<TCP:[127.0.0.1:1->127.0.0.1:3128]>, {fake}, 68, 0, NULL, 0) = 68',
+        '2 1.5 sendto(6<UDPv6:[63024]>, "x", 1, 0, {sa_family=AF_INET6, sin6_port=htons(53), sin6_flowinfo=htonl(0), '
+        'inet_pton(AF_INET6, "::1", &sin6_addr), sin6_scope_id=0}, 28) = 1',
+        '2 1.6 sendmsg(3<UDP:[0.0.0.0:32808]>, {msg_name={sa_family=AF_INET, sin_port=htons(5353), '
+        f'sin_addr=inet_addr("192.0.2.3")}}, msg_namelen=16, {iov}}}, 0) = -1 ENETUNREACH (Network is unreachable)',
+        f'2 1.7 sendmsg(3<UDP:[0.0.0.0:32808]>, {{msg_name=NULL, msg_namelen=0, {iov}}}, 0) = -1 EDESTADDRREQ (x)',
+        '2 1.8 sendmmsg(3<UDP:[214354]>, [{msg_hdr={msg_name={sa_family=AF_INET, sin_port=htons(53), '
+        f'sin_addr=inet_addr("127.0.0.1")}}, msg_namelen=16, {iov}}}, msg_len=68}}, '
+        '{msg_hdr={msg_name={sa_family=AF_INET, sin_port=htons(5353), sin_addr=inet_addr("127.0.0.2")}, '
+        f'msg_namelen=16, {iov}}}, msg_len=68}}, {{msg_hdr={{msg_name=NULL, msg_namelen=0, {iov}}}}}], 3, 0) = 2',
+        '2 1.9 socket(AF_INET, SOCK_RAW|SOCK_CLOEXEC, IPPROTO_ICMP) = -1 EPERM (Operation not permitted)',
+        '2 2.0 socket(AF_PACKET, SOCK_RAW|SOCK_CLOEXEC, htons(ETH_P_ALL)) = -1 EPERM (Operation not permitted)',
+        '2 2.1 socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP) = -1 EACCES (Permission denied)',
+        '2 2.2 socket(AF_INET6, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 5<TCPv6:[1]>',
+        '2 2.3 +++ exited with 0 +++',
+    ]
+    a = st.analyse(lines, marker)
+    got = [(n.call, n.host, n.port, n.sock, n.errno, n.detail) for n in a.network]
+    assert got == [
+        ("sendto", "192.0.2.1", 53, "UDP", "ENETUNREACH", None),
+        ("sendto", "::1", 53, "UDPv6", None, None),
+        ("sendmsg", "192.0.2.3", 5353, "UDP", "ENETUNREACH", None),
+        ("sendmmsg", "127.0.0.1", 53, "UDP", None, None),
+        ("sendmmsg", "127.0.0.2", 5353, "UDP", None, None),
+        ("socket", "*", 0, "SOCK_RAW", "EPERM", "socket(AF_INET, SOCK_RAW|SOCK_CLOEXEC, IPPROTO_ICMP)"),
+        ("socket", "*", 0, "SOCK_RAW", "EPERM", "socket(AF_PACKET, SOCK_RAW|SOCK_CLOEXEC, htons(ETH_P_ALL))"),
+        ("socket", "*", 0, "SOCK_DGRAM", "EACCES", "socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)"),
+    ]
+    assert "9.9.9.9" not in {n.host for n in a.network}
+    assert {n.image for n in a.network} == {a.top.index}
 
 
 @pytest.mark.parametrize("seccomp", [True, False], ids=["seccomp-bpf", "ptrace-all"])
@@ -118,7 +162,7 @@ def test_a_real_trace_through_bwrap_and_the_launcher(tmp_path, seccomp):
     assert ("unlink", f"{w}/d/e", None, None) in ops
     assert ("open", "/etc/nope", None, "EROFS") in ops
     assert next(o for o in a.file_ops if o.op == "chmod").mode == 0o600
-    assert ("10.9.9.9", 443, "ENETUNREACH") in {(c.host, c.port, c.errno) for c in a.connects}
+    assert ("10.9.9.9", 443, "ENETUNREACH") in {(c.host, c.port, c.errno) for c in a.network}
     assert not any("python3" in o.path and o.write for o in a.file_ops)
 
 

@@ -16,7 +16,7 @@ The sandbox (``bwrap``), by default:
   re-execution see the same environment and the re-execution sees the recorded clock.
 
 Escalated commands (approved to run outside the sandbox) and ``danger_full_access`` sessions run
-without bwrap, still traced, so their files, processes and connects are still recorded.
+without bwrap, still traced, so their files, processes and network attempts are still recorded.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, BinaryIO
 
 from producers.recorder import EXCERPT_BYTES
+from schemas.netaddr import HostError, is_loopback, parse_address
 from schemas.policy import Policy
 
 from . import strace as st
@@ -411,6 +412,7 @@ class Observed:
 
 _IGNORED_PREFIXES = ("/dev/", "/proc/", "/sys/", RUN_DIR_IN_SANDBOX + "/")
 _ERRNO_TEXT = {"EROFS": "read-only file system", "EACCES": "permission denied", "EPERM": "operation not permitted",
+               "EAFNOSUPPORT": "address family not supported", "EPROTONOSUPPORT": "protocol not supported",
                "ENETUNREACH": "network unreachable", "ECONNREFUSED": "connection refused",
                "EHOSTUNREACH": "host unreachable", "ETIMEDOUT": "timed out"}
 
@@ -558,38 +560,58 @@ def build_observations(spec: CommandSpec, ex: Execution, before: Snapshot, after
         if not any(absolute == t or absolute.startswith(t.rstrip("/") + "/") for t in touched):
             obs.unexplained.append(path)
 
-    # direct connects (the proxy records the requests that went through it)
-    conn_seen: set[tuple] = set()
-    for c in tr.connects:
-        loopback = c.host.startswith("127.") or c.host in ("::1", "::ffff:127.0.0.1")
-        if spec.sandboxed and loopback and c.port == proxy_port:
+    # every other way out: connects, datagrams sent to an address, raw and packet sockets (the proxy
+    # records the requests that went through it)
+    net_seen: set[tuple] = set()
+    for c in tr.network:
+        address = _address(c.host)
+        loopback = address is not None and is_loopback(address)
+        if spec.sandboxed and loopback and c.port == proxy_port and c.call == "connect":
             continue
-        protocol = "dns" if c.port == 53 else ("udp" if (c.sock or "").startswith("UDP") else "tcp")
+        if c.call == "socket":
+            protocol = "unknown"
+        elif c.port == 53:
+            protocol = "dns"
+        else:
+            protocol = "udp" if (c.sock or "").startswith("UDP") else "tcp"
         outcome = _outcome(c.errno)
-        key = (c.host, c.port, protocol, outcome)
-        if key in conn_seen:
+        key = (c.host, c.port, protocol, c.call, c.detail, outcome, c.image)
+        if key in net_seen:
             continue
-        conn_seen.add(key)
+        net_seen.add(key)
         if not spec.sandboxed:
             decision, rule = "allow", ("escalation" if escalated else "sandbox.mode")
             reason = "ran outside the sandbox"
-            source = "sandbox"
+        elif c.call == "socket" and c.errno is not None:
+            decision, rule = "deny", "sandbox.network"
+            reason = "the sandbox allows no raw or packet sockets (no capabilities, no network)"
+        elif c.call == "socket":
+            decision, rule = "allow", "sandbox.loopback"
+            reason = "a raw socket in the sandbox's network namespace reaches only its own loopback"
         elif loopback:
-            decision, rule, reason, source = "allow", "sandbox.loopback", "the sandbox's own loopback, not the host's", "sandbox"
+            decision, rule, reason = "allow", "sandbox.loopback", "the sandbox's own loopback, not the host's"
         else:
-            decision, rule, source = "deny", "sandbox.network", "sandbox"
+            decision, rule = "deny", "sandbox.network"
             reason = "the sandbox has no network; only the egress proxy is reachable"
         attempt_id = new_id()
+        method = c.detail if c.call == "socket" else (None if c.call == "connect" else c.call)
         emit("network_attempted", {"attempt_id": attempt_id, "host": c.host, "port": c.port, "protocol": protocol,
-                                   "method": None, "url": None, "command_id": owner(c.image)}, c.ts)
+                                   "method": method, "url": None, "command_id": owner(c.image)}, c.ts)
         emit("network_decided", {"attempt_id": attempt_id, "decision": decision, "rule": rule, "reason": reason,
-                                 "policy_source": source}, c.ts)
+                                 "policy_source": "sandbox", "addresses": [str(address)] if address else []}, c.ts)
         emit("network_completed", {"attempt_id": attempt_id, "outcome": outcome, "status": None, "bytes_in": 0,
                                    "bytes_out": 0, "duration_ms": 0, "response_digest": None,
                                    "error": None if c.errno is None else f"{c.errno} ({_ERRNO_TEXT.get(c.errno, c.errno)})"},
              c.ts)
     obs.events.sort(key=lambda o: o.at_us)
     return obs
+
+
+def _address(host: str):
+    try:
+        return parse_address(host)
+    except HostError:
+        return None
 
 
 def _deny_read(emit, denied: set, policy: Policy, path: str, op: st.FileOp, command_id: str) -> None:

@@ -3,8 +3,8 @@ trace into processes, file operations and connects of the sandboxed command.
 
 Why strace: it is packaged everywhere, follows every process (``-f``) across the namespaces
 bubblewrap creates, and shows each syscall's *result*, so a denial is an observed errno
-(``EROFS`` on a write outside the writable roots, ``ENETUNREACH`` on a connect that bypasses the
-proxy) rather than a guess from the command's output. ``--seccomp-bpf`` stops the tracee only on
+(``EROFS`` on a write outside the writable roots, ``ENETUNREACH`` on a connect or a datagram that
+bypasses the proxy, ``EPERM`` on a raw socket) rather than a guess from the command's output. ``--seccomp-bpf`` stops the tracee only on
 the syscalls listed here, which keeps the overhead small (see bench/sandbox.py).
 
 What is attributed to the command: the tracer also sees bubblewrap's own setup and our launcher
@@ -32,7 +32,8 @@ FILE_SYSCALLS = (
     "chdir", "fchdir",
 )
 PROCESS_SYSCALLS = ("execve", "execveat", "clone", "clone3", "fork", "vfork")
-NETWORK_SYSCALLS = ("connect",)
+# connect; datagrams sent to an address (DNS included); raw and packet sockets (created, or refused)
+NETWORK_SYSCALLS = ("connect", "sendto", "sendmsg", "sendmmsg", "socket")
 TRACED = FILE_SYSCALLS + PROCESS_SYSCALLS + NETWORK_SYSCALLS
 
 
@@ -341,22 +342,26 @@ class FileOp:
 
 
 @dataclass
-class Connect:
+class NetAttempt:
+    """One way out the command tried: ``connect``, a ``sendto``/``sendmsg``/``sendmmsg`` to an
+    address, or ``socket`` creating a raw or packet socket (``host`` ``*``: it could reach any)."""
     ts: float
     pid: int
     image: int | None
-    family: str  # inet | inet6
+    family: str  # inet | inet6 | packet
     host: str
     port: int
-    sock: str | None  # TCP, UDP, TCPv6, UDPv6
+    sock: str | None  # TCP, UDP, TCPv6, UDPv6, ... (-yy); for socket(): its type (SOCK_RAW, ...)
     errno: str | None
+    call: str = "connect"
+    detail: str | None = None  # socket(): the call as made, e.g. "socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)"
 
 
 @dataclass
 class TraceAnalysis:
     images: list[Image] = field(default_factory=list)
     file_ops: list[FileOp] = field(default_factory=list)
-    connects: list[Connect] = field(default_factory=list)
+    network: list[NetAttempt] = field(default_factory=list)
     top: Image | None = None
     top_exit_code: int | None = None
     top_signal: str | None = None
@@ -409,6 +414,57 @@ def _sockaddr(arg: str) -> tuple[str, str, int] | None:
         addr = re.search(r'inet_pton\(AF_INET6, "([^"]+)"', arg)
         if addr and port:
             return "inet6", addr.group(1), int(port.group(1))
+    return None
+
+
+def _field(struct: str, name: str) -> str | None:
+    """The value of field ``name`` of a decoded structure ``{a=..., name=..., ...}``; strings in it
+    (data the command sent) are skipped whole, so they can never pose as a field."""
+    struct = struct.strip()
+    if not (struct.startswith("{") and struct.endswith("}")):
+        return None
+    items, _ = split_args(struct[1:-1] + ")")
+    for it in items:
+        key, eq, value = it.partition("=")
+        if eq and key.strip() == name:
+            return value
+    return None
+
+
+def _destinations(name: str, args: list[str]) -> list[str]:
+    """The destination address arguments of a send call (none when the socket's peer is used)."""
+    if name == "sendto":
+        return [args[4]] if len(args) > 4 and args[4].strip() != "NULL" else []
+    if name == "sendmsg":
+        dest = _field(args[1], "msg_name") if len(args) > 1 else None
+        return [dest] if dest and dest.strip() != "NULL" else []
+    if name == "sendmmsg" and len(args) > 1 and args[1].strip().startswith("["):
+        items, _ = split_args(args[1].strip()[1:-1] + ")")
+        out = []
+        for it in items:
+            hdr = _field(it, "msg_hdr")
+            dest = _field(hdr, "msg_name") if hdr else None
+            if dest and dest.strip() != "NULL":
+                out.append(dest)
+        return out
+    return []
+
+
+_RAW_FAMILIES = ("AF_PACKET", "PF_PACKET")
+_RAW_TYPES = ("SOCK_RAW", "SOCK_PACKET")
+_ICMP = ("IPPROTO_ICMP", "IPPROTO_ICMPV6")
+
+
+def _raw_socket(args: list[str]) -> tuple[str, str] | None:
+    """(family, type) of a ``socket()`` call that makes a raw, packet or ICMP socket; else None."""
+    if len(args) < 3:
+        return None
+    family, stype, proto = args[0].strip(), args[1].strip(), args[2].strip()
+    base = stype.split("|", 1)[0]
+    if family in _RAW_FAMILIES:
+        return "packet", base
+    if family in ("AF_INET", "AF_INET6", "PF_INET", "PF_INET6") and (base in _RAW_TYPES or proto in _ICMP):
+        return ("inet6" if family.endswith("6") else "inet"), base
     return None
 
 
@@ -578,8 +634,21 @@ def _file_or_net(out: TraceAnalysis, p: _Proc, c: Call) -> None:
     elif name == "connect":
         sa = _sockaddr(arg(1) or "")
         if sa:
-            out.connects.append(Connect(c.ts, c.pid, p.image, sa[0], sa[1], sa[2], socket_kind(arg(0) or ""),
-                                        c.errno))
+            out.network.append(NetAttempt(c.ts, c.pid, p.image, sa[0], sa[1], sa[2], socket_kind(arg(0) or ""),
+                                          c.errno))
+        return
+    elif name in ("sendto", "sendmsg", "sendmmsg"):
+        for dest in _destinations(name, a):
+            sa = _sockaddr(dest)
+            if sa:
+                out.network.append(NetAttempt(c.ts, c.pid, p.image, sa[0], sa[1], sa[2],
+                                              socket_kind(arg(0) or ""), c.errno, name))
+        return
+    elif name == "socket":
+        raw = _raw_socket(a)
+        if raw:
+            out.network.append(NetAttempt(c.ts, c.pid, p.image, raw[0], "*", 0, raw[1], c.errno, "socket",
+                                          f"socket({', '.join(x.strip() for x in a[:3])})"))
         return
     if op is not None and op.path:
         out.file_ops.append(op)
