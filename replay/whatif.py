@@ -4,7 +4,12 @@ Works on any ``events``-shaped table (a replay workset, or the whole warehouse),
 many. The requests and how their *recorded* decision is read (docs/replay.md states the recording
 conventions this relies on):
 
-* network attempt -- recorded: its network_decided (allow | ask | deny); new: `Policy.evaluate_network`.
+* network attempt -- recorded: its network_decided (allow | ask | deny); new: `Policy.evaluate_network`
+  at the addresses the decision recorded (``network_decided.addresses``: what the sandbox's egress
+  proxy resolved the host to and connected to), so an address rule re-decides a host name as the
+  proxy decided it; without recorded addresses a name is decided on its own. Raw and packet socket
+  attempts (host ``*``) have no destination and are refused by the sandbox whatever the policy:
+  they are not re-decided.
 * command -- every command the agent asked to run has a command_started (argv, escalated) and,
   when it did not run, a command_finished with status ``declined``. Recorded: an approval request
   linked by command_id means ``prompt`` (or, decided by ``policy``: ``allow`` / ``forbidden``);
@@ -167,21 +172,27 @@ def _collect(con, ev: str) -> tuple[list[Request], dict[str, dict]]:
         SELECT session_id, arg_min(session_started.cwd, seq), arg_min(session_started.policy_digest, seq)
         FROM ev WHERE kind = 'session_started' GROUP BY 1""").fetchall()}
     out: list[Request] = []
-    # network attempts with their first decision and completion
-    for sid, seq, host, port, proto, method, decision, rule, outcome in con.execute(f"""
+    # network attempts with their first decision and completion (a warehouse written before
+    # network_decided had addresses, opened read-only, has no such field: no addresses then)
+    fields = {r[0] for r in con.execute("DESCRIBE SELECT network_decided.* FROM events").fetchall()}
+    addresses_sql = "d.x.addresses" if "addresses" in fields else "NULL::VARCHAR[]"
+    for sid, seq, host, port, proto, method, decision, rule, addresses, outcome in con.execute(f"""
         WITH ev AS {ev},
         a AS (SELECT session_id, seq, network_attempted AS x FROM ev WHERE kind = 'network_attempted'),
         d AS (SELECT session_id, arg_min(network_decided, seq) AS x FROM ev WHERE kind = 'network_decided'
               GROUP BY session_id, network_decided.attempt_id),
         c AS (SELECT session_id, arg_min(network_completed, seq) AS x FROM ev WHERE kind = 'network_completed'
               GROUP BY session_id, network_completed.attempt_id)
-        SELECT a.session_id, a.seq, a.x.host, a.x.port, a.x.protocol, a.x.method, d.x.decision, d.x.rule, c.x.outcome
+        SELECT a.session_id, a.seq, a.x.host, a.x.port, a.x.protocol, a.x.method, d.x.decision, d.x.rule,
+               {addresses_sql}, c.x.outcome
         FROM a LEFT JOIN d ON d.session_id = a.session_id AND d.x.attempt_id = a.x.attempt_id
                LEFT JOIN c ON c.session_id = a.session_id AND c.x.attempt_id = a.x.attempt_id
+        WHERE NOT (a.x.host = '*' AND starts_with(coalesce(a.x.method, ''), 'socket('))
         ORDER BY a.session_id, a.seq""").fetchall():
         recorded = decision or ("allow" if outcome == "ok" else "unknown")
         out.append(Request(sid, seq, "network", f"{(method or '').upper()} {proto} {host}:{port}".strip(), recorded,
-                           rule, outcome, {"host": host, "port": port, "protocol": proto, "method": method}))
+                           rule, outcome, {"host": host, "port": port, "protocol": proto, "method": method,
+                                           "addresses": list(addresses or [])}))
     # commands with the approval linked to them
     for sid, seq, argv, shell, esc, source, status, exit_code, adec, aby, arule, has_req in con.execute(f"""
         WITH ev AS {ev},
@@ -282,7 +293,7 @@ def section_of(req: Request) -> str:
 def decide(policy: Policy, req: Request, cwd: str | None) -> Decision:
     a = req.args
     if req.kind == "network":
-        return policy.evaluate_network(a["host"], a["port"], a["protocol"], a["method"])
+        return policy.evaluate_network(a["host"], a["port"], a["protocol"], a["method"], addresses=a.get("addresses"))
     if req.kind in ("command", "approval") and "argv" in a:
         if a.get("source") == "hook":  # decided as the hook decides a shell tool call
             return policy.evaluate_shell_call(a["argv"], a.get("shell"), escalated=a["escalated"])
