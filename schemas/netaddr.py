@@ -15,8 +15,8 @@ Address forms read (each maps to the address the C library, curl and browsers co
 * IPv6, bracketed or not, with a zone id (``fe80::1%eth0``, ``[fe80::1%25eth0]``; the zone is
   dropped); an IPv4-mapped IPv6 address (``::ffff:127.0.0.1``, ``::ffff:7f00:1``) *is* its IPv4
   address (a dual-stack socket connects to it).
-* Percent-encoding (``%31%32%37.0.0.1``), upper case, full-width digits and dots (IDNA mapping, as
-  browsers and libidn2 apply it).
+* Percent-encoding (``%31%32%37.0.0.1``), upper case, full-width digits and dots (the IDNA / UTS #46
+  mapping, as browsers and curl's libidn2 apply it; `idna`).
 
 A host that ends in a number but is not a valid IPv4 address (``1.2.3.256``, ``08.0.0.1``,
 ``1.2.3.4.5``) is rejected, not guessed (the WHATWG rule; ``inet_aton`` refuses them too, and no
@@ -82,10 +82,7 @@ def parse_host(raw: str) -> Host:
     if ":" in text:
         return _ipv6(text, raw)
     if not text.isascii():
-        try:  # IDNA (nameprep): case, full-width digits and dots, compatibility forms
-            text = text.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise HostError(f"not a valid name: {raw!r} ({exc})") from None
+        text = idna_ascii(text, raw)
     text = text.lower()
     labels = text.split(".")
     if len(labels) > 1 and labels[-1] == "":
@@ -155,6 +152,17 @@ def _ipv6(text: str, raw: str) -> Host:
     zone = address.scope_id
     address = canonical(address)
     return Host(str(address), address, zone if isinstance(address, ipaddress.IPv6Address) else None)
+
+
+def idna_ascii(text: str, raw: str | None = None) -> str:
+    """A non-ASCII host as ASCII: IDNA 2008 with the UTS #46 mapping (case, full-width digits and
+    dots, compatibility forms), as curl's libidn2 and browsers convert it. `HostError` if invalid."""
+    import idna  # only for non-ASCII hosts: the hook's path stays light
+
+    try:
+        return idna.encode(text, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise HostError(f"not a valid name: {raw or text!r} ({exc})") from None
 
 
 def _ends_in_number(label: str) -> bool:

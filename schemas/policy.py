@@ -59,7 +59,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from .errors import ConfigError
-from .netaddr import Host, HostError, IPAddress, aliases, canonical_network, parse_address, parse_host
+from .netaddr import Host, HostError, IPAddress, aliases, canonical_network, idna_ascii, parse_address, parse_host
 
 NETWORK_ACTIONS = ("allow", "ask", "deny")  # ascending restrictiveness
 COMMAND_DECISIONS = ("allow", "prompt", "forbidden")
@@ -178,13 +178,10 @@ def _network_rule(r: dict, rid: str, where: str) -> NetworkRule:
 def _glob(pattern: str) -> str:
     """A host glob in the canonical form of names (lower case, IDNA labels, no trailing dot)."""
     pattern = pattern.strip().lower().rstrip(".")
-    if pattern.isascii():
-        return pattern
     try:
-        return ".".join(label if label.isascii() else label.encode("idna").decode("ascii")
-                        for label in pattern.split("."))
-    except UnicodeError:
-        return pattern
+        return ".".join(label if label.isascii() else idna_ascii(label) for label in pattern.split("."))
+    except HostError as exc:
+        raise ConfigError(f"host pattern {pattern!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
