@@ -89,6 +89,19 @@ timeout_s = {timeout_s}
 """.replace("'", '"')
 
 
+# issue 21's policy: everything allowed but the local host, link-local IPv6 and the cloud metadata address
+NO_LOCAL = """name = "no-local"
+[network]
+default = "allow"
+[[network.rules]]
+id = "no-local"
+action = "deny"
+cidrs = ["127.0.0.0/8", "::1/128", "169.254.169.254/32", "fe80::/10"]
+[approvals]
+default = "allow"
+"""
+
+
 def sandbox_env(home: Path, **extra: str) -> dict[str, str]:
     env = cli_env(home)
     env.pop("MY_SETTING", None)

@@ -117,30 +117,20 @@ def test_a_claude_code_session_is_recorded_and_policy_denials_are_answered(tmp_p
     assert q(env, "select status from chain_status") == [{"status": "ok"}]
 
 
-METADATA_POLICY = """name = "no-metadata"
-[network]
-default = "allow"
-[[network.rules]]
-id = "metadata"
-action = "deny"
-cidrs = ["169.254.169.254/32"]
-[approvals]
-default = "allow"
-"""
-
-
 def test_the_url_check_refuses_every_spelling_of_a_denied_address(tmp_path):
     """Issue 21: ``curl http://2852039166/`` (169.254.169.254 as one integer) passed a deny rule for
     169.254.169.254/32. The hook decides on the literal after normalising it (schemas/netaddr.py)."""
+    from sandbox_support import NO_LOCAL
+
     pol = tmp_path / "policy.toml"
-    pol.write_text(METADATA_POLICY)
+    pol.write_text(NO_LOCAL)
     env = cli_env(tmp_path / "home", AGENTLEDGER_POLICY=str(pol))
     base = {"session_id": "cc-m", "cwd": "/w", "permission_mode": "default", "transcript_path": "/h/.claude/x.jsonl",
             "hook_event_name": "PreToolUse"}
     bash = hook(env, {**base, "tool_name": "Bash", "tool_use_id": "t1",
                       "tool_input": {"command": "curl -s http://2852039166/latest/meta-data/iam/"}}, check_exit=0)
     answer = json.loads(bash.stdout)["hookSpecificOutput"]
-    assert answer["permissionDecision"] == "deny" and "metadata" in answer["permissionDecisionReason"]
+    assert answer["permissionDecision"] == "deny" and "no-local" in answer["permissionDecisionReason"]
     assert "169.254.169.254:80" in answer["permissionDecisionReason"]
     fetch = hook(env, {**base, "tool_name": "WebFetch", "tool_use_id": "t2",
                        "tool_input": {"url": "http://user@[::ffff:a9fe:a9fe]/latest/", "prompt": "x"}}, check_exit=0)

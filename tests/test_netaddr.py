@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from sandbox_support import NO_LOCAL
 from schemas.errors import ConfigError
 from schemas.policy import Policy, urls_in
 
@@ -109,24 +110,17 @@ def test_names_are_canonical_and_never_addresses():
     from schemas.netaddr import parse_host
 
     assert parse_host("LocalHost.").text == "localhost" and not parse_host("localhost").is_address
-    assert parse_host("bücher.example").text == "xn--bcher-kva.example"
+    assert parse_host("BÜCHER.example").text == "xn--bcher-kva.example"
+    assert parse_host("straße.example").text == "xn--strae-oqa.example"  # IDNA 2008 (UTS #46), as curl and browsers
+    assert Policy.from_toml('[[network.rules]]\nid = "x"\naction = "deny"\nhosts = ["*.bücher.example"]'
+                            ).evaluate_network("www.xn--bcher-kva.example", 443).rule == "x"
     assert parse_host("1.2.3.4.example").text == "1.2.3.4.example"  # a name: it does not end in a number
     assert parse_host("0x7f.example").text == "0x7f.example"
 
 
-POLICY = """
-[network]
-default = "allow"
-[[network.rules]]
-id = "no-local"
-action = "deny"
-cidrs = ["127.0.0.0/8", "::1/128", "169.254.169.254/32", "fe80::/10"]
-"""
-
-
 @pytest.mark.parametrize("written,canonical", FORMS + ALIASES)
 def test_an_address_rule_holds_for_every_spelling(written, canonical):
-    p = Policy.from_toml(POLICY)
+    p = Policy.from_toml(NO_LOCAL)
     d = p.evaluate_network(written, 80, "http")
     assert (d.action, d.rule) == ("deny", "no-local"), (written, d)
     host = f"[{written.strip('[]')}]" if ":" in written else written
@@ -135,7 +129,7 @@ def test_an_address_rule_holds_for_every_spelling(written, canonical):
 
 
 def test_a_host_that_is_no_host_is_denied_and_names_are_decided_by_their_addresses():
-    p = Policy.from_toml(POLICY)
+    p = Policy.from_toml(NO_LOCAL)
     assert p.evaluate_network("1.2.3.256", 80).rule == "network.invalid_host"
     assert p.evaluate_network("1.2.3.256", 80).action == "deny"
     assert p.evaluate_network("localhost", 80).action == "allow"  # a name on its own: address rules cannot see it

@@ -7,18 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox_support import PY, Server, events, of_kind, sandbox, sandbox_env
-
-NO_LOCAL = """name = "no-local"
-[network]
-default = "allow"
-[[network.rules]]
-id = "no-local"
-action = "deny"
-cidrs = ["127.0.0.0/8", "::1/128", "169.254.169.254/32"]
-[approvals]
-default = "allow"
-"""
+from sandbox_support import NO_LOCAL, PY, Server, events, of_kind, sandbox, sandbox_env
 
 
 @pytest.fixture

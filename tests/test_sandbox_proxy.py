@@ -14,7 +14,7 @@ import pytest
 from producers.sandbox.approvals import Approver
 from producers.sandbox.cas import ContentStore
 from producers.sandbox.proxy import EgressProxy, ReplayResponses, network_digest, redact_url, request_key
-from sandbox_support import Server, policy
+from sandbox_support import NO_LOCAL, Server, policy
 from schemas.policy import Policy
 
 
@@ -210,15 +210,6 @@ def test_recorded_urls_carry_no_credentials_or_query_values():
     assert redact_url("https://h/") == "https://h/"
     assert json.dumps(redact_url("http://h/?a=%20b")).count("%20") == 0
 
-
-NO_LOCAL = """name = "no-local"
-[network]
-default = "allow"
-[[network.rules]]
-id = "no-local"
-action = "deny"
-cidrs = ["127.0.0.0/8", "::1/128", "169.254.169.254/32"]
-"""
 
 
 def test_every_spelling_of_a_denied_address_and_a_name_resolving_into_it_are_denied(tmp_path):
