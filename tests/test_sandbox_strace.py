@@ -89,8 +89,8 @@ def test_datagrams_to_an_address_and_raw_sockets_are_network_attempts_and_sent_d
     lines = [
         f'2 1.0 openat(AT_FDCWD</w>, "{marker}", O_RDONLY) = -1 ENOENT (No such file or directory)',
         '2 1.1 execve("/usr/bin/python3", ["python3", "u.py"], 0x1 /* 1 vars */) = 0',
-        '2 1.2 socket(AF_INET, SOCK_DGRAM|SOCK_CLOEXEC, IPPROTO_IP) = 3<UDP:[63007]>',
-        '2 1.3 sendto(3<UDP:[63007]>, "\\x12\\x34", 2, 0, {sa_family=AF_INET, sin_port=htons(53), '
+        '2 1.2 socket(AF_INET, SOCK_DGRAM|SOCK_CLOEXEC, IPPROTO_IP) = 3<socket:[63007]>',  # -y: kind from socket()
+        '2 1.3 sendto(3<socket:[63007]>, "\\x12\\x34", 2, 0, {sa_family=AF_INET, sin_port=htons(53), '
         'sin_addr=inet_addr("192.0.2.1")}, 16) = -1 ENETUNREACH (Network is unreachable)',
         f'2 1.4 sendto(4<TCP:[127.0.0.1:1->127.0.0.1:3128]>, {fake}, 68, 0, NULL, 0) = 68',
         '2 1.5 sendto(6<UDPv6:[63024]>, "x", 1, 0, {sa_family=AF_INET6, sin6_port=htons(53), sin6_flowinfo=htonl(0), '
@@ -162,7 +162,7 @@ def test_a_real_trace_through_bwrap_and_the_launcher(tmp_path, seccomp):
     assert ("unlink", f"{w}/d/e", None, None) in ops
     assert ("open", "/etc/nope", None, "EROFS") in ops
     assert next(o for o in a.file_ops if o.op == "chmod").mode == 0o600
-    assert ("10.9.9.9", 443, "ENETUNREACH") in {(c.host, c.port, c.errno) for c in a.network}
+    assert ("10.9.9.9", 443, "TCP", "ENETUNREACH") in {(c.host, c.port, c.sock, c.errno) for c in a.network}
     assert not any("python3" in o.path and o.write for o in a.file_ops)
 
 

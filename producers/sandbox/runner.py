@@ -568,12 +568,13 @@ def build_observations(spec: CommandSpec, ex: Execution, before: Snapshot, after
         loopback = address is not None and is_loopback(address)
         if spec.sandboxed and loopback and c.port == proxy_port and c.call == "connect":
             continue
+        kind = c.sock or ("TCP" if c.call == "connect" else "UDP")  # (a socket made before the trace)
         if c.call == "socket":
             protocol = "unknown"
         elif c.port == 53:
             protocol = "dns"
         else:
-            protocol = "udp" if (c.sock or "").startswith("UDP") else "tcp"
+            protocol = "udp" if kind.startswith("UDP") else "tcp" if kind.startswith("TCP") else "unknown"
         outcome = _outcome(c.errno)
         key = (c.host, c.port, protocol, c.call, c.detail, outcome, c.image)
         if key in net_seen:
