@@ -544,6 +544,9 @@ class Ingestor:
         min_len = codec.SOE_HEADER_LEN + HASH_FIELD_LEN
         magic = codec.SOE_MAGIC
         for i, m in enumerate(msgs):
+            if m.damaged is not None:  # the source could not read this offset back whole: keep its bytes
+                dead.append(_Dead(i, "log_damaged", m.damaged))
+                continue
             v = m.value
             if v is None or len(v) < min_len or v[:2] != magic:
                 dead.append(_Dead(i, "undecodable", "not an agentledger event (bad single-object header or too short)"))
@@ -929,7 +932,7 @@ class Ingestor:
             "seq": pa.array([d.seq for d in dead], pa.int64()),
             "event_id": pa.array([d.event_id for d in dead], pa.string()),
             "fingerprint": pa.array([msgs[d.i].value[2:10].hex() if msgs[d.i].value and len(msgs[d.i].value) >= 10
-                                     else None for d in dead], pa.string()),
+                                     and msgs[d.i].damaged is None else None for d in dead], pa.string()),
         })
         self.con.register("_dead", tbl)
         try:

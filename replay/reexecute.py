@@ -102,8 +102,8 @@ def load_from_transport(settings: Settings, session_id: str, timeout_s: float = 
                 break
             key = session_id.encode()
             for m in batch:
-                if m.key is not None and m.key != key:
-                    continue
+                if m.damaged is not None or (m.key is not None and m.key != key):
+                    continue  # a damaged offset is no event of the session (ingest quarantines it)
                 rec = store.decode(m.value)
                 if rec["session_id"] == session_id:
                     found.setdefault(rec["seq"], (m.value, rec))

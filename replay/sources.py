@@ -214,7 +214,7 @@ class LocalLogSessionSource(SessionSource):
             if not msgs:
                 break
             for m in msgs:
-                if session_of(m.value) == session_id:
+                if m.damaged is None and session_of(m.value) == session_id:
                     values.append(m.value)
                     prov.append(Provenance(self.topic, p, m.offset))
             off = msgs[-1].offset + 1

@@ -162,9 +162,12 @@ def register(app: typer.Typer) -> None:
             params.append(list(letter_id))
         with open_for(s) as wh:
             rows = wh.con.execute(f"""
-                SELECT dead_letter_id, topic, "partition", "offset", "key", raw FROM dead_letters
+                SELECT dead_letter_id, topic, "partition", "offset", "key", raw, reason, detail FROM dead_letters
                 WHERE {where} ORDER BY session_id NULLS LAST, seq, received_at""", params).fetchall()
-            letters = [(lid, Message(t, p, o, k, bytes(raw) if raw is not None else b"")) for lid, t, p, o, k, raw in rows]
+            # bytes cut out of a damaged log are not an event: they stay log_damaged, with their detail
+            letters = [(lid, Message(t, p, o, k, bytes(raw) if raw is not None else b"", 0,
+                                     detail if why == "log_damaged" else None))
+                       for lid, t, p, o, k, raw, why, detail in rows]
             ing = Ingestor(wh, None, s.topic, tree_heads=tree_heads_for(s, wh.con))
             total = {"retried": len(letters), "accepted": 0, "resolved_as_duplicate": 0, "still_quarantined": 0,
                      "reasons": {}}

@@ -9,12 +9,20 @@ from typing import Callable
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    """One offset of a partition. ``damaged`` is None for a message as it was sent. A source that
+    finds an offset it cannot read back whole (the embedded log: a torn or corrupt block, a broken
+    segment header, offsets whose bytes are gone) still returns it, in order, with ``damaged`` set
+    to ``"<kind>: <detail>"`` and ``value`` holding the raw bytes found where the record should be
+    (possibly empty). Consumers must quarantine such a message (ingest: a ``log_damaged`` dead
+    letter) and go on: one bad offset costs that offset, never the partition."""
+
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes
     timestamp_ms: int = 0
+    damaged: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +94,9 @@ class Source(ABC):
 
     @abstractmethod
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
-        """Next messages, in offset order within each partition; empty after ``timeout_s`` if none."""
+        """Next messages, in offset order within each partition; empty after ``timeout_s`` if none.
+        Damaged data never stops a partition (let alone the others): it comes back as messages with
+        ``damaged`` set, one per offset (see `Message`)."""
 
     @abstractmethod
     def end_offsets(self, topic: str) -> dict[int, int]:
