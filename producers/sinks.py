@@ -355,15 +355,14 @@ class SpoolingSink(Sink):
         pending, self._pending = self._pending, []
         nbytes, self._pending_bytes = self._pending_bytes, 0
         try:
-            by_topic: dict[str, list[bytes]] = {}
-            for m in pending:
-                by_topic.setdefault(m.topic, []).append(m.value)
-            for topic, values in by_topic.items():
-                self.spool.append(topic, values)
-        except (OSError, TransportError) as exc:
+            self.spool.append_outgoing(pending)
+        except NotDurableError as exc:
+            # Only what the spool did not take is handed back: the rest is durable and must not be
+            # rolled back (its seqs would be used twice).
             self.last_error = f"spool write failed: {exc}"
+            self._usage += nbytes - sum(len(m.value) for m in exc.undelivered)
             raise NotDurableError(f"neither Kafka nor the spool ({self.spool.root}) can take the events: {exc}",
-                                  pending) from exc
+                                  exc.undelivered) from exc
         self._usage += nbytes
         self.stats["spooled"] += len(pending)
         self._persist_overflow()

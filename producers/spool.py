@@ -17,6 +17,10 @@ Guarantees:
   and the cursor write re-sends at most one drain batch; the warehouse's chain guard turns those
   copies into ``duplicate`` dead letters and keeps each event exactly once.
 - Fully drained segments are deleted (the newest segment always stays so offsets keep counting).
+- A full disk or a crash never makes the spool unusable: the log undoes a failed append and repairs
+  what an interrupted one left (see `schemas.transport.local`). A spooled record that cannot be read
+  back whole (a damaged block) is not sent: drain writes its bytes and the reason to a
+  ``<segment>.quarantine-<time>`` file next to its segment and goes on with the next record.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import Callable, Iterator
 
 from schemas.envelope import peek
 from schemas.errors import NotDurableError, TransportError
-from schemas.transport.local import IDX_ENTRY, LocalLog
+from schemas.transport.base import Outgoing
+from schemas.transport.local import IDX_ENTRY, LocalLog, append_outgoing
 
 SPOOL_SEGMENT_BYTES = 8 * 1024 * 1024
 DRAIN_BATCH = 5000
@@ -76,9 +81,20 @@ class Spool:
 
     # -- writing -------------------------------------------------------------------------------
     def append(self, topic: str, values: list[bytes]) -> int:
-        """Append durably (fsync); returns the offset of the first value. Raises OSError/TransportError."""
+        """Append durably (fsync); returns the offset of the first value. Raises OSError/TransportError
+        (`AppendFailed` says which prefix is durable)."""
         self.log.ensure_topic(topic, 1)
         return self.log.append(topic, 0, values)
+
+    def append_outgoing(self, pending: list[Outgoing]) -> None:
+        """Append messages of any topics, send order kept per topic; raises `NotDurableError` listing
+        exactly the messages that are not durable (the others are in the spool)."""
+        try:
+            for topic in dict.fromkeys(m.topic for m in pending):
+                self.log.ensure_topic(topic, 1)
+        except (OSError, TransportError) as exc:
+            raise NotDurableError(f"spool {self.root}: {exc}", pending) from exc
+        append_outgoing(self.log, pending, lambda m: 0)
 
     # -- positions -----------------------------------------------------------------------------
     def topics(self) -> list[str]:
@@ -182,6 +198,17 @@ class Spool:
         msgs = self.log.read(topic, 0, cur, max_records)
         if not msgs:
             return 0
+        bad = next((i for i, m in enumerate(msgs) if m.damaged is not None), None)
+        if bad == 0:
+            # Records the spool cannot read back whole are not sent: their bytes go to a quarantine
+            # file next to their segment (with the reason), and draining goes on after them.
+            k = next((i for i, m in enumerate(msgs) if m.damaged is None), len(msgs))
+            for m in msgs[:k]:
+                self.log.quarantine_message(m)
+            self._commit(topic, cur + k)
+            return k
+        if bad is not None:
+            msgs = msgs[:bad]
         order = {}
         sent = 0
         error: NotDurableError | None = None

@@ -6,23 +6,73 @@ Layout under the log root (``$AGENTLEDGER_HOME/log`` by default)::
     <topic>/<partition>/<base>.avro       a segment: an OCF, one record per block
     <topic>/<partition>/<base>.idx        16 bytes per record: block position, append time (ms)
     <topic>/<partition>/.lock             flock held by the appending process
+    <topic>/<partition>/<file>.quarantine-<time>[.json]   bytes a repair cut off, and why (see below)
 
 Offsets work as in Kafka: a partition's records are numbered from 0; a segment's file name is the
 offset of its first record. Each segment is a valid OCF that any Avro tool (and DuckDB's
 ``read_avro``) reads directly; its single writer schema is the one in its header, so a schema
 upgrade starts a new segment.
 
-Durability protocol (one appender at a time per partition, under the flock): blocks are written
-and fsync-ed to the segment first, then their index entries are written and fsync-ed. Readers
-only trust indexed records, so a crash leaves at most an unindexed tail that the next appender
-re-validates: complete blocks are indexed, a torn block is cut off.
+Durability protocol (one appender at a time per partition, under the flock):
+
+1. Every ``os.write`` is checked for its full length and repeated for the rest (a write may be
+   short: a full disk, a signal). A write that fails (ENOSPC, EIO, ...) is undone: what it added
+   that no reader can have seen (blocks without an index entry, a torn index entry) is truncated
+   away again, so a failed append leaves nothing behind that breaks a later open, and `append`
+   raises `AppendFailed` (a `NotDurableError`) saying how many values are durable (a prefix) and
+   which are not. A whole index entry is never taken back, because a concurrent reader may have
+   read it and stored the offset past it: when an index write fails half way, the entries it left
+   whole are fsync-ed and count as durable. (After a failed *fsync* nothing is known to be durable
+   -- a retried fsync proves nothing -- so the entries stay, reported as not durable, like a message
+   Kafka did not acknowledge.)
+2. Blocks are written to the segment and the segment is fsync-ed; only then are their index
+   entries written and the index fsync-ed. Readers only trust indexed records, and `append` (hence
+   `LocalSink.flush`, hence "recorded") returns only after both fsyncs: an acknowledged record's
+   bytes and its index entry are on disk.
+3. A new segment's header is written and fsync-ed, its empty index created, then the partition
+   directory is fsync-ed (and the topic directory, so a new partition's directory entry is
+   durable). A topic's meta.json is written to a temporary file, fsync-ed, renamed, and its
+   directory fsync-ed. A segment whose creation fails is removed again.
+
+``LocalLog(fsync=False)`` skips the fsyncs (tests and throwaway simulations only).
+
+Repair on open: the next appender of a partition (under the flock) checks the last segment against
+its index before writing -- one stat and a few bytes read when they agree -- and repairs what an
+interrupted append (a crash, a full disk with an undo that could not run) left behind:
+
+- a torn index entry (fewer than 16 bytes) is cut;
+- a segment without a readable header and without index entries (its creation never finished) is
+  removed, so the next append recreates it at the same offset;
+- complete, well-formed blocks after the last index entry are indexed (they were fsync-ed but the
+  process stopped before their index entries were written; like Kafka, a record that was never
+  acknowledged may still appear);
+- bytes after the last whole block (a torn block) are cut.
+
+Nothing is dropped silently: cut bytes are first written to ``<file>.quarantine-<time>`` (mode
+0600, fsync-ed) next to the file they came from, with ``<file>.quarantine-<time>.json`` saying why,
+from which file and byte range, and when; a warning is logged. Those bytes were never acknowledged
+(an acknowledged record is indexed, and repair never touches indexed bytes). An operator keeps
+them as evidence of the incident or deletes them; `docs/warehouse.md` says how to inspect them.
+
+Damage is a different thing: indexed bytes that are not a whole record (a segment cut short, a
+block count or size that makes no sense, a wrong sync marker, a broken segment header, offsets
+whose segment is gone). The appender never rewrites indexed bytes: when the last segment is
+damaged it starts a new segment after it, so the partition stays appendable. Readers never stop
+either: `read` returns each damaged offset as a `Message` with ``damaged`` set and the raw bytes
+the index points at (one message per offset; a broken header makes every offset of its segment
+such a message, each with its own block's bytes; missing offsets come with no bytes). Ingest turns
+them into ``log_damaged`` dead letters and goes on with the rest of the partition and all others.
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
 import fcntl
 import hashlib
+import itertools
 import json
+import logging
 import os
 import struct
 import time
@@ -36,9 +86,40 @@ from .. import codec
 from ..errors import DecodeError, NotDurableError, TransportError
 from .base import Message, Outgoing, Sink, Source
 
+log = logging.getLogger(__name__)
+
 IDX_ENTRY = struct.Struct("<QQ")  # block position, append time in ms
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 _SEGMENT_SUFFIX = ".avro"
+QUARANTINE_MODE = 0o600
+_QUARANTINE_SEQ = itertools.count()
+
+
+class AppendFailed(NotDurableError):
+    """`LocalLog.append` made only ``values[:durable]`` durable; ``undelivered`` holds the rest (the
+    values, in order). Nothing of the failed part is left on disk (or, if even the undo failed, the
+    next appender's repair removes it)."""
+
+    def __init__(self, message: str, durable: int, undelivered: list):
+        super().__init__(message, undelivered)
+        self.durable = durable
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until every byte is written: a write may be short (a full disk, a signal).
+    Raises OSError (ENOSPC, EIO, ...) when the rest cannot be written; its ``written`` attribute
+    says how many bytes were."""
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < len(view):
+            n = os.write(fd, view[done:])
+            if n <= 0:
+                raise OSError(errno.EIO, f"write of {len(view) - done} bytes wrote nothing")
+            done += n
+    except OSError as exc:
+        exc.written = done  # how much of ``data`` did reach the file
+        raise
 
 
 def _sync_marker(topic: str, partition: int, base: int) -> bytes:
@@ -70,7 +151,7 @@ class LocalLog:
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self._partitions: dict[str, int] = {}
-        self._headers: dict[Path, tuple[codec.OcfHeader, bytes]] = {}
+        self._headers: dict[Path, tuple[codec.OcfHeader, bytes, bytes]] = {}  # header, fingerprint, its bytes
 
     # -- topics ---------------------------------------------------------------------------
     def topic_dir(self, topic: str) -> Path:
@@ -90,13 +171,32 @@ class LocalLog:
         d = self.topic_dir(topic)
         meta = d / "meta.json"
         if not meta.exists():
+            new_root = not self.root.exists()
             d.mkdir(parents=True, exist_ok=True)
             with self._flock(d / ".lock"):
                 if not meta.exists():
                     tmp = d / f".meta.{os.getpid()}.tmp"
-                    tmp.write_text(json.dumps({"partitions": partitions or self.default_partitions, "format": 1}))
-                    os.replace(tmp, meta)
-        n = int(json.loads(meta.read_text())["partitions"])
+                    text = json.dumps({"partitions": partitions or self.default_partitions, "format": 1})
+                    try:
+                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                        try:
+                            write_all(fd, text.encode())
+                            self._sync(fd)
+                        finally:
+                            os.close(fd)
+                        os.replace(tmp, meta)
+                    except OSError:
+                        _unlink_quietly(tmp)
+                        raise
+                    self._fsync_dir(d)
+                    self._fsync_dir(self.root)
+                    if new_root:
+                        self._fsync_dir(self.root.parent)
+        try:
+            n = int(json.loads(meta.read_text())["partitions"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransportError(f"{meta} is unreadable ({exc}): say how many partitions the topic has "
+                                 '({"partitions": N, "format": 1}) to use it again') from exc
         self._partitions[topic] = n
         return n
 
@@ -119,19 +219,27 @@ class LocalLog:
         d = self._pdir(topic, partition)
         if not d.is_dir():
             return []
-        return sorted(int(p.stem) for p in d.iterdir() if p.suffix == _SEGMENT_SUFFIX)
+        return sorted(int(p.stem) for p in d.iterdir() if p.suffix == _SEGMENT_SUFFIX and p.stem.isdigit())
 
     def segment_path(self, topic: str, partition: int, base: int) -> Path:
         return self._pdir(topic, partition) / f"{base:020d}{_SEGMENT_SUFFIX}"
 
-    def _open_segment(self, topic: str, partition: int, base: int) -> _Segment:
+    def _open_segment(self, topic: str, partition: int, base: int, recheck: bool = False) -> _Segment:
+        """The segment with its parsed header; raises DecodeError (or OSError) when the header is
+        unreadable. Headers are cached; ``recheck`` (appenders) compares the cached header with the
+        bytes on disk first (a few KB read), so nothing is appended behind a header damaged since."""
         path = self.segment_path(topic, partition, base)
         cached = self._headers.get(path)
+        if cached is not None and recheck:
+            with open(path, "rb") as f:
+                if f.read(len(cached[2])) != cached[2]:
+                    cached = None
         if cached is None:
+            self._headers.pop(path, None)
             with open(path, "rb") as f:
                 head = f.read(256 * 1024)
             header = codec.read_ocf_header(head)
-            cached = (header, codec.fingerprint(header.schema))
+            cached = (header, codec.fingerprint(header.schema), head[:header.length])
             self._headers[path] = cached
         return _Segment(base, path, path.with_suffix(".idx"), cached[0], cached[1])
 
@@ -164,112 +272,6 @@ class LocalLog:
         if self.fsync:
             os.fsync(fd)
 
-    def _tail_consistent(self, seg: _Segment, count: int) -> bool:
-        """True when the segment ends exactly after its last indexed block (a few bytes read)."""
-        size = seg.path.stat().st_size
-        if not count:
-            return size == seg.header.length
-        with open(seg.idx_path, "rb") as f:
-            f.seek((count - 1) * IDX_ENTRY.size)
-            last_pos, _ = IDX_ENTRY.unpack(f.read(IDX_ENTRY.size))
-        with open(seg.path, "rb") as f:
-            f.seek(last_pos)
-            head = f.read(20)
-        try:
-            n, p = codec.read_varint(head, 0)
-            blen, p = codec.read_varint(head, p)
-        except DecodeError:
-            return False
-        return n == 1 and size == last_pos + p + blen + codec.SYNC_LEN
-
-    def _recover_tail(self, seg: _Segment) -> int:
-        """Make the index and the segment agree after a crash; returns the record count."""
-        idx_size = seg.idx_path.stat().st_size if seg.idx_path.exists() else 0
-        if idx_size % IDX_ENTRY.size:
-            with open(seg.idx_path, "r+b") as f:
-                f.truncate(idx_size - idx_size % IDX_ENTRY.size)
-            idx_size -= idx_size % IDX_ENTRY.size
-        count = idx_size // IDX_ENTRY.size
-        if self._tail_consistent(seg, count):
-            return count  # the common case: no crash since the last append, nothing to read
-        data = seg.path.read_bytes()
-        if count:
-            with open(seg.idx_path, "rb") as f:
-                f.seek((count - 1) * IDX_ENTRY.size)
-                last_pos, _ = IDX_ENTRY.unpack(f.read(IDX_ENTRY.size))
-            blocks = _valid_blocks(data, seg.header.sync, last_pos)
-            if not blocks:
-                raise TransportError(f"{seg.path}: index entry {count - 1} points at no complete block")
-            end = blocks[0].end
-            extra = blocks[1:]
-        else:
-            end = seg.header.length
-            extra = _valid_blocks(data, seg.header.sync, seg.header.length)
-        now = int(time.time() * 1000)
-        if extra:
-            with open(seg.idx_path, "ab") as f:
-                f.write(b"".join(IDX_ENTRY.pack(b.position, now) for b in extra))
-                f.flush()
-                self._sync(f.fileno())
-            end = extra[-1].end
-            count += len(extra)
-        if len(data) > end:
-            with open(seg.path, "r+b") as f:
-                f.truncate(end)
-                self._sync(f.fileno())
-        return count
-
-    def append(self, topic: str, partition: int, values: list[bytes]) -> int:
-        """Append single-object-encoded events durably; returns the offset of the first one."""
-        if not values:
-            return self.end_offset(topic, partition)
-        self.ensure_topic(topic)
-        pdir = self._pdir(topic, partition)
-        with self._flock(pdir / ".lock"):
-            bases = self.segments(topic, partition)
-            seg = self._open_segment(topic, partition, bases[-1]) if bases else None
-            count = self._recover_tail(seg) if seg else 0
-            end = (seg.base + count) if seg else 0
-            first = end
-            i = 0
-            while i < len(values):
-                fp = values[i][2:10]
-                j = i
-                while j < len(values) and values[j][2:10] == fp:
-                    j += 1
-                run = values[i:j]
-                for v in run:
-                    if v[:2] != codec.SOE_MAGIC:
-                        raise TransportError("local log only stores single-object-encoded Avro events")
-                if seg is None or seg.fingerprint != fp or seg.path.stat().st_size >= self.segment_bytes:
-                    seg = self._new_segment(topic, partition, end, fp)
-                end += self._write_blocks(seg, run)
-                i = j
-            return first
-
-    def _new_segment(self, topic: str, partition: int, base: int, fp: bytes) -> _Segment:
-        from ..contract import load_store
-
-        version = load_store().by_fingerprint(fp)
-        if version is None:
-            raise TransportError(f"unknown writer schema fingerprint {fp.hex()}: refusing to write it")
-        path = self.segment_path(topic, partition, base)
-        header = codec.ocf_header(
-            version.schema,
-            _sync_marker(topic, partition, base),
-            {"agentledger.topic": topic.encode(), "agentledger.partition": str(partition).encode(),
-             "agentledger.base_offset": str(base).encode()},
-        )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, header)
-            self._sync(fd)
-        finally:
-            os.close(fd)
-        open(path.with_suffix(".idx"), "wb").close()
-        self._fsync_dir(path.parent)
-        return self._open_segment(topic, partition, base)
-
     def _fsync_dir(self, d: Path) -> None:
         if self.fsync:
             fd = os.open(d, os.O_RDONLY)
@@ -278,79 +280,417 @@ class LocalLog:
             finally:
                 os.close(fd)
 
-    def _write_blocks(self, seg: _Segment, values: list[bytes]) -> int:
-        sync = seg.header.sync
-        pos = seg.path.stat().st_size
-        positions = []
-        chunks = []
-        for v in values:
-            block = codec.ocf_block(v[10:], sync)
-            positions.append(pos)
-            pos += len(block)
-            chunks.append(block)
-        fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+    # -- repair on open ----------------------------------------------------------------------
+    def quarantine(self, source: Path, data: bytes, reason: str, first_byte: int | None = None) -> Path:
+        """Keep ``data`` (bytes taken out of ``source``) in ``<source>.quarantine-<time>`` (0600,
+        fsync-ed) with a ``.json`` beside it saying why. Raises OSError if it cannot be written, in
+        which case the caller must not drop the bytes."""
+        now = time.time()
+        stamp = (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1e6) % 1_000_000:06d}Z"
+                 f"-{os.getpid()}-{next(_QUARANTINE_SEQ)}")
+        path = source.with_name(f"{source.name}.quarantine-{stamp}")
+        facts = {"reason": reason, "source": source.name, "bytes": len(data),
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+        if first_byte is not None:
+            facts.update(first_byte=first_byte, end_byte=first_byte + len(data))
+        written = []
         try:
-            os.write(fd, b"".join(chunks))
-            self._sync(fd)
-        finally:
-            os.close(fd)
+            for p, blob in ((path, data), (path.with_name(path.name + ".json"),
+                                            (json.dumps(facts, indent=1) + "\n").encode())):
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, QUARANTINE_MODE)
+                written.append(p)
+                try:
+                    write_all(fd, blob)
+                    self._sync(fd)
+                finally:
+                    os.close(fd)
+            self._fsync_dir(path.parent)
+        except OSError:
+            for p in written:
+                _unlink_quietly(p)
+            raise
+        log.warning("agentledger log: %d bytes of %s quarantined in %s: %s", len(data), source, path.name, reason)
+        return path
+
+    def quarantine_message(self, m: Message) -> Path:
+        """Keep the bytes of a damaged message (see `read`) in a quarantine file next to its segment."""
+        bases = self.segments(m.topic, m.partition)
+        i = bisect.bisect_right(bases, m.offset) - 1
+        seg = self.segment_path(m.topic, m.partition, bases[i] if i >= 0 else m.offset)
+        return self.quarantine(seg, m.value, f"offset {m.offset}: {m.damaged}")
+
+    def _whole_index(self, idx_path: Path) -> int:
+        """Whole index entries; a torn entry at the end (an interrupted index write) is cut, kept in quarantine."""
+        try:
+            size = idx_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        torn = size % IDX_ENTRY.size
+        if torn:
+            with open(idx_path, "r+b") as f:
+                f.seek(size - torn)
+                self.quarantine(idx_path, f.read(), "torn index entry: an index write did not complete "
+                                "(never acknowledged)", size - torn)
+                f.truncate(size - torn)
+                f.flush()
+                self._sync(f.fileno())
+        return size // IDX_ENTRY.size
+
+    def _tail_consistent(self, seg: _Segment, count: int) -> bool:
+        """True when the segment ends exactly after its last indexed block (a few bytes read)."""
+        size = seg.path.stat().st_size
+        if not count:
+            return size == seg.header.length
+        with open(seg.idx_path, "rb") as f:
+            f.seek((count - 1) * IDX_ENTRY.size)
+            last_pos, _ = IDX_ENTRY.unpack(f.read(IDX_ENTRY.size))
+        if last_pos >= size:
+            return False
+        with open(seg.path, "rb") as f:
+            f.seek(last_pos)
+            head = f.read(20)
+            try:
+                n, p = codec.read_varint(head, 0)
+                blen, p = codec.read_varint(head, p)
+            except DecodeError:
+                return False
+            end = last_pos + p + blen + codec.SYNC_LEN
+            if n != 1 or size != end:
+                return False
+            f.seek(end - codec.SYNC_LEN)
+            return f.read(codec.SYNC_LEN) == seg.header.sync
+
+    def _open_for_append(self, topic: str, partition: int) -> tuple[_Segment | None, int]:
+        """The last segment, repaired (see the module doc), and the partition's end offset. The
+        segment is None when the next append must start a new one (none yet, or the last one is
+        damaged and is left as it is for readers to quarantine)."""
+        bases = self.segments(topic, partition)
+        if not bases:
+            return None, 0
+        base = bases[-1]
+        path = self.segment_path(topic, partition, base)
+        count = self._whole_index(path.with_suffix(".idx"))
+        try:
+            seg = self._open_segment(topic, partition, base, recheck=True)
+        except (DecodeError, OSError) as exc:
+            if count:
+                log.error("agentledger log: %s has %d indexed records but its header is unreadable (%s): "
+                          "they are quarantined when read; appending to a new segment", path, count, exc)
+                return None, base + count
+            self._discard_unfinished(path, f"segment header incomplete ({exc}): its creation never finished")
+            return None, base
+        if self._tail_consistent(seg, count):
+            return seg, base + count  # the common case: nothing to repair
+        return self._repair_tail(seg, count)
+
+    def _discard_unfinished(self, path: Path, reason: str) -> None:
+        """Remove a segment whose creation never finished (no header, no index entry)."""
+        data = path.read_bytes()
+        if data:
+            self.quarantine(path, data, reason, 0)
+        else:
+            log.warning("agentledger log: removing empty segment %s: %s", path, reason)
+        self._headers.pop(path, None)
+        for p in (path.with_suffix(".idx"), path):
+            _unlink_quietly(p)
+        self._fsync_dir(path.parent)
+
+    def _repair_tail(self, seg: _Segment, count: int) -> tuple[_Segment | None, int]:
+        """Make the index and the segment agree after an interrupted append; returns (segment, end offset)."""
+        if count:
+            with open(seg.idx_path, "rb") as f:
+                f.seek((count - 1) * IDX_ENTRY.size)
+                start, _ = IDX_ENTRY.unpack(f.read(IDX_ENTRY.size))
+        else:
+            start = seg.header.length
+        with open(seg.path, "rb") as f:
+            f.seek(start)
+            data = f.read()
+        blocks = _whole_blocks(data, seg.header.sync)
+        if count:
+            if not blocks:
+                # An indexed record that is not a whole block: damage, not an interrupted append.
+                log.error("agentledger log: %s: indexed record %d (byte %d) is not a whole block; it is "
+                          "quarantined when read; appending to a new segment", seg.path, seg.base + count - 1, start)
+                return None, seg.base + count
+            end = blocks[0].end
+            blocks = blocks[1:]
+        else:
+            end = 0
+        if blocks:
+            # Whole blocks that were written (and fsync-ed) before a crash, but never indexed.
+            fd = os.open(seg.idx_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                prefix = codec.SOE_MAGIC + seg.fingerprint
+                write_all(fd, b"".join(IDX_ENTRY.pack(start + b.position, _event_ms(prefix + b.data)) for b in blocks))
+                self._sync(fd)
+            finally:
+                os.close(fd)
+            log.warning("agentledger log: %s: indexed %d whole block(s) an interrupted append left unindexed",
+                        seg.path, len(blocks))
+            count += len(blocks)
+            end = blocks[-1].end
+        if len(data) > end:
+            self.quarantine(seg.path, data[end:], "torn block after the last whole block: an append did not "
+                            "complete (never acknowledged)", start + end)
+            with open(seg.path, "r+b") as f:
+                f.truncate(start + end)
+                f.flush()
+                self._sync(f.fileno())
+        return seg, seg.base + count
+
+    # -- appending --------------------------------------------------------------------------
+    def append(self, topic: str, partition: int, values: list[bytes]) -> int:
+        """Append single-object-encoded events durably; returns the offset of the first one.
+
+        Raises `AppendFailed` when only a prefix of ``values`` (maybe none) could be made durable
+        (the rest left nothing on disk), TransportError for values that are not events."""
+        if not values:
+            return self.end_offset(topic, partition)
+        for v in values:
+            if v[:2] != codec.SOE_MAGIC or len(v) < codec.SOE_HEADER_LEN:
+                raise TransportError("local log only stores single-object-encoded Avro events")
+        done = 0
+        try:
+            self.ensure_topic(topic)
+            pdir = self._pdir(topic, partition)
+            with self._flock(pdir / ".lock"):
+                seg, end = self._open_for_append(topic, partition)
+                first = end
+                while done < len(values):
+                    fp = values[done][2:10]
+                    j = done
+                    while j < len(values) and values[j][2:10] == fp:
+                        j += 1
+                    if seg is None or seg.fingerprint != fp or seg.path.stat().st_size >= self.segment_bytes:
+                        seg = self._new_segment(topic, partition, end, fp)
+                    end += self._write_blocks(seg, values[done:j])
+                    done = j
+                return first
+        except OSError as exc:
+            done += getattr(exc, "durable_records", 0)
+            raise AppendFailed(f"{topic}/{partition}: {len(values) - done} of {len(values)} events not written: "
+                               f"{exc}", done, values[done:]) from exc
+
+    def _new_segment(self, topic: str, partition: int, base: int, fp: bytes) -> _Segment:
+        from ..contract import load_store
+
+        version = load_store().by_fingerprint(fp)
+        if version is None:
+            raise TransportError(f"unknown writer schema fingerprint {fp.hex()}: refusing to write it")
+        path = self.segment_path(topic, partition, base)
+        idx_path = path.with_suffix(".idx")
+        header = codec.ocf_header(
+            version.schema,
+            _sync_marker(topic, partition, base),
+            {"agentledger.topic": topic.encode(), "agentledger.partition": str(partition).encode(),
+             "agentledger.base_offset": str(base).encode()},
+        )
+        created = []
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            created.append(path)
+            try:
+                write_all(fd, header)
+                self._sync(fd)
+            finally:
+                os.close(fd)
+            os.close(os.open(idx_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            created.append(idx_path)
+            self._fsync_dir(path.parent)
+            if base == 0:
+                self._fsync_dir(path.parent.parent)  # a new partition: its directory entry too
+        except OSError:
+            # A segment that cannot be created completely is not left behind (else every later open fails).
+            self._headers.pop(path, None)
+            for p in reversed(created):
+                _unlink_quietly(p)
+            try:
+                self._fsync_dir(path.parent)
+            except OSError:
+                pass  # the next appender's repair removes whatever is left
+            raise
+        return self._open_segment(topic, partition, base)
+
+    def _write_blocks(self, seg: _Segment, values: list[bytes]) -> int:
+        """Append ``values`` as blocks, then their index entries (see the module doc). On failure the
+        OSError raised carries ``durable_records``: how many of ``values`` are durable anyway."""
+        sync = seg.header.sync
+        chunks = [codec.ocf_block(v[10:], sync) for v in values]
         # The index timestamp is the event's own time (like Kafka's CreateTime), not the wall clock,
         # so that the same events make byte-identical logs, index included.
         stamps = [_event_ms(v) for v in values]
-        fd = os.open(seg.idx_path, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
         try:
-            os.write(fd, b"".join(IDX_ENTRY.pack(p, t) for p, t in zip(positions, stamps)))
-            self._sync(fd)
+            seg_size = os.fstat(fd).st_size
+            pos = seg_size
+            positions = []
+            for c in chunks:
+                positions.append(pos)
+                pos += len(c)
+            try:
+                write_all(fd, b"".join(chunks))
+                self._sync(fd)
+            except OSError:
+                self._undo(fd, seg_size, seg.path)  # unindexed bytes: no reader has seen them
+                raise
+        finally:
+            os.close(fd)
+        try:
+            fd = os.open(seg.idx_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError:
+            self._undo_path(seg.path, seg_size)
+            raise
+        entries = b"".join(IDX_ENTRY.pack(p, t) for p, t in zip(positions, stamps))
+        try:
+            idx_size = os.fstat(fd).st_size
+            written = 0
+            try:
+                write_all(fd, entries)
+                written = len(entries)
+                self._sync(fd)
+            except OSError as exc:
+                # A whole index entry on disk may have been read already (by a concurrent ingest), so
+                # it is never taken back: its offset must keep meaning this record. The entries a
+                # failed write left whole are fsync-ed and count as durable; only a torn entry (no
+                # reader counts it) and the blocks without an entry are cut. After a failed fsync
+                # nothing is known to be durable (a retried fsync proves nothing): the entries stay,
+                # reported as not durable, like a message Kafka did not acknowledge.
+                fsync_failed = written == len(entries)
+                whole = len(values) if fsync_failed else getattr(exc, "written", 0) // IDX_ENTRY.size
+                durable = 0
+                if whole and not fsync_failed:
+                    try:
+                        self._sync(fd)
+                        durable = whole
+                    except OSError:
+                        pass
+                self._undo(fd, idx_size + whole * IDX_ENTRY.size, seg.idx_path)
+                if whole < len(values):
+                    self._undo_path(seg.path, positions[whole])
+                exc.durable_records = durable
+                raise
         finally:
             os.close(fd)
         return len(values)
 
+    def _undo(self, fd: int, size: int, path: Path) -> None:
+        """Truncate a file back to ``size`` after a failed write (best effort: repair covers the rest)."""
+        try:
+            os.ftruncate(fd, size)
+            self._sync(fd)
+        except OSError as exc:
+            log.error("agentledger log: could not undo a failed write to %s (%s); the next appender repairs it",
+                      path, exc)
+
+    def _undo_path(self, path: Path, size: int) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError as exc:
+            log.error("agentledger log: could not undo a failed write to %s (%s)", path, exc)
+            return
+        try:
+            self._undo(fd, size, path)
+        finally:
+            os.close(fd)
+
     # -- reading --------------------------------------------------------------------------
     def read(self, topic: str, partition: int, offset: int, max_records: int) -> list[Message]:
-        """Up to ``max_records`` indexed records from ``offset`` on (within one segment)."""
+        """Up to ``max_records`` indexed records from ``offset`` on (within one segment). Offsets that
+        cannot be read back whole come back as messages with ``damaged`` set (see the module doc)."""
         bases = self.segments(topic, partition)
-        base = None
-        for b in bases:
-            if b <= offset:
-                base = b
-        if base is None:
-            if bases and offset < bases[0]:
-                raise TransportError(f"{topic}/{partition}: offset {offset} is before the first segment")
+        if not bases or max_records <= 0:
             return []
-        seg = self._open_segment(topic, partition, base)
-        k = offset - base
-        with open(seg.idx_path, "rb") as f:
-            f.seek(k * IDX_ENTRY.size)
-            raw = f.read((max_records + 1) * IDX_ENTRY.size)
+        if offset < bases[0]:
+            return _missing(topic, partition, offset, min(bases[0], offset + max_records),
+                            f"offsets_missing: offsets {offset}..{bases[0] - 1} are not in the log "
+                            f"(its first segment starts at {bases[0]})")
+        i = bisect.bisect_right(bases, offset) - 1
+        base = bases[i]
+        nxt = bases[i + 1] if i + 1 < len(bases) else None
+        limit = max_records if nxt is None else min(max_records, nxt - offset)
+        path = self.segment_path(topic, partition, base)
+        try:
+            with open(path.with_suffix(".idx"), "rb") as f:
+                f.seek((offset - base) * IDX_ENTRY.size)
+                raw = f.read((limit + 1) * IDX_ENTRY.size)
+        except FileNotFoundError:
+            raw = b""
         n = len(raw) // IDX_ENTRY.size
         if n == 0:
-            if base != bases[-1]:  # this segment is exhausted; continue in the next one
-                nxt = bases[bases.index(base) + 1]
-                if offset < nxt:
-                    raise TransportError(f"{topic}/{partition}: offsets {offset}..{nxt - 1} are missing")
-            return []
-        entries = [IDX_ENTRY.unpack_from(raw, i * IDX_ENTRY.size) for i in range(n)]
-        take = min(n, max_records)
-        start = entries[0][0]
-        with open(seg.path, "rb") as f:
-            f.seek(start)
-            if n > take:
-                data = f.read(entries[take][0] - start)
-            else:
-                data = f.read()
-        header = seg.header
-        prefix = codec.SOE_MAGIC + seg.fingerprint
+            if nxt is None:
+                return []
+            return _missing(topic, partition, offset, offset + limit,
+                            f"offsets_missing: the index of segment {path.name} ends before offset {offset}; "
+                            f"the next segment starts at {nxt}")
+        entries = [IDX_ENTRY.unpack_from(raw, k * IDX_ENTRY.size) for k in range(n)]
+        take = min(n, limit)
+        try:
+            seg = self._open_segment(topic, partition, base)
+            header_error = None
+        except (DecodeError, OSError) as exc:
+            seg, header_error = None, f"bad_segment_header: {path.name}: {exc}"
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                # each record lies between its index position and the next one's (the file end for the last)
+                spans = [(entries[k][0], entries[k + 1][0] if k + 1 < n else size) for k in range(take)]
+                lo = min(min(s for s, _ in spans), size)
+                hi = min(max(max(e for _, e in spans), lo), size)
+                f.seek(lo)
+                data = f.read(hi - lo)
+        except FileNotFoundError as exc:
+            return _missing(topic, partition, offset, offset + take, f"offsets_missing: {path.name}: {exc}")
         out = []
-        blocks = codec.iter_ocf_blocks(data, header.sync, 0)
-        for i, block in enumerate(blocks):
-            if i >= take:
-                break
-            if block.count != 1:
-                raise DecodeError("multi_record_block", f"{seg.path} block at {start + block.position}")
-            out.append(Message(topic, partition, offset + i, None, prefix + block.data, entries[i][1]))
-        if len(out) < take:
-            raise TransportError(f"{seg.path}: indexed record {offset + len(out)} is not a complete block")
+        if seg is not None:
+            sync = seg.header.sync
+            prefix = codec.SOE_MAGIC + seg.fingerprint
+        for k in range(take):
+            s, e = spans[k]
+            rs, rend = min(max(s - lo, 0), len(data)), min(max(e - lo, 0), len(data))
+            if seg is not None:
+                body, problem = _block_at(data, s - lo, rend, sync)
+                if body is not None:
+                    out.append(Message(topic, partition, offset + k, None, prefix + body, entries[k][1]))
+                    continue
+                problem = f"{problem} ({path.name}, record at byte {s})"
+            else:
+                problem = header_error
+            out.append(Message(topic, partition, offset + k, None, data[rs:max(rs, rend)], entries[k][1], problem))
         return out
+
+
+def _block_at(data: bytes, pos: int, end: int, sync: bytes) -> tuple[bytes | None, str]:
+    """The record of the one-record block at ``pos`` that must end by ``end``, or (None, why not)."""
+    if pos < 0 or pos >= len(data):
+        return None, "truncated: the segment ends before the record's position"
+    try:
+        count, p = codec.read_varint(data, pos, end)
+        size, p = codec.read_varint(data, p, end)
+    except DecodeError as exc:
+        kind = "truncated" if exc.reason == "truncated" else "bad_block"
+        return None, f"{kind}: block header: {exc.detail}"
+    if count != 1 or size < 0:
+        return None, f"bad_block: block count {count}, size {size} (one record per block expected)"
+    stop = p + size + codec.SYNC_LEN
+    if stop > end:
+        if stop > len(data) and end >= len(data):
+            return None, f"truncated: the record is cut short ({size}-byte body, {len(data) - p} bytes there)"
+        return None, f"bad_block: a {size}-byte body runs past the next record"
+    if data[p + size:stop] != sync:
+        return None, "bad_sync: the block does not end with the segment's sync marker"
+    return data[p:p + size], ""
+
+
+def _missing(topic: str, partition: int, first: int, stop: int, why: str) -> list[Message]:
+    return [Message(topic, partition, o, None, b"", 0, why) for o in range(first, stop)]
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _event_ms(value: bytes) -> int:
@@ -362,15 +702,41 @@ def _event_ms(value: bytes) -> int:
         return int(time.time() * 1000)
 
 
-def _valid_blocks(data: bytes, sync: bytes, start: int) -> list[codec.RawBlock]:
-    """Complete, well-formed blocks from ``start`` up to the first torn or corrupt one."""
+def _whole_blocks(data: bytes, sync: bytes) -> list[codec.RawBlock]:
+    """The well-formed one-record blocks at the start of ``data``, up to the first torn or corrupt one."""
     out = []
     try:
-        for b in codec.iter_ocf_blocks(data, sync, start):
+        for b in codec.iter_ocf_blocks(data, sync, 0):
+            if b.count != 1:
+                break
             out.append(b)
     except DecodeError:
-        pass  # everything after the last good block was never acknowledged: cut it
+        pass  # everything after the last good block was never acknowledged: it is cut (and kept)
     return out
+
+
+def append_outgoing(target: LocalLog, pending: list[Outgoing], partition_of: Callable[[Outgoing], int]) -> None:
+    """Append ``pending`` to ``target``, one append per (topic, partition), send order kept within each.
+    Every group is tried, so one full or broken partition does not hold back the others. On failure
+    raises `NotDurableError` whose ``undelivered`` are exactly the messages that are not durable, in
+    send order: per partition (so per session) a suffix of what was sent."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, m in enumerate(pending):
+        groups.setdefault((m.topic, partition_of(m)), []).append(i)
+    failed: list[int] = []
+    first_error: Exception | None = None
+    for (topic, partition), idxs in groups.items():
+        try:
+            target.append(topic, partition, [pending[i].value for i in idxs])
+        except AppendFailed as exc:
+            failed.extend(idxs[exc.durable:])
+            first_error = first_error or exc
+        except (OSError, TransportError) as exc:
+            failed.extend(idxs)
+            first_error = first_error or exc
+    if first_error is not None:
+        raise NotDurableError(f"local log append failed: {first_error}",
+                              [pending[i] for i in sorted(failed)]) from first_error
 
 
 class LocalSink(Sink):
@@ -393,14 +759,11 @@ class LocalSink(Sink):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        groups: dict[tuple[str, int], list[bytes]] = {}
-        for m in pending:
-            groups.setdefault((m.topic, self.log.partition_for(m.topic, m.key)), []).append(m.value)
         try:
-            for (topic, partition), values in groups.items():
-                self.log.append(topic, partition, values)
-        except OSError as exc:
+            parts = {m.topic: self.log.ensure_topic(m.topic) for m in pending}
+        except (OSError, TransportError) as exc:
             raise NotDurableError(f"local log append failed: {exc}", pending) from exc
+        append_outgoing(self.log, pending, lambda m: zlib.crc32(m.key) % parts[m.topic])
 
     def close(self, timeout: float | None = None) -> None:
         self.flush(timeout)

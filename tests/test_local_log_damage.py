@@ -1,0 +1,295 @@
+"""The embedded log under damage: repair on open, and damaged records quarantined while ingest goes on.
+
+Issue 20, item 6: one damaged block (a segment cut mid-record, a block count of -2^63, a wrong sync
+marker, a broken segment header) used to stop the ingest of EVERY partition (exit 1, nothing
+ingested, no dead letter); and item 5: a 0-byte segment left by a full disk, or an index pointing
+past what was written, made the partition unusable for good. Each damage here is real bytes on
+disk; the warehouse is a real DuckDB file."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import duckdb
+import pytest
+
+from conftest import cli_env, run_cli
+from consumers.ingest import Ingestor
+from schemas.codec import zigzag_varint
+from schemas.transport.local import IDX_ENTRY, LocalLog, LocalSink, LocalSource
+from schemas.warehouse import open_warehouse
+from test_envelope import record_session
+
+TOPIC = "t"
+
+
+def _fill(log: LocalLog, n_sessions=9, seed=0) -> dict[int, list[bytes]]:
+    """Sessions spread over the log's partitions; returns each partition's values in offset order."""
+    sink = LocalSink(log)
+    for i in range(n_sessions):
+        sid, vals = record_session(n_commands=3, seed=seed * 100 + i)
+        for v in vals:
+            sink.send(TOPIC, sid.encode(), v)
+    sink.flush()
+    return {p: [m.value for m in read_all(log, p)] for p in range(log.partition_count(TOPIC))}
+
+
+def read_all(log, p, topic=TOPIC) -> list:
+    """Every message of a partition, across its segments."""
+    out, off = [], 0
+    while True:
+        msgs = log.read(topic, p, off, 10_000)
+        if not msgs:
+            return out
+        out += msgs
+        off = msgs[-1].offset + 1
+
+
+def _positions(log, p, base=0) -> list[int]:
+    raw = log.segment_path(TOPIC, p, base).with_suffix(".idx").read_bytes()
+    return [IDX_ENTRY.unpack_from(raw, i)[0] for i in range(0, len(raw), IDX_ENTRY.size)]
+
+
+def _ingest(log, wh_path):
+    wh = open_warehouse(str(wh_path))
+    src = LocalSource(LocalLog(log.root))  # a fresh process's view (no cached segment headers)
+    try:
+        stats = Ingestor(wh, src, TOPIC).run()
+    finally:
+        src.close()
+    return wh, stats
+
+
+def _damage(log, p, kind) -> dict[int, tuple[bytes, str]]:
+    """Damage partition p's segment; returns {offset: (raw bytes expected in its dead letter, reason word)}."""
+    seg = log.segment_path(TOPIC, p, 0)
+    pos = _positions(log, p)
+    k = 2  # a record in the middle: the ones before and after it must survive
+    data = bytearray(seg.read_bytes())
+    if kind == "cut_mid_record":
+        cut = pos[k] + 7
+        seg.write_bytes(bytes(data[:cut]))
+        return {k: (bytes(data[pos[k]:cut]), "truncated"),
+                **{j: (b"", "truncated") for j in range(k + 1, len(pos))}}
+    if kind == "count_min_int64":
+        bad = zigzag_varint(-(2 ** 63))
+        assert len(bad) == 10
+        data[pos[k]:pos[k] + 10] = bad
+    elif kind == "bad_sync":
+        data[pos[k + 1] - 3] ^= 0xFF
+    elif kind == "broken_header":
+        data[6:40] = b"\x00" * 34  # inside the metadata map: no schema any more
+        seg.write_bytes(bytes(data))
+        ends = pos[1:] + [len(data)]
+        return {j: (bytes(data[s:e]), "bad_segment_header") for j, (s, e) in enumerate(zip(pos, ends))}
+    seg.write_bytes(bytes(data))
+    return {k: (bytes(data[pos[k]:pos[k + 1]]), kind.split("_")[0] if kind == "bad_sync" else "bad_block")}
+
+
+@pytest.mark.parametrize("kind", ["cut_mid_record", "count_min_int64", "bad_sync", "broken_header"])
+def test_a_damaged_record_is_a_dead_letter_with_its_bytes_and_the_rest_is_ingested(tmp_path, kind):
+    log = LocalLog(tmp_path / "log", default_partitions=3, fsync=False)
+    by_p = _fill(log)
+    victim = max(by_p, key=lambda p: len(by_p[p]))
+    expected = _damage(log, victim, kind)
+    wh, stats = _ingest(log, tmp_path / "w.duckdb")
+    with wh:
+        total = sum(len(v) for v in by_p.values())
+        letters = wh.con.execute("""SELECT "partition", "offset", raw, reason, detail FROM dead_letters
+                                    WHERE reason = 'log_damaged' ORDER BY "offset" """).fetchall()
+        assert [(r[0], r[1]) for r in letters] == [(victim, o) for o in sorted(expected)], letters
+        for _, off, raw, _, detail in letters:
+            want_raw, word = expected[off]
+            assert bytes(raw) == want_raw, (off, detail)
+            assert detail.startswith(word), detail
+        # every other record of the partition and every record of the other partitions is an event
+        good = {v for p, vals in by_p.items() for o, v in enumerate(vals) if not (p == victim and o in expected)}
+        assert len(good) == total - len(expected)
+        stored = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
+        parked = wh.con.execute("SELECT count(*) FROM dead_letters WHERE reason = 'seq_gap'").fetchone()[0]
+        assert stored + parked == len(good) and stored >= total - len(by_p[victim])
+        # offsets advanced past the damage, on every partition
+        offs = dict(wh.con.execute('SELECT "partition", next_offset FROM ingest_offsets').fetchall())
+        assert offs == {p: len(v) for p, v in by_p.items()}
+        # the damaged session's later events are parked behind the hole (seq_gap), not lost
+        assert set(stats.reasons) <= {"log_damaged", "seq_gap"}
+    # the partition stays appendable, and what is appended after the damage is ingested
+    sid, more = record_session(n_commands=2, seed=999)
+    log.append(TOPIC, victim, more)
+    assert [m.value for m in log.read(TOPIC, victim, len(by_p[victim]), 100)] == more
+    wh, stats = _ingest(log, tmp_path / "w.duckdb")
+    with wh:
+        assert stats.accepted == len(more)
+        assert wh.con.execute("SELECT count(*) FROM events WHERE session_id = ?", [sid]).fetchone()[0] == len(more)
+
+
+def _simulated(tmp_path, sessions: int, seed: int):
+    """`agentledger simulate` into a fresh home: (env, home, log, topic, end offset per partition)."""
+    home = tmp_path / "home"
+    env = cli_env(home)
+    run_cli("simulate", "--sessions", str(sessions), "--seed", str(seed), env=env)
+    log = LocalLog(home / "log")
+    topic = log.topics()[0]
+    return env, home, log, topic, {p: log.end_offset(topic, p) for p in range(log.partition_count(topic))}
+
+
+def _overwrite_record(log, topic, p, k, data: bytes) -> None:
+    """Overwrite the first bytes of record k of partition p's first segment, in place."""
+    seg = log.segment_path(topic, p, 0)
+    pos = IDX_ENTRY.unpack_from(seg.with_suffix(".idx").read_bytes(), k * IDX_ENTRY.size)[0]
+    with open(seg, "r+b") as f:
+        f.seek(pos)
+        f.write(data)
+
+
+def test_the_ingest_command_exits_0_with_a_damaged_partition_and_ingests_all_others(tmp_path):
+    env, home, log, topic, ends = _simulated(tmp_path, 6, 5)
+    victim = max(ends, key=ends.get)
+    _overwrite_record(log, topic, victim, 3, zigzag_varint(-(2 ** 63)))  # the reported attack
+    out = run_cli("ingest", env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    offs = dict(con.execute('SELECT "partition", next_offset FROM ingest_offsets').fetchall())
+    assert offs == {p: e for p, e in ends.items() if e}
+    assert con.execute("SELECT \"partition\", \"offset\", reason FROM dead_letters WHERE reason = 'log_damaged'"
+                       ).fetchall() == [(victim, 3, "log_damaged")]
+    n = con.execute("SELECT count(*) FROM events").fetchone()[0]
+    parked = con.execute("SELECT count(*) FROM dead_letters WHERE reason = 'seq_gap'").fetchone()[0]
+    assert n + parked + 1 == sum(ends.values())
+
+
+# -- repair on open --------------------------------------------------------------------------------
+
+
+def _quarantined(directory) -> list[tuple[bytes, dict]]:
+    out = []
+    for q in sorted(directory.glob("*.quarantine-*")):
+        if q.suffix == ".json":
+            continue
+        meta = json.loads(q.with_name(q.name + ".json").read_text())
+        assert stat.S_IMODE(q.stat().st_mode) == 0o600
+        out.append((q.read_bytes(), meta))
+    return out
+
+
+@pytest.mark.parametrize("left", ["empty", "partial_header"])
+def test_a_segment_whose_creation_never_finished_is_repaired_and_stops_nothing(tmp_path, left):
+    """What ENOSPC (or a crash) during segment creation left: a 0-byte segment, or half a header."""
+    log = LocalLog(tmp_path / "log", default_partitions=2, fsync=False)
+    by_p = _fill(log, n_sessions=4)
+    p = 0
+    end = len(by_p[p])
+    header = log.segment_path(TOPIC, p, 0).read_bytes()[:300]
+    broken = log.segment_path(TOPIC, p, end)
+    broken.write_bytes(b"" if left == "empty" else header[:100])
+    # readers are not disturbed: every partition reads and ingests completely
+    wh, stats = _ingest(log, tmp_path / "w.duckdb")
+    with wh:
+        assert stats.accepted == sum(len(v) for v in by_p.values()) and stats.dead_letters == 0
+    # the next appender repairs it: the partition takes events again, at the same offsets
+    sid, more = record_session(n_commands=1, seed=77)
+    assert log.append(TOPIC, p, more) == end
+    assert [m.value for m in read_all(log, p)] == by_p[p] + more
+    kept = _quarantined(broken.parent)
+    if left == "empty":
+        assert kept == []  # nothing to keep
+    else:
+        assert len(kept) == 1 and kept[0][0] == header[:100]
+        assert "header" in kept[0][1]["reason"] and kept[0][1]["source"] == broken.name
+
+
+def test_a_torn_tail_is_cut_into_a_quarantine_file_never_dropped(tmp_path):
+    log = LocalLog(tmp_path / "log", default_partitions=1, fsync=False)
+    vals = record_session(n_commands=3, seed=3)[1]
+    log.append(TOPIC, 0, vals[:4])
+    seg = log.segment_path(TOPIC, 0, 0)
+    good = seg.stat().st_size
+    torn = b"\x02\xff\x01half a record"
+    with open(seg, "ab") as f:
+        f.write(torn)
+    with open(seg.with_suffix(".idx"), "ab") as f:
+        f.write(b"\x01\x02\x03")  # a torn index entry too
+    log.append(TOPIC, 0, vals[4:])
+    assert [m.value for m in read_all(log, 0)] == vals
+    kept = {m["source"]: (b, m) for b, m in _quarantined(seg.parent)}
+    assert kept[seg.name][0] == torn and kept[seg.name][1]["first_byte"] == good
+    assert kept[seg.with_suffix(".idx").name][0] == b"\x01\x02\x03"
+    assert "torn" in kept[seg.name][1]["reason"]
+
+
+def test_an_index_that_points_past_the_written_bytes_does_not_stop_the_partition(tmp_path):
+    """What an unchecked short os.write left on main: index entries for blocks never fully written."""
+    log = LocalLog(tmp_path / "log", default_partitions=1, fsync=False)
+    vals = record_session(n_commands=4, seed=4)[1]
+    log.append(TOPIC, 0, vals[:6])
+    seg = log.segment_path(TOPIC, 0, 0)
+    pos = _positions(log, 0)
+    with open(seg, "r+b") as f:
+        f.truncate(pos[4] + 10)  # records 4 and 5 are indexed but only partly there
+    log.append(TOPIC, 0, vals[6:])
+    msgs = read_all(log, 0)
+    assert [m.offset for m in msgs] == list(range(len(vals)))
+    assert [m.damaged is not None for m in msgs] == [False] * 4 + [True, True] + [False] * (len(vals) - 6)
+    assert [m.value for m in msgs[6:]] == vals[6:]
+    assert log.segments(TOPIC, 0) == [0, 6]  # the damaged segment is left as it is; appends go on after it
+
+
+def test_offsets_whose_segment_is_gone_are_dead_letters_not_a_stop(tmp_path):
+    log = LocalLog(tmp_path / "log", default_partitions=1, fsync=False, segment_bytes=1)
+    vals = record_session(n_commands=2, seed=5)[1]
+    for v in vals:
+        log.append(TOPIC, 0, [v])
+    assert len(log.segments(TOPIC, 0)) == len(vals)
+    os.unlink(log.segment_path(TOPIC, 0, 2))
+    os.unlink(log.segment_path(TOPIC, 0, 2).with_suffix(".idx"))
+    wh, stats = _ingest(log, tmp_path / "w.duckdb")
+    with wh:
+        assert wh.con.execute("""SELECT "offset", detail LIKE 'offsets_missing%' FROM dead_letters
+                                 WHERE reason = 'log_damaged'""").fetchall() == [(2, True)]
+        assert stats.accepted == 2 and stats.reasons.get("seq_gap") == len(vals) - 3
+        assert wh.con.execute("SELECT next_offset FROM ingest_offsets").fetchone()[0] == len(vals)
+
+
+def test_deadletters_retry_keeps_a_damaged_record_a_log_damaged_letter(tmp_path):
+    env, home, log, topic, ends = _simulated(tmp_path, 2, 6)
+    p = next(p for p, e in ends.items() if e)
+    _overwrite_record(log, topic, p, 1, b"\x05")  # block count 5 -> -3 (zigzag), not a one-record block
+    run_cli("ingest", env=env)
+    run_cli("deadletters", "retry", "--reason", "log_damaged", env=env)
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    rows = con.execute("SELECT reason, detail FROM dead_letters WHERE \"offset\" = 1 AND \"partition\" = ?",
+                       [p]).fetchall()
+    assert len(rows) == 1 and rows[0][0] == "log_damaged" and rows[0][1].startswith("bad_block"), rows
+
+
+@pytest.mark.kafka
+def test_a_damaged_spooled_record_is_quarantined_and_draining_goes_on(tmp_path, bootstrap, topic):
+    from producers.spool import Spool, drain
+    from schemas.transport.kafka import KafkaSink, KafkaSource
+
+    spool = Spool(tmp_path / "spool")
+    sessions = [record_session(n_commands=2, seed=40 + i) for i in range(3)]
+    values = [v for _, vals in sessions for v in vals]
+    spool.append(topic, values[:5])
+    spool.append(topic, values[5:])
+    seg = spool.log.segment_path(topic, 0, 0)
+    pos = [IDX_ENTRY.unpack_from(seg.with_suffix(".idx").read_bytes(), i * IDX_ENTRY.size)[0] for i in (7, 8)]
+    data = bytearray(seg.read_bytes())
+    data[pos[0]:pos[0] + 10] = zigzag_varint(-(2 ** 63))
+    seg.write_bytes(bytes(data))
+    out = drain(Spool(tmp_path / "spool"), lambda: KafkaSink(bootstrap), timeout_s=60)
+    assert out["remaining"] == 0 and out["drained"] == len(values)  # 1 of them into quarantine
+    kept = _quarantined(seg.parent)
+    assert len(kept) == 1 and kept[0][0] == bytes(data[pos[0]:pos[1]])
+    assert "offset 7" in kept[0][1]["reason"] and "bad_block" in kept[0][1]["reason"]
+    src = KafkaSource(bootstrap)
+    src.assign(topic, {})
+    got = []
+    while len(got) < len(values) - 1:
+        batch = src.poll(1000, 5.0)
+        assert batch, f"only {len(got)} of {len(values) - 1} records reached Kafka"
+        got += [m.value for m in batch]
+    src.close()
+    assert sorted(got) == sorted(values[:7] + values[8:])
