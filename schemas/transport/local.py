@@ -62,6 +62,7 @@ either: `read` returns each damaged offset as a `Message` with ``damaged`` set a
 the index points at (one message per offset; a broken header makes every offset of its segment
 such a message, each with its own block's bytes; missing offsets come with no bytes). Ingest turns
 them into ``log_damaged`` dead letters and goes on with the rest of the partition and all others.
+An I/O error (EIO) is not damage -- it may pass -- and is raised: nothing is quarantined for it.
 """
 
 from __future__ import annotations
@@ -224,20 +225,22 @@ class LocalLog:
     def segment_path(self, topic: str, partition: int, base: int) -> Path:
         return self._pdir(topic, partition) / f"{base:020d}{_SEGMENT_SUFFIX}"
 
-    def _open_segment(self, topic: str, partition: int, base: int, recheck: bool = False) -> _Segment:
+    def _open_segment(self, topic: str, partition: int, base: int, fd: int | None = None) -> _Segment:
         """The segment with its parsed header; raises DecodeError (or OSError) when the header is
-        unreadable. Headers are cached; ``recheck`` (appenders) compares the cached header with the
-        bytes on disk first (a few KB read), so nothing is appended behind a header damaged since."""
+        unreadable. Headers are cached; given the segment open as ``fd`` (appenders), the cached
+        header is first compared with the bytes on disk, so nothing is appended behind a header
+        damaged since."""
         path = self.segment_path(topic, partition, base)
         cached = self._headers.get(path)
-        if cached is not None and recheck:
-            with open(path, "rb") as f:
-                if f.read(len(cached[2])) != cached[2]:
-                    cached = None
+        if cached is not None and fd is not None and os.pread(fd, len(cached[2]), 0) != cached[2]:
+            cached = None
         if cached is None:
             self._headers.pop(path, None)
-            with open(path, "rb") as f:
-                head = f.read(256 * 1024)
+            if fd is None:
+                with open(path, "rb") as f:
+                    head = f.read(256 * 1024)
+            else:
+                head = os.pread(fd, 256 * 1024, 0)
             header = codec.read_ocf_header(head)
             cached = (header, codec.fingerprint(header.schema), head[:header.length])
             self._headers[path] = cached
@@ -336,9 +339,9 @@ class LocalLog:
                 self._sync(f.fileno())
         return size // IDX_ENTRY.size
 
-    def _tail_consistent(self, seg: _Segment, count: int) -> bool:
-        """True when the segment ends exactly after its last indexed block (a few bytes read)."""
-        size = seg.path.stat().st_size
+    def _tail_consistent(self, seg: _Segment, count: int, fd: int) -> bool:
+        """True when the segment (open as ``fd``) ends exactly after its last indexed block (a few bytes read)."""
+        size = os.fstat(fd).st_size
         if not count:
             return size == seg.header.length
         with open(seg.idx_path, "rb") as f:
@@ -346,19 +349,14 @@ class LocalLog:
             last_pos, _ = IDX_ENTRY.unpack(f.read(IDX_ENTRY.size))
         if last_pos >= size:
             return False
-        with open(seg.path, "rb") as f:
-            f.seek(last_pos)
-            head = f.read(20)
-            try:
-                n, p = codec.read_varint(head, 0)
-                blen, p = codec.read_varint(head, p)
-            except DecodeError:
-                return False
-            end = last_pos + p + blen + codec.SYNC_LEN
-            if n != 1 or size != end:
-                return False
-            f.seek(end - codec.SYNC_LEN)
-            return f.read(codec.SYNC_LEN) == seg.header.sync
+        head = os.pread(fd, 20, last_pos)
+        try:
+            n, p = codec.read_varint(head, 0)
+            blen, p = codec.read_varint(head, p)
+        except DecodeError:
+            return False
+        end = last_pos + p + blen + codec.SYNC_LEN
+        return n == 1 and size == end and os.pread(fd, codec.SYNC_LEN, end - codec.SYNC_LEN) == seg.header.sync
 
     def _open_for_append(self, topic: str, partition: int) -> tuple[_Segment | None, int]:
         """The last segment, repaired (see the module doc), and the partition's end offset. The
@@ -370,17 +368,21 @@ class LocalLog:
         base = bases[-1]
         path = self.segment_path(topic, partition, base)
         count = self._whole_index(path.with_suffix(".idx"))
+        fd = os.open(path, os.O_RDONLY)
         try:
-            seg = self._open_segment(topic, partition, base, recheck=True)
-        except (DecodeError, OSError) as exc:
-            if count:
-                log.error("agentledger log: %s has %d indexed records but its header is unreadable (%s): "
-                          "they are quarantined when read; appending to a new segment", path, count, exc)
-                return None, base + count
-            self._discard_unfinished(path, f"segment header incomplete ({exc}): its creation never finished")
-            return None, base
-        if self._tail_consistent(seg, count):
-            return seg, base + count  # the common case: nothing to repair
+            try:
+                seg = self._open_segment(topic, partition, base, fd)
+            except DecodeError as exc:
+                if count:
+                    log.error("agentledger log: %s has %d indexed records but its header is unreadable (%s): "
+                              "they are quarantined when read; appending to a new segment", path, count, exc)
+                    return None, base + count
+                self._discard_unfinished(path, f"segment header incomplete ({exc}): its creation never finished")
+                return None, base
+            if self._tail_consistent(seg, count, fd):
+                return seg, base + count  # the common case: nothing to repair
+        finally:
+            os.close(fd)
         return self._repair_tail(seg, count)
 
     def _discard_unfinished(self, path: Path, reason: str) -> None:
@@ -625,11 +627,14 @@ class LocalLog:
                             f"the next segment starts at {nxt}")
         entries = [IDX_ENTRY.unpack_from(raw, k * IDX_ENTRY.size) for k in range(n)]
         take = min(n, limit)
+        # Damaged bytes are data (quarantined per offset); an I/O error is not (it may pass): it is raised.
         try:
             seg = self._open_segment(topic, partition, base)
             header_error = None
-        except (DecodeError, OSError) as exc:
+        except DecodeError as exc:
             seg, header_error = None, f"bad_segment_header: {path.name}: {exc}"
+        except FileNotFoundError as exc:
+            return _missing(topic, partition, offset, offset + take, f"offsets_missing: {path.name}: {exc}")
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
