@@ -34,7 +34,7 @@ Durability protocol (one appender at a time per partition, under the flock):
    durable). A topic's meta.json is written to a temporary file, fsync-ed, renamed, and its
    directory fsync-ed. A segment whose creation fails is removed again.
 
-``LocalLog(fsync=False)`` skips the fsyncs (tests and throwaway simulations only).
+``LocalLog(fsync=False)`` skips the fsyncs (for tests; no command uses it).
 
 Repair on open: the next appender of a partition (under the flock) checks the last segment against
 its index before writing -- one stat and a few bytes read when they agree -- and repairs what an
