@@ -673,7 +673,7 @@ def _block_at(data: bytes, pos: int, end: int, sync: bytes) -> tuple[bytes | Non
         count, p = codec.read_varint(data, pos, end)
         size, p = codec.read_varint(data, p, end)
     except DecodeError as exc:
-        kind = "truncated" if exc.reason == "truncated" else "bad_block"
+        kind = "truncated" if exc.reason == "truncated" and end >= len(data) else "bad_block"
         return None, f"{kind}: block header: {exc.detail}"
     if count != 1 or size < 0:
         return None, f"bad_block: block count {count}, size {size} (one record per block expected)"
