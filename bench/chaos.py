@@ -41,6 +41,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sessions", type=int, default=6, help="tampering: sessions to record")
     ap.add_argument("--cli-runs", type=int, default=4, help="tampering: mutations also checked with the real CLI")
+    ap.add_argument("--disk-runs", type=int, default=20, help="disk_full: runs, each with its own fault")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-chaos-"))

@@ -2,9 +2,9 @@
 writes come back short or fail (ENOSPC, EIO), and space returns; then everything is ingested.
 
     python bench/chaos_disk.py --seed 1 --size 20
+    python bench/chaos.py --scenario disk_full --disk-runs 20 --seed 1
 
-``run(seed, size)`` is the scenario for the chaos runner (bench/chaos.py registers it): ``size``
-runs, each with its own fault, chosen by the seed:
+``run(seed, size)`` is the scenario: ``size`` runs, each with its own fault, chosen by the seed:
 
 - ``full``: a size-limited tmpfs is filled up (a real ENOSPC, with the short writes the kernel
   gives when a write only partly fits) for a few flushes, then freed. Needs root to mount; without
@@ -26,8 +26,11 @@ rolled back into a `dropped` gap. The figures (the last line of the CLI is them 
     partitions_unusable        partitions that did not take events again once the fault was over,
                                or that ingest could not read to the end (must be 0)
     sessions_broken            sessions whose chain the warehouse calls broken (must be 0)
+    undetected                 the sum of the five above (the chaos runner's must-be-0 figure)
+    tracebacks                 runs that raised (must be 0)
     dead_letters, quarantine_files, disk ("tmpfs" or "injected"), seconds
 
+`bench/chaos.py --scenario disk_full --disk-runs N` runs it (bench/chaos_scenarios/disk_full.py).
 `FaultyWrites` and `SmallDisk` are also what tests/test_disk_full.py uses.
 """
 
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -241,19 +245,20 @@ def _one_run(rng: random.Random, log: LocalLog, disk: SmallDisk | None, figures:
     figures["_refused"].extend(sink.refused)
 
 
-def run(seed: int, size: int) -> dict:
-    """The `disk_full` chaos scenario: ``size`` runs; returns its figures (see the module doc)."""
+def run(seed: int, size: int, workdir: Path | None = None) -> dict:
+    """The `disk_full` chaos scenario: ``size`` runs (in a temporary directory under ``workdir``);
+    returns its figures (see the module doc)."""
     rng = random.Random(seed)
     t0 = time.perf_counter()
     figures = {"runs": size, "crashes": 0, "events_acknowledged": 0, "flushes_failed": 0, "flushes_failed_after_fault": 0,
-               "events_refused": 0, "_acked": [], "_refused": []}
+               "events_refused": 0, "tracebacks": 0, "_acked": [], "_refused": []}
     t = [1_700_000_000_000_000 + seed * 1_000_000_000]
 
     def clock():
         t[0] += 1000
         return t[0]
 
-    with tempfile.TemporaryDirectory(prefix="agentledger-chaos-disk-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="agentledger-chaos-disk-", dir=workdir) as tmp:
         tmp = Path(tmp)
         disk = None
         if os.geteuid() == 0:
@@ -265,13 +270,20 @@ def run(seed: int, size: int) -> dict:
         try:
             log = LocalLog(root, default_partitions=3)
             for _ in range(size):
-                _one_run(rng, log, disk, figures, clock, tmp)
+                try:
+                    _one_run(rng, log, disk, figures, clock, tmp)
+                except Exception:  # noqa: BLE001 -- counted and shown; the next run goes on
+                    figures["tracebacks"] += 1
+                    traceback.print_exc()
             figures.update(_check(root, tmp / "w.duckdb", figures.pop("_acked"), figures.pop("_refused")))
         finally:
             if disk is not None:
                 disk.unmount()
     unusable = figures.pop("flushes_failed_after_fault")
     figures["partitions_unusable"] += unusable
+    figures["undetected"] = sum(figures[k] for k in ("acknowledged_lost", "acknowledged_duplicated",
+                                                     "unacknowledged_in_log", "partitions_unusable",
+                                                     "sessions_broken"))
     figures["disk"] = "tmpfs" if disk is not None else "injected"
     figures["seconds"] = round(time.perf_counter() - t0, 2)
     return figures

@@ -55,3 +55,13 @@ def test_bench_chaos_tampering_smoke(tmp_path):
     assert result["scenario"] == "tampering" and result["tried"] >= 45
     assert result["undetected"] == 0 and result["tracebacks"] == 0, result
     assert result["detected"] == result["tried"] and result["detected_with_first_bad_seq"] > 0
+
+
+def test_bench_chaos_disk_full_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "disk_full", "--disk-runs", "3",
+                           "--seed", "2", "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["scenario"] == "disk_full" and result["runs"] == 3 and result["events_acknowledged"] > 0
+    assert result["undetected"] == 0 and result["tracebacks"] == 0, result
