@@ -10,7 +10,9 @@ keyring. A session is:
   whether at least one checkpoint is signed by a known key (``ok (unsigned)`` otherwise). A
   signature by a key not in the keyring proves nothing either way: the session counts as unsigned
   and says which key it would need (``unknown_key_ids``; give it with ``--public-key``), as
-  verify-bundle does;
+  verify-bundle does. A signature by a *simulator* key (seed-derived: anyone can make one, see
+  schemas/signing.py) is not evidence either: the session counts as unsigned and names it
+  (``simulator_key_ids``);
 - ``open``: as ok so far, but it has no session_ended event yet;
 - ``broken``: the first problem is at ``first_bad_seq``, with a ``reason``.
 
@@ -31,7 +33,8 @@ With ``require_signatures`` a session must also be signed: a valid *final* check
 key covering every event but itself, and its latest leaf covered by a tree head signed by a trusted
 operator key (a published one when published heads were given). A session without a session_ended
 event fails with reason ``open`` unless ``allow_open`` (live monitoring): a session still running
-cannot be told from one whose tail never arrived.
+cannot be told from one whose tail never arrived. A session signed only by a simulator key fails
+with reason ``simulator_key``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Verdict:
     tree_covered: bool | None = None  # that leaf is in a tree head signed by a trusted operator key
     key_ids: list[str] = field(default_factory=list)
     unknown_key_ids: list[str] = field(default_factory=list)  # signed by keys not in the keyring
+    simulator_key_ids: list[str] = field(default_factory=list)  # signed by simulator keys (never trusted)
 
     @property
     def ok(self) -> bool:
@@ -77,6 +81,8 @@ class Verdict:
             return f"broken at seq {self.first_bad_seq}: {self.reason}"
         if self.signed:
             return self.status
+        if self.simulator_key_ids:
+            return f"{self.status} (unsigned: signed by simulator key {', '.join(self.simulator_key_ids)})"
         if self.unknown_key_ids:
             return f"{self.status} (unsigned: signed by unknown key {', '.join(self.unknown_key_ids)})"
         return self.status + " (unsigned)"
@@ -141,6 +147,9 @@ def verify_session(wh: Warehouse, session_id: str, keyring: Keyring, *, require_
         if not ended and not allow_open:
             problem = (last + 1, "open", "no session_ended event: the session is still running or its tail is "
                                          "missing (the two cannot be told apart; --allow-open accepts open sessions)")
+        elif not v.signed and v.simulator_key_ids:
+            problem = (0, "simulator_key", f"signed only by simulator key {', '.join(v.simulator_key_ids)}, derived "
+                                           "from a public seed: anyone can sign with it, so it is never trusted")
         elif not v.signed:
             problem = (0, "unsigned", "no checkpoint signed by a known key" + (
                 f" (signed by unknown key {', '.join(v.unknown_key_ids)})" if v.unknown_key_ids else ""))
@@ -179,9 +188,10 @@ def _check_checkpoint(v: Verdict, rec: dict, hashes: list[str], keyring: Keyring
     if r.status == "unsigned":
         return None  # an unsigned checkpoint is a statement, not evidence
     kid = cp.get("key_id") or ""
-    if r.status == "unknown_key":  # cannot be checked here: not evidence, not a failure (see the module doc)
-        if kid not in v.unknown_key_ids:
-            v.unknown_key_ids.append(kid)
+    if r.status in ("unknown_key", "simulator_key"):  # not evidence, not a failure (see the module doc)
+        ids = v.unknown_key_ids if r.status == "unknown_key" else v.simulator_key_ids
+        if kid not in ids:
+            ids.append(kid)
         return None
     v.signed_checkpoints += 1
     v.signed = True

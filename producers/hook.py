@@ -452,7 +452,8 @@ def handle(
         if appender is None:
             sink_options = kafka_options(budget_s) if settings.uses_kafka else {}
             appender = SessionAppender(settings, sink_options=sink_options, lock_timeout_s=budget_s,
-                                       flush_timeout_s=budget_s, env=env)
+                                       flush_timeout_s=budget_s, env=env, key_fallback=True)
+        out.stderr += "".join(appender.notices)  # a refused key file: what the call used instead, every call
         appender.append(hev.sid, [], [hev.info()], prepare=lambda head: (hev.build(appender.state), []),
                         extra=hev.state_change, start_if_new=True)
     except Exception as exc:  # recording failed: never silently; the outbox keeps what was sealed

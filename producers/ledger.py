@@ -41,6 +41,7 @@ from schemas.config import Settings
 from schemas.contract import SchemaStore, load_store
 from schemas.envelope import claimed_hash, peek
 from schemas.errors import NotDurableError, TransportError
+from schemas.keys import UnsafeKeyError
 from schemas.transport.base import MemorySink, Sink
 
 from .importstate import Head, ProducerState, Staged
@@ -109,13 +110,15 @@ class AppendResult:
                                               "first_seq", "last_seq", "ended", "kinds")}
 
 
-def producer_transforms(settings: Settings, env: Mapping[str, str] | None = None) -> list[Transform]:
+def producer_transforms(settings: Settings, env: Mapping[str, str] | None = None, *,
+                        key_fallback: bool = False) -> list[Transform]:
     """The record transforms of importers and the hook: secret redaction (keyed HMAC tokens, see
     producers/redact.py), as for every producer. Deterministic, so a re-import computes the same
-    events (the outbox re-sends stored bytes and does not depend on it)."""
+    events (the outbox re-sends stored bytes and does not depend on it). ``key_fallback``: see
+    `SessionAppender`."""
     from .redact import default_transforms
 
-    return default_transforms(settings, env)
+    return default_transforms(settings, env, key_fallback=key_fallback)
 
 
 _UNINFORMATIVE = (None, "", "unknown", [], {})
@@ -188,23 +191,42 @@ class SessionAppender:
         store: SchemaStore | None = None,
         signer: Any = _UNSET_DEFAULT,
         env: Mapping[str, str] | None = None,
+        key_fallback: bool = False,
     ):
         """``env``: the environment the producer settings are read from (recording mode, redaction,
         signing key, checkpoint interval, sink options); os.environ when None. The warm hook server
-        passes each client's."""
+        passes each client's.
+
+        A key file `schemas.keys.check_key_path` refuses raises `UnsafeKeyError` (an importer: a
+        person is there to fix it). With ``key_fallback`` (the hook, which must never block the agent
+        for it) the events are recorded anyway, never with the refused key: redacted with the per-user
+        home's key (`producers.redact.hook_redaction_key`) and, for a refused signing key, unsigned;
+        ``notices`` says what happened, for stderr."""
         self.env = os.environ if env is None else env
+        self.notices: list[str] = []
         self.settings = settings
         self.state = state or ProducerState(settings.home)
         self._sink = sink
         self._sink_options = sink_options or {}
         self.lock_timeout_s = lock_timeout_s
         self.flush_timeout_s = flush_timeout_s
-        self.transforms = list(transforms) if transforms is not None else producer_transforms(settings, self.env)
+        self.transforms = (list(transforms) if transforms is not None else
+                           producer_transforms(settings, self.env, key_fallback=key_fallback))
+        self.notices += [t.notice for t in self.transforms if getattr(t, "notice", None)]
         self.store = store or load_store()
         # Signed checkpoints as every producer writes them (issue 3): every N events of a session and
         # after its end, when a signing key is configured. Counted from the recorded facts, so they
         # continue across processes and sources.
-        self.signer = signer if signer is not _UNSET_DEFAULT else load_signer(settings, self.env)
+        if signer is _UNSET_DEFAULT:
+            try:
+                signer = load_signer(settings, self.env)
+            except UnsafeKeyError as exc:
+                if not key_fallback:
+                    raise
+                signer = None
+                self.notices.append(f"agentledger hook: {exc}\nagentledger hook: recording unsigned (no checkpoint "
+                                    "signatures) until it is fixed\n")
+        self.signer = signer
         self.checkpoint_every = int(self.env.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
         self.recording_mode = ProducerOptions.from_env(self.env).mode
         self._capture = MemorySink()  # collects what the recorder publishes; staged before the real send

@@ -609,7 +609,10 @@ def _deep_copy(v):
 
 def load_signer(settings: Settings, env: dict[str, str] | None = None) -> signing.Signer | None:
     """The checkpoint signing key: AGENTLEDGER_SIGNING_KEY / AGENTLEDGER_SIGNING_KEY_FILE, else the key
-    `agentledger keys generate` marked current in ``$AGENTLEDGER_HOME/keys``; None means unsigned."""
+    `agentledger keys generate` marked current in ``$AGENTLEDGER_HOME/keys``; None means unsigned.
+    A key file that `schemas.keys.check_key_path` refuses raises `UnsafeKeyError`."""
+    from schemas.errors import ConfigError
+
     signer = signing.signer_from_env(env)
     if signer is not None:
         return signer
@@ -618,9 +621,6 @@ def load_signer(settings: Settings, env: dict[str, str] | None = None) -> signin
         kid = (keys / "current").read_text().strip()
     except OSError:
         return None
-    try:
-        return signing.load_private((keys / f"{kid}.key").read_bytes())
-    except OSError as exc:
-        from schemas.errors import ConfigError
-
-        raise ConfigError(f"signing key {kid} named in {keys / 'current'} is unreadable: {exc}") from exc
+    if len(kid) != 16 or any(c not in "0123456789abcdef" for c in kid):
+        raise ConfigError(f"{keys / 'current'} does not name a key id (16 hex digits): {kid[:40]!r}")
+    return signing.load_private_file(keys / f"{kid}.key", f"signing key {kid} (named in {keys / 'current'})")

@@ -57,9 +57,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from schemas.config import Settings
+from schemas.homes import default_home, write_private_file
+from schemas.keys import UnsafeKeyError, check_key_path
 
 log = logging.getLogger(__name__)
 
@@ -177,38 +179,61 @@ _FLAG_SECRET = re.compile(r"^--?(?:password|passwd|pwd|pass|token|api-?key|secre
 
 
 def load_redaction_key(home: Path, env: dict[str, str] | None = None) -> bytes:
-    """The HMAC key: from the environment, a key file, or ``home/keys/redaction.key`` (created once).
-    Falls back to an ephemeral key (tokens then only join within this process) if none can be stored."""
+    """The HMAC key: from the environment (text), a key file, or ``home/keys/redaction.key``
+    (created once, 0600). A key file `schemas.keys.check_key_path` refuses (inside a git work tree,
+    writable or readable by others, not yours) raises `UnsafeKeyError`: never use a key someone else
+    could have planted -- they could then test guesses against every token. Falls back to an
+    ephemeral key (tokens then only join within this process) if none can be stored."""
     env = os.environ if env is None else env
     if env.get(REDACTION_KEY_ENV):
         return env[REDACTION_KEY_ENV].encode()
     if env.get(REDACTION_KEY_FILE_ENV):
-        return Path(env[REDACTION_KEY_FILE_ENV]).read_bytes().strip()
-    path = Path(home) / "keys" / "redaction.key"
-    try:
+        path = Path(env[REDACTION_KEY_FILE_ENV])
+        check_key_path(path, what=f"redaction key ({REDACTION_KEY_FILE_ENV})", secret=True)
         return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole under a private name, then linked into place: a process racing us (the first
-        # hook calls of a fresh home run concurrently) sees no key or the whole key, never an empty file.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return _home_redaction_key(Path(home) / "keys" / "redaction.key")
+
+
+def _home_redaction_key(path: Path) -> bytes:
+    what = "redaction key"
+    if not path.exists():
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(32).hex().encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-    except FileExistsError:
-        pass  # another process created it first: use theirs
-    except OSError as exc:
-        log.warning("cannot store a redaction key under %s (%s): using an ephemeral key", path.parent, exc)
-        return os.urandom(32)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_key_path(path.parent, what=f"{what} directory")  # never create one where others can read it
+            # A process racing us (the first hook calls of a fresh home run concurrently) sees no key
+            # or the whole key, never an empty file.
+            write_private_file(path, os.urandom(32).hex().encode(), exclusive=True)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        except UnsafeKeyError:
+            raise
+        except OSError as exc:
+            log.warning("cannot store a redaction key under %s (%s): using an ephemeral key", path.parent, exc)
+            return os.urandom(32)
+    check_key_path(path, what=what, secret=True)
     return path.read_bytes().strip()
+
+
+def hook_redaction_key(home: Path, env: Mapping[str, str] | None = None) -> tuple[bytes, str | None]:
+    """The key the hook redacts with, and what to say on stderr. The hook must never block the agent
+    for this, never record a secret in clear and never use a refused key: when `load_redaction_key`
+    refuses one, it redacts with the key of the per-user home (``$XDG_DATA_HOME/agentledger`` or
+    ``~/.local/share/agentledger``), or if that is refused too (or is the refused one), with a key of
+    this call only -- and says which, and why, on stderr."""
+    env = os.environ if env is None else env
+    try:
+        return load_redaction_key(home, env), None
+    except UnsafeKeyError as exc:
+        refused = exc
+    safe = Path(default_home(env)) / "keys" / "redaction.key"
+    if safe.absolute() != Path(refused.path).absolute():
+        try:
+            return (_home_redaction_key(safe),
+                    f"agentledger hook: {refused}\nagentledger hook: redacting with {safe} instead\n")
+        except (UnsafeKeyError, OSError):
+            pass
+    return (os.urandom(32), f"agentledger hook: {refused}\nagentledger hook: redacting with a key of this call "
+                            "only (its tokens join nothing)\n")
 
 
 class Redactor:
@@ -218,6 +243,7 @@ class Redactor:
         if not key:
             raise ValueError("the redaction key must not be empty")
         self._key = key
+        self.notice: str | None = None  # what the hook says on stderr about the key (see hook_redaction_key)
         self.detectors = tuple(detectors)
         self._tokens: dict[tuple[str, str], str] = {}
         self._clean: set[str] = set()  # strings already scanned and found clean (paths, argv words repeat a lot)
@@ -335,11 +361,19 @@ class Redactor:
         return record
 
 
-def default_transforms(settings: Settings, env: dict[str, str] | None = None) -> list[Callable[[dict], dict]]:
+def default_transforms(settings: Settings, env: Mapping[str, str] | None = None, *,
+                       key_fallback: bool = False) -> list[Callable[[dict], dict]]:
     """Transforms every producer applies (recorder, hooks, importers, sandbox): redaction, on by default.
-    AGENTLEDGER_REDACTION=off turns it off (never do that outside tests of raw data)."""
+    AGENTLEDGER_REDACTION=off turns it off (never do that outside tests of raw data). A refused key
+    file raises `UnsafeKeyError`; with ``key_fallback`` (the hook) the key of `hook_redaction_key` is
+    used instead, and the Redactor's ``notice`` says so."""
     env = os.environ if env is None else env
     if (env.get(REDACTION_SWITCH_ENV) or "on").lower() in ("off", "0", "false", "no"):
         log.warning("secret redaction is OFF (%s=off)", REDACTION_SWITCH_ENV)
         return []
+    if key_fallback:
+        key, notice = hook_redaction_key(settings.home, env)
+        red = Redactor(key)
+        red.notice = notice
+        return [red]
     return [Redactor(load_redaction_key(settings.home, env))]

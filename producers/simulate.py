@@ -49,7 +49,7 @@ import random
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from schemas import signing
 from schemas.policy import Policy
@@ -152,7 +152,8 @@ def make_secret(rng: random.Random, kind: str) -> str:
 
 def simulation_keys(seed: int) -> tuple[bytes, signing.Signer]:
     """Redaction and checkpoint-signing keys of a simulation, derived from its seed (runs reproduce
-    byte for byte on any machine). The signer's public key is written next to the events."""
+    byte for byte on any machine). Anyone who knows the seed can sign with them: the public key goes
+    to the simulator keyring (`write_public_key`), which no verifier trusts."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     base = hashlib.sha256(f"agentledger-sim/{seed}/keys".encode()).digest()
@@ -778,10 +779,18 @@ def simulation_recorder(sink, topic: str, seed: int, clock: SimClock, rng: rando
                     signer=signer if sign else None, checkpoint_every=checkpoint_every)
 
 
+def simulator_seed(kid: str, seeds: Iterable[int] = range(1000)) -> int | None:
+    """The seed (0..999 by default: ~0.2 s) whose simulation signing key has key id ``kid``, or None.
+    Older versions wrote these keys into the trusted keyring; `agentledger keys list` names them."""
+    for seed in seeds:
+        if simulation_keys(seed)[1].key_id == kid:
+            return seed
+    return None
+
+
 def write_public_key(seed: int, directory: Path) -> Path:
-    """Put the simulation's checkpoint public key where verifiers look (``$AGENTLEDGER_HOME/keys``)."""
+    """Put the simulation's checkpoint public key in the simulator keyring ``directory``
+    (``$AGENTLEDGER_HOME/keys/simulator``), marked as a simulator key: verifiers recognise it and
+    report "signed by a simulator key", never "signed" -- anyone who knows the seed can sign with it."""
     _, signer = simulation_keys(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{signer.key_id}.pub"
-    path.write_bytes(signing.public_pem(signer.public_key))
-    return path
+    return signing.write_simulator_key(signer.public_key, directory, note=f"seed {seed}")

@@ -20,7 +20,7 @@ header{padding:16px 24px;background:#111827;color:#f9fafb}header h1{margin:0 0 6
 header .meta{font-size:13px;color:#d1d5db}main{padding:16px 24px}
 .badge{display:inline-block;padding:2px 10px;border-radius:12px;font-weight:600;font-size:13px;margin-right:8px}
 .ok{background:#d1fae5;color:#065f46}.open{background:#dbeafe;color:#1e40af}.broken,.empty{background:#fee2e2;color:#991b1b}
-.sig-valid{background:#d1fae5;color:#065f46}.sig-partial,.sig-unverified,.sig-none{background:#fef3c7;color:#92400e}.sig-bad{background:#fee2e2;color:#991b1b}
+.sig-valid{background:#d1fae5;color:#065f46}.sig-partial,.sig-unverified,.sig-simulator,.sig-none{background:#fef3c7;color:#92400e}.sig-bad{background:#fee2e2;color:#991b1b}
 section{background:#fff;border:1px solid #e5e7eb;border-radius:8px;margin:0 0 16px;padding:12px 16px}
 section h2{font-size:16px;margin:0 0 8px}table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #f3f4f6;vertical-align:top;font-size:13px}

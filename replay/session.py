@@ -13,7 +13,7 @@ from itertools import chain as chain_items
 from dataclasses import dataclass, field
 
 from schemas.contract import SchemaStore, load_store
-from schemas.signing import Keyring, load_public
+from schemas.signing import Keyring, is_simulator_key, load_public
 
 from . import native
 from . import verify as _verify
@@ -195,7 +195,7 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
     reported in the verification (events after an undecodable one are left out and said so).
     ``bundle_check``: `check_bundle` of ``raw.bundle`` when the caller has it already."""
     store = store or load_store()
-    keyring = keyring or Keyring()
+    keyring = Keyring() if keyring is None else keyring  # (an empty one may still know simulator keys)
     bcheck = None
     box: dict = {}
     b = raw.bundle
@@ -246,13 +246,12 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
                              "WHERE session_id = ? AND kind = 'gap'", [raw.session_id]).fetchone()
     embedded = None
     if raw.bundle is not None:
-        keys = []
+        embedded = Keyring()
         for pem in raw.bundle.public_keys.values():
             try:
-                keys.append(load_public(pem))
+                embedded.add(load_public(pem), simulator=is_simulator_key(pem))
             except Exception:  # a damaged embedded key is reported as unknown, never trusted
                 continue
-        embedded = Keyring(keys)
     cps = _verify.check_checkpoints(checkpoint_rows(con, raw.session_id), chain, raw.session_id, keyring, embedded)
     v = _verify.build(chain, raw.session_id, checkpoints=cps, ended=ended, gaps=int(gaps), lost_events=int(lost),
                       duplicates_dropped=raw.duplicates_dropped,
@@ -375,7 +374,10 @@ def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bo
     elif prov.failed:
         problem = f"provenance {prov.status}: {prov.detail}"
     elif require_signature and v.unsigned_events:
-        problem = ("no trusted signature covers the bundle's events" if v.signed_through is None else
+        sim = sorted({c.key_id for c in v.checkpoints if c.status == "simulator_key"})
+        problem = (f"signed only by simulator key {', '.join(sim)}, derived from a public seed: never trusted"
+                   if sim and v.signed_through is None else
+                   "no trusted signature covers the bundle's events" if v.signed_through is None else
                    f"trusted signatures cover seq 0..{v.signed_through} only: {v.unsigned_events} later events "
                    "are unsigned")
     elif require_signature and not prov.ok:

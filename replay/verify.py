@@ -35,6 +35,7 @@ class CheckpointCheck:
     key_id: str
     final: bool
     status: str  # valid | unknown_key | invalid | head_mismatch | count_mismatch | after_break | embedded_key_only
+    #              | simulator_key (a seed-derived simulator key: proves nothing, see schemas/signing.py)
     detail: str = ""
 
     @property
@@ -84,6 +85,8 @@ def signature_summary(v: Verification) -> str:
         return "bad"
     if valid:
         return "valid" if v.unsigned_events == 0 else "partial"
+    if any(c.status == "simulator_key" for c in v.checkpoints):
+        return "simulator"
     if v.checkpoints:
         return "unverified"
     return "none"

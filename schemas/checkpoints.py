@@ -14,14 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .signing import ALGORITHM, Keyring
+from .signing import ALGORITHM, Keyring, checkpoint_message
 
 
 @dataclass(frozen=True)
 class CheckpointResult:
     """``status``: valid | unsigned | head_mismatch | count_mismatch | unsupported_algorithm |
     bad_signature | unknown_key (no trusted key with its id) | embedded_key_only (verifies only with
-    a key that came with the evidence itself, which proves nothing until someone trusts it)."""
+    a key that came with the evidence itself, which proves nothing until someone trusts it) |
+    simulator_key (verifies with a simulator's seed-derived key, which anyone can sign with: it
+    proves nothing, and ``--require-signatures`` never accepts it)."""
 
     status: str
     detail: str = ""
@@ -69,6 +71,13 @@ def check_checkpoint(cp: dict, seq: int, session_id: str, hash_at: Callable[[int
                                                          f"{cp.get('algorithm')!r}")
     kid = cp.get("key_id") or ""
     args = (kid, sig, session_id, head_seq, head_hash, count, bool(cp.get("final")))
+    for ring in (keyring, None if kid in keyring else embedded):  # (a bundle cannot demote a trusted key)
+        if ring is not None and ring.simulator_kid(kid):
+            if ring.verify_simulator(kid, sig, checkpoint_message(*args[2:])):
+                return CheckpointResult("simulator_key", f"the checkpoint at seq {seq} is signed with the simulator key "
+                                                         f"{kid}, derived from a public seed: anyone can sign with it")
+            return CheckpointResult("bad_signature", f"the signature of the checkpoint at seq {seq} does not verify "
+                                                     f"with the simulator key {kid}")
     if kid in keyring:
         if keyring.verify_checkpoint(*args):
             return CheckpointResult("valid")

@@ -16,7 +16,16 @@ Each message starts with its own name, so a signature over one can never pass fo
 
 Keys: a private key is a PKCS#8 PEM file or the environment variable AGENTLEDGER_SIGNING_KEY
 (PEM text, or the raw 32-byte seed in base64). A public key is a SubjectPublicKeyInfo PEM file.
-The key id is the first 16 hex characters of SHA-256 over the raw 32-byte public key.
+The key id is the first 16 hex characters of SHA-256 over the raw 32-byte public key. Every key
+*file* passes `schemas.keys.check_key_path` first (not in a git work tree, not writable by others,
+yours).
+
+Simulator keys: the simulator signs with keys derived from its (public) seed, so anyone can sign
+with them. Their public key files start with the line `SIMULATOR_MARKER` and live in a keyring of
+their own (``$AGENTLEDGER_HOME/keys/simulator``). A `Keyring` never trusts them: a key file with the
+marker, wherever it comes from (even ``--public-key``), and every key of ``simulator_paths``, is only
+*recognised*, so that a checkpoint signed with it is reported as ``simulator_key`` -- which
+``--require-signatures`` never accepts.
 """
 
 from __future__ import annotations
@@ -32,12 +41,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import ConfigError
+from .homes import write_private_file
+from .keys import check_key_path
 
 ALGORITHM = "ed25519"
 SIGNING_KEY_ENV = "AGENTLEDGER_SIGNING_KEY"
 SIGNING_KEY_FILE_ENV = "AGENTLEDGER_SIGNING_KEY_FILE"
 OPERATOR_KEY_ENV = "AGENTLEDGER_OPERATOR_KEY"
 OPERATOR_KEY_FILE_ENV = "AGENTLEDGER_OPERATOR_KEY_FILE"
+SIMULATOR_MARKER = b"# agentledger simulator key: derived from a public seed, anyone can sign with it; never trust it"
 
 
 def checkpoint_message(session_id: str, head_seq: int, head_hash: str, event_count: int, final: bool) -> bytes:
@@ -94,15 +106,16 @@ def public_pem(public_key: Ed25519PublicKey) -> bytes:
 
 
 def write_keypair(signer: Signer, directory: Path) -> tuple[Path, Path]:
-    """Write <key_id>.key (mode 0600) and <key_id>.pub into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    priv = directory / f"{signer.key_id}.key"
-    pub = directory / f"{signer.key_id}.pub"
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem(signer))
-    pub.write_bytes(public_pem(signer.public_key))
+    """Write <key_id>.key and <key_id>.pub (both mode 0600) into ``directory``."""
+    priv = write_private_file(directory / f"{signer.key_id}.key", private_pem(signer), exclusive=True)
+    pub = write_private_file(directory / f"{signer.key_id}.pub", public_pem(signer.public_key))
     return priv, pub
+
+
+def write_simulator_key(public_key: Ed25519PublicKey, directory: Path, note: str = "") -> Path:
+    """Write a simulator's public key, marked as such (`SIMULATOR_MARKER`), into ``directory``."""
+    head = SIMULATOR_MARKER + (f" ({note})".encode() if note else b"") + b"\n"
+    return write_private_file(directory / f"{key_id(public_key)}.pub", head + public_pem(public_key))
 
 
 def load_private(data: bytes | str) -> Signer:
@@ -121,10 +134,17 @@ def load_private(data: bytes | str) -> Signer:
     return Signer(key)
 
 
+def is_simulator_key(data: bytes | str) -> bool:
+    """Whether a public key file's bytes carry the simulator's marker line."""
+    if isinstance(data, str):
+        data = data.encode()
+    return data.lstrip().startswith(SIMULATOR_MARKER)
+
+
 def load_public(data: bytes | str) -> Ed25519PublicKey:
     if isinstance(data, str):
         data = data.encode()
-    data = data.strip()
+    data = b"\n".join(line for line in data.strip().splitlines() if not line.startswith(b"#")).strip()
     try:
         if data.startswith(b"-----BEGIN"):
             key = serialization.load_pem_public_key(data)
@@ -143,11 +163,17 @@ def signer_from_env(env: dict[str, str] | None = None) -> Signer | None:
     if env.get(SIGNING_KEY_ENV):
         return load_private(env[SIGNING_KEY_ENV])
     if env.get(SIGNING_KEY_FILE_ENV):
-        try:
-            return load_private(Path(env[SIGNING_KEY_FILE_ENV]).read_bytes())
-        except OSError as exc:
-            raise ConfigError(f"cannot read signing key: {exc}") from exc
+        return load_private_file(Path(env[SIGNING_KEY_FILE_ENV]), f"signing key ({SIGNING_KEY_FILE_ENV})")
     return None
+
+
+def load_private_file(path: Path, what: str = "signing key") -> Signer:
+    """A private key from a file that passes `check_key_path` (else `UnsafeKeyError`)."""
+    check_key_path(path, what=what, secret=True)
+    try:
+        return load_private(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc}") from exc
 
 
 def operator_key_dir(home: Path) -> Path:
@@ -169,10 +195,7 @@ def load_operator_signer(settings, env: dict[str, str] | None = None, *, create:
     if env.get(OPERATOR_KEY_ENV):
         signer = load_private(env[OPERATOR_KEY_ENV])
     elif env.get(OPERATOR_KEY_FILE_ENV):
-        try:
-            signer = load_private(Path(env[OPERATOR_KEY_FILE_ENV]).read_bytes())
-        except OSError as exc:
-            raise ConfigError(f"cannot read the operator key: {exc}") from exc
+        signer = load_private_file(Path(env[OPERATOR_KEY_FILE_ENV]), f"operator key ({OPERATOR_KEY_FILE_ENV})")
     if signer is None:
         signer = _current_operator_key(directory)
     if signer is None and create:
@@ -180,8 +203,7 @@ def load_operator_signer(settings, env: dict[str, str] | None = None, *, create:
     if signer is not None and create:
         pub = directory / f"{signer.key_id}.pub"
         if not pub.exists():
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            pub.write_bytes(public_pem(signer.public_key))
+            write_private_file(pub, public_pem(signer.public_key))
     return signer
 
 
@@ -190,10 +212,9 @@ def _current_operator_key(directory: Path) -> Signer | None:
         kid = (directory / "current").read_text().strip()
     except OSError:
         return None
-    try:
-        return load_private((directory / f"{kid}.key").read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"operator key {kid} named in {directory / 'current'} is unreadable: {exc}") from exc
+    if len(kid) != 16 or any(c not in "0123456789abcdef" for c in kid):
+        raise ConfigError(f"{directory / 'current'} does not name a key id (16 hex digits): {kid[:40]!r}")
+    return load_private_file(directory / f"{kid}.key", f"operator key {kid} (named in {directory / 'current'})")
 
 
 def _create_operator_key(directory: Path) -> Signer:
@@ -201,12 +222,8 @@ def _create_operator_key(directory: Path) -> Signer:
     os.chmod(directory, 0o700)
     signer = generate()
     write_keypair(signer, directory)
-    tmp = directory / f".current.{os.getpid()}.{signer.key_id}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(signer.key_id + "\n")
-    try:
-        os.link(tmp, directory / "current")  # atomic: another process that made one first wins
+    try:  # linked into place: another process that made one first wins
+        write_private_file(directory / "current", (signer.key_id + "\n").encode(), exclusive=True)
     except FileExistsError:
         for suffix in (".key", ".pub"):
             (directory / f"{signer.key_id}{suffix}").unlink(missing_ok=True)
@@ -214,28 +231,63 @@ def _create_operator_key(directory: Path) -> Signer:
         if existing is None:
             raise ConfigError(f"{directory / 'current'} names no readable operator key") from None
         signer = existing
-    finally:
-        tmp.unlink(missing_ok=True)
     return signer
 
 
-class Keyring:
-    """Public keys by key id, for verification (a directory of *.pub files, plus explicit keys)."""
+def _pub_files(p: Path, *, checked: bool) -> list[Path]:
+    if checked:
+        check_key_path(p, what="trusted public key directory" if p.is_dir() else "trusted public key")
+    files = sorted(p.glob("*.pub")) if p.is_dir() else [p] if p.exists() else []
+    if checked and p.is_dir():
+        for f in files:
+            check_key_path(f, what="trusted public key")
+    return files
 
-    def __init__(self, keys: list[Ed25519PublicKey] | None = None):
-        self._keys = {key_id(k): k for k in keys or []}
+
+class Keyring:
+    """Public keys by key id, for verification (a directory of *.pub files, plus explicit keys).
+
+    Trusted keys verify checkpoints; simulator keys (see the module doc) are only recognised:
+    `simulator_kid` says a key id is one, and `verify_simulator` checks a signature with it so that
+    a report can say "signed by a simulator key" -- never "signed"."""
+
+    def __init__(self, keys: list[Ed25519PublicKey] | None = None,
+                 simulator: list[Ed25519PublicKey] | None = None):
+        self._simulator = {key_id(k): k for k in simulator or []}
+        self._keys = {key_id(k): k for k in keys or [] if key_id(k) not in self._simulator}
 
     @classmethod
-    def from_paths(cls, *paths: Path) -> "Keyring":
-        keys = []
+    def from_paths(cls, *paths: Path, simulator_paths: tuple[Path, ...] | list[Path] = ()) -> "Keyring":
+        """Trusted keys from ``paths`` (*.pub files, or directories of them), each checked by
+        `check_key_path` (`UnsafeKeyError` when refused); a file carrying the simulator marker is
+        recognised as a simulator key instead. ``simulator_paths``: simulator keyrings (never trusted,
+        so not checked; a damaged file there is skipped)."""
+        ring = cls()
         for p in paths:
-            p = Path(p)
-            files = sorted(p.glob("*.pub")) if p.is_dir() else [p] if p.exists() else []
-            keys.extend(load_public(f.read_bytes()) for f in files)
-        return cls(keys)
+            for f in _pub_files(Path(p), checked=True):
+                data = f.read_bytes()
+                ring.add(load_public(data), simulator=is_simulator_key(data))
+        for p in simulator_paths:
+            for f in _pub_files(Path(p), checked=False):
+                try:
+                    ring.add(load_public(f.read_bytes()), simulator=True)
+                except ConfigError:
+                    continue
+        return ring
 
-    def add(self, key: Ed25519PublicKey) -> None:
-        self._keys[key_id(key)] = key
+    def add(self, key: Ed25519PublicKey, *, simulator: bool = False) -> None:
+        kid = key_id(key)
+        if simulator:
+            self._simulator[kid] = key
+            self._keys.pop(kid, None)
+        elif kid not in self._simulator:
+            self._keys[kid] = key
+
+    def pems(self) -> dict[str, bytes]:
+        """Every key as a PEM file's bytes by key id (simulator keys with their marker), to embed in bundles."""
+        out = {kid: public_pem(k) for kid, k in self._keys.items()}
+        out.update({kid: SIMULATOR_MARKER + b"\n" + public_pem(k) for kid, k in self._simulator.items()})
+        return out
 
     def __contains__(self, kid: str) -> bool:
         return kid in self._keys
@@ -243,15 +295,14 @@ class Keyring:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def simulator_kid(self, kid: str) -> bool:
+        return kid in self._simulator
+
+    def verify_simulator(self, kid: str, signature: bytes, message: bytes) -> bool:
+        return _verify(self._simulator.get(kid), signature, message)
+
     def verify(self, kid: str, signature: bytes, message: bytes) -> bool:
-        key = self._keys.get(kid)
-        if key is None:
-            return False
-        try:
-            key.verify(signature, message)
-            return True
-        except InvalidSignature:
-            return False
+        return _verify(self._keys.get(kid), signature, message)
 
     def verify_tree_head(self, kid: str, signature: bytes, log_id: str, tree_size: int, root_hex: str,
                          timestamp_ms: int) -> bool:
@@ -260,3 +311,24 @@ class Keyring:
     def verify_checkpoint(self, kid: str, signature: bytes, session_id: str, head_seq: int, head_hash: str,
                           event_count: int, final: bool) -> bool:
         return self.verify(kid, signature, checkpoint_message(session_id, head_seq, head_hash, event_count, final))
+
+
+def home_keyring(home: Path, public_keys: list[Path] | tuple[Path, ...] = ()) -> Keyring:
+    """The keys `verify`, `replay`, `export` and `verify-bundle` trust: ``public_keys`` (files or
+    directories; each must exist) and ``home/keys/*.pub``, all checked by `check_key_path`; the home's
+    simulator keyring ``home/keys/simulator`` is recognised, never trusted."""
+    for p in public_keys:
+        if not Path(p).exists():
+            raise ConfigError(f"no public key at {p}")
+    keys = Path(home) / "keys"
+    return Keyring.from_paths(*public_keys, keys, simulator_paths=[keys / "simulator"])
+
+
+def _verify(key: Ed25519PublicKey | None, signature: bytes, message: bytes) -> bool:
+    if key is None:
+        return False
+    try:
+        key.verify(signature, message)
+        return True
+    except InvalidSignature:
+        return False

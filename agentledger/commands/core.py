@@ -45,7 +45,7 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
         err_console.print(f"[yellow]Kafka unavailable: {sink.spool.undrained()} events are spooled in "
                           f"{sink.spool.root}; they are sent when Kafka answers (or run: agentledger spool drain)[/]")
     if sign:
-        write_public_key(seed, s.home / "keys")
+        write_public_key(seed, s.home / "keys" / "simulator")  # recognised by verifiers, never trusted
     if labels is not None:
         write_labels(labels, result, seed)
     return result
@@ -128,18 +128,22 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the main job on this machine: simulate agent sessions, record them, ingest, summarise.
 
-        Uses the embedded local log unless AGENTLEDGER_BOOTSTRAP_SERVERS is set.
+        Uses the embedded local log unless AGENTLEDGER_BOOTSTRAP_SERVERS is set, in the per-user home
+        ($XDG_DATA_HOME/agentledger or ~/.local/share/agentledger) unless AGENTLEDGER_HOME/--home is set.
 
         Example:  AGENTLEDGER_HOME=/tmp/al agentledger demo
         """
         s = settings(ctx)
-        console.print(f"[bold]agentledger demo[/] — transport: {s.transport_label}; warehouse: {s.warehouse}")
+        console.print(f"[bold]agentledger demo[/] — home: {s.home}; transport: {s.transport_label}; "
+                      f"warehouse: {s.warehouse}", highlight=False)
         result = run_simulation(s, sessions, seed, attack_rate=0.0, force_attack_first=True)
         console.print(f"recorded {result.events} events in {result.sessions} sessions "
                       f"(suspicious: {', '.join(l['session_id'] for l in result.labels if l['attack']) or 'none'})")
         stats = run_ingest(s, detect=True)
         console.print(f"ingested {stats.accepted} events, {stats.dead_letters} quarantined, "
                       f"in {stats.seconds:.2f}s")
+        console.print("checkpoints are signed with the simulator's seed key: verify reports them as "
+                      "simulator-signed, never trusted (docs/keys.md)")
         loud = sum(v for k, v in stats.detection.by_severity.items() if k in ("high", "critical"))
         console.print(f"detection raised {stats.detection.alerts_new} alerts ({loud} high or critical)")
         from schemas.warehouse import open_for
@@ -184,7 +188,7 @@ def register(app: typer.Typer) -> None:
                                                      "(others 0). Scenarios: see producers/simulate.py."),
         benign_only: bool = typer.Option(False, "--benign-only", help="No attacks (near-misses stay)."),
         checkpoint_every: int = typer.Option(1000, help="Signed checkpoint every N events of a session (0: only at the end)."),
-        sign: bool = typer.Option(True, "--sign/--no-sign", help="Sign checkpoints with the seed's simulation key."),
+        sign: bool = typer.Option(True, "--sign/--no-sign", help="Sign checkpoints with the seed's simulation key (never trusted by verify)."),
         write_policy: Optional[Path] = typer.Option(None, "--write-policy", help="Also write the policy the "
                                                     "simulated sessions run under (TOML), to start what-if from."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
@@ -193,7 +197,9 @@ def register(app: typer.Typer) -> None:
 
         The same --sessions/--seed/options give byte-identical events and labels. Secrets in the simulated
         sessions are fake and redacted like real ones; checkpoints are signed with a key derived from the
-        seed, whose public key is written to HOME/keys.
+        seed, whose public key is written to the simulator keyring HOME/keys/simulator: anyone who knows
+        the seed can sign with it, so verifiers report such sessions as signed by a simulator key and
+        --require-signatures never accepts them.
 
         Every network decision is the simulator's policy's (--write-policy gives the file): `replay SESSION
         --policy` with it reports no divergence; a copy with one more deny rule reports exactly what it catches.

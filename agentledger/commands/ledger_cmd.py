@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
         sessions: Optional[List[str]] = typer.Argument(None, help="Sessions to verify (default: all)."),
         public_key: Optional[List[Path]] = typer.Option(
             None, "--public-key", help="Ed25519 public key (.pub PEM) or a directory of them; repeatable. "
-                                       "$AGENTLEDGER_HOME/keys/*.pub are always included."),
+                                       "$AGENTLEDGER_HOME/keys/*.pub are always included; simulator keys "
+                                       "(HOME/keys/simulator) are never trusted."),
         operator_key: Optional[List[Path]] = typer.Option(
             None, "--operator-key", help="Trusted log operator public key (file or directory; repeatable), for "
                                          "signed tree heads. $AGENTLEDGER_HOME/keys/operator/*.pub are always included."),
@@ -38,7 +39,8 @@ def register(app: typer.Typer) -> None:
                                   "topic with Kafka."),
         require_signatures: bool = typer.Option(False, "--require-signatures",
                                                 help="An unsigned session is a failure, not 'ok (unsigned)': it needs "
-                                                     "a signed final checkpoint and a signed tree head covering it."),
+                                                     "a signed final checkpoint and a signed tree head covering it "
+                                                     "(a simulator key's signature never counts)."),
         allow_open: bool = typer.Option(False, "--allow-open", help="With --require-signatures: accept sessions "
                                                                      "that have not ended yet (live monitoring)."),
         fmt: _Kind = typer.Option(_Kind.table, "--format", help="table or json."),
@@ -54,14 +56,14 @@ def register(app: typer.Typer) -> None:
         """
         from consumers.verify import verify as run_verify
         from schemas import treelog
-        from schemas.signing import Keyring, operator_key_dir
+        from schemas.signing import Keyring, home_keyring, operator_key_dir
         from schemas.warehouse import open_for
 
         s = settings(ctx)
-        for p in [*(public_key or []), *(operator_key or [])]:
+        for p in operator_key or []:
             if not p.exists():
                 raise WarehouseError(f"no public key at {p}")
-        keyring = Keyring.from_paths(s.home / "keys", *(public_key or []))
+        keyring = home_keyring(s.home, public_key or [])
         operators = Keyring.from_paths(operator_key_dir(s.home), *(operator_key or []))
         with open_for(s, read_only=True) as wh:
             sources, pin_problem = _heads_sources(s, wh.con, heads)

@@ -36,7 +36,10 @@ def register(app: typer.Typer) -> None:
                                                      "[default: yes when writing to HOME/keys]"),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
     ) -> None:
-        """Generate an Ed25519 key pair for signing checkpoints: <key_id>.key (0600) and <key_id>.pub.
+        """Generate an Ed25519 key pair for signing checkpoints: <key_id>.key and <key_id>.pub (0600).
+
+        Key files are refused (by producers and verifiers alike) inside a git work tree, when writable by
+        group/others or not owned by you: keep --out outside any repository.
 
         Producers sign with AGENTLEDGER_SIGNING_KEY / AGENTLEDGER_SIGNING_KEY_FILE if set, else with the key
         named in HOME/keys/current. Give the .pub file to whoever verifies (verify/replay read HOME/keys).
@@ -52,15 +55,16 @@ def register(app: typer.Typer) -> None:
         priv, pub = signing.write_keypair(signer, directory)
         active = activate if activate is not None else directory.resolve() == default_dir.resolve()
         if active:
-            default_dir.mkdir(parents=True, exist_ok=True)
+            from schemas.homes import write_private_file
+
+            default_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if directory.resolve() != default_dir.resolve():
-                (default_dir / f"{signer.key_id}.pub").write_bytes(pub.read_bytes())
+                write_private_file(default_dir / f"{signer.key_id}.pub", pub.read_bytes())
                 link = default_dir / f"{signer.key_id}.key"
                 if not link.exists():
                     link.symlink_to(priv.resolve())
-            tmp = default_dir / ".current.tmp"
-            tmp.write_text(signer.key_id + "\n")
-            tmp.replace(default_dir / "current")
+            write_private_file(default_dir / "current", (signer.key_id + "\n").encode())
+            signing.load_private_file(default_dir / f"{signer.key_id}.key")  # refused here, not at the first event
         result = {"key_id": signer.key_id, "private_key": str(priv), "public_key": str(pub), "active": active}
         if fmt is Format.json:
             print_json(result)
@@ -74,10 +78,13 @@ def register(app: typer.Typer) -> None:
         directory: Optional[Path] = typer.Option(None, "--dir", help="Key directory. [default: HOME/keys]"),
         fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
     ) -> None:
-        """List the public keys (key ids) in the key directory and which one signs.
+        """List the public keys (key ids) in the key directory, which one signs, and which are a
+        simulator's (seed-derived: anyone can sign with them). Older versions put the simulator's key
+        among the trusted ones: a row with `simulator` set there should be removed (rm the file).
 
         Example:  agentledger keys list --format json
         """
+        from producers.simulate import simulator_seed
         from schemas import signing
 
         s = settings(ctx)
@@ -88,9 +95,12 @@ def register(app: typer.Typer) -> None:
             current = None
         rows = []
         for p in sorted(d.glob("*.pub")) if d.is_dir() else []:
-            kid = signing.key_id(signing.load_public(p.read_bytes()))
-            rows.append([kid, str(p), (d / f"{kid}.key").exists(), kid == current])
-        render_rows(["key_id", "public_key", "has_private_key", "signing"], rows, fmt)
+            data = p.read_bytes()
+            kid = signing.key_id(signing.load_public(data))
+            seed = simulator_seed(kid)
+            sim = f"seed {seed}" if seed is not None else "marked" if signing.is_simulator_key(data) else None
+            rows.append([kid, str(p), (d / f"{kid}.key").exists(), kid == current, sim])
+        render_rows(["key_id", "public_key", "has_private_key", "signing", "simulator"], rows, fmt)
 
     @spool_app.command("status")
     def spool_status(

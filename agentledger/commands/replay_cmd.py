@@ -24,13 +24,9 @@ TABLE_LIMIT = 1000
 # --- wiring ------------------------------------------------------------------------------------------
 
 def _keyring(s: Settings, public_keys: list[Path] | None):
-    from schemas.signing import Keyring
+    from schemas.signing import home_keyring
 
-    paths = [*(public_keys or []), s.home / "keys"]
-    for p in public_keys or []:
-        if not Path(p).exists():
-            raise ConfigError(f"public key {p} does not exist")
-    return Keyring.from_paths(*paths)
+    return home_keyring(s.home, public_keys or [])
 
 
 def _operators(s: Settings, operator_keys: list[Path] | None):
@@ -72,17 +68,6 @@ def _provenance(s: Settings, session_id: str, head_seq: int, head_hash: str, cou
             return None, "no signed tree head holds the session's head yet (run `agentledger ingest` to sign one)"
         return Provenance(signer, head, row[0], treelog.inclusion_proof(wh.con, row[0], head.tree_size)), None
 
-
-def _public_pems(s: Settings, public_keys: list[Path] | None) -> dict[str, bytes]:
-    from schemas.signing import key_id, load_public, public_pem
-
-    out = {}
-    for p in [*(public_keys or []), s.home / "keys"]:
-        p = Path(p)
-        for f in (sorted(p.glob("*.pub")) if p.is_dir() else [p] if p.exists() else []):
-            k = load_public(f.read_bytes())
-            out[key_id(k)] = public_pem(k)
-    return out
 
 
 def _warehouse_if_any(s: Settings):
@@ -159,6 +144,8 @@ def _verification_line(v: dict) -> Text:
     if v.get("first_bad_seq") is not None:
         t.append(f" — first bad seq {v['first_bad_seq']} ({v.get('reason')}): {v.get('detail')}", "red")
     t.append(f"   signatures {v['signatures']}")
+    if v["signatures"] == "simulator":
+        t.append(" (a simulator's seed-derived key: never trusted)", "yellow")
     if v.get("signed_through") is not None:
         t.append(f" through seq {v['signed_through']}")
     if v.get("key_ids"):
@@ -418,8 +405,8 @@ def register(app: typer.Typer) -> None:
                 err_console.print(f"[yellow]the bundle carries no signed header or tree proof ({why_not}): it "
                                   "will not pass verify-bundle --require-signature[/]")
             pems = {}
-            if embed_public_key:
-                have = _public_pems(s, public_key)
+            if embed_public_key:  # (a simulator key keeps its marker: verifiers recognise it, never trust it)
+                have = _keyring(s, public_key).pems()
                 pems = {k: have[k] for k in {c["key_id"] for c in cps} if k in have}
             res = write_bundle(out, session_id=raw.session_id, values=raw.values, writer_schema=version.schema,
                                checkpoints=cps, public_keys=pems, source=f"{raw.source}: {raw.where}", chain=r.chain,
