@@ -11,6 +11,8 @@ import typer
 
 from schemas.config import Settings, from_env
 from schemas.errors import AgentLedgerError
+from schemas.homes import prepare_process, say
+from schemas.keys import git_work_tree
 
 from .output import err_console
 
@@ -32,7 +34,9 @@ app = typer.Typer(
 def _global(
     ctx: typer.Context,
     home: Optional[Path] = typer.Option(None, "--home", envvar="AGENTLEDGER_HOME",
-                                        help="Local state: embedded log, spool, keys, default warehouse. [default: ./.agentledger]"),
+                                        help="Local state: embedded log, spool, keys, default warehouse; private to "
+                                             "its user (0700). Default: $XDG_DATA_HOME/agentledger, else "
+                                             "~/.local/share/agentledger (never the current directory)."),
     bootstrap_servers: Optional[str] = typer.Option(None, "--bootstrap-servers", envvar="AGENTLEDGER_BOOTSTRAP_SERVERS",
                                                     help="Kafka bootstrap servers; when set, Kafka is the transport."),
     warehouse: Optional[str] = typer.Option(None, "--warehouse", envvar="AGENTLEDGER_WAREHOUSE",
@@ -52,6 +56,13 @@ def _global(
     if topic is not None:
         env["AGENTLEDGER_TOPIC"] = topic
     ctx.obj = from_env(env)
+    # owner-only files from here on; an old ./.agentledger is named (never used); a loose home tightened
+    say(prepare_process(env, home=str(ctx.obj.home)))
+    tree = git_work_tree(str(ctx.obj.home))
+    if tree is not None:
+        err_console.print(f"[yellow]warning:[/] the home {ctx.obj.home} is inside the git work tree {tree}: an agent "
+                          "working there can rewrite its own ledger, and keys there are refused. Unset "
+                          "AGENTLEDGER_HOME (or point it outside any repository).", highlight=False)
 
 
 def settings(ctx: typer.Context) -> Settings:

@@ -93,10 +93,6 @@ def code_digest() -> str:
     return f"{zlib.crc32(blob):08x}{zlib.adler32(blob):08x}{len(parts):04x}"
 
 
-def _home() -> str:
-    return os.path.abspath(os.path.expanduser(os.environ.get("AGENTLEDGER_HOME") or ".agentledger"))
-
-
 def _request(sock_path: str, header: dict, raw: bytes, timeout: float) -> dict | None:
     """The server's answer, or None when there is no (usable) server."""
     import socket
@@ -215,7 +211,11 @@ def main(argv: list[str]) -> int:
             args = parser().parse_args(argv)
         except SystemExit as exc:  # argparse already said why on stderr
             return int(exc.code or 2)
-    home = _home()
+    from schemas.homes import HOME_VARS, prepare_process, resolve_home, say
+
+    # owner-only files from here on; an old ./.agentledger is named (never used); a loose home tightened
+    say(prepare_process())
+    home = resolve_home()
     sock_path = os.path.join(home, "state", "hookd.sock")
     if args.serve:
         from pathlib import Path
@@ -232,7 +232,7 @@ def main(argv: list[str]) -> int:
     if not args.drain:
         raw = sys.stdin.buffer.read(16 * 1024 * 1024 + 1)[:16 * 1024 * 1024]
         if use_server:
-            env = {k: v for k, v in os.environ.items() if k.startswith("AGENTLEDGER_")}
+            env = {k: v for k, v in os.environ.items() if k.startswith("AGENTLEDGER_") or k in HOME_VARS}
             env["AGENTLEDGER_HOME"] = home
             policy = os.path.abspath(args.policy) if args.policy else None
             header = {"v": PROTO, "code": code_digest(), "env": env,

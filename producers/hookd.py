@@ -17,9 +17,10 @@ upgraded install). Protocol: length-prefixed frames (4-byte big-endian length): 
 ``{"exit", "stdout", "stderr"}`` or ``{"stale": true}`` / ``{"error": ...}``; a header
 ``{"stop": true}`` or ``{"status": true}`` (answer ``{"pid", "served"}``) asks for no work.
 
-Every setting of a call is read from the client's AGENTLEDGER_* variables sent in ``env``, never
-from the server's own environment: a server started by one client must record another exactly as
-that client would in-process (recording mode, redaction key, signing key, checkpoint interval).
+Every setting of a call is read from the client's AGENTLEDGER_* variables (and HOME/XDG_DATA_HOME,
+which locate the per-user home: schemas/homes.py) sent in ``env``, never from the server's own
+environment: a server started by one client must record another exactly as that client would
+in-process (recording mode, redaction key, signing key, checkpoint interval).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from schemas.homes import HOME_VARS
 
 PROTO = 1
 _LEN = struct.Struct(">I")
@@ -90,7 +93,7 @@ class HookServer:
         app = cache.get(key)
         if app is None:
             app = SessionAppender(settings, sink_options=kafka_options(budget) if settings.uses_kafka else {},
-                                  lock_timeout_s=budget, flush_timeout_s=budget, env=env)
+                                  lock_timeout_s=budget, flush_timeout_s=budget, env=env, key_fallback=True)
             cache[key] = app
         return app, cache, key
 
@@ -121,7 +124,7 @@ class HookServer:
             # Everything is read from the client's environment (its AGENTLEDGER_* variables), never
             # this server's: the home, transport, recording mode, redaction, signing key, checkpoints.
             env = {k: v for k, v in (header.get("env") or {}).items()
-                   if isinstance(k, str) and k.startswith("AGENTLEDGER_") and isinstance(v, str)}
+                   if isinstance(k, str) and (k.startswith("AGENTLEDGER_") or k in HOME_VARS) and isinstance(v, str)}
             settings = from_env(env)
             if settings.home != self.home:
                 write_frame(conn, json.dumps({"error": f"server of {self.home}, not {settings.home}"}).encode())
@@ -208,6 +211,9 @@ class HookServer:
 
 
 def serve(home: Path, code: str) -> int:
+    from schemas.homes import restrict_umask
+
+    restrict_umask()  # everything the server creates in the home is owner-only (schemas/homes.py)
     idle = float(os.environ.get("AGENTLEDGER_HOOK_DAEMON_IDLE") or 900)
     sys.stdin.close()
     return HookServer(home, code, idle_s=idle).run()

@@ -1,6 +1,8 @@
 """Configuration from the environment (flags override it in the CLI).
 
-AGENTLEDGER_HOME               local state: the embedded log, spool, keys, warehouse  (./.agentledger)
+AGENTLEDGER_HOME               local state: the embedded log, spool, keys, warehouse  ($XDG_DATA_HOME/agentledger,
+                                                                                       else ~/.local/share/agentledger:
+                                                                                       schemas/homes.py)
 AGENTLEDGER_BOOTSTRAP_SERVERS  when set, Kafka is the transport                       (unset: embedded log)
 AGENTLEDGER_WAREHOUSE          DuckDB file path, or ducklake:<catalog>                 ($HOME/warehouse.duckdb)
 AGENTLEDGER_TOPIC              events topic                                            (agentledger.events)
@@ -13,6 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from .homes import resolve_home
 
 DEFAULT_TOPIC = "agentledger.events"
 ALERTS_TOPIC = "agentledger.alerts"
@@ -47,7 +51,7 @@ class Settings:
 
 def from_env(env: dict[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    home = Path(env.get("AGENTLEDGER_HOME") or ".agentledger").expanduser().absolute()
+    home = Path(resolve_home(env))
     warehouse = env.get("AGENTLEDGER_WAREHOUSE") or str(home / "warehouse.duckdb")
     return Settings(
         home=home,

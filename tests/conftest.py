@@ -91,8 +91,14 @@ def home(tmp_path) -> Path:
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: AGENTLEDGER_HOME is ``home``, and the user's home
+    (HOME, XDG_DATA_HOME: where the default home and the hook's fallback redaction key live) is a
+    directory next to it -- tests never write to the real user home."""
+    user = home.with_name(home.name + ".user-home")
+    user.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_")}
-    env.update({"AGENTLEDGER_HOME": str(home), "PYTHONPATH": str(REPO), "COLUMNS": "200", "NO_COLOR": "1"})
+    env.update({"AGENTLEDGER_HOME": str(home), "PYTHONPATH": str(REPO), "COLUMNS": "200", "NO_COLOR": "1",
+                "HOME": str(user), "XDG_DATA_HOME": str(user / ".local" / "share")})
     env.update(extra)
     return env
 

@@ -65,9 +65,10 @@ def test_simulate_1000_sessions_seed_11_is_byte_for_byte_reproducible(tmp_path):
     for l in attacks:
         ev = l["evidence_seqs"]
         assert ev and all(s in by_session[l["session_id"]] for s in ev), l
-    # the checkpoint key of the simulation is where verifiers look
+    # the checkpoint key of the simulation is in the simulator keyring, not among the trusted keys
     _, signer = simulation_keys(11)
-    assert (ha / "keys" / f"{signer.key_id}.pub").exists()
+    assert (ha / "keys" / "simulator" / f"{signer.key_id}.pub").exists()  # recognised, never trusted
+    assert not list((ha / "keys").glob("*.pub"))
 
 
 def _scenario_events(tmp_path, scenario: str, sessions: int = 12):

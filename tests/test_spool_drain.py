@@ -102,7 +102,7 @@ def test_keys_generate_makes_the_signing_key(tmp_path):
     assert rec.signer.key_id == kid
     listed = json.loads(run_cli("keys", "list", "--format", "json", env=env).stdout)
     assert listed == [{"key_id": kid, "public_key": str(home / "keys" / f"{kid}.pub"), "has_private_key": True,
-                       "signing": True}]
+                       "signing": True, "simulator": None}]
     other = tmp_path / "elsewhere"
     out2 = json.loads(run_cli("keys", "generate", "--out", str(other), "--no-activate", "--format", "json", env=env).stdout)
     assert not out2["active"] and load_signer(settings, env={}).key_id == kid

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, BinaryIO
 
 from producers.recorder import EXCERPT_BYTES
+from schemas.homes import user_umask
 from schemas.netaddr import HostError, is_loopback, parse_address
 from schemas.policy import Policy
 
@@ -318,9 +319,10 @@ def execute(spec: CommandSpec, policy: Policy, tools: Tools, options: Options, *
         started_us = time.time_ns() // 1000
         t0 = time.monotonic()
         try:
+            # the command runs with the user's own umask, not agentledger's owner-only one (schemas/homes.py)
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=popen_env, cwd=cwd,
-                                    start_new_session=True, preexec_fn=_pdeathsig)
+                                    start_new_session=True, preexec_fn=_pdeathsig, umask=user_umask())
         except OSError as exc:
             raise SandboxError(f"cannot start the tracer: {exc}") from exc
         out, err = Capture(options.max_capture_bytes), Capture(options.max_capture_bytes)
