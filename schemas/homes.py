@@ -100,25 +100,37 @@ def user_umask() -> int:
     return cur
 
 
-def secure_home(home, *, report=None) -> str | None:
-    """Tighten an existing home open to group/others (0700 directories, 0600 files) when this user
-    owns it; say so, or why not, in the returned message (None: nothing to say). Cheap when the home
-    is already private (one stat): it only walks a home whose top directory is loose."""
-    home = os.fspath(home)
+# what agentledger creates at the top of a home (the tightening walk touches nothing else)
+HOME_ENTRIES = ("log", "spool", "state", "keys", "sandbox", "cas", "policies", "heads")
+
+
+def secure_home(home) -> str | None:
+    """Tighten an existing home open to group/others when this user owns it: the home itself to
+    owner-only, and everything under the entries agentledger makes in it (`HOME_ENTRIES`, the default
+    warehouse ``warehouse.duckdb*``) to 0700 directories / 0600 files; anything else in it is left
+    as is (and, the home being 0700, unreachable for others). A home owned by someone else, your
+    home directory or ``/`` is only reported. Returns the message for stderr (None: nothing to say).
+    Cheap when the home is already private (one stat)."""
+    home = os.path.abspath(os.fspath(home))
     try:
         st = os.stat(home)
     except OSError:
         return None  # made later, under the private umask
     if not stat.S_ISDIR(st.st_mode) or not st.st_mode & 0o077:
         return None
-    if st.st_uid != os.geteuid():
-        return (f"agentledger: warning: {home} is open to group/others (mode {stat.S_IMODE(st.st_mode):o}) and "
-                f"owned by uid {st.st_uid}, not you: anyone with access reads every event. Use a home you own "
-                f"(unset AGENTLEDGER_HOME for {default_home()}).\n")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid() or home in ("/", user_home(), os.path.realpath(user_home())):
+        why = f"owned by uid {st.st_uid}, not you" if st.st_uid != os.geteuid() else "not a directory of its own"
+        return (f"agentledger: warning: the home {home} is open to group/others (mode {mode:o}) and {why}: "
+                f"others may read every event. Use a home of its own (unset AGENTLEDGER_HOME for "
+                f"{default_home()}).\n")
     changed = 0
-    for dirpath, dirnames, filenames in os.walk(home):
-        for name in ["", *dirnames, *filenames]:
-            p = os.path.join(dirpath, name) if name else dirpath
+    tops = [home] + [os.path.join(home, n) for n in sorted(os.listdir(home))
+                     if n in HOME_ENTRIES or n.startswith("warehouse.duckdb")]
+    for top in tops:
+        entries = [top] if top == home else [top] + [os.path.join(d, n) for d, ds, fs in os.walk(top)
+                                                     for n in ds + fs]
+        for p in entries:
             try:
                 s = os.lstat(p)
                 if stat.S_ISLNK(s.st_mode) or s.st_uid != os.geteuid() or not s.st_mode & 0o077:

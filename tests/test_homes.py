@@ -169,6 +169,10 @@ def test_a_redaction_key_refused_in_the_hook_falls_back_warns_and_never_leaks(tm
     tokens = token_hex(blob.decode("latin-1"))
     assert tokens and recover(tokens, planted) == set()
     assert recover(tokens, user_key.read_bytes().strip()) == {PASSWORD}  # (the right key does join them)
+    # fail-closed: the event is recorded (safely), so there is nothing to deny
+    p = hook_call({**env, "AGENTLEDGER_RECORDING_MODE": "fail_closed"}, repo,
+                  {**base, "tool_use_id": "t2", "tool_input": {"command": "ls"}})
+    assert p.returncode == 0 and b"deny" not in p.stdout and b"git work tree" in p.stderr, p
     # a CLI producer (import) says the same and stops: a person is there to fix it
     proc = run_cli("import", "otel", str(REPO / "tests" / "fixtures" / "codex" / "otel-claude-code-4c7b2e1a.json"), env=env, cwd=repo,
                    check=False)
@@ -209,17 +213,31 @@ def test_a_demo_home_is_private_to_its_user(tmp_path):
 
 
 def test_an_existing_loose_home_is_tightened(tmp_path):
+    """A home an older version made under a 022 umask: the next command makes it owner-only --
+    the home and what agentledger keeps in it, nothing else of the user's."""
     home = tmp_path / "old"
     (home / "keys").mkdir(parents=True)
+    (home / "log" / "agentledger.events").mkdir(parents=True)
     (home / "keys" / "x.pub").write_text("not a key")
-    (home / "warehouse.duckdb.note").write_text("x")
-    for p in (home, home / "keys"):
+    (home / "warehouse.duckdb").write_bytes(b"x")
+    (home / "log" / "agentledger.events" / "00000.avro").write_bytes(b"x")
+    (home / "notes.txt").write_text("the user's own file")
+    for p in (home, home / "keys", home / "log", home / "log" / "agentledger.events"):
         p.chmod(0o755)
-    for p in (home / "keys" / "x.pub", home / "warehouse.duckdb.note"):
+    for p in (home / "keys" / "x.pub", home / "warehouse.duckdb", home / "log" / "agentledger.events" / "00000.avro",
+              home / "notes.txt"):
         p.chmod(0o644)
     proc = run_cli("spool", "status", "--format", "json", env=cli_env(home))
-    assert _loose(home) == [], proc.stderr
+    assert _loose(home) == ["0o644 old/notes.txt"], proc.stderr
     assert "tightened" in proc.stderr
+    # a home that is not a directory of its own (the user's home directory) is reported, not changed
+    user = tmp_path / "me"
+    user.mkdir(mode=0o755)
+    user.chmod(0o755)
+    env = {**cli_env(user), "HOME": str(user)}
+    proc = run_cli("spool", "status", "--format", "json", env=env)
+    assert "warning" in proc.stderr and "open to group/others" in proc.stderr
+    assert user.stat().st_mode & 0o777 == 0o755
 
 
 def test_the_sandboxed_command_keeps_the_users_umask(tmp_path):

@@ -39,6 +39,9 @@ def test_notebook_runs_and_writes_its_plots(path: Path, tmp_path, monkeypatch):
         monkeypatch.delenv(k)
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("AGENTLEDGER_HOME", str(home))
+    # nothing of this test in the real user home: agentledger's per-user home, the kernel's runtime files
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     nb = nbformat.read(path, as_version=4)
