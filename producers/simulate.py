@@ -769,14 +769,17 @@ def write_labels(path: Path, result: SimResult, seed: int) -> None:
 
 
 def simulation_recorder(sink, topic: str, seed: int, clock: SimClock, rng: random.Random, *,
-                        checkpoint_every: int = 1000, redact: bool = True, sign: bool = True) -> Recorder:
+                        checkpoint_every: int = 1000, redact: bool = True, sign: bool = True,
+                        signer: signing.Signer | None = None) -> Recorder:
     """The recorder a simulation uses: the production pipeline (redaction, signed checkpoints) with the
-    seed's keys instead of the machine's, so that the output is reproducible everywhere."""
+    seed's keys instead of the machine's, so that the output is reproducible everywhere. ``signer``:
+    sign with this (real) key instead of the seed's simulator key -- for tests and benchmarks that need
+    sessions a verifier trusts; the output is then reproducible only with that key."""
     from .redact import Redactor
 
-    redaction_key, signer = simulation_keys(seed)
+    redaction_key, sim_signer = simulation_keys(seed)
     return Recorder(sink, topic=topic, clock=clock, rng=rng, transforms=[Redactor(redaction_key)] if redact else [],
-                    signer=signer if sign else None, checkpoint_every=checkpoint_every)
+                    signer=(signer or sim_signer) if sign else None, checkpoint_every=checkpoint_every)
 
 
 def simulator_seed(kid: str, seeds: Iterable[int] = range(1000)) -> int | None:

@@ -1,7 +1,7 @@
 """Where key material may be read from: the one check every key loader applies.
 
 A key decides what a secret's token means (the redaction key) or whether a session is trusted
-(a signing key, the trusted public keyring). Whoever can put a key file
+(a signing key, the trusted public keyring, the log operator's key). Whoever can put a key file
 where agentledger reads it can make tokens dictionary-guessable or forge sessions that verify.
 So a key file, or a directory of keys, is **refused** (`UnsafeKeyError`, a `ConfigError` naming the
 path, the reason and the command that fixes it) when:
@@ -14,11 +14,11 @@ path, the reason and the command that fixes it) when:
   others** -- like OpenSSH's StrictModes. A root-owned sticky directory such as ``/tmp`` is fine:
   nobody else can rename what is in it;
 - it is **not owned by you** (a directory above it: by you or root);
-- a **secret** key (signing, redaction) is readable by group or others.
+- a **secret** key (signing, redaction, operator) is readable by group or others.
 
 A symbolic link is checked as itself (its directory) and as its target (the target's directories).
 Keys given as the *contents* of environment variables (AGENTLEDGER_SIGNING_KEY,
-AGENTLEDGER_REDACTION_KEY) are not files and are not checked; ``..._FILE`` variables are.
+AGENTLEDGER_REDACTION_KEY, AGENTLEDGER_OPERATOR_KEY) are not files and are not checked; ``..._FILE`` variables are.
 
 Only ``os`` is used: the hook's path loads keys.
 """

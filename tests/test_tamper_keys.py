@@ -132,6 +132,8 @@ def test_a_public_key_planted_in_the_workspace_home_is_refused(tmp_path):
     run_cli("ingest", env=env, cwd=repo)
     proc = run_cli("verify", forged, "--require-signatures", "--format", "json", env=env, cwd=repo, check=False)
     assert proc.returncode == 1, proc.stdout
+    [r] = json.loads(proc.stdout)["results"]
+    assert r["reason"] == "unsigned" and not r["signed"] and r["unknown_key_ids"] == [attacker.key_id], r
     # the same home named explicitly: its keys are refused, saying where, why and how to fix it
     env["AGENTLEDGER_HOME"] = str(repo / ".agentledger")
     forged2 = forge_session(from_env(env), attacker)
@@ -223,6 +225,14 @@ def test_every_loader_applies_the_check(tmp_path):
         signing.Keyring.from_paths(home / "keys")
     with pytest.raises(UnsafeKeyError):
         signing.Keyring.from_paths(pub)
+    # the log operator's key too (schemas/signing.load_operator_signer), from a file or the home
+    with pytest.raises(UnsafeKeyError):
+        signing.load_operator_signer(settings, env={"AGENTLEDGER_OPERATOR_KEY_FILE": str(priv)})
+    op = signing.operator_key_dir(home)
+    signing.write_keypair(signer, op)
+    (op / "current").write_text(signer.key_id)
+    with pytest.raises(UnsafeKeyError):
+        signing.load_operator_signer(settings, env={})
     assert issubclass(UnsafeKeyError, ConfigError)
     # keys given in the environment are not files: fine wherever the process runs
     assert load_signer(settings, env={"AGENTLEDGER_SIGNING_KEY": signing.private_pem(signer).decode()}).key_id \

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from conftest import cli_env, run_cli
+from schemas import signing
 from schemas.config import from_env
 from schemas.transport.local import IDX_ENTRY, LocalLog
 
@@ -16,7 +17,9 @@ def test_cut_index_entries_make_an_open_session_that_fails_require_signatures(tm
 
     home = tmp_path / "home"
     s = from_env({"AGENTLEDGER_HOME": str(home)})
-    run_simulation(s, 3, 4, show_progress=False)
+    signer = signing.generate()  # a producer key the home trusts (the simulator's own seed key never is)
+    signing.write_keypair(signer, home / "keys")
+    run_simulation(s, 3, 4, show_progress=False, signer=signer)
     log = LocalLog(s.log_dir)
     part = max(range(log.partition_count(s.topic)), key=lambda p: log.end_offset(s.topic, p))
     seg = log.segment_path(s.topic, part, log.segments(s.topic, part)[-1])

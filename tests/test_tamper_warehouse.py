@@ -20,7 +20,9 @@ def _build(home: Path, sessions: int = 4, seed: int = 5, **env) -> list[str]:
     from agentledger.commands.core import run_ingest, run_simulation
 
     s = from_env({"AGENTLEDGER_HOME": str(home), **env})
-    run_simulation(s, sessions, seed, force_attack_first=True, show_progress=False)
+    signer = signing.generate()  # a producer key the home trusts (the simulator's own seed key never is)
+    signing.write_keypair(signer, home / "keys")
+    run_simulation(s, sessions, seed, force_attack_first=True, show_progress=False, signer=signer)
     run_ingest(s, show_progress=False)
     con = duckdb.connect(s.warehouse, read_only=True)
     try:

@@ -24,7 +24,11 @@ def _progress(enabled: bool) -> Progress:
 
 def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float = 0.1, labels: Path | None = None,
                    force_attack_first: bool = False, show_progress: bool = True, mix: str | None = None,
-                   attacks: list[str] | None = None, checkpoint_every: int = 1000, sign: bool = True):
+                   attacks: list[str] | None = None, checkpoint_every: int = 1000, sign: bool = True,
+                   signer=None):
+    """Simulate sessions into the configured transport. Checkpoints are signed with the seed's
+    simulator key (its public key goes to the simulator keyring, never trusted) -- or, with
+    ``signer``, with that real key (whose public key the caller puts where verifiers trust it)."""
     from producers.simulate import parse_mix, simulate, simulation_recorder, write_labels, write_public_key
     from producers.sinks import open_producer_sink
 
@@ -36,7 +40,8 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
         task = progress.add_task("simulating sessions", total=sessions)
         try:
             result = simulate(lambda clock, rng: simulation_recorder(sink, s.topic, seed, clock, rng,
-                                                                     checkpoint_every=checkpoint_every, sign=sign),
+                                                                     checkpoint_every=checkpoint_every, sign=sign,
+                                                                     signer=signer),
                               sessions, seed, attack_rate=attack_rate, force_attack_first=force_attack_first,
                               attacks=attacks, mix=parse_mix(mix), on_session=lambda i: progress.advance(task))
         finally:
@@ -44,7 +49,7 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
     if getattr(sink, "state", "direct") != "direct" and sink.spool.undrained():
         err_console.print(f"[yellow]Kafka unavailable: {sink.spool.undrained()} events are spooled in "
                           f"{sink.spool.root}; they are sent when Kafka answers (or run: agentledger spool drain)[/]")
-    if sign:
+    if sign and signer is None:
         write_public_key(seed, s.home / "keys" / "simulator")  # recognised by verifiers, never trusted
     if labels is not None:
         write_labels(labels, result, seed)

@@ -46,9 +46,14 @@ def _setup(args, work: Path) -> tuple[Path, list[str], list[Path]]:
     from agentledger.commands.core import run_ingest, run_simulation
     from schemas.config import from_env
 
+    from schemas import signing
+
     home = work / "home"
     s = from_env({"AGENTLEDGER_HOME": str(home)})
-    run_simulation(s, args.sessions, args.seed, force_attack_first=True, show_progress=False, checkpoint_every=6)
+    signer = signing.generate()  # a producer key the home trusts (the simulator's own seed key never is)
+    signing.write_keypair(signer, home / "keys")
+    run_simulation(s, args.sessions, args.seed, force_attack_first=True, show_progress=False, checkpoint_every=6,
+                   signer=signer)
     run_ingest(s, show_progress=False)
     import duckdb
 
