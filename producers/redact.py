@@ -1,49 +1,54 @@
-"""Secret redaction before encoding: secrets never reach the wire, the spool or the warehouse.
+"""Secret redaction before encoding: secrets never reach the wire, the spool, the producer state or
+the warehouse.
 
-Every string of an event's payload (argv items, shell strings, env names, URLs, output excerpts,
-file paths, approval subjects and justifications, denial targets, errors, ...) is scanned; each
-secret found is replaced in place by a token::
+Every string of an event -- the payload (argv items, shell strings, URLs, output excerpts, paths,
+approval subjects, denial targets, errors, ids, ...) and the envelope (``tool_call_id``,
+``turn_id``, the trace context, the producer fields) -- is scanned; each secret found is replaced
+in place by a token::
 
-    [SECRET:<detector>:<hmac8>]     e.g. [SECRET:aws_access_key:9f2c41d0]
+    [SECRET:<detector>:<hmac8>]     e.g. [SECRET:gitlab_pat:9f2c41d0]
 
 ``hmac8`` is the first 8 hex digits of HMAC-SHA256(redaction key, secret). The same secret gives
 the same token in every event, session and process that shares the key, so analysts can count and
 join on "the same secret" without seeing it; without the key the token reveals nothing usable.
-The key is configuration and never appears in an event: AGENTLEDGER_REDACTION_KEY (text), or
-AGENTLEDGER_REDACTION_KEY_FILE, or ``$AGENTLEDGER_HOME/keys/redaction.key`` (32 random bytes,
-created on first use, mode 0600). Each replacement is listed in the event's ``redactions`` array
-(field path, detector, token), so it is visible which fields were redacted and why.
+The key is configuration and never appears in an event (`load_redaction_key`). Each replacement is
+listed in the event's ``redactions`` array (field path, detector = the rule that matched, token).
 
-Detectors (stable names; analysts filter on them):
+Ids that come from the agent (session, turn and tool call ids) are redacted with `Redactor.redact_id`
+where they enter (the hook's input, each line an importer reads) and again wherever they are used,
+so an id carrying a secret becomes the same token in the envelope, the payload's command / request
+/ attempt ids, the producer state's fact keys and the hook's open calls: the hook's and an
+importer's records of one call still merge as one fact.
 
-    private_key           PEM/OpenSSH/PGP private key blocks (the whole block), PuTTY key files
-    aws_access_key        AKIA/ASIA/ABIA/ACCA/A3T… access key ids
-    aws_secret_key        40-char secret keys next to an aws…secret/key name
-    github_token          ghp_/gho_/ghu_/ghs_/ghr_ tokens and github_pat_ fine-grained tokens
-    anthropic_key         sk-ant-api…/sk-ant-admin… keys
-    openai_key            sk-…, sk-proj-…, sk-svcacct-… keys
-    slack_token           xoxb-/xoxp-/xoxa-/… tokens and hooks.slack.com webhook URLs
-    stripe_key            sk_live_/rk_live_/sk_test_/rk_test_ keys
-    jwt                   three-part JSON Web Tokens (eyJ….eyJ….sig)
-    bearer_token          Authorization: Bearer/Basic/Token credentials
-    url_credentials       the password of user:password@host in any URL
-    url_secret_param      ?token= / password= / api_key= / sig= … query parameter values
-    password_assignment   password=… / passwd: … / --password … (argv, shell strings, env dumps, config)
-    token_assignment      token= / secret= / api_key= / access_key= / client_secret= … and --token …
-    high_entropy_assignment   NAME=VALUE where VALUE looks random (≥ 20 chars, Shannon entropy ≥ 3.7)
+Rules (docs/agents.md, "Secret redaction", lists them with the measured recall):
 
-Why hand-written and not detect-secrets: detect-secrets 1.5.0 (evaluated) is a source-file scanner:
-per line it runs ~25 plugins, returns secret *values* rather than spans (a private key is reported
-by its header line only), its entropy and keyword plugins look for quoted strings in code, it has
-no detector for Anthropic keys, ``github_pat_`` tokens, bearer headers or new-style OpenAI keys,
-and it costs tens of microseconds a line -- too slow for the emit path (bench/emit.py). The patterns
-below follow its maintained ones where they exist (AWS, GitHub, Slack, Stripe, JWT, private keys,
-URL userinfo), and the test suite runs detect-secrets as an independent oracle over redacted events.
+* **Provider formats: gitleaks' default ruleset**, vendored as a data file (producers/ruleset.py,
+  producers/rulesets/): ~220 maintained patterns with their keywords, entropy thresholds and
+  allowlists (GitLab ``glpat-``, Google ``AIza``, AWS, GitHub, Slack, Stripe, npm, PyPI, ...).
+* **Own rules** for what a provider list cannot know: private key blocks cut short by an output
+  excerpt, looser variants of the common provider prefixes (``sk-``, ``sk-ant-``, ``ghp_``...),
+  ``NAME=value`` / ``"name": "value"`` / ``name: value`` assignments whose name says secret
+  (``PGPASSWORD``, ``MYSQL_PWD``, ``*_TOKEN``, ``*_SECRET``, ``*_KEY``, ``password``, ...), URL
+  userinfo and secret query parameters, ``Authorization:`` / ``X-Api-Key:`` / ``Cookie:`` headers.
+* **argv rules** (`argv_secrets`): secret-taking flags of any program (``--password X``,
+  ``--token=X``, ``--client-secret X``, ``-storepass X``...) and of known programs (``mysql -pX``,
+  ``curl -u user:pass``, ``sshpass -p X``, ``docker login -p X``, ``redis-cli -a X``,
+  ``PGPASSWORD=x psql``, ``gh secret set N --body X``, ``npm config set //r/:_authToken X``...),
+  with the secret in the same argv item or the next one; applied to argv lists and to shell
+  strings (split into words the way a POSIX shell does).
+* **Encoded forms**: text with ``%XX`` escapes or backslash escapes (JSON inside JSON strings,
+  ``\\u0040``) is also scanned decoded; a secret found there is replaced in the original text, and
+  its token is that of the decoded secret (so ``p%40ss`` and ``p@ss`` join).
 
-Speed: strings shorter than 8 characters, strings already found clean (a bounded memo: paths,
-argv words and domain lists repeat a lot), and strings without any trigger (``=``, ``@``, a
-``key: value`` colon, or one of the literal prefixes/keywords of the formats, tested as plain
-substrings of the lower-cased text) skip the regex work entirely; that is most event strings.
+Overlaps: text that several rules match is replaced once, as the union of their matches (nothing
+any rule flagged stays readable), named after the best rule: private key blocks first, then
+provider formats, then context rules (assignments, flags, headers, URLs), then generic ones
+(gitleaks' ``generic-api-key``, high-entropy assignments); within a rank the longer match.
+
+Speed: strings shorter than 8 characters, strings already found clean (a bounded memo: paths, argv
+words and domain lists repeat a lot), and strings containing none of the rules' keywords (one
+Aho-Corasick pass over the lower-cased text, as gitleaks does) skip the regex work; that is most
+event strings. A rule's regex is compiled the first time its keywords are seen.
 """
 
 from __future__ import annotations
@@ -51,17 +56,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
+from urllib.parse import unquote
+
+import ahocorasick
 
 from schemas.config import Settings
 from schemas.homes import default_home, write_private_file
 from schemas.keys import UnsafeKeyError, check_key_path
+
+from .ruleset import Allowlist, Rule, load_gitleaks, shannon_entropy
 
 log = logging.getLogger(__name__)
 
@@ -71,111 +80,570 @@ REDACTION_SWITCH_ENV = "AGENTLEDGER_REDACTION"  # "off" disables (tests of raw d
 TOKEN_PREFIX = "[SECRET:"
 TOKEN_RE = re.compile(r"\[SECRET:[a-z0-9_]+:[0-9a-f]{8}\]")
 
-# Payload fields that hold our own digests and ids, never user data.
+# Payload fields that hold our own digests, signatures and enums, never user data.
 SKIP_FIELDS = frozenset({
     "sha256", "action_digest", "digest_before", "digest_after", "workspace_digest", "env_digest",
-    "stdin_digest", "response_digest", "policy_digest", "head_hash", "command_id", "request_id",
-    "attempt_id", "parent_command_id", "signature", "key_id", "checkpoint_key_id", "algorithm",
+    "stdin_digest", "response_digest", "policy_digest", "head_hash", "signature", "key_id", "checkpoint_key_id",
+    "algorithm",
+})
+# Payload fields that hold ids (some from the agent): redacted as ids, like the envelope's.
+ID_FIELDS = frozenset({"command_id", "request_id", "attempt_id", "parent_command_id"})
+# Keys under which agent records (hook input, rollout lines, OTel attributes) carry ids.
+ID_KEYS = frozenset({
+    "id", "session_id", "sessionId", "conversation_id", "conversationId", "thread_id", "threadId", "call_id", "callId",
+    "turn_id", "turnId", "tool_use_id", "toolUseId", "tool_call_id", "toolCallId", "item_id", "request_id",
+    "parent_id", "conversation.id", "session.id", "thread.id", "turn.id", "tool.use_id", "tool.call_id", "call.id",
 })
 
-_SECRETISH = r"(?:passw(?:or)?d|passwd|pwd|pass|secret|token|api[_-]?key|apikey|access[_-]?key|secret[_-]?key|" \
-             r"client[_-]?secret|auth[_-]?token|private[_-]?key|credentials?|session[_-]?key)"
 _PLACEHOLDER = re.compile(
-    r"^(?:\$\{?[A-Za-z_][A-Za-z0-9_]*\}?|<[^>]*>|\{\{.*\}\}|%\(?\w+\)?s?|\*+|x{3,}|X{3,}|\.{3,}|"
-    r"(?:your|my|example|sample|dummy|placeholder|changeme|change_me|redacted|none|null|true|false|test|"
+    r"^(?:\$\{?[A-Za-z_][A-Za-z0-9_]*\}?|\$\(.*\)|<[^>]*>|\{\{.*\}\}|\$\{\{.*\}\}|%\(?\w+\)?s?|%[A-Za-z_]+%|\*+|x{3,}|X{3,}|"
+    r"\.{3,}|-|(?:your|my|example|sample|dummy|placeholder|changeme|change_me|redacted|none|null|nil|true|false|test|"
     r"secret|password|token|xxx)(?:[-_][A-Za-z0-9_-]*)?|\[SECRET:.*)$", re.IGNORECASE)
-_DIGEST_NAMES = re.compile(r"(?i)(?:sha|md5|hash|digest|commit|rev|etag|checksum|integrity|uuid|id)$")
+_DIGEST_NAMES = re.compile(r"(?i)(?:sha\d*|md5|h1|blake\w*|xxh\w*|crc\d*|hash|digest|commit|rev|etag|checksum|integrity|"
+                           r"uuid|id)$")
+# hex digests, git SHAs, UUIDs, W3C trace ids: hex, maybe in dash- or colon-separated groups
+_HEXISH = re.compile(r"(?i)^(?=(?:[-:]?[0-9a-f]){16})[0-9a-f]{2,}(?:[-:][0-9a-f]{2,})*$")
 
 
-@dataclass(frozen=True)
-class Detector:
-    name: str
-    pattern: re.Pattern
-    group: int = 0  # the secret is this group of the match (0 = whole match)
-    check: Callable[[str, re.Match], bool] | None = None
+def _looks_like_digest(value: str) -> bool:
+    """A git SHA, a UUID or a hex / base64 content digest: what generic rules must not take for a secret."""
+    return bool(_HEXISH.match(value) or _DIGEST_VALUE.match(value))
+_DIGEST_VALUE = re.compile(r"(?i)^(?:sha(?:1|224|256|384|512)|md5|blake2[bs]?|b3|xxh\d*)[:-][0-9a-z+/=_-]{16,}$")
+_PATHLIKE = re.compile(r"^(?:~|\.{1,2})?/[^\s:]*$|^[A-Za-z]:\\")
 
 
-def shannon_entropy(s: str) -> float:
-    if not s:
-        return 0.0
-    n = len(s)
-    return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
-
-
-def _not_placeholder(value: str, m: re.Match) -> bool:
+def _not_placeholder(value: str, m: re.Match | None = None) -> bool:
     return not _PLACEHOLDER.match(value) and not value.startswith(TOKEN_PREFIX)
 
 
 def _high_entropy(value: str, m: re.Match) -> bool:
-    if not _not_placeholder(value, m) or _DIGEST_NAMES.search(m.group(1)):
+    if not _not_placeholder(value, m) or _DIGEST_NAMES.search(m.group(1)) or _looks_like_digest(value):
         return False
     if value.count("/") > 2 or value.count(".") > 2:  # paths, versions, host names
         return False
-    has_digit = any(c.isdigit() for c in value)
-    has_alpha = any(c.isalpha() for c in value)
-    if not (has_digit and has_alpha):
+    if not (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)):
         return False
     return shannon_entropy(value) >= 3.7
 
 
-DETECTORS: tuple[Detector, ...] = (
-    Detector("private_key", re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
-        r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)|PuTTY-User-Key-File-\d[\s\S]*?(?:Private-MAC: \S+|\Z)")),
-    Detector("aws_access_key", re.compile(r"(?<![A-Z0-9])(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])")),
-    Detector("aws_secret_key", re.compile(
-        r"(?i)aws.{0,24}?(?:secret|key).{0,24}?[=:\s\"']\s*[\"']?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])"), 1),
-    Detector("github_token", re.compile(r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9_]{36,255}|github_pat_[A-Za-z0-9_]{22,255})")),
-    Detector("anthropic_key", re.compile(r"(?<![A-Za-z0-9_-])sk-ant-(?:api|admin|sid|oat)\d{0,3}-[A-Za-z0-9_-]{20,}")),
-    Detector("openai_key", re.compile(
-        r"(?<![A-Za-z0-9_-])sk-(?:proj-|svcacct-|admin-|None-)?(?=[A-Za-z0-9_-]*\d)[A-Za-z0-9_-]{20,}")),
-    Detector("slack_token", re.compile(
-        r"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}|https://hooks\.slack\.com/services/T[A-Za-z0-9_]+/B[A-Za-z0-9_]+/[A-Za-z0-9_]+")),
-    Detector("stripe_key", re.compile(r"(?<![A-Za-z0-9])(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}")),
-    Detector("jwt", re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")),
-    Detector("bearer_token", re.compile(
-        r"(?i)(?:\b(?:bearer|basic)\s+|authorization[\"']?\s*[:=]\s*[\"']?(?:token\s+)?)([A-Za-z0-9_\-.=+/~]{12,})"), 1,
-        _not_placeholder),
-    Detector("url_credentials", re.compile(r"(?i)\b[a-z][a-z0-9+.-]{1,20}://[^/\s:@]{1,256}:([^/\s@]{1,256})@"), 1,
-             _not_placeholder),
-    Detector("url_secret_param", re.compile(
-        r"(?i)[?&;](?:password|passwd|pwd|token|access_token|refresh_token|id_token|auth_token|api[_-]?key|apikey|key|"
-        r"secret|client_secret|sig|signature|auth|sessionid|session_id|credential|x-amz-signature|x-amz-credential|"
-        r"x-amz-security-token)=([^&#\s\"']{3,})"), 1, _not_placeholder),
-    Detector("password_assignment", re.compile(
-        r"(?i)(?:\b|_)(?:passw(?:or)?d|passwd|pwd)[\"']?(?:\s*[:=]\s*|\s+(?=[^\s=:]))[\"']?([^\s\"';]{3,})"), 1,
-        _not_placeholder),
-    Detector("token_assignment", re.compile(
-        r"(?i)(?:\b|_)(?:token|secret|api[_-]?key|apikey|access[_-]?key|secret[_-]?key|client[_-]?secret|auth[_-]?token|"
-        r"private[_-]?key|credentials?|session[_-]?key)[\"']?(?:\s*[:=]\s*|(?<=-)\s+)[\"']?([^\s\"'&;,]{6,})"), 1,
-        _not_placeholder),
-    Detector("high_entropy_assignment", re.compile(
-        r"\b([A-Za-z_][A-Za-z0-9_.-]{0,63})[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9+/=_\-.~]{20,})"), 2, _high_entropy),
-)
-DETECTOR_NAMES = tuple(d.name for d in DETECTORS)
-
-# Cheap pre-filter: a string for which this is False cannot match any detector. Plain substring tests on
-# the lower-cased text (C speed, ~1 us) instead of one big regex alternation (~5 us on a 50-char path).
-_TRIGGER_WORDS = ("akia", "asia", "abia", "acca", "a3t", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "sk-",
-                  "k_live_", "k_test_", "xox", "eyj", "private key", "putty", "hooks.slack", "bearer", "basic ",
-                  "passw", "pwd", "token", "secret", "api_key", "apikey", "api-key", "access_key", "access-key",
-                  "credential", "authorization", "private_key", "session_key")
-_COLON_VALUE = re.compile(r":\s*[\"']?[A-Za-z0-9+_\-][A-Za-z0-9+/=_\-.~]{19}")
+# -- own rules ----------------------------------------------------------------------------------
+# Assignment rules: NAME<op>VALUE where NAME says secret. One value syntax for env files, shell
+# exports, JSON, YAML, INI, connection strings and -Dprop=value.
+_VALUE = r"""\s*(?::=|=|:)[ \t]*(?:"([^"\n]{1,500})"|'([^'\n]{1,500})'|([^\s"'`;&|,<>(){}\[\]]{1,500}))"""
+_OP_Q = r"""["']?"""
+_PASSWORD_NAME = r"(?:(?:[\w.-]*?[_.-])?(?:passw(?:or)?d|passwd|passphrase|pass|pwd)|[\w.-]*?(?:password|passwd|passphrase))"
+_TOKEN_NAME = (r"(?:(?:[\w.-]*?[_.-])?(?:token|secret|api[_-]?key|apikey|access[_-]?key|secret[_-]?key|private[_-]?key|"
+               r"client[_-]?secret|credentials?|auth|key|pat|session[_-]?key|dsn|cookie)|"
+               r"[\w.-]*?(?:token|secret|apikey|accesskey|secretkey|privatekey|clientsecret|credentials?|authkey))")
+_NOT_SECRET_NAME = re.compile(
+    r"(?i)(?:^|[_.-])(?:public|pub|publishable|primary|foreign|sort|partition|cache|hash|idempotency|sequence|schema|"
+    r"natural|bucket|range|routing|dedup|lookup|map|group|index|unique|composite|shard|row|object|gpg|ssh)[_.-]?key$|"
+    r"(?:^|[_.-])(?:next[_.-]?page|page|continuation|pagination|cursor|sync|csrf[_.-]?cookie)[_.-]?token$|"
+    r"nextpagetoken$|pagetoken$|^(?:old)?pwd$|^keys?$|^auth$|^token$")
 
 
-def _maybe_secret(text: str) -> bool:
-    if "=" in text or "@" in text:
+def _assignment_ok(min_len: int) -> Callable[[str, re.Match], bool]:
+    def check(value: str, m: re.Match) -> bool:
+        name = m.group(1)
+        low = name.lower()
+        if len(value) < min_len or not _not_placeholder(value) or _DIGEST_VALUE.match(value):
+            return False
+        if _NOT_SECRET_NAME.search(low):
+            # bare "key", "token", "auth" and the like: only values that look random
+            return low in ("key", "keys", "token", "auth") and len(value) >= 16 and shannon_entropy(value) >= 3.5
+        if _PATHLIKE.match(value) and re.search(r"(?i)(?:key|credentials?|cert|file|dsn)$", low):
+            return False  # SSH_KEY=~/.ssh/id_ed25519, GOOGLE_APPLICATION_CREDENTIALS=/etc/x.json
         return True
-    low = text.lower()
-    for w in _TRIGGER_WORDS:
-        if w in low:
-            return True
-    return ":" in text and _COLON_VALUE.search(text) is not None
+    return check
+
+
+def _userinfo_ok(value: str, m: re.Match) -> bool:
+    """user@ alone in a URL: a secret when it looks like a token (https://<token>@github.com)."""
+    return _not_placeholder(value) and len(value) >= 16 and any(c.isdigit() for c in value) and \
+        shannon_entropy(value) >= 3.5 and not re.fullmatch(r"[a-z][a-z0-9._-]*", value)
+
+
+def _own(name: str, pattern: str, keywords: Iterable[str], rank: int, *, group: int | None = None, check=None,
+         flags: int = 0, description: str = "") -> Rule:
+    return Rule(name, pattern, tuple(keywords), 0.0, group, (), "agentledger", rank, flags, check, description)
+
+
+_AWS_PREFIXES = ("akia", "asia", "abia", "acca", "a3t")
+OWN_RULES: tuple[Rule, ...] = (
+    _own("private_key",
+         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
+         r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|\Z)|PuTTY-User-Key-File-\d[\s\S]*?(?:Private-MAC: \S+|\Z)",
+         ("private key", "putty-user-key-file"), 0, description="PEM / OpenSSH / PGP private key blocks, whole or cut short"),
+    _own("aws_access_key", r"(?<![A-Z0-9])(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])", _AWS_PREFIXES, 1),
+    _own("github_token", r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9_]{36,255}|github_pat_[A-Za-z0-9_]{22,255})",
+         ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"), 1),
+    _own("anthropic_key", r"(?<![A-Za-z0-9_-])sk-ant-(?:api|admin|sid|oat)\d{0,3}-[A-Za-z0-9_-]{20,}", ("sk-ant-",), 1),
+    _own("openai_key", r"(?<![A-Za-z0-9_-])sk-(?:proj-|svcacct-|admin-|None-)?(?=[A-Za-z0-9_-]*\d)[A-Za-z0-9_-]{20,}",
+         ("sk-",), 1),
+    _own("slack_token", r"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}|"
+                        r"https://hooks\.slack\.com/services/T[A-Za-z0-9_]+/B[A-Za-z0-9_]+/[A-Za-z0-9_]+",
+         ("xox", "hooks.slack.com"), 1),
+    _own("stripe_key", r"(?<![A-Za-z0-9])(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}", ("_live_", "_test_"), 1),
+    _own("jwt", r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*", ("eyj",), 1),
+    _own("aws_secret_key",
+         r"(?i)aws.{0,24}?(?:secret|key).{0,24}?[=:\s\"']\s*[\"']?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])", ("aws",), 2, group=1),
+    _own("bearer_token",
+         r"(?i)(?:\b(?:bearer|basic)\s+|(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:token\s+|bearer\s+|basic\s+)?)"
+         r"([A-Za-z0-9_\-.=+/~]{12,})", ("bearer", "basic", "authorization"), 2, group=1, check=_not_placeholder),
+    _own("api_key_header",
+         r"(?i)(?<![\w-])(?:x-api-key|api-key|x-api-token|x-auth-token|x-access-token|private-token|x-gitlab-token|"
+         r"x-vault-token|x-goog-api-key|ocp-apim-subscription-key|x-functions-key|x-amz-security-token|x-csrf-token|"
+         r"x-xsrf-token|(?:set-)?cookie)[\"']?\s*:\s*[\"']?([^\s\"'\\][^\n\r\"'\\]{5,})",
+         ("api-key", "api-token", "auth-token", "access-token", "private-token", "gitlab-token", "vault-token",
+          "subscription-key", "functions-key", "security-token", "csrf-token", "xsrf-token", "cookie"), 2, group=1,
+         check=_not_placeholder),
+    _own("url_credentials", r"(?i)\b[a-z][a-z0-9+.-]{1,20}://[^/\s:@\"'<>]{0,256}:([^/\s@\"'<>]{1,256})@", ("://",), 2,
+         group=1, check=_not_placeholder),
+    _own("url_credentials", r"(?i)\b[a-z][a-z0-9+.-]{1,20}://([^/\s:@\"'<>]{16,256})@", ("://",), 2, group=1,
+         check=_userinfo_ok),
+    _own("url_secret_param",
+         r"(?i)[?&;](?:password|passwd|pwd|token|access_token|refresh_token|id_token|auth_token|api[_-]?key|apikey|key|"
+         r"secret|client_secret|sig|signature|auth|sessionid|session_id|credential|x-amz-signature|x-amz-credential|"
+         r"x-amz-security-token|private_token|code)=([^&#\s\"']{3,})",
+         ("passw", "pwd", "token", "key", "secret", "sig", "auth", "session", "credential", "code="), 2, group=1,
+         check=_not_placeholder),
+    _own("env_value",  # {"name": "DB_PASSWORD", "value": "..."} and its YAML form (Kubernetes, ECS, Actions)
+         r"(?i)[\"']?(?:name|key)[\"']?\s*[:=]\s*[\"']?(" + _PASSWORD_NAME + "|" + _TOKEN_NAME +
+         r")[\"']?\s*(?:,\s*|\n\s*-?\s*)[\"']?value[\"']?\s*[:=]\s*(?:\"([^\"\n]{1,500})\"|'([^'\n]{1,500})'|([^\s\"',}]{1,500}))",
+         ("name", "key"), 2, check=_assignment_ok(3)),
+    _own("password_assignment", r"(?i)(?<![\w.])(" + _PASSWORD_NAME + r")" + _OP_Q + _VALUE,
+         ("pass", "pwd"), 2, check=_assignment_ok(3)),
+    _own("token_assignment", r"(?i)(?<![\w.])(" + _TOKEN_NAME + r")" + _OP_Q + _VALUE,
+         ("token", "secret", "key", "credential", "auth", "pat", "dsn", "cookie"), 2, check=_assignment_ok(6)),
+    _own("high_entropy_assignment", r"\b([A-Za-z_][A-Za-z0-9_.-]{0,63})[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9+/=_\-.~]{20,})",
+         ("=", ":"), 4, group=2, check=_high_entropy),
+)
+# The value group of an assignment is its first non-empty value group (2, 3 or 4): group 1 is the name.
+for _r in OWN_RULES:
+    if _r.id in ("password_assignment", "token_assignment", "env_value"):
+        object.__setattr__(_r, "extra", {"value_groups": (2, 3, 4)})
+
+
+# -- argv rules ---------------------------------------------------------------------------------
+_SECRET_FLAG = re.compile(
+    r"^-{1,2}(?!(?:no|ask|prompt|skip|with|show|print|require|allow|disable|enable|generate|gen|check|verify|reset|"
+    r"rotate|revoke|expire|refresh|list|get|delete|remove|use)[-_])(?:[a-z0-9]+[-_.])*"
+    r"(password|passwd|passphrase|pass|pwd|token|secret|api-?key|apikey|access-?key|secret-?key|private-?key|"
+    r"client-?secret|credentials?|auth|pat|storepass|keypass|srcstorepass|deststorepass|srckeypass|destkeypass|"
+    r"bearer|oauth2-bearer)$", re.IGNORECASE)
+# Programs whose short flags take a secret: flag -> (kind, attached allowed, next word allowed)
+_MYSQL = {"-p": ("password", True, True)}
+_PROGRAMS: dict[str, dict[str, tuple[str, bool, bool]]] = {
+    "mysql": _MYSQL, "mariadb": _MYSQL,
+    "sshpass": {"-p": ("password", True, True)},
+    "mongo": {"-p": ("password", True, True)},
+    "redis-cli": {"-a": ("password", True, True)},
+    "sqlcmd": {"-P": ("password", True, True)}, "bcp": {"-P": ("password", True, True)},
+    "osql": {"-P": ("password", True, True)}, "isql": {"-P": ("password", True, True)},
+    "zip": {"-P": ("password", False, True)}, "unzip": {"-P": ("password", False, True)},
+    "zipcloak": {"-P": ("password", False, True)},
+    "7z": {"-p": ("password", True, False)}, "7za": {"-p": ("password", True, False)},
+    "7zr": {"-p": ("password", True, False)}, "rar": {"-p": ("password", True, False)},
+    "unrar": {"-p": ("password", True, False)},
+    "ldap": {"-w": ("password", False, True)},
+    "ssh-keygen": {"-N": ("password", False, True), "-P": ("password", False, True)},
+    "curl": {"-u": ("userpass", True, True), "--user": ("userpass", False, True), "-U": ("userpass", True, True),
+             "--proxy-user": ("userpass", False, True)},
+    "http": {"-a": ("userpass", True, True), "--auth": ("userpass", False, True)},
+    "smbclient": {"-U": ("userpct", True, True), "--user": ("userpct", False, True)},
+    "login": {"-p": ("password", True, True), "--password": ("password", False, True)},
+    "gh-secret": {"-b": ("token", True, True), "--body": ("token", False, True)},
+    "openssl": {"-k": ("password", False, True)},
+}
+_PROGRAM_ALIASES = {"mysqldump": "mysql", "mysqladmin": "mysql", "mysqlimport": "mysql", "mysqlshow": "mysql",
+                    "mysqlcheck": "mysql", "mysqlpump": "mysql", "mysqlsh": "mysql", "mysqlslap": "mysql",
+                    "mariadb-dump": "mariadb", "mariadb-admin": "mariadb", "mongosh": "mongo", "mongodump": "mongo",
+                    "mongorestore": "mongo", "mongoexport": "mongo", "mongoimport": "mongo", "mongostat": "mongo",
+                    "mongotop": "mongo", "https": "http", "xh": "http", "xhs": "http", "rpcclient": "smbclient",
+                    "smbmap": "smbclient", "ldapsearch": "ldap", "ldapadd": "ldap", "ldapmodify": "ldap",
+                    "ldapdelete": "ldap", "ldapwhoami": "ldap", "ldappasswd": "ldap", "ldapcompare": "ldap",
+                    "ldapmodrdn": "ldap"}
+_SEGMENT_BREAK = None  # shell_words marks ; | & && || newlines ( ) with it
+
+
+def _program(word: str) -> str | None:
+    base = word.rsplit("/", 1)[-1].lower()
+    base = _PROGRAM_ALIASES.get(base, base)
+    return base if base in _PROGRAMS or base in ("htpasswd", "xfreerdp", "sqlplus", "vault", "gh", "set") else None
+
+
+def _flag_kind(name: str) -> str:
+    low = name.lower()
+    return "password_flag" if ("pass" in low or "pwd" in low) else "token_flag"
+
+
+def argv_secrets(words: list[str | None]) -> list[tuple[int, int, int, str]]:
+    """Secrets that argv syntax reveals: ``(word index, start, end, detector)`` for each.
+
+    ``words``: argv items, or the words of a shell string with ``None`` between commands."""
+    out: list[tuple[int, int, int, str]] = []
+    progs: list[str] = []  # programs seen in the current command (wrappers and docker exec ... mysql alike)
+    skip = -1
+    for i, w in enumerate(words):
+        if w is None:
+            progs = []
+            continue
+        if i <= skip:
+            continue
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        prev = words[i - 1].lower() if i and words[i - 1] is not None else ""
+        if not w.startswith("-"):
+            prog = _program(w)
+            if prog == "set":
+                if prev in ("config", "configure"):
+                    progs.append("set")  # npm config set K V, aws configure set K V, git config set K V
+                elif prev == "secret" and "gh" in progs:
+                    progs.append("gh-secret")
+            elif prog:
+                progs.append(prog)
+            # positional forms
+            if "set" in progs and progs[-1] == "set" and _secret_name(w) and nxt is not None and _secretish(nxt):
+                kind = "password_assignment" if re.search(r"(?i)pass|pwd", w) else "token_assignment"
+                out.append((i + 1, 0, len(nxt), kind))  # npm config set //r/:_authToken X
+                skip = i + 1
+            elif "sqlplus" in progs and "/" in w and not w.startswith("/"):
+                m = re.match(r"[^/@\s]+/([^@\s]+)", w)
+                if m and _secretish(m.group(1)):
+                    out.append((i, m.start(1), m.end(1), "password_flag"))
+            elif "xfreerdp" in progs and w.lower().startswith("/p:") and _secretish(w[3:]):
+                out.append((i, 3, len(w), "password_flag"))
+            elif progs and progs[-1] == "login" and "vault" in progs and "=" not in w and _secretish(w) and len(w) >= 8:
+                out.append((i, 0, len(w), "token_flag"))
+            continue
+        # flags: program-specific first
+        handled = False
+        for p in reversed(progs):
+            table = _PROGRAMS.get(p)
+            if not table:
+                continue
+            for flag, (kind, attached, separate) in table.items():
+                if w == flag and separate and nxt is not None and _secretish(nxt, kind):
+                    out.extend(_split_kind(i + 1, nxt, 0, kind))
+                    skip, handled = i + 1, True
+                elif attached and len(flag) == 2 and w.startswith(flag) and len(w) > 2 and _secretish(w[2:], kind):
+                    out.extend(_split_kind(i, w, 2, kind))
+                    handled = True
+                elif flag.startswith("--") and w.startswith(flag + "=") and _secretish(w[len(flag) + 1:], kind):
+                    out.extend(_split_kind(i, w, len(flag) + 1, kind))
+                    handled = True
+                if handled:
+                    break
+            if handled:
+                break
+        if handled:
+            continue
+        if "htpasswd" in progs and re.fullmatch(r"-[a-zA-Z]*b[a-zA-Z]*", w):
+            j = next((j for j in range(i + 1, len(words)) if words[j] is None), len(words)) - 1
+            if j > i and words[j] is not None and not words[j].startswith("-") and _secretish(words[j]):
+                out.append((j, 0, len(words[j]), "password_flag"))
+            continue
+        name, eq, value = w.partition("=")
+        m = _SECRET_FLAG.match(name)
+        if not m:
+            continue
+        if eq:
+            if _flag_value_ok(m.group(1), value):
+                out.append((i, len(name) + 1 + _pass_prefix(value), len(w), _flag_kind(m.group(1))))
+        elif nxt is not None and _flag_value_ok(m.group(1), nxt):
+            out.append((i + 1, _pass_prefix(nxt), len(nxt), _flag_kind(m.group(1))))
+            skip = i + 1
+    return out
+
+
+def _pass_prefix(value: str) -> int:
+    """openssl's ``pass:SECRET`` argument: the secret starts after the prefix."""
+    return 5 if value.startswith("pass:") else 0
+
+
+def _secret_name(word: str) -> bool:
+    name = re.split(r"[:/]", word)[-1] or word
+    return bool(re.fullmatch(r"(?i)" + _PASSWORD_NAME + "|" + _TOKEN_NAME, name)) and not _NOT_SECRET_NAME.search(name.lower())
+
+
+def _secretish(value: str, kind: str = "password") -> bool:
+    if not value or value.startswith("-") or not _not_placeholder(value):
+        return False
+    if kind == "userpass":
+        _, sep, pw = value.partition(":")
+        return bool(sep and pw) and _not_placeholder(pw)
+    if kind == "userpct":
+        _, sep, pw = value.partition("%")
+        return bool(sep and pw)
+    return True
+
+
+def _split_kind(i: int, word: str, start: int, kind: str) -> list[tuple[int, int, int, str]]:
+    if kind == "userpass":  # user:password -- the user stays readable
+        cut = word.index(":", start) + 1
+        return [(i, cut, len(word), "basic_auth")]
+    if kind == "userpct":  # smbclient -U user%password
+        cut = word.index("%", start) + 1
+        return [(i, cut, len(word), "basic_auth")]
+    return [(i, start, len(word), "password_flag" if kind == "password" else "token_flag")]
+
+
+def _flag_value_ok(flag: str, value: str) -> bool:
+    if not value or value.startswith("-") or not _not_placeholder(value):
+        return False
+    if value.startswith(("env:", "file:", "fd:")) or value == "stdin":  # openssl's indirections
+        return False
+    if re.search(r"(?i)credential|private|key$", flag) and _PATHLIKE.match(value):
+        return False  # --private-key ~/.ssh/id_rsa, --credentials ./creds.json
+    return True
+
+
+_SHELL_TRIGGER = re.compile(
+    r"(?i)(?:^|[\s'\"(;|&])-{1,2}[\w.-]*(?:pass|pwd|token|secret|key|auth|cred|bearer|pat)|"
+    r"(?:^|[\s/'\"(;|&])(?:mysql\w*|mariadb\S*|sshpass|mongo\w*|redis-cli|sqlcmd|bcp|osql|isql|zip|unzip|zipcloak|"
+    r"7z\w?|u?nrar|ldap\w+|ssh-keygen|login|smbclient|rpcclient|smbmap|curl|https?|xhs?|htpasswd|xfreerdp|openssl|"
+    r"sqlplus|set)\s")
+
+
+def shell_words(text: str) -> tuple[list[str | None], list[list[int]]]:
+    """The words of a POSIX shell command line, quotes and escapes removed, with ``None`` between
+    commands (``; | & && || ( )`` and newlines), and for each word the index in ``text`` of each of
+    its characters."""
+    words: list[str | None] = []
+    spans: list[list[int]] = []
+    cur: list[str] = []
+    pos: list[int] = []
+    in_word = False
+    i, n = 0, len(text)
+
+    def end_word():
+        nonlocal cur, pos, in_word
+        if in_word:
+            words.append("".join(cur))
+            spans.append(pos)
+        cur, pos, in_word = [], [], False
+
+    while i < n:
+        c = text[i]
+        if c == "'":
+            j = text.find("'", i + 1)
+            j = n if j < 0 else j
+            cur.extend(text[i + 1:j])
+            pos.extend(range(i + 1, j))
+            in_word = True
+            i = j + 1
+        elif c == '"':
+            i += 1
+            in_word = True
+            while i < n and text[i] != '"':
+                if text[i] == "\\" and i + 1 < n and text[i + 1] in '"\\$`':
+                    i += 1
+                cur.append(text[i])
+                pos.append(i)
+                i += 1
+            i += 1
+        elif c == "\\" and i + 1 < n:
+            if text[i + 1] != "\n":
+                cur.append(text[i + 1])
+                pos.append(i + 1)
+                in_word = True
+            i += 2
+        elif c in " \t\r":
+            end_word()
+            i += 1
+        elif c in ";|&()\n":
+            end_word()
+            if words and words[-1] is not None:
+                words.append(None)
+                spans.append([])
+            i += 1
+        elif c in "<>":
+            end_word()
+            i += 1
+        else:
+            cur.append(c)
+            pos.append(i)
+            in_word = True
+            i += 1
+    end_word()
+    return words, spans
+
+
+# -- decoded views ------------------------------------------------------------------------------
+_PCT = re.compile(r"%[0-9A-Fa-f]{2}")
+_BS = re.compile(r"""\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}|["'\\/nrt])""")
+_BS_MAP = {'"': '"', "'": "'", "\\": "\\", "/": "/", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _percent_view(text: str) -> tuple[str, list[int], list[int]] | None:
+    """``text`` with %XX decoded (UTF-8), and for each decoded character where it starts and ends in ``text``."""
+    if "%" not in text or not _PCT.search(text):
+        return None
+    out: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] == "%" and _PCT.match(text, i):
+            j = i
+            raw = bytearray()
+            while j < n and _PCT.match(text, j):
+                raw.append(int(text[j + 1:j + 3], 16))
+                j += 3
+            # decode byte by byte groups: map each decoded char to the bytes it came from
+            k = 0
+            while k < len(raw):
+                width = 1
+                b = raw[k]
+                if b >= 0xF0:
+                    width = 4
+                elif b >= 0xE0:
+                    width = 3
+                elif b >= 0xC0:
+                    width = 2
+                chunk = bytes(raw[k:k + width])
+                try:
+                    ch = chunk.decode("utf-8")
+                except UnicodeDecodeError:
+                    ch, width = chr(b), 1
+                out.append(ch)
+                starts.append(i + 3 * k)
+                ends.append(i + 3 * (k + width))
+                k += width
+            i = j
+        else:
+            out.append(text[i])
+            starts.append(i)
+            ends.append(i + 1)
+            i += 1
+    return "".join(out), starts, ends
+
+
+def _backslash_view(text: str) -> tuple[str, list[int], list[int]] | None:
+    """``text`` with JSON / C backslash escapes decoded, and where each character came from."""
+    if "\\" not in text or not _BS.search(text):
+        return None
+    out: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    last = 0
+    for m in _BS.finditer(text):
+        for k in range(last, m.start()):
+            out.append(text[k])
+            starts.append(k)
+            ends.append(k + 1)
+        esc = m.group(0)
+        out.append(chr(int(esc[2:], 16)) if esc[1] in "ux" else _BS_MAP[esc[1]])
+        starts.append(m.start())
+        ends.append(m.end())
+        last = m.end()
+    for k in range(last, len(text)):
+        out.append(text[k])
+        starts.append(k)
+        ends.append(k + 1)
+    return "".join(out), starts, ends
+
+
+# -- the rule set -------------------------------------------------------------------------------
+@dataclass
+class _Finding:
+    start: int
+    end: int
+    rank: int
+    order: int
+    name: str
+    secret: str
+
+
+class RuleSet:
+    """Every rule (gitleaks' and ours), compiled lazily, behind one keyword automaton."""
+
+    def __init__(self, rules: Iterable[Rule], global_allow: Allowlist | None = None):
+        self.rules = list(rules)
+        self.global_allow = global_allow
+        self._automaton = ahocorasick.Automaton()
+        by_kw: dict[str, set[int]] = {}
+        self.always: list[int] = []
+        for i, r in enumerate(self.rules):
+            if not r.keywords:
+                self.always.append(i)
+            for k in r.keywords:
+                by_kw.setdefault(k.lower(), set()).add(i)
+        for k, idx in by_kw.items():
+            self._automaton.add_word(k, frozenset(idx))
+        self._automaton.make_automaton()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.name for r in self.rules))
+
+    def candidates(self, low: str) -> list[int]:
+        """Indices (in rule order) of the rules whose keywords occur in the lower-cased text."""
+        hit: set[int] = set(self.always)
+        for _, idx in self._automaton.iter(low):
+            hit |= idx
+        return sorted(hit)
+
+    def find(self, text: str, rule_ids: list[int]) -> list[_Finding]:
+        out: list[_Finding] = []
+        for order in rule_ids:
+            r = self.rules[order]
+            for m in r.regex.finditer(text):
+                groups = r.extra.get("value_groups") if r.extra else None
+                if groups:
+                    g = next((g for g in groups if m.start(g) >= 0), None)
+                    if g is None:
+                        continue
+                    start, end = m.span(g)
+                else:
+                    start, end = r.secret_span(m)
+                if end <= start:
+                    continue
+                secret = text[start:end]
+                if r.rank >= _GENERIC_RANK and _looks_like_digest(secret):
+                    continue  # generic rules: a SHA, UUID or digest is not taken for a secret
+                if r.source == "gitleaks":
+                    if r.entropy and shannon_entropy(secret) <= r.entropy:
+                        continue
+                    line = _line(text, m.start(), m.end())
+                    if self.global_allow and self.global_allow.allows(secret, m.group(0), line):
+                        continue
+                    if any(a.allows(secret, m.group(0), line) for a in r.allowlists):
+                        continue
+                elif r.check is not None and not r.check(secret, m):
+                    continue
+                out.append(_Finding(start, end, r.rank, order, r.name, secret))
+        return out
+
+
+def _line(text: str, start: int, end: int) -> str:
+    a = text.rfind("\n", 0, start) + 1
+    b = text.find("\n", end)
+    return text[a:] if b < 0 else text[a:b]
+
+
+_DEFAULT_RULES: RuleSet | None = None
+
+
+def default_ruleset() -> RuleSet:
+    """gitleaks' rules, then ours (rule order breaks ties), loaded once per process."""
+    global _DEFAULT_RULES
+    if _DEFAULT_RULES is None:
+        gl, allow = load_gitleaks()
+        _DEFAULT_RULES = RuleSet([*gl, *OWN_RULES], allow)
+    return _DEFAULT_RULES
+
+
+ARGV_DETECTORS = ("password_flag", "token_flag", "basic_auth")
+
+
+def detector_names() -> tuple[str, ...]:
+    return default_ruleset().names + ARGV_DETECTORS
 
 
 _MIN_LEN = 8
-_FLAG_SECRET = re.compile(r"^--?(?:password|passwd|pwd|pass|token|api-?key|secret|client-secret|access-key|auth-token|"
-                          r"with-token|private-key|key)$", re.IGNORECASE)
+_ARGV_RANK = 2
+_COARSE_RANK = 3  # gitleaks' curl-* rules
+_GENERIC_RANK = 4
 
 
 def load_redaction_key(home: Path, env: dict[str, str] | None = None) -> bytes:
@@ -237,16 +705,21 @@ def hook_redaction_key(home: Path, env: Mapping[str, str] | None = None) -> tupl
 
 
 class Redactor:
-    """Replaces secrets in event payloads by keyed-HMAC tokens and records each replacement."""
+    """Replaces secrets in events by keyed-HMAC tokens and records each replacement."""
 
-    def __init__(self, key: bytes, detectors: Iterable[Detector] = DETECTORS):
+    def __init__(self, key: bytes, rules: RuleSet | None = None):
         if not key:
             raise ValueError("the redaction key must not be empty")
         self._key = key
         self.notice: str | None = None  # what the hook says on stderr about the key (see hook_redaction_key)
-        self.detectors = tuple(detectors)
+        self._rules = rules
         self._tokens: dict[tuple[str, str], str] = {}
         self._clean: set[str] = set()  # strings already scanned and found clean (paths, argv words repeat a lot)
+        self._ids: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+
+    @cached_property
+    def rules(self) -> RuleSet:
+        return self._rules or default_ruleset()
 
     def token(self, detector: str, secret: str) -> str:
         cached = self._tokens.get((detector, secret))
@@ -257,61 +730,141 @@ class Redactor:
                 self._tokens[(detector, secret)] = cached
         return cached
 
+    # -- finding ------------------------------------------------------------------------------
+    def _findings(self, text: str) -> list[_Finding]:
+        low = text.lower()
+        rules = self.rules
+        cand = rules.candidates(low)
+        found = rules.find(text, cand) if cand else []
+        for view in (_percent_view(text), _backslash_view(text)):
+            if view is None:
+                continue
+            dec, starts, ends = view
+            dcand = rules.candidates(dec.lower())
+            for f in rules.find(dec, dcand) if dcand else ():
+                f.start, f.end = starts[f.start], ends[f.end - 1]
+                found.append(f)  # f.secret stays the decoded secret: the token joins both spellings
+        if " " in text and _SHELL_TRIGGER.search(text):
+            words, spans = shell_words(text)
+            for wi, s, e, name in argv_secrets(words):
+                pos = spans[wi]
+                if e > s:
+                    found.append(_Finding(pos[s], pos[e - 1] + 1, _ARGV_RANK, -1, name, words[wi][s:e]))
+        return found
+
+    def _apply(self, text: str, found: list[_Finding]) -> tuple[str, list[tuple[str, str]]]:
+        """Replace what was found. Overlapping findings are merged (nothing any rule flagged stays
+        readable) and named after the best of them (lowest rank, then longest); text already
+        replaced by a token is left alone. Exception: gitleaks' curl rules, whose secret is
+        ``user:password`` whole, give way to a finer rule that found the password in it."""
+        tokens = [t.span() for t in TOKEN_RE.finditer(text)] if TOKEN_PREFIX in text else []
+        live = [f for f in found if not f.secret.startswith(TOKEN_PREFIX)
+                and not any(a < f.end and f.start < b for a, b in tokens)]
+        if not live:
+            return text, []
+        fine = [(f.start, f.end) for f in live if f.rank < _COARSE_RANK]
+        if fine:  # gitleaks' curl rules take user:password whole; a finer rule that found the password wins
+            live = [f for f in live if f.rank != _COARSE_RANK or not any(a < f.end and f.start < b for a, b in fine)]
+        live.sort(key=lambda f: (f.start, -f.end))
+        clusters: list[list[_Finding]] = [[live[0]]]
+        end = live[0].end
+        for f in live[1:]:
+            if f.start < end:
+                clusters[-1].append(f)
+                end = max(end, f.end)
+            else:
+                clusters.append([f])
+                end = f.end
+        pieces, out, last = [], [], 0
+        for c in clusters:
+            best = min(c, key=lambda f: (f.rank, f.start - f.end, f.start, f.order))
+            start, stop = min(f.start for f in c), max(f.end for f in c)
+            secret = best.secret if (best.start, best.end) == (start, stop) else text[start:stop]
+            if "%" in secret and _PCT.search(secret):
+                secret = unquote(secret)  # p%40ss and p@ss are one secret: one token
+            tok = self.token(best.name, secret)
+            pieces += [text[last:start], tok]
+            out.append((best.name, tok))
+            last = stop
+        pieces.append(text[last:])
+        return "".join(pieces), out
+
     def scan(self, text: str) -> tuple[str, list[tuple[str, str]]]:
         """``text`` with every secret replaced, and the (detector, token) of each replacement."""
-        if len(text) < _MIN_LEN or text in self._clean or not _maybe_secret(text):
+        if len(text) < _MIN_LEN or text in self._clean:
             return text, []
-        found: list[tuple[str, str]] = []
-        for det in self.detectors:
-            if det.name == "high_entropy_assignment" and "=" not in text and ":" not in text:
-                continue
-            pieces = []
-            last = 0
-            # tokens already written by an earlier detector are never matched again
-            done = [t.span() for t in TOKEN_RE.finditer(text)] if found or TOKEN_PREFIX in text else ()
-            for m in det.pattern.finditer(text):
-                start, end = m.span(det.group)
-                if start < 0:
-                    continue
-                if done and any(a < m.end() and m.start() < b for a, b in done):
-                    continue
-                value = text[start:end]
-                if value.startswith(TOKEN_PREFIX) or (det.check and not det.check(value, m)):
-                    continue
-                tok = self.token(det.name, value)
-                pieces.append(text[last:start])
-                pieces.append(tok)
-                last = end
-                found.append((det.name, tok))
-            if pieces:
-                pieces.append(text[last:])
-                text = "".join(pieces)
+        new, found = self._apply(text, self._findings(text))
         if not found and len(self._clean) < 50_000 and len(text) < 512:
             self._clean.add(text)
-        return text, found
+        return new, found
+
+    def redact_id(self, value: str) -> str:
+        """An id with any secret in it replaced; the same id gives the same result everywhere, and
+        redacting a redacted id changes nothing (so every producer can apply it where ids enter and
+        again where they are used)."""
+        return self._redact_id(value)[0] if isinstance(value, str) else value
+
+    def _redact_id(self, value: str) -> tuple[str, list[tuple[str, str]]]:
+        hit = self._ids.get(value)
+        if hit is not None:
+            return hit
+        new, found = self.scan(value)
+        cur = new
+        for _ in range(3):  # to a fixed point
+            again, more = self.scan(cur)
+            if not more:
+                break
+            cur, found = again, found + more
+        res = (cur, found)
+        if len(self._ids) < 50_000:
+            self._ids[value] = res
+            self._ids.setdefault(cur, (cur, []))
+        return res
+
+    def redact_ids_in(self, obj):
+        """An agent record (hook input, rollout line, OTLP JSON) with every id in it redacted (keys
+        in `ID_KEYS`, and OTel attributes ``{"key": K, "value": {"stringValue": V}}`` with K in it).
+        Edits dicts in place; returns ``obj``."""
+        if isinstance(obj, dict):
+            k = obj.get("key")
+            if isinstance(k, str) and k in ID_KEYS and isinstance(obj.get("value"), dict):
+                v = obj["value"]
+                for vk, vv in v.items():
+                    if isinstance(vv, str):
+                        v[vk] = self.redact_id(vv)
+            for key, v in obj.items():
+                if isinstance(v, str):
+                    if key in ID_KEYS:
+                        obj[key] = self.redact_id(v)
+                elif isinstance(v, (dict, list)):
+                    self.redact_ids_in(v)
+        elif isinstance(obj, list):
+            for item in obj:
+                if isinstance(item, (dict, list)):
+                    self.redact_ids_in(item)
+        return obj
 
     def redact_argv(self, argv: list[str], path: str, out: list[dict]) -> list[str]:
         res = list(argv)
-        flagged = False  # the previous item was `--password`, `--token`, ...: this one is the secret
-        for i, a in enumerate(res):
-            if not isinstance(a, str):
-                flagged = False
+        words = [a if isinstance(a, str) else "" for a in argv]
+        extra: dict[int, list[_Finding]] = {}
+        for wi, s, e, name in argv_secrets(words):
+            if e > s:
+                extra.setdefault(wi, []).append(_Finding(s, e, _ARGV_RANK, -1, name, words[wi][s:e]))
+        for i, a in enumerate(words):
+            if i not in extra and (len(a) < _MIN_LEN or a in self._clean):
                 continue
-            if not flagged and (len(a) < _MIN_LEN or a in self._clean or not _maybe_secret(a)):
-                flagged = a[:1] == "-" and bool(_FLAG_SECRET.match(a))
-                continue
-            new, found = self.scan(a)
-            if not found and flagged and a and not a.startswith("-") and not _PLACEHOLDER.match(a):
-                prev = res[i - 1].lower()
-                det = "password_assignment" if "pass" in prev or "pwd" in prev else "token_assignment"
-                new, found = self.token(det, a), [(det, self.token(det, a))]
-            if found:
+            found = self._findings(a) + extra.get(i, [])
+            new, hits = self._apply(a, found)
+            if hits:
                 res[i] = new
-                out.extend({"field": f"{path}[{i}]", "detector": d, "token": t} for d, t in found)
-            flagged = bool(_FLAG_SECRET.match(a))
+                out.extend({"field": f"{path}[{i}]", "detector": d, "token": t} for d, t in hits)
+            elif len(a) < 512 and len(self._clean) < 50_000 and i not in extra:
+                self._clean.add(a)
         return res
 
-    def _walk(self, value, path: str, out: list[dict]):
+    def walk(self, value, path: str, out: list[dict]):
+        """``value`` (str, dict, list; nested) with every string redacted; replacements go to ``out``."""
         if isinstance(value, str):
             new, found = self.scan(value)
             if found:
@@ -323,15 +876,20 @@ class Redactor:
             clean = self._clean
             for k, v in value.items():
                 if type(v) is str:  # the common case, inlined: most strings take the fast path here
-                    if len(v) < _MIN_LEN or k in SKIP_FIELDS or v in clean or not _maybe_secret(v):
+                    if k in ID_FIELDS:
+                        nv, found = self._redact_id(v)
+                        if found:
+                            out.extend({"field": f"{path}.{k}", "detector": d, "token": t} for d, t in found)
+                    elif len(v) < _MIN_LEN or k in SKIP_FIELDS or v in clean:
                         continue
-                    nv = self._walk(v, f"{path}.{k}", out)
+                    else:
+                        nv = self.walk(v, f"{path}.{k}", out)
                 elif v is None or k in SKIP_FIELDS or isinstance(v, (int, float, bool, bytes)):
                     continue
                 elif k == "argv" and isinstance(v, list):
                     nv = self.redact_argv(v, f"{path}.{k}", out)
                 else:
-                    nv = self._walk(v, f"{path}.{k}", out)
+                    nv = self.walk(v, f"{path}.{k}", out)
                 if nv is not v and nv != v:
                     if changed is None:
                         changed = dict(value)
@@ -340,9 +898,9 @@ class Redactor:
         if isinstance(value, list):
             res = None
             for i, item in enumerate(value):
-                if type(item) is str and (len(item) < _MIN_LEN or item in self._clean or not _maybe_secret(item)):
+                if type(item) is str and (len(item) < _MIN_LEN or item in self._clean):
                     continue
-                nv = self._walk(item, f"{path}[{i}]", out)
+                nv = self.walk(item, f"{path}[{i}]", out)
                 if nv is not item and nv != item:
                     if res is None:
                         res = list(value)
@@ -351,14 +909,40 @@ class Redactor:
         return value
 
     def __call__(self, record: dict) -> dict:
-        """The transform the Recorder applies before encoding (returns the same dict, edited)."""
-        name, payload = record["payload"]
+        """The transform the Recorder applies before encoding (returns the same dict, edited): the
+        payload, and every string of the envelope an agent or host supplies."""
         out: list[dict] = []
-        new = self._walk(payload, "payload", out)
-        if out:
+        for key in ("turn_id", "tool_call_id"):
+            v = record.get(key)
+            if isinstance(v, str):
+                nv, found = self._redact_id(v)
+                if found:
+                    record[key] = nv
+                    out.extend({"field": key, "detector": d, "token": t} for d, t in found)
+        for key in ("producer", "trace"):
+            v = record.get(key)
+            if isinstance(v, dict):
+                nv = self.walk(v, key, out)
+                if nv is not v:
+                    record[key] = nv
+        name, payload = record["payload"]
+        new = self.walk(payload, "payload", out)
+        if new is not payload:
             record["payload"] = (name, new)
+        if out:
             record["redactions"] = list(record.get("redactions") or []) + out
         return record
+
+
+def redactor_of(transforms: Iterable[Callable]) -> Redactor | None:
+    """The `Redactor` among a producer's transforms (None when redaction is off)."""
+    return next((t for t in transforms if isinstance(t, Redactor)), None)
+
+
+def id_redaction(transforms: Iterable[Callable]) -> Callable[[str], str]:
+    """`Redactor.redact_id` of the producer's redactor, or the identity when redaction is off."""
+    red = redactor_of(transforms)
+    return red.redact_id if red is not None else (lambda s: s)
 
 
 def default_transforms(settings: Settings, env: Mapping[str, str] | None = None, *,
