@@ -20,18 +20,24 @@ the delimiter group most rules end with, ``(?:[\\x60'"\\s;]|\\\\[nr]|$)`` (a quo
 end after the secret), becomes a look-ahead for any character that cannot continue the secret, so
 a key followed by ``&`` (a URL query), ``,`` ``)`` ``]`` ``}`` (code, JSON) or ``@`` (URL userinfo)
 is found too and the delimiter itself is left in place. Regexes are compiled on first use: a hook
-process compiles only the few rules whose keywords its text contains.
+process compiles only the few rules whose keywords its text contains, and reads the patterns
+already translated from ``gitleaks.json`` (made from the TOML by ``python -m producers.ruleset``;
+ignored, with a warning, if it was made from another TOML).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import re
-import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 GITLEAKS_TOML = Path(__file__).with_name("rulesets") / "gitleaks.toml"
 GITLEAKS_VERSION = "8.30.1"
@@ -43,6 +49,14 @@ _DELIMITER = r"""(?=[^\w+/=.~-]|\\[nr]|$)"""
 _POSIX = {"alnum": "a-zA-Z0-9", "alpha": "a-zA-Z", "digit": "0-9", "xdigit": "0-9A-Fa-f", "upper": "A-Z",
           "lower": "a-z", "space": r" \t\n\r\f\v", "punct": r"!-/:-@\[-`{-~", "word": r"\w", "blank": r" \t",
           "cntrl": r"\x00-\x1f\x7f", "graph": r"!-~", "print": r" -~", "ascii": r"\x00-\x7f"}
+
+
+def _is_word(text: str, i: int) -> bool:
+    """RE2's \\w at text[i] (False outside the text)."""
+    if i < 0 or i >= len(text):
+        return False
+    c = text[i]
+    return c.isascii() and (c.isalnum() or c == "_")
 
 
 def shannon_entropy(s: str) -> float:
@@ -143,26 +157,33 @@ def _body(go: str, i: int, top: bool = False) -> tuple[str, int]:
 class Allowlist:
     """One gitleaks allowlist: a finding it matches is not a secret."""
 
-    regexes: tuple[re.Pattern, ...] = ()
+    patterns: tuple[str, ...] = ()  # Python syntax
     stopwords: tuple[str, ...] = ()
     target: str = "secret"  # secret | match | line
     condition: str = "OR"
     needs_path: bool = False  # an AND allowlist with path/commit criteria: never holds for events
 
-    @classmethod
-    def from_toml(cls, d: dict) -> "Allowlist":
-        return cls(tuple(re.compile(translate(r), re.ASCII) for r in d.get("regexes", ())),
-                   tuple(w.lower() for w in d.get("stopwords", ())), d.get("regexTarget") or "secret",
-                   (d.get("condition") or "OR").upper(), bool(d.get("paths") or d.get("commits")))
+    @cached_property
+    def regexes(self) -> tuple[re.Pattern, ...]:
+        return tuple(re.compile(p, re.ASCII) for p in self.patterns)
+
+    @cached_property
+    def _stopwords(self):
+        import ahocorasick
+
+        a = ahocorasick.Automaton()
+        for w in self.stopwords:
+            a.add_word(w, w)
+        a.make_automaton()
+        return a
 
     def allows(self, secret: str, match: str, line: str) -> bool:
         target = {"match": match, "line": line}.get(self.target, secret)
         checks = []
-        if self.regexes:
+        if self.patterns:
             checks.append(any(r.search(target) for r in self.regexes))
         if self.stopwords:
-            low = secret.lower()
-            checks.append(any(w in low for w in self.stopwords))
+            checks.append(next(self._stopwords.iter(secret.lower()), None) is not None)
         if self.condition == "AND":
             return not self.needs_path and bool(checks) and all(checks)
         return any(checks)
@@ -184,6 +205,34 @@ class Rule:
     check: object = None  # optional callable(secret, match) -> bool (own rules)
     description: str = ""
     extra: dict = field(default_factory=dict)
+    left_context: int = 0  # the [\w.-]{0,N}? prefix taken off the pattern (see _lazy_prefix)
+    boundary: bool = False  # the leading \b taken off the pattern (see _leading_boundary)
+    requires: tuple[str, ...] = ()  # the text must contain one of these for the pattern to match at all
+
+    def finditer(self, text: str):
+        """The pattern's matches, as ``re.finditer`` gives them for the original pattern."""
+        if not self.boundary:
+            yield from self.regex.finditer(text)
+            return
+        search, pos, n = self.regex.search, 0, len(text)
+        while pos <= n:
+            m = search(text, pos)
+            if m is None:
+                return
+            s = m.start()
+            if _is_word(text, s - 1) == _is_word(text, s):  # no word boundary here: try further on
+                pos = s + 1
+                continue
+            yield m
+            pos = m.end() if m.end() > s else s + 1
+
+    def match_start(self, text: str, start: int) -> int:
+        """Where gitleaks' match starts: before the pattern's match, over the identifier characters
+        its lazy prefix would have taken."""
+        i, stop = start, max(0, start - self.left_context)
+        while i > stop and (text[i - 1].isascii() and (text[i - 1].isalnum() or text[i - 1] in "_.-")):
+            i -= 1
+        return i
 
     @property
     def name(self) -> str:
@@ -213,21 +262,95 @@ class Rule:
         return s, e
 
 
-def load_gitleaks(path: Path = GITLEAKS_TOML) -> tuple[list[Rule], Allowlist]:
-    """gitleaks' rules (those with a content regex) and its global allowlist."""
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
+_LAZY_PREFIX = re.compile(r"^(\(\?i\))?\[\\w\.-\]\{0,(\d+)\}\?")
+
+
+def _lazy_prefix(pattern: str) -> tuple[str, int]:
+    """Half of gitleaks' rules start with ``[\\w.-]{0,50}?`` (the identifier before a keyword, as
+    in ``MY_ADAFRUIT_KEY=``). It only moves where the match starts, never which secret it finds,
+    but Python's backtracking engine tries it at every position (RE2 does not): it costs most of
+    the scan. The pattern is run without it and the match is extended left afterwards over up to
+    that many such characters (`Rule.match_start`), which is what allowlists of the match see."""
+    m = _LAZY_PREFIX.match(pattern)
+    if not m:
+        return pattern, 0
+    return (m.group(1) or "") + pattern[m.end():], int(m.group(2))
+
+
+# gitleaks' "identifier, keyword, operator, value" template (every rule with the lazy prefix) needs
+# one of its operators (=, >, :=, ||, :, =>, ?=, ,) in the text: without one, the rule is skipped.
+_TEMPLATE_OPERATORS = ("=", ">", ":", "|", ",")
+_LEADING_B = re.compile(r"^(\(\?i\))?\\b(?=[(\w])")
+
+
+def _leading_boundary(pattern: str) -> tuple[str, bool]:
+    """A pattern that starts with ``\\b`` cannot use the engine's fast scan for its first
+    characters: the ``\\b`` is taken off and checked for each match instead (`Rule.boundary`)."""
+    m = _LEADING_B.match(pattern)
+    if not m:
+        return pattern, False
+    return (m.group(1) or "") + pattern[m.end():], True
+
+
+def compile_gitleaks(path: Path = GITLEAKS_TOML) -> dict:
+    """gitleaks' TOML as the plain data `load_gitleaks` reads: patterns translated to Python, rule
+    ranks set, only what redaction uses. Written to ``gitleaks.json`` next to the TOML by
+    ``python -m producers.ruleset`` (a hook process then loads it in a millisecond instead of
+    parsing TOML and translating ~250 patterns)."""
+    import tomllib
+
+    raw = Path(path).read_bytes()
+    cfg = tomllib.loads(raw.decode())
     g = cfg.get("allowlist") or {}
-    global_allow = Allowlist.from_toml({"regexes": g.get("regexes", ()), "stopwords": g.get("stopwords", ())})
+
+    def allow(d: dict) -> dict:
+        return {"regexes": [translate(r) for r in d.get("regexes", ())], "stopwords": [w.lower() for w in d.get("stopwords", ())],
+                "target": d.get("regexTarget") or "secret", "condition": (d.get("condition") or "OR").upper(),
+                "needs_path": bool(d.get("paths") or d.get("commits"))}
+
     rules = []
     for r in cfg.get("rules", ()):
         if not r.get("regex"):
             continue  # path-only rules (e.g. pkcs12-file): events carry no files
-        pattern = translate(r["regex"]).replace(_GO_DELIMITER, _DELIMITER)
         rid = r["id"]
-        rank = 4 if rid.startswith("generic") else (3 if rid.startswith("curl-") else 1)
-        rules.append(Rule(rid, pattern, tuple(k.lower() for k in r.get("keywords", ())), float(r.get("entropy") or 0),
-                          r.get("secretGroup") or None,
-                          tuple(Allowlist.from_toml(a) for a in r.get("allowlists", ())), "gitleaks", rank,
-                          description=r.get("description", "")))
-    return rules, global_allow
+        pattern, left = _lazy_prefix(translate(r["regex"]).replace(_GO_DELIMITER, _DELIMITER))
+        pattern, boundary = _leading_boundary(pattern)
+        rules.append({"id": rid, "pattern": pattern, "left_context": left, "boundary": boundary,
+                      "keywords": [k.lower() for k in r.get("keywords", ())], "entropy": float(r.get("entropy") or 0),
+                      "group": r.get("secretGroup") or None,
+                      "rank": 4 if rid.startswith("generic") else (3 if rid.startswith("curl-") else 1),
+                      "allowlists": [allow(a) for a in r.get("allowlists", ())]})
+    return {"source": GITLEAKS_TOML.name, "source_sha256": hashlib.sha256(raw).hexdigest(), "version": GITLEAKS_VERSION,
+            "global_allowlist": allow({"regexes": g.get("regexes", ()), "stopwords": g.get("stopwords", ())}),
+            "rules": rules}
+
+
+def load_gitleaks(path: Path = GITLEAKS_TOML) -> tuple[list[Rule], Allowlist]:
+    """gitleaks' rules (those with a content regex) and its global allowlist: from the compiled
+    ``gitleaks.json`` when it was made from this very TOML, else from the TOML itself."""
+    data = None
+    compiled = Path(path).with_suffix(".json")
+    try:
+        data = json.loads(compiled.read_text())
+        if data.get("source_sha256") != hashlib.sha256(Path(path).read_bytes()).hexdigest():
+            log.warning("%s was not compiled from %s (run python -m producers.ruleset): reading the TOML", compiled, path)
+            data = None
+    except (OSError, ValueError):
+        data = None
+    if data is None:
+        data = compile_gitleaks(path)
+
+    def allow(d: dict) -> Allowlist:
+        return Allowlist(tuple(d["regexes"]), tuple(d["stopwords"]), d["target"], d["condition"], d["needs_path"])
+
+    rules = [Rule(r["id"], r["pattern"], tuple(r["keywords"]), r["entropy"], r["group"],
+                  tuple(allow(a) for a in r["allowlists"]), "gitleaks", r["rank"], left_context=r["left_context"],
+                  boundary=r["boundary"], requires=_TEMPLATE_OPERATORS if r["left_context"] else ())
+             for r in data["rules"]]
+    return rules, allow(data["global_allowlist"])
+
+
+if __name__ == "__main__":  # python -m producers.ruleset: (re)compile gitleaks.json from gitleaks.toml
+    out = GITLEAKS_TOML.with_suffix(".json")
+    out.write_text(json.dumps(compile_gitleaks(), indent=0, sort_keys=True) + "\n")
+    print(f"wrote {out}")
