@@ -29,7 +29,8 @@ digests (``sha256:`` image digests, ``sha256sum`` lines, pip ``--hash``, npm ``i
 
 Last line, JSON: {"samples", "found", "recall", "families": {family: {"samples", "found", "recall"}},
 "provider_rules": {"rules", "generated", "found", "recall", "ungenerated"}, "negatives",
-"false_redactions", "missed" (first 25), "false_examples", "us_per_sample"}.
+"false_redactions", "missed" (first 25), "false_examples", "us_per_sample"} and, with
+``--baseline PATH``, the same numbers of another checkout's redactor on the same corpus.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def provider_keys(rng: random.Random) -> list[tuple[str, str]]:
         ("twilio", "SK" + rnd(rng, HEX, 32)), ("huggingface", "hf_" + rnd(rng, string.ascii_letters, 34)),
         ("digitalocean", "dop_v1_" + rnd(rng, HEX, 64)), ("shopify", "shpat_" + rnd(rng, "abcdef0123456789", 32)),
         ("doppler", "dp.pt." + rnd(rng, AN, 43)), ("age", "AGE-SECRET-KEY-1" + rnd(rng, "QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L", 58)),
-        ("databricks", "dapi" + rnd(rng, "abcdefgh0123456789", 32)), ("grafana", "glsa_" + token(rng, 32) + "_" + rnd(rng, HEX, 8)),
+        ("databricks", "dapi" + rnd(rng, HEX, 32)), ("grafana", "glsa_" + token(rng, 32) + "_" + rnd(rng, HEX, 8)),
     ]
 
 
@@ -336,9 +337,22 @@ def leaked(out: str, sample: Sample) -> bool:
     return False
 
 
-def run(seed: int, variants: int) -> dict:
+def load_redactor(path: str | None):
+    """Our Redactor, or the one of another checkout's producers/redact.py (a baseline)."""
+    if path is None:
+        return Redactor(b"bench-redaction-key")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_redact", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (its dataclasses look themselves up there)
+    spec.loader.exec_module(mod)
+    return mod.Redactor(b"bench-redaction-key")
+
+
+def run(seed: int, variants: int, compare: str | None = None) -> dict:
     rng = random.Random(seed)
-    red = Redactor(b"bench-redaction-key")
+    red = load_redactor(compare)
     corpus, prov = samples(rng, variants)
     fams: dict[str, dict] = {}
     missed = []
@@ -379,8 +393,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--variants", type=int, default=3, help="instances of each hand-made form")
     ap.add_argument("--smoke", action="store_true", help="one instance of each form")
+    ap.add_argument("--baseline", metavar="REDACT_PY", help="also measure another checkout's producers/redact.py "
+                    "on the same corpus (e.g. main's), reported under \"baseline\"")
     a = ap.parse_args()
     res = run(a.seed, 1 if a.smoke else a.variants)
+    if a.baseline:
+        base = run(a.seed, 1 if a.smoke else a.variants, a.baseline)
+        res["baseline"] = {k: base[k] for k in ("recall", "families", "false_redactions", "us_per_sample")}
+        res["baseline"]["provider_recall"] = base["provider_rules"]["recall"]
     for fam, f in sorted(res["families"].items()):
         print(f"{fam:12s} {f['found']:4d}/{f['samples']:<4d} recall {f['recall']:.3f}", file=sys.stderr)
     for m in res["missed"]:

@@ -58,6 +58,7 @@ import hmac
 import logging
 import os
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -116,59 +117,106 @@ def _not_placeholder(value: str, m: re.Match | None = None) -> bool:
     return not _PLACEHOLDER.match(value) and not value.startswith(TOKEN_PREFIX)
 
 
-def _high_entropy(value: str, m: re.Match) -> bool:
-    if not _not_placeholder(value, m) or _DIGEST_NAMES.search(m.group(1)) or _looks_like_digest(value):
+# -- own rules ----------------------------------------------------------------------------------
+# The patterns start with a literal or a small set of characters (an operator, "://", a keyword),
+# never with a look-behind or a name of any length: Python's engine then skips most of a long text
+# in C instead of trying the pattern at every position. Names and boundaries are checked after.
+# the name before an operator, matched on the reversed text: operator, blanks, a quote, blanks, name
+_NAME_REVERSED = re.compile(r"(?:=:|=|:)[ \t]*[\"']?[ \t]*([\w.-]{1,80})")
+_PASSWORD_NAME = re.compile(r"(?i)(?:(?:^|[_.-])(?:pass|pwd)|passw(?:or)?d|passphrase)$|(?-i:[a-z0-9](?:Pass|Pwd))$")
+_TOKEN_NAME = re.compile(
+    r"(?i)(?:token|secret|api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|client[_-]?secret|credentials?|"
+    r"auth[_-]?key|session[_-]?key|(?:^|[_.-])(?:key|auth|pat|dsn|cookie|sig))$|(?-i:[a-z0-9](?:Key|Auth|Pat|Dsn|Cookie))$")
+_NOT_SECRET_NAME = re.compile(
+    r"(?i)(?:^|[_.-])(?:public|pub|publishable|primary|foreign|sort|partition|cache|hash|idempotency|sequence|schema|"
+    r"natural|bucket|range|routing|dedup|lookup|map|group|index|unique|composite|shard|row|object|gpg|ssh)[_.-]?key$|"
+    r"(?:^|[_.-])(?:next[_.-]?page|page|continuation|pagination|cursor|sync|csrf[_.-]?cookie)[_.-]?token$|"
+    r"nextpagetoken$|pagetoken$|^(?:old)?pwd$|^keys?$|^auth$|^token$|^sig$")
+_ENTROPY_VALUE = re.compile(r"^[A-Za-z0-9+/=_\-.~]{20,}$")
+
+
+def secret_name_kind(name: str) -> str | None:
+    """"password" or "token" when a variable / key / flag name says it holds a secret, else None."""
+    if _PASSWORD_NAME.search(name):
+        return "password"
+    if _TOKEN_NAME.search(name):
+        return "token"
+    return None
+
+
+def _name_before(text: str, pos: int) -> str | None:
+    """The identifier before the operator that ends at ``pos``, past a closing quote and blanks."""
+    m = _NAME_REVERSED.match(text[max(0, pos - 90):pos][::-1])
+    if not m:
+        return None
+    name = m.group(1)[::-1].lstrip(".-")
+    return name if name[:1].isalpha() or name[:1] == "_" else None
+
+
+def _assignment(value: str, m: re.Match) -> str | bool:
+    """``NAME<op>VALUE``: password_assignment / token_assignment when the name says secret,
+    high_entropy_assignment when the value looks random under any other name."""
+    name = _name_before(m.string, m.end())
+    if name is None or not _not_placeholder(value):
+        return False
+    kind = secret_name_kind(name)
+    low = name.lower()
+    if kind is not None:
+        if len(value) < (3 if kind == "password" else 6) or _DIGEST_VALUE.match(value):
+            return False
+        if _NOT_SECRET_NAME.search(low):
+            # bare "key", "token", "auth" and the like: only values that look random
+            if not (low in ("key", "keys", "token", "auth", "sig") and len(value) >= 16 and shannon_entropy(value) >= 3.5):
+                return False
+        elif _PATHLIKE.match(value) and re.search(r"(?i)(?:key|credentials?|cert|file|dsn)$", low):
+            return False  # SSH_KEY=~/.ssh/id_ed25519, GOOGLE_APPLICATION_CREDENTIALS=/etc/x.json
+        return f"{kind}_assignment"
+    if not _ENTROPY_VALUE.match(value) or _DIGEST_NAMES.search(name) or _looks_like_digest(value):
         return False
     if value.count("/") > 2 or value.count(".") > 2:  # paths, versions, host names
         return False
     if not (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)):
         return False
-    return shannon_entropy(value) >= 3.7
+    return "high_entropy_assignment" if shannon_entropy(value) >= 3.7 else False
 
 
-# -- own rules ----------------------------------------------------------------------------------
-# Assignment rules: NAME<op>VALUE where NAME says secret. One value syntax for env files, shell
-# exports, JSON, YAML, INI, connection strings and -Dprop=value.
-_VALUE = r"""\s*(?::=|=|:)[ \t]*(?:"([^"\n]{1,500})"|'([^'\n]{1,500})'|([^\s"'`;&|,<>(){}\[\]]{1,500}))"""
-_OP_Q = r"""["']?"""
-_PASSWORD_NAME = r"(?:(?:[\w.-]*?[_.-])?(?:passw(?:or)?d|passwd|passphrase|pass|pwd)|[\w.-]*?(?:password|passwd|passphrase))"
-_TOKEN_NAME = (r"(?:(?:[\w.-]*?[_.-])?(?:token|secret|api[_-]?key|apikey|access[_-]?key|secret[_-]?key|private[_-]?key|"
-               r"client[_-]?secret|credentials?|auth|key|pat|session[_-]?key|dsn|cookie)|"
-               r"[\w.-]*?(?:token|secret|apikey|accesskey|secretkey|privatekey|clientsecret|credentials?|authkey))")
-_NOT_SECRET_NAME = re.compile(
-    r"(?i)(?:^|[_.-])(?:public|pub|publishable|primary|foreign|sort|partition|cache|hash|idempotency|sequence|schema|"
-    r"natural|bucket|range|routing|dedup|lookup|map|group|index|unique|composite|shard|row|object|gpg|ssh)[_.-]?key$|"
-    r"(?:^|[_.-])(?:next[_.-]?page|page|continuation|pagination|cursor|sync|csrf[_.-]?cookie)[_.-]?token$|"
-    r"nextpagetoken$|pagetoken$|^(?:old)?pwd$|^keys?$|^auth$|^token$")
+def _env_value(value: str, m: re.Match) -> bool:
+    """{"name": "DB_PASSWORD", "value": "..."}: the name says secret."""
+    return secret_name_kind(m.group(1)) is not None and not _NOT_SECRET_NAME.search(m.group(1).lower()) and \
+        len(value) >= 3 and _not_placeholder(value)
 
 
-def _assignment_ok(min_len: int) -> Callable[[str, re.Match], bool]:
-    def check(value: str, m: re.Match) -> bool:
-        name = m.group(1)
-        low = name.lower()
-        if len(value) < min_len or not _not_placeholder(value) or _DIGEST_VALUE.match(value):
-            return False
-        if _NOT_SECRET_NAME.search(low):
-            # bare "key", "token", "auth" and the like: only values that look random
-            return low in ("key", "keys", "token", "auth") and len(value) >= 16 and shannon_entropy(value) >= 3.5
-        if _PATHLIKE.match(value) and re.search(r"(?i)(?:key|credentials?|cert|file|dsn)$", low):
-            return False  # SSH_KEY=~/.ssh/id_ed25519, GOOGLE_APPLICATION_CREDENTIALS=/etc/x.json
-        return True
-    return check
+def _word_start(value: str, m: re.Match) -> bool:
+    """The keyword the pattern starts with begins a word, and the value is not a placeholder."""
+    s = m.start()
+    return (s == 0 or not (m.string[s - 1].isalnum() or m.string[s - 1] in "_-")) and _not_placeholder(value)
+
+
+def _url_password(value: str, m: re.Match) -> bool:
+    return _SCHEME_BEFORE.search(m.string, max(0, m.start() - 21), m.start()) is not None and _not_placeholder(value)
 
 
 def _userinfo_ok(value: str, m: re.Match) -> bool:
     """user@ alone in a URL: a secret when it looks like a token (https://<token>@github.com)."""
-    return _not_placeholder(value) and len(value) >= 16 and any(c.isdigit() for c in value) and \
+    return _url_password(value, m) and len(value) >= 16 and any(c.isdigit() for c in value) and \
         shannon_entropy(value) >= 3.5 and not re.fullmatch(r"[a-z][a-z0-9._-]*", value)
 
 
+_SCHEME_BEFORE = re.compile(r"(?i)(?<![a-z0-9+.-])[a-z][a-z0-9+.-]{1,20}\Z")
+
+
 def _own(name: str, pattern: str, keywords: Iterable[str], rank: int, *, group: int | None = None, check=None,
-         flags: int = 0, description: str = "") -> Rule:
-    return Rule(name, pattern, tuple(keywords), 0.0, group, (), "agentledger", rank, flags, check, description)
+         description: str = "", value_groups: tuple[int, ...] = (), requires: tuple[str, ...] = ()) -> Rule:
+    """One of our rules. ``value_groups``: the secret is the first of these groups that matched.
+    ``check(secret, match)`` may refuse a finding (False) or name its detector (a string).
+    ``requires``: the rule is skipped for text without any of these."""
+    return Rule(name, pattern, tuple(keywords), 0.0, group, (), "agentledger", rank, re.ASCII, check, description,
+                {"value_groups": value_groups} if value_groups else {}, requires=requires)
 
 
 _AWS_PREFIXES = ("akia", "asia", "abia", "acca", "a3t")
+_VALUE = r"""(?:"([^"\n]{1,500})"|'([^'\n]{1,500})'|([^\s"'`;&|,<>(){}\[\]]{1,500}))"""
+_ENV_NAME = r"([A-Za-z_][\w.-]{0,79})"
 OWN_RULES: tuple[Rule, ...] = (
     _own("private_key",
          r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
@@ -188,19 +236,18 @@ OWN_RULES: tuple[Rule, ...] = (
     _own("aws_secret_key",
          r"(?i)aws.{0,24}?(?:secret|key).{0,24}?[=:\s\"']\s*[\"']?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])", ("aws",), 2, group=1),
     _own("bearer_token",
-         r"(?i)(?:\b(?:bearer|basic)\s+|(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:token\s+|bearer\s+|basic\s+)?)"
-         r"([A-Za-z0-9_\-.=+/~]{12,})", ("bearer", "basic", "authorization"), 2, group=1, check=_not_placeholder),
+         r"(?i)(?:bearer|basic)\s+([A-Za-z0-9_\-.=+/~]{12,})|"
+         r"(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:token\s+|bearer\s+|basic\s+)?([A-Za-z0-9_\-.=+/~]{12,})",
+         ("bearer", "basic", "authorization"), 2, check=_word_start),
     _own("api_key_header",
-         r"(?i)(?<![\w-])(?:x-api-key|api-key|x-api-token|x-auth-token|x-access-token|private-token|x-gitlab-token|"
+         r"(?i)(?:x-api-key|api-key|x-api-token|x-auth-token|x-access-token|private-token|x-gitlab-token|"
          r"x-vault-token|x-goog-api-key|ocp-apim-subscription-key|x-functions-key|x-amz-security-token|x-csrf-token|"
          r"x-xsrf-token|(?:set-)?cookie)[\"']?\s*:\s*[\"']?([^\s\"'\\][^\n\r\"'\\]{5,})",
          ("api-key", "api-token", "auth-token", "access-token", "private-token", "gitlab-token", "vault-token",
           "subscription-key", "functions-key", "security-token", "csrf-token", "xsrf-token", "cookie"), 2, group=1,
-         check=_not_placeholder),
-    _own("url_credentials", r"(?i)\b[a-z][a-z0-9+.-]{1,20}://[^/\s:@\"'<>]{0,256}:([^/\s@\"'<>]{1,256})@", ("://",), 2,
-         group=1, check=_not_placeholder),
-    _own("url_credentials", r"(?i)\b[a-z][a-z0-9+.-]{1,20}://([^/\s:@\"'<>]{16,256})@", ("://",), 2, group=1,
-         check=_userinfo_ok),
+         check=_word_start),
+    _own("url_credentials", r"://[^/\s:@\"'<>]{0,256}:([^/\s@\"'<>]{1,256})@", ("://",), 2, group=1, check=_url_password),
+    _own("url_credentials", r"://([^/\s:@\"'<>]{16,256})@", ("://",), 2, group=1, check=_userinfo_ok),
     _own("url_secret_param",
          r"(?i)[?&;](?:password|passwd|pwd|token|access_token|refresh_token|id_token|auth_token|api[_-]?key|apikey|key|"
          r"secret|client_secret|sig|signature|auth|sessionid|session_id|credential|x-amz-signature|x-amz-credential|"
@@ -208,20 +255,21 @@ OWN_RULES: tuple[Rule, ...] = (
          ("passw", "pwd", "token", "key", "secret", "sig", "auth", "session", "credential", "code="), 2, group=1,
          check=_not_placeholder),
     _own("env_value",  # {"name": "DB_PASSWORD", "value": "..."} and its YAML form (Kubernetes, ECS, Actions)
-         r"(?i)[\"']?(?:name|key)[\"']?\s*[:=]\s*[\"']?(" + _PASSWORD_NAME + "|" + _TOKEN_NAME +
-         r")[\"']?\s*(?:,\s*|\n\s*-?\s*)[\"']?value[\"']?\s*[:=]\s*(?:\"([^\"\n]{1,500})\"|'([^'\n]{1,500})'|([^\s\"',}]{1,500}))",
-         ("name", "key"), 2, check=_assignment_ok(3)),
-    _own("password_assignment", r"(?i)(?<![\w.])(" + _PASSWORD_NAME + r")" + _OP_Q + _VALUE,
-         ("pass", "pwd"), 2, check=_assignment_ok(3)),
-    _own("token_assignment", r"(?i)(?<![\w.])(" + _TOKEN_NAME + r")" + _OP_Q + _VALUE,
-         ("token", "secret", "key", "credential", "auth", "pat", "dsn", "cookie"), 2, check=_assignment_ok(6)),
-    _own("high_entropy_assignment", r"\b([A-Za-z_][A-Za-z0-9_.-]{0,63})[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9+/=_\-.~]{20,})",
-         ("=", ":"), 4, group=2, check=_high_entropy),
+         r"(?i)(?:name|key)[\"']?\s*[:=]\s*[\"']?" + _ENV_NAME +
+         r"[\"']?\s*(?:,\s*|\n\s*-?\s*)[\"']?value[\"']?\s*[:=]\s*" + _VALUE,
+         ("name", "key"), 2, check=_env_value, value_groups=(2, 3, 4), requires=("=", ":")),
+    # NAME=value, NAME: value, "name": "value", -Dname=value: the name ends in a secret word (the
+    # whole name is checked by `_assignment`); any other name when the value looks random. (Look-
+    # aheads: the value is not consumed, so `--from-literal=password=X` is seen at both '='.)
+    _own("token_assignment",
+         r"(?i)(?:passw(?:or)?d|passwd|passphrase|pass|pwd|token|secret|key|auth|credentials?|pat|dsn|cookie|sig)"
+         r"[\"']?[ \t]*(?::=|=|:)(?=[ \t]*" + _VALUE + ")",
+         ("pass", "pwd", "token", "secret", "key", "auth", "credential", "pat", "dsn", "cookie", "sig"), 2,
+         check=_assignment, value_groups=(1, 2, 3), requires=("=", ":")),
+    _own("high_entropy_assignment", r"(?::=|=|:)(?=[ \t]*[\"']?([A-Za-z0-9+/=_\-.~]{20,}))", ("=", ":"), 4,
+         check=_assignment, group=1),
 )
-# The value group of an assignment is its first non-empty value group (2, 3 or 4): group 1 is the name.
-for _r in OWN_RULES:
-    if _r.id in ("password_assignment", "token_assignment", "env_value"):
-        object.__setattr__(_r, "extra", {"value_groups": (2, 3, 4)})
+_RANK_OF = {"high_entropy_assignment": 4}  # a check may rename a finding: its rank then
 
 
 # -- argv rules ---------------------------------------------------------------------------------
@@ -362,7 +410,7 @@ def _pass_prefix(value: str) -> int:
 
 def _secret_name(word: str) -> bool:
     name = re.split(r"[:/]", word)[-1] or word
-    return bool(re.fullmatch(r"(?i)" + _PASSWORD_NAME + "|" + _TOKEN_NAME, name)) and not _NOT_SECRET_NAME.search(name.lower())
+    return secret_name_kind(name) is not None and not _NOT_SECRET_NAME.search(name.lower())
 
 
 def _secretish(value: str, kind: str = "password") -> bool:
@@ -397,11 +445,19 @@ def _flag_value_ok(flag: str, value: str) -> bool:
     return True
 
 
-_SHELL_TRIGGER = re.compile(
-    r"(?i)(?:^|[\s'\"(;|&])-{1,2}[\w.-]*(?:pass|pwd|token|secret|key|auth|cred|bearer|pat)|"
-    r"(?:^|[\s/'\"(;|&])(?:mysql\w*|mariadb\S*|sshpass|mongo\w*|redis-cli|sqlcmd|bcp|osql|isql|zip|unzip|zipcloak|"
-    r"7z\w?|u?nrar|ldap\w+|ssh-keygen|login|smbclient|rpcclient|smbmap|curl|https?|xhs?|htpasswd|xfreerdp|openssl|"
-    r"sqlplus|set)\s")
+_FLAG_TRIGGER = re.compile(r"-{1,2}[\w.-]*?(?:pass|pwd|token|secret|key|auth|cred|bearer|pat)", re.IGNORECASE)
+_PROGRAM_TRIGGER = re.compile(
+    r"(?:mysql\w*|mariadb\S*|sshpass|mongo\w*|redis-cli|sqlcmd|bcp|osql|isql|zip|unzip|zipcloak|7z\w?|u?nrar|ldap\w+|"
+    r"ssh-keygen|login|smbclient|rpcclient|smbmap|curl|https?|xhs?|htpasswd|xfreerdp|openssl|sqlplus|set)\s", re.IGNORECASE)
+
+
+def _triggers(text: str):
+    """Where an argv rule could apply: a secret-looking flag, or a program with secret flags."""
+    for rx in (_FLAG_TRIGGER, _PROGRAM_TRIGGER):
+        for m in rx.finditer(text):
+            s = m.start()
+            if rx is _FLAG_TRIGGER or s == 0 or not (text[s - 1].isalnum() or text[s - 1] in "_-"):
+                yield m
 
 
 def shell_words(text: str) -> tuple[list[str | None], list[list[int]]]:
@@ -470,77 +526,76 @@ def shell_words(text: str) -> tuple[list[str | None], list[list[int]]]:
 
 # -- decoded views ------------------------------------------------------------------------------
 _PCT = re.compile(r"%[0-9A-Fa-f]{2}")
+_PCT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 _BS = re.compile(r"""\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}|["'\\/nrt])""")
+_BS_TRIGGER = re.compile(r"""\\["'/u]""")  # JSON / code escapes of quotes, slashes, unicode: JSON inside a string
 _BS_MAP = {'"': '"', "'": "'", "\\": "\\", "/": "/", "n": "\n", "r": "\r", "t": "\t"}
 
 
-def _percent_view(text: str) -> tuple[str, list[int], list[int]] | None:
-    """``text`` with %XX decoded (UTF-8), and for each decoded character where it starts and ends in ``text``."""
+class _View:
+    """A decoded spelling of a text, and where each decoded position came from in the original."""
+
+    def __init__(self, text: str, escapes: re.Pattern, decode: Callable[[str], str]):
+        pieces, self._marks, last, dpos = [], [], 0, 0
+        for m in escapes.finditer(text):
+            pieces.append(text[last:m.start()])
+            dpos += m.start() - last
+            d = decode(m.group(0))
+            self._marks.append((dpos, dpos + len(d), m.start(), m.end()))
+            pieces.append(d)
+            dpos += len(d)
+            last = m.end()
+        pieces.append(text[last:])
+        self.text = "".join(pieces)
+        self._starts = [mk[0] for mk in self._marks]
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """The original span of decoded ``[start, end)`` (an escape partly inside counts whole)."""
+        return self._orig(start, True), self._orig(end - 1, False)
+
+    def _orig(self, i: int, first: bool) -> int:
+        k = bisect_right(self._starts, i) - 1
+        if k < 0:
+            return i if first else i + 1
+        d0, d1, o0, o1 = self._marks[k]
+        if i < d1:  # inside a decoded escape
+            return o0 if first else o1
+        return o1 + (i - d1) + (0 if first else 1)
+
+
+def _percent_view(text: str) -> _View | None:
     if "%" not in text or not _PCT.search(text):
         return None
-    out: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        if text[i] == "%" and _PCT.match(text, i):
-            j = i
-            raw = bytearray()
-            while j < n and _PCT.match(text, j):
-                raw.append(int(text[j + 1:j + 3], 16))
-                j += 3
-            # decode byte by byte groups: map each decoded char to the bytes it came from
-            k = 0
-            while k < len(raw):
-                width = 1
-                b = raw[k]
-                if b >= 0xF0:
-                    width = 4
-                elif b >= 0xE0:
-                    width = 3
-                elif b >= 0xC0:
-                    width = 2
-                chunk = bytes(raw[k:k + width])
-                try:
-                    ch = chunk.decode("utf-8")
-                except UnicodeDecodeError:
-                    ch, width = chr(b), 1
-                out.append(ch)
-                starts.append(i + 3 * k)
-                ends.append(i + 3 * (k + width))
-                k += width
-            i = j
-        else:
-            out.append(text[i])
-            starts.append(i)
-            ends.append(i + 1)
-            i += 1
-    return "".join(out), starts, ends
+    return _View(text, _PCT_RUN, lambda run: bytes.fromhex(run.replace("%", "")).decode("utf-8", "replace"))
 
 
-def _backslash_view(text: str) -> tuple[str, list[int], list[int]] | None:
-    """``text`` with JSON / C backslash escapes decoded, and where each character came from."""
-    if "\\" not in text or not _BS.search(text):
+def _backslash_view(text: str) -> _View | None:
+    if "\\" not in text or not _BS_TRIGGER.search(text):
         return None
-    out: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
-    last = 0
-    for m in _BS.finditer(text):
-        for k in range(last, m.start()):
-            out.append(text[k])
-            starts.append(k)
-            ends.append(k + 1)
-        esc = m.group(0)
-        out.append(chr(int(esc[2:], 16)) if esc[1] in "ux" else _BS_MAP[esc[1]])
-        starts.append(m.start())
-        ends.append(m.end())
-        last = m.end()
-    for k in range(last, len(text)):
-        out.append(text[k])
-        starts.append(k)
-        ends.append(k + 1)
-    return "".join(out), starts, ends
+    return _View(text, _BS, lambda esc: chr(int(esc[2:], 16)) if esc[1] in "ux" else _BS_MAP[esc[1]])
+
+
+def _shell_windows(text: str) -> list[tuple[int, int]]:
+    """The parts of ``text`` the argv rules read: all of a short text with a trigger, else the lines
+    (and the line after each, for a command continued with a backslash) where a trigger is, at most
+    4 KB either side of it."""
+    if len(text) <= 4096:
+        return [(0, len(text))] if next(_triggers(text), None) is not None else []
+    spans: list[tuple[int, int]] = []
+    for m in _triggers(text):
+        a = max(text.rfind("\n", 0, m.start()) + 1, m.start() - 4096)
+        b = text.find("\n", m.end())
+        if b > 0 and text[b - 1:b] == "\\":
+            b = text.find("\n", b + 1)
+        b = min(len(text) if b < 0 else b, m.end() + 4096)
+        spans.append((a, b))
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 # -- the rule set -------------------------------------------------------------------------------
@@ -587,7 +642,9 @@ class RuleSet:
         out: list[_Finding] = []
         for order in rule_ids:
             r = self.rules[order]
-            for m in r.regex.finditer(text):
+            if r.requires and not any(c in text for c in r.requires):
+                continue
+            for m in r.finditer(text):
                 groups = r.extra.get("value_groups") if r.extra else None
                 if groups:
                     g = next((g for g in groups if m.start(g) >= 0), None)
@@ -599,19 +656,25 @@ class RuleSet:
                 if end <= start:
                     continue
                 secret = text[start:end]
-                if r.rank >= _GENERIC_RANK and _looks_like_digest(secret):
-                    continue  # generic rules: a SHA, UUID or digest is not taken for a secret
                 if r.source == "gitleaks":
                     if r.entropy and shannon_entropy(secret) <= r.entropy:
                         continue
-                    line = _line(text, m.start(), m.end())
-                    if self.global_allow and self.global_allow.allows(secret, m.group(0), line):
+                    mstart = r.match_start(text, m.start()) if r.left_context else m.start()
+                    match, line = text[mstart:m.end()], _line(text, mstart, m.end())
+                    if self.global_allow and self.global_allow.allows(secret, match, line):
                         continue
-                    if any(a.allows(secret, m.group(0), line) for a in r.allowlists):
+                    if any(a.allows(secret, match, line) for a in r.allowlists):
                         continue
-                elif r.check is not None and not r.check(secret, m):
-                    continue
-                out.append(_Finding(start, end, r.rank, order, r.name, secret))
+                name, rank = r.name, r.rank
+                if r.source != "gitleaks" and r.check is not None:
+                    verdict = r.check(secret, m)
+                    if not verdict:
+                        continue
+                    if isinstance(verdict, str):
+                        name, rank = verdict, _RANK_OF.get(verdict, r.rank)
+                if rank >= _GENERIC_RANK and _looks_like_digest(secret):
+                    continue  # generic rules: a SHA, UUID or digest is not taken for a secret
+                out.append(_Finding(start, end, rank, order, name, secret))
         return out
 
 
@@ -633,11 +696,7 @@ def default_ruleset() -> RuleSet:
     return _DEFAULT_RULES
 
 
-ARGV_DETECTORS = ("password_flag", "token_flag", "basic_auth")
-
-
-def detector_names() -> tuple[str, ...]:
-    return default_ruleset().names + ARGV_DETECTORS
+ARGV_DETECTORS = ("password_flag", "token_flag", "basic_auth")  # what `argv_secrets` reports
 
 
 _MIN_LEN = 8
@@ -732,24 +791,22 @@ class Redactor:
 
     # -- finding ------------------------------------------------------------------------------
     def _findings(self, text: str) -> list[_Finding]:
-        low = text.lower()
         rules = self.rules
-        cand = rules.candidates(low)
+        cand = rules.candidates(text.lower())
         found = rules.find(text, cand) if cand else []
         for view in (_percent_view(text), _backslash_view(text)):
             if view is None:
                 continue
-            dec, starts, ends = view
-            dcand = rules.candidates(dec.lower())
-            for f in rules.find(dec, dcand) if dcand else ():
-                f.start, f.end = starts[f.start], ends[f.end - 1]
+            dcand = rules.candidates(view.text.lower())
+            for f in rules.find(view.text, dcand) if dcand else ():
+                f.start, f.end = view.span(f.start, f.end)
                 found.append(f)  # f.secret stays the decoded secret: the token joins both spellings
-        if " " in text and _SHELL_TRIGGER.search(text):
-            words, spans = shell_words(text)
+        for a, b in _shell_windows(text) if " " in text else ():
+            words, spans = shell_words(text[a:b])
             for wi, s, e, name in argv_secrets(words):
                 pos = spans[wi]
                 if e > s:
-                    found.append(_Finding(pos[s], pos[e - 1] + 1, _ARGV_RANK, -1, name, words[wi][s:e]))
+                    found.append(_Finding(a + pos[s], a + pos[e - 1] + 1, _ARGV_RANK, -1, name, words[wi][s:e]))
         return found
 
     def _apply(self, text: str, found: list[_Finding]) -> tuple[str, list[tuple[str, str]]]:
@@ -818,7 +875,9 @@ class Redactor:
         res = (cur, found)
         if len(self._ids) < 50_000:
             self._ids[value] = res
-            self._ids.setdefault(cur, (cur, []))
+            # The redacted id maps to itself with what was found in the original: where the id was
+            # redacted on entry (hook input, rollout line), the event still lists the replacement.
+            self._ids[cur] = res
         return res
 
     def redact_ids_in(self, obj):

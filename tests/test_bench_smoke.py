@@ -65,3 +65,18 @@ def test_bench_chaos_disk_full_smoke(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["scenario"] == "disk_full" and result["runs"] == 3 and result["events_acknowledged"] > 0
     assert result["undetected"] == 0 and result["tracebacks"] == 0, result
+
+
+def test_bench_redaction_smoke():
+    """One instance of every form: every gitleaks rule, the argv, URL, header, JSON, PEM and JWT forms,
+    and the look-alikes (issue 21's targets: all provider formats, no false redaction)."""
+    proc = subprocess.run([sys.executable, "bench/redaction.py", "--smoke"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["samples"] >= 100 and set(result["families"]) >= {
+        "provider", "assignment", "cli_flag", "split_argv", "url", "url_encoded", "header", "json_output", "pem", "jwt"}
+    prov = result["provider_rules"]
+    assert prov["rules"] >= 200 and prov["generated"] == prov["rules"] and prov["recall"] == 1.0, prov
+    assert result["recall"] == 1.0, result["missed"]
+    assert result["negatives"] >= 25 and result["false_redactions"] == 0, result["false_examples"]

@@ -48,7 +48,7 @@ SAMPLES = {  # own rule (or the rule that now wins for its old sample): (secret,
     "password_assignment": ("Tr0ub4dor&3", "DB_PASSWORD='{}'", "password_assignment"),
     "token_assignment": ("Zq1Wx2Ec3Rv4Tb5", "deploy_token: {}", "token_assignment"),
     "env_value": ("Zq1Wx2Ec3Rv4Tb5", '{{"name": "DB_PASSWORD", "value": "{}"}}', "env_value"),
-    "high_entropy_assignment": ("q8Zr2LmX9vT4kW7pN3sB6yH1", "DATABASE_DSN_SIG={}", "high_entropy_assignment"),
+    "high_entropy_assignment": ("q8Zr2LmX9vT4kW7pN3sB6yH1", "CI_RUN_NONCE={}", "high_entropy_assignment"),
     "password_flag": ("Tr0ub4dor3", "mysql -u root --password={} app", "password_flag"),
     "token_flag": ("Zq1Wx2Ec3Rv4Tb5", "deploy --token={} --prod", "token_flag"),
     "basic_auth": ("Tr0ub4dor3", "curl -u admin:{} https://x", "basic_auth"),
@@ -75,6 +75,10 @@ def test_every_own_rule_is_exercised_and_the_vendored_ruleset_is_loaded_whole():
     assert len(gitleaks) == sum(1 for r in cfg["rules"] if r.get("regex")) >= 200
     for r in gitleaks:
         assert r.regex.pattern  # every RE2 pattern translates and compiles
+    from producers.ruleset import compile_gitleaks
+
+    assert json.loads(GITLEAKS_TOML.with_suffix(".json").read_text()) == json.loads(json.dumps(compile_gitleaks())), \
+        "gitleaks.json is stale: run python -m producers.ruleset"
     readme = (GITLEAKS_TOML.parent / "README.md").read_text()
     assert f"v{GITLEAKS_VERSION}" in readme and hashlib.sha256(GITLEAKS_TOML.read_bytes()).hexdigest() in readme
     assert "MIT License" in (GITLEAKS_TOML.parent / "gitleaks.LICENSE").read_text()
@@ -239,6 +243,9 @@ MISSED_BEFORE = {  # text -> the secret in it
     f"git remote add origin https://oauth2:{GLPAT}@gitlab.com/acme/app.git": GLPAT,
     f"curl 'https://maps.googleapis.com/maps/api/geocode/json?address=x&key={AIZA}'": AIZA,
     f"GOOGLE_API_KEY={AIZA} npm start": AIZA,
+    f"glab auth login --hostname gitlab.com --token {GLPAT}": GLPAT,
+    f"echo {AIZA} | pbcopy": AIZA,
+    f"Created personal access token {GLPAT} (expires 2026-12-31)": GLPAT,
     "echo $TOKEN; MYSQL_PWD=Sql5ecret mysql -u app": "Sql5ecret",
     "sshpass -p 'hunter2hunter2' ssh deploy@10.0.0.5": "hunter2hunter2",
     "docker login -u ci -p Regi5tryPw registry.example.com": "Regi5tryPw",
