@@ -204,6 +204,13 @@ class HookEvent:
         self.open_call: tuple[int, dict] | None = None
         self.call_change: tuple[str, Any] | None = None  # ("open", info) | ("close", None)
 
+    def redact_ids(self, rid) -> None:
+        """Ids from the agent that carry a secret become their tokens before anything (state rows,
+        fact keys, events) uses them; the importers do the same with the same ids."""
+        self.sid = rid(self.sid)
+        self.turn = rid(self.turn) if self.turn else self.turn
+        self.tid = rid(self.tid) if self.tid else self.tid
+
     def obs(self, fact: str, kind: str, payload: dict, at: int | None = None, call: str | None = None) -> Observation:
         self._n += 1
         return Observation(self.sid, fact, kind, payload, at if at is not None else self.now, turn_id=self.turn,
@@ -454,6 +461,7 @@ def handle(
             appender = SessionAppender(settings, sink_options=sink_options, lock_timeout_s=budget_s,
                                        flush_timeout_s=budget_s, env=env, key_fallback=True)
         out.stderr += "".join(appender.notices)  # a refused key file: what the call used instead, every call
+        hev.redact_ids(appender.redact_id)
         appender.append(hev.sid, [], [hev.info()], prepare=lambda head: (hev.build(appender.state), []),
                         extra=hev.state_change, start_if_new=True)
     except Exception as exc:  # recording failed: never silently; the outbox keeps what was sealed

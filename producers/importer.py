@@ -35,8 +35,9 @@ from schemas.config import Settings
 from .codex_rollout import RolloutParser
 from .counts import FileCounts
 from .importstate import ProducerState
-from .ledger import AppendResult, EndRule, Observation, SessionAppender, SessionInfo
+from .ledger import AppendResult, EndRule, Observation, SessionAppender, SessionInfo, producer_transforms
 from .otel import OtelParser
+from .redact import redactor_of
 
 HEAD_LEN = 4096
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors and tools put before the first line
@@ -184,7 +185,10 @@ def _decode(raw: bytes, counts: FileCounts) -> str:
 
 
 def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: float, idle_s: float,
-                report: FileReport, rejects: list) -> tuple[object | None, dict | None]:
+                report: FileReport, rejects: list, ids: Callable = lambda obj: obj) -> tuple[object | None, dict | None]:
+    """Parse what is new in one file. ``ids``: redacts the agent's ids in a parsed record
+    (`Redactor.redact_ids_in`) before the parser sees it, so every id the parser keeps (its
+    context, observations, fact keys) is the redacted one."""
     st = os.stat(path)
     settled = now - st.st_mtime >= SETTLE_S
     same_file = row is not None and row["dev"] == st.st_dev and row["inode"] == st.st_ino
@@ -223,7 +227,7 @@ def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: fl
             if doc is not None:  # one (pretty-printed) OTLP document
                 report.counts.lines += data.count(b"\n") + 1
                 report.counts.non_utf8 += probe.non_utf8
-                parser.feed(doc, 0, 1)
+                parser.feed(ids(doc), 0, 1)
                 parser.finish(settled)
                 _finish_report(report, parser, len(data), head, st, lineno + data.count(b"\n") + 1)
                 return parser, st
@@ -253,7 +257,7 @@ def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: fl
             continue
         if not isinstance(obj, dict):
             rejects.append((path, off, lineno, f"JSON {type(obj).__name__}, not an object", raw[:REJECT_SCAN_BYTES]))
-        parser.feed(obj, off, lineno)
+        parser.feed(ids(obj), off, lineno)
     parser.finish(settled and (now - st.st_mtime) >= idle_s)
     _finish_report(report, parser, end, head, st, lineno)
     if report.status == "grown" and end == start:
@@ -279,14 +283,11 @@ REJECT_SCAN_BYTES = 64 * 1024  # of an unusable line, what is scanned for secret
 REJECT_EXCERPT_CHARS = 200
 
 
-def _redacted_rejects(settings: Settings, rejects: list[tuple]) -> list[tuple]:
+def _redacted_rejects(red, rejects: list[tuple]) -> list[tuple]:
     """Unusable lines are kept as excerpts (local state and the report): secrets in them are
     replaced by the same tokens as in events before the excerpt is cut, so none is kept in clear."""
-    if not rejects:
+    if not rejects or red is None:
         return rejects
-    from .redact import Redactor, load_redaction_key
-
-    red = Redactor(load_redaction_key(settings.home))
     out = []
     for *head, raw in rejects:
         text, _ = red.scan(bytes(raw).decode("utf-8", "replace"))
@@ -315,6 +316,11 @@ def run_import(
     now = time.time() if now is None else now
     report = ImportReport(dry_run=dry_run)
     state = appender.state if appender is not None else ProducerState(settings.home)
+    # The producers' redaction (the appender's, or the one it will get): ids are redacted as each
+    # record is read, rejects and the parsers' saved context before they are stored.
+    transforms = appender.transforms if appender is not None else producer_transforms(settings)
+    red = redactor_of(transforms)
+    ids = red.redact_ids_in if red is not None else (lambda obj: obj)
     inputs, seen = [], set()
     for path, kind in discover(rollouts, "codex_rollout") + discover(otel, "otel"):
         if path not in seen:
@@ -328,7 +334,7 @@ def run_import(
         report.files.append(fr)
         try:
             row = state.file_row(path)
-            parser, st = _parse_file(path, kind, row, i, now, idle, fr, rejects)
+            parser, st = _parse_file(path, kind, row, i, now, idle, fr, rejects, ids)
         except OSError as exc:
             fr.status, fr.error = "error", f"{type(exc).__name__}: {exc}"
             parser = None
@@ -365,7 +371,7 @@ def run_import(
         for o in lst:
             if o.turn_id is None and o.tool_call_id:
                 o.turn_id = turns.get((sid, o.tool_call_id))
-    rejects = _redacted_rejects(settings, rejects)
+    rejects = _redacted_rejects(red, rejects)
     report.rejects = [{"path": r[0], "offset": r[1], "line": r[2], "reason": r[3],
                        "excerpt": bytes(r[4]).decode("utf-8", "replace")} for r in rejects]
     every = set(obs) | set(infos)
@@ -377,7 +383,7 @@ def run_import(
         report.seconds = time.perf_counter() - t0
         return report
     own = appender is None
-    appender = appender or SessionAppender(settings, state=state)
+    appender = appender or SessionAppender(settings, state=state, transforms=transforms)
     try:
         report.resent = appender.drain_all()
         end = EndRule(int((now - idle) * 1e6)) if end_idle_s is not None else None
@@ -396,6 +402,8 @@ def run_import(
         rows = []
         for fr, parser, row in parsed:
             ctx = parser.ctx
+            if red is not None:  # what the parser keeps for the next run (open calls' argv, ...) is state too
+                ctx = red.walk(ctx, "context", [])
             rows.append({"path": fr.path, "kind": fr.kind, **parser._file_row, "context": ctx,
                          "sessions": fr.sessions, "counts": _cumulative(row, fr).as_dict()})
         state.save_files(rows, rejects)

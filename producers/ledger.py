@@ -23,7 +23,8 @@ Guarantees, per session (all producers of this host share them through `Producer
   byte-identical duplicate that ingest refuses as ``duplicate`` without breaking the chain.
 * **Deterministic ids.** event_id = UUIDv7(time from the source, sha256(session, fact)).
 * **Like every producer.** Records pass through `producer_transforms` (secret redaction) before
-  sealing; with a signing key, a signed checkpoint follows every ``AGENTLEDGER_CHECKPOINT_EVERY``
+  sealing; session ids, call and turn ids and fact keys are redacted as ids (`Redactor.redact_id`)
+  before they are used, so one call's facts from the hook and an importer still meet; with a signing key, a signed checkpoint follows every ``AGENTLEDGER_CHECKPOINT_EVERY``
   events of a session (counted from the recorded facts, so across processes and sources) and its
   end; the producer sink (`open_producer_sink`) spools when Kafka is slow or down.
 """
@@ -46,6 +47,7 @@ from schemas.transport.base import MemorySink, Sink
 
 from .importstate import Head, ProducerState, Staged
 from .normalize import fact_event_id
+from .redact import id_redaction
 from .recorder import (CHECKPOINT_EVERY_ENV, CONTROL_KINDS, DEFAULT_CHECKPOINT_EVERY, ProducerIdentity, Recorder,
                        Transform, load_signer)
 from .sinks import ProducerOptions, open_producer_sink
@@ -213,6 +215,9 @@ class SessionAppender:
         self.transforms = (list(transforms) if transforms is not None else
                            producer_transforms(settings, self.env, key_fallback=key_fallback))
         self.notices += [t.notice for t in self.transforms if getattr(t, "notice", None)]
+        # Ids from the agent that carry a secret become tokens wherever they are used: the session
+        # (Kafka key, state rows), fact keys, call ids (see producers/redact.py).
+        self.redact_id = id_redaction(self.transforms)
         self.store = store or load_store()
         # Signed checkpoints as every producer writes them (issue 3): every N events of a session and
         # after its end, when a signing key is configured. Counted from the recorded facts, so they
@@ -329,6 +334,8 @@ class SessionAppender:
         still down, the new events are sealed after them and join them in the outbox (so nothing
         is lost and the order holds) and `NotDurableError` is raised; nothing is marked recorded
         until a later append or `drain` delivers them. Also raises `LockTimeout`."""
+        rid = self.redact_id
+        session_id = rid(session_id)
         res = AppendResult(session_id)
         with self.state.session_lock(session_id, self.lock_timeout_s):
             head = self.state.head(session_id)
@@ -342,6 +349,10 @@ class SessionAppender:
                 more_obs, more_infos = prepare(head)
                 obs += more_obs
                 infs += more_infos
+            for o in obs:  # ids from the agent, and fact keys built from them (and from paths), redacted
+                o.session_id, o.fact = session_id, rid(o.fact)
+                o.tool_call_id = rid(o.tool_call_id) if o.tool_call_id else o.tool_call_id
+                o.turn_id = rid(o.turn_id) if o.turn_id else o.turn_id
             known = self.state.known_facts(session_id, [o.fact for o in obs] + [SESSION_STARTED, SESSION_ENDED])
             known |= {p.fact for p in pending}
             candidates: dict[str, list[Observation]] = {}
