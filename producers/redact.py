@@ -236,11 +236,11 @@ OWN_RULES: tuple[Rule, ...] = (
     _own("aws_secret_key",
          r"(?i)aws.{0,24}?(?:secret|key).{0,24}?[=:\s\"']\s*[\"']?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])", ("aws",), 2, group=1),
     _own("bearer_token",
-         r"(?i)(?:bearer|basic)\s+([A-Za-z0-9_\-.=+/~]{12,})|"
-         r"(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:token\s+|bearer\s+|basic\s+)?([A-Za-z0-9_\-.=+/~]{12,})",
+         r"(?i:bearer|basic)\s+([A-Za-z0-9_\-.=+/~]{12,})|"
+         r"(?i:(?:proxy-)?authorization)[\"']?\s*[:=]\s*[\"']?(?i:token\s+|bearer\s+|basic\s+)?([A-Za-z0-9_\-.=+/~]{12,})",
          ("bearer", "basic", "authorization"), 2, check=_word_start),
     _own("api_key_header",
-         r"(?i)(?:x-api-key|api-key|x-api-token|x-auth-token|x-access-token|private-token|x-gitlab-token|"
+         r"(?i:x-api-key|api-key|x-api-token|x-auth-token|x-access-token|private-token|x-gitlab-token|"
          r"x-vault-token|x-goog-api-key|ocp-apim-subscription-key|x-functions-key|x-amz-security-token|x-csrf-token|"
          r"x-xsrf-token|(?:set-)?cookie)[\"']?\s*:\s*[\"']?([^\s\"'\\][^\n\r\"'\\]{5,})",
          ("api-key", "api-token", "auth-token", "access-token", "private-token", "gitlab-token", "vault-token",
@@ -249,20 +249,20 @@ OWN_RULES: tuple[Rule, ...] = (
     _own("url_credentials", r"://[^/\s:@\"'<>]{0,256}:([^/\s@\"'<>]{1,256})@", ("://",), 2, group=1, check=_url_password),
     _own("url_credentials", r"://([^/\s:@\"'<>]{16,256})@", ("://",), 2, group=1, check=_userinfo_ok),
     _own("url_secret_param",
-         r"(?i)[?&;](?:password|passwd|pwd|token|access_token|refresh_token|id_token|auth_token|api[_-]?key|apikey|key|"
+         r"[?&;](?i:password|passwd|pwd|token|access_token|refresh_token|id_token|auth_token|api[_-]?key|apikey|key|"
          r"secret|client_secret|sig|signature|auth|sessionid|session_id|credential|x-amz-signature|x-amz-credential|"
          r"x-amz-security-token|private_token|code)=([^&#\s\"']{3,})",
          ("passw", "pwd", "token", "key", "secret", "sig", "auth", "session", "credential", "code="), 2, group=1,
          check=_not_placeholder),
     _own("env_value",  # {"name": "DB_PASSWORD", "value": "..."} and its YAML form (Kubernetes, ECS, Actions)
-         r"(?i)(?:name|key)[\"']?\s*[:=]\s*[\"']?" + _ENV_NAME +
-         r"[\"']?\s*(?:,\s*|\n\s*-?\s*)[\"']?value[\"']?\s*[:=]\s*" + _VALUE,
+         r"(?i:name|key)[\"']?\s*[:=]\s*[\"']?" + _ENV_NAME +
+         r"[\"']?\s*(?:,\s*|\n\s*-?\s*)[\"']?(?i:value)[\"']?\s*[:=]\s*" + _VALUE,
          ("name", "key"), 2, check=_env_value, value_groups=(2, 3, 4), requires=("=", ":")),
     # NAME=value, NAME: value, "name": "value", -Dname=value: the name ends in a secret word (the
     # whole name is checked by `_assignment`); any other name when the value looks random. (Look-
     # aheads: the value is not consumed, so `--from-literal=password=X` is seen at both '='.)
     _own("token_assignment",
-         r"(?i)(?:passw(?:or)?d|passwd|passphrase|pass|pwd|token|secret|key|auth|credentials?|pat|dsn|cookie|sig)"
+         r"(?i:passw(?:or)?d|passwd|passphrase|pass|pwd|token|secret|key|auth|credentials?|pat|dsn|cookie|sig)"
          r"[\"']?[ \t]*(?::=|=|:)(?=[ \t]*" + _VALUE + ")",
          ("pass", "pwd", "token", "secret", "key", "auth", "credential", "pat", "dsn", "cookie", "sig"), 2,
          check=_assignment, value_groups=(1, 2, 3), requires=("=", ":")),
