@@ -775,6 +775,7 @@ class Redactor:
         self._tokens: dict[tuple[str, str], str] = {}
         self._clean: set[str] = set()  # strings already scanned and found clean (paths, argv words repeat a lot)
         self._ids: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+        self._envelope: dict[tuple, tuple[dict, list[dict]]] = {}
 
     @cached_property
     def rules(self) -> RuleSet:
@@ -850,7 +851,8 @@ class Redactor:
         """``text`` with every secret replaced, and the (detector, token) of each replacement."""
         if len(text) < _MIN_LEN or text in self._clean:
             return text, []
-        new, found = self._apply(text, self._findings(text))
+        findings = self._findings(text)
+        new, found = self._apply(text, findings) if findings else (text, [])
         if not found and len(self._clean) < 50_000 and len(text) < 512:
             self._clean.add(text)
         return new, found
@@ -907,7 +909,7 @@ class Redactor:
         res = list(argv)
         words = [a if isinstance(a, str) else "" for a in argv]
         extra: dict[int, list[_Finding]] = {}
-        for wi, s, e, name in argv_secrets(words):
+        for wi, s, e, name in argv_secrets(words) if next(_triggers(" ".join(words)), None) is not None else ():
             if e > s:
                 extra.setdefault(wi, []).append(_Finding(s, e, _ARGV_RANK, -1, name, words[wi][s:e]))
         for i, a in enumerate(words):
@@ -971,19 +973,29 @@ class Redactor:
         """The transform the Recorder applies before encoding (returns the same dict, edited): the
         payload, and every string of the envelope an agent or host supplies."""
         out: list[dict] = []
+        ids = self._ids
         for key in ("turn_id", "tool_call_id"):
             v = record.get(key)
-            if isinstance(v, str):
-                nv, found = self._redact_id(v)
+            if v.__class__ is str:
+                nv, found = ids.get(v) or self._redact_id(v)
                 if found:
                     record[key] = nv
                     out.extend({"field": key, "detector": d, "token": t} for d, t in found)
         for key in ("producer", "trace"):
             v = record.get(key)
             if isinstance(v, dict):
-                nv = self.walk(v, key, out)
-                if nv is not v:
-                    record[key] = nv
+                # one process records under one producer identity: remember its (redacted) form
+                memo_key = (key, *v.values())
+                hit = self._envelope.get(memo_key)
+                if hit is None:
+                    found: list[dict] = []
+                    hit = (self.walk(v, key, found), found)
+                    if len(self._envelope) < 1000:
+                        self._envelope[memo_key] = hit
+                nv, found = hit
+                if found:
+                    record[key] = dict(nv)
+                    out.extend(found)
         name, payload = record["payload"]
         new = self.walk(payload, "payload", out)
         if new is not payload:

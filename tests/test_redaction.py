@@ -347,3 +347,22 @@ def test_the_redactor_is_fast_on_text_without_secrets():
         assert red.scan(t) == (t, [])
     per = (time.perf_counter() - t0) / len(texts)
     assert per < 200e-6, f"{per * 1e6:.0f} us per clean string"
+
+
+def test_ids_are_redacted_where_agent_records_carry_them():
+    """Rollout lines and OTLP attributes: the ids an importer keys facts by, redacted as they are read."""
+    gh = SAMPLES["github_token"][0]
+    red = Redactor(KEY)
+    line = {"type": "response_item", "payload": {"type": "function_call", "call_id": f"call_{gh}", "name": "shell",
+                                                  "arguments": "{}", "output": f"not an id: {gh}"}}
+    otlp = {"resourceLogs": [{"scopeLogs": [{"logRecords": [{"attributes": [
+        {"key": "conversation.id", "value": {"stringValue": f"conv-{gh}"}},
+        {"key": "call_id", "value": {"stringValue": f"call_{gh}"}},
+        {"key": "tool_name", "value": {"stringValue": "shell"}}]}]}]}]}
+    red.redact_ids_in(line)
+    red.redact_ids_in(otlp)
+    assert line["payload"]["call_id"] == red.redact_id(f"call_{gh}") != f"call_{gh}"
+    assert line["payload"]["output"] == f"not an id: {gh}"  # payload text is the events' business, not this pass's
+    attrs = otlp["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0]["attributes"]
+    assert [a["value"]["stringValue"] for a in attrs] == [red.redact_id(f"conv-{gh}"), red.redact_id(f"call_{gh}"), "shell"]
+    assert gh not in json.dumps(attrs)
