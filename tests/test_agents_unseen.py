@@ -144,7 +144,7 @@ def test_unseen_variants_map_to_the_right_values(tmp_path):
     assert st[U1]["git"]["branch"] == "fonctionnalité/ü" and st[U1]["cwd"] == "/home/dév/projet-ü"
     assert (st[U2]["sandbox_mode"], st[U2]["approval_policy"], st[U2]["network_policy"]["mode"]) == (
         "workspace_write", "on_failure", "enabled")
-    assert st[U2]["writable_roots"] == ["/srv/app", "/tmp"] and "[SECRET:github_token:" in st[U2]["git"]["repository_url"]
+    assert st[U2]["writable_roots"] == ["/srv/app", "/tmp"] and "[SECRET:github_app_token:" in st[U2]["git"]["repository_url"]
     assert (st[U3]["originator"], st[U3]["sandbox_mode"], st[U3]["git"]["branch"]) == ("mcp", "unknown", "dev")
     assert st[CC]["agent"] == "claude-code"
 
