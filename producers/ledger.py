@@ -218,6 +218,7 @@ class SessionAppender:
         # Ids from the agent that carry a secret become tokens wherever they are used: the session
         # (Kafka key, state rows), fact keys, call ids (see producers/redact.py).
         self.redact_id = id_redaction(self.transforms)
+        self.redact_key = id_redaction(self.transforms, keys=True)
         self.store = store or load_store()
         # Signed checkpoints as every producer writes them (issue 3): every N events of a session and
         # after its end, when a signing key is configured. Counted from the recorded facts, so they
@@ -350,7 +351,7 @@ class SessionAppender:
                 obs += more_obs
                 infs += more_infos
             for o in obs:  # ids from the agent, and fact keys built from them (and from paths), redacted
-                o.session_id, o.fact = session_id, rid(o.fact)
+                o.session_id, o.fact = session_id, self.redact_key(o.fact)
                 o.tool_call_id = rid(o.tool_call_id) if o.tool_call_id else o.tool_call_id
                 o.turn_id = rid(o.turn_id) if o.turn_id else o.turn_id
             known = self.state.known_facts(session_id, [o.fact for o in obs] + [SESSION_STARTED, SESSION_ENDED])

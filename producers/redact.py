@@ -776,6 +776,7 @@ class Redactor:
         self._clean: set[str] = set()  # strings already scanned and found clean (paths, argv words repeat a lot)
         self._ids: dict[str, tuple[str, list[tuple[str, str]]]] = {}
         self._envelope: dict[tuple, tuple[dict, list[dict]]] = {}
+        self._keys: dict[str, str] = {}
 
     @cached_property
     def rules(self) -> RuleSet:
@@ -867,20 +868,41 @@ class Redactor:
         hit = self._ids.get(value)
         if hit is not None:
             return hit
-        new, found = self.scan(value)
-        cur = new
-        for _ in range(3):  # to a fixed point
-            again, more = self.scan(cur)
-            if not more:
-                break
-            cur, found = again, found + more
-        res = (cur, found)
+        res = self._fixed_point(value, self.scan)
         if len(self._ids) < 50_000:
             self._ids[value] = res
             # The redacted id maps to itself with what was found in the original: where the id was
             # redacted on entry (hook input, rollout line), the event still lists the replacement.
-            self._ids[cur] = res
+            self._ids[res[0]] = res
         return res
+
+    def _fixed_point(self, value: str, scan) -> tuple[str, list[tuple[str, str]]]:
+        cur, found = scan(value)
+        for _ in range(3):
+            again, more = scan(cur)
+            if not more:
+                break
+            cur, found = again, found + more
+        return cur, found
+
+    def redact_key(self, value: str) -> str:
+        """A state key built from ids and paths (a fact key such as ``cmd:<call_id>:started``) with
+        any secret in it replaced. Like `redact_id`, but generic rules are not applied: they would
+        take ``cmd:<random call id>`` for a high-entropy assignment, and a key must stay what it was
+        for every id without a secret (keys stored before must still match)."""
+        hit = self._keys.get(value)
+        if hit is None:
+            hit = self._fixed_point(value, self._scan_specific)[0]
+            if len(self._keys) < 50_000:
+                self._keys[value] = hit
+                self._keys[hit] = hit
+        return hit
+
+    def _scan_specific(self, text: str) -> tuple[str, list[tuple[str, str]]]:
+        if len(text) < _MIN_LEN:
+            return text, []
+        findings = [f for f in self._findings(text) if f.rank < _GENERIC_RANK]
+        return self._apply(text, findings) if findings else (text, [])
 
     def redact_ids_in(self, obj):
         """An agent record (hook input, rollout line, OTLP JSON) with every id in it redacted (keys
@@ -1010,10 +1032,13 @@ def redactor_of(transforms: Iterable[Callable]) -> Redactor | None:
     return next((t for t in transforms if isinstance(t, Redactor)), None)
 
 
-def id_redaction(transforms: Iterable[Callable]) -> Callable[[str], str]:
-    """`Redactor.redact_id` of the producer's redactor, or the identity when redaction is off."""
+def id_redaction(transforms: Iterable[Callable], keys: bool = False) -> Callable[[str], str]:
+    """`Redactor.redact_id` (``keys``: `Redactor.redact_key`) of the producer's redactor, or the
+    identity when redaction is off."""
     red = redactor_of(transforms)
-    return red.redact_id if red is not None else (lambda s: s)
+    if red is None:
+        return lambda s: s
+    return red.redact_key if keys else red.redact_id
 
 
 def default_transforms(settings: Settings, env: Mapping[str, str] | None = None, *,

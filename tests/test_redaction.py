@@ -330,6 +330,12 @@ def test_every_string_of_the_envelope_is_redacted_and_ids_keep_joining():
     assert gh not in text and GLPAT not in text and AIZA not in text
     assert out["tool_call_id"] == out["payload"][1]["command_id"] == red.redact_id(call) == f"call_[SECRET:github_pat:{hmac8(gh)}]"
     assert red.redact_id(red.redact_id(call)) == red.redact_id(call)  # applying it twice changes nothing
+    # fact keys: the one with a secret is redacted; those without keep their spelling (state stored
+    # before still matches, so a re-import adds nothing), even where generic rules would fire
+    assert red.redact_key(f"cmd:{call}:started") == f"cmd:{red.redact_id(call)}:started"
+    for key in ("cmd:call_3f2a9c81be0d4e6f8a7b1c2d:started", "file:toolu_01ABCdef234567890abcdef12:/w/src/app.ts",
+                "approval_req:perm-0123456789abcdef0123"):
+        assert red.redact_key(key) == key
     assert out["trace"]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"  # ids without secrets are left alone
     assert {r["field"] for r in out["redactions"]} == {"turn_id", "tool_call_id", "producer.host", "trace.trace_state",
                                                        "payload.command_id"}
