@@ -39,7 +39,6 @@ import argparse
 import base64
 import json
 import random
-import re
 import string
 import sys
 import time

@@ -627,10 +627,6 @@ class RuleSet:
             self._automaton.add_word(k, frozenset(idx))
         self._automaton.make_automaton()
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(r.name for r in self.rules))
-
     def candidates(self, low: str) -> list[int]:
         """Indices (in rule order) of the rules whose keywords occur in the lower-cased text."""
         hit: set[int] = set(self.always)
