@@ -446,18 +446,30 @@ def _flag_value_ok(flag: str, value: str) -> bool:
 
 
 _FLAG_TRIGGER = re.compile(r"-{1,2}[\w.-]*?(?:pass|pwd|token|secret|key|auth|cred|bearer|pat)", re.IGNORECASE)
-_PROGRAM_TRIGGER = re.compile(
+_PROGRAM_AT = re.compile(
     r"(?:mysql\w*|mariadb\S*|sshpass|mongo\w*|redis-cli|sqlcmd|bcp|osql|isql|zip|unzip|zipcloak|7z\w?|u?nrar|ldap\w+|"
-    r"ssh-keygen|login|smbclient|rpcclient|smbmap|curl|https?|xhs?|htpasswd|xfreerdp|openssl|sqlplus|set)\s", re.IGNORECASE)
+    r"ssh-keygen|login|smbclient|rpcclient|smbmap|curl|https?|xhs?|htpasswd|xfreerdp|openssl|sqlplus|set)\s")
+_PROGRAM_WORDS = ("mysql", "mariadb", "sshpass", "mongo", "redis-cli", "sqlcmd", "bcp", "osql", "isql", "zip", "unzip",
+                  "7z", "rar", "ldap", "ssh-keygen", "login", "smbclient", "rpcclient", "smbmap", "curl", "http", "xh",
+                  "htpasswd", "xfreerdp", "openssl", "sqlplus", "set")
+_PROGRAMS_AC = ahocorasick.Automaton()
+for _w in _PROGRAM_WORDS:
+    _PROGRAMS_AC.add_word(_w, len(_w))
+_PROGRAMS_AC.make_automaton()
 
 
 def _triggers(text: str):
-    """Where an argv rule could apply: a secret-looking flag, or a program with secret flags."""
-    for rx in (_FLAG_TRIGGER, _PROGRAM_TRIGGER):
-        for m in rx.finditer(text):
-            s = m.start()
-            if rx is _FLAG_TRIGGER or s == 0 or not (text[s - 1].isalnum() or text[s - 1] in "_-"):
-                yield m
+    """Where an argv rule could apply, as (start, end): a secret-looking flag, or a program with
+    secret flags (found by one Aho-Corasick pass, then checked where it is)."""
+    for m in _FLAG_TRIGGER.finditer(text):
+        yield m.start(), m.end()
+    for end, n in _PROGRAMS_AC.iter(text):
+        s = end + 1 - n
+        if s and (text[s - 1].isalnum() or text[s - 1] in "_-"):
+            continue
+        m = _PROGRAM_AT.match(text, s)
+        if m:
+            yield s, m.end()
 
 
 def shell_words(text: str) -> tuple[list[str | None], list[list[int]]]:
@@ -582,12 +594,12 @@ def _shell_windows(text: str) -> list[tuple[int, int]]:
     if len(text) <= 4096:
         return [(0, len(text))] if next(_triggers(text), None) is not None else []
     spans: list[tuple[int, int]] = []
-    for m in _triggers(text):
-        a = max(text.rfind("\n", 0, m.start()) + 1, m.start() - 4096)
-        b = text.find("\n", m.end())
+    for ts, te in _triggers(text):
+        a = max(text.rfind("\n", 0, ts) + 1, ts - 4096)
+        b = text.find("\n", te)
         if b > 0 and text[b - 1:b] == "\\":
             b = text.find("\n", b + 1)
-        b = min(len(text) if b < 0 else b, m.end() + 4096)
+        b = min(len(text) if b < 0 else b, te + 4096)
         spans.append((a, b))
     out: list[tuple[int, int]] = []
     for a, b in sorted(spans):
