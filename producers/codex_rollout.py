@@ -35,7 +35,7 @@ from typing import Any
 from .counts import FileCounts
 from .ledger import Observation, SessionInfo
 from .normalize import (approval_decision, approval_policy, as_int, command_argv, duration_ms, first,
-                        infer_sandbox_denial, inside, looks_declined, looks_timed_out, network_policy,
+                        infer_sandbox_denial, inside, loads_bounded, looks_declined, looks_timed_out, network_policy,
                         parse_exec_output, parse_patch, parse_time_us, patch_changes, resolve_path, risk,
                         sandbox_details, sandbox_mode, short_digest)
 from .recorder import action_digest, output_digest
@@ -197,13 +197,15 @@ class RolloutParser:
         if self._mapped:
             self.counts.mapped += 1
 
-    def garbage(self, offset: int, lineno: int, raw: bytes, reason: str) -> None:
-        """A line we cannot use: a gap in the session so the loss shows in its timeline."""
+    def garbage(self, offset: int, lineno: int, raw: bytes, reason: str, length: int | None = None) -> None:
+        """A line we cannot use: a gap in the session so the loss shows in its timeline. ``raw`` may
+        be only the start of the line (an over-long one); ``length`` is then its full size."""
         self._offset = offset
         at = (self.ctx.get("last_us") or 0) + 1
         self._obs(f"gap:src:{short_digest(raw, offset, n=20)}", "gap",
                   {"gap_kind": "source_incomplete", "reason": f"{os.path.basename(self.path)} line {lineno}: {reason}",
-                   "field": None, "lost_events": None, "lost_bytes": len(raw), "first_lost_at": None,
+                   "field": None, "lost_events": None, "lost_bytes": len(raw) if length is None else length,
+                   "first_lost_at": None,
                    "last_lost_at": None, "related_seq": None}, at)
 
     def finish(self, idle: bool) -> None:
@@ -218,8 +220,8 @@ class RolloutParser:
                 for o in self._unattributed:
                     o.session_id = self.session_id
                 self.observations += self._unattributed
-            else:
-                self.counts.no_session += len(self._unattributed)
+            else:  # (a gap stands for a line already counted as unusable: not counted twice)
+                self.counts.no_session += sum(1 for o in self._unattributed if o.kind != "gap")
             self._unattributed = []
         calls = self.ctx["calls"]
         if len(calls) > MAX_OPEN_CALLS:  # calls never answered: keep the most recent ones
@@ -317,7 +319,7 @@ class RolloutParser:
             args = p.get("arguments")
             if isinstance(args, str):
                 try:
-                    args = json.loads(args) if args.strip() else {}
+                    args = loads_bounded(args) if args.strip() else {}
                 except ValueError:
                     args = {"input": args} if name in PATCH_TOOLS else {"command": args}
             call_id = str(p.get("call_id") or p.get("id") or "")

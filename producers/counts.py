@@ -15,6 +15,8 @@ class FileCounts:
     mapped: int = 0  # records that produced at least one observation
     ignored: int = 0  # known record types that carry nothing we record (messages, token counts, ...)
     invalid_json: int = 0
+    too_long: int = 0  # lines over the importers' size limit (skipped unread, kept as rejects)
+    too_deep: int = 0  # JSON nested deeper than the importers accept
     not_object: int = 0
     non_utf8: int = 0  # lines with bytes that are not UTF-8 (imported with U+FFFD in their place)
     no_session: int = 0  # records that name no session we could attribute them to
@@ -41,8 +43,13 @@ class FileCounts:
 
     @property
     def problems(self) -> int:
-        return (self.invalid_json + self.not_object + self.no_session + self.orphans
+        return (self.invalid_json + self.too_long + self.too_deep + self.not_object + self.no_session + self.orphans
                 + sum(self.unknown_types.values()))
+
+    @property
+    def recognised(self) -> int:
+        """Records of the file's format (mapped or known and ignored): 0 means nothing usable."""
+        return self.mapped + self.ignored
 
     def as_dict(self) -> dict:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}

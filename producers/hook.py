@@ -51,8 +51,8 @@ from schemas.config import Settings
 
 from .ledger import Observation, SessionAppender, SessionInfo
 from .sinks import recording_mode_from_env
-from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, network_protocol, parse_exec_output,
-                        parse_patch, permission_mode_policy, resolve_path, short_digest, urls_in)
+from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, loads_bounded, network_protocol,
+                        parse_exec_output, parse_patch, permission_mode_policy, resolve_path, short_digest, urls_in)
 from .recorder import action_digest, output_digest
 
 SOURCE = "hook"
@@ -429,7 +429,7 @@ def handle(
     out = HookOutcome()
     fail_closed = fail_closed or recording_mode_from_env(env) == "fail_closed"
     try:
-        data = json.loads(raw.decode("utf-8", "replace")) if raw.strip() else None
+        data = loads_bounded(raw.decode("utf-8", "replace")) if raw.strip() else None
     except ValueError as exc:
         data, err = None, f"invalid JSON: {exc}"
     else:

@@ -23,7 +23,7 @@ make one session with one gapless chain.
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,8 +36,11 @@ from .codex_rollout import RolloutParser
 from .counts import FileCounts
 from .importstate import ProducerState
 from .ledger import AppendResult, EndRule, Observation, SessionAppender, SessionInfo, producer_transforms
+from .normalize import JSONTooDeep, loads_bounded
 from .otel import OtelParser
 from .redact import redactor_of
+
+log = logging.getLogger(__name__)
 
 HEAD_LEN = 4096
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors and tools put before the first line
@@ -46,25 +49,44 @@ ROLLOUT_SUFFIXES = (".jsonl",)
 OTEL_SUFFIXES = (".json", ".jsonl", ".ndjson", ".otlp")
 PARSERS = {"codex_rollout": RolloutParser, "otel": OtelParser}
 AGENT_OF = {"codex_rollout": ("codex", None, "codex_rollout"), "otel": ("unknown", None, "otel")}
+KIND_COMMAND = {"codex_rollout": "import codex-rollout", "otel": "import otel"}
+# Limits on what one source may make the importer hold: files are read in chunks, a line longer than
+# MAX_LINE_BYTES is skipped without being held (kept as a reject: offset, length, redacted excerpt),
+# JSON nested deeper than MAX_JSON_DEPTH is refused (normalize.loads_bounded), and a file that is one
+# pretty-printed OTLP document (which can only be parsed whole) may be at most MAX_DOCUMENT_BYTES.
+CHUNK_BYTES = 1 << 20
+MAX_LINE_BYTES = 16 << 20
+MAX_DOCUMENT_BYTES = 64 << 20
+REJECT_SCAN_BYTES = 64 * 1024  # of an unusable line, what is scanned for secrets before its excerpt is kept
+REJECT_EXCERPT_CHARS = 200
 
 
 @dataclass
 class FileReport:
     path: str
     kind: str
-    status: str = "new"  # new | grown | unchanged | rewritten | error
+    status: str = "new"  # new | grown | unchanged | rewritten | pending | error
     from_offset: int = 0
     to_offset: int = 0
     sessions: list = field(default_factory=list)
     observations: int = 0
-    counts: FileCounts = field(default_factory=FileCounts)
+    counts: FileCounts = field(default_factory=FileCounts)  # this run's
     error: str | None = None
+    earlier: FileCounts = field(default_factory=FileCounts)  # what earlier imports of this file found
+
+    @property
+    def total(self) -> FileCounts:
+        """The file's counts over every import of it (earlier runs and this one)."""
+        t = FileCounts.from_dict(self.earlier.as_dict())
+        t.pending_tail_bytes = 0  # a tail is pending now or not at all, never cumulative
+        t.add(self.counts)
+        return t
 
     def as_dict(self) -> dict:
         return {"path": self.path, "kind": self.kind, "status": self.status, "from_offset": self.from_offset,
                 "to_offset": self.to_offset, "bytes_read": self.to_offset - self.from_offset,
                 "sessions": self.sessions, "observations": self.observations, "counts": self.counts.as_dict(),
-                "problems": self.counts.problems, "error": self.error}
+                "problems": self.counts.problems, "problems_earlier": self.earlier.problems, "error": self.error}
 
 
 @dataclass
@@ -75,6 +97,8 @@ class ImportReport:
     seconds: float = 0.0
     dry_run: bool = False
     rejects: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (path, format) found under directories, of the other format
+    wanted: tuple = ()  # the formats asked for
 
     @property
     def events_added(self) -> int:
@@ -92,16 +116,42 @@ class ImportReport:
             for k, n in s.kinds.items():
                 kinds[k] = kinds.get(k, 0) + n
         return {"files": len(self.files), **{f"files_{k}": v for k, v in sorted(statuses.items())},
+                "files_skipped": len(self.skipped),
                 "sessions": len({s.session_id for s in self.sessions}),
                 "observations": sum(f.observations for f in self.files),
                 "events_added": self.events_added, "already_recorded": sum(s.already_recorded for s in self.sessions),
                 "merged": sum(s.merged for s in self.sessions), "resent": self.resent, "kinds": kinds,
-                "problems": sum(f.counts.problems for f in self.files), "counts": total.as_dict()}
+                "problems": sum(f.counts.problems for f in self.files),
+                "problems_earlier": sum(f.earlier.problems for f in self.files), "counts": total.as_dict()}
+
+    def nothing_usable(self) -> str | None:
+        """Why this run read nothing valid (no file of the format, or no record any file holds is of
+        its format, this time or before), else None. Files with no complete line yet are neutral."""
+        if not self.files:
+            what = " or ".join(k.replace("_", " ") for k in self.wanted) or "input"
+            msg = f"no {what} files found"
+            if self.skipped:
+                other: dict[str, int] = {}
+                for _, k in self.skipped:
+                    other[k] = other.get(k, 0) + 1
+                msg += "; skipped " + ", ".join(
+                    f"{n} file(s) that look like {k.replace('_', ' ')} (agentledger {KIND_COMMAND[k]})"
+                    for k, n in sorted(other.items()))
+            return msg
+        readable = [f for f in self.files if f.status != "error"]
+        with_lines = [f for f in readable if f.total.lines > f.total.blank]
+        if readable and with_lines and not any(f.total.recognised for f in with_lines):
+            names = ", ".join(os.path.basename(f.path) for f in with_lines[:3]) + (" …" if len(with_lines) > 3 else "")
+            return (f"no record of the expected format in {len(with_lines)} file(s) ({names}): "
+                    f"{sum(f.total.problems for f in with_lines)} problems")
+        return None
 
     def as_dict(self) -> dict:
         return {"totals": self.totals(), "files": [f.as_dict() for f in self.files],
                 "sessions": [s.as_dict() for s in self.sessions], "seconds": round(self.seconds, 3),
-                "dry_run": self.dry_run, "rejects": self.rejects[:100]}
+                "dry_run": self.dry_run, "rejects": self.rejects[:100],
+                "skipped": [{"path": p, "format": k} for p, k in self.skipped[:100]],
+                "nothing_usable": self.nothing_usable()}
 
 
 def sniff(path: str) -> str | None:
@@ -118,7 +168,7 @@ def sniff(path: str) -> str | None:
         return "codex_rollout"
     first_line = head.split(b"\n", 1)[0]
     try:
-        obj = json.loads(first_line)
+        obj = loads_bounded(first_line)
     except ValueError:
         return None
     if isinstance(obj, dict) and ("payload" in obj and "type" in obj or {"id", "timestamp"} <= set(obj)):
@@ -126,10 +176,12 @@ def sniff(path: str) -> str | None:
     return None
 
 
-def discover(paths: Iterable[str | Path], kind: str) -> list[tuple[str, str]]:
+def discover(paths: Iterable[str | Path], kind: str,
+             skipped: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """(path, format) of the files named and of the files under the directories named (recursively,
     by suffix). A named file that is clearly of the other format is imported as that format; under
-    directories only files of the wanted format are taken (sniffed from their first bytes)."""
+    directories only files of the wanted format are taken (sniffed from their first bytes), the
+    others are added to ``skipped``."""
     suffixes = ROLLOUT_SUFFIXES if kind == "codex_rollout" else OTEL_SUFFIXES
     out: list[tuple[str, str]] = []
     for p in paths:
@@ -140,40 +192,100 @@ def discover(paths: Iterable[str | Path], kind: str) -> list[tuple[str, str]]:
                 for f in sorted(files):
                     if f.endswith(suffixes) and not f.startswith("."):
                         full = os.path.abspath(os.path.join(root, f))
-                        if (sniff(full) or kind) == kind:
+                        found = sniff(full) or kind
+                        if found == kind:
                             out.append((full, kind))
+                        elif skipped is not None:
+                            skipped.append((full, found))
         else:
             full = os.path.abspath(str(p))
             out.append((full, sniff(full) or kind))
     return out
 
 
-def _split_lines(data: bytes, base: int, settled: bool) -> tuple[list[tuple[int, bytes]], int, int]:
-    """Complete lines of ``data`` (which starts at file offset ``base``) and the offset after the
-    last one consumed. An unterminated tail is consumed only once the file has settled."""
-    lines = []
-    pos = 0
-    while True:
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break
-        lines.append((base + pos, data[pos:nl]))
-        pos = nl + 1
-    tail = data[pos:]
-    if tail.strip():
-        # A complete JSON *object* cannot be the prefix of a longer one-line object, so such a tail
-        # is a whole record even while the file is written (hand-made files often lack the final
-        # newline); anything else waits until the file has settled.
-        try:
-            obj = json.loads(tail[len(BOM):] if base + pos == 0 and tail.startswith(BOM) else tail)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) or (obj is not None and settled):
-            lines.append((base + pos, tail))
-            pos = len(data)
-    else:
-        pos = len(data)
-    return lines, base + pos, len(data) - pos
+@dataclass
+class _Line:
+    offset: int
+    raw: bytes  # the line without its newline; of a line over MAX_LINE_BYTES only the first REJECT_SCAN_BYTES
+    length: int
+    too_long: bool = False
+
+
+class _LineReader:
+    """The complete lines of a file between ``start`` and ``stop``, read in chunks: at most about
+    MAX_LINE_BYTES + CHUNK_BYTES are held, whatever the file holds. After iterating, ``end`` is the
+    offset after the last line consumed and ``pending`` the size of an unterminated tail left for
+    the next run (consumed only once the file has settled, or when it is a complete JSON object)."""
+
+    def __init__(self, f, start: int, stop: int, settled: bool):
+        self.f, self.start, self.stop, self.settled = f, start, stop, settled
+        self.end = start
+        self.pending = 0
+
+    def __iter__(self):
+        f = self.f
+        f.seek(self.start)
+        pos = self.start  # file offset of buf[0]
+        buf = bytearray()
+        skip: _Line | None = None  # a line over the limit, being skipped to its newline
+        remaining = self.stop - self.start
+        while remaining > 0:
+            chunk = f.read(min(CHUNK_BYTES, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            if skip is not None:
+                nl = chunk.find(b"\n")
+                if nl < 0:
+                    skip.length += len(chunk)
+                    continue
+                skip.length += nl
+                yield skip
+                pos = skip.offset + skip.length + 1
+                self.end = pos
+                skip = None
+                chunk = chunk[nl + 1:]
+            buf += chunk
+            i = 0
+            while True:
+                nl = buf.find(b"\n", i)
+                if nl < 0:
+                    break
+                with memoryview(buf) as view:  # (one copy of the line, not two)
+                    if nl - i > MAX_LINE_BYTES:
+                        line = _Line(pos + i, bytes(view[i:i + REJECT_SCAN_BYTES]), nl - i, too_long=True)
+                    else:
+                        line = _Line(pos + i, bytes(view[i:nl]), nl - i)
+                yield line
+                i = nl + 1
+            del buf[:i]
+            pos += i
+            self.end = pos
+            if len(buf) > MAX_LINE_BYTES:
+                skip = _Line(pos, bytes(buf[:REJECT_SCAN_BYTES]), len(buf), too_long=True)
+                buf = bytearray()
+        if skip is not None:  # an unterminated tail over the limit
+            if self.settled:
+                yield skip
+                self.end = self.stop
+            else:
+                self.pending = skip.length
+        elif buf.strip():
+            # A complete JSON *object* cannot be the prefix of a longer one-line object, so such a tail
+            # is a whole record even while the file is written (hand-made files often lack the final
+            # newline); anything else waits until the file has settled.
+            tail = bytes(buf)
+            try:
+                obj = loads_bounded(tail[len(BOM):] if pos == 0 and tail.startswith(BOM) else tail)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) or (obj is not None and self.settled):
+                yield _Line(pos, tail, len(tail))
+                self.end = self.stop
+            else:
+                self.pending = len(tail)
+        else:
+            self.end = pos + len(buf)
 
 
 def _decode(raw: bytes, counts: FileCounts) -> str:
@@ -182,6 +294,20 @@ def _decode(raw: bytes, counts: FileCounts) -> str:
     except UnicodeDecodeError:
         counts.non_utf8 += 1
         return raw.decode("utf-8", "replace")
+
+
+def _one_document(f, size: int) -> bool:
+    """Whether an OTel file is one (pretty-printed) JSON document rather than JSON lines: it starts
+    with ``{`` and its first line is not JSON by itself."""
+    head = f.read(min(size, 65536))
+    head = head[len(BOM):] if head.startswith(BOM) else head
+    if head.lstrip()[:1] != b"{" or (b"\n" not in head and size > len(head)):
+        return False
+    try:
+        loads_bounded(head.split(b"\n", 1)[0])
+    except ValueError:
+        return True
+    return False
 
 
 def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: float, idle_s: float,
@@ -196,72 +322,107 @@ def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: fl
         report.status = "unchanged"
         report.from_offset = report.to_offset = row["offset"]
         report.sessions = list(row["sessions"])
+        report.earlier = FileCounts.from_dict(row["counts"])
         return None, None
     with open(path, "rb") as f:
+        head = f.read(HEAD_LEN)
         start, ctx = 0, None
         if same_file and st.st_size >= row["offset"]:
-            head = f.read(row["head_len"])
-            if hashlib.sha256(head).hexdigest() == row["head_sha"]:
+            if hashlib.sha256(head[:row["head_len"]]).hexdigest() == row["head_sha"]:
                 start, ctx = row["offset"], row["context"]
                 report.status = "grown" if st.st_size > row["offset"] else "unchanged"
+                report.earlier = FileCounts.from_dict(row["counts"])
         if row is not None and start == 0:
             report.status = "rewritten"
-        f.seek(start)
-        data = f.read()
-        f.seek(0)
-        head = f.read(HEAD_LEN)
-    report.from_offset = start
-    parser = PARSERS[kind](path, ctx, file_index, report.counts)
-    lineno = int((ctx or {}).get("_lines", 0))
-    doc_data = data[len(BOM):] if start == 0 and data.startswith(BOM) else data
-    if kind == "otel" and start == 0 and doc_data.lstrip()[:1] == b"{":
-        first_line = doc_data.split(b"\n", 1)[0]
-        try:
-            json.loads(first_line)
-        except ValueError:
-            probe = FileCounts()
-            try:
-                doc = json.loads(_decode(doc_data, probe))
-            except ValueError:
-                doc = None
-            if doc is not None:  # one (pretty-printed) OTLP document
-                report.counts.lines += data.count(b"\n") + 1
-                report.counts.non_utf8 += probe.non_utf8
-                parser.feed(ids(doc), 0, 1)
-                parser.finish(settled)
-                _finish_report(report, parser, len(data), head, st, lineno + data.count(b"\n") + 1)
-                return parser, st
-            if not settled:  # a document still being written
-                report.counts.pending_tail_bytes = len(data)
-                report.to_offset = start
-                report.status = "pending"
-                return None, None
-    lines, end, tail = _split_lines(data, start, settled)
-    report.counts.pending_tail_bytes = tail
-    for off, raw in lines:
-        lineno += 1
-        report.counts.lines += 1
-        raw = raw.rstrip(b"\r")
-        if off == 0 and raw.startswith(BOM):
-            raw = raw[len(BOM):]
-        if not raw.strip():
-            report.counts.blank += 1
-            continue
-        text = _decode(raw, report.counts)
-        try:
-            obj = json.loads(text)
-        except ValueError as exc:
-            report.counts.invalid_json += 1
-            rejects.append((path, off, lineno, f"invalid JSON: {exc.msg}", raw[:REJECT_SCAN_BYTES]))
-            parser.garbage(off, lineno, raw, "not valid JSON")
-            continue
-        if not isinstance(obj, dict):
-            rejects.append((path, off, lineno, f"JSON {type(obj).__name__}, not an object", raw[:REJECT_SCAN_BYTES]))
-        parser.feed(ids(obj), off, lineno)
+        report.from_offset = start
+        parser = PARSERS[kind](path, ctx, file_index, report.counts)
+        if kind == "otel" and start == 0:
+            f.seek(0)
+            if _one_document(f, st.st_size):
+                done = _parse_document(f, path, st, settled, parser, head, report, rejects, ids)
+                if done is not None:
+                    return done
+        lineno = int((ctx or {}).get("_lines", 0))
+        reader = _LineReader(f, start, st.st_size, settled)
+        for line in reader:
+            lineno += 1
+            report.counts.lines += 1
+            _parse_line(path, line, lineno, parser, report.counts, rejects, ids)
+    report.counts.pending_tail_bytes = reader.pending
     parser.finish(settled and (now - st.st_mtime) >= idle_s)
-    _finish_report(report, parser, end, head, st, lineno)
-    if report.status == "grown" and end == start:
+    _finish_report(report, parser, reader.end, head, st, lineno)
+    if report.status == "grown" and reader.end == start:
         report.status = "unchanged"  # only an unterminated tail was added: nothing to read yet
+    return parser, st
+
+
+def _parse_line(path: str, line: _Line, lineno: int, parser, counts: FileCounts, rejects: list,
+                ids: Callable = lambda obj: obj) -> None:
+    """One line to the parser (its ids redacted by ``ids``), or to the rejects (and the session's
+    gaps) with the reason it is unusable."""
+    off, raw = line.offset, line.raw
+    if line.too_long:
+        counts.too_long += 1
+        reason = f"line of {line.length} bytes is longer than the limit of {MAX_LINE_BYTES} bytes (not read)"
+        rejects.append((path, off, lineno, reason, raw[:REJECT_SCAN_BYTES]))
+        parser.garbage(off, lineno, raw, reason, line.length)
+        return
+    raw = raw.rstrip(b"\r")
+    if off == 0 and raw.startswith(BOM):
+        raw = raw[len(BOM):]
+    if not raw.strip():
+        counts.blank += 1
+        return
+    text = _decode(raw, counts)
+    try:
+        obj = loads_bounded(text)
+    except JSONTooDeep as exc:
+        counts.too_deep += 1
+        rejects.append((path, off, lineno, f"JSON {exc}", raw[:REJECT_SCAN_BYTES]))
+        parser.garbage(off, lineno, raw, f"JSON {exc}")
+        return
+    except ValueError as exc:
+        counts.invalid_json += 1
+        rejects.append((path, off, lineno, f"invalid JSON: {getattr(exc, 'msg', exc)}", raw[:REJECT_SCAN_BYTES]))
+        parser.garbage(off, lineno, raw, "not valid JSON")
+        return
+    if not isinstance(obj, dict):
+        rejects.append((path, off, lineno, f"JSON {type(obj).__name__}, not an object", raw[:REJECT_SCAN_BYTES]))
+    parser.feed(ids(obj), off, lineno)
+
+
+def _parse_document(f, path: str, st, settled: bool, parser, head: bytes, report: FileReport,
+                    rejects: list, ids: Callable = lambda obj: obj) -> tuple[object | None, dict | None] | None:
+    """An OTel file that is one (pretty-printed) OTLP/JSON document, parsed whole (so bounded by
+    MAX_DOCUMENT_BYTES). None: it is not one valid document after all, read it as lines."""
+    if st.st_size > MAX_DOCUMENT_BYTES:
+        raise ValueError(f"one JSON document of {st.st_size} bytes, over the limit of {MAX_DOCUMENT_BYTES} bytes "
+                         "for a pretty-printed OTLP file (export JSON lines: one document per line)")
+    f.seek(0)
+    data = f.read(st.st_size)
+    doc_data = data[len(BOM):] if data.startswith(BOM) else data
+    probe = FileCounts()
+    lines = data.count(b"\n") + 1
+    try:
+        doc = loads_bounded(_decode(doc_data, probe))
+    except JSONTooDeep as exc:
+        report.counts.lines += lines
+        report.counts.too_deep += 1
+        rejects.append((path, 0, 1, f"JSON document {exc}", doc_data[:REJECT_SCAN_BYTES]))
+        _finish_report(report, parser, len(data), head, st, lines)
+        return parser, st
+    except ValueError:
+        if settled:
+            return None
+        report.counts.pending_tail_bytes = len(data)  # a document still being written
+        report.to_offset = 0
+        report.status = "pending"
+        return None, None
+    report.counts.lines += lines
+    report.counts.non_utf8 += probe.non_utf8
+    parser.feed(ids(doc), 0, 1)
+    parser.finish(settled)
+    _finish_report(report, parser, len(data), head, st, lines)
     return parser, st
 
 
@@ -314,7 +475,9 @@ def run_import(
     file offsets are then not advanced (the next run redoes the work, adding nothing twice)."""
     t0 = time.perf_counter()
     now = time.time() if now is None else now
-    report = ImportReport(dry_run=dry_run)
+    rollouts, otel = list(rollouts), list(otel)
+    report = ImportReport(dry_run=dry_run, wanted=tuple(k for k, paths in (("codex_rollout", rollouts), ("otel", otel))
+                                                        if paths))
     state = appender.state if appender is not None else ProducerState(settings.home)
     # The producers' redaction (the appender's, or the one it will get): ids are redacted as each
     # record is read, rejects and the parsers' saved context before they are stored.
@@ -322,24 +485,28 @@ def run_import(
     red = redactor_of(transforms)
     ids = red.redact_ids_in if red is not None else (lambda obj: obj)
     inputs, seen = [], set()
-    for path, kind in discover(rollouts, "codex_rollout") + discover(otel, "otel"):
+    for path, kind in discover(rollouts, "codex_rollout", report.skipped) + discover(otel, "otel", report.skipped):
         if path not in seen:
             seen.add(path)
             inputs.append((path, kind))
+    report.skipped = [(p, k) for p, k in report.skipped if p not in seen]
     parsed: list[tuple[FileReport, object, object]] = []
     rejects: list[tuple] = []
     idle = end_idle_s if end_idle_s is not None else float("inf")
     for i, (path, kind) in enumerate(inputs):
         fr = FileReport(path, kind)
         report.files.append(fr)
+        file_rejects: list[tuple] = []
         try:
             row = state.file_row(path)
-            parser, st = _parse_file(path, kind, row, i, now, idle, fr, rejects, ids)
-        except OSError as exc:
+            parser, st = _parse_file(path, kind, row, i, now, idle, fr, file_rejects, ids)
+        except Exception as exc:  # noqa: BLE001 - one file that cannot be read never stops the others
+            log.debug("importing %s failed", path, exc_info=True)
             fr.status, fr.error = "error", f"{type(exc).__name__}: {exc}"
             parser = None
         if parser is not None:
             parsed.append((fr, parser, row))
+            rejects += file_rejects
         if on_file:
             on_file(fr)
     # -- merge per session, in time order ------------------------------------------------------
@@ -405,7 +572,7 @@ def run_import(
             if red is not None:  # what the parser keeps for the next run (open calls' argv, ...) is state too
                 ctx = red.walk(ctx, "context", [])
             rows.append({"path": fr.path, "kind": fr.kind, **parser._file_row, "context": ctx,
-                         "sessions": fr.sessions, "counts": _cumulative(row, fr).as_dict()})
+                         "sessions": fr.sessions, "counts": fr.total.as_dict()})
         state.save_files(rows, rejects)
     finally:
         if own:
@@ -413,11 +580,3 @@ def run_import(
     report.seconds = time.perf_counter() - t0
     return report
 
-
-def _cumulative(row: dict | None, fr: FileReport) -> FileCounts:
-    """The file's counts over every import: those saved with its state row (read before this run
-    parsed it) plus this run's."""
-    total = FileCounts.from_dict(row["counts"]) if row and fr.status == "grown" else FileCounts()
-    total.pending_tail_bytes = 0  # a tail is pending now or not at all, never cumulative
-    total.add(fr.counts)
-    return total

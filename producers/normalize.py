@@ -44,6 +44,49 @@ def _alpha(v: Any) -> str:
     return re.sub(r"[^a-z]", "", str(v).lower())
 
 
+# -- JSON from untrusted sources ----------------------------------------------------------------
+
+MAX_JSON_DEPTH = 128  # arrays/objects inside each other; real agent records nest a few dozen at most
+
+
+class JSONTooDeep(ValueError):
+    """A JSON text nested deeper than the importers accept."""
+
+
+def loads_bounded(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for text written by someone else: a document nested deeper than ``max_depth``
+    raises `JSONTooDeep` (a ValueError, like any other unusable JSON) instead of a RecursionError
+    from Python's parser -- or from any recursive walk of the result later on."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise JSONTooDeep(f"nested deeper than {max_depth} levels") from None
+    opening = (text.count("[") + text.count("{")) if isinstance(text, str) else (text.count(b"[") + text.count(b"{"))
+    if opening > max_depth and json_depth(obj, max_depth) > max_depth:
+        raise JSONTooDeep(f"nested deeper than {max_depth} levels")
+    return obj
+
+
+def json_depth(obj: Any, stop: int | None = None) -> int:
+    """How deeply arrays and objects nest in ``obj`` (a scalar: 0), without recursion; stops
+    counting once ``stop`` is exceeded."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            items = o.values()
+        elif isinstance(o, list):
+            items = o
+        else:
+            continue
+        deepest = max(deepest, d)
+        if stop is not None and deepest > stop:
+            break
+        stack.extend((v, d + 1) for v in items if isinstance(v, (dict, list)))
+    return deepest
+
+
 # -- time -------------------------------------------------------------------------------------
 
 _ISO = re.compile(
@@ -355,7 +398,7 @@ def parse_exec_output(output: Any) -> dict:
         s = output.strip()
         if s.startswith("{"):
             try:
-                obj = json.loads(s)
+                obj = loads_bounded(s)
             except ValueError:
                 obj = output
     if isinstance(obj, dict):

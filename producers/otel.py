@@ -22,16 +22,15 @@ not know are counted as unknown types. Records without a session id are counted 
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from .counts import FileCounts
 from .ledger import Observation, SessionInfo
 from .normalize import (approval_decision, approval_policy, as_bool, as_int, claude_decision, command_argv,
-                        decision_source, first, infer_sandbox_denial, inside, looks_declined, network_decision,
-                        network_protocol, parse_exec_output, parse_patch, parse_time_us, resolve_path, sandbox_mode,
-                        short_digest)
+                        decision_source, first, infer_sandbox_denial, inside, loads_bounded, looks_declined,
+                        network_decision, network_protocol, parse_exec_output, parse_patch, parse_time_us, resolve_path,
+                        sandbox_mode, short_digest)
 from .recorder import output_digest
 
 SOURCE = "otel"
@@ -168,7 +167,7 @@ class OtelParser:
                     else:
                         self.counts.not_object += 1
 
-    def garbage(self, offset: int, lineno: int, raw: bytes, reason: str) -> None:
+    def garbage(self, offset: int, lineno: int, raw: bytes, reason: str, length: int | None = None) -> None:
         pass  # without a session to attach a gap to, a bad line is only counted and kept in rejects
 
     def finish(self, idle: bool) -> None:
@@ -257,7 +256,7 @@ class OtelParser:
         args = a.get("arguments")
         if isinstance(args, str):
             try:
-                args = json.loads(args) if args.strip().startswith(("{", "[")) else {"input": args}
+                args = loads_bounded(args) if args.strip().startswith(("{", "[")) else {"input": args}
             except ValueError:
                 args = {"input": args}
         if not isinstance(args, dict):
@@ -368,7 +367,7 @@ class OtelParser:
         params = a.get("tool_parameters") or a.get("tool_input")
         if isinstance(params, str):
             try:
-                params = json.loads(params)
+                params = loads_bounded(params)
             except ValueError:
                 params = {}
         params = params if isinstance(params, dict) else {}

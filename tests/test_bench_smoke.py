@@ -80,3 +80,12 @@ def test_bench_redaction_smoke():
     assert prov["rules"] >= 200 and prov["generated"] == prov["rules"] and prov["recall"] == 1.0, prov
     assert result["recall"] == 1.0, result["missed"]
     assert result["negatives"] >= 25 and result["false_redactions"] == 0, result["false_examples"]
+
+
+def test_bench_import_memory_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/import_memory.py", "--line-mb", "17", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["huge_line_exit"] == 0 and result["deep_line_exit"] == 0 and not result["deep_line_traceback"]
+    assert result["baseline_kib"] > 0 and result["huge_line_kib"] - result["baseline_kib"] < 40 * 1024

@@ -37,12 +37,7 @@ def _run_import(ctx: typer.Context, rollouts: list[Path], otel: list[Path], end_
     else:
         rows = [(os.path.basename(f.path), f.kind, f.status,
                  f.to_offset - f.from_offset, f.counts.records, f.counts.mapped, f.counts.ignored, f.counts.problems,
-                 ", ".join(f"{k}={v}" for k, v in {**f.counts.unknown_types,
-                                                   **({"invalid_json": f.counts.invalid_json} if f.counts.invalid_json else {}),
-                                                   **({"non_utf8": f.counts.non_utf8} if f.counts.non_utf8 else {}),
-                                                   **({"pending_tail_bytes": f.counts.pending_tail_bytes}
-                                                      if f.counts.pending_tail_bytes else {})}.items())[:120]
-                 or (f.error or ""))
+                 (f.error or "") or _notes(f))
                 for f in report.files]
         if fmt is Format.csv:
             render_rows(["file", "format", "status", "bytes", "records", "mapped", "ignored", "problems", "notes"],
@@ -57,12 +52,35 @@ def _run_import(ctx: typer.Context, rollouts: list[Path], otel: list[Path], end_
                          for r in report.sessions], fmt, title="sessions")
         t = report.totals()
         verb = "would read" if dry_run else "added"
+        earlier = f" (and {t['problems_earlier']} found by earlier imports of these files)" if t["problems_earlier"] else ""
         console.print(f"{t['files']} files, {t['sessions']} sessions: {verb} "
                       f"{t['observations'] if dry_run else t['events_added']} "
                       f"{'observations' if dry_run else 'events'}; {t['already_recorded']} facts already recorded; "
-                      f"{t['problems']} problems; {report.seconds:.2f}s")
-    if any(f.status == "error" for f in report.files) or (strict and report.totals()["problems"]):
+                      f"{t['problems']} problems{earlier}; {report.seconds:.2f}s")
+    t = report.totals()
+    nothing = report.nothing_usable()
+    errors = [f for f in report.files if f.status == "error"]
+    for f in errors:
+        err_console.print(f"error: {f.path}: {f.error}", markup=False, highlight=False)
+    if nothing:
+        err_console.print(f"error: nothing imported: {nothing}", markup=False, highlight=False)
+    elif strict and (t["problems"] or t["problems_earlier"]):
+        err_console.print(f"error (--strict): {t['problems'] + t['problems_earlier']} problems in these files "
+                          f"({t['problems']} in this run, {t['problems_earlier']} found by earlier imports)",
+                          markup=False, highlight=False)
+    if errors or nothing or (strict and (t["problems"] or t["problems_earlier"])):
         raise typer.Exit(1)
+
+
+def _notes(f) -> str:
+    """The per-file notes column: what could not be used, by kind."""
+    c = f.counts
+    notes = {**c.unknown_types, **{k: getattr(c, k) for k in ("invalid_json", "too_long", "too_deep", "not_object",
+                                                               "non_utf8", "pending_tail_bytes") if getattr(c, k)}}
+    text = ", ".join(f"{k}={v}" for k, v in notes.items())[:120]
+    if not text and f.earlier.problems:
+        text = f"{f.earlier.problems} problems found by earlier imports"
+    return text
 
 
 def register(app: typer.Typer) -> None:
@@ -76,7 +94,8 @@ def register(app: typer.Typer) -> None:
         end_idle: float = typer.Option(3600.0, "--end-idle", help=END_IDLE_HELP),
         keep_open: bool = typer.Option(False, "--keep-open", help="Never end sessions."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Parse and count only; record nothing, remember nothing."),
-        strict: bool = typer.Option(False, "--strict", help="Exit 1 when any line could not be used."),
+        strict: bool = typer.Option(False, "--strict", help="Exit 1 when any line of these files could not be used, "
+                                                                   "in this run or an earlier one."),
         fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json (full per-file counts)."),
     ) -> None:
         """Import Codex rollout files ($CODEX_HOME/sessions/**/rollout-*.jsonl) as agent sessions.
@@ -97,7 +116,8 @@ def register(app: typer.Typer) -> None:
         end_idle: float = typer.Option(3600.0, "--end-idle", help=END_IDLE_HELP),
         keep_open: bool = typer.Option(False, "--keep-open", help="Never end sessions."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Parse and count only; record nothing, remember nothing."),
-        strict: bool = typer.Option(False, "--strict", help="Exit 1 when any record could not be used."),
+        strict: bool = typer.Option(False, "--strict", help="Exit 1 when any record of these files could not be "
+                                                                   "used, in this run or an earlier one."),
         fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json (full per-file counts)."),
     ) -> None:
         """Import OpenTelemetry log exports (OTLP/JSON) of Codex and Claude Code.
