@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 from schemas.contract import SchemaStore, load_store
 from schemas.errors import AgentLedgerError
+from schemas.sessionids import Place
 
 from .chain import envelope_head, session_of
 
@@ -169,11 +170,28 @@ class KafkaSessionSource(SessionSource):
             msgs, first, end = scan_partition(self.bootstrap_servers, self.topic, p, None, key=key,
                                               timeout_s=self.timeout_s)
         if not msgs:
-            raise SessionNotFound(f"session {session_id} has no messages in {self.topic}/{p} "
-                                  f"(offsets {first}..{end - 1})")
+            raise SessionNotFound(f"no such session: {session_id} (no message of it in Kafka {self.topic}/{p}, "
+                                  f"offsets {first}..{end - 1})")
         values, prov, dropped = _dedupe([m.value for m in msgs], [Provenance(m.topic, m.partition, m.offset) for m in msgs])
         return RawSession(session_id, values, self.name, f"kafka {self.bootstrap_servers} {self.topic}/{p} "
                           f"offsets {first}..{end - 1}", prov, duplicates_dropped=dropped, scanned=end - first)
+
+
+    def place(self) -> Place:
+        """For `schemas.sessionids.resolve`: a full id is looked up in the partition its key maps to
+        (up to its first message); Kafka is not scanned for prefixes (that would read the whole topic)."""
+        from schemas.transport.kafka import partition_count, partition_for_key, scan_partition
+
+        def exact(sid: str) -> bool:
+            key = sid.encode()
+            n = partition_count(self.bootstrap_servers, self.topic)
+            if n == 0:
+                return False
+            msgs, _, _ = scan_partition(self.bootstrap_servers, self.topic, partition_for_key(key, n), None, key=key,
+                                        timeout_s=self.timeout_s, max_found=1)
+            return bool(msgs)
+
+        return Place(f"Kafka topic {self.topic} (full ids only)", exact, lambda prefix, n: [])
 
 
 # --- embedded local log -----------------------------------------------------------------------------
@@ -219,10 +237,54 @@ class LocalLogSessionSource(SessionSource):
                     prov.append(Provenance(self.topic, p, m.offset))
             off = msgs[-1].offset + 1
         if not values:
-            raise SessionNotFound(f"session {session_id} is not in the local log {self.log_dir} ({self.topic}/{p})")
+            raise SessionNotFound(f"no such session: {session_id} (not in the local log {self.log_dir}, "
+                                  f"{self.topic}/{p})")
         values, prov, dropped = _dedupe(values, prov)
         return RawSession(session_id, values, self.name, f"local log {self.log_dir} {self.topic}/{p} offsets "
                           f"{start}..{end - 1}", prov, duplicates_dropped=dropped, scanned=end - start)
+
+
+    def _session_ids(self, partitions, wanted, limit: int) -> list[str]:
+        """Up to ``limit`` distinct session ids of the given partitions for which ``wanted(id)``."""
+        from schemas.transport.local import LocalLog
+
+        log = LocalLog(self.log_dir)
+        found: list[str] = []
+        for p in partitions:
+            end = log.end_offset(self.topic, p)
+            bases = log.segments(self.topic, p)
+            off = bases[0] if bases else 0
+            while off < end:
+                msgs = log.read(self.topic, p, off, min(50_000, end - off))
+                if not msgs:
+                    break
+                for m in msgs:
+                    sid = session_of(m.value)
+                    if sid is not None and sid not in found and wanted(sid):
+                        found.append(sid)
+                        if len(found) >= limit:
+                            return found
+                off = msgs[-1].offset + 1
+        return found
+
+    def place(self) -> Place:
+        """For `schemas.sessionids.resolve`: a full id is looked for in its partition (up to its first
+        event); a prefix in every partition."""
+        from schemas.transport.local import LocalLog
+
+        def partitions() -> list[int]:
+            n = LocalLog(self.log_dir).partition_count(self.topic) if self.log_dir.is_dir() else 0
+            return list(range(n))
+
+        def exact(sid: str) -> bool:
+            parts = partitions()
+            return bool(parts) and bool(self._session_ids([zlib.crc32(sid.encode()) % len(parts)],
+                                                         lambda x: x == sid, 1))
+
+        def starting(prefix: str, n: int) -> list[str]:
+            return self._session_ids(partitions(), lambda x: x.startswith(prefix), n)
+
+        return Place(f"the local log {self.log_dir}", exact, starting)
 
 
 # --- bundle ----------------------------------------------------------------------------------------

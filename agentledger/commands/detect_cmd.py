@@ -14,6 +14,7 @@ from schemas.config import Settings
 from schemas.errors import WarehouseError
 
 from ..output import Format, console, err_console, print_json, render_rows
+from ..sessions import in_warehouse
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def detect(
         ctx: typer.Context,
-        session: Optional[List[str]] = typer.Option(None, "--session", help="Only these sessions (repeatable)."),
+        session: Optional[List[str]] = typer.Option(None, "--session", help="Only these sessions (id or unique prefix; "
+                                                                            "repeatable)."),
         all_: bool = typer.Option(False, "--all", help="Every session, not only those with new events or "
                                                        "examined by other rules/model."),
         rebuild: bool = typer.Option(False, "--rebuild", help="Delete the sessions' alerts and recompute them "
@@ -146,7 +148,7 @@ def register(app: typer.Typer) -> None:
                                 publish=publish)
             try:
                 if session:
-                    todo = list(session)
+                    todo = [in_warehouse(wh.con, x, s.warehouse) for x in session]
                 elif all_ or rebuild:
                     todo = det.all_sessions()
                 else:
@@ -183,7 +185,7 @@ def register(app: typer.Typer) -> None:
     def alerts(
         ctx: typer.Context,
         severity: Optional[Severity] = typer.Option(None, "--severity", help="Minimum severity."),
-        session: Optional[str] = typer.Option(None, "--session", help="One session."),
+        session: Optional[str] = typer.Option(None, "--session", help="One session (id or unique prefix)."),
         rule: Optional[List[str]] = typer.Option(None, "--rule", help="Rule or model id (repeatable)."),
         since: Optional[str] = typer.Option(None, "--since", help="Raised at or after this time (UTC), "
                                                                   "e.g. 2026-01-01 or '2026-01-01 12:00'."),
@@ -204,24 +206,24 @@ def register(app: typer.Typer) -> None:
         from schemas.warehouse import open_for
 
         s = settings(ctx)
-        where, params = [], []
-        if severity is not None:
-            where.append("list_position(?, severity) >= ?")
-            params += [list(SEVERITIES), SEVERITIES.index(severity.value) + 1]
-        if session:
-            where.append("session_id = ?")
-            params.append(session)
-        if rule:
-            where.append("rule_id IN (SELECT unnest(?))")
-            params.append(list(rule))
-        if since:
-            where.append("created_at >= CAST(? AS TIMESTAMP)")
-            params.append(since)
-        sql = ("SELECT * EXCLUDE (published_at), published_at IS NOT NULL AS published FROM alerts"
-               + (" WHERE " + " AND ".join(where) if where else "")
-               + " ORDER BY created_at DESC, list_position(?, severity) DESC, session_id, first_seq LIMIT ?")
-        params += [list(SEVERITIES), limit]
         with open_for(s, read_only=True, snapshot=snapshot) as wh:
+            where, params = [], []
+            if severity is not None:
+                where.append("list_position(?, severity) >= ?")
+                params += [list(SEVERITIES), SEVERITIES.index(severity.value) + 1]
+            if session:
+                where.append("session_id = ?")
+                params.append(in_warehouse(wh.con, session, s.warehouse))
+            if rule:
+                where.append("rule_id IN (SELECT unnest(?))")
+                params.append(list(rule))
+            if since:
+                where.append("created_at >= CAST(? AS TIMESTAMP)")
+                params.append(since)
+            sql = ("SELECT * EXCLUDE (published_at), published_at IS NOT NULL AS published FROM alerts"
+                   + (" WHERE " + " AND ".join(where) if where else "")
+                   + " ORDER BY created_at DESC, list_position(?, severity) DESC, session_id, first_seq LIMIT ?")
+            params += [list(SEVERITIES), limit]
             has = wh.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'alerts' "
                                  "AND table_catalog = current_database()").fetchone()[0]
             if not has:

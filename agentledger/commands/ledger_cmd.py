@@ -12,6 +12,7 @@ import typer
 from schemas.errors import WarehouseError
 
 from ..output import Format, console, err_console, print_json, render_rows
+from ..sessions import in_warehouse
 
 
 class _Kind(str, Enum):
@@ -25,7 +26,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def verify(
         ctx: typer.Context,
-        sessions: Optional[List[str]] = typer.Argument(None, help="Sessions to verify (default: all)."),
+        sessions: Optional[List[str]] = typer.Argument(None, help="Sessions to verify, by id or unique prefix "
+                                                                   "(default: all)."),
         public_key: Optional[List[Path]] = typer.Option(
             None, "--public-key", help="Ed25519 public key (.pub PEM) or a directory of them; repeatable. "
                                        "$AGENTLEDGER_HOME/keys/*.pub are always included; simulator keys "
@@ -66,6 +68,7 @@ def register(app: typer.Typer) -> None:
         keyring = home_keyring(s.home, public_key or [])
         operators = Keyring.from_paths(operator_key_dir(s.home), *(operator_key or []))
         with open_for(s, read_only=True) as wh:
+            sessions = [in_warehouse(wh.con, x, s.warehouse) for x in sessions or []]  # ids or unique prefixes
             sources, pin_problem = _heads_sources(s, wh.con, heads)
             tree = treelog.check_tree(wh.con, operators, sources, require_sources=bool(heads))
             if pin_problem:
@@ -105,7 +108,7 @@ def register(app: typer.Typer) -> None:
     def deadletters_list(
         ctx: typer.Context,
         reason: Optional[List[str]] = typer.Option(None, "--reason", help="Only this reason (repeatable)."),
-        session: Optional[str] = typer.Option(None, "--session", help="Only this session."),
+        session: Optional[str] = typer.Option(None, "--session", help="Only this session (id or unique prefix)."),
         include_resolved: bool = typer.Option(False, "--all", help="Include resolved dead letters."),
         summary: bool = typer.Option(False, "--summary", help="Counts per reason instead of letters."),
         limit: int = typer.Option(100, help="At most this many rows."),
@@ -118,8 +121,8 @@ def register(app: typer.Typer) -> None:
         from schemas.warehouse import open_for
 
         s = settings(ctx)
-        where, params = _filters(reason, session, include_resolved)
         with open_for(s, read_only=True) as wh:
+            where, params = _filters(reason, session and in_warehouse(wh.con, session, s.warehouse), include_resolved)
             if summary:
                 cur = wh.con.execute(f"""
                     SELECT reason, count(*) AS letters, count(*) FILTER (WHERE resolved_at IS NULL) AS unresolved,
@@ -139,7 +142,7 @@ def register(app: typer.Typer) -> None:
     def deadletters_retry(
         ctx: typer.Context,
         reason: Optional[List[str]] = typer.Option(None, "--reason", help="Only this reason (repeatable)."),
-        session: Optional[str] = typer.Option(None, "--session", help="Only this session."),
+        session: Optional[str] = typer.Option(None, "--session", help="Only this session (id or unique prefix)."),
         letter_id: Optional[List[str]] = typer.Option(None, "--id", help="Only this dead letter (repeatable)."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json (summary)."),
     ) -> None:
@@ -158,11 +161,11 @@ def register(app: typer.Typer) -> None:
         from schemas.warehouse import open_for
 
         s = settings(ctx)
-        where, params = _filters(reason, session, False)
-        if letter_id:
-            where += " AND dead_letter_id IN (SELECT unnest(?))"
-            params.append(list(letter_id))
         with open_for(s) as wh:
+            where, params = _filters(reason, session and in_warehouse(wh.con, session, s.warehouse), False)
+            if letter_id:
+                where += " AND dead_letter_id IN (SELECT unnest(?))"
+                params.append(list(letter_id))
             rows = wh.con.execute(f"""
                 SELECT dead_letter_id, topic, "partition", "offset", "key", raw, reason, detail FROM dead_letters
                 WHERE {where} ORDER BY session_id NULLS LAST, seq, received_at""", params).fetchall()

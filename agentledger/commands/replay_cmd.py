@@ -88,6 +88,12 @@ def read_session(s: Settings, session: str, source: str):
         raise typer.BadParameter("--source must be auto, warehouse, kafka, log or bundle")
     if source == "bundle" or (source == "auto" and Path(session).is_file()):
         return BundleSource(Path(session)).read(), []
+    if source == "kafka" and not s.bootstrap_servers:
+        raise ConfigError("--source kafka needs --bootstrap-servers (or AGENTLEDGER_BOOTSTRAP_SERVERS)")
+    from ..sessions import for_reading
+
+    session = for_reading(s, session, transport={"auto": "auto", "kafka": "kafka", "log": "local"}.get(source),
+                          warehouse_only=source == "warehouse")
     try:
         wh = _warehouse_if_any(s)
     except WarehouseError as exc:
@@ -101,9 +107,6 @@ def read_session(s: Settings, session: str, source: str):
         if wh is not None:
             ws = WarehouseSource(wh.con, label=s.warehouse)
             if source in ("auto", "warehouse"):
-                if ws.has(session):
-                    return ws.read(session), warehouse_alerts(wh.con, session)
-                session = _unique_prefix(wh.con, session) or session
                 if ws.has(session):
                     return ws.read(session), warehouse_alerts(wh.con, session)
                 if source == "warehouse":
@@ -120,14 +123,6 @@ def read_session(s: Settings, session: str, source: str):
             raise ConfigError("--source kafka needs --bootstrap-servers (or AGENTLEDGER_BOOTSTRAP_SERVERS)")
         return KafkaSessionSource(s.bootstrap_servers, s.topic, hint).read(session), alerts
     return LocalLogSessionSource(s.log_dir, s.topic, hint).read(session), alerts
-
-
-def _unique_prefix(con, prefix: str) -> str | None:
-    if len(prefix) < 6:
-        return None
-    rows = con.execute("SELECT DISTINCT session_id FROM chain_heads WHERE starts_with(session_id, ?) LIMIT 2",
-                       [prefix]).fetchall()
-    return rows[0][0] if len(rows) == 1 else None
 
 
 def _load_policy(path: Path):

@@ -20,6 +20,7 @@ import typer
 from schemas.config import Settings
 
 from ..output import Format, console, err_console, print_json, render_rows
+from ..sessions import for_reading, in_sandbox
 
 sandbox_app = typer.Typer(
     help="Run agent commands in a recording sandbox (bubblewrap, strace, an egress proxy, approvals) and "
@@ -78,6 +79,8 @@ def run_reexecution(s: Settings, session_id: str, *, set_files: dict[str, bytes]
     from producers.sandbox.reexec import SandboxReexecutor
     from replay.reexecute import ReexecutionError, load_session, reexecute
 
+    session_id = for_reading(s, session_id, transport=None if source == "warehouse" else "auto",
+                             warehouse_only=source == "warehouse")
     events = load_session(s, session_id, source=source)
     if set_responses:
         completed = {e.seq for e in events if e.kind.startswith("network_")}
@@ -180,7 +183,7 @@ def register(app: typer.Typer) -> None:
     @sandbox_app.command("end")
     def end_cmd(
         ctx: typer.Context,
-        session: str = typer.Argument(..., help="The session to end."),
+        session: str = typer.Argument(..., help="The session to end (id or unique prefix)."),
         status: str = typer.Option("completed", help="completed, failed, aborted or interrupted."),
         reason: Optional[str] = typer.Option(None, help="Why (recorded)."),
     ) -> None:
@@ -196,7 +199,8 @@ def register(app: typer.Typer) -> None:
         from producers.sandbox.cas import check_session_id
 
         s = settings(ctx)
-        state = s.home / "sandbox" / "sessions" / check_session_id(session) / "state.json"
+        session = in_sandbox(s, check_session_id(session))
+        state = s.home / "sandbox" / "sessions" / session / "state.json"
         if not state.exists():
             raise SessionStateError(f"no sandbox session {session} under {s.home}")
         st = json.loads(state.read_text())
@@ -216,7 +220,7 @@ def register(app: typer.Typer) -> None:
     @sandbox_app.command("reexecute")
     def reexecute_cmd(
         ctx: typer.Context,
-        session: str = typer.Argument(..., help="The recorded session."),
+        session: str = typer.Argument(..., help="The recorded session (id or unique prefix)."),
         set_file: List[str] = typer.Option([], "--set-file", help="What if workspace file PATH had held LOCALFILE's "
                                                                   "content: PATH=LOCALFILE (repeatable)."),
         set_env: List[str] = typer.Option([], "--set-env", help="What if NAME had been VALUE: NAME=VALUE, or NAME to "
@@ -274,7 +278,8 @@ def register(app: typer.Typer) -> None:
     @sandbox_app.command("forget")
     def forget_cmd(
         ctx: typer.Context,
-        session: str = typer.Argument(..., help="The session whose recording store data to delete."),
+        session: str = typer.Argument(..., help="The session whose recording store data to delete (id or unique "
+                                                "prefix)."),
     ) -> None:
         """Delete what the recording store keeps for a session (file contents, environments, bodies).
 
@@ -287,7 +292,8 @@ def register(app: typer.Typer) -> None:
 
         s = settings(ctx)
         store = ContentStore.open(s.home)
-        if store.load_manifest(check_session_id(session)) is None:
+        session = in_sandbox(s, check_session_id(session))
+        if store.load_manifest(session) is None:
             raise typer.BadParameter(f"no recording of session {session} in {store.root}")
         n, size = forget(store, session)
         import shutil

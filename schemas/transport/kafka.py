@@ -630,10 +630,12 @@ def last_message(bootstrap_servers: str, topic: str, partition: int, timeout_s: 
 
 
 def scan_partition(bootstrap_servers: str, topic: str, partition: int, start: int | None = None, *,
-                   key: bytes | None = None, timeout_s: float = 120, **overrides: Any) -> tuple[list[Message], int, int]:
+                   key: bytes | None = None, timeout_s: float = 120, max_found: int | None = None,
+                   **overrides: Any) -> tuple[list[Message], int, int]:
     """Read one partition from ``start`` (its beginning when None or out of range) up to its end offset
-    as of the call, keeping only messages whose key is ``key`` (all when None). Nothing is decoded
-    and no offset is committed. Returns (messages, first offset read, end offset)."""
+    as of the call, keeping only messages whose key is ``key`` (all when None), stopping early once
+    ``max_found`` are kept. Nothing is decoded and no offset is committed. Returns (messages, first
+    offset read, end offset)."""
     config = {**CONSUMER_DEFAULTS, **overrides}
     config["enable_auto_commit"] = False
     try:
@@ -661,6 +663,8 @@ def scan_partition(bootstrap_servers: str, topic: str, partition: int, start: in
                     if key is None or r.key == key:
                         out.append(Message(topic, partition, r.offset, r.key, r.value, r.timestamp))
                     pos = max(pos, r.offset + 1)
+            if max_found is not None and len(out) >= max_found:
+                return out[:max_found], first, end
             pos = max(pos, consumer.position(tp))
         return out, first, end
     except KafkaError as exc:

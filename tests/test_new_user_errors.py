@@ -1,0 +1,84 @@
+"""Errors and output a new user can act on (issue 21 items 6, 7, 9; issue 20 item 8), on the demo's
+own sessions: session ids by prefix in every command, ...
+
+One demo run (module fixture) serves every test here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import cli_env, run_cli
+from schemas.sessionids import MIN_PREFIX, AmbiguousSession, NoSuchSession, PrefixTooShort, listed_place, resolve
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    home = tmp_path_factory.mktemp("demo") / "home"
+    env = cli_env(home, HOME=str(home.parent))
+    out = run_cli("demo", env=env)
+    sessions = [r["session_id"] for r in json.loads(run_cli(
+        "sql", "select session_id from sessions order by started_at", "--format", "json", env=env).stdout)]
+    return env, out, sessions
+
+
+def _fails(*args, env) -> str:
+    proc = run_cli(*args, env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+    return " ".join(proc.stderr.split())  # rich folds long lines
+
+
+# -- item 6: one resolver for every command that takes a session id -------------------------------
+
+def test_the_resolver_rules():
+    ids = ["s1", "019b76db-346b", "019b76dc-17d9", "019c0000-0000"]
+    place = listed_place("the list", lambda: ids)
+    assert resolve("s1", [place]) == "s1"  # a full id of any length
+    assert resolve("019b76db", [place]) == "019b76db-346b"
+    with pytest.raises(AmbiguousSession, match=r"019b76 is ambiguous \(2 sessions: 019b76db-346b, 019b76dc-17d9\)"):
+        resolve("019b76", [place])
+    with pytest.raises(PrefixTooShort, match=f"at least {MIN_PREFIX} characters"):
+        resolve("019b", [place])
+    with pytest.raises(NoSuchSession, match="no such session: deadbeef-0000 .looked in the list"):
+        resolve("deadbeef-0000", [place])
+    many = listed_place("many", lambda: [f"aaaaaa-{i:03d}" for i in range(80)])
+    with pytest.raises(AmbiguousSession, match=r"\(50\+ sessions: aaaaaa-000, .*aaaaaa-004, …\)"):
+        resolve("aaaaaa", [many])
+
+
+def test_every_command_that_takes_a_session_takes_a_unique_prefix_and_says_what_is_wrong(demo):
+    env, _, sessions = demo
+    suspicious = sessions[0]
+    prefix = suspicious[:13]  # what the demo prints
+    common = next(n for n in range(13, 0, -1) if sum(s.startswith(suspicious[:n]) for s in sessions) > 1)
+    shared = suspicious[:max(common, MIN_PREFIX)]
+    k = sum(s.startswith(shared) for s in sessions)
+    assert k > 1
+
+    assert f"ambiguous ({k} sessions: {suspicious}" in _fails("replay", shared, env=env)
+    assert "too short" in _fails("replay", suspicious[:4], env=env)
+    assert "no such session: deadbeef-0000" in _fails("replay", "deadbeef-0000", env=env)
+    assert "ambiguous" in _fails("verify", shared, env=env)
+
+    # issue 20 item 8: a prefix verifies that session (it used to report it broken: no_events)
+    out = json.loads(run_cli("verify", prefix, "--format", "json", env=env).stdout)
+    assert out["ok"] and [r["session_id"] for r in out["results"]] == [suspicious]
+    alerts = json.loads(run_cli("alerts", "--session", prefix, "--format", "json", env=env).stdout)
+    assert alerts and {a["session_id"] for a in alerts} == {suspicious}
+    detect = json.loads(run_cli("detect", "--session", prefix, "--no-publish", "--format", "json", env=env).stdout)
+    assert detect["sessions"] == 1 and detect["events"] > 0
+    # found, and refused for what it is (a simulated session), not "not found"
+    proc = run_cli("sandbox", "reexecute", prefix, env=env, check=False)
+    assert proc.returncode == 1 and "recorded by `agentledger sandbox run`" in " ".join(proc.stderr.split())
+    assert "ambiguous" in _fails("deadletters", "list", "--session", shared, env=env)
+
+
+def test_a_prefix_of_a_session_only_in_the_local_log_resolves_by_scanning_it(tmp_path):
+    env = cli_env(tmp_path / "home")
+    labels = tmp_path / "labels.jsonl"
+    run_cli("simulate", "--sessions", "2", "--seed", "5", "--no-sign", "--labels", str(labels), env=env)  # no ingest
+    sid = json.loads(labels.read_text().splitlines()[1])["session_id"]
+    out = json.loads(run_cli("replay", sid[:14], "--format", "json", env=env).stdout)
+    assert out["session_id"] == sid and out["source"]["kind"] == "log"
+    assert "no such session: 0000000-none" in _fails("replay", "0000000-none", env=env)
