@@ -107,8 +107,9 @@ def _tool_command(tool_input: dict) -> tuple[list[str], str | None] | None:
     return command_argv(tool_input.get("command") if "command" in tool_input else tool_input.get("cmd"))
 
 
-def evaluate(policy, tool: str, tool_input: dict, cwd: str) -> Verdict | None:
-    """The policy's verdict on a tool call; only denials are acted on."""
+def evaluate(policy, tool: str, tool_input: dict, cwd: str, home: str | None = None) -> Verdict | None:
+    """The policy's verdict on a tool call; only denials are acted on. ``home``: the agent's home
+    directory (its HOME: the hook runs as the session's user), `~` of the policy and of paths."""
     if policy is None:
         return None
     name = policy.name
@@ -126,7 +127,7 @@ def evaluate(policy, tool: str, tool_input: dict, cwd: str) -> Verdict | None:
         patch = str(tool_input.get("command") or tool_input.get("input") or "")
         for op in parse_patch(patch):
             for p in filter(None, (op["path"], op.get("new_path"))):
-                d = policy.evaluate_write(resolve_path(p, cwd), workspace=cwd or None)
+                d = policy.evaluate_write(resolve_path(p, cwd, home), workspace=cwd or None, home=home)
                 if d.action == "deny":
                     return Verdict(True, f"agentledger policy {name}: write {p}: {d.reason}", d.rule)
         return None
@@ -134,8 +135,9 @@ def evaluate(policy, tool: str, tool_input: dict, cwd: str) -> Verdict | None:
         path = tool_input.get("file_path") or tool_input.get("notebook_path")
         if not path:
             return None
-        path = resolve_path(str(path), cwd)
-        d = policy.evaluate_read(path) if tool in READ_TOOLS else policy.evaluate_write(path, workspace=cwd or None)
+        path = resolve_path(str(path), cwd, home)
+        d = (policy.evaluate_read(path, home=home) if tool in READ_TOOLS
+             else policy.evaluate_write(path, workspace=cwd or None, home=home))
         if d.action == "deny":
             return Verdict(True, f"agentledger policy {name}: {'read' if tool in READ_TOOLS else 'write'} {path}: {d.reason}", d.rule)
         return None
@@ -201,6 +203,7 @@ class HookEvent:
         self.tid = str(tid) if tid else None
         self.version = str(data["agent_version"]) if data.get("agent_version") else None
         self._n = 0
+        self.home: str | None = None  # the agent's HOME (the warm server's own may differ): `~` of its paths
         self.open_call: tuple[int, dict] | None = None
         self.call_change: tuple[str, Any] | None = None  # ("open", info) | ("close", None)
 
@@ -223,7 +226,7 @@ class HookEvent:
         if self.policy is not None:
             fields["policy_digest"] = self.policy.digest
             fields["network_policy"] = self.policy.network_summary()
-            fields["writable_roots"] = self.policy.roots(self.cwd or None)
+            fields["writable_roots"] = self.policy.roots(self.cwd or None, self.home)
         return SessionInfo(self.sid, self.now, self.agent, SOURCE, fields, self.version,
                            priority=20 if self.event == "SessionStart" else 10)
 
@@ -320,7 +323,7 @@ class HookEvent:
         if not parsed:
             return []
         argv, shell = parsed
-        cwd = resolve_path(str(self.tool_input.get("workdir") or ""), self.cwd) or self.cwd
+        cwd = resolve_path(str(self.tool_input.get("workdir") or ""), self.cwd, self.home) or self.cwd
         escalated = str(self.tool_input.get("sandbox_permissions") or "") == "require_escalated"
         return [self.obs(f"cmd:{self.tid}:started", "command_started",
                          {"command_id": self.tid, "argv": argv, "shell": shell, "cwd": cwd, "env_names": [],
@@ -356,15 +359,16 @@ class HookEvent:
         elif self.tool in PATCH_TOOLS and not failure:
             patch = str(self.tool_input.get("command") or self.tool_input.get("input") or "")
             for op in parse_patch(patch):
-                path = resolve_path(op["path"], self.cwd)
+                path = resolve_path(op["path"], self.cwd, self.home)
                 out.append(self.obs(f"file:{self.tid}:{path}", "file_accessed",
                                     {"path": path, "operation": op["operation"],
-                                     "new_path": resolve_path(op["new_path"], self.cwd) if op.get("new_path") else None,
+                                     "new_path": (resolve_path(op["new_path"], self.cwd, self.home)
+                                                  if op.get("new_path") else None),
                                      "command_id": None, "inside_workspace": inside(path, self.cwd)}))
         elif self.tool in WRITE_TOOLS | READ_TOOLS and not failure:
             path = self.tool_input.get("file_path") or self.tool_input.get("notebook_path")
             if path:
-                path = resolve_path(str(path), self.cwd)
+                path = resolve_path(str(path), self.cwd, self.home)
                 op = "read" if self.tool in READ_TOOLS else (
                     "create" if isinstance(resp, dict) and str(resp.get("type")) == "create" else "write")
                 out.append(self.obs(f"file:{self.tid}:{path}", "file_accessed",
@@ -451,8 +455,9 @@ def handle(
             out.stderr += extra
             return out
     hev.policy = policy
+    hev.home = (os.environ if env is None else env).get("HOME") or None
     if policy is not None and event in DECISION_EVENTS:
-        hev.verdict = evaluate(policy, hev.tool, hev.tool_input, hev.cwd)
+        hev.verdict = evaluate(policy, hev.tool, hev.tool_input, hev.cwd, home=hev.home)
     verdict = hev.verdict
     own = appender is None
     try:

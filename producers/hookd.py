@@ -20,7 +20,8 @@ upgraded install). Protocol: length-prefixed frames (4-byte big-endian length): 
 Every setting of a call is read from the client's AGENTLEDGER_* variables (and HOME/XDG_DATA_HOME,
 which locate the per-user home: schemas/homes.py) sent in ``env``, never from the server's own
 environment: a server started by one client must record another exactly as that client would
-in-process (recording mode, redaction key, signing key, checkpoint interval).
+in-process (recording mode, redaction key, signing key, checkpoint interval, and the home `~` means
+in the policy and in paths: the client's HOME).
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ class HookServer:
             args = header.get("args") or {}
             budget = float(args.get("budget", 5.0))
             conn.settimeout(budget * 4 + 10)
-            # Everything is read from the client's environment (its AGENTLEDGER_* variables), never
-            # this server's: the home, transport, recording mode, redaction, signing key, checkpoints.
+            # Everything is read from the client's environment (its AGENTLEDGER_* and home variables), never
+            # this server's: the home, transport, recording mode, redaction, signing key, checkpoints,
+            # and whose `~` the policy's paths mean (the agent's).
             env = {k: v for k, v in (header.get("env") or {}).items()
                    if isinstance(k, str) and (k.startswith("AGENTLEDGER_") or k in HOME_VARS) and isinstance(v, str)}
             settings = from_env(env)

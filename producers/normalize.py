@@ -526,10 +526,15 @@ def patch_changes(changes: Any) -> list[dict]:
     return ops
 
 
-def resolve_path(path: str, cwd: str | None) -> str:
+def resolve_path(path: str, cwd: str | None, home: str | None = None) -> str:
+    """An absolute, normalised path: relative to ``cwd``, ``~`` the home of the user who ran the
+    session (``home``; this process's user's when None)."""
     if not path:
         return path
-    p = os.path.expanduser(path) if path.startswith("~") else path
+    if home and (path == "~" or path.startswith("~/")):
+        p = home.rstrip("/") + path[1:]
+    else:
+        p = os.path.expanduser(path) if path.startswith("~") else path
     if not os.path.isabs(p) and cwd:
         p = os.path.join(cwd, p)
     return os.path.normpath(p) if os.path.isabs(p) else p

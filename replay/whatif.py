@@ -24,6 +24,14 @@ conventions this relies on):
   write -- recorded ``deny``; new: `Policy.evaluate_write` with the session's cwd as $WORKSPACE.
 * file read -- recorded ``allow``; sandbox denial of a read -- ``deny``; new: `Policy.evaluate_read`.
 
+``~`` in the policy is the *recorded* session's home, not the replaying user's (`recorded_home`):
+the home directory the session's working directory is in (``/home/NAME/...``, ``/Users/NAME/...``,
+``/root/...``), unless the recorded user (``producer.user``, when the producer ran as the agent) is
+not NAME. A session
+that did not record it that way is decided conservatively (``ANY_HOME``: a ``deny_read`` pattern
+under ``~`` matches under any home directory, a writable root under ``~`` allows nothing), and the
+report says so (``home_unknown`` per session, ``sessions_home_unknown`` in the summary).
+
 A divergence's ``effect`` says what would have changed: ``block`` (was allowed, now denied or
 forbidden), ``ask`` (was allowed, now asks), ``allow`` (was denied or forbidden, now allowed),
 ``no_ask`` (was asked, now allowed), ``refuse`` (was asked, now denied), ``ask_not_deny``.
@@ -33,6 +41,8 @@ written): the legitimate work the new policy would have broken.
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,7 +50,7 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from schemas.policy import Decision, Policy
+from schemas.policy import ANY_HOME, HOME_DIRS, Decision, Policy
 
 PERMIT = {"allow"}
 ASK = {"ask", "prompt"}
@@ -89,6 +99,11 @@ class SessionWhatIf:
     broke_work: int = 0
     recorded_policy_digest: str | None = None
     same_policy: bool = False
+    home: str | None = None  # the recorded session's home (`~` of the policy); None: not recorded
+
+    @property
+    def home_unknown(self) -> bool:
+        return self.home is None
 
     @property
     def stopped(self) -> bool:
@@ -97,7 +112,8 @@ class SessionWhatIf:
     def as_dict(self) -> dict:
         return {"session_id": self.session_id, "requests": self.requests, "divergences": self.divergences,
                 "effects": dict(sorted(self.effects.items())), "stopped": self.stopped, "broke_work": self.broke_work,
-                "recorded_policy_digest": self.recorded_policy_digest, "same_policy": self.same_policy}
+                "recorded_policy_digest": self.recorded_policy_digest, "same_policy": self.same_policy,
+                "home": self.home, "home_unknown": self.home_unknown}
 
 
 @dataclass
@@ -111,6 +127,7 @@ class WhatIfReport:
     # absent), by kind: reported, never re-decided under defaults the user did not write
     not_redecided: dict[str, Counter] = field(default_factory=dict)  # section -> kind -> count
     sections: tuple[str, ...] = ()
+    uses_home: bool = False  # the policy has `~` paths
 
     def summary(self) -> dict:
         eff = Counter(d.effect for d in self.divergences)
@@ -126,6 +143,8 @@ class WhatIfReport:
             "newly_blocked_destinations": sorted({d.target for d in self.divergences
                                                   if d.kind == "network" and d.effect in ("block", "refuse")}),
             "policy_sections": list(self.sections),
+            "policy_uses_home": self.uses_home,
+            "sessions_home_unknown": sum(1 for s in self.sessions if s.home_unknown),
             "not_redecided": {sec: dict(sorted(c.items())) for sec, c in sorted(self.not_redecided.items())},
         }
 
@@ -166,10 +185,30 @@ def collect_requests(con, sessions: Iterable[str] | None = None) -> tuple[list[R
             con.unregister("_whatif_sessions")
 
 
+def recorded_home(cwd: str | None, user: str | None = None, source: str | None = None) -> str | None:
+    """The home directory of the user a recorded session ran as, from what it recorded: the home
+    directory its working directory is in, unless the recorded user says it is someone else's
+    (``producer.user`` is the agent's user only when the producer ran as the agent: the hook, the
+    sandbox, a recorder; an importer records its own). None when that does not tell."""
+    m = _HOME_OF.match(os.path.normpath(cwd)) if cwd and cwd.startswith("/") else None
+    if not m:
+        return None
+    home = m.group(1)
+    if user and source in _AS_THE_AGENT and (os.path.basename(home) != user if home != "/root" else user != "root"):
+        return None
+    return home
+
+
+_HOME_OF = re.compile("^(" + "|".join(h.replace("*", "[^/]+") for h in HOME_DIRS) + ")(?:/|$)")
+_AS_THE_AGENT = frozenset({"hook", "sandbox", "recorder", "simulator"})
+
+
 def _collect(con, ev: str) -> tuple[list[Request], dict[str, dict]]:
-    info = {sid: {"cwd": cwd, "policy_digest": pd} for sid, cwd, pd in con.execute(f"""
+    info = {sid: {"cwd": cwd, "policy_digest": pd, "home": recorded_home(cwd, user, source)}
+            for sid, cwd, pd, user, source in con.execute(f"""
         WITH ev AS {ev}
-        SELECT session_id, arg_min(session_started.cwd, seq), arg_min(session_started.policy_digest, seq)
+        SELECT session_id, arg_min(session_started.cwd, seq), arg_min(session_started.policy_digest, seq),
+               arg_min(producer."user", seq), arg_min(CAST(producer.source AS VARCHAR), seq)
         FROM ev WHERE kind = 'session_started' GROUP BY 1""").fetchall()}
     out: list[Request] = []
     # network attempts with their first decision and completion (a warehouse written before
@@ -290,8 +329,10 @@ def section_of(req: Request) -> str:
     return "sandbox"
 
 
-def decide(policy: Policy, req: Request, cwd: str | None) -> Decision:
+def decide(policy: Policy, req: Request, cwd: str | None, home: str | None = None) -> Decision:
+    """The policy's decision on a recorded request; ``home``: the session's (None: not known)."""
     a = req.args
+    home = home or ANY_HOME
     if req.kind == "network":
         return policy.evaluate_network(a["host"], a["port"], a["protocol"], a["method"], addresses=a.get("addresses"))
     if req.kind in ("command", "approval") and "argv" in a:
@@ -299,12 +340,12 @@ def decide(policy: Policy, req: Request, cwd: str | None) -> Decision:
             return policy.evaluate_shell_call(a["argv"], a.get("shell"), escalated=a["escalated"])
         return policy.evaluate_command(a["argv"], escalated=a["escalated"])
     if req.kind == "file_write" or a.get("patch"):
-        d = policy.evaluate_write(a["path"], cwd)
+        d = policy.evaluate_write(a["path"], cwd, home=home)
         if req.kind == "approval":  # a patch approval lives in the command decision space
             return Decision("allow" if d.allowed else "forbidden", d.rule, d.reason)
         return d
     if req.kind == "file_read":
-        return policy.evaluate_read(a["path"])
+        return policy.evaluate_read(a["path"], home=home)
     raise ValueError(f"cannot decide a {req.kind} request")
 
 
@@ -324,7 +365,8 @@ def what_if(con, policy: Policy, sessions: Iterable[str] | None = None) -> WhatI
     for sid in sorted(set(info) | {r.session_id for r in requests} | set(sessions or [])):
         i = info.get(sid, {})
         per[sid] = SessionWhatIf(sid, recorded_policy_digest=i.get("policy_digest"),
-                                 same_policy=bool(policy.digest and i.get("policy_digest") == policy.digest))
+                                 same_policy=bool(policy.digest and i.get("policy_digest") == policy.digest),
+                                 home=i.get("home"))
     divs: list[Divergence] = []
     skipped: dict[str, Counter] = {}
     for r in requests:
@@ -334,7 +376,7 @@ def what_if(con, policy: Policy, sessions: Iterable[str] | None = None) -> WhatI
             continue
         s = per[r.session_id]
         s.requests += 1
-        d = decide(policy, r, info.get(r.session_id, {}).get("cwd"))
+        d = decide(policy, r, info.get(r.session_id, {}).get("cwd"), per[r.session_id].home)
         eff = _effect(r.recorded, d.action)
         if eff is None:
             continue
@@ -345,7 +387,7 @@ def what_if(con, policy: Policy, sessions: Iterable[str] | None = None) -> WhatI
         s.effects[eff] += 1
         s.broke_work += broke
     return WhatIfReport(policy.name, policy.digest, list(per.values()), divs, len(requests) - sum(sum(c.values()) for c in skipped.values()),
-                        skipped, tuple(sorted(policy.sections)))
+                        skipped, tuple(sorted(policy.sections)), uses_home=policy.uses_home())
 
 
 def session_ids(con, query: str | None) -> list[str] | None:
@@ -373,6 +415,10 @@ def summarize_for_humans(rep: "WhatIfReport | dict") -> list[str]:
                      + ", ".join(f"{k} {v}" for k, v in s["by_effect"].items()))
     if s["newly_blocked_destinations"]:
         lines.append("newly blocked destinations: " + ", ".join(s["newly_blocked_destinations"]))
+    if s.get("policy_uses_home") and s.get("sessions_home_unknown"):
+        lines.append(f"{s['sessions_home_unknown']} of {s['sessions']} sessions did not record their home directory: "
+                     f"~ in the policy was taken as any home directory ({', '.join(HOME_DIRS)}) for them, so reads "
+                     "under ~ count as denied and writes under ~ as not allowed.")
     for sec, kinds in (s.get("not_redecided") or {}).items():
         lines.append(f"not re-decided (the policy has no [{sec}] section): "
                      + ", ".join(f"{v} {k} requests" for k, v in kinds.items()))
@@ -380,4 +426,4 @@ def summarize_for_humans(rep: "WhatIfReport | dict") -> list[str]:
 
 
 __all__ = ["Divergence", "Request", "SessionWhatIf", "WhatIfReport", "collect_requests", "decide", "what_if",
-           "session_ids", "summarize_for_humans"]
+           "recorded_home", "session_ids", "summarize_for_humans"]

@@ -379,34 +379,46 @@ class Policy:
         return max(candidates, key=lambda d: COMMAND_DECISIONS.index(d.action))
 
     # -- files ----------------------------------------------------------------------------
-    def roots(self, workspace: str | None) -> list[str]:
+    # `~` in a policy is the home directory of the user the session runs (or ran) as: ``home=None``
+    # is this process's user's (the live hook and the sandbox run as the session's user), a string
+    # is a recorded session's home (what-if), `ANY_HOME` a session whose home is not known.
+    def roots(self, workspace: str | None, home: "str | _AnyHome | None" = None) -> list[str]:
         out = []
         for r in self.writable_roots:
             if "$WORKSPACE" in r:
                 if not workspace:
                     continue
                 r = r.replace("$WORKSPACE", workspace)
-            out.append(os.path.normpath(os.path.expanduser(r)))
+            if home is ANY_HOME and _tilde(r):
+                continue  # an unknown home grants no writes
+            out.append(os.path.normpath(expand_home(r, home)[0]))
         return out
 
-    def evaluate_write(self, path: str, workspace: str | None = None) -> Decision:
+    def evaluate_write(self, path: str, workspace: str | None = None,
+                       home: "str | _AnyHome | None" = None) -> Decision:
         if self.sandbox_mode == "danger_full_access":
             return Decision("allow", "sandbox.mode", "danger_full_access allows every write")
         if self.sandbox_mode == "read_only":
             return Decision("deny", "sandbox.mode", "read_only sandbox: no writes")
-        p = os.path.normpath(os.path.expanduser(path))
-        for root in self.roots(workspace):
+        p = os.path.normpath(_expand_path(path, home))
+        for root in self.roots(workspace, home):
             if p == root or p.startswith(root.rstrip("/") + "/"):
                 return Decision("allow", "sandbox.writable_roots", f"inside writable root {root}")
         return Decision("deny", "sandbox.writable_roots", f"{path} is outside the writable roots")
 
-    def evaluate_read(self, path: str) -> Decision:
-        p = os.path.normpath(os.path.expanduser(path))
+    def evaluate_read(self, path: str, home: "str | _AnyHome | None" = None) -> Decision:
+        p = os.path.normpath(_expand_path(path, home))
         for pat in self.deny_read:
-            pat_x = os.path.expanduser(pat)
-            if fnmatch.fnmatchcase(p, pat_x) or PurePosixPath(p).match(pat_x):
-                return Decision("deny", "sandbox.deny_read", f"{path} matches deny_read {pat}")
+            for pat_x in expand_home(pat, home):
+                if fnmatch.fnmatchcase(p, pat_x) or PurePosixPath(p).match(pat_x):
+                    return Decision("deny", "sandbox.deny_read", f"{path} matches deny_read {pat}"
+                                    + (" (home unknown: any home directory)" if home is ANY_HOME and _tilde(pat)
+                                       else ""))
         return Decision("allow", None, "readable")
+
+    def uses_home(self) -> bool:
+        """Whether `~` appears in the policy's paths (so what the home is matters)."""
+        return any(_tilde(x) for x in (*self.deny_read, *self.writable_roots))
 
     # -- environment ----------------------------------------------------------------------
     def env_allowed(self, name: str) -> bool:
@@ -431,6 +443,44 @@ class Policy:
         else:
             mode = "allowlist"
         return {"mode": mode, "allowed_domains": allowed, "denied_domains": denied}
+
+
+# --- `~`: whose home ---------------------------------------------------------------------------------
+
+HOME_DIRS = ("/home/*", "/Users/*", "/var/home/*", "/root")  # where user homes live (Linux, macOS)
+
+
+class _AnyHome:
+    """The home of a session that did not record it: any home directory (`HOME_DIRS`)."""
+
+    def __repr__(self) -> str:
+        return "ANY_HOME"
+
+
+ANY_HOME = _AnyHome()
+
+
+def _tilde(path: str) -> bool:
+    return path == "~" or path.startswith("~/")
+
+
+def expand_home(path: str, home: "str | _AnyHome | None" = None) -> list[str]:
+    """``path`` (a policy pattern or root) with a leading ``~`` expanded: to this process's user's
+    home when ``home`` is None, to ``home`` when given, and with `ANY_HOME` to every home directory
+    pattern (plus ``~`` itself, which matches paths recorded unexpanded). ``~name`` is expanded only
+    for this process (it names a user of this machine)."""
+    if not _tilde(path):
+        return [os.path.expanduser(path) if home is None and path.startswith("~") else path]
+    if home is None:
+        return [os.path.expanduser(path)]
+    if home is ANY_HOME:
+        return [h + path[1:] for h in HOME_DIRS] + [path]
+    return [str(home).rstrip("/") + path[1:]]
+
+
+def _expand_path(path: str, home: "str | _AnyHome | None") -> str:
+    """A path a session accessed: ``~`` is its home (left as ``~`` when its home is unknown)."""
+    return path if home is ANY_HOME else expand_home(path, home)[0]
 
 
 def _check(value: Any, allowed: Iterable[str], what: str) -> str:

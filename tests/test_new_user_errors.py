@@ -1,5 +1,5 @@
 """Errors and output a new user can act on (issue 21 items 6, 7, 9; issue 20 item 8), on the demo's
-own sessions: session ids by prefix in every command, ...
+own sessions: session ids by prefix in every command, `~` in a replayed policy, ...
 
 One demo run (module fixture) serves every test here."""
 
@@ -82,3 +82,20 @@ def test_a_prefix_of_a_session_only_in_the_local_log_resolves_by_scanning_it(tmp
     out = json.loads(run_cli("replay", sid[:14], "--format", "json", env=env).stdout)
     assert out["session_id"] == sid and out["source"]["kind"] == "log"
     assert "no such session: 0000000-none" in _fails("replay", "0000000-none", env=env)
+
+
+# -- item 7: `~` in a replayed policy is the recorded session's home ------------------------------
+
+def test_the_docs_deny_read_example_catches_the_demos_credentials_read_whoever_replays(demo, tmp_path):
+    env, _, sessions = demo
+    policy = tmp_path / "no-cloud-creds.toml"
+    policy.write_text('name = "no-cloud-creds"\n[sandbox]\ndeny_read = ["~/.aws/**"]\n')
+    auditor = {**env, "HOME": str(tmp_path / "auditor")}  # replayed by another user than the recorded one
+    out = json.loads(run_cli("replay", sessions[0], "--policy", str(policy), "--format", "json", env=auditor).stdout)
+    divs = out["whatif"]["divergences"]
+    assert [(d["kind"], d["request"], d["effect"]) for d in divs] == [
+        ("file_read", "read /home/dev/.aws/credentials", "block")]
+    # the simulated sessions record a user (devNN) whose home is not the /home/dev they work in: said so
+    assert out["whatif"]["summary"]["sessions_home_unknown"] == 1
+    text = " ".join(run_cli("replay", sessions[0], "--policy", str(policy), env=auditor).stdout.split())
+    assert "did not record their home directory: ~ in the policy was taken as any home directory" in text
