@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from schemas.config import Settings, from_env
 from schemas.errors import AgentLedgerError
@@ -42,10 +43,13 @@ def _global(
     warehouse: Optional[str] = typer.Option(None, "--warehouse", envvar="AGENTLEDGER_WAREHOUSE",
                                             help="DuckDB file (or ducklake:...). [default: HOME/warehouse.duckdb]"),
     topic: Optional[str] = typer.Option(None, "--topic", envvar="AGENTLEDGER_TOPIC", help="Events topic."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (also the Kafka client's own log)."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from schemas.transport import quiet_library_logs
+
+    quiet_library_logs(verbose)
     env = dict(__import__("os").environ)
     if home is not None:
         env["AGENTLEDGER_HOME"] = str(home)
@@ -92,5 +96,6 @@ def main() -> None:
     try:
         app()
     except AgentLedgerError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        # the message is text, not markup ("[sandbox]" stays), on one line however long
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)

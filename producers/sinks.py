@@ -264,7 +264,8 @@ class SpoolingSink(Sink):
             with self._lock:
                 # Only worth waiting while Kafka answers: otherwise the spool already holds everything durably.
                 while self._state != DIRECT and time.monotonic() < deadline and self._thread.is_alive() \
-                        and (self._kafka_up or self._connecting) and self._has_spooled():
+                        and (self._kafka_up or (self._connecting and not self._gave_up_connecting)) \
+                        and self._has_spooled():
                     self._wake.wait(0.1)
                 self._closed = True
                 self._wake.notify_all()
@@ -283,11 +284,13 @@ class SpoolingSink(Sink):
     def state(self) -> str:
         return self._state
 
-    def wait_direct(self, timeout: float) -> bool:
-        """Wait until events go straight to Kafka again (tests, `spool drain`)."""
+    def wait_direct(self, timeout: float, *, until_failure: bool = False) -> bool:
+        """Wait until events go straight to Kafka again (tests, `spool drain`); ``until_failure``:
+        stop waiting as soon as a connection attempt has failed (Kafka unreachable: spool at once)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._state != DIRECT and time.monotonic() < deadline:
+            while self._state != DIRECT and time.monotonic() < deadline \
+                    and not (until_failure and self._gave_up_connecting):
                 self._wake.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             return self._state == DIRECT
 

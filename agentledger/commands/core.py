@@ -35,7 +35,9 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
     # A bulk producer: the Kafka client gets its own process (see schemas/transport/kafka.py).
     sink = open_producer_sink(s, kafka_process=True)
     if hasattr(sink, "wait_direct"):
-        sink.wait_direct(15.0)  # a bulk run can afford to wait for the connection instead of spooling
+        # a bulk run can afford to wait for the connection instead of spooling, not for a broker that
+        # is not there (one failed attempt: CONNECT_TIMEOUT_MS)
+        sink.wait_direct(15.0, until_failure=True)
     with _progress(show_progress) as progress:
         task = progress.add_task("simulating sessions", total=sessions)
         try:

@@ -6,8 +6,20 @@ implementation from the settings (Kafka when bootstrap servers are configured).
 
 from __future__ import annotations
 
+import logging
+
 from ..config import Settings
 from .base import Message, Sink, Source
+
+LIBRARY_LOGGERS = ("kafka",)  # the client libraries' loggers (kafka-python), without importing them
+
+
+def quiet_library_logs(verbose: bool) -> None:
+    """The client libraries log every failed connection attempt (kafka-python: one ERROR and one
+    WARNING per retry): a command reports the failure in one line, so their logs show only when
+    asked for (``--verbose``)."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.CRITICAL + 1)
 
 
 def open_sink(settings: Settings, **kafka_options) -> Sink:
@@ -30,4 +42,4 @@ def open_source(settings: Settings, **kafka_options) -> Source:
     return LocalSource(LocalLog(settings.log_dir, default_partitions=settings.partitions))
 
 
-__all__ = ["Message", "Sink", "Source", "open_sink", "open_source"]
+__all__ = ["LIBRARY_LOGGERS", "Message", "Sink", "Source", "open_sink", "open_source", "quiet_library_logs"]

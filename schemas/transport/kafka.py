@@ -24,7 +24,13 @@ from .base import Message, Outgoing, PartitionCallback, Sink, Source
 
 log = logging.getLogger(__name__)
 
+# Connecting: a broker that does not answer is an error within seconds (kafka-python waits 30 s by
+# default), and the client retries within that time instead of backing off for up to 30 s.
+CONNECT_TIMEOUT_MS = 5_000
+CONNECT_DEFAULTS: dict[str, Any] = {"bootstrap_timeout_ms": CONNECT_TIMEOUT_MS, "reconnect_backoff_max_ms": 1_000}
+
 PRODUCER_DEFAULTS: dict[str, Any] = {
+    **CONNECT_DEFAULTS,
     "acks": "all",
     "enable_idempotence": True,
     "compression_type": "lz4",
@@ -38,6 +44,7 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
+    **CONNECT_DEFAULTS,
     "enable_auto_commit": False,
     "auto_offset_reset": "earliest",
     "fetch_max_bytes": 64 * 1024 * 1024,
@@ -49,6 +56,14 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _unreachable(what: str, bootstrap_servers: str, exc: Exception) -> TransportError:
+    """The one error line for a client that could not connect."""
+    if isinstance(exc, KafkaTimeoutError) or "bootstrap" in str(exc).lower():
+        return TransportError(f"Kafka at {bootstrap_servers} is not reachable: no broker answered within "
+                              f"{CONNECT_TIMEOUT_MS / 1000:.0f}s ({what}; --verbose shows the client's log)")
+    return TransportError(f"cannot connect {what} to {bootstrap_servers}: {exc}")
+
+
 def partition_for_key(key: bytes, partitions: int) -> int:
     """Partition the Java and kafka-python default partitioners choose for ``key``."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
@@ -57,9 +72,9 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, timeout_s: float = 30) -> None:
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="agentledger-admin",
-                                 request_timeout_ms=int(timeout_s * 1000))
+                                 request_timeout_ms=int(timeout_s * 1000), **CONNECT_DEFAULTS)
     except KafkaError as exc:
-        raise TransportError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
+        raise _unreachable("an admin client", bootstrap_servers, exc) from exc
     try:
         if topic in set(admin.list_topics()):
             return
@@ -72,7 +87,7 @@ def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, timeout_s:
         admin.close()
     # Metadata propagation: wait until the topic is visible with all its partitions.
     deadline = time.monotonic() + timeout_s
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, **CONNECT_DEFAULTS)
     try:
         while time.monotonic() < deadline:
             parts = consumer.partitions_for_topic(topic)
@@ -94,7 +109,7 @@ class KafkaSink(Sink):
         try:
             self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="agentledger", **config)
         except KafkaError as exc:
-            raise TransportError(f"cannot connect a producer to {bootstrap_servers}: {exc}") from exc
+            raise _unreachable("a producer", bootstrap_servers, exc) from exc
         self._inflight: deque[tuple[str, bytes, bytes, Any]] = deque()
         self._topics: set[str] = set()
         self._sends = 0
@@ -217,7 +232,7 @@ class KafkaSource(Source):
         try:
             self._consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-ingest", **config)
         except KafkaError as exc:
-            raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
+            raise _unreachable("a consumer", bootstrap_servers, exc) from exc
 
     def partitions(self, topic: str) -> list[int]:
         parts = self._consumer.partitions_for_topic(topic)
@@ -374,7 +389,10 @@ def _child_main() -> None:
 
     def reply(obj) -> None:
         with out_lock:
-            _write_frame(out, obj)
+            try:
+                _write_frame(out, obj)
+            except OSError:  # the parent is gone (it gave up on us and closed the pipe): nobody to tell
+                _os._exit(0)
 
     bootstrap, config = _read_frame(inp)
     try:
@@ -466,7 +484,8 @@ class KafkaProcessSink(Sink):
         if self._ready is None or self._ready[0] != "ready":
             self.abort()
             why = self._ready[1] if self._ready else f"no answer within {connect_s:.0f}s"
-            raise TransportError(f"cannot connect a producer to {bootstrap_servers}: {why}")
+            raise _unreachable("a producer", bootstrap_servers, KafkaTimeoutError(why) if "bootstrap" in why
+                               else TransportError(why))
         self._batch: list[tuple[str, bytes, bytes]] = []
         self._shipped: deque[tuple[int, list[tuple[str, bytes, bytes]]]] = deque()
         self._next_bid = 0
@@ -589,9 +608,9 @@ def partition_count(bootstrap_servers: str, topic: str, timeout_s: float = 30) -
     """Partitions of ``topic`` (0 when it does not exist)."""
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-replay",
-                                 request_timeout_ms=int(timeout_s * 1000) + 1000)
+                                 request_timeout_ms=int(timeout_s * 1000) + 1000, **CONNECT_DEFAULTS)
     except KafkaError as exc:
-        raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
+        raise _unreachable("a consumer", bootstrap_servers, exc) from exc
     try:
         parts = consumer.partitions_for_topic(topic)
         return len(parts) if parts else 0
@@ -641,7 +660,7 @@ def scan_partition(bootstrap_servers: str, topic: str, partition: int, start: in
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-replay", **config)
     except KafkaError as exc:
-        raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
+        raise _unreachable("a consumer", bootstrap_servers, exc) from exc
     tp = TopicPartition(topic, partition)
     out: list[Message] = []
     try:
