@@ -134,9 +134,10 @@ def render(*, session_id: str, verification: dict, state: dict, timeline: list[d
                      f"<span class='fam' style='background:{FAMILY_COLOURS.get(f, '#374151')}'>{_e(f)}</span></label>")
     parts.append("</div><table><tr><th>seq</th><th>time (UTC)</th><th>family</th><th>kind</th><th>what happened</th>"
                  "<th>pairs</th><th>chain</th></tr>")
+    rule_of = {a["alert_id"]: a.get("source") or "alert" for a in alerts}
     for e in timeline:
         cls = f"ev chain-{e['chain']}" + (" alerted" if e["alerts"] else "")
-        pins = "".join(f"<a class='pin' href='#alert-{_e(a)}'>alert</a>" for a in e["alerts"])
+        pins = "".join(f"<a class='pin' href='#alert-{_e(a)}'>{_e(rule_of.get(a, 'alert'))}</a>" for a in e["alerts"])
         pairs = " ".join(_seq_link(s) for s in e["related_seqs"])
         colour = FAMILY_COLOURS.get(e["family"], "#374151")
         chain = {"ok": "✔", "bad": "✘ first bad", "unverified": "?"}.get(e["chain"], e["chain"])

@@ -47,6 +47,7 @@ resolved to (`Policy.evaluate_network`); `schemas.netaddr` is the one reading of
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import ipaddress
@@ -245,10 +246,13 @@ class Policy:
     @classmethod
     def from_dict(cls, data: dict, source: str | None = None) -> "Policy":
         where = f"policy {source}" if source else "policy"
-        unknown = sorted(set(data) - {"name", "description", *POLICY_SECTIONS})
+        known = ("name", "description", *sorted(POLICY_SECTIONS))
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"{where}: unknown top-level key(s) {', '.join(unknown)} "
-                              "(a policy has name, description, [sandbox], [network], [approvals])")
+            guesses = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1, 0.6)) else k
+                       for k in unknown]
+            raise ConfigError(f"{where}: unknown top-level key(s) {', '.join(guesses)}; "
+                              "a policy has name, description, [sandbox], [network], [approvals]")
         sb = data.get("sandbox", {})
         net = data.get("network", {})
         ap = data.get("approvals", {})

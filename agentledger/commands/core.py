@@ -124,6 +124,20 @@ def _demo_policies(home: Path) -> str:
         return str(strict)
 
 
+def _ingest_line(stats) -> str:
+    """What the demo's ingest did. Re-running the demo records the same events again (the same seed
+    gives byte-identical sessions): ingest recognises them as duplicates, which is not a failure."""
+    dup = stats.reasons.get("duplicate", 0)
+    bad = stats.dead_letters - dup
+    line = f"ingested {stats.accepted} new events"
+    if dup:
+        line += (f"; {dup} were already recorded (the demo's sessions are deterministic: re-running it records "
+                 "them again, and ingest recognised the duplicates)")
+    if bad:
+        line += f"; {bad} quarantined (agentledger deadletters list)"
+    return line + f", in {stats.seconds:.2f}s"
+
+
 def register(app: typer.Typer) -> None:
     from ..cli import settings
 
@@ -147,12 +161,11 @@ def register(app: typer.Typer) -> None:
         console.print(f"recorded {result.events} events in {result.sessions} sessions "
                       f"(suspicious: {', '.join(l['session_id'] for l in result.labels if l['attack']) or 'none'})")
         stats = run_ingest(s, detect=True)
-        console.print(f"ingested {stats.accepted} events, {stats.dead_letters} quarantined, "
-                      f"in {stats.seconds:.2f}s")
+        console.print(_ingest_line(stats))
         console.print("checkpoints are signed with the simulator's seed key: verify reports them as "
                       "simulator-signed, never trusted (docs/keys.md)")
         loud = sum(v for k, v in stats.detection.by_severity.items() if k in ("high", "critical"))
-        console.print(f"detection raised {stats.detection.alerts_new} alerts ({loud} high or critical)")
+        console.print(f"detection raised {stats.detection.alerts_new} new alerts ({loud} high or critical)")
         from schemas.warehouse import open_for
 
         with open_for(s, read_only=True) as wh:
@@ -160,11 +173,11 @@ def register(app: typer.Typer) -> None:
                 SELECT left(s.session_id, 13) AS session, s.agent, s.event_count AS events, s.commands AS cmds,
                        s.network_attempts AS net, s.sandbox_denied + s.approvals_denied + s.network_denied AS denied,
                        (SELECT count(*) FROM alerts a WHERE a.session_id = s.session_id
-                          AND a.severity IN ('high', 'critical')) AS alerts,
+                          AND a.severity IN ('high', 'critical')) AS "alerts*",
                        c.status AS chain
                 FROM sessions s JOIN chain_status c USING (session_id) ORDER BY s.started_at""")
             render_rows([d[0] for d in cur.description], cur.fetchall(), Format.table,
-                        title="sessions (replay and export accept a unique id prefix)")
+                        title="sessions (alerts*: high or critical only; commands accept a unique id prefix)")
         suspicious = [l["session_id"] for l in result.labels if l["attack"]]
         strict = _demo_policies(s.home)
         hints = ""

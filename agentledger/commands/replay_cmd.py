@@ -153,7 +153,13 @@ def _verification_line(v: dict) -> Text:
     return t
 
 
-def _print_timeline(entries: list[dict], total: int, limit: int | None) -> None:
+def _alert_names(alerts: list[dict]) -> dict[str, str]:
+    """How the terminal names an alert: its rule (or model) and severity, not its id."""
+    return {a["alert_id"]: f"{a.get('source') or '?'}" + (f" ({a['severity']})" if a.get("severity") else "")
+            for a in alerts}
+
+
+def _print_timeline(entries: list[dict], total: int, limit: int | None, names: dict[str, str] | None = None) -> None:
     t = Table(title="timeline", show_lines=False, expand=True)
     # on a narrow terminal the family column goes (the kind carries its colour) and "what happened"
     # keeps a readable width; the rest fold
@@ -172,7 +178,7 @@ def _print_timeline(entries: list[dict], total: int, limit: int | None) -> None:
         if e["kind"] in ("sandbox_denied", "gap") or e["payload"].get("decision") in ("deny", "denied"):
             summary.stylize("bold red")
         for a in e["alerts"]:
-            summary.append(f"  ⚑ {a}", "bold red")
+            summary.append(f"  ⚑ {(names or {}).get(a, a)}", "bold red")
         style = FAMILY_STYLE.get(e["family"], "")
         fam = [] if narrow else [Text(e["family"], style)]
         pairs = [] if narrow else [" ".join(f"#{s}" for s in e["related_seqs"])]
@@ -230,6 +236,17 @@ def _print_whatif(rep: dict, limit: int | None = None) -> None:
         console.print(line, markup=False, highlight=False)
 
 
+def _past_the_end(r, at: int | None) -> str | None:
+    """What to say when --at names a seq after the session's last event (its end is shown)."""
+    if at is None:
+        return None
+    count, first, last = r.con.execute("SELECT count(*), min(seq), max(seq) FROM events").fetchone()
+    if last is None or at <= last:
+        return None
+    return (f"session {r.session_id} has {count} events (seq {first}..{last}): --at {at} is past its end, "
+            f"so this is its end (the state after seq {last})")
+
+
 # --- commands ----------------------------------------------------------------------------------------
 
 def register(app: typer.Typer) -> None:
@@ -239,7 +256,8 @@ def register(app: typer.Typer) -> None:
     def replay_cmd(
         ctx: typer.Context,
         session: str = typer.Argument(..., help="Session id (or a unique prefix), or the path of a bundle file."),
-        at: Optional[int] = typer.Option(None, "--at", help="Show the state after this seq (time travel)."),
+        at: Optional[int] = typer.Option(None, "--at", help="Show the state after this seq (time travel; past the "
+                                                            "last seq: the end, with a note)."),
         fmt: Format = typer.Option(Format.table, "--format", help="table or json (the documented replay document)."),
         html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML timeline here."),
         policy: Optional[Path] = typer.Option(None, "--policy", help="Re-decide every request under this policy (TOML)."),
@@ -263,6 +281,8 @@ def register(app: typer.Typer) -> None:
         from replay.whatif import what_if
 
         s = settings(ctx)
+        if at is not None and at < 0:
+            raise typer.BadParameter("--at takes a seq of the session (0 or more)")
         if reexecute:
             from .sandbox_cmd import render_report, run_reexecution
 
@@ -272,6 +292,7 @@ def register(app: typer.Typer) -> None:
         raw, alerts = read_session(s, session, source)
         with replay(raw, keyring=_keyring(s, public_key), alerts=alerts) as r:
             v = r.verification.as_dict()
+            notice = _past_the_end(r, at)
             state = r.state(at).as_dict()
             timeline = r.timeline(at)
             rep = None
@@ -291,17 +312,20 @@ def register(app: typer.Typer) -> None:
         if fmt is Format.json:
             print_json({"format": "agentledger.replay/1", "session_id": raw.session_id, "at": at,
                         "source": v["source"], "verification": v, "state_digest": state["state_digest"],
-                        "state": state, "timeline": timeline_out, "alerts": alerts, "whatif": rep})
+                        "state": state, "timeline": timeline_out, "alerts": alerts, "whatif": rep,
+                        **({"notice": notice} if notice else {})})
         else:
             console.print(f"[bold]session {raw.session_id}[/] from {raw.where}")
             console.print(_verification_line(v))
-            _print_timeline(timeline, n, None if limit == 0 else (limit or TABLE_LIMIT))
+            if notice:
+                err_console.print(f"[yellow]note:[/] {notice}", highlight=False)
+            _print_timeline(timeline, n, None if limit == 0 else (limit or TABLE_LIMIT), _alert_names(alerts))
             _print_state(state, None if limit == 0 else (limit or TABLE_LIMIT))
             if rep is not None:
                 _print_whatif(rep)
             if alerts:
-                render_rows(["alert", "source", "severity", "evidence"],
-                            [(a["alert_id"], a["source"], a.get("severity"), ", ".join(map(str, a["evidence_seqs"])))
+                render_rows(["rule", "severity", "evidence", "alert"],
+                            [(a["source"], a.get("severity"), ", ".join(map(str, a["evidence_seqs"])), a["alert_id"])
                              for a in alerts], Format.table, title="alerts")
             console.print(f"state digest [bold]{state['state_digest']}[/]"
                           + (f" (after seq {state['as_of_seq']})" if at is not None else ""))
