@@ -13,25 +13,48 @@ CORE = "schemas"
 STAGES = ("producers", "consumers", "replay")
 CLI = "agentledger"
 FIRST_PARTY = {CORE, *STAGES, CLI}
+BARE = "bare import"  # `import schemas` instead of `import agentledger.schemas`: never allowed
 
 
-def imports_of(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
-    pkg_parts = path.relative_to(REPO).with_suffix("").parts
-    out = set()
+def component(module: str) -> str | None:
+    """Which part of agentledger a module name belongs to: the core, a stage, the CLI (anything else
+    under `agentledger`), BARE for a top-level name of ours, None for third-party modules."""
+    parts = module.split(".")
+    if parts[0] == "agentledger":
+        return parts[1] if len(parts) > 1 and parts[1] in (CORE, *STAGES) else CLI
+    if parts[0] in (CORE, *STAGES):
+        return BARE
+    return None
+
+
+def imports_of(path: Path, source: str | None = None, rel: Path | None = None) -> set[str]:
+    """The components (and third-party top-level modules) a file imports. ``rel``: its path inside
+    the repository, when ``source`` is given for a file that is not there."""
+    tree = ast.parse(source if source is not None else path.read_text(), str(path))
+    pkg_parts = (rel or path.relative_to(REPO)).with_suffix("").parts
+    out: set[str] = set()
+
+    def add(module: str) -> None:
+        c = component(module)
+        out.add(c if c is not None else module.split(".")[0])
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out.update(a.name.split(".")[0] for a in node.names)
+            for a in node.names:
+                add(a.name)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative import: stays inside the package it is in
                 base = pkg_parts[: len(pkg_parts) - node.level]
                 out.add(base[0] if base else pkg_parts[0])
+            elif node.module == "agentledger":  # from agentledger import schemas, cli
+                for a in node.names:
+                    add(f"agentledger.{a.name}")
             elif node.module:
-                out.add(node.module.split(".")[0])
+                add(node.module)
         elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__" and node.args:
             arg = node.args[0]
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                out.add(arg.value.split(".")[0])
+                add(arg.value)
     return out
 
 
@@ -75,11 +98,25 @@ def test_ddl_lives_in_the_warehouse_module():
     assert users <= {"schemas/warehouse.py"}, sorted(users)
 
 
-def test_the_import_checker_sees_violations(tmp_path, monkeypatch):
-    """The layering test must be able to fail: a stage importing another stage is caught."""
-    f = REPO / "replay" / "_layering_probe.py"
-    f.write_text("from consumers.ingest import Ingestor\nimport producers.recorder\n")
-    try:
-        assert {"consumers", "producers"} <= imports_of(f)
-    finally:
-        f.unlink()
+def test_the_import_checker_sees_violations(tmp_path):
+    """The layering test must be able to fail: a stage importing another stage, or a bare
+    top-level name of ours, is caught."""
+    src = ("from agentledger.consumers.ingest import Ingestor\nimport agentledger.producers.recorder\n"
+           "from agentledger import cli\nimport schemas.codec\n")
+    found = imports_of(tmp_path / "probe.py", src, Path("replay/_layering_probe.py"))
+    assert {"consumers", "producers", CLI, BARE} <= found
+
+
+def test_no_first_party_module_is_imported_by_a_bare_top_level_name():
+    """Installed, agentledger is one package: `import schemas` would pick up whatever else is called
+    `schemas` on the path (issue: namespaced packages)."""
+    offenders = {str(f.relative_to(REPO)): "bare import"
+                 for pkg in [*FIRST_PARTY, "tests", "bench"] for f in py_files(pkg) if BARE in imports_of(f)}
+    assert not offenders, offenders
+
+
+def test_the_packages_are_the_required_folders():
+    """agentledger.schemas etc. are the top-level folders themselves (symlinks), not copies."""
+    for name in (CORE, *STAGES):
+        link = REPO / "agentledger" / name
+        assert link.is_symlink() and link.resolve() == (REPO / name).resolve(), link

@@ -601,7 +601,12 @@ class KafkaProcessSink(Sink):
                 self.abort()
 
 
-_REPO_ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+# The directory that holds the `agentledger` package this module was imported from (a checkout or
+# site-packages): one level up per part of the module name. Not resolved: agentledger/schemas is a
+# symlink to the checkout's schemas/ folder.
+_REPO_ROOT = _os.path.abspath(__file__)
+for _ in __name__.split("."):
+    _REPO_ROOT = _os.path.dirname(_REPO_ROOT)
 
 
 def partition_count(bootstrap_servers: str, topic: str, timeout_s: float = 30) -> int:
