@@ -10,10 +10,10 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from schemas.config import Settings, from_env
-from schemas.errors import AgentLedgerError
-from schemas.homes import prepare_process, say
-from schemas.keys import git_work_tree
+from agentledger.schemas.config import Settings, from_env
+from agentledger.schemas.errors import AgentLedgerError
+from agentledger.schemas.homes import prepare_process, say
+from agentledger.schemas.keys import git_work_tree
 
 from .output import err_console
 
@@ -47,7 +47,7 @@ def _global(
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from schemas.transport import quiet_library_logs
+    from agentledger.schemas.transport import quiet_library_logs
 
     quiet_library_logs(verbose)
     env = dict(__import__("os").environ)

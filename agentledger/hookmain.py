@@ -211,7 +211,7 @@ def main(argv: list[str]) -> int:
             args = parser().parse_args(argv)
         except SystemExit as exc:  # argparse already said why on stderr
             return int(exc.code or 2)
-    from schemas.homes import HOME_VARS, prepare_process, resolve_home, say
+    from agentledger.schemas.homes import HOME_VARS, prepare_process, resolve_home, say
 
     # owner-only files from here on; an old ./.agentledger is named (never used); a loose home tightened
     say(prepare_process())
@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
     if args.serve:
         from pathlib import Path
 
-        from producers.hookd import serve
+        from agentledger.producers.hookd import serve
 
         return serve(Path(home), code_digest())
     if args.stop_server:
@@ -253,13 +253,13 @@ def main(argv: list[str]) -> int:
 
 
 def _in_process(args, raw: bytes) -> int:
-    from schemas.config import from_env
-    from schemas.errors import AgentLedgerError
+    from agentledger.schemas.config import from_env
+    from agentledger.schemas.errors import AgentLedgerError
 
     settings = from_env()
     try:
         if args.drain:
-            from producers.ledger import SessionAppender
+            from agentledger.producers.ledger import SessionAppender
 
             appender = SessionAppender(settings, lock_timeout_s=args.budget, flush_timeout_s=args.budget)
             try:
@@ -268,7 +268,7 @@ def _in_process(args, raw: bytes) -> int:
                 appender.close()
             sys.stderr.write(f"re-sent {n} events\n")
             return 0
-        from producers.hook import handle
+        from agentledger.producers.hook import handle
 
         out = handle(raw, settings, policy_path=args.policy, agent=args.agent, deny_style=args.deny_style,
                      fail_closed=args.fail_closed, budget_s=args.budget)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schemas.config import Settings
-from schemas.errors import WarehouseError
-from schemas.sessionids import Place, listed_place, resolve, warehouse_place
+from agentledger.schemas.config import Settings
+from agentledger.schemas.errors import WarehouseError
+from agentledger.schemas.sessionids import Place, listed_place, resolve, warehouse_place
 
 
 def in_warehouse(con, text: str, label: str) -> str:
@@ -21,8 +21,8 @@ def for_reading(s: Settings, text: str, *, transport: str | None = "auto", wareh
     there (yet), from the transport: ``transport`` is "auto" (the configured one), "local" (the local
     log), "kafka", or None; ``warehouse_only``: the warehouse must be there. The warehouse is asked
     first, so a full id it holds costs one lookup."""
-    from replay.sources import KafkaSessionSource, LocalLogSessionSource
-    from schemas.warehouse import open_warehouse
+    from agentledger.replay.sources import KafkaSessionSource, LocalLogSessionSource
+    from agentledger.schemas.warehouse import open_warehouse
 
     places: list[Place] = []
     wh = None

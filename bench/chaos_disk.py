@@ -50,12 +50,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumers.ingest import Ingestor  # noqa: E402
-from producers.recorder import Recorder  # noqa: E402
-from schemas.errors import NotDurableError  # noqa: E402
-from schemas.transport.base import Sink  # noqa: E402
-from schemas.transport.local import LocalLog, LocalSink, LocalSource  # noqa: E402
-from schemas.warehouse import open_warehouse  # noqa: E402
+from agentledger.consumers.ingest import Ingestor  # noqa: E402
+from agentledger.producers.recorder import Recorder  # noqa: E402
+from agentledger.schemas.errors import NotDurableError  # noqa: E402
+from agentledger.schemas.transport.base import Sink  # noqa: E402
+from agentledger.schemas.transport.local import LocalLog, LocalSink, LocalSource  # noqa: E402
+from agentledger.schemas.warehouse import open_warehouse  # noqa: E402
 
 TOPIC = "chaos.disk"
 

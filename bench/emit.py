@@ -31,14 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producers.recorder import Recorder, SessionRecorder  # noqa: E402
-from producers.redact import Redactor  # noqa: E402
-from producers.simulate import simulate  # noqa: E402
-from producers.sinks import open_producer_sink  # noqa: E402
-from schemas import signing  # noqa: E402
-from schemas.config import from_env  # noqa: E402
-from schemas.transport.base import Sink  # noqa: E402
-from schemas.transport.kafka import ensure_topic, raw_send  # noqa: E402
+from agentledger.producers.recorder import Recorder, SessionRecorder  # noqa: E402
+from agentledger.producers.redact import Redactor  # noqa: E402
+from agentledger.producers.simulate import simulate  # noqa: E402
+from agentledger.producers.sinks import open_producer_sink  # noqa: E402
+from agentledger.schemas import signing  # noqa: E402
+from agentledger.schemas.config import from_env  # noqa: E402
+from agentledger.schemas.transport.base import Sink  # noqa: E402
+from agentledger.schemas.transport.kafka import ensure_topic, raw_send  # noqa: E402
 
 
 class _NullSink(Sink):

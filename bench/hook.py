@@ -208,10 +208,10 @@ def check_answer(inp: dict, proc: subprocess.CompletedProcess) -> str | None:
 
 
 def verify(settings, per_session: list[list[tuple[dict, list]]]) -> dict:
-    from schemas.contract import load_store
-    from schemas.envelope import ChainVerifier
-    from schemas.rows import iter_session_values
-    from schemas.warehouse import open_warehouse
+    from agentledger.schemas.contract import load_store
+    from agentledger.schemas.envelope import ChainVerifier
+    from agentledger.schemas.rows import iter_session_values
+    from agentledger.schemas.warehouse import open_warehouse
 
     store = load_store()
     expected_total = sum(len(e) for calls in per_session for _, e in calls)
@@ -286,7 +286,7 @@ def main() -> None:
     if args.bootstrap:
         env["AGENTLEDGER_BOOTSTRAP_SERVERS"] = args.bootstrap
         env["AGENTLEDGER_TOPIC"] = f"bench.hook.{uuid.uuid4().hex[:10]}"
-    from schemas.config import from_env
+    from agentledger.schemas.config import from_env
 
     settings = from_env(env)
     rng = random.Random(args.seed)

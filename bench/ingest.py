@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumers.ingest import Ingestor  # noqa: E402
-from producers.recorder import Recorder  # noqa: E402
-from producers.simulate import simulate  # noqa: E402
-from schemas.config import from_env  # noqa: E402
-from schemas.transport import open_sink, open_source  # noqa: E402
-from schemas.transport.kafka import raw_poll  # noqa: E402
-from schemas.warehouse import open_warehouse  # noqa: E402
+from agentledger.consumers.ingest import Ingestor  # noqa: E402
+from agentledger.producers.recorder import Recorder  # noqa: E402
+from agentledger.producers.simulate import simulate  # noqa: E402
+from agentledger.schemas.config import from_env  # noqa: E402
+from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
+from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
+from agentledger.schemas.warehouse import open_warehouse  # noqa: E402
 
 
 def produce(settings, events: int, seed: int) -> int:
@@ -124,8 +124,8 @@ def _kafka_ingest(s, topic, url, n, batch, base=0) -> float:
 
 def _copy_to_local(bootstrap, topic, local, n) -> None:
     """The same events in the embedded log (same partitions), for the embedded-log rate."""
-    from schemas.transport.kafka import KafkaSource
-    from schemas.transport.local import LocalLog
+    from agentledger.schemas.transport.kafka import KafkaSource
+    from agentledger.schemas.transport.local import LocalLog
 
     src = KafkaSource(bootstrap)
     src.assign(topic, {})

@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 import re._constants as C  # noqa: E402
 import re._parser as P  # noqa: E402
 
-from producers.redact import TOKEN_RE, Redactor, default_ruleset  # noqa: E402
+from agentledger.producers.redact import TOKEN_RE, Redactor, default_ruleset  # noqa: E402
 
 AN = string.ascii_letters + string.digits
 HEX = "0123456789abcdef"

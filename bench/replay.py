@@ -39,14 +39,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producers.recorder import ProducerIdentity, Recorder  # noqa: E402
-import replay.session as session_module_ref  # noqa: E402
-from replay import native  # noqa: E402
-from replay.bundle import write_bundle  # noqa: E402
-from replay.session import replay  # noqa: E402
-from replay.sources import BundleSource  # noqa: E402
-from schemas.contract import load_store  # noqa: E402
-from schemas.transport.base import MemorySink  # noqa: E402
+from agentledger.producers.recorder import ProducerIdentity, Recorder  # noqa: E402
+import agentledger.replay.session as session_module_ref  # noqa: E402
+from agentledger.replay import native  # noqa: E402
+from agentledger.replay.bundle import write_bundle  # noqa: E402
+from agentledger.replay.session import replay  # noqa: E402
+from agentledger.replay.sources import BundleSource  # noqa: E402
+from agentledger.schemas.contract import load_store  # noqa: E402
+from agentledger.schemas.transport.base import MemorySink  # noqa: E402
 
 TARGET = 300_000
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producers.sandbox import strace as st  # noqa: E402
-from producers.sandbox.runner import LAUNCHER, Tools, runtime_dirs  # noqa: E402
+from agentledger.producers.sandbox import strace as st  # noqa: E402
+from agentledger.producers.sandbox.runner import LAUNCHER, Tools, runtime_dirs  # noqa: E402
 
 WORKLOAD = """
 import json, os, subprocess, sys, email.mime.text, http.client, xml.dom.minidom
@@ -100,8 +100,8 @@ def main(argv=None) -> dict:
     }
     times: dict[str, list[float]] = {k: [] for k in [*variants, "recorded"]}
 
-    from producers.sandbox import SandboxSession
-    from schemas.config import from_env
+    from agentledger.producers.sandbox import SandboxSession
+    from agentledger.schemas.config import from_env
 
     settings = from_env({"AGENTLEDGER_HOME": str(work / "home")})
     for _ in range(args.runs):

@@ -46,12 +46,12 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
-from schemas import codec, treelog
-from schemas.contract import SchemaStore
-from schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
-from schemas.errors import AgentLedgerError, DecodeError, WarehouseError
-from schemas.transport.base import Message, Source
-from schemas.warehouse import Warehouse, is_retryable
+from agentledger.schemas import codec, treelog
+from agentledger.schemas.contract import SchemaStore
+from agentledger.schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
+from agentledger.schemas.errors import AgentLedgerError, DecodeError, WarehouseError
+from agentledger.schemas.transport.base import Message, Source
+from agentledger.schemas.warehouse import Warehouse, is_retryable
 
 log = logging.getLogger(__name__)
 

@@ -42,14 +42,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
 
-from schemas.contract import SchemaStore
-from schemas.envelope import ChainVerifier
-from schemas.errors import DecodeError
-from schemas.rows import iter_session_values
-from schemas.checkpoints import check_checkpoint
-from schemas.signing import Keyring
-from schemas.treelog import TreeReport, has_tree
-from schemas.warehouse import Warehouse
+from agentledger.schemas.contract import SchemaStore
+from agentledger.schemas.envelope import ChainVerifier
+from agentledger.schemas.errors import DecodeError
+from agentledger.schemas.rows import iter_session_values
+from agentledger.schemas.checkpoints import check_checkpoint
+from agentledger.schemas.signing import Keyring
+from agentledger.schemas.treelog import TreeReport, has_tree
+from agentledger.schemas.warehouse import Warehouse
 
 
 @dataclass

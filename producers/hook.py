@@ -47,7 +47,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
-from schemas.config import Settings
+from agentledger.schemas.config import Settings
 
 from .ledger import Observation, SessionAppender, SessionInfo
 from .sinks import recording_mode_from_env
@@ -91,7 +91,7 @@ def kafka_options(budget_s: float) -> dict:
 def load_policy(path: str | None):
     if not path:
         return None
-    from schemas.policy import Policy  # lazily: tomllib and the policy engine only when used
+    from agentledger.schemas.policy import Policy  # lazily: tomllib and the policy engine only when used
 
     return Policy.load(path)
 

@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from schemas.homes import HOME_VARS
+from agentledger.schemas.homes import HOME_VARS
 
 PROTO = 1
 _LEN = struct.Struct(">I")
@@ -99,7 +99,7 @@ class HookServer:
         return app, cache, key
 
     def _serve_one(self, conn: socket.socket) -> None:
-        from schemas.config import from_env
+        from agentledger.schemas.config import from_env
 
         from .hook import handle
 
@@ -213,7 +213,7 @@ class HookServer:
 
 
 def serve(home: Path, code: str) -> int:
-    from schemas.homes import restrict_umask
+    from agentledger.schemas.homes import restrict_umask
 
     restrict_umask()  # everything the server creates in the home is owner-only (schemas/homes.py)
     idle = float(os.environ.get("AGENTLEDGER_HOOK_DAEMON_IDLE") or 900)

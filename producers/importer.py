@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from schemas.config import Settings
+from agentledger.schemas.config import Settings
 
 from .codex_rollout import RolloutParser
 from .counts import FileCounts

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from schemas.envelope import GENESIS_HASH
-from schemas.errors import TransportError
+from agentledger.schemas.envelope import GENESIS_HASH
+from agentledger.schemas.errors import TransportError
 
 SCHEMA_VERSION = 1
 _DDL = Path(__file__).with_name("importstate.sql")

@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
-from schemas.config import Settings
-from schemas.contract import SchemaStore, load_store
-from schemas.envelope import claimed_hash, peek
-from schemas.errors import NotDurableError, TransportError
-from schemas.keys import UnsafeKeyError
-from schemas.transport.base import MemorySink, Sink
+from agentledger.schemas.config import Settings
+from agentledger.schemas.contract import SchemaStore, load_store
+from agentledger.schemas.envelope import claimed_hash, peek
+from agentledger.schemas.errors import NotDurableError, TransportError
+from agentledger.schemas.keys import UnsafeKeyError
+from agentledger.schemas.transport.base import MemorySink, Sink
 
 from .importstate import Head, ProducerState, Staged
 from .normalize import fact_event_id

@@ -15,9 +15,9 @@ import re
 import shlex
 from typing import Any, Iterable
 
-from schemas.envelope import uuid7
+from agentledger.schemas.envelope import uuid7
 # (the policy engine and the producers share how commands and URLs are read: they live in the core)
-from schemas.policy import network_protocol, urls_in, wrapped_command  # noqa: F401 (network_protocol, urls_in: for the producers)
+from agentledger.schemas.policy import network_protocol, urls_in, wrapped_command  # noqa: F401 (network_protocol, urls_in: for the producers)
 
 # -- identifiers ------------------------------------------------------------------------------
 

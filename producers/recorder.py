@@ -40,12 +40,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from schemas import signing
-from schemas.config import DEFAULT_TOPIC, Settings
-from schemas.contract import SchemaStore, load_store
-from schemas.envelope import GENESIS_HASH, Sealed, Sealer, make_record, peek, system_clock_us, uuid7
-from schemas.errors import NotDurableError
-from schemas.transport.base import Sink
+from agentledger.schemas import signing
+from agentledger.schemas.config import DEFAULT_TOPIC, Settings
+from agentledger.schemas.contract import SchemaStore, load_store
+from agentledger.schemas.envelope import GENESIS_HASH, Sealed, Sealer, make_record, peek, system_clock_us, uuid7
+from agentledger.schemas.errors import NotDurableError
+from agentledger.schemas.transport.base import Sink
 
 from .sinks import RecordingRefused, SpoolFullError
 
@@ -611,7 +611,7 @@ def load_signer(settings: Settings, env: dict[str, str] | None = None) -> signin
     """The checkpoint signing key: AGENTLEDGER_SIGNING_KEY / AGENTLEDGER_SIGNING_KEY_FILE, else the key
     `agentledger keys generate` marked current in ``$AGENTLEDGER_HOME/keys``; None means unsigned.
     A key file that `schemas.keys.check_key_path` refuses raises `UnsafeKeyError`."""
-    from schemas.errors import ConfigError
+    from agentledger.schemas.errors import ConfigError
 
     signer = signing.signer_from_env(env)
     if signer is not None:

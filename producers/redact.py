@@ -67,9 +67,9 @@ from urllib.parse import unquote
 
 import ahocorasick
 
-from schemas.config import Settings
-from schemas.homes import default_home, write_private_file
-from schemas.keys import UnsafeKeyError, check_key_path
+from agentledger.schemas.config import Settings
+from agentledger.schemas.homes import default_home, write_private_file
+from agentledger.schemas.keys import UnsafeKeyError, check_key_path
 
 from .ruleset import Allowlist, Rule, load_gitleaks, shannon_entropy
 

@@ -21,7 +21,7 @@ end after the secret), becomes a look-ahead for any character that cannot contin
 a key followed by ``&`` (a URL query), ``,`` ``)`` ``]`` ``}`` (code, JSON) or ``@`` (URL userinfo)
 is found too and the delimiter itself is left in place. Regexes are compiled on first use: a hook
 process compiles only the few rules whose keywords its text contains, and reads the patterns
-already translated from ``gitleaks.json`` (made from the TOML by ``python -m producers.ruleset``;
+already translated from ``gitleaks.json`` (made from the TOML by ``python -m agentledger.producers.ruleset``;
 ignored, with a warning, if it was made from another TOML).
 """
 
@@ -295,7 +295,7 @@ def _leading_boundary(pattern: str) -> tuple[str, bool]:
 def compile_gitleaks(path: Path = GITLEAKS_TOML) -> dict:
     """gitleaks' TOML as the plain data `load_gitleaks` reads: patterns translated to Python, rule
     ranks set, only what redaction uses. Written to ``gitleaks.json`` next to the TOML by
-    ``python -m producers.ruleset`` (a hook process then loads it in a millisecond instead of
+    ``python -m agentledger.producers.ruleset`` (a hook process then loads it in a millisecond instead of
     parsing TOML and translating ~250 patterns)."""
     import tomllib
 
@@ -333,7 +333,7 @@ def load_gitleaks(path: Path = GITLEAKS_TOML) -> tuple[list[Rule], Allowlist]:
     try:
         data = json.loads(compiled.read_text())
         if data.get("source_sha256") != hashlib.sha256(Path(path).read_bytes()).hexdigest():
-            log.warning("%s was not compiled from %s (run python -m producers.ruleset): reading the TOML", compiled, path)
+            log.warning("%s was not compiled from %s (run python -m agentledger.producers.ruleset): reading the TOML", compiled, path)
             data = None
     except (OSError, ValueError):
         data = None
@@ -350,7 +350,7 @@ def load_gitleaks(path: Path = GITLEAKS_TOML) -> tuple[list[Rule], Allowlist]:
     return rules, allow(data["global_allowlist"])
 
 
-if __name__ == "__main__":  # python -m producers.ruleset: (re)compile gitleaks.json from gitleaks.toml
+if __name__ == "__main__":  # python -m agentledger.producers.ruleset: (re)compile gitleaks.json from gitleaks.toml
     out = GITLEAKS_TOML.with_suffix(".json")
     out.write_text(json.dumps(compile_gitleaks(), indent=0, sort_keys=True) + "\n")
     print(f"wrote {out}")

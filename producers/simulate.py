@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from schemas import signing
-from schemas.policy import Policy
+from agentledger.schemas import signing
+from agentledger.schemas.policy import Policy
 
 from .recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
 

@@ -41,11 +41,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from schemas.config import Settings
-from schemas.envelope import peek
-from schemas.errors import ConfigError, NotDurableError, TransportError
-from schemas.transport import open_sink
-from schemas.transport.base import Outgoing, Sink
+from agentledger.schemas.config import Settings
+from agentledger.schemas.envelope import peek
+from agentledger.schemas.errors import ConfigError, NotDurableError, TransportError
+from agentledger.schemas.transport import open_sink
+from agentledger.schemas.transport.base import Outgoing, Sink
 
 from .spool import OverflowStats, Spool
 
@@ -381,7 +381,7 @@ class SpoolingSink(Sink):
 
     # -- background: connect, drain, switch back -----------------------------------------------
     def _connect(self):
-        from schemas.transport.kafka import KafkaProcessSink, KafkaSink
+        from agentledger.schemas.transport.kafka import KafkaProcessSink, KafkaSink
 
         cls = KafkaProcessSink if self.options.kafka_process else KafkaSink
         kafka = cls(self.settings.bootstrap_servers, default_partitions=self.settings.partitions,

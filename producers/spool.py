@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from schemas.envelope import peek
-from schemas.errors import NotDurableError, TransportError
-from schemas.transport.base import Outgoing
-from schemas.transport.local import IDX_ENTRY, LocalLog, append_outgoing
+from agentledger.schemas.envelope import peek
+from agentledger.schemas.errors import NotDurableError, TransportError
+from agentledger.schemas.transport.base import Outgoing
+from agentledger.schemas.transport.local import IDX_ENTRY, LocalLog, append_outgoing
 
 SPOOL_SEGMENT_BYTES = 8 * 1024 * 1024
 DRAIN_BATCH = 5000

@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from schemas import codec, merkle, treelog
-from schemas.envelope import GENESIS_HASH
-from schemas.errors import AgentLedgerError, DecodeError
-from schemas.signing import ALGORITHM, Keyring, Signer, bundle_header_message
+from agentledger.schemas import codec, merkle, treelog
+from agentledger.schemas.envelope import GENESIS_HASH
+from agentledger.schemas.errors import AgentLedgerError, DecodeError
+from agentledger.schemas.signing import ALGORITHM, Keyring, Signer, bundle_header_message
 
 from .chain import ChainResult, RawChainVerifier, envelope_head, schema_has_envelope_head, verify_spans
 

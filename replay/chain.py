@@ -20,9 +20,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from schemas.codec import SOE_HEADER_LEN, SOE_MAGIC, read_varint
-from schemas.errors import DecodeError
-from schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
+from agentledger.schemas.codec import SOE_HEADER_LEN, SOE_MAGIC, read_varint
+from agentledger.schemas.errors import DecodeError
+from agentledger.schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
 
 _HASH_TAG = b"\x80\x01"
 _TAIL_LEN = 2 * HASH_FIELD_LEN  # prev_hash field + hash field

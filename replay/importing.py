@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
-from schemas.transport.base import Message
+from agentledger.schemas.transport.base import Message
 
 from .bundle import Bundle
 from .chain import envelope_head

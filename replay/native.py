@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.codec import SOE_MAGIC
-from schemas.errors import AgentLedgerError
+from agentledger.schemas.codec import SOE_MAGIC
+from agentledger.schemas.errors import AgentLedgerError
 
 BINARY = "agentledger-avro2arrow"
 ENV = "AGENTLEDGER_AVRO2ARROW"  # a path to the binary, or "off"

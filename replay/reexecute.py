@@ -24,8 +24,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
-from schemas.config import Settings
-from schemas.errors import AgentLedgerError
+from agentledger.schemas.config import Settings
+from agentledger.schemas.errors import AgentLedgerError
 
 SANDBOX_SOURCE = "sandbox"
 
@@ -50,8 +50,8 @@ def _kind_of(store, payload_name: str) -> str:
 
 
 def _from_records(items: Iterable[tuple[bytes, dict]], session_id: str, where: str) -> list[RecordedEvent]:
-    from schemas.contract import load_store
-    from schemas.envelope import ChainVerifier
+    from agentledger.schemas.contract import load_store
+    from agentledger.schemas.envelope import ChainVerifier
 
     store = load_store()
     verifier = ChainVerifier(session_id)
@@ -71,9 +71,9 @@ def _from_records(items: Iterable[tuple[bytes, dict]], session_id: str, where: s
 
 
 def load_from_warehouse(url: str, session_id: str) -> list[RecordedEvent]:
-    from schemas.contract import load_store
-    from schemas.rows import iter_session_values
-    from schemas.warehouse import open_warehouse
+    from agentledger.schemas.contract import load_store
+    from agentledger.schemas.rows import iter_session_values
+    from agentledger.schemas.warehouse import open_warehouse
 
     with open_warehouse(url, read_only=True) as wh:
         rows = [(v, r) for v, r, _ in iter_session_values(wh.con, load_store(), session_id)]
@@ -82,8 +82,8 @@ def load_from_warehouse(url: str, session_id: str) -> list[RecordedEvent]:
 
 def load_from_transport(settings: Settings, session_id: str, timeout_s: float = 5.0) -> list[RecordedEvent]:
     """Scan the topic (local log or Kafka) for the session's events, in seq order."""
-    from schemas.contract import load_store
-    from schemas.transport import open_source
+    from agentledger.schemas.contract import load_store
+    from agentledger.schemas.transport import open_source
 
     store = load_store()
     source = open_source(settings)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from itertools import chain as chain_items
 from dataclasses import dataclass, field
 
-from schemas.contract import SchemaStore, load_store
-from schemas.signing import Keyring, is_simulator_key, load_public
+from agentledger.schemas.contract import SchemaStore, load_store
+from agentledger.schemas.signing import Keyring, is_simulator_key, load_public
 
 from . import native
 from . import verify as _verify

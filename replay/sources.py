@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from schemas.contract import SchemaStore, load_store
-from schemas.errors import AgentLedgerError
-from schemas.sessionids import Place
+from agentledger.schemas.contract import SchemaStore, load_store
+from agentledger.schemas.errors import AgentLedgerError
+from agentledger.schemas.sessionids import Place
 
 from .chain import envelope_head, session_of
 
@@ -119,7 +119,7 @@ class WarehouseSource(SessionSource):
         self.label = label
 
     def read(self, session_id: str) -> RawSession:
-        from schemas.rows import iter_session_values
+        from agentledger.schemas.rows import iter_session_values
 
         values, prov = [], []
         for value, _rec, row in iter_session_values(self.con, self.store, session_id):
@@ -153,7 +153,7 @@ class KafkaSessionSource(SessionSource):
         self.timeout_s = timeout_s
 
     def read(self, session_id: str) -> RawSession:
-        from schemas.transport.kafka import partition_count, partition_for_key, scan_partition
+        from agentledger.schemas.transport.kafka import partition_count, partition_for_key, scan_partition
 
         key = session_id.encode()
         n = partition_count(self.bootstrap_servers, self.topic)
@@ -180,7 +180,7 @@ class KafkaSessionSource(SessionSource):
     def place(self) -> Place:
         """For `schemas.sessionids.resolve`: a full id is looked up in the partition its key maps to
         (up to its first message); Kafka is not scanned for prefixes (that would read the whole topic)."""
-        from schemas.transport.kafka import partition_count, partition_for_key, scan_partition
+        from agentledger.schemas.transport.kafka import partition_count, partition_for_key, scan_partition
 
         def exact(sid: str) -> bool:
             key = sid.encode()
@@ -209,7 +209,7 @@ class LocalLogSessionSource(SessionSource):
         self.hint = hint
 
     def read(self, session_id: str) -> RawSession:
-        from schemas.transport.local import LocalLog
+        from agentledger.schemas.transport.local import LocalLog
 
         log = LocalLog(self.log_dir)
         n = log.partition_count(self.topic)
@@ -246,7 +246,7 @@ class LocalLogSessionSource(SessionSource):
 
     def _session_ids(self, partitions, wanted, limit: int) -> list[str]:
         """Up to ``limit`` distinct session ids of the given partitions for which ``wanted(id)``."""
-        from schemas.transport.local import LocalLog
+        from agentledger.schemas.transport.local import LocalLog
 
         log = LocalLog(self.log_dir)
         found: list[str] = []
@@ -270,7 +270,7 @@ class LocalLogSessionSource(SessionSource):
     def place(self) -> Place:
         """For `schemas.sessionids.resolve`: a full id is looked for in its partition (up to its first
         event); a prefix in every partition."""
-        from schemas.transport.local import LocalLog
+        from agentledger.schemas.transport.local import LocalLog
 
         def partitions() -> list[int]:
             n = LocalLog(self.log_dir).partition_count(self.topic) if self.log_dir.is_dir() else 0

@@ -13,7 +13,7 @@ import json
 import shlex
 from typing import Any
 
-from schemas.contract import SchemaStore, load_store
+from agentledger.schemas.contract import SchemaStore, load_store
 
 from .chain import ChainResult
 from .projection import _iso

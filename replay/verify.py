@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas.checkpoints import check_checkpoint
-from schemas.signing import Keyring
+from agentledger.schemas.checkpoints import check_checkpoint
+from agentledger.schemas.signing import Keyring
 
 from .chain import ChainResult
 

@@ -50,7 +50,7 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from schemas.policy import ANY_HOME, HOME_DIRS, Decision, Policy
+from agentledger.schemas.policy import ANY_HOME, HOME_DIRS, Decision, Policy
 
 PERMIT = {"allow"}
 ASK = {"ask", "prompt"}

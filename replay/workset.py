@@ -20,10 +20,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from schemas import codec
-from schemas.contract import SchemaStore, load_store
-from schemas.errors import AgentLedgerError, DecodeError
-from schemas.warehouse import Warehouse
+from agentledger.schemas import codec
+from agentledger.schemas.contract import SchemaStore, load_store
+from agentledger.schemas.errors import AgentLedgerError, DecodeError
+from agentledger.schemas.warehouse import Warehouse
 
 from . import native
 from .sources import RawSession

@@ -7,9 +7,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from producers.recorder import ProducerIdentity, Recorder, action_digest
-from producers.redact import Redactor
-from schemas.transport.local import LocalLog, LocalSink, LocalSource
+from agentledger.producers.recorder import ProducerIdentity, Recorder, action_digest
+from agentledger.producers.redact import Redactor
+from agentledger.schemas.transport.local import LocalLog, LocalSink, LocalSource
 
 TOPIC = "agentledger.events"
 ALLOWED = ["pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "github.com", "crates.io"]
@@ -109,7 +109,7 @@ class Lab:
         self.sink.flush()
 
     def ingest(self, wh, *, batch: int = 100_000, after_commit=None):
-        from consumers.ingest import Ingestor
+        from agentledger.consumers.ingest import Ingestor
 
         self.flush()
         source = LocalSource(self.log)

@@ -11,8 +11,8 @@ import random
 import shlex
 from dataclasses import dataclass, field
 
-from producers.recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
-from schemas.policy import Policy
+from agentledger.producers.recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
+from agentledger.schemas.policy import Policy
 
 POLICY_TOML = """
 name = "replay-test"

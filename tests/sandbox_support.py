@@ -120,8 +120,8 @@ def sandbox(*args: str, env: dict, cwd: Path, check: bool = True, **kw):
 
 def events(home: Path, session_id: str, **env_extra: str) -> list:
     """The session's events from the embedded log, verified (hash + chain)."""
-    from replay.reexecute import load_from_transport
-    from schemas.config import from_env
+    from agentledger.replay.reexecute import load_from_transport
+    from agentledger.schemas.config import from_env
 
     return load_from_transport(from_env({"AGENTLEDGER_HOME": str(home), **env_extra}), session_id)
 

@@ -11,10 +11,10 @@ import pytest
 
 from agent_sources import count_sources
 from conftest import REPO, cli_env, run_cli
-from schemas.config import from_env
-from schemas.contract import load_store
-from schemas.envelope import ChainVerifier
-from schemas.rows import iter_session_values
+from agentledger.schemas.config import from_env
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import ChainVerifier
+from agentledger.schemas.rows import iter_session_values
 
 FIXTURES = REPO / "tests" / "fixtures" / "codex"
 ROLLOUT_A = next(FIXTURES.glob("rollout-*0199a1b2*.jsonl"))

@@ -13,16 +13,16 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from agent_sources import count_sources
 from conftest import REPO
-from producers import normalize as N
-from producers.importer import run_import
-from producers.importstate import ProducerState
-from producers.ledger import SessionAppender
-from schemas.config import from_env
-from schemas.contract import load_store
-from schemas.envelope import ChainVerifier
-from schemas.errors import NotDurableError
-from schemas.transport import open_sink, open_source
-from schemas.transport.base import Sink
+from agentledger.producers import normalize as N
+from agentledger.producers.importer import run_import
+from agentledger.producers.importstate import ProducerState
+from agentledger.producers.ledger import SessionAppender
+from agentledger.schemas.config import from_env
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import ChainVerifier
+from agentledger.schemas.errors import NotDurableError
+from agentledger.schemas.transport import open_sink, open_source
+from agentledger.schemas.transport.base import Sink
 
 FIXTURES = REPO / "tests" / "fixtures" / "codex"
 ROLLOUTS = sorted(FIXTURES.glob("rollout-*.jsonl"))
@@ -251,8 +251,8 @@ class FailingFlush(Sink):
 
 
 def _ingest(s):
-    from consumers.ingest import Ingestor
-    from schemas.warehouse import open_warehouse
+    from agentledger.consumers.ingest import Ingestor
+    from agentledger.schemas.warehouse import open_warehouse
 
     with open_warehouse(s.warehouse) as wh:
         stats = Ingestor(wh, open_source(s), s.topic).run()

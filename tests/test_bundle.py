@@ -10,12 +10,12 @@ import duckdb
 import pytest
 
 from conftest import cli_env, run_cli
-from replay.bundle import BundleError, checkpoint_entry, parse_bundle, write_bundle
-from replay.session import replay, verify_bundle
-from replay.sources import BundleSource, LocalLogSessionSource
-from schemas import codec, signing
-from schemas.contract import load_store
-from schemas.warehouse import load_extension
+from agentledger.replay.bundle import BundleError, checkpoint_entry, parse_bundle, write_bundle
+from agentledger.replay.session import replay, verify_bundle
+from agentledger.replay.sources import BundleSource, LocalLogSessionSource
+from agentledger.schemas import codec, signing
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.warehouse import load_extension
 from test_replay import signed_session, simulate_and_ingest
 
 
@@ -139,7 +139,7 @@ def test_big_bundle_path_frames_and_verifies_in_a_child_and_agrees_with_the_seri
     """Without the native decoder, bundles over PARALLEL_MIN_BYTES are framed and verified in a
     forked child while the parent decodes parts cut at sync markers: same verdicts, same first bad
     seq, same state. (The native path is held to the same in test_native.py.)"""
-    import replay.session as S
+    import agentledger.replay.session as S
 
     monkeypatch.setenv("AGENTLEDGER_AVRO2ARROW", "off")
 
@@ -170,11 +170,11 @@ def test_a_sync_marker_inside_event_bytes_never_changes_what_is_replayed(tmp_pat
     """The parallel path cuts the file at sync markers found by search; an event that carries the
     marker in its own bytes gets a wrong cut, which must be noticed (the decode is redone on the
     framed blocks), never replayed."""
-    import replay.session as S
-    from replay.bundle import header_digest
-    from replay.workset import cuts_are_block_starts
-    from producers.recorder import ProducerIdentity, Recorder
-    from schemas.transport.base import MemorySink
+    import agentledger.replay.session as S
+    from agentledger.replay.bundle import header_digest
+    from agentledger.replay.workset import cuts_are_block_starts
+    from agentledger.producers.recorder import ProducerIdentity, Recorder
+    from agentledger.schemas.transport.base import MemorySink
 
     monkeypatch.setenv("AGENTLEDGER_AVRO2ARROW", "off")  # (the native decoder cuts nothing: it reads block by block)
     marker = b"SYNC-in-an-argv!"
@@ -265,8 +265,8 @@ def test_framing_fast_path_agrees_with_the_general_parser_on_damaged_and_large_b
         cases.append(header + b"".join(blocks[:i]) + bytes(blk) + b"".join(blocks[i + 1:]))
     # events of 100 B .. 20 KiB: one-, two- and three-byte size varints
     rec_home = tmp_path / "big"
-    from producers.recorder import ProducerIdentity, Recorder
-    from schemas.transport.base import MemorySink
+    from agentledger.producers.recorder import ProducerIdentity, Recorder
+    from agentledger.schemas.transport.base import MemorySink
 
     sink = MemorySink()
     rec = Recorder(sink, identity=ProducerIdentity("codex", "1.0"), rng=random.Random(3))
@@ -374,7 +374,7 @@ def test_export_refuses_a_broken_session_and_import_is_idempotent(tmp_path):
     b = json.loads(run_cli("replay", sid, "--format", "json", env=other).stdout)["state_digest"]
     assert a == b
     # a tampered session is not exported as evidence unless asked
-    from schemas.warehouse import open_warehouse
+    from agentledger.schemas.warehouse import open_warehouse
 
     with open_warehouse(s.warehouse) as wh:
         wh.con.execute("UPDATE events SET turn_id = 'forged' WHERE session_id = ? AND seq = 4", [sid])
@@ -402,7 +402,7 @@ def test_bundle_paths_in_sql_are_quoted(tmp_path):
 def test_a_bundle_of_a_writer_schema_this_version_does_not_know_verifies_and_replays(tmp_path):
     """The bundle embeds its writer schema: events written by another (e.g. newer) producer version
     verify offline and replay to the same state as the same events under the current schema."""
-    from schemas.envelope import GENESIS_HASH, seal
+    from agentledger.schemas.envelope import GENESIS_HASH, seal
 
     store = load_store()
     # unsigned: re-sealing under another schema changes every hash, which no checkpoint could cover
@@ -432,8 +432,8 @@ def test_a_bundle_of_a_writer_schema_this_version_does_not_know_verifies_and_rep
 
 
 def test_the_fast_chain_pass_checks_the_exact_first_prev_hash_and_session(signed_bundle):
-    from replay.chain import verify_spans
-    from schemas.envelope import GENESIS_HASH
+    from agentledger.replay.chain import verify_spans
+    from agentledger.schemas.envelope import GENESIS_HASH
 
     out, *_ = signed_bundle
     b = parse_bundle(out.read_bytes())

@@ -11,11 +11,11 @@ import pytest
 from sklearn.ensemble import IsolationForest
 
 from conftest import cli_env, run_cli
-from consumers.detect import DEFAULT_MODEL, AnomalyModel, Detector, ModelError
-from consumers.detect import features as F
-from consumers.detect.model import baseline_stats, export
+from agentledger.consumers.detect import DEFAULT_MODEL, AnomalyModel, Detector, ModelError
+from agentledger.consumers.detect import features as F
+from agentledger.consumers.detect.model import baseline_stats, export
 from detect_support import Lab, alerts_of
-from schemas.warehouse import open_warehouse
+from agentledger.schemas.warehouse import open_warehouse
 
 
 @pytest.mark.parametrize("max_features,max_samples", [(1.0, 128), (0.6, 64)])
@@ -90,9 +90,9 @@ def test_unfinished_sessions_are_not_anomalous_for_being_unfinished(tmp_path):
     """Streaming scores every prefix a batch boundary cuts; the model was trained on prefixes too, so
     benign sessions ingested in small batches draw (almost) no high model alerts."""
     from agentledger.commands.core import run_simulation
-    from consumers.ingest import Ingestor
-    from schemas.config import from_env
-    from schemas.transport import open_source
+    from agentledger.consumers.ingest import Ingestor
+    from agentledger.schemas.config import from_env
+    from agentledger.schemas.transport import open_source
 
     s = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home")})
     sim = run_simulation(s, 150, 611, attack_rate=0.0, show_progress=False)

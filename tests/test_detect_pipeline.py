@@ -15,10 +15,10 @@ import duckdb
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from schemas.alerts import decode_alert
-from schemas.errors import NotDurableError
-from schemas.transport.base import Sink
-from schemas.warehouse import open_warehouse
+from agentledger.schemas.alerts import decode_alert
+from agentledger.schemas.errors import NotDurableError
+from agentledger.schemas.transport.base import Sink
+from agentledger.schemas.warehouse import open_warehouse
 
 
 def _labels(path):
@@ -133,7 +133,7 @@ def test_ingest_detect_on_a_ducklake(tmp_path):
 # --- Kafka: the issue's done-when --------------------------------------------------------------
 
 def _poll_alerts(bootstrap: str, topic: str, want, timeout_s: float):
-    from schemas.transport.kafka import KafkaSource
+    from agentledger.schemas.transport.kafka import KafkaSource
 
     src = KafkaSource(bootstrap)
     got = []
@@ -156,7 +156,7 @@ def _poll_alerts(bootstrap: str, topic: str, want, timeout_s: float):
 
 @pytest.mark.kafka
 def test_alerts_reach_the_kafka_topic_and_the_table_during_ingest_follow_detect(bootstrap, topic, home):
-    from schemas.transport.kafka import ensure_topic
+    from agentledger.schemas.transport.kafka import ensure_topic
 
     alerts_topic = topic + ".alerts"
     env = cli_env(home, AGENTLEDGER_BOOTSTRAP_SERVERS=bootstrap, AGENTLEDGER_TOPIC=topic,
@@ -206,7 +206,7 @@ class _DownSink(Sink):
     """A transport that is down: accepts nothing (the outbox must keep the alerts)."""
 
     def send(self, topic, key, value):
-        from schemas.transport.base import Outgoing
+        from agentledger.schemas.transport.base import Outgoing
 
         raise NotDurableError("broker unreachable", [Outgoing(topic, key, value)])
 
@@ -219,9 +219,9 @@ class _DownSink(Sink):
 
 @pytest.mark.kafka
 def test_alerts_not_acknowledged_stay_in_the_outbox_until_kafka_takes_them(bootstrap, topic, tmp_path):
-    from consumers.detect import Detector
+    from agentledger.consumers.detect import Detector
     from detect_support import Lab
-    from schemas.transport.kafka import KafkaSink
+    from agentledger.schemas.transport.kafka import KafkaSink
 
     lab = Lab(tmp_path)
     s = lab.session()

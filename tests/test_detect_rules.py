@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.detect import Detector, RuleError, alert_id
+from agentledger.consumers.detect import Detector, RuleError, alert_id
 from detect_support import Lab, alerts_of
-from schemas.warehouse import open_warehouse
+from agentledger.schemas.warehouse import open_warehouse
 
 H = "/home/dev"
 

@@ -16,12 +16,12 @@ import duckdb
 import pytest
 
 from conftest import cli_env, run_cli
-from consumers.ingest import Ingestor
-from producers.recorder import Recorder
+from agentledger.consumers.ingest import Ingestor
+from agentledger.producers.recorder import Recorder
 from bench.chaos_disk import FaultyWrites, SmallDisk, TrackingSink, run as chaos_disk_run
-from schemas.errors import NotDurableError
-from schemas.transport.local import AppendFailed, LocalLog, LocalSink, LocalSource
-from schemas.warehouse import open_warehouse
+from agentledger.schemas.errors import NotDurableError
+from agentledger.schemas.transport.local import AppendFailed, LocalLog, LocalSink, LocalSource
+from agentledger.schemas.warehouse import open_warehouse
 from test_envelope import record_session
 from test_hook import hook, start_server, stop_server
 from test_local_log_damage import read_all
@@ -260,11 +260,11 @@ def test_kafka_down_and_the_spool_disk_full_then_every_acknowledged_event_reache
     """The spool is the same log: with Kafka unreachable and the spool's disk full, the producer's
     acknowledgements stay true; once space is back the spool takes events again, drains to Kafka,
     and ingest finds each acknowledged event exactly once."""
-    from producers.sinks import open_producer_sink
-    from producers.spool import Spool, drain
-    from schemas.config import from_env
-    from schemas.transport import open_source
-    from schemas.transport.kafka import KafkaSink
+    from agentledger.producers.sinks import open_producer_sink
+    from agentledger.producers.spool import Spool, drain
+    from agentledger.schemas.config import from_env
+    from agentledger.schemas.transport import open_source
+    from agentledger.schemas.transport.kafka import KafkaSink
     from conftest import free_port
 
     disk = small_disk(tmp_path / "spooldisk", "192k")

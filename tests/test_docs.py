@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 from conftest import REPO, cli_env, run_cli
-from schemas.contract import load_store
-from schemas.warehouse import event_columns
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.warehouse import event_columns
 
 README = (REPO / "README.md").read_text()
 
@@ -53,8 +53,8 @@ def test_every_events_column_is_documented():
 def test_every_detection_column_is_documented():
     """alerts (from the alert schema) and anomaly_scores/detection_state in docs/warehouse.md; the
     detect_events relation rules are written against in docs/detection.md."""
-    from consumers.detect.prepare import BUILTIN_DIR, columns, load_lists, prepare
-    from schemas.warehouse import alert_columns, open_warehouse
+    from agentledger.consumers.detect.prepare import BUILTIN_DIR, columns, load_lists, prepare
+    from agentledger.schemas.warehouse import alert_columns, open_warehouse
 
     wh_doc = (REPO / "docs" / "warehouse.md").read_text()
     with open_warehouse(":memory:") as wh:

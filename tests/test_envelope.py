@@ -5,10 +5,10 @@ import uuid
 
 from hypothesis import given, settings, strategies as st
 
-from producers.recorder import Recorder
-from schemas.contract import load_store
-from schemas.envelope import GENESIS_HASH, ChainVerifier, claimed_hash, hash_ok, uuid7
-from schemas.transport.base import MemorySink
+from agentledger.producers.recorder import Recorder
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import GENESIS_HASH, ChainVerifier, claimed_hash, hash_ok, uuid7
+from agentledger.schemas.transport.base import MemorySink
 
 
 def record_session(n_commands=5, seed=1):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from schemas.config import from_env
+from agentledger.schemas.config import from_env
 
 SECRET_CMD = "mysql -h db.internal -u admin --password={pw} -e 'select 1'"
 # what the attacker guesses from: a small dictionary (the real one is millions of leaked passwords)

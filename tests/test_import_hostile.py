@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from conftest import REPO, cli_env, run_cli
-from producers.importer import MAX_LINE_BYTES
-from producers.normalize import MAX_JSON_DEPTH
+from agentledger.producers.importer import MAX_LINE_BYTES
+from agentledger.producers.normalize import MAX_JSON_DEPTH
 
 FIXTURES = REPO / "tests" / "fixtures" / "codex"
 ROLLOUT_A = next(FIXTURES.glob("rollout-*0199a1b2*.jsonl"))
@@ -150,7 +150,7 @@ def test_the_line_reader_agrees_with_a_plain_split_at_every_chunk_boundary(tmp_p
     import io
     import random
 
-    import producers.importer as imp
+    import agentledger.producers.importer as imp
 
     rng = random.Random(7)
     monkeypatch.setattr(imp, "MAX_LINE_BYTES", 20)

@@ -8,15 +8,15 @@ import random
 import duckdb
 import pytest
 
-from consumers.ingest import Ingestor
-from producers.recorder import Recorder
-from producers.simulate import simulate
-from schemas.config import from_env
-from schemas.contract import load_store
-from schemas.envelope import Sealer, uuid7_now
-from schemas.transport import open_sink, open_source
-from schemas.transport.base import Message
-from schemas.warehouse import open_warehouse
+from agentledger.consumers.ingest import Ingestor
+from agentledger.producers.recorder import Recorder
+from agentledger.producers.simulate import simulate
+from agentledger.schemas.config import from_env
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import Sealer, uuid7_now
+from agentledger.schemas.transport import open_sink, open_source
+from agentledger.schemas.transport.base import Message
+from agentledger.schemas.warehouse import open_warehouse
 from test_envelope import record_session
 
 
@@ -162,8 +162,8 @@ def test_crash_mid_batch_commits_nothing(home, monkeypatch):
 def test_a_warehouse_made_before_a_record_gained_a_field_gains_it_and_keeps_its_rows(tmp_path, lake):
     """network_decided.addresses was added after v1: a warehouse created from v1 gets the STRUCT field
     when opened, its rows read it as NULL, and new events fill it."""
-    from schemas.contract import SchemaStore, payload_kinds
-    from schemas.warehouse import Warehouse
+    from agentledger.schemas.contract import SchemaStore, payload_kinds
+    from agentledger.schemas.warehouse import Warehouse
 
     url = f"ducklake:sqlite:{tmp_path / 'lake' / 'meta.sqlite'}" if lake else str(tmp_path / "w.duckdb")
     s = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home"), "AGENTLEDGER_WAREHOUSE": url})

@@ -18,9 +18,9 @@ import time
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from schemas.contract import load_store
-from schemas.envelope import Sealer, uuid7_now
-from schemas.transport.kafka import KafkaSink, KafkaSource
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import Sealer, uuid7_now
+from agentledger.schemas.transport.kafka import KafkaSink, KafkaSource
 
 pytestmark = pytest.mark.kafka
 
@@ -178,7 +178,7 @@ def test_sql_from_another_process_sees_growing_counts_while_ingest_follows_a_duc
 
 def test_three_group_members_one_killed_and_restarted_store_exactly_the_produced_set(bootstrap, topic, home):
     env = _lake_env(home, bootstrap, topic)
-    from schemas.transport.kafka import ensure_topic
+    from agentledger.schemas.transport.kafka import ensure_topic
 
     ensure_topic(bootstrap, topic, 6)
     produced = _simulate(env, 150, 21)

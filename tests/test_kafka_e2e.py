@@ -13,7 +13,7 @@ import duckdb
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from schemas.transport.kafka import KafkaSink, KafkaSource, ensure_topic
+from agentledger.schemas.transport.kafka import KafkaSink, KafkaSource, ensure_topic
 
 pytestmark = pytest.mark.kafka
 

@@ -9,10 +9,10 @@ import random
 import duckdb
 import pytest
 
-from schemas.contract import load_store
-from schemas.envelope import hash_ok
-from schemas.transport.local import IDX_ENTRY, LocalLog, LocalSink, LocalSource
-from schemas.warehouse import load_extension
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import hash_ok
+from agentledger.schemas.transport.local import IDX_ENTRY, LocalLog, LocalSink, LocalSource
+from agentledger.schemas.warehouse import load_extension
 from test_envelope import record_session
 
 

@@ -16,10 +16,10 @@ import duckdb
 import pytest
 
 from conftest import cli_env, run_cli
-from consumers.ingest import Ingestor
-from schemas.codec import zigzag_varint
-from schemas.transport.local import IDX_ENTRY, LocalLog, LocalSink, LocalSource
-from schemas.warehouse import open_warehouse
+from agentledger.consumers.ingest import Ingestor
+from agentledger.schemas.codec import zigzag_varint
+from agentledger.schemas.transport.local import IDX_ENTRY, LocalLog, LocalSink, LocalSource
+from agentledger.schemas.warehouse import open_warehouse
 from test_envelope import record_session
 
 TOPIC = "t"
@@ -266,8 +266,8 @@ def test_deadletters_retry_keeps_a_damaged_record_a_log_damaged_letter(tmp_path)
 
 @pytest.mark.kafka
 def test_a_damaged_spooled_record_is_quarantined_and_draining_goes_on(tmp_path, bootstrap, topic):
-    from producers.spool import Spool, drain
-    from schemas.transport.kafka import KafkaSink, KafkaSource
+    from agentledger.producers.spool import Spool, drain
+    from agentledger.schemas.transport.kafka import KafkaSink, KafkaSource
 
     spool = Spool(tmp_path / "spool")
     sessions = [record_session(n_commands=2, seed=40 + i) for i in range(3)]

@@ -7,7 +7,7 @@ import random
 import pytest
 from pymerkle import InmemoryTree
 
-from schemas import merkle
+from agentledger.schemas import merkle
 
 
 def _entries(n: int, seed: int) -> list[bytes]:

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-import replay.session as S
-from producers.recorder import ProducerIdentity, Recorder
-from producers.redact import Redactor
-from producers.simulate import SIM_EPOCH_US
-from replay import native
-from replay.bundle import check_bundle, checkpoint_entry, parse_bundle, write_bundle
-from replay.session import replay, verify_bundle
-from replay.sources import BundleSource
-from replay.workset import load, load_bundle_natively
-from schemas import codec, signing
-from schemas.contract import load_store
-from schemas.transport.base import MemorySink
+import agentledger.replay.session as S
+from agentledger.producers.recorder import ProducerIdentity, Recorder
+from agentledger.producers.redact import Redactor
+from agentledger.producers.simulate import SIM_EPOCH_US
+from agentledger.replay import native
+from agentledger.replay.bundle import check_bundle, checkpoint_entry, parse_bundle, write_bundle
+from agentledger.replay.session import replay, verify_bundle
+from agentledger.replay.sources import BundleSource
+from agentledger.replay.workset import load, load_bundle_natively
+from agentledger.schemas import codec, signing
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.transport.base import MemorySink
 from test_bundle import _blocks, _mutate
 
 
@@ -229,7 +229,7 @@ def test_the_decoder_reads_a_private_copy_not_the_file_on_disk(every_kind_bundle
 
 def test_no_room_for_the_decoders_files_falls_back_to_duckdbs_reader(every_kind_bundle, tmp_path, monkeypatch):
     """A full scratch directory (a small /dev/shm in a container) is not an error: replay falls back."""
-    import replay.workset as W
+    import agentledger.replay.workset as W
     from contextlib import contextmanager
 
     @contextmanager
@@ -262,7 +262,7 @@ def test_no_room_for_the_decoders_files_falls_back_to_duckdbs_reader(every_kind_
 
 def _sealed_chain(seqs: list[int], sid: str = "019b76da-0000-7000-8000-00000000f022") -> list[bytes]:
     """Events with exactly these seqs, each sealed and chained to the one before (whatever the seqs)."""
-    from schemas.envelope import GENESIS_HASH, Sealer, make_record
+    from agentledger.schemas.envelope import GENESIS_HASH, Sealer, make_record
 
     store = load_store()
     sealer, prev, out = Sealer(store), GENESIS_HASH, []
@@ -296,7 +296,7 @@ def _bundle_of(values: list[bytes], path: Path) -> bytes:
 
 
 def parse_session(value: bytes) -> str:
-    from replay.chain import envelope_head
+    from agentledger.replay.chain import envelope_head
 
     return envelope_head(value)[1]
 
@@ -313,7 +313,7 @@ def test_an_overlong_seq_varint_is_not_vouched_for(tmp_path):
     """seq 0 written as ten bytes whose last one overflows 64 bits: Python reads 2**63, not 0."""
     import hashlib
 
-    from replay.chain import envelope_head
+    from agentledger.replay.chain import envelope_head
 
     (value,) = _sealed_chain([0])
     body = bytearray(value[10:])
@@ -333,7 +333,7 @@ def test_an_overlong_seq_varint_is_not_vouched_for(tmp_path):
 
 
 def test_an_empty_bundle_is_not_vouched_for(tmp_path):
-    from replay.bundle import header_digest
+    from agentledger.replay.bundle import header_digest
 
     b = parse_bundle(_bundle_of(_sealed_chain([0]), tmp_path / "one.avro"))
     meta = dict(b.header.metadata)
@@ -367,7 +367,7 @@ def test_a_block_with_bytes_after_its_record_cannot_hang_replay(tmp_path):
 def test_a_summary_that_does_not_add_up_leaves_the_workset_untouched(every_kind_bundle, tmp_path, monkeypatch):
     """The decoder's summary is checked before anything is committed: a wrong one (here, one row
     more than its files hold) leaves ``events`` the empty table, and DuckDB's reader fills it."""
-    import replay.workset as W
+    import agentledger.replay.workset as W
 
     real = native.decoder()
     liar = _fake_decoder(tmp_path, f'"{real}" "$@" | sed -E \'s/^\\{{"rows":([0-9]+)/{{"rows":1\\1/\'')

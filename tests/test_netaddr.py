@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from sandbox_support import NO_LOCAL
-from schemas.errors import ConfigError
-from schemas.policy import Policy, urls_in
+from agentledger.schemas.errors import ConfigError
+from agentledger.schemas.policy import Policy, urls_in
 
 # (as written, canonical address)
 FORMS = [
@@ -66,7 +66,7 @@ JUNK = ["1.2.3.256", "256.1.1.1", "4294967296", "0x100000000", "08.0.0.1", "0x7g
 
 @pytest.mark.parametrize("written,canonical", FORMS)
 def test_every_spelling_of_an_address_reads_as_one_address(written, canonical):
-    from schemas.netaddr import parse_host
+    from agentledger.schemas.netaddr import parse_host
 
     h = parse_host(written)
     assert h.is_address and str(h.address) == canonical == h.text
@@ -74,7 +74,7 @@ def test_every_spelling_of_an_address_reads_as_one_address(written, canonical):
 
 def test_the_forms_agree_with_the_c_library():
     """What inet_aton(3) reads (the tools an agent runs connect through it) is read the same way."""
-    from schemas.netaddr import parse_host
+    from agentledger.schemas.netaddr import parse_host
 
     checked = 0
     for written, canonical in FORMS:
@@ -93,7 +93,7 @@ def test_the_forms_agree_with_the_c_library():
 
 @pytest.mark.parametrize("junk", JUNK)
 def test_junk_is_rejected_not_guessed(junk):
-    from schemas.netaddr import HostError, parse_host
+    from agentledger.schemas.netaddr import HostError, parse_host
 
     with pytest.raises(HostError):
         parse_host(junk)
@@ -101,13 +101,13 @@ def test_junk_is_rejected_not_guessed(junk):
 
 @pytest.mark.parametrize("written,reaches", ALIASES)
 def test_embedded_and_unspecified_addresses_reach_what_they_embed(written, reaches):
-    from schemas.netaddr import aliases, parse_address
+    from agentledger.schemas.netaddr import aliases, parse_address
 
     assert reaches in {str(a) for a in aliases(parse_address(written))}
 
 
 def test_names_are_canonical_and_never_addresses():
-    from schemas.netaddr import parse_host
+    from agentledger.schemas.netaddr import parse_host
 
     assert parse_host("LocalHost.").text == "localhost" and not parse_host("localhost").is_address
     assert parse_host("BÜCHER.example").text == "xn--bcher-kva.example"

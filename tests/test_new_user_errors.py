@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import cli_env, run_cli
-from schemas.sessionids import MIN_PREFIX, AmbiguousSession, NoSuchSession, PrefixTooShort, listed_place, resolve
+from agentledger.schemas.sessionids import MIN_PREFIX, AmbiguousSession, NoSuchSession, PrefixTooShort, listed_place, resolve
 
 
 @pytest.fixture(scope="module")

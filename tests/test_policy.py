@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.errors import ConfigError
-from schemas.policy import Policy
+from agentledger.schemas.errors import ConfigError
+from agentledger.schemas.policy import Policy
 
 POLICY = """
 name = "t"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 from conftest import REPO, cli_env, run_cli
-from replay.whatif import recorded_home
-from schemas.policy import ANY_HOME, Policy
+from agentledger.replay.whatif import recorded_home
+from agentledger.schemas.policy import ANY_HOME, Policy
 from test_hook import hook, start_server, stop_server
 
 ROLLOUT_A = next((REPO / "tests" / "fixtures" / "codex").glob("rollout-*0199a1b2*.jsonl"))  # cwd /home/dev/proj-a

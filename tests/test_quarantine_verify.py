@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from consumers.ingest import Ingestor
-from consumers.verify import verify_session
-from producers.recorder import Recorder
-from schemas import signing
-from schemas.contract import load_store
-from schemas.envelope import Sealer
-from schemas.config import from_env
-from schemas.signing import Keyring
-from schemas.treelog import TreeHeads
-from schemas.transport.base import Message
-from schemas.warehouse import VIEWS, open_warehouse
-from schemas.transport.base import MemorySink
+from agentledger.consumers.ingest import Ingestor
+from agentledger.consumers.verify import verify_session
+from agentledger.producers.recorder import Recorder
+from agentledger.schemas import signing
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import Sealer
+from agentledger.schemas.config import from_env
+from agentledger.schemas.signing import Keyring
+from agentledger.schemas.treelog import TreeHeads
+from agentledger.schemas.transport.base import Message
+from agentledger.schemas.warehouse import VIEWS, open_warehouse
+from agentledger.schemas.transport.base import MemorySink
 from test_envelope import record_session
 
 
@@ -88,7 +88,7 @@ def test_a_session_whose_first_event_never_arrived_is_broken_at_seq_0(tmp_path):
 def test_undecodable_body_with_a_valid_hash_is_isolated_and_the_batch_commits(tmp_path):
     """A producer can seal garbage: the hash holds, the Avro does not. The reader fails inside DuckDB;
     the batch is bisected outside the transaction, the bad body quarantined, the rest committed."""
-    from schemas.envelope import seal
+    from agentledger.schemas.envelope import seal
 
     store = load_store()
     sid, good = record_session(n_commands=3, seed=24)
@@ -112,7 +112,7 @@ def test_deadletters_retry_after_a_schema_is_added(tmp_path, home):
     extra = tmp_path / "more-schemas"
     extra.mkdir()
     (extra / "event.v99.avsc").write_text(json.dumps(schema))
-    from schemas.contract import SchemaStore
+    from agentledger.schemas.contract import SchemaStore
 
     store2 = SchemaStore("event", [extra])
     v99 = store2.by_fingerprint(next(fp for fp in store2.fingerprints if fp not in load_store().fingerprints))

@@ -10,15 +10,15 @@ import socket
 import pytest
 
 from conftest import cli_env, free_port, run_cli
-from producers.recorder import Recorder
-from producers.sinks import RecordingRefused, open_producer_sink
-from producers.spool import Spool
-from schemas import signing
-from schemas.checkpoints import verify_checkpoint
-from schemas.codec import decode, soe_split
-from schemas.config import from_env
-from schemas.contract import load_store
-from schemas.envelope import ChainVerifier
+from agentledger.producers.recorder import Recorder
+from agentledger.producers.sinks import RecordingRefused, open_producer_sink
+from agentledger.producers.spool import Spool
+from agentledger.schemas import signing
+from agentledger.schemas.checkpoints import verify_checkpoint
+from agentledger.schemas.codec import decode, soe_split
+from agentledger.schemas.config import from_env
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import ChainVerifier
 
 
 def _settings(tmp_path, **extra):
@@ -136,7 +136,7 @@ def test_oversized_output_is_cut_to_fit_with_a_truncation_gap(tmp_path):
     assert len(sealed.value) <= 50_000
     s.end()
     rec.flush()
-    from schemas.transport.local import LocalLog
+    from agentledger.schemas.transport.local import LocalLog
     log = LocalLog(settings.log_dir)
     store = load_store()
     kinds = []
@@ -188,7 +188,7 @@ def test_crash_recovered_session_starts_with_a_gap(tmp_path):
     s2 = rec2.resume(s.session_id, s.seq, s.head_hash, crash_recovered="previous hook process was killed (SIGKILL)")
     s2.end()
     rec2.flush()
-    from schemas.transport.local import LocalLog
+    from agentledger.schemas.transport.local import LocalLog
     log = LocalLog(settings.log_dir)
     store = load_store()
     v = ChainVerifier(s.session_id)

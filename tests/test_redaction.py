@@ -11,16 +11,16 @@ import re
 
 import pytest
 
-from consumers.ingest import Ingestor
-from producers.recorder import Recorder
-from producers.redact import OWN_RULES, Redactor, default_ruleset, default_transforms, load_redaction_key
-from producers.ruleset import GITLEAKS_TOML, GITLEAKS_VERSION
-from producers.simulate import SECRET_KINDS, make_secret, simulate, simulation_keys, simulation_recorder
-from producers.sinks import open_producer_sink
-from schemas.config import from_env
-from schemas.transport import open_source
-from schemas.transport.kafka import KafkaSource
-from schemas.warehouse import open_warehouse
+from agentledger.consumers.ingest import Ingestor
+from agentledger.producers.recorder import Recorder
+from agentledger.producers.redact import OWN_RULES, Redactor, default_ruleset, default_transforms, load_redaction_key
+from agentledger.producers.ruleset import GITLEAKS_TOML, GITLEAKS_VERSION
+from agentledger.producers.simulate import SECRET_KINDS, make_secret, simulate, simulation_keys, simulation_recorder
+from agentledger.producers.sinks import open_producer_sink
+from agentledger.schemas.config import from_env
+from agentledger.schemas.transport import open_source
+from agentledger.schemas.transport.kafka import KafkaSource
+from agentledger.schemas.warehouse import open_warehouse
 
 KEY = b"unit-test-key"
 
@@ -75,10 +75,10 @@ def test_every_own_rule_is_exercised_and_the_vendored_ruleset_is_loaded_whole():
     assert len(gitleaks) == sum(1 for r in cfg["rules"] if r.get("regex")) >= 200
     for r in gitleaks:
         assert r.regex.pattern  # every RE2 pattern translates and compiles
-    from producers.ruleset import compile_gitleaks
+    from agentledger.producers.ruleset import compile_gitleaks
 
     assert json.loads(GITLEAKS_TOML.with_suffix(".json").read_text()) == json.loads(json.dumps(compile_gitleaks())), \
-        "gitleaks.json is stale: run python -m producers.ruleset"
+        "gitleaks.json is stale: run python -m agentledger.producers.ruleset"
     readme = (GITLEAKS_TOML.parent / "README.md").read_text()
     assert f"v{GITLEAKS_VERSION}" in readme and hashlib.sha256(GITLEAKS_TOML.read_bytes()).hexdigest() in readme
     assert "MIT License" in (GITLEAKS_TOML.parent / "gitleaks.LICENSE").read_text()

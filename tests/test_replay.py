@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from producers.recorder import ProducerIdentity, Recorder
-from replay.bundle import write_bundle
-from replay.session import replay
-from replay.sources import (BundleSource, KafkaSessionSource, LocalLogSessionSource, SessionNotFound,
+from agentledger.producers.recorder import ProducerIdentity, Recorder
+from agentledger.replay.bundle import write_bundle
+from agentledger.replay.session import replay
+from agentledger.replay.sources import (BundleSource, KafkaSessionSource, LocalLogSessionSource, SessionNotFound,
                             WarehouseSource)
-from schemas import signing
-from schemas.config import from_env
-from schemas.contract import load_store
-from schemas.transport import open_sink
-from schemas.warehouse import open_warehouse
+from agentledger.schemas import signing
+from agentledger.schemas.config import from_env
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.transport import open_sink
+from agentledger.schemas.warehouse import open_warehouse
 
 
 def simulate_and_ingest(home: Path, sessions: int = 4, seed: int = 5, sign: bool = True, **env):
@@ -183,7 +183,7 @@ def test_section_digest_is_sha256_of_the_rows_json_lines_in_order(rows):
     (Arrow buffers hashed by hashlib), across Arrow chunks, NULLs and non-ASCII text."""
     import duckdb
 
-    from replay.projection import _digest_rows
+    from agentledger.replay.projection import _digest_rows
 
     con = duckdb.connect()
     con.execute("CREATE TABLE t AS SELECT i AS _ord, 'päth/' || (i * 7919 % 1000) AS path, "

@@ -29,14 +29,14 @@ def html_case(tmp_path_factory):
     d = tmp_path_factory.mktemp("html")
     s, res = simulate_and_ingest(d / "home", sessions=3, seed=5)
     sid = res.labels[0]["session_id"]  # the credential-exfiltration session
-    from schemas.warehouse import open_warehouse
+    from agentledger.schemas.warehouse import open_warehouse
 
     with open_warehouse(s.warehouse) as wh:
         seqs = [r[0] for r in wh.con.execute(
             "SELECT seq FROM events WHERE session_id = ? AND (file_accessed.path LIKE '%/.aws/%' OR "
             "network_attempted.host = '203.0.113.50') ORDER BY seq", [sid]).fetchall()]
         # the detection stage's alerts, raised by the real detector (consumers/detect)
-        from consumers.detect import Detector
+        from agentledger.consumers.detect import Detector
 
         Detector(wh).detect()
         alerted = {q for (ev,) in wh.con.execute("SELECT evidence_seqs FROM alerts WHERE session_id = ?", [sid]).fetchall()

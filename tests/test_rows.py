@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from consumers.ingest import Ingestor
-from producers.recorder import Recorder
-from producers.simulate import simulate
-from schemas.config import from_env
-from schemas.contract import load_store
-from schemas.envelope import ChainVerifier
-from schemas.rows import iter_session_values
-from schemas.transport import open_sink, open_source
-from schemas.warehouse import open_warehouse
+from agentledger.consumers.ingest import Ingestor
+from agentledger.producers.recorder import Recorder
+from agentledger.producers.simulate import simulate
+from agentledger.schemas.config import from_env
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import ChainVerifier
+from agentledger.schemas.rows import iter_session_values
+from agentledger.schemas.transport import open_sink, open_source
+from agentledger.schemas.warehouse import open_warehouse
 
 
 def first_problem(con, store, sid):

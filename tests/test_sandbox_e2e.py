@@ -20,8 +20,8 @@ import sys
 import pytest
 
 from conftest import run_cli
-from producers.recorder import action_digest
-from producers.sandbox.proxy import network_digest
+from agentledger.producers.recorder import action_digest
+from agentledger.producers.sandbox.proxy import network_digest
 from sandbox_support import PY, Server, events, policy, run_in_pty, sandbox, sandbox_env
 
 SESSION = "e2e-session-1"

@@ -11,11 +11,11 @@ import uuid
 
 import pytest
 
-from producers.sandbox.approvals import Approver
-from producers.sandbox.cas import ContentStore
-from producers.sandbox.proxy import EgressProxy, ReplayResponses, network_digest, redact_url, request_key
+from agentledger.producers.sandbox.approvals import Approver
+from agentledger.producers.sandbox.cas import ContentStore
+from agentledger.producers.sandbox.proxy import EgressProxy, ReplayResponses, network_digest, redact_url, request_key
 from sandbox_support import NO_LOCAL, Server, policy
-from schemas.policy import Policy
+from agentledger.schemas.policy import Policy
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -268,9 +268,9 @@ hosts = ["metadata.google.internal", "*.localhost"]
 
 REBIND = r"""
 import http.client, http.server, json, socket, sys, threading, uuid
-from producers.sandbox.approvals import Answer
-from producers.sandbox.proxy import EgressProxy
-from schemas.policy import Policy
+from agentledger.producers.sandbox.approvals import Answer
+from agentledger.producers.sandbox.proxy import EgressProxy
+from agentledger.schemas.policy import Policy
 
 hosts_file, sock_path = sys.argv[1], sys.argv[2]
 
@@ -340,7 +340,7 @@ def test_dns_rebinding_between_the_decision_and_the_connection_does_not_reach_th
     import sys
 
     from conftest import REPO
-    from producers.sandbox.runner import Tools
+    from agentledger.producers.sandbox.runner import Tools
 
     tools = Tools.find()  # fails loudly without bwrap
     hosts = tmp_path / "hosts"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from producers.sandbox.runner import CommandSpec, Options, Tools, execute
+from agentledger.producers.sandbox.runner import CommandSpec, Options, Tools, execute
 from sandbox_support import PY, events, of_kind, policy, run_in_pty, sandbox, sandbox_env
-from schemas.policy import Policy
+from agentledger.schemas.policy import Policy
 
 
 @pytest.fixture
@@ -209,7 +209,7 @@ def test_the_clock_offset_reaches_every_process(tmp_path):
     assert tools.faketime, "faketime is required (apt-get install faketime)"
     ws = tmp_path / "ws"
     ws.mkdir()
-    from producers.sandbox.runner import sandbox_env as make_env
+    from agentledger.producers.sandbox.runner import sandbox_env as make_env
 
     pol = Policy.from_toml(policy())
     env = make_env(pol, {"PATH": os.environ["PATH"]}, tools=tools, options=Options(), sandboxed=True)
@@ -397,7 +397,7 @@ def test_doctor_and_forget(box):
 
 
 def test_network_ask_rule_prompts_with_the_destination_and_its_digest(box):
-    from producers.sandbox.proxy import network_digest
+    from agentledger.producers.sandbox.proxy import network_digest
     from sandbox_support import Server
 
     srv = Server({"/a.txt": b"asked and answered\n"})

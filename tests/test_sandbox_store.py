@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from producers.sandbox import tree
-from producers.sandbox.cas import ContentStore
-from producers.sandbox.errors import StoreError
+from agentledger.producers.sandbox import tree
+from agentledger.producers.sandbox.cas import ContentStore
+from agentledger.producers.sandbox.errors import StoreError
 
 
 def test_blobs_are_content_addressed_private_and_verified(tmp_path):
@@ -110,7 +110,7 @@ def test_missing_blobs_are_reported_on_restore(tmp_path):
 
 
 def test_forget_deletes_only_what_no_other_session_needs(tmp_path):
-    from producers.sandbox.cas import forget
+    from agentledger.producers.sandbox.cas import forget
 
     store = ContentStore.open(tmp_path / "home", {})
     ws = tmp_path / "ws"

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from producers.sandbox import strace as st
-from producers.sandbox.runner import LAUNCHER, Tools, runtime_dirs
+from agentledger.producers.sandbox import strace as st
+from agentledger.producers.sandbox.runner import LAUNCHER, Tools, runtime_dirs
 from sandbox_support import PY
 
 

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from conftest import run_cli, cli_env
-from schemas import codec
-from schemas.compat import check_full_transitive
-from schemas.contract import SCHEMA_DIR, SchemaStore, load_store
+from agentledger.schemas import codec
+from agentledger.schemas.compat import check_full_transitive
+from agentledger.schemas.contract import SCHEMA_DIR, SchemaStore, load_store
 
 
 def walk_types(t, seen=None):

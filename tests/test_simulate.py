@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, run_cli
-from producers.simulate import ATTACK_SCENARIOS, ATTACKS, simulate, simulation_keys, simulation_recorder
-from producers.sinks import open_producer_sink
-from schemas import signing
-from schemas.codec import decode, soe_split
-from schemas.config import from_env
-from schemas.contract import load_store
-from schemas.transport.local import LocalLog
+from agentledger.producers.simulate import ATTACK_SCENARIOS, ATTACKS, simulate, simulation_keys, simulation_recorder
+from agentledger.producers.sinks import open_producer_sink
+from agentledger.schemas import signing
+from agentledger.schemas.codec import decode, soe_split
+from agentledger.schemas.config import from_env
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.transport.local import LocalLog
 
 
 def _log_files(home: Path) -> dict[str, bytes]:
@@ -145,8 +145,8 @@ def test_mix_and_scenario_names_are_stable():
 
 
 def test_simulation_checkpoints_verify_with_the_published_key(tmp_path):
-    from schemas.checkpoints import verify_checkpoint
-    from schemas.envelope import ChainVerifier
+    from agentledger.schemas.checkpoints import verify_checkpoint
+    from agentledger.schemas.envelope import ChainVerifier
 
     res, events = _scenario_events(tmp_path, "persistence", sessions=3)
     _, signer = simulation_keys(5)

@@ -8,12 +8,12 @@ import json
 import pytest
 
 from conftest import cli_env, free_port, run_cli
-from consumers.ingest import Ingestor
-from producers.recorder import Recorder, load_signer
-from producers.sinks import open_producer_sink
-from schemas.config import from_env
-from schemas.transport import open_source
-from schemas.warehouse import open_warehouse
+from agentledger.consumers.ingest import Ingestor
+from agentledger.producers.recorder import Recorder, load_signer
+from agentledger.producers.sinks import open_producer_sink
+from agentledger.schemas.config import from_env
+from agentledger.schemas.transport import open_source
+from agentledger.schemas.warehouse import open_warehouse
 
 
 def _ingest(settings, path):

@@ -12,18 +12,18 @@ import time
 import pytest
 
 from conftest import free_port, start_broker, stop_broker
-from consumers.ingest import Ingestor
-from producers.recorder import Recorder
-from producers.redact import Redactor
-from producers.sinks import open_producer_sink
-from schemas import signing
-from schemas.checkpoints import verify_checkpoint
-from schemas.config import from_env
-from schemas.contract import load_store
-from schemas.envelope import ChainVerifier
-from schemas.rows import iter_session_values
-from schemas.transport import open_source
-from schemas.warehouse import open_warehouse
+from agentledger.consumers.ingest import Ingestor
+from agentledger.producers.recorder import Recorder
+from agentledger.producers.redact import Redactor
+from agentledger.producers.sinks import open_producer_sink
+from agentledger.schemas import signing
+from agentledger.schemas.checkpoints import verify_checkpoint
+from agentledger.schemas.config import from_env
+from agentledger.schemas.contract import load_store
+from agentledger.schemas.envelope import ChainVerifier
+from agentledger.schemas.rows import iter_session_values
+from agentledger.schemas.transport import open_source
+from agentledger.schemas.warehouse import open_warehouse
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

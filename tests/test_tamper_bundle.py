@@ -10,9 +10,9 @@ import json
 import pytest
 
 from conftest import cli_env, run_cli
-from replay.bundle import HEADER_DIGEST_KEY, header_digest, parse_bundle, write_bundle
-from schemas import codec, signing
-from schemas.contract import load_store
+from agentledger.replay.bundle import HEADER_DIGEST_KEY, header_digest, parse_bundle, write_bundle
+from agentledger.schemas import codec, signing
+from agentledger.schemas.contract import load_store
 from test_replay import signed_session
 
 
@@ -86,8 +86,8 @@ def test_a_bundle_cut_after_a_signed_checkpoint_fails_require_signature(exported
 
 
 def test_a_bundle_re_signed_by_an_attackers_key_is_not_trusted(exported, tmp_path):
-    from replay.bundle import Provenance
-    from schemas import merkle, treelog
+    from agentledger.replay.bundle import Provenance
+    from agentledger.schemas import merkle, treelog
 
     out, pub, home, env = exported
     b = parse_bundle(out.read_bytes())

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 from conftest import cli_env, run_cli
-from schemas import signing
-from schemas.config import from_env
-from schemas.transport.local import IDX_ENTRY, LocalLog
+from agentledger.schemas import signing
+from agentledger.schemas.config import from_env
+from agentledger.schemas.transport.local import IDX_ENTRY, LocalLog
 
 
 def test_cut_index_entries_make_an_open_session_that_fails_require_signatures(tmp_path):

@@ -12,8 +12,8 @@ import duckdb
 import pytest
 
 from conftest import cli_env, run_cli
-from schemas import signing
-from schemas.config import from_env
+from agentledger.schemas import signing
+from agentledger.schemas.config import from_env
 
 
 def _build(home: Path, sessions: int = 4, seed: int = 5, **env) -> list[str]:
@@ -133,7 +133,7 @@ def _operator_key(home: Path) -> signing.Signer:
 def _rewrite_history(home: Path, sid: str, signer: signing.Signer) -> None:
     """Remove session ``sid`` everywhere and rebuild the tree, its state and a signed head over what
     is left, consistently, as an attacker holding ``signer`` would."""
-    from schemas import merkle, treelog
+    from agentledger.schemas import merkle, treelog
 
     con = duckdb.connect(str(home / "warehouse.duckdb"))
     try:

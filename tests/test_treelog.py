@@ -8,10 +8,10 @@ import json
 import threading
 from pathlib import Path
 
-from consumers.ingest import Ingestor
-from schemas import merkle, signing, treelog
-from schemas.transport.base import Message
-from schemas.warehouse import open_warehouse
+from agentledger.consumers.ingest import Ingestor
+from agentledger.schemas import merkle, signing, treelog
+from agentledger.schemas.transport.base import Message
+from agentledger.schemas.warehouse import open_warehouse
 from test_envelope import record_session
 
 

@@ -10,12 +10,12 @@ import pytest
 
 import policy_sessions as ps
 from conftest import cli_env, run_cli
-from producers.recorder import Recorder
-from replay.whatif import collect_requests, what_if
-from schemas.config import from_env
-from schemas.policy import Policy
-from schemas.transport import open_sink
-from schemas.warehouse import open_warehouse
+from agentledger.producers.recorder import Recorder
+from agentledger.replay.whatif import collect_requests, what_if
+from agentledger.schemas.config import from_env
+from agentledger.schemas.policy import Policy
+from agentledger.schemas.transport import open_sink
+from agentledger.schemas.warehouse import open_warehouse
 from test_replay import simulate_and_ingest
 
 FORBID_SHARE = ps.POLICY_TOML + """

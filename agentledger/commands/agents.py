@@ -18,7 +18,7 @@ def _run_import(ctx: typer.Context, rollouts: list[Path], otel: list[Path], end_
                 dry_run: bool, fmt: Format, strict: bool) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from producers.importer import run_import
+    from agentledger.producers.importer import run_import
 
     from ..cli import settings
 

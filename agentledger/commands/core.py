@@ -11,8 +11,8 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from schemas.config import Settings
-from schemas.errors import WarehouseError
+from agentledger.schemas.config import Settings
+from agentledger.schemas.errors import WarehouseError
 
 from ..output import Format, console, err_console, print_json, render_rows
 
@@ -29,8 +29,8 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
     """Simulate sessions into the configured transport. Checkpoints are signed with the seed's
     simulator key (its public key goes to the simulator keyring, never trusted) -- or, with
     ``signer``, with that real key (whose public key the caller puts where verifiers trust it)."""
-    from producers.simulate import parse_mix, simulate, simulation_recorder, write_labels, write_public_key
-    from producers.sinks import open_producer_sink
+    from agentledger.producers.simulate import parse_mix, simulate, simulation_recorder, write_labels, write_public_key
+    from agentledger.producers.sinks import open_producer_sink
 
     # A bulk producer: the Kafka client gets its own process (see schemas/transport/kafka.py).
     sink = open_producer_sink(s, kafka_process=True)
@@ -61,10 +61,10 @@ def run_simulation(s: Settings, sessions: int, seed: int, *, attack_rate: float 
 def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True, batch_records: int | None = None,
                group: str | None = None, compact_every_s: float | None = None, detect: bool = False,
                detect_options: dict | None = None):
-    from consumers.ingest import DEFAULT_BATCH, Ingestor
-    from schemas.transport import open_source
-    from schemas.treelog import tree_heads_for
-    from schemas.warehouse import open_for
+    from agentledger.consumers.ingest import DEFAULT_BATCH, Ingestor
+    from agentledger.schemas.transport import open_source
+    from agentledger.schemas.treelog import tree_heads_for
+    from agentledger.schemas.warehouse import open_for
 
     stop = threading.Event()
     if follow or group:
@@ -109,7 +109,7 @@ def run_ingest(s: Settings, *, follow: bool = False, show_progress: bool = True,
 def _demo_policies(home: Path) -> str:
     """Write the simulator's policy and a strict-egress variant of it under HOME/policies; return
     the strict one's path as the user would type it."""
-    from producers.simulate import SIMULATOR_POLICY
+    from agentledger.producers.simulate import SIMULATOR_POLICY
 
     d = home / "policies"
     d.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def register(app: typer.Typer) -> None:
                       "simulator-signed, never trusted (docs/keys.md)")
         loud = sum(v for k, v in stats.detection.by_severity.items() if k in ("high", "critical"))
         console.print(f"detection raised {stats.detection.alerts_new} new alerts ({loud} high or critical)")
-        from schemas.warehouse import open_for
+        from agentledger.schemas.warehouse import open_for
 
         with open_for(s, read_only=True) as wh:
             cur = wh.con.execute("""
@@ -228,7 +228,7 @@ def register(app: typer.Typer) -> None:
         """
         s = settings(ctx)
         if write_policy is not None:
-            from producers.simulate import SIMULATOR_POLICY
+            from agentledger.producers.simulate import SIMULATOR_POLICY
 
             write_policy.parent.mkdir(parents=True, exist_ok=True)
             write_policy.write_bytes(SIMULATOR_POLICY.read_bytes())
@@ -307,7 +307,7 @@ def register(app: typer.Typer) -> None:
         """
         import duckdb
 
-        from schemas.warehouse import open_for
+        from agentledger.schemas.warehouse import open_for
 
         s = settings(ctx)
         with open_for(s, read_only=True, snapshot=snapshot) as wh:

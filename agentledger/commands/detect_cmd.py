@@ -10,8 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from schemas.config import Settings
-from schemas.errors import WarehouseError
+from agentledger.schemas.config import Settings
+from agentledger.schemas.errors import WarehouseError
 
 from ..output import Format, console, err_console, print_json, render_rows
 from ..sessions import in_warehouse
@@ -44,8 +44,8 @@ def _model_arg(model: Optional[str], no_model: bool):
 def make_detector(s: Settings, wh, *, rules_dirs: list[Path] | None = None, model=True, publish: bool = True):
     """A Detector on ``wh``; with Kafka as the transport it publishes alerts to agentledger.alerts
     (the embedded log holds events only: there, alerts live in the warehouse)."""
-    from consumers.detect import Detector
-    from schemas.transport import open_sink
+    from agentledger.consumers.detect import Detector
+    from agentledger.schemas.transport import open_sink
 
     sink = open_sink(s) if publish and s.uses_kafka else None
     try:
@@ -65,7 +65,7 @@ class IngestDetection:
     up everything)."""
 
     def __init__(self, s: Settings, wh, *, rules_dirs=None, model=True, publish=True, catch_up=True):
-        from consumers.detect import DetectResult
+        from agentledger.consumers.detect import DetectResult
 
         self.detector = make_detector(s, wh, rules_dirs=rules_dirs, model=model, publish=publish)
         self.total = DetectResult()
@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from schemas.warehouse import open_for
+        from agentledger.schemas.warehouse import open_for
 
         s = settings(ctx)
         with open_for(s) as wh:
@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
         """
         import duckdb
 
-        from schemas.warehouse import open_for
+        from agentledger.schemas.warehouse import open_for
 
         s = settings(ctx)
         with open_for(s, read_only=True, snapshot=snapshot) as wh:
@@ -260,7 +260,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger rules list --rules-dir ./my-rules --format json
         """
-        from consumers.detect import load_rules, rule_dirs
+        from agentledger.consumers.detect import load_rules, rule_dirs
 
         rules = load_rules(rule_dirs(rule_dirs_arg(rules_dir)))
         cols = ["id", "severity", "escalates_to", "mitre", "title", "kind", "source"]
@@ -274,8 +274,8 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger rules check --rules-dir ./my-rules
         """
-        from consumers.detect import Detector
-        from schemas.warehouse import open_warehouse
+        from agentledger.consumers.detect import Detector
+        from agentledger.schemas.warehouse import open_warehouse
 
         with open_warehouse(":memory:") as wh:
             wh.lock_down()

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from schemas.errors import WarehouseError
+from agentledger.schemas.errors import WarehouseError
 
 from ..output import Format, console, err_console, print_json, render_rows
 from ..sessions import in_warehouse
@@ -56,10 +56,10 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger verify --require-signatures --heads /audit/heads.jsonl --format json
         """
-        from consumers.verify import verify as run_verify
-        from schemas import treelog
-        from schemas.signing import Keyring, home_keyring, operator_key_dir
-        from schemas.warehouse import open_for
+        from agentledger.consumers.verify import verify as run_verify
+        from agentledger.schemas import treelog
+        from agentledger.schemas.signing import Keyring, home_keyring, operator_key_dir
+        from agentledger.schemas.warehouse import open_for
 
         s = settings(ctx)
         for p in operator_key or []:
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger deadletters list --reason hash_mismatch --format json
         """
-        from schemas.warehouse import open_for
+        from agentledger.schemas.warehouse import open_for
 
         s = settings(ctx)
         with open_for(s, read_only=True) as wh:
@@ -155,10 +155,10 @@ def register(app: typer.Typer) -> None:
 
         Example:  AGENTLEDGER_SCHEMA_PATH=./more-schemas agentledger deadletters retry --reason unknown_fingerprint
         """
-        from consumers.ingest import Ingestor
-        from schemas.transport.base import Message
-        from schemas.treelog import tree_heads_for
-        from schemas.warehouse import open_for
+        from agentledger.consumers.ingest import Ingestor
+        from agentledger.schemas.transport.base import Message
+        from agentledger.schemas.treelog import tree_heads_for
+        from agentledger.schemas.warehouse import open_for
 
         s = settings(ctx)
         with open_for(s) as wh:
@@ -205,7 +205,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger compact --expire-older-than "7 days"
         """
-        from schemas.warehouse import open_for
+        from agentledger.schemas.warehouse import open_for
 
         s = settings(ctx)
         with open_for(s) as wh:
@@ -225,7 +225,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger snapshots --limit 5
         """
-        from schemas.warehouse import open_for
+        from agentledger.schemas.warehouse import open_for
 
         s = settings(ctx)
         with open_for(s, read_only=True) as wh:
@@ -236,7 +236,7 @@ def _heads_sources(s, con, heads: list[str] | None) -> tuple[list, str | None]:
     """Where published tree heads are read from: ``--heads`` (files, ``kafka:TOPIC``), else the home's
     heads file of this warehouse's log and, with Kafka, the heads topic. Also says whether the
     warehouse's log is not the one this home published heads for (its tree was dropped and re-made)."""
-    from schemas import treelog
+    from agentledger.schemas import treelog
 
     if heads:
         out = []

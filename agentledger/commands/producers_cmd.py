@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger keys generate --out /etc/agentledger/keys
         """
-        from schemas import signing
+        from agentledger.schemas import signing
 
         s = settings(ctx)
         default_dir = s.home / "keys"
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         priv, pub = signing.write_keypair(signer, directory)
         active = activate if activate is not None else directory.resolve() == default_dir.resolve()
         if active:
-            from schemas.homes import write_private_file
+            from agentledger.schemas.homes import write_private_file
 
             default_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if directory.resolve() != default_dir.resolve():
@@ -84,8 +84,8 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger keys list --format json
         """
-        from producers.simulate import simulator_seed
-        from schemas import signing
+        from agentledger.producers.simulate import simulator_seed
+        from agentledger.schemas import signing
 
         s = settings(ctx)
         d = directory or s.home / "keys"
@@ -112,8 +112,8 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger spool status --format json
         """
-        from producers.sinks import ProducerOptions, spool_dir
-        from producers.spool import Spool
+        from agentledger.producers.sinks import ProducerOptions, spool_dir
+        from agentledger.producers.spool import Spool
 
         s = settings(ctx)
         opts = ProducerOptions.from_env()
@@ -147,10 +147,10 @@ def register(app: typer.Typer) -> None:
 
         Example:  AGENTLEDGER_BOOTSTRAP_SERVERS=127.0.0.1:9092 agentledger spool drain
         """
-        from producers.sinks import ProducerOptions, spool_dir
-        from producers.spool import Spool, drain
-        from schemas.errors import ConfigError
-        from schemas.transport.kafka import KafkaSink
+        from agentledger.producers.sinks import ProducerOptions, spool_dir
+        from agentledger.producers.spool import Spool, drain
+        from agentledger.schemas.errors import ConfigError
+        from agentledger.schemas.transport.kafka import KafkaSink
 
         s = settings(ctx)
         if not s.uses_kafka:

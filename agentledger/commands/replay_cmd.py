@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from schemas.config import Settings
-from schemas.errors import ConfigError, WarehouseError
+from agentledger.schemas.config import Settings
+from agentledger.schemas.errors import ConfigError, WarehouseError
 
 from ..output import Format, console, err_console, print_json, render_rows
 from .groups import import_app
@@ -24,13 +24,13 @@ TABLE_LIMIT = 1000
 # --- wiring ------------------------------------------------------------------------------------------
 
 def _keyring(s: Settings, public_keys: list[Path] | None):
-    from schemas.signing import home_keyring
+    from agentledger.schemas.signing import home_keyring
 
     return home_keyring(s.home, public_keys or [])
 
 
 def _operators(s: Settings, operator_keys: list[Path] | None):
-    from schemas.signing import Keyring, operator_key_dir
+    from agentledger.schemas.signing import Keyring, operator_key_dir
 
     for p in operator_keys or []:
         if not Path(p).exists():
@@ -42,9 +42,9 @@ def _provenance(s: Settings, session_id: str, head_seq: int, head_hash: str, cou
     """(Provenance, None) for a bundle whose last event is (head_seq, head_hash): the operator key, the
     newest signed tree head holding the session's leaf for exactly that head, and its inclusion proof;
     or (None, why not)."""
-    from replay.bundle import Provenance
-    from schemas import treelog
-    from schemas.signing import load_operator_signer
+    from agentledger.replay.bundle import Provenance
+    from agentledger.schemas import treelog
+    from agentledger.schemas.signing import load_operator_signer
 
     signer = load_operator_signer(s)
     if signer is None:
@@ -71,7 +71,7 @@ def _provenance(s: Settings, session_id: str, head_seq: int, head_hash: str, cou
 
 
 def _warehouse_if_any(s: Settings):
-    from schemas.warehouse import open_warehouse
+    from agentledger.schemas.warehouse import open_warehouse
 
     if s.warehouse != ":memory:" and not Path(s.warehouse).exists():
         return None
@@ -80,8 +80,8 @@ def _warehouse_if_any(s: Settings):
 
 def read_session(s: Settings, session: str, source: str):
     """The session's raw events and, when the warehouse is there, its alerts."""
-    from replay.session import warehouse_alerts
-    from replay.sources import (BundleSource, KafkaSessionSource, LocalLogSessionSource, SessionNotFound,
+    from agentledger.replay.session import warehouse_alerts
+    from agentledger.replay.sources import (BundleSource, KafkaSessionSource, LocalLogSessionSource, SessionNotFound,
                                 WarehouseSource)
 
     if source not in ("auto", "warehouse", "kafka", "log", "bundle"):
@@ -126,7 +126,7 @@ def read_session(s: Settings, session: str, source: str):
 
 
 def _load_policy(path: Path):
-    from schemas.policy import Policy
+    from agentledger.schemas.policy import Policy
 
     return Policy.load(path)
 
@@ -231,7 +231,7 @@ def _print_whatif(rep: dict, limit: int | None = None) -> None:
                       d["effect"], d["outcome"]) for d in shown], Format.table, title=f"what if: policy {s['policy']}")
         if len(shown) < len(divs):
             console.print(f"[dim]showing {len(shown)} of {len(divs)} divergences[/]")
-    from replay.whatif import summarize_for_humans
+    from agentledger.replay.whatif import summarize_for_humans
     for line in summarize_for_humans(s):
         console.print(line, markup=False, highlight=False)
 
@@ -276,9 +276,9 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger replay 019b76db-57b7-7950-9849-665d7968f07e --at 12 --html /tmp/session.html
         """
-        from replay.html import render
-        from replay.session import replay
-        from replay.whatif import what_if
+        from agentledger.replay.html import render
+        from agentledger.replay.session import replay
+        from agentledger.replay.whatif import what_if
 
         s = settings(ctx)
         if at is not None and at < 0:
@@ -351,7 +351,7 @@ def register(app: typer.Typer) -> None:
         """
         import duckdb
 
-        from replay.whatif import session_ids, what_if
+        from agentledger.replay.whatif import session_ids, what_if
 
         s = settings(ctx)
         pol = _load_policy(policy)
@@ -397,10 +397,10 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger export 019b76db-57b7-7950-9849-665d7968f07e --out incident-42.avro
         """
-        from replay.bundle import BundleError, checkpoint_entry, write_bundle
-        from replay.chain import envelope_head
-        from replay.session import replay
-        from schemas.contract import load_store
+        from agentledger.replay.bundle import BundleError, checkpoint_entry, write_bundle
+        from agentledger.replay.chain import envelope_head
+        from agentledger.replay.session import replay
+        from agentledger.schemas.contract import load_store
 
         s = settings(ctx)
         if source == "bundle":
@@ -456,7 +456,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger verify-bundle incident-42.avro --public-key keys/3f2a9c01d4e5b6a7.pub --operator-key keys/operator/9b1c2d3e4f5a6b7c.pub --require-signature
         """
-        from replay.session import verify_bundle
+        from agentledger.replay.session import verify_bundle
 
         s = settings(ctx)
         res = verify_bundle(bundle, _keyring(s, public_key), require_signature=require_signature,
@@ -497,18 +497,18 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger --warehouse /cases/42.duckdb import bundle incident-42.avro
         """
-        from consumers.ingest import Ingestor
-        from replay.bundle import BundleError
-        from replay.importing import bundle_messages, new_messages
-        from replay.session import verify_bundle
-        from schemas.treelog import tree_heads_for
-        from schemas.warehouse import open_warehouse
+        from agentledger.consumers.ingest import Ingestor
+        from agentledger.replay.bundle import BundleError
+        from agentledger.replay.importing import bundle_messages, new_messages
+        from agentledger.replay.session import verify_bundle
+        from agentledger.schemas.treelog import tree_heads_for
+        from agentledger.schemas.warehouse import open_warehouse
 
         s = settings(ctx)
         res = verify_bundle(bundle, _keyring(s, public_key))
         if not res.ok:
             raise BundleError(f"{bundle} does not verify ({res.problem}); not importing it")
-        from replay.bundle import read_bundle
+        from agentledger.replay.bundle import read_bundle
 
         b = read_bundle(bundle)
         topic, msgs = bundle_messages(b)

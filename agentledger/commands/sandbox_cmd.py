@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from schemas.config import Settings
+from agentledger.schemas.config import Settings
 
 from ..output import Format, console, err_console, print_json, render_rows
 from ..sessions import for_reading, in_sandbox
@@ -76,8 +76,8 @@ def run_reexecution(s: Settings, session_id: str, *, set_files: dict[str, bytes]
     """Re-execute a recorded sandbox session and compare it with its record (see replay.reexecute).
 
     Shared by `agentledger sandbox reexecute` and `agentledger replay SESSION --reexecute`."""
-    from producers.sandbox.reexec import SandboxReexecutor
-    from replay.reexecute import ReexecutionError, load_session, reexecute
+    from agentledger.producers.sandbox.reexec import SandboxReexecutor
+    from agentledger.replay.reexecute import ReexecutionError, load_session, reexecute
 
     session_id = for_reading(s, session_id, transport=None if source == "warehouse" else "auto",
                              warehouse_only=source == "warehouse")
@@ -94,7 +94,7 @@ def run_reexecution(s: Settings, session_id: str, *, set_files: dict[str, bytes]
 
 
 def render_report(report, fmt: Format, workspace: str | None = None) -> None:
-    from replay.reexecute import render_rows as report_rows
+    from agentledger.replay.reexecute import render_rows as report_rows
 
     if fmt is Format.json:
         d = report.as_dict()
@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger sandbox run --policy team.toml --session s1 -- python -m pytest -q
         """
-        from producers.sandbox import SandboxSession
+        from agentledger.producers.sandbox import SandboxSession
 
         s = settings(ctx)
         one_shot = session is None
@@ -191,12 +191,12 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger sandbox end s1
         """
-        from producers.sandbox.errors import SessionStateError
-        from producers.sandbox.session import SandboxSession
+        from agentledger.producers.sandbox.errors import SessionStateError
+        from agentledger.producers.sandbox.session import SandboxSession
 
         if status not in ("completed", "failed", "aborted", "interrupted"):
             raise typer.BadParameter("status must be completed, failed, aborted or interrupted")
-        from producers.sandbox.cas import check_session_id
+        from agentledger.producers.sandbox.cas import check_session_id
 
         s = settings(ctx)
         session = in_sandbox(s, check_session_id(session))
@@ -204,7 +204,7 @@ def register(app: typer.Typer) -> None:
         if not state.exists():
             raise SessionStateError(f"no sandbox session {session} under {s.home}")
         st = json.loads(state.read_text())
-        from producers.sandbox.cas import ContentStore
+        from agentledger.producers.sandbox.cas import ContentStore
 
         store = ContentStore.open(s.home)
         manifest = store.load_manifest(session) or {}
@@ -288,7 +288,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger sandbox forget s1
         """
-        from producers.sandbox.cas import ContentStore, check_session_id, forget
+        from agentledger.producers.sandbox.cas import ContentStore, check_session_id, forget
 
         s = settings(ctx)
         store = ContentStore.open(s.home)
@@ -315,7 +315,7 @@ def register(app: typer.Typer) -> None:
 
 
 def run_doctor() -> list[dict]:
-    from producers.sandbox.runner import Tools
+    from agentledger.producers.sandbox.runner import Tools
 
     tools = Tools.find()
     out = []

@@ -27,8 +27,8 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger schemas check /tmp/event-edited.avsc
         """
-        from schemas.compat import check_store
-        from schemas.contract import SchemaStore
+        from agentledger.schemas.compat import check_store
+        from agentledger.schemas.contract import SchemaStore
 
         if candidate is not None and schema is not None and candidate != schema:
             err_console.print("give the candidate schema once: as an argument or with --schema")
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger schemas list --format json
         """
-        from schemas.contract import SchemaStore
+        from agentledger.schemas.contract import SchemaStore
 
         store = SchemaStore(subject)
         rows = [(v.label, v.fingerprint_hex, str(v.path)) for v in [*store.released, store.current]]
@@ -71,8 +71,8 @@ def register(app: typer.Typer) -> None:
 
         Example:  agentledger schemas release
         """
-        from schemas.compat import check_store
-        from schemas.contract import RELEASED_DIR, SchemaStore
+        from agentledger.schemas.compat import check_store
+        from agentledger.schemas.contract import RELEASED_DIR, SchemaStore
 
         store = SchemaStore(subject)
         if store.is_current_released:

@@ -44,9 +44,9 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _setup(args, work: Path) -> tuple[Path, list[str], list[Path]]:
     from agentledger.commands.core import run_ingest, run_simulation
-    from schemas.config import from_env
+    from agentledger.schemas.config import from_env
 
-    from schemas import signing
+    from agentledger.schemas import signing
 
     home = work / "home"
     s = from_env({"AGENTLEDGER_HOME": str(home)})
@@ -74,8 +74,8 @@ def _setup(args, work: Path) -> tuple[Path, list[str], list[Path]]:
 
 class _Warehouse:
     def __init__(self, home: Path):
-        from schemas import signing, treelog
-        from schemas.warehouse import open_warehouse
+        from agentledger.schemas import signing, treelog
+        from agentledger.schemas.warehouse import open_warehouse
 
         self.home = home
         self.wh = open_warehouse(str(home / "warehouse.duckdb"))
@@ -86,8 +86,8 @@ class _Warehouse:
         self.sources = [treelog.HeadsFile(treelog.heads_file_path(home, log_id))]
 
     def check(self, sessions: list[str]) -> tuple[bool, list[int | None]]:
-        from consumers.verify import verify
-        from schemas import treelog
+        from agentledger.consumers.verify import verify
+        from agentledger.schemas import treelog
 
         tree = treelog.check_tree(self.con, self.operators, self.sources)
         verdicts = list(verify(self.wh, sessions, self.keyring, require_signatures=True, tree=tree))
@@ -100,7 +100,7 @@ class _Warehouse:
 
 def _mutate_warehouse(w: _Warehouse, kind: str, sid: str, rng: random.Random) -> int | None:
     """Apply one mutation inside the open transaction; return the first bad seq it should be named by."""
-    from schemas import merkle, signing, treelog
+    from agentledger.schemas import merkle, signing, treelog
 
     con = w.con
     n = w.rows(sid)
@@ -165,7 +165,7 @@ def _mutate_warehouse(w: _Warehouse, kind: str, sid: str, rng: random.Random) ->
 # --- bundles -------------------------------------------------------------------------------------
 
 def _blocks(data: bytes):
-    from replay.bundle import parse_bundle
+    from agentledger.replay.bundle import parse_bundle
 
     b = parse_bundle(data)
     starts = [b.header.length] + [e + 16 for _, e in b.spans[:-1]]
@@ -175,8 +175,8 @@ def _blocks(data: bytes):
 def _rebuild(b, values, checkpoints, provenance=None) -> bytes:
     import tempfile
 
-    from replay.bundle import write_bundle
-    from schemas.contract import load_store
+    from agentledger.replay.bundle import write_bundle
+    from agentledger.schemas.contract import load_store
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "x.avro"
@@ -186,8 +186,8 @@ def _rebuild(b, values, checkpoints, provenance=None) -> bytes:
 
 
 def _mutate_bundle(data: bytes, kind: str, rng: random.Random) -> tuple[bytes, int | None]:
-    from replay.bundle import HEADER_DIGEST_KEY, Provenance, header_digest
-    from schemas import codec, merkle, signing, treelog
+    from agentledger.replay.bundle import HEADER_DIGEST_KEY, Provenance, header_digest
+    from agentledger.schemas import codec, merkle, signing, treelog
 
     b, head, blocks = _blocks(data)
     n = len(blocks)
@@ -220,7 +220,7 @@ def _mutate_bundle(data: bytes, kind: str, rng: random.Random) -> tuple[bytes, i
         if kind == "resigned_by_attacker":
             attacker = signing.generate()
             last = values[cut - 1]
-            from replay.chain import envelope_head
+            from agentledger.replay.chain import envelope_head
 
             leaf = treelog.session_leaf_hash(b.session_id, envelope_head(last)[2], last[-64:].decode(), cut)
             root = merkle.root([leaf]).hex()
@@ -244,8 +244,8 @@ def _mutate_bundle(data: bytes, kind: str, rng: random.Random) -> tuple[bytes, i
 
 @scenario("tampering")
 def run(args, work: Path) -> dict:
-    from replay.session import verify_bundle
-    from schemas import signing
+    from agentledger.replay.session import verify_bundle
+    from agentledger.schemas import signing
 
     rng = random.Random(args.seed)
     home, ids, bundles = _setup(args, work)

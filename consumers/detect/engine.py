@@ -38,11 +38,11 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from schemas import alerts as alert_codec
-from schemas.config import ALERTS_TOPIC
-from schemas.errors import NotDurableError, TransportError, WarehouseError
-from schemas.transport.base import Sink
-from schemas.warehouse import Warehouse, is_retryable
+from agentledger.schemas import alerts as alert_codec
+from agentledger.schemas.config import ALERTS_TOPIC
+from agentledger.schemas.errors import NotDurableError, TransportError, WarehouseError
+from agentledger.schemas.transport.base import Sink
+from agentledger.schemas.warehouse import Warehouse, is_retryable
 
 from . import features as F
 from . import prepare as P

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from schemas.errors import AgentLedgerError
+from agentledger.schemas.errors import AgentLedgerError
 
 from . import features as F
 

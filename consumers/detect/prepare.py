@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 import yaml
 
-from schemas.errors import AgentLedgerError
+from agentledger.schemas.errors import AgentLedgerError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "rules"
 LIST_KINDS = ("domains", "values", "regex")

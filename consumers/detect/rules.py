@@ -264,8 +264,8 @@ def _check_sql(sql: str, path: Path) -> None:
     """A rule is one SELECT over the warehouse, with no file or network access, wherever it runs
     (`agentledger detect` also runs rules on a locked-down connection; `ingest --detect` cannot:
     ingest itself reads files)."""
-    from schemas.warehouse import check_select_only
-    from schemas.errors import WarehouseError
+    from agentledger.schemas.warehouse import check_select_only
+    from agentledger.schemas.errors import WarehouseError
 
     try:
         check_select_only(sql)

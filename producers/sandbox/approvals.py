@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from schemas.policy import Policy
+from agentledger.schemas.policy import Policy
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.errors import AgentLedgerError, ConfigError
+from agentledger.schemas.errors import AgentLedgerError, ConfigError
 
 
 class SandboxError(AgentLedgerError):

@@ -39,9 +39,9 @@ from http.server import BaseHTTPRequestHandler
 from typing import Callable
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from producers.recorder import action_digest
-from schemas.netaddr import HostError, canonical, parse_host
-from schemas.policy import Policy
+from agentledger.producers.recorder import action_digest
+from agentledger.schemas.netaddr import HostError, canonical, parse_host
+from agentledger.schemas.policy import Policy
 
 from .approvals import Ask
 from .cas import ContentStore, sha256_hex

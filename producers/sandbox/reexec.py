@@ -28,9 +28,9 @@ import uuid
 from collections import defaultdict, deque
 from typing import Any
 
-from producers.recorder import action_digest
-from schemas.config import Settings
-from schemas.policy import Policy
+from agentledger.producers.recorder import action_digest
+from agentledger.schemas.config import Settings
+from agentledger.schemas.policy import Policy
 
 from . import tree
 from .approvals import Answer, Ask

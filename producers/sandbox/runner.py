@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, BinaryIO
 
-from producers.recorder import EXCERPT_BYTES
-from schemas.homes import user_umask
-from schemas.netaddr import HostError, is_loopback, parse_address
-from schemas.policy import Policy
+from agentledger.producers.recorder import EXCERPT_BYTES
+from agentledger.schemas.homes import user_umask
+from agentledger.schemas.netaddr import HostError, is_loopback, parse_address
+from agentledger.schemas.policy import Policy
 
 from . import strace as st
 from .cas import canonical_json

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from producers.recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
-from producers.sinks import open_producer_sink
-from schemas.config import Settings
-from schemas.policy import Policy
+from agentledger.producers.recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
+from agentledger.producers.sinks import open_producer_sink
+from agentledger.schemas.config import Settings
+from agentledger.schemas.policy import Policy
 
 from . import tree
 from .approvals import Approver, Ask

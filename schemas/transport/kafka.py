@@ -380,7 +380,7 @@ def _read_frame(f):
 
 
 def _child_main() -> None:
-    """Entry point of the child: ``python -c 'from schemas.transport.kafka import _child_main; _child_main()'``."""
+    """Entry point of the child: ``python -c 'from agentledger.schemas.transport.kafka import _child_main; _child_main()'``."""
     import queue
 
     inp, out = _sys.stdin.buffer, _sys.stdout.buffer
@@ -466,7 +466,7 @@ class KafkaProcessSink(Sink):
         connect_s = config.get("bootstrap_timeout_ms", 30_000) / 1000 + 10
         env = {**_os.environ, "PYTHONPATH": _os.pathsep.join(p for p in [_REPO_ROOT, _os.environ.get("PYTHONPATH")] if p)}
         self._proc = _subprocess.Popen(
-            [_sys.executable, "-c", "from schemas.transport.kafka import _child_main; _child_main()"],
+            [_sys.executable, "-c", "from agentledger.schemas.transport.kafka import _child_main; _child_main()"],
             stdin=_subprocess.PIPE, stdout=_subprocess.PIPE, env=env)
         self._cond = _threading.Condition()
         self._ready: tuple | None = None
