@@ -27,7 +27,7 @@ EXTENSIONS = ("avro", "ducklake", "sqlite_scanner")
 # Python extras: the distributions each declares, by the module that imports them (tests hold it to pyproject.toml).
 EXTRAS: dict[str, dict[str, str]] = {
     "ml": {"scikit-learn": "sklearn", "matplotlib": "matplotlib"},
-    "notebooks": {"jupyterlab": "jupyterlab", "ipykernel": "ipykernel"},
+    "notebooks": {"jupyterlab": "jupyterlab", "ipykernel": "ipykernel", "nbclient": "nbclient"},
 }
 # Debian packages of the sandbox's tools, by the check's name (agentledger sandbox doctor).
 APT = {"bwrap": "bubblewrap", "strace": "strace", "faketime": "faketime"}
