@@ -174,3 +174,47 @@ def test_every_detection_column_is_documented():
         det_doc = (REPO / "docs" / "detection.md").read_text()
         missing += [f"detect_events.{c}" for c, _ in columns(wh.con) if f"`{c}`" not in det_doc]
     assert not missing, f"undocumented: {missing}"
+
+
+def _cli_commands() -> list[str]:
+    """Every command of the CLI, as typed after `agentledger` ("sql", "sandbox run"), walking the typer app."""
+    import typer
+
+    from agentledger.cli import app
+
+    def walk(cmd, prefix: tuple[str, ...]):
+        subs = getattr(cmd, "commands", None)
+        if not subs:
+            yield " ".join(prefix)
+            return
+        for name, sub in subs.items():
+            if not getattr(sub, "hidden", False):
+                yield from walk(sub, (*prefix, name))
+
+    return list(walk(typer.main.get_command(app), ()))
+
+
+def _table_commands() -> set[str]:
+    """The commands the README's command table names: in its first column, each `agentledger G ...`
+    span names G, and G followed by each word of the span (`schemas check \\| list` names schemas list)."""
+    section = README.split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        first_cell = re.split(r"(?<!\\)\|", line)[1]
+        for span in re.findall(r"`([^`]*)`", first_cell):
+            words = span.replace("\\|", " ").split()
+            if words and words[0] == "agentledger":
+                words = words[1:]
+            if words:
+                named.add(words[0])
+                named |= {f"{words[0]} {w}" for w in words[1:]}
+    return named
+
+
+def test_every_cli_command_is_in_the_readme_command_table():
+    commands = _cli_commands()
+    assert {"demo", "doctor", "sandbox run", "import bundle"} <= set(commands)
+    missing = [c for c in commands if c not in _table_commands()]
+    assert not missing, f"README.md's command table lacks: {missing}"
