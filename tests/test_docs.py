@@ -117,6 +117,34 @@ def test_the_commands_the_demo_prints_work_as_printed(demo, tmp_path):
         assert proc.returncode == 0, f"{c}\n{proc.stderr[-2000:]}"
 
 
+def test_demo_notebooks_flag_installs_the_notebooks_extra(tmp_path):
+    """`./scripts/demo --notebooks` (the README's one command for the notebooks' extras) runs
+    `scripts/bootstrap notebooks` and hands every other option to the demo. Run from a copy of the
+    script whose bootstrap and .venv/bin/agentledger only write down how they were called (the real
+    bootstrap would install from PyPI)."""
+    clone = tmp_path / "clone"
+    calls = tmp_path / "calls"
+    for stub, name in ((clone / "scripts" / "bootstrap", "bootstrap"), (clone / ".venv" / "bin" / "agentledger",
+                                                                        "agentledger")):
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
+        stub.chmod(0o755)
+    shutil.copy(REPO / "scripts" / "demo", clone / "scripts" / "demo")
+
+    def demo(*args: str) -> tuple[list[str], str]:
+        calls.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", "scripts/demo", *args], cwd=clone, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return [line.rstrip() for line in calls.read_text().splitlines()], proc.stdout
+
+    made, out = demo("--notebooks", "--sessions", "3")
+    assert made == ["bootstrap notebooks", "agentledger demo --sessions 3"]
+    assert ".venv/bin/jupyter lab notebooks/" in out
+    assert "./scripts/demo --notebooks" in README and ".venv/bin/jupyter lab notebooks/" in README
+    made, out = demo()
+    assert made == ["bootstrap", "agentledger demo"] and "jupyter" not in out
+
+
 @pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: p.name)
 def test_every_shell_example_runs_against_a_demo_home(doc, demo, tmp_path):
     blocks = sh_blocks(doc)
