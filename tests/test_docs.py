@@ -44,7 +44,8 @@ DEMO_SESSION = "019b76db-346b"  # the demo's suspicious session: its ids are det
 
 def sh_blocks(path: Path) -> list[tuple[int, str | None, str]]:
     text = path.read_text()
-    return [(text.count("\n", 0, m.start("body")) + 1, m.group("why"), m.group("body")) for m in SH_BLOCK.finditer(text)]
+    return [(text.count("\n", 0, m.start("body")) + 1, m.group("why"), m.group("body"))
+            for m in SH_BLOCK.finditer(text)]
 
 
 def _path_without_agentledger() -> str:

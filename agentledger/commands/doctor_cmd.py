@@ -148,41 +148,40 @@ def check_sandbox(required: bool) -> list[Check]:
     return out
 
 
-def check_keys(s: Settings, require_signing: bool) -> list[Check]:
-    from agentledger.producers.recorder import load_signer
+def _load_key(name: str, load, config_fix: str):
+    """(the key or None, None) -- or (None, the failed check) when the configured key is refused."""
     from agentledger.schemas.errors import ConfigError
     from agentledger.schemas.keys import UnsafeKeyError
+
+    try:
+        return load(), None
+    except UnsafeKeyError as exc:
+        return None, Check("signing", name, False, True, f"refused: {exc.reason} ({exc.path})", exc.fix)
+    except ConfigError as exc:
+        return None, Check("signing", name, False, True, str(exc), config_fix)
+
+
+def check_keys(s: Settings, require_signing: bool) -> list[Check]:
+    from agentledger.producers.recorder import load_signer
     from agentledger.schemas.signing import load_operator_signer
 
-    out = []
     configured = bool(os.environ.get("AGENTLEDGER_SIGNING_KEY") or os.environ.get("AGENTLEDGER_SIGNING_KEY_FILE")
                       or (s.home / "keys" / "current").exists())
-    try:
-        signer = load_signer(s)
-    except UnsafeKeyError as exc:
-        out.append(Check("signing", "signing key", False, True, f"refused: {exc.reason} ({exc.path})", exc.fix))
-    except ConfigError as exc:
-        out.append(Check("signing", "signing key", False, True, str(exc),
-                         f"{prog()} keys generate   # a new key, marked current"))
-    else:
-        if signer is not None:
-            out.append(Check("signing", "signing key", True, True, f"key {signer.key_id}: checkpoints are signed"))
-        else:
-            out.append(Check("signing", "signing key", False, require_signing or configured,
-                             "none: checkpoints are unsigned (verify --require-signatures refuses them)",
-                             f"{prog()} keys generate"))
-    try:
-        op = load_operator_signer(s)
-    except UnsafeKeyError as exc:
-        out.append(Check("signing", "operator key", False, True, f"refused: {exc.reason} ({exc.path})", exc.fix))
-    except ConfigError as exc:
-        out.append(Check("signing", "operator key", False, True, str(exc),
-                         f"fix or remove {s.home / 'keys' / 'operator' / 'current'}"))
-    else:
-        out.append(Check("signing", "operator key", True, True,
+    signer, key_check = _load_key("signing key", lambda: load_signer(s),
+                                  f"{prog()} keys generate   # a new key, marked current")
+    if key_check is None and signer is not None:
+        key_check = Check("signing", "signing key", True, True, f"key {signer.key_id}: checkpoints are signed")
+    elif key_check is None:
+        key_check = Check("signing", "signing key", False, require_signing or configured,
+                          "none: checkpoints are unsigned (verify --require-signatures refuses them)",
+                          f"{prog()} keys generate")
+    op, op_check = _load_key("operator key", lambda: load_operator_signer(s),
+                             f"fix or remove {s.home / 'keys' / 'operator' / 'current'}")
+    if op_check is None:
+        op_check = Check("signing", "operator key", True, True,
                          f"key {op.key_id}: signs tree heads and bundle headers" if op is not None else
-                         "none yet: the first ingest creates it"))
-    return out
+                         "none yet: the first ingest creates it")
+    return [key_check, op_check]
 
 
 def check_extras(required: set[str]) -> list[Check]:
