@@ -87,6 +87,9 @@ def _register() -> None:
     detect_cmd.register(app)     # detect, alerts, rules
     replay_cmd.register(app)     # replay, whatif, export, verify-bundle, import bundle
     sandbox_cmd.register(app)    # sandbox run | reexecute | end | doctor | forget
+    from .commands import doctor_cmd
+
+    doctor_cmd.register(app)     # doctor
 
 
 _register()

@@ -54,3 +54,70 @@ def test_notebook_runs_and_writes_its_plots(path: Path, tmp_path, monkeypatch):
     for p in plots:
         f = work / p
         assert f.exists() and f.stat().st_size > 5000, f"{path.name} did not write {p}"
+
+
+# `jupyter SUBCOMMAND` the docs give for the notebooks, and the distribution that provides it
+JUPYTER_SUBCOMMANDS = {"lab": "jupyterlab", "execute": "nbclient"}
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+
+def _declared_for(extra: str) -> set[str]:
+    """The distributions `pip install agentledger[extra]` brings in by name (the extras it names, too)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names, todo, seen = _requirement_names(project["dependencies"]), [extra], set()
+    while todo:
+        e = todo.pop()
+        seen.add(e)
+        for r in project["optional-dependencies"][e]:
+            m = re.match(r"agentledger\[([\w,]+)\]", r)
+            if m:
+                todo += [x for x in m.group(1).split(",") if x not in seen]
+            else:
+                names |= _requirement_names([r])
+    return names
+
+
+def _notebook_imports(path: Path) -> set[str]:
+    import ast
+
+    mods = set()
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        src = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                mods.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__"
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                mods.add(node.args[0].value.split(".")[0])
+    return mods
+
+
+def test_the_notebooks_extra_provides_every_import_of_the_notebooks_and_the_jupyter_commands():
+    """`./scripts/demo --notebooks` installs agentledger[notebooks]: every module a notebook imports
+    comes from the standard library, agentledger, or a distribution that extra declares."""
+    from importlib.metadata import packages_distributions
+
+    declared = _declared_for("notebooks")
+    providers = packages_distributions()
+    missing = {}
+    for path in NOTEBOOKS:
+        for mod in sorted(_notebook_imports(path)):
+            if mod in sys.stdlib_module_names or mod == "agentledger":
+                continue
+            dists = {d.lower().replace("_", "-") for d in providers.get(mod, [])}
+            if not dists & declared:
+                missing.setdefault(path.stem, []).append(f"{mod} ({', '.join(sorted(dists)) or 'not installed'})")
+    assert not missing, f"imported by the notebooks but not declared in agentledger[notebooks]: {missing}"
+    docs = (REPO / "README.md").read_text() + (REPO / "notebooks" / "README.md").read_text()
+    used = set(re.findall(r"\.venv/bin/jupyter (\w+)", docs))
+    assert used and used <= set(JUPYTER_SUBCOMMANDS), used
+    assert {JUPYTER_SUBCOMMANDS[u] for u in used} <= declared

@@ -180,20 +180,24 @@ def register(app: typer.Typer) -> None:
                         title="sessions (alerts*: high or critical only; commands accept a unique id prefix)")
         suspicious = [l["session_id"] for l in result.labels if l["attack"]]
         strict = _demo_policies(s.home)
+        from ..invocation import prog
+
+        al = prog()  # `agentledger` is not on PATH after ./scripts/demo: `.venv/bin/agentledger` then
         hints = ""
         if suspicious:
-            hints += f"  agentledger replay {suspicious[0][:13]}    # timeline, state, chain and signatures\n"
-        hints += (f"  agentledger whatif --policy {strict}    # what a deny-by-default egress policy "
+            hints += f"  {al} replay {suspicious[0][:13]}    # timeline, state, chain and signatures\n"
+        hints += (f"  {al} whatif --policy {strict}    # what a deny-by-default egress policy "
                   "would have stopped\n")
+        # soft_wrap: each command stays on one line, whatever the terminal's width, so it can be copied
         console.print(
             "\n[bold]Try next:[/]\n" + hints +
-            "  agentledger sql \"select family, count(*) from events group by 1\"\n"
-            "  agentledger sql \"select session_id, seq, kind, file_accessed.path from events "
+            f"  {al} sql \"select family, count(*) from events group by 1\"\n"
+            f"  {al} sql \"select session_id, seq, kind, file_accessed.path from events "
             "where file_accessed.path like '%/.aws/%' or file_accessed.path like '%/.ssh/%'\"\n"
-            "  agentledger sql \"select network_attempted.host, network_attempted.port, count(*) from events "
+            f"  {al} sql \"select network_attempted.host, network_attempted.port, count(*) from events "
             "where kind = 'network_attempted' group by all order by 3 desc\"\n"
-            "  agentledger sql \"select * from chain_status\" --format json\n"
-            "  agentledger alerts --severity high --explain"
+            f"  {al} sql \"select * from chain_status\" --format json\n"
+            f"  {al} alerts --severity high --explain", soft_wrap=True, highlight=False
         )
 
     @app.command()
