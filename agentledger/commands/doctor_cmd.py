@@ -19,8 +19,12 @@ import typer
 
 from agentledger.schemas.config import Settings, from_env
 
+from agentledger import api
+
 from ..invocation import clone_root, prog, short_path
 from ..output import Format, console, print_json, render_rows
+
+app = typer.Typer()
 
 # The duckdb-extension-* wheels pyproject.toml declares (tests/test_doctor.py holds this to it).
 EXTENSIONS = ("avro", "ducklake", "sqlite_scanner")
@@ -135,10 +139,8 @@ def _has_cargo() -> bool:
 
 
 def check_sandbox(required: bool) -> list[Check]:
-    from .sandbox_cmd import run_doctor
-
     out = []
-    for c in run_doctor():
+    for c in api.sandbox_doctor():
         fix = ""
         if not c["ok"] and c["check"] in APT:
             fix = f"{_sudo()}apt-get install -y {APT[c['check']]}"
@@ -202,6 +204,7 @@ def run_checks(s: Settings, require: set[str]) -> list[Check]:
             *check_native("native" in require), *check_sandbox("sandbox" in require), *check_extras(require)]
 
 
+@app.command("doctor")
 def doctor(
     ctx: typer.Context,
     require: Optional[List[Area]] = typer.Option(None, "--require", help="Also require this (repeatable): sandbox, "
@@ -228,6 +231,3 @@ def doctor(
                       "[bold red]something required is missing[/]: run the command in its fix column")
     raise typer.Exit(0 if ok else 1)
 
-
-def register(app: typer.Typer) -> None:
-    app.command("doctor")(doctor)
