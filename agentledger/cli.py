@@ -55,7 +55,8 @@ def _global(
     from agentledger.schemas.transport import quiet_library_logs
 
     quiet_library_logs(verbose)
-    ctx.obj = api.settings(home=home, bootstrap_servers=bootstrap_servers, warehouse=warehouse, topic=topic)
+    ctx.obj = api.settings(home=home, bootstrap_servers=bootstrap_servers, warehouse=warehouse, topic=topic,
+                           private=False)  # made private just below, with the CLI's notices
     # owner-only files from here on; an old ./.agentledger is named (never used); a loose home tightened
     env = {**os.environ, **({"AGENTLEDGER_HOME": str(home)} if home is not None else {})}
     say(prepare_process(env, home=str(ctx.obj.home)))

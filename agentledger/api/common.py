@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from agentledger.schemas.config import Settings, from_env
+from agentledger.schemas.homes import restrict_umask, secure_home
 
 
 def settings(*, home: str | Path | None = None, bootstrap_servers: str | None = None, warehouse: str | None = None,
-             topic: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+             topic: str | None = None, env: Mapping[str, str] | None = None, private: bool = True) -> Settings:
     """The configuration: the environment (``env``, default ``os.environ``: AGENTLEDGER_HOME,
     AGENTLEDGER_BOOTSTRAP_SERVERS, AGENTLEDGER_WAREHOUSE, AGENTLEDGER_TOPIC, ...) with these
-    overrides, as the CLI's global flags do it."""
+    overrides, as the CLI's global flags do it.
+
+    ``private`` (as every agentledger entry point does): from here on this process creates files
+    owner-only (umask 077), and an existing home open to group/others is tightened (a warning says
+    what could not be)."""
     e = dict(os.environ if env is None else env)
     for var, value in (("AGENTLEDGER_HOME", home), ("AGENTLEDGER_BOOTSTRAP_SERVERS", bootstrap_servers),
                        ("AGENTLEDGER_WAREHOUSE", warehouse), ("AGENTLEDGER_TOPIC", topic)):
         if value is not None:
             e[var] = str(value)
-    return from_env(e)
+    s = from_env(e)
+    if private:
+        restrict_umask()
+        msg = secure_home(s.home)
+        if msg:
+            warnings.warn(msg.strip(), stacklevel=2)
+    return s
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def _load_policy(path: Path):
     return Policy.load(path)
 
 
-def replay(s: Settings, session: str, *, at: int | None = None, policy: Path | None = None, source: str = "auto",
+def replay(s: Settings, session: str, *, at: int | None = None, policy: str | Path | None = None, source: str = "auto",
            public_keys: Sequence[Path] | None = None) -> Replayed:
     """Rebuild a session (id, unique prefix or bundle path): verify its chain and signatures, its
     timeline and state (after seq ``at``); with ``policy``, re-decide every request under it."""
@@ -162,7 +162,7 @@ def replay(s: Settings, session: str, *, at: int | None = None, policy: Path | N
         timeline = r.timeline(at)
         rep = None
         if policy is not None:
-            rep = what_if(r.con, _load_policy(policy), [r.session_id]).as_dict()
+            rep = what_if(r.con, _load_policy(Path(policy)), [r.session_id]).as_dict()
             if at is not None:
                 rep["divergences"] = [d for d in rep["divergences"] if d["seq"] <= at]
     return Replayed(rec.raw.session_id, rec.raw.where, at, v, state, timeline, rec.alerts, rep, notice, rec.notes)
@@ -179,14 +179,14 @@ def _past_the_end(r, at: int | None) -> str | None:
             f"so this is its end (the state after seq {last})")
 
 
-def whatif(s: Settings, policy: Path, sessions_sql: str | None = None) -> dict:
+def whatif(s: Settings, policy: str | Path, sessions_sql: str | None = None) -> dict:
     """Re-decide every recorded request of the sessions ``sessions_sql`` selects (SQL returning
     session_id; default all) under ``policy``: the report (summary, sessions, divergences)."""
     import duckdb
 
     from agentledger.replay.whatif import session_ids, what_if
 
-    pol = _load_policy(policy)
+    pol = _load_policy(Path(policy))
     wh = _warehouse_if_any(s)
     if wh is None:
         raise WarehouseError(f"no warehouse at {s.warehouse}: run `agentledger ingest` first")
@@ -255,7 +255,7 @@ class Exported:
         return dict(self.doc)
 
 
-def export_bundle(s: Settings, session: str, out: Path, *, source: str = "auto",
+def export_bundle(s: Settings, session: str, out: str | Path, *, source: str = "auto",
                   public_keys: Sequence[Path] | None = None, embed_public_key: bool = False,
                   allow_broken: bool = False) -> Exported:
     """Write one session as a self-verifying evidence bundle (one standard Avro container file)."""
@@ -264,6 +264,7 @@ def export_bundle(s: Settings, session: str, out: Path, *, source: str = "auto",
     from agentledger.replay.session import replay as run_replay
     from agentledger.schemas.contract import load_store
 
+    out = Path(out)
     if source == "bundle":
         raise ConfigError("export reads a session from the warehouse, Kafka or the local log")
     rec = read_session(s, session, source)
@@ -306,13 +307,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_bundle(s: Settings, bundle: Path, *, public_keys: Sequence[Path] | None = None,
+def verify_bundle(s: Settings, bundle: str | Path, *, public_keys: Sequence[Path] | None = None,
                   operator_keys: Sequence[Path] | None = None, require_signature: bool = False):
     """Verify an evidence bundle offline (no warehouse, no broker): ``.ok``, ``.problem``,
     ``.verification``, ``.provenance``, ``.as_dict()``."""
     from agentledger.replay.session import verify_bundle as run_verify_bundle
 
-    return run_verify_bundle(bundle, keyring(s, public_keys), require_signature=require_signature,
+    return run_verify_bundle(Path(bundle), keyring(s, public_keys), require_signature=require_signature,
                              operators=operator_keyring(s, operator_keys))
 
 
@@ -333,7 +334,7 @@ class Imported:
         return dict(self.__dict__)
 
 
-def import_bundle(s: Settings, bundle: Path, *, public_keys: Sequence[Path] | None = None) -> Imported:
+def import_bundle(s: Settings, bundle: str | Path, *, public_keys: Sequence[Path] | None = None) -> Imported:
     """Load an evidence bundle into the warehouse through the normal exactly-once ingest, after
     verifying it; events already present (same seq, same hash) are skipped."""
     from agentledger.consumers.ingest import Ingestor
@@ -343,6 +344,7 @@ def import_bundle(s: Settings, bundle: Path, *, public_keys: Sequence[Path] | No
     from agentledger.schemas.treelog import tree_heads_for
     from agentledger.schemas.warehouse import open_warehouse
 
+    bundle = Path(bundle)
     res = run_verify_bundle(bundle, keyring(s, public_keys))
     if not res.ok:
         raise BundleError(f"{bundle} does not verify ({res.problem}); not importing it")

@@ -54,7 +54,7 @@ def simulator_policy_path() -> Path:
 
 
 def simulate(s: Settings, sessions: int = 10, seed: int = 0, *, attack_rate: float = 0.1,
-             labels: Path | None = None, force_attack_first: bool = False, mix: str | None = None,
+             labels: str | Path | None = None, force_attack_first: bool = False, mix: str | None = None,
              attacks: list[str] | None = None, checkpoint_every: int = 1000, sign: bool = True, signer=None,
              progress: ProgressCallback | None = None) -> Simulation:
     """Simulate sessions into the configured transport (the same seed and options give
@@ -87,7 +87,7 @@ def simulate(s: Settings, sessions: int = 10, seed: int = 0, *, attack_rate: flo
     if sign and signer is None:
         write_public_key(seed, s.home / "keys" / "simulator")  # recognised by verifiers, never trusted
     if labels is not None:
-        write_labels(labels, result, seed)
+        write_labels(Path(labels), result, seed)
     return Simulation(result.sessions, result.events, result.labels, spooled, spool_dir, result.secrets)
 
 

@@ -18,7 +18,7 @@ def settings(ctx: typer.Context) -> Settings:
     """The settings of this invocation: the environment with the global flags (--home, --warehouse,
     ...) applied by the root callback (cli.py)."""
     obj = ctx.find_root().obj
-    return obj if isinstance(obj, Settings) else settings_from_env()
+    return obj if isinstance(obj, Settings) else settings_from_env(private=False)
 
 
 def _format(help: str | None) -> object:
