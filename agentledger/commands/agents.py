@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -16,8 +16,11 @@ from .options import ImportFormat, settings
 
 app = typer.Typer()
 
-END_IDLE_HELP = ("End a session (session_ended at its last activity) once its sources show no activity for this "
-                 "many seconds; rollouts and OTel logs have no end record.")
+EndIdle = Annotated[float, typer.Option(
+    "--end-idle", help="End a session (session_ended at its last activity) once its sources show no activity for "
+                       "this many seconds; rollouts and OTel logs have no end record.")]
+KeepOpen = Annotated[bool, typer.Option("--keep-open", help="Never end sessions.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Parse and count only; record nothing, remember nothing.")]
 
 
 def _run_import(ctx: typer.Context, rollouts: list[Path], otel: list[Path], end_idle: float, keep_open: bool,
@@ -85,9 +88,9 @@ def import_codex_rollout(
     ctx: typer.Context,
     paths: List[Path] = typer.Argument(..., help="Rollout files or directories (searched recursively for *.jsonl)."),
     otel: List[Path] = typer.Option([], "--otel", help="Also import these OTLP/JSON logs in the same run (merged by time)."),
-    end_idle: float = typer.Option(3600.0, "--end-idle", help=END_IDLE_HELP),
-    keep_open: bool = typer.Option(False, "--keep-open", help="Never end sessions."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Parse and count only; record nothing, remember nothing."),
+    end_idle: EndIdle = 3600.0,
+    keep_open: KeepOpen = False,
+    dry_run: DryRun = False,
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any line of these files could not be used, "
                                                                "in this run or an earlier one."),
     fmt: ImportFormat = Format.table,
@@ -108,9 +111,9 @@ def import_otel(
     ctx: typer.Context,
     paths: List[Path] = typer.Argument(..., help="OTLP/JSON log exports: files or directories (*.json, *.jsonl)."),
     rollout: List[Path] = typer.Option([], "--rollout", help="Also import these Codex rollouts in the same run."),
-    end_idle: float = typer.Option(3600.0, "--end-idle", help=END_IDLE_HELP),
-    keep_open: bool = typer.Option(False, "--keep-open", help="Never end sessions."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Parse and count only; record nothing, remember nothing."),
+    end_idle: EndIdle = 3600.0,
+    keep_open: KeepOpen = False,
+    dry_run: DryRun = False,
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any record of these files could not be "
                                                                "used, in this run or an earlier one."),
     fmt: ImportFormat = Format.table,
