@@ -17,6 +17,7 @@ from agentledger.schemas.config import Settings
 from agentledger.schemas.errors import AgentLedgerError
 
 from .common import ProgressCallback, ProgressUpdate, Rows, settings
+from .health import Doctor, doctor
 from .evidence import (Exported, Imported, Replayed, SessionRecord, export_bundle, file_sha256, import_bundle,
                        keyring, operator_keyring, read_session, replay, verify_bundle, whatif, whatif_summary)
 from .ledger import (GeneratedKey, Retried, Verification, compact, dead_letters, generate_key, list_keys,
@@ -29,10 +30,10 @@ from .sandbox import (END_STATUSES, NotRecorded, Reexecution, divergence_rows, r
 from .sessions import for_reading, in_sandbox, in_warehouse
 
 __all__ = [
-    "AgentLedgerError", "Alerts", "Detection", "END_STATUSES", "Exported", "GeneratedKey", "Imported", "Ingested",
+    "AgentLedgerError", "Alerts", "Detection", "Doctor", "END_STATUSES", "Exported", "GeneratedKey", "Imported", "Ingested",
     "IngestDetection", "NotRecorded", "ProgressCallback", "ProgressUpdate", "Reexecution", "Replayed", "Retried",
     "Rows", "SEVERITIES", "SessionRecord", "Settings", "Simulation", "Verification", "alerts", "check_rules",
-    "compact", "dead_letters", "detect", "divergence_rows", "export_bundle", "file_sha256", "for_reading",
+    "compact", "dead_letters", "detect", "divergence_rows", "doctor", "export_bundle", "file_sha256", "for_reading",
     "generate_key", "import_agent_logs", "import_bundle", "in_sandbox", "in_warehouse", "ingest", "keyring",
     "list_keys", "make_detector", "operator_keyring", "read_session", "reexecute", "replay", "resolve_model",
     "retry_dead_letters", "rules", "sandbox_doctor", "sandbox_end", "sandbox_forget", "sandbox_run",
