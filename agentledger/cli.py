@@ -1,8 +1,11 @@
-"""The `agentledger` command line. Thin: each command wires stages together and renders the result."""
+"""The `agentledger` command line: the root app, its global flags, and the command modules'
+apps (agentledger/commands/*.py). Thin: commands parse arguments, call the application layer
+(agentledger.api) and render what it returns."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,11 +13,13 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from agentledger.schemas.config import Settings, from_env
 from agentledger.schemas.errors import AgentLedgerError
 from agentledger.schemas.homes import prepare_process, say
 from agentledger.schemas.keys import git_work_tree
 
+from . import api
+from .commands import (agents, core, detect_cmd, doctor_cmd, groups, ledger_cmd, producers_cmd, replay_cmd, sandbox_cmd,
+                       schemas_cmd)
 from .output import err_console
 
 app = typer.Typer(
@@ -50,17 +55,10 @@ def _global(
     from agentledger.schemas.transport import quiet_library_logs
 
     quiet_library_logs(verbose)
-    env = dict(__import__("os").environ)
-    if home is not None:
-        env["AGENTLEDGER_HOME"] = str(home)
-    if bootstrap_servers is not None:
-        env["AGENTLEDGER_BOOTSTRAP_SERVERS"] = bootstrap_servers
-    if warehouse is not None:
-        env["AGENTLEDGER_WAREHOUSE"] = warehouse
-    if topic is not None:
-        env["AGENTLEDGER_TOPIC"] = topic
-    ctx.obj = from_env(env)
+    ctx.obj = api.settings(home=home, bootstrap_servers=bootstrap_servers, warehouse=warehouse, topic=topic,
+                           private=False)  # made private just below, with the CLI's notices
     # owner-only files from here on; an old ./.agentledger is named (never used); a loose home tightened
+    env = {**os.environ, **({"AGENTLEDGER_HOME": str(home)} if home is not None else {})}
     say(prepare_process(env, home=str(ctx.obj.home)))
     tree = git_work_tree(str(ctx.obj.home))
     if tree is not None:
@@ -69,30 +67,14 @@ def _global(
                           "AGENTLEDGER_HOME (or point it outside any repository).", highlight=False)
 
 
-def settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Settings) else from_env()
-
-
-def _register() -> None:
-    from .commands import (agents, core, detect_cmd, groups, ledger_cmd, producers_cmd, replay_cmd, sandbox_cmd,
-                           schemas_cmd)
-
-    core.register(app)           # demo, simulate, ingest, sql
-    schemas_cmd.register(app)    # schemas check | list | release
-    groups.register(app)         # the shared `import` group
-    ledger_cmd.register(app)     # verify, deadletters, compact, snapshots
-    producers_cmd.register(app)  # keys, spool
-    agents.register(app)         # import codex-rollout | otel, hook
-    detect_cmd.register(app)     # detect, alerts, rules
-    replay_cmd.register(app)     # replay, whatif, export, verify-bundle, import bundle
-    sandbox_cmd.register(app)    # sandbox run | reexecute | end | doctor | forget
-    from .commands import doctor_cmd
-
-    doctor_cmd.register(app)     # doctor
-
-
-_register()
+# Top-level commands, in the order `agentledger --help` lists them, then the command groups.
+for commands in (core.app, ledger_cmd.app, agents.app, detect_cmd.app, replay_cmd.app, doctor_cmd.app):
+    app.add_typer(commands)
+for name, group in (("schemas", schemas_cmd.schemas_app), ("import", groups.import_app),
+                    ("deadletters", ledger_cmd.deadletters_app), ("keys", producers_cmd.keys_app),
+                    ("spool", producers_cmd.spool_app), ("rules", detect_cmd.rules_app),
+                    ("sandbox", sandbox_cmd.sandbox_app)):
+    app.add_typer(group, name=name)
 
 
 def main() -> None:

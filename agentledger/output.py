@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import uuid
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any, Iterable, Sequence
 
@@ -131,3 +132,22 @@ def _render_expanded(columns: list[str], cells: list[list[str]], title: str | No
         console.print(grid)
     if not cells:
         console.print("[dim](no rows)[/]")
+
+
+@contextmanager
+def progress_bar(enabled: bool = True, *, text: str = "[bold]{task.description}", elapsed: bool = True):
+    """A transient progress display on stderr, one bar per task, and the application layer's
+    progress callback that drives it (``progress=`` of agentledger.api's functions)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn(text), BarColumn(), MofNCompleteColumn(), *([TimeElapsedColumn()] if elapsed else [])]
+    with Progress(*columns, console=err_console, disable=not enabled, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(u) -> None:
+            if u.task not in tasks:
+                tasks[u.task] = bar.add_task(u.task, total=u.total, completed=u.completed)
+            else:
+                bar.update(tasks[u.task], completed=u.completed, total=u.total)
+
+        yield update

@@ -89,13 +89,13 @@ def test_the_model_explains_an_anomalous_session_with_its_events(tmp_path):
 def test_unfinished_sessions_are_not_anomalous_for_being_unfinished(tmp_path):
     """Streaming scores every prefix a batch boundary cuts; the model was trained on prefixes too, so
     benign sessions ingested in small batches draw (almost) no high model alerts."""
-    from agentledger.commands.core import run_simulation
+    from agentledger import api
     from agentledger.consumers.ingest import Ingestor
     from agentledger.schemas.config import from_env
     from agentledger.schemas.transport import open_source
 
     s = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home")})
-    sim = run_simulation(s, 150, 611, attack_rate=0.0, show_progress=False)
+    sim = api.simulate(s, 150, 611, attack_rate=0.0)
     wh = open_warehouse(s.warehouse)
     det = Detector(wh)
     passes = []

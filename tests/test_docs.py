@@ -269,3 +269,20 @@ def test_printed_commands_say_agentledger_only_when_that_is_this_installation(tm
     assert prog(str(script), path=f"{tmp_path}{os.pathsep}{script.parent}") == ".venv/bin/agentledger"
     monkeypatch.chdir(tmp_path)
     assert prog(str(script), path=str(tmp_path)) == str(script)  # elsewhere: the whole path
+def readme_python_blocks() -> list[str]:
+    section = README.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_python_api_snippet_runs(tmp_path):
+    """The README's first lines of Python run as written, on an empty home (the embedded log)."""
+    blocks = readme_python_blocks()
+    assert blocks and "import agentledger.api as al" in blocks[0]
+    env = cli_env(tmp_path / "home")
+    proc = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^\d+ events, \d+ ingested, \d+ alerts$", proc.stdout, re.M), proc.stdout
+    assert "ok " in proc.stdout or "open " in proc.stdout, proc.stdout
+    assert (tmp_path / "home" / "incident.avro").stat().st_size > 0
+    assert not proc.stderr.strip(), proc.stderr  # no progress bars, no printing: the API is silent

@@ -15,7 +15,7 @@ import duckdb
 import pytest
 
 from conftest import REPO, cli_env, free_port, run_cli
-from agentledger.commands.doctor_cmd import EXTENSIONS, EXTRAS
+from agentledger.api.health import EXTENSIONS, EXTRAS
 
 
 def doctor(env, *args: str):

@@ -1,5 +1,7 @@
 """The pipeline shows in the import graph: stages depend on the core (`schemas`), never on each
-other, and nothing below the CLI imports the CLI. One adapter module per external system."""
+other, and nothing below the CLI imports the CLI. The CLI (agentledger/cli.py, agentledger/commands/)
+reaches the stages only through the application layer (agentledger/api/), which imports no CLI
+module, and the command modules never import cli.py. One adapter module per external system."""
 
 from __future__ import annotations
 
@@ -58,6 +60,33 @@ def imports_of(path: Path, source: str | None = None, rel: Path | None = None) -
     return out
 
 
+def modules_of(path: Path, source: str | None = None, rel: Path | None = None) -> set[str]:
+    """The full names of the modules a file imports (relative imports resolved; `from a import b`
+    gives `a.b`, which is a module or a name in `a`: both are checked as prefixes)."""
+    tree = ast.parse(source if source is not None else path.read_text(), str(path))
+    rel = rel or path.relative_to(REPO)
+    package = list(rel.with_suffix("").parts[:-1]) if rel.name != "__init__.py" else list(rel.parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            out.add(module)
+            out.update(f"{module}.{a.name}" for a in node.names)
+    return out
+
+
+def under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+CLI_FILES = sorted([*(REPO / "agentledger").glob("*.py"), *(REPO / "agentledger" / "commands").glob("*.py")])
+API_FILES = sorted((REPO / "agentledger" / "api").glob("*.py"))
+FAST_PATHS = {"agentledger/hookmain.py"}  # `agentledger hook`: records without the CLI (see its docstring)
+
+
 def py_files(package: str) -> list[Path]:
     return sorted((REPO / package).rglob("*.py"))
 
@@ -105,6 +134,47 @@ def test_the_import_checker_sees_violations(tmp_path):
            "from agentledger import cli\nimport schemas.codec\n")
     found = imports_of(tmp_path / "probe.py", src, Path("replay/_layering_probe.py"))
     assert {"consumers", "producers", CLI, BARE} <= found
+
+
+def cli_violations(path: Path, source: str | None = None, rel: Path | None = None) -> list[str]:
+    """What a CLI file imports that it must not: a stage (only through agentledger.api), or, from a
+    command module, the CLI's root module (commands import their settings and options from
+    agentledger.commands.options)."""
+    rel = rel or path.relative_to(REPO)
+    mods = modules_of(path, source, rel)
+    bad = sorted(m for m in mods if any(under(m, f"agentledger.{s}") for s in STAGES))
+    if rel.parts[:2] == ("agentledger", "commands"):
+        bad += sorted(m for m in mods if under(m, "agentledger.cli"))
+    return [m for m in bad if not any(m != o and under(m, o) for o in bad)]  # `a`, not also `a.name`
+
+
+def test_the_cli_reaches_the_stages_only_through_the_application_layer():
+    assert any(f.name == "cli.py" for f in CLI_FILES) and len([f for f in CLI_FILES if "commands" in f.parts]) >= 8
+    offenders = {str(f.relative_to(REPO)): cli_violations(f) for f in CLI_FILES
+                 if str(f.relative_to(REPO)) not in FAST_PATHS and cli_violations(f)}
+    assert not offenders, f"the CLI must call agentledger.api, not the stages (nor commands cli.py): {offenders}"
+
+
+def test_the_application_layer_imports_no_cli():
+    """agentledger.api is plain Python under the CLI: no typer, no rich, no CLI module."""
+    assert API_FILES
+    cli = ("agentledger.cli", "agentledger.commands", "agentledger.output", "typer", "rich", "click")
+    offenders = {str(f.relative_to(REPO)): sorted(m for m in modules_of(f) if any(under(m, c) for c in cli))
+                 for f in API_FILES}
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert not offenders, offenders
+
+
+def test_the_cli_checker_sees_violations(tmp_path):
+    """The CLI rules can fail: a command importing cli.py (relatively or not) or a stage is caught."""
+    src = ("from ..cli import settings\nfrom agentledger.replay.session import replay\n"
+           "from agentledger import cli\nimport agentledger.producers.simulate\nfrom ..api import ingest\n")
+    bad = cli_violations(tmp_path / "probe.py", src, Path("agentledger/commands/_probe.py"))
+    assert {"agentledger.cli", "agentledger.replay.session", "agentledger.producers.simulate"} <= set(bad)
+    assert not any(under(m, "agentledger.api") for m in bad)
+    # cli.py itself may import the command modules, but not a stage
+    assert cli_violations(tmp_path / "probe.py", "from .commands import core\nfrom .consumers import ingest\n",
+                          Path("agentledger/cli.py")) == ["agentledger.consumers"]
 
 
 def test_no_first_party_module_is_imported_by_a_bare_top_level_name():

@@ -24,11 +24,11 @@ from agentledger.schemas.warehouse import open_warehouse
 
 
 def simulate_and_ingest(home: Path, sessions: int = 4, seed: int = 5, sign: bool = True, **env):
-    from agentledger.commands.core import run_ingest, run_simulation
+    from agentledger import api
 
     s = from_env({"AGENTLEDGER_HOME": str(home), **env})
-    res = run_simulation(s, sessions, seed, force_attack_first=True, show_progress=False, sign=sign)
-    run_ingest(s, show_progress=False)
+    res = api.simulate(s, sessions, seed, force_attack_first=True, sign=sign)
+    api.ingest(s)
     return s, res
 
 

@@ -13,13 +13,13 @@ from agentledger.schemas.transport.local import IDX_ENTRY, LocalLog
 
 
 def test_cut_index_entries_make_an_open_session_that_fails_require_signatures(tmp_path):
-    from agentledger.commands.core import run_simulation
+    from agentledger import api
 
     home = tmp_path / "home"
     s = from_env({"AGENTLEDGER_HOME": str(home)})
     signer = signing.generate()  # a producer key the home trusts (the simulator's own seed key never is)
     signing.write_keypair(signer, home / "keys")
-    run_simulation(s, 3, 4, show_progress=False, signer=signer)
+    api.simulate(s, 3, 4, signer=signer)
     log = LocalLog(s.log_dir)
     part = max(range(log.partition_count(s.topic)), key=lambda p: log.end_offset(s.topic, p))
     seg = log.segment_path(s.topic, part, log.segments(s.topic, part)[-1])

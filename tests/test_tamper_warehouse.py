@@ -17,13 +17,13 @@ from agentledger.schemas.config import from_env
 
 
 def _build(home: Path, sessions: int = 4, seed: int = 5, **env) -> list[str]:
-    from agentledger.commands.core import run_ingest, run_simulation
+    from agentledger import api
 
     s = from_env({"AGENTLEDGER_HOME": str(home), **env})
     signer = signing.generate()  # a producer key the home trusts (the simulator's own seed key never is)
     signing.write_keypair(signer, home / "keys")
-    run_simulation(s, sessions, seed, force_attack_first=True, show_progress=False, signer=signer)
-    run_ingest(s, show_progress=False)
+    api.simulate(s, sessions, seed, force_attack_first=True, signer=signer)
+    api.ingest(s)
     con = duckdb.connect(s.warehouse, read_only=True)
     try:
         return [r[0] for r in con.execute("SELECT session_id FROM chain_heads ORDER BY event_count DESC").fetchall()]

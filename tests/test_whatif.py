@@ -28,14 +28,14 @@ hosts = ["share.example.com"]
 
 @pytest.fixture(scope="module")
 def policy_home(tmp_path_factory):
-    from agentledger.commands.core import run_ingest
+    from agentledger import api
 
     home = tmp_path_factory.mktemp("whatif") / "home"
     s = from_env({"AGENTLEDGER_HOME": str(home)})
     sink = open_sink(s)
     gen = ps.generate(Recorder(sink, topic=s.topic, rng=random.Random(11)), sessions=8, seed=4)
     sink.close()
-    run_ingest(s, show_progress=False)
+    api.ingest(s)
     (home / "same.toml").write_text(ps.POLICY_TOML)
     (home / "forbid.toml").write_text(FORBID_SHARE)
     return s, gen
@@ -210,7 +210,7 @@ def test_sessions_recorded_by_the_hook_show_no_divergence_under_the_policy_the_h
 def test_network_requests_are_re_decided_at_their_recorded_addresses_and_any_spelling(tmp_path):
     """What-if decides as the proxy decides: a name at the addresses the proxy resolved it to (and
     connected to), a literal in any spelling as its address; raw sockets have no destination."""
-    from agentledger.commands.core import run_ingest
+    from agentledger import api
     from sandbox_support import NO_LOCAL
 
     s = from_env({"AGENTLEDGER_HOME": str(tmp_path / "home")})
@@ -225,7 +225,7 @@ def test_network_requests_are_re_decided_at_their_recorded_addresses_and_any_spe
         sess.network_completed(a, "ok", status=200)
     sess.end()
     sink.close()
-    run_ingest(s, show_progress=False)
+    api.ingest(s)
     with open_warehouse(s.warehouse, read_only=True) as wh:
         rep = what_if(wh.con, Policy.from_toml(NO_LOCAL))
     assert rep.requests == 5  # the raw socket is not re-decided

@@ -4,34 +4,34 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
-from ..output import Format, console, err_console, print_json, render_rows
+from agentledger import api
 
-END_IDLE_HELP = ("End a session (session_ended at its last activity) once its sources show no activity for this "
-                 "many seconds; rollouts and OTel logs have no end record.")
+from ..output import Format, console, err_console, print_json, progress_bar, render_rows
+from .groups import import_app
+from .options import ImportFormat, settings
+
+app = typer.Typer()
+
+EndIdle = Annotated[float, typer.Option(
+    "--end-idle", help="End a session (session_ended at its last activity) once its sources show no activity for "
+                       "this many seconds; rollouts and OTel logs have no end record.")]
+KeepOpen = Annotated[bool, typer.Option("--keep-open", help="Never end sessions.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Parse and count only; record nothing, remember nothing.")]
 
 
 def _run_import(ctx: typer.Context, rollouts: list[Path], otel: list[Path], end_idle: float, keep_open: bool,
                 dry_run: bool, fmt: Format, strict: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from agentledger.producers.importer import run_import
-
-    from ..cli import settings
-
     s = settings(ctx)
     missing = [str(p) for p in [*rollouts, *otel] if not p.exists()]
     if missing:
         raise typer.BadParameter(f"no such file or directory: {', '.join(missing)}")
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, disable=fmt is not Format.table, transient=True) as progress:
-        files = progress.add_task("reading files", total=None)
-        sessions = progress.add_task("recording sessions", total=None)
-        report = run_import(s, rollouts, otel, end_idle_s=None if keep_open else end_idle, dry_run=dry_run,
-                            on_file=lambda f: progress.advance(files), on_session=lambda r: progress.advance(sessions))
+    with progress_bar(fmt is Format.table) as progress:
+        report = api.import_agent_logs(s, rollouts, otel, end_idle_s=None if keep_open else end_idle,
+                                       dry_run=dry_run, progress=progress)
     if fmt is Format.json:
         print_json(report.as_dict())
     else:
@@ -83,89 +83,87 @@ def _notes(f) -> str:
     return text
 
 
-def register(app: typer.Typer) -> None:
-    from .groups import import_app
+@import_app.command("codex-rollout")
+def import_codex_rollout(
+    ctx: typer.Context,
+    paths: List[Path] = typer.Argument(..., help="Rollout files or directories (searched recursively for *.jsonl)."),
+    otel: List[Path] = typer.Option([], "--otel", help="Also import these OTLP/JSON logs in the same run (merged by time)."),
+    end_idle: EndIdle = 3600.0,
+    keep_open: KeepOpen = False,
+    dry_run: DryRun = False,
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any line of these files could not be used, "
+                                                               "in this run or an earlier one."),
+    fmt: ImportFormat = Format.table,
+) -> None:
+    """Import Codex rollout files ($CODEX_HOME/sessions/**/rollout-*.jsonl) as agent sessions.
 
-    @import_app.command("codex-rollout")
-    def import_codex_rollout(
-        ctx: typer.Context,
-        paths: List[Path] = typer.Argument(..., help="Rollout files or directories (searched recursively for *.jsonl)."),
-        otel: List[Path] = typer.Option([], "--otel", help="Also import these OTLP/JSON logs in the same run (merged by time)."),
-        end_idle: float = typer.Option(3600.0, "--end-idle", help=END_IDLE_HELP),
-        keep_open: bool = typer.Option(False, "--keep-open", help="Never end sessions."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Parse and count only; record nothing, remember nothing."),
-        strict: bool = typer.Option(False, "--strict", help="Exit 1 when any line of these files could not be used, "
-                                                                   "in this run or an earlier one."),
-        fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json (full per-file counts)."),
-    ) -> None:
-        """Import Codex rollout files ($CODEX_HOME/sessions/**/rollout-*.jsonl) as agent sessions.
+    Incremental and idempotent: unchanged files are skipped, grown files are read from where the
+    last import stopped, and a fact already recorded (by an earlier import, the session's OTel
+    log or the live hook) is never recorded twice. The session id is the Codex session id.
 
-        Incremental and idempotent: unchanged files are skipped, grown files are read from where the
-        last import stopped, and a fact already recorded (by an earlier import, the session's OTel
-        log or the live hook) is never recorded twice. The session id is the Codex session id.
+    Example:  agentledger import codex-rollout ~/.codex/sessions --otel ~/otel/codex-logs --format json
+    """
+    _run_import(ctx, paths, otel, end_idle, keep_open, dry_run, fmt, strict)
 
-        Example:  agentledger import codex-rollout ~/.codex/sessions --otel ~/otel/codex-logs --format json
-        """
-        _run_import(ctx, paths, otel, end_idle, keep_open, dry_run, fmt, strict)
 
-    @import_app.command("otel")
-    def import_otel(
-        ctx: typer.Context,
-        paths: List[Path] = typer.Argument(..., help="OTLP/JSON log exports: files or directories (*.json, *.jsonl)."),
-        rollout: List[Path] = typer.Option([], "--rollout", help="Also import these Codex rollouts in the same run."),
-        end_idle: float = typer.Option(3600.0, "--end-idle", help=END_IDLE_HELP),
-        keep_open: bool = typer.Option(False, "--keep-open", help="Never end sessions."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Parse and count only; record nothing, remember nothing."),
-        strict: bool = typer.Option(False, "--strict", help="Exit 1 when any record of these files could not be "
-                                                                   "used, in this run or an earlier one."),
-        fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json (full per-file counts)."),
-    ) -> None:
-        """Import OpenTelemetry log exports (OTLP/JSON) of Codex and Claude Code.
+@import_app.command("otel")
+def import_otel(
+    ctx: typer.Context,
+    paths: List[Path] = typer.Argument(..., help="OTLP/JSON log exports: files or directories (*.json, *.jsonl)."),
+    rollout: List[Path] = typer.Option([], "--rollout", help="Also import these Codex rollouts in the same run."),
+    end_idle: EndIdle = 3600.0,
+    keep_open: KeepOpen = False,
+    dry_run: DryRun = False,
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any record of these files could not be "
+                                                               "used, in this run or an earlier one."),
+    fmt: ImportFormat = Format.table,
+) -> None:
+    """Import OpenTelemetry log exports (OTLP/JSON) of Codex and Claude Code.
 
-        Maps codex.tool_decision / claude_code.tool_decision to approval decisions (linked to the
-        command by call_id), codex.tool_result / claude_code.tool_result to commands and file
-        changes, codex.network_proxy.policy_decision to network attempts and decisions. The same
-        session's rollout, imported before, after or together (--rollout), extends the same chain.
+    Maps codex.tool_decision / claude_code.tool_decision to approval decisions (linked to the
+    command by call_id), codex.tool_result / claude_code.tool_result to commands and file
+    changes, codex.network_proxy.policy_decision to network attempts and decisions. The same
+    session's rollout, imported before, after or together (--rollout), extends the same chain.
 
-        Example:  agentledger import otel otel-export.jsonl --rollout ~/.codex/sessions/2026/02/03
-        """
-        _run_import(ctx, rollout, paths, end_idle, keep_open, dry_run, fmt, strict)
+    Example:  agentledger import otel otel-export.jsonl --rollout ~/.codex/sessions/2026/02/03
+    """
+    _run_import(ctx, rollout, paths, end_idle, keep_open, dry_run, fmt, strict)
 
-    @app.command()
-    def hook(
-        ctx: typer.Context,
-        policy: Optional[Path] = typer.Option(None, "--policy", envvar="AGENTLEDGER_POLICY",
-                                              help="Policy (TOML, docs/policy.md) whose denials are answered to the agent."),
-        agent: str = typer.Option("auto", "--agent", help="auto, codex or claude-code (auto: Codex sends turn_id)."),
-        deny_style: str = typer.Option("json", "--deny-style",
-                                       help="json: hookSpecificOutput on stdout, exit 0; exit-code: reason on stderr, exit 2."),
-        fail_closed: bool = typer.Option(False, "--fail-closed",
-                                         help="Deny PreToolUse/PermissionRequest when the event cannot be recorded."),
-        budget: float = typer.Option(5.0, "--budget", help="Seconds to wait at most for the session lock, Kafka, the acknowledgement."),
-        drain: bool = typer.Option(False, "--drain", help="Only re-send events left in the outbox by failed or killed hooks."),
-        serve: bool = typer.Option(False, "--serve", help="Run the warm hook server of this home (started automatically)."),
-        stop_server: bool = typer.Option(False, "--stop-server", help="Stop the warm hook server of this home."),
-    ) -> None:
-        """Record one Codex / Claude Code hook event read as JSON from stdin; answer policy denials.
 
-        Register it for SessionStart, UserPromptSubmit, PreToolUse, PermissionRequest, PostToolUse
-        and Stop (config snippets: docs/agents.md). Never blocks the agent unless --fail-closed.
-        A warm per-home server makes calls cheap; AGENTLEDGER_HOOK_DAEMON=0 does all work in-process.
+@app.command()
+def hook(
+    ctx: typer.Context,
+    policy: Optional[Path] = typer.Option(None, "--policy", envvar="AGENTLEDGER_POLICY",
+                                          help="Policy (TOML, docs/policy.md) whose denials are answered to the agent."),
+    agent: str = typer.Option("auto", "--agent", help="auto, codex or claude-code (auto: Codex sends turn_id)."),
+    deny_style: str = typer.Option("json", "--deny-style",
+                                   help="json: hookSpecificOutput on stdout, exit 0; exit-code: reason on stderr, exit 2."),
+    fail_closed: bool = typer.Option(False, "--fail-closed",
+                                     help="Deny PreToolUse/PermissionRequest when the event cannot be recorded."),
+    budget: float = typer.Option(5.0, "--budget", help="Seconds to wait at most for the session lock, Kafka, the acknowledgement."),
+    drain: bool = typer.Option(False, "--drain", help="Only re-send events left in the outbox by failed or killed hooks."),
+    serve: bool = typer.Option(False, "--serve", help="Run the warm hook server of this home (started automatically)."),
+    stop_server: bool = typer.Option(False, "--stop-server", help="Stop the warm hook server of this home."),
+) -> None:
+    """Record one Codex / Claude Code hook event read as JSON from stdin; answer policy denials.
 
-        Example:  echo '{"session_id":"s1","hook_event_name":"PreToolUse","cwd":"/w","tool_name":"Bash","tool_use_id":"t1","tool_input":{"command":"rm -rf /"}}' | agentledger hook --policy team.toml
-        """
-        from .. import hookmain
-        from ..cli import settings
+    Register it for SessionStart, UserPromptSubmit, PreToolUse, PermissionRequest, PostToolUse
+    and Stop (config snippets: docs/agents.md). Never blocks the agent unless --fail-closed.
+    A warm per-home server makes calls cheap; AGENTLEDGER_HOOK_DAEMON=0 does all work in-process.
 
-        s = settings(ctx)
-        # The global flags (--home, --bootstrap-servers, ...) reach the hook the way agents set them: as environment.
-        os.environ["AGENTLEDGER_HOME"] = str(s.home)
-        os.environ["AGENTLEDGER_TOPIC"] = s.topic
-        os.environ["AGENTLEDGER_WAREHOUSE"] = s.warehouse
-        if s.bootstrap_servers:
-            os.environ["AGENTLEDGER_BOOTSTRAP_SERVERS"] = s.bootstrap_servers
-        argv = ["--agent", agent, "--deny-style", deny_style, "--budget", str(budget)]
-        argv += ["--policy", str(policy)] if policy else []
-        argv += [flag for flag, on in (("--fail-closed", fail_closed), ("--drain", drain), ("--serve", serve),
-                                       ("--stop-server", stop_server)) if on]
-        raise typer.Exit(hookmain.main(argv))
+    Example:  echo '{"session_id":"s1","hook_event_name":"PreToolUse","cwd":"/w","tool_name":"Bash","tool_use_id":"t1","tool_input":{"command":"rm -rf /"}}' | agentledger hook --policy team.toml
+    """
+    from .. import hookmain
+
+    s = settings(ctx)
+    # The global flags (--home, --bootstrap-servers, ...) reach the hook the way agents set them: as environment.
+    os.environ["AGENTLEDGER_HOME"] = str(s.home)
+    os.environ["AGENTLEDGER_TOPIC"] = s.topic
+    os.environ["AGENTLEDGER_WAREHOUSE"] = s.warehouse
+    if s.bootstrap_servers:
+        os.environ["AGENTLEDGER_BOOTSTRAP_SERVERS"] = s.bootstrap_servers
+    argv = ["--agent", agent, "--deny-style", deny_style, "--budget", str(budget)]
+    argv += ["--policy", str(policy)] if policy else []
+    argv += [flag for flag, on in (("--fail-closed", fail_closed), ("--drain", drain), ("--serve", serve),
+                                   ("--stop-server", stop_server)) if on]
+    raise typer.Exit(hookmain.main(argv))

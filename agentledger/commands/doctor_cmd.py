@@ -1,39 +1,22 @@
-"""doctor: what this machine has for agentledger, what is missing, and the command that fixes each.
-
-Required (the exit code says whether they are all OK): the DuckDB extension wheels, Kafka when it is
-configured, and any key that is configured (a configured key that is refused would leave sessions
-unsigned). Optional unless named with ``--require``: the native bundle decoder, the recording
-sandbox's tools, a signing key of your own, the Python extras of the notebooks.
-"""
+"""doctor: what this machine has for agentledger, what is missing, and the command that fixes each
+(the checks: agentledger/api/health.py)."""
 
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import asdict, dataclass
 from enum import Enum
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from agentledger.schemas.config import Settings, from_env
+from agentledger import api
 
-from ..invocation import clone_root, prog, short_path
 from ..output import Format, console, print_json, render_rows
+from .options import TableOrJson, settings
 
-# The duckdb-extension-* wheels pyproject.toml declares (tests/test_doctor.py holds this to it).
-EXTENSIONS = ("avro", "ducklake", "sqlite_scanner")
-# Python extras: the distributions each declares, by the module that imports them (tests hold it to pyproject.toml).
-EXTRAS: dict[str, dict[str, str]] = {
-    "ml": {"scikit-learn": "sklearn", "matplotlib": "matplotlib"},
-    "notebooks": {"jupyterlab": "jupyterlab", "ipykernel": "ipykernel", "nbclient": "nbclient"},
-}
-# Debian packages of the sandbox's tools, by the check's name (agentledger sandbox doctor).
-APT = {"bwrap": "bubblewrap", "strace": "strace", "faketime": "faketime"}
+app = typer.Typer()
 
 
-class Area(str, Enum):
+class Area(str, Enum):  # api.health.AREAS
     sandbox = "sandbox"
     native = "native"
     signing = "signing"
@@ -41,172 +24,12 @@ class Area(str, Enum):
     notebooks = "notebooks"
 
 
-@dataclass
-class Check:
-    area: str
-    check: str
-    ok: bool
-    required: bool
-    detail: str
-    fix: str = ""
-
-
-def _install_extra(extra: str) -> str:
-    """The command that installs an extra: the clone's bootstrap script, or pip for an installed package."""
-    root = clone_root()
-    if root is not None:
-        return f"{short_path(str(root / 'scripts' / 'bootstrap'))} {extra}"
-    return f"{short_path(sys.executable)} -m pip install 'agentledger[{extra}]'"
-
-
-def _sudo() -> str:
-    return "" if os.geteuid() == 0 else "sudo "
-
-
-def check_extensions() -> list[Check]:
-    import duckdb
-
-    from agentledger.schemas.errors import WarehouseError
-    from agentledger.schemas.warehouse import extension_path, load_extension
-
-    out = []
-    for name in EXTENSIONS:
-        dist = f"duckdb-extension-{name.replace('_', '-')}"
-        fix = f"{short_path(sys.executable)} -m pip install '{dist}=={duckdb.__version__}'"
-        try:
-            path = extension_path(name)
-            con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                                     "autoload_known_extensions": False})
-            try:
-                load_extension(con, name)
-            finally:
-                con.close()
-        except (WarehouseError, duckdb.Error) as exc:
-            out.append(Check("duckdb", name, False, True, str(exc).strip().splitlines()[0], fix))
-        else:
-            out.append(Check("duckdb", name, True, True, f"{dist} loads ({path.parent.name})"))
-    return out
-
-
-def check_kafka(s: Settings) -> list[Check]:
-    if not s.uses_kafka:
-        return [Check("kafka", "bootstrap", True, False, "not configured: the embedded local log is the transport "
-                                                         f"({s.log_dir})")]
-    from agentledger.schemas.errors import TransportError
-    from agentledger.schemas.transport.kafka import partition_count
-
-    try:
-        parts = partition_count(s.bootstrap_servers, s.topic, timeout_s=5)
-    except TransportError as exc:
-        return [Check("kafka", "bootstrap", False, True, str(exc),
-                      "start the broker (from a clone: scripts/kafka start), or unset AGENTLEDGER_BOOTSTRAP_SERVERS "
-                      "to record to the embedded log")]
-    topic = (f"topic {s.topic}: {parts} partitions" if parts else f"topic {s.topic} does not exist yet (the first "
-             "producer creates it)")
-    return [Check("kafka", "bootstrap", True, True, f"{s.bootstrap_servers} answered; {topic}")]
-
-
-def check_native(required: bool) -> list[Check]:
-    from agentledger.replay.native import ENV, decoder
-
-    found = decoder()
-    if found is not None:
-        return [Check("native", "agentledger-avro2arrow", True, required, str(found))]
-    if (os.environ.get(ENV) or "").strip().lower() in ("off", "0", "none"):
-        return [Check("native", "agentledger-avro2arrow", False, required,
-                      f"turned off ({ENV}={os.environ[ENV]}): replay decodes big bundles with DuckDB (slower)",
-                      f"unset {ENV}")]
-    root = clone_root()
-    if root is None:
-        fix = "build native/avro2arrow of the source clone with cargo (docs/replay.md)"
-    else:
-        fix = f"AGENTLEDGER_NATIVE=require {short_path(str(root / 'scripts' / 'bootstrap'))}"
-        if not _has_cargo():
-            fix = "install Rust's cargo (rustup), then " + fix
-    where = f" ({ENV}={os.environ[ENV]} is not an executable file)" if os.environ.get(ENV) else ""
-    return [Check("native", "agentledger-avro2arrow", False, required,
-                  f"missing{where}: replay decodes big bundles with DuckDB's reader (slower, never different)", fix)]
-
-
-def _has_cargo() -> bool:
-    import shutil
-
-    return bool(shutil.which("cargo")) or (Path.home() / ".cargo" / "bin" / "cargo").is_file()
-
-
-def check_sandbox(required: bool) -> list[Check]:
-    from .sandbox_cmd import run_doctor
-
-    out = []
-    for c in run_doctor():
-        fix = ""
-        if not c["ok"] and c["check"] in APT:
-            fix = f"{_sudo()}apt-get install -y {APT[c['check']]}"
-        elif not c["ok"]:
-            fix = "see docs/sandbox.md (unprivileged user namespaces, ptrace)"
-        out.append(Check("sandbox", c["check"], c["ok"], required and c["required"], c["detail"], fix))
-    return out
-
-
-def _load_key(name: str, load, config_fix: str):
-    """(the key or None, None) -- or (None, the failed check) when the configured key is refused."""
-    from agentledger.schemas.errors import ConfigError
-    from agentledger.schemas.keys import UnsafeKeyError
-
-    try:
-        return load(), None
-    except UnsafeKeyError as exc:
-        return None, Check("signing", name, False, True, f"refused: {exc.reason} ({exc.path})", exc.fix)
-    except ConfigError as exc:
-        return None, Check("signing", name, False, True, str(exc), config_fix)
-
-
-def check_keys(s: Settings, require_signing: bool) -> list[Check]:
-    from agentledger.producers.recorder import load_signer
-    from agentledger.schemas.signing import load_operator_signer
-
-    configured = bool(os.environ.get("AGENTLEDGER_SIGNING_KEY") or os.environ.get("AGENTLEDGER_SIGNING_KEY_FILE")
-                      or (s.home / "keys" / "current").exists())
-    signer, key_check = _load_key("signing key", lambda: load_signer(s),
-                                  f"{prog()} keys generate   # a new key, marked current")
-    if key_check is None and signer is not None:
-        key_check = Check("signing", "signing key", True, True, f"key {signer.key_id}: checkpoints are signed")
-    elif key_check is None:
-        key_check = Check("signing", "signing key", False, require_signing or configured,
-                          "none: checkpoints are unsigned (verify --require-signatures refuses them)",
-                          f"{prog()} keys generate")
-    op, op_check = _load_key("operator key", lambda: load_operator_signer(s),
-                             f"fix or remove {s.home / 'keys' / 'operator' / 'current'}")
-    if op_check is None:
-        op_check = Check("signing", "operator key", True, True,
-                         f"key {op.key_id}: signs tree heads and bundle headers" if op is not None else
-                         "none yet: the first ingest creates it")
-    return [key_check, op_check]
-
-
-def check_extras(required: set[str]) -> list[Check]:
-    import importlib.util
-
-    out = []
-    for extra, dists in EXTRAS.items():
-        missing = [d for d, mod in dists.items() if importlib.util.find_spec(mod) is None]
-        fix = _install_extra(extra) if missing else ""
-        need = extra in required
-        out.append(Check("python", f"extra {extra}", not missing, need,
-                         f"missing: {', '.join(missing)}" if missing else ", ".join(dists), fix))
-    return out
-
-
-def run_checks(s: Settings, require: set[str]) -> list[Check]:
-    return [*check_extensions(), *check_kafka(s), *check_keys(s, "signing" in require),
-            *check_native("native" in require), *check_sandbox("sandbox" in require), *check_extras(require)]
-
-
+@app.command("doctor")
 def doctor(
     ctx: typer.Context,
     require: Optional[List[Area]] = typer.Option(None, "--require", help="Also require this (repeatable): sandbox, "
                                                  "native, signing, ml, notebooks."),
-    fmt: Format = typer.Option(Format.table, "--format", help="table or json."),
+    fmt: TableOrJson = Format.table,
 ) -> None:
     """Check what this machine has for agentledger: what is installed, what is missing and the command
     that fixes each (DuckDB extensions, Kafka when configured, keys, the native decoder, the sandbox's
@@ -214,12 +37,10 @@ def doctor(
 
     Example:  agentledger doctor --require sandbox --format json
     """
-    obj = ctx.find_root().obj
-    s = obj if isinstance(obj, Settings) else from_env()
-    checks = run_checks(s, {a.value for a in require or []})
-    ok = all(c.ok or not c.required for c in checks)
+    found = api.doctor(settings(ctx), {a.value for a in require or []})
+    checks, ok = found.checks, found.ok
     if fmt is Format.json:
-        print_json({"ok": ok, "checks": [asdict(c) for c in checks]})
+        print_json(found.as_dict())
     else:
         rows = [[c.area, c.check, "ok" if c.ok else "MISSING" if c.required else "missing (optional)", c.detail,
                  c.fix] for c in checks]
@@ -228,6 +49,3 @@ def doctor(
                       "[bold red]something required is missing[/]: run the command in its fix column")
     raise typer.Exit(0 if ok else 1)
 
-
-def register(app: typer.Typer) -> None:
-    app.command("doctor")(doctor)

@@ -10,6 +10,3 @@ import_app = typer.Typer(
     no_args_is_help=True,
 )
 
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(import_app, name="import")

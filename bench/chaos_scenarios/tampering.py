@@ -43,7 +43,7 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _setup(args, work: Path) -> tuple[Path, list[str], list[Path]]:
-    from agentledger.commands.core import run_ingest, run_simulation
+    from agentledger import api
     from agentledger.schemas.config import from_env
 
     from agentledger.schemas import signing
@@ -52,9 +52,9 @@ def _setup(args, work: Path) -> tuple[Path, list[str], list[Path]]:
     s = from_env({"AGENTLEDGER_HOME": str(home)})
     signer = signing.generate()  # a producer key the home trusts (the simulator's own seed key never is)
     signing.write_keypair(signer, home / "keys")
-    run_simulation(s, args.sessions, args.seed, force_attack_first=True, show_progress=False, checkpoint_every=6,
+    api.simulate(s, args.sessions, args.seed, force_attack_first=True, checkpoint_every=6,
                    signer=signer)
-    run_ingest(s, show_progress=False)
+    api.ingest(s)
     import duckdb
 
     con = duckdb.connect(s.warehouse, read_only=True)

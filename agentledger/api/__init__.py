@@ -1,0 +1,42 @@
+"""agentledger's application layer: everything the CLI does, as plain Python.
+
+Functions take a `Settings` (`settings()` reads the environment, with overrides) and typed
+arguments, and return result objects (dataclasses); long runs report progress to an optional
+``progress`` callback (one `ProgressUpdate` per step). Nothing here prints or exits: the CLI
+(`agentledger/commands/`) parses arguments, calls these and renders what they return.
+
+    import agentledger.api as al
+
+    s = al.settings(home="/tmp/al-demo")
+    sim = al.simulate(s, sessions=20, seed=7)
+    al.ingest(s, detect=True)
+    al.sql(s, "select kind, count(*) from events group by 1").as_dicts()
+"""
+
+from agentledger.schemas.config import Settings
+from agentledger.schemas.errors import AgentLedgerError
+
+from .common import ProgressCallback, ProgressUpdate, Rows, settings
+from .health import Doctor, doctor
+from .evidence import (Exported, Imported, Replayed, SessionRecord, export_bundle, file_sha256, import_bundle,
+                       keyring, operator_keyring, read_session, replay, verify_bundle, whatif, whatif_summary)
+from .ledger import (GeneratedKey, Retried, Verification, compact, dead_letters, generate_key, list_keys,
+                     retry_dead_letters, snapshots, spool_drain, spool_status, verify)
+from .pipeline import (SEVERITIES, Alerts, Detection, Ingested, IngestDetection, Simulation, alerts, check_rules,
+                       detect, import_agent_logs, ingest, make_detector, resolve_model, rules, session_overview,
+                       simulate, simulator_policy_path, sql)
+from .sandbox import (END_STATUSES, NotRecorded, Reexecution, divergence_rows, reexecute, sandbox_doctor,
+                      sandbox_end, sandbox_forget, sandbox_run)
+from .sessions import for_reading, in_sandbox, in_warehouse
+
+__all__ = [
+    "AgentLedgerError", "Alerts", "Detection", "Doctor", "END_STATUSES", "Exported", "GeneratedKey", "Imported", "Ingested",
+    "IngestDetection", "NotRecorded", "ProgressCallback", "ProgressUpdate", "Reexecution", "Replayed", "Retried",
+    "Rows", "SEVERITIES", "SessionRecord", "Settings", "Simulation", "Verification", "alerts", "check_rules",
+    "compact", "dead_letters", "detect", "divergence_rows", "doctor", "export_bundle", "file_sha256", "for_reading",
+    "generate_key", "import_agent_logs", "import_bundle", "in_sandbox", "in_warehouse", "ingest", "keyring",
+    "list_keys", "make_detector", "operator_keyring", "read_session", "reexecute", "replay", "resolve_model",
+    "retry_dead_letters", "rules", "sandbox_doctor", "sandbox_end", "sandbox_forget", "sandbox_run",
+    "session_overview", "settings", "simulate", "simulator_policy_path", "snapshots", "spool_drain", "spool_status",
+    "sql", "verify", "verify_bundle", "whatif", "whatif_summary",
+]
