@@ -75,8 +75,8 @@ def settings(ctx: typer.Context) -> Settings:
 
 
 def _register() -> None:
-    from .commands import (agents, core, detect_cmd, groups, ledger_cmd, producers_cmd, replay_cmd, sandbox_cmd,
-                           schemas_cmd)
+    from .commands import (agents, config_cmd, core, detect_cmd, groups, ledger_cmd, producers_cmd, replay_cmd,
+                           sandbox_cmd, schemas_cmd)
 
     core.register(app)           # demo, simulate, ingest, sql
     schemas_cmd.register(app)    # schemas check | list | release
@@ -90,6 +90,7 @@ def _register() -> None:
     from .commands import doctor_cmd
 
     doctor_cmd.register(app)     # doctor
+    config_cmd.register(app)     # config
 
 
 _register()

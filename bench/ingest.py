@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agentledger.consumers.ingest import Ingestor  # noqa: E402
 from agentledger.producers.recorder import Recorder  # noqa: E402
 from agentledger.producers.simulate import simulate  # noqa: E402
+from agentledger.schemas import envvars  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
 from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
 from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
@@ -56,7 +56,7 @@ def produce(settings, events: int, seed: int) -> int:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bootstrap", default=os.environ.get("AGENTLEDGER_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    ap.add_argument("--bootstrap", default=envvars.raw("AGENTLEDGER_BOOTSTRAP_SERVERS") or "127.0.0.1:9092")
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch", type=int, default=100_000)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import merkle
+from . import envvars, merkle
 from .errors import AgentLedgerError
 from .signing import ALGORITHM, Keyring, Signer, tree_head_message
 
@@ -47,7 +47,7 @@ LEAF_PREFIX = "agentledger-head-v1"
 HEAD_FORMAT = "agentledger.tree-head/1"
 TREE_TABLES = ("tree_leaves", "tree_state", "tree_heads")
 TREE_HEAD_EVERY_ENV = "AGENTLEDGER_TREE_HEAD_EVERY_S"
-DEFAULT_TREE_HEAD_EVERY_S = 1.0
+DEFAULT_TREE_HEAD_EVERY_S = envvars.declared(TREE_HEAD_EVERY_ENV).default
 
 
 class TreeError(AgentLedgerError):
@@ -542,7 +542,7 @@ def tree_heads_for(settings, con, env: dict[str, str] | None = None) -> TreeHead
     env = os.environ if env is None else env
     signer = load_operator_signer(settings, env, create=True)
     state = read_state(con)
-    every = float(env.get(TREE_HEAD_EVERY_ENV) or DEFAULT_TREE_HEAD_EVERY_S)
+    every = envvars.get(TREE_HEAD_EVERY_ENV, env)
     pin_log(settings.home, settings.warehouse, state.log_id)
     return TreeHeads(signer, HeadsPublisher(default_destinations(settings, state.log_id)), every)
 

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
 from agentledger.schemas.errors import WarehouseError
 
@@ -33,7 +34,7 @@ def _model_arg(model: Optional[str], no_model: bool):
     """The model to load: a path, the shipped default (True), or none (None)."""
     if no_model:
         return None
-    value = model or os.environ.get(MODEL_ENV)
+    value = model or envvars.raw(MODEL_ENV)
     if not value:
         return True
     if value.lower() in ("none", "off", "0"):

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import yaml
 
+from agentledger.schemas import envvars
+
 from .prepare import BUILTIN_DIR, RuleError
 
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -303,6 +305,6 @@ def rule_dirs(extra: list[Path] | None = None, env: dict | None = None) -> list[
 
     env = os.environ if env is None else env
     dirs = [BUILTIN_DIR]
-    dirs += [Path(p) for p in (env.get("AGENTLEDGER_RULES_DIR") or "").split(os.pathsep) if p]
+    dirs += [Path(p) for p in (envvars.raw("AGENTLEDGER_RULES_DIR", env) or "").split(os.pathsep) if p]
     dirs += [Path(p) for p in extra or []]
     return dirs
