@@ -32,6 +32,7 @@ from agentledger.producers.recorder import Recorder  # noqa: E402
 from agentledger.producers.simulate import simulate  # noqa: E402
 from agentledger.schemas import envvars  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
+from agentledger.schemas.sql import ident  # noqa: E402
 from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
 from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
 from agentledger.schemas.warehouse import open_warehouse  # noqa: E402
@@ -169,7 +170,7 @@ def _build_base(seed_db: str, url: str, rows: int) -> int:
                 elif c == "occurred_at":
                     sel.append(f"occurred_at - INTERVAL {k * 30} DAY AS occurred_at")
                 else:
-                    sel.append(f'"{c}"')
+                    sel.append(ident(c))
             con.execute("BEGIN")
             con.execute(f"INSERT INTO events SELECT {', '.join(sel)} FROM seed")
             con.execute("COMMIT")
