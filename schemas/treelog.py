@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import envvars, merkle
+from .canonical import canonical_json
 from .errors import AgentLedgerError
 from .signing import ALGORITHM, Keyring, Signer, tree_head_message
 
@@ -367,7 +368,7 @@ class HeadsFile:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            data = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+            data = canonical_json(doc) + b"\n"
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
@@ -414,7 +415,7 @@ class HeadsTopic:
             self._sink = KafkaSink(self.bootstrap_servers, default_partitions=1)
             self._sink.ensure_topic(self.topic, 1)
         self._sink.send(self.topic, str(doc["log_id"]).encode(),
-                        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+                        canonical_json(doc))
         self._sink.flush(timeout=15)
 
     def close(self) -> None:

@@ -36,7 +36,6 @@ sequence split across ingest batches is matched as if it had arrived at once.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -45,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from agentledger.schemas import envvars
+from agentledger.schemas.canonical import canonical_json_spaced
 from agentledger.schemas.sql import ident, literal
 
 from .prepare import BUILTIN_DIR, RuleError
@@ -79,8 +79,8 @@ class Rule:
     @property
     def digest(self) -> str:
         """Changes whenever what the rule raises could change (its SQL, severity, title, tags)."""
-        body = json.dumps([self.id, self.title, self.severity, self.mitre, self.sql], sort_keys=True)
-        return hashlib.sha256(body.encode()).hexdigest()[:16]
+        body = canonical_json_spaced([self.id, self.title, self.severity, self.mitre, self.sql])
+        return hashlib.sha256(body).hexdigest()[:16]
 
 
 def _interval(text, where: str) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agentledger.schemas import envvars
+from agentledger.schemas.canonical import canonical_json
 from agentledger.schemas.errors import ConfigError
 
 from .errors import StoreError
@@ -296,11 +297,6 @@ def forget(store: ContentStore, session_id: str) -> tuple[int, int]:
                 n += 1
     store._usage = None
     return n, size
-
-
-def canonical_json(obj) -> bytes:
-    """The one serialisation whose SHA-256 is a digest we record (trees, environments)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def file_digest(path: str | os.PathLike) -> str:

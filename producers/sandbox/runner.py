@@ -40,12 +40,12 @@ from typing import Callable, BinaryIO
 
 from agentledger.producers.recorder import EXCERPT_BYTES
 from agentledger.schemas import envvars
+from agentledger.schemas.canonical import canonical_json
 from agentledger.schemas.homes import user_umask
 from agentledger.schemas.netaddr import HostError, is_loopback, parse_address
 from agentledger.schemas.policy import Policy
 
 from . import strace as st
-from .cas import canonical_json
 from .errors import SandboxError, SandboxUnavailable
 from .tree import Snapshot
 
