@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import typer
 
+from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings, from_env
 
 from ..invocation import clone_root, prog, short_path
@@ -165,7 +166,7 @@ def check_keys(s: Settings, require_signing: bool) -> list[Check]:
     from agentledger.producers.recorder import load_signer
     from agentledger.schemas.signing import load_operator_signer
 
-    configured = bool(os.environ.get("AGENTLEDGER_SIGNING_KEY") or os.environ.get("AGENTLEDGER_SIGNING_KEY_FILE")
+    configured = bool(envvars.raw("AGENTLEDGER_SIGNING_KEY") or envvars.raw("AGENTLEDGER_SIGNING_KEY_FILE")
                       or (s.home / "keys" / "current").exists())
     signer, key_check = _load_key("signing key", lambda: load_signer(s),
                                   f"{prog()} keys generate   # a new key, marked current")
