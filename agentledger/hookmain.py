@@ -21,11 +21,29 @@ PROTO = 1
 _CODE_DIRS = ("agentledger", "producers", "schemas", os.path.join("schemas", "transport"))
 
 
+def _env_policy() -> str | None:
+    from agentledger.schemas import envvars
+
+    return envvars.raw("AGENTLEDGER_POLICY")
+
+
+def _use_server() -> bool:
+    """AGENTLEDGER_HOOK_DAEMON; a value that is not a yes or no keeps the default (the hook never fails
+    the agent over it)."""
+    from agentledger.schemas import envvars
+    from agentledger.schemas.errors import ConfigError
+
+    try:
+        return envvars.get("AGENTLEDGER_HOOK_DAEMON")
+    except ConfigError:
+        return envvars.declared("AGENTLEDGER_HOOK_DAEMON").default
+
+
 def parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="agentledger hook", add_help=False)
-    p.add_argument("--policy", default=os.environ.get("AGENTLEDGER_POLICY") or None)
+    p.add_argument("--policy", default=_env_policy())
     p.add_argument("--agent", default="auto", choices=("auto", "codex", "claude-code"))
     p.add_argument("--deny-style", default="json", choices=("json", "exit-code"))
     p.add_argument("--fail-closed", action="store_true")
@@ -42,7 +60,7 @@ _VALUES = {"--policy": "policy", "--agent": "agent", "--deny-style": "deny_style
 
 class _Args:
     def __init__(self) -> None:
-        self.policy = os.environ.get("AGENTLEDGER_POLICY") or None
+        self.policy = _env_policy()
         self.agent, self.deny_style, self.budget = "auto", "json", 5.0
         self.fail_closed = self.drain = self.serve = self.stop_server = False
 
@@ -227,7 +245,7 @@ def main(argv: list[str]) -> int:
         answer = _request(sock_path, {"v": PROTO, "stop": True}, b"", 5)
         sys.stderr.write("hook server stopped\n" if answer else "no hook server running\n")
         return 0
-    use_server = os.environ.get("AGENTLEDGER_HOOK_DAEMON", "1") not in ("0", "false", "no", "off")
+    use_server = _use_server()
     raw = b""
     if not args.drain:
         raw = sys.stdin.buffer.read(16 * 1024 * 1024 + 1)[:16 * 1024 * 1024]

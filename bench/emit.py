@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from agentledger.producers.recorder import Recorder, SessionRecorder  # noqa: E4
 from agentledger.producers.redact import Redactor  # noqa: E402
 from agentledger.producers.simulate import simulate  # noqa: E402
 from agentledger.producers.sinks import open_producer_sink  # noqa: E402
-from agentledger.schemas import signing  # noqa: E402
+from agentledger.schemas import envvars, signing  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
 from agentledger.schemas.transport.base import Sink  # noqa: E402
 from agentledger.schemas.transport.kafka import ensure_topic, raw_send  # noqa: E402
@@ -105,7 +104,7 @@ def run_ours(settings, calls, signer, kafka_process: bool) -> tuple[float, int]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bootstrap", default=os.environ.get("AGENTLEDGER_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    ap.add_argument("--bootstrap", default=envvars.raw("AGENTLEDGER_BOOTSTRAP_SERVERS") or "127.0.0.1:9092")
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)

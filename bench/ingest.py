@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agentledger.consumers.ingest import Ingestor  # noqa: E402
 from agentledger.producers.recorder import Recorder  # noqa: E402
 from agentledger.producers.simulate import simulate  # noqa: E402
+from agentledger.schemas import envvars  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
+from agentledger.schemas.sql import ident  # noqa: E402
 from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
 from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
 from agentledger.schemas.warehouse import open_warehouse  # noqa: E402
@@ -56,7 +57,7 @@ def produce(settings, events: int, seed: int) -> int:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bootstrap", default=os.environ.get("AGENTLEDGER_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    ap.add_argument("--bootstrap", default=envvars.raw("AGENTLEDGER_BOOTSTRAP_SERVERS") or "127.0.0.1:9092")
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch", type=int, default=100_000)
@@ -169,7 +170,7 @@ def _build_base(seed_db: str, url: str, rows: int) -> int:
                 elif c == "occurred_at":
                     sel.append(f"occurred_at - INTERVAL {k * 30} DAY AS occurred_at")
                 else:
-                    sel.append(f'"{c}"')
+                    sel.append(ident(c))
             con.execute("BEGIN")
             con.execute(f"INSERT INTO events SELECT {', '.join(sel)} FROM seed")
             con.execute("COMMIT")

@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from agentledger.schemas import envvars
 from agentledger.schemas.homes import HOME_VARS
 
 PROTO = 1
@@ -216,6 +217,6 @@ def serve(home: Path, code: str) -> int:
     from agentledger.schemas.homes import restrict_umask
 
     restrict_umask()  # everything the server creates in the home is owner-only (schemas/homes.py)
-    idle = float(os.environ.get("AGENTLEDGER_HOOK_DAEMON_IDLE") or 900)
+    idle = envvars.get("AGENTLEDGER_HOOK_DAEMON_IDLE")
     sys.stdin.close()
     return HookServer(home, code, idle_s=idle).run()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
+from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
 from agentledger.schemas.contract import SchemaStore, load_store
 from agentledger.schemas.envelope import claimed_hash, peek
@@ -48,7 +49,7 @@ from agentledger.schemas.transport.base import MemorySink, Sink
 from .importstate import Head, ProducerState, Staged
 from .normalize import fact_event_id
 from .redact import id_redaction
-from .recorder import (CHECKPOINT_EVERY_ENV, CONTROL_KINDS, DEFAULT_CHECKPOINT_EVERY, ProducerIdentity, Recorder,
+from .recorder import (CHECKPOINT_EVERY_ENV, CONTROL_KINDS, ProducerIdentity, Recorder,
                        Transform, load_signer)
 from .sinks import ProducerOptions, open_producer_sink
 
@@ -233,7 +234,7 @@ class SessionAppender:
                 self.notices.append(f"agentledger hook: {exc}\nagentledger hook: recording unsigned (no checkpoint "
                                     "signatures) until it is fixed\n")
         self.signer = signer
-        self.checkpoint_every = int(self.env.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
+        self.checkpoint_every = envvars.get(CHECKPOINT_EVERY_ENV, self.env)
         self.recording_mode = ProducerOptions.from_env(self.env).mode
         self._capture = MemorySink()  # collects what the recorder publishes; staged before the real send
         self._recorders: dict[tuple, Recorder] = {}

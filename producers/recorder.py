@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from agentledger.schemas import signing
+from agentledger.schemas import envvars, signing
 from agentledger.schemas.config import DEFAULT_TOPIC, Settings
 from agentledger.schemas.contract import SchemaStore, load_store
 from agentledger.schemas.envelope import GENESIS_HASH, Sealed, Sealer, make_record, peek, system_clock_us, uuid7
@@ -56,8 +56,8 @@ EXCERPT_BYTES = 2048
 # Kafka's default max message size is 1 MiB (kafka-python max_request_size counts the whole request):
 # keep every event comfortably below it.
 MAX_EVENT_BYTES = 1_000_000
-DEFAULT_CHECKPOINT_EVERY = 1000
 CHECKPOINT_EVERY_ENV = "AGENTLEDGER_CHECKPOINT_EVERY"
+DEFAULT_CHECKPOINT_EVERY = envvars.declared(CHECKPOINT_EVERY_ENV).default
 CONTROL_KINDS = frozenset({"gap", "checkpoint", "session_ended"})  # not counted towards checkpoints
 _DEFAULT = object()
 
@@ -150,7 +150,7 @@ class Recorder:
         if signer is _DEFAULT:
             signer = load_signer(settings) if isinstance(settings, Settings) else None
         if checkpoint_every is None:
-            checkpoint_every = int(os.environ.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
+            checkpoint_every = envvars.get(CHECKPOINT_EVERY_ENV)
         self.sink = sink
         self.topic = topic
         self.identity = identity or ProducerIdentity.local("unknown")
@@ -184,7 +184,7 @@ class Recorder:
 
         env = os.environ if env is None else env
         sink = sink or open_producer_sink(settings, **options)
-        every = int(env.get(CHECKPOINT_EVERY_ENV) or DEFAULT_CHECKPOINT_EVERY)
+        every = envvars.get(CHECKPOINT_EVERY_ENV, env)
         return cls(sink, topic=settings.topic, identity=identity, transforms=default_transforms(settings, env),
                    signer=load_signer(settings, env), checkpoint_every=every)
 

@@ -67,6 +67,7 @@ from urllib.parse import unquote
 
 import ahocorasick
 
+from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
 from agentledger.schemas.homes import default_home, write_private_file
 from agentledger.schemas.keys import UnsafeKeyError, check_key_path
@@ -720,10 +721,10 @@ def load_redaction_key(home: Path, env: dict[str, str] | None = None) -> bytes:
     could have planted -- they could then test guesses against every token. Falls back to an
     ephemeral key (tokens then only join within this process) if none can be stored."""
     env = os.environ if env is None else env
-    if env.get(REDACTION_KEY_ENV):
-        return env[REDACTION_KEY_ENV].encode()
-    if env.get(REDACTION_KEY_FILE_ENV):
-        path = Path(env[REDACTION_KEY_FILE_ENV])
+    if key := envvars.raw(REDACTION_KEY_ENV, env):
+        return key.encode()
+    if key_file := envvars.raw(REDACTION_KEY_FILE_ENV, env):
+        path = Path(key_file)
         check_key_path(path, what=f"redaction key ({REDACTION_KEY_FILE_ENV})", secret=True)
         return path.read_bytes().strip()
     return _home_redaction_key(Path(home) / "keys" / "redaction.key")
@@ -1056,7 +1057,7 @@ def default_transforms(settings: Settings, env: Mapping[str, str] | None = None,
     file raises `UnsafeKeyError`; with ``key_fallback`` (the hook) the key of `hook_redaction_key` is
     used instead, and the Redactor's ``notice`` says so."""
     env = os.environ if env is None else env
-    if (env.get(REDACTION_SWITCH_ENV) or "on").lower() in ("off", "0", "false", "no"):
+    if not envvars.get(REDACTION_SWITCH_ENV, env):
         log.warning("secret redaction is OFF (%s=off)", REDACTION_SWITCH_ENV)
         return []
     if key_fallback:

@@ -34,14 +34,15 @@ was sent, so the recorder can roll its chain back to the last durable event.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
+from agentledger.schemas.envvars import parse_size
 from agentledger.schemas.envelope import peek
 from agentledger.schemas.errors import ConfigError, NotDurableError, TransportError
 from agentledger.schemas.transport import open_sink
@@ -51,7 +52,7 @@ from .spool import OverflowStats, Spool
 
 log = logging.getLogger(__name__)
 
-MODES = ("spool", "fail_closed")
+MODES = envvars.declared("AGENTLEDGER_RECORDING_MODE").choices
 
 
 class SpoolFullError(NotDurableError):
@@ -63,24 +64,9 @@ class RecordingRefused(NotDurableError):
     be denied. Nothing of it was recorded."""
 
 
-def _size(text: str) -> int:
-    text = text.strip().upper()
-    mult = 1
-    for suffix, m in (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("K", 1 << 10), ("M", 1 << 20),
-                      ("G", 1 << 30), ("B", 1)):
-        if text.endswith(suffix):
-            text, mult = text[: -len(suffix)], m
-            break
-    try:
-        return int(float(text) * mult)
-    except ValueError:
-        raise ConfigError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
-
-
 def recording_mode_from_env(env: dict[str, str] | None = None) -> str:
     """AGENTLEDGER_RECORDING_MODE as the producers read it ("" when unset)."""
-    env = os.environ if env is None else env
-    return env.get("AGENTLEDGER_RECORDING_MODE", "").strip().lower().replace("-", "_")
+    return envvars.get("AGENTLEDGER_RECORDING_MODE", env) if envvars.raw("AGENTLEDGER_RECORDING_MODE", env) else ""
 
 
 @dataclass(frozen=True)
@@ -109,23 +95,16 @@ class ProducerOptions:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "ProducerOptions":
-        env = os.environ if env is None else env
-        o = cls()
-        if env.get("AGENTLEDGER_RECORDING_MODE"):
-            o = replace(o, mode=recording_mode_from_env(env))
-        if env.get("AGENTLEDGER_MAX_BLOCK_MS"):
-            o = replace(o, max_block_ms=int(env["AGENTLEDGER_MAX_BLOCK_MS"]))
-        if env.get("AGENTLEDGER_FLUSH_TIMEOUT_MS"):
-            o = replace(o, flush_timeout_ms=int(env["AGENTLEDGER_FLUSH_TIMEOUT_MS"]))
-        if env.get("AGENTLEDGER_SPOOL_DIR"):
-            o = replace(o, spool_dir=Path(env["AGENTLEDGER_SPOOL_DIR"]))
-        if env.get("AGENTLEDGER_KAFKA_PROCESS"):
-            o = replace(o, kafka_process=env["AGENTLEDGER_KAFKA_PROCESS"].strip().lower() in ("1", "true", "yes", "on"))
-        if env.get("AGENTLEDGER_SPOOL_MAX_BYTES"):
-            o = replace(o, spool_max_bytes=_size(env["AGENTLEDGER_SPOOL_MAX_BYTES"]))
+        spool_dir = envvars.raw("AGENTLEDGER_SPOOL_DIR", env)
+        o = cls(mode=envvars.get("AGENTLEDGER_RECORDING_MODE", env),
+                max_block_ms=envvars.get("AGENTLEDGER_MAX_BLOCK_MS", env),
+                flush_timeout_ms=envvars.get("AGENTLEDGER_FLUSH_TIMEOUT_MS", env),
+                spool_dir=Path(spool_dir) if spool_dir else None,
+                spool_max_bytes=envvars.get("AGENTLEDGER_SPOOL_MAX_BYTES", env),
+                kafka_process=envvars.get("AGENTLEDGER_KAFKA_PROCESS", env))
         o = replace(o, **{k: v for k, v in overrides.items() if v is not None})
         if isinstance(o.spool_max_bytes, str):
-            o = replace(o, spool_max_bytes=_size(o.spool_max_bytes))
+            o = replace(o, spool_max_bytes=parse_size(o.spool_max_bytes))
         if o.mode not in MODES:
             raise ConfigError(f"recording mode must be one of {MODES}, not {o.mode!r}")
         return o

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from agentledger.schemas import codec, merkle, treelog
+from agentledger.schemas.canonical import canonical_json
 from agentledger.schemas.envelope import GENESIS_HASH
 from agentledger.schemas.errors import AgentLedgerError, DecodeError
 from agentledger.schemas.signing import ALGORITHM, Keyring, Signer, bundle_header_message
@@ -76,10 +77,6 @@ def header_digest(metadata: dict[str, bytes], sync: bytes) -> str:
         v = metadata[k]
         h.update(len(kb).to_bytes(8, "big") + kb + len(v).to_bytes(8, "big") + v)
     return h.hexdigest()
-
-
-def _json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -161,7 +158,7 @@ def write_bundle(
         "agentledger.head_seq": str(last_seq).encode(),
         "agentledger.head_hash": last_hash.encode(),
         "agentledger.chain_status": (b"ok" if chain.ok else f"broken at seq {chain.first_bad_seq}: {chain.reason}".encode()),
-        "agentledger.checkpoints": json.dumps(checkpoints, sort_keys=True, separators=(",", ":")).encode(),
+        "agentledger.checkpoints": canonical_json(checkpoints),
         "agentledger.key_ids": json.dumps(sorted({c["key_id"] for c in checkpoints})).encode(),
         "agentledger.exported_at": (exported_at or dt.datetime.now(dt.timezone.utc)).isoformat().encode(),
         "agentledger.source": source.encode(),
@@ -174,10 +171,10 @@ def write_bundle(
         msg = bundle_header_message(session_id, first_seq, last_seq, last_hash, len(values), final_seq, th.log_id,
                                     th.tree_size, th.root_hash)
         meta["agentledger.log_id"] = th.log_id.encode()
-        meta["agentledger.tree_head"] = _json(th.as_dict())
-        meta["agentledger.inclusion"] = _json({"leaf_index": provenance.leaf_index, "tree_size": th.tree_size,
+        meta["agentledger.tree_head"] = canonical_json(th.as_dict())
+        meta["agentledger.inclusion"] = canonical_json({"leaf_index": provenance.leaf_index, "tree_size": th.tree_size,
                                                "path": [h.hex() for h in provenance.path]})
-        meta["agentledger.header_signature"] = _json({
+        meta["agentledger.header_signature"] = canonical_json({
             "algorithm": ALGORITHM, "key_id": provenance.signer.key_id,
             "signature": base64.b64encode(provenance.signer.sign(msg)).decode()})
     if public_keys:

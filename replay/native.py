@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentledger.schemas import envvars
 from agentledger.schemas.codec import SOE_MAGIC
 from agentledger.schemas.errors import AgentLedgerError
 
@@ -53,9 +54,9 @@ def decoder() -> Path | None:
     """The decoder to use: ``$AGENTLEDGER_AVRO2ARROW`` ("off" disables it), else the one installed
     next to this Python (``scripts/bootstrap`` puts it in ``.venv/bin``), else one on ``PATH``, else
     a build in the source tree. None when there is none."""
-    env = os.environ.get(ENV)
+    env = envvars.raw(ENV)
     if env is not None:
-        if env.strip().lower() in ("", "off", "0", "none"):
+        if env.strip().lower() in ("off", "0", "none"):
             return None
         p = Path(env)
         return p if p.is_file() and os.access(p, os.X_OK) else None

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from agentledger.schemas.canonical import canonical_json_utf8
 
 EV = "ev AS (SELECT * FROM events WHERE session_id = $sid AND seq <= $at)"
 MAX_SEQ = 2**62
@@ -187,12 +188,8 @@ class SessionState:
         }
 
 
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
 def state_digest(state: SessionState) -> str:
-    return hashlib.sha256(canonical_json(state.canonical())).hexdigest()
+    return hashlib.sha256(canonical_json_utf8(state.canonical())).hexdigest()
 
 
 def _numbered(sql: str) -> str:

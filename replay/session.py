@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from agentledger.schemas.contract import SchemaStore, load_store
 from agentledger.schemas.signing import Keyring, is_simulator_key, load_public
+from agentledger.schemas.sql import idents
 
 from . import native
 from . import verify as _verify
@@ -282,7 +283,7 @@ def warehouse_alerts(con, session_id: str) -> list[dict]:
     if "session_id" not in cols:
         return []
     use = [c for c in _ALERT_COLUMNS if c in cols]
-    quoted = ", ".join(f'"{c}"' for c in use)
+    quoted = idents(use)
     order = "first_seq, " if "first_seq" in cols else ""
     rows = con.execute(f"SELECT {quoted} FROM alerts WHERE session_id = ? ORDER BY {order}1", [session_id]).fetchall()
     out = []

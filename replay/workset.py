@@ -23,6 +23,7 @@ import pyarrow.ipc as ipc
 from agentledger.schemas import codec
 from agentledger.schemas.contract import SchemaStore, load_store
 from agentledger.schemas.errors import AgentLedgerError, DecodeError
+from agentledger.schemas.sql import literal
 from agentledger.schemas.warehouse import Warehouse
 
 from . import native
@@ -61,9 +62,9 @@ def new_warehouse(store: SchemaStore | None = None) -> Warehouse:
     return wh
 
 
-def _insert_ocf(wh: Warehouse, path: str, fp_hex: str, literal: bool = False) -> None:
-    target = path if literal else f"'{path}'"
-    src = (f"(SELECT a.*, '{fp_hex}' AS schema_fingerprint, NULL::VARCHAR AS source_topic, "
+def _insert_ocf(wh: Warehouse, target: str, fp_hex: str) -> None:
+    """Insert the Avro container(s) ``target`` names (a quoted path, or a list of them) into ``events``."""
+    src = (f"(SELECT a.*, {literal(fp_hex)} AS schema_fingerprint, NULL::VARCHAR AS source_topic, "
            "NULL::INTEGER AS source_partition, NULL::BIGINT AS source_offset, NULL::TIMESTAMP AS ingested_at "
            f"FROM read_avro({target}) a)")
     wh.con.execute(wh.insert_select_sql(src))
@@ -110,7 +111,7 @@ def _load_bundle(wh: Warehouse, b, fp_hex: str) -> str:
             pass
     n = len(b.spans)
     if n <= CHUNK_EVENTS and b.path is not None:
-        _insert_ocf(wh, str(b.path).replace("'", "''"), fp_hex)
+        _insert_ocf(wh, literal(str(b.path)), fp_hex)
         return "duckdb"
     parts = max(2, min(8, n // CHUNK_EVENTS))
     ends = sorted({n * k // parts for k in range(1, parts + 1)} - {0})  # event index each part ends before
@@ -131,8 +132,8 @@ def _insert_parts(wh: Warehouse, b, bounds: list[int], fp_hex: str) -> None:
             with open(path, "wb") as f:
                 f.write(header)
                 f.write(memoryview(b.data)[bounds[k] : bounds[k + 1]])
-            paths.append(str(path).replace("'", "''"))
-        _insert_ocf(wh, "[" + ", ".join(f"'{p}'" for p in paths) + "]", fp_hex, literal=True)
+            paths.append(literal(str(path)))
+        _insert_ocf(wh, "[" + ", ".join(paths) + "]", fp_hex)
 
 
 def _insert_native(wh: Warehouse | Callable[[], Warehouse], b, store: SchemaStore, *, verify: bool = False,
@@ -256,7 +257,7 @@ def _load_values(wh: Warehouse, raw: RawSession, store: SchemaStore) -> None:
             f.write(header)
             f.write(codec.ocf_blocks(run, sync))
         try:
-            _insert_ocf(wh, f"memory://{path}", run_fp.hex())
+            _insert_ocf(wh, literal(f"memory://{path}"), run_fp.hex())
         finally:
             fs.rm(path)
         run.clear()

@@ -1,13 +1,8 @@
-"""Configuration from the environment (flags override it in the CLI).
+"""The settings every command shares, from the environment (flags override it in the CLI).
 
-AGENTLEDGER_HOME               local state: the embedded log, spool, keys, warehouse  ($XDG_DATA_HOME/agentledger,
-                                                                                       else ~/.local/share/agentledger:
-                                                                                       schemas/homes.py)
-AGENTLEDGER_BOOTSTRAP_SERVERS  when set, Kafka is the transport                       (unset: embedded log)
-AGENTLEDGER_WAREHOUSE          DuckDB file path, or ducklake:<catalog>                 ($HOME/warehouse.duckdb)
-AGENTLEDGER_TOPIC              events topic                                            (agentledger.events)
-AGENTLEDGER_LAKE_DATA_PATH     DuckLake data (Parquet) directory or URL                (<catalog file>.files/)
-AGENTLEDGER_ALERTS_TOPIC       alerts topic (Kafka only)                               (agentledger.alerts)
+The variables (home, Kafka, warehouse, topics, partitions, DuckLake data path) are declared, with
+their types, defaults and meaning, in `schemas/envvars.py`, the one list of every AGENTLEDGER_*
+variable; this module only gathers them into `Settings`.
 """
 
 from __future__ import annotations
@@ -16,11 +11,12 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import envvars
 from .homes import resolve_home
 
-DEFAULT_TOPIC = "agentledger.events"
-ALERTS_TOPIC = "agentledger.alerts"
-DEFAULT_PARTITIONS = 6
+DEFAULT_TOPIC = envvars.declared("AGENTLEDGER_TOPIC").default
+ALERTS_TOPIC = envvars.declared("AGENTLEDGER_ALERTS_TOPIC").default
+DEFAULT_PARTITIONS = envvars.declared("AGENTLEDGER_PARTITIONS").default
 
 
 @dataclass(frozen=True)
@@ -52,13 +48,12 @@ class Settings:
 def from_env(env: dict[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     home = Path(resolve_home(env))
-    warehouse = env.get("AGENTLEDGER_WAREHOUSE") or str(home / "warehouse.duckdb")
     return Settings(
         home=home,
-        bootstrap_servers=env.get("AGENTLEDGER_BOOTSTRAP_SERVERS") or None,
-        warehouse=warehouse,
-        topic=env.get("AGENTLEDGER_TOPIC") or DEFAULT_TOPIC,
-        partitions=int(env.get("AGENTLEDGER_PARTITIONS") or DEFAULT_PARTITIONS),
-        lake_data_path=env.get("AGENTLEDGER_LAKE_DATA_PATH") or None,
-        alerts_topic=env.get("AGENTLEDGER_ALERTS_TOPIC") or ALERTS_TOPIC,
+        bootstrap_servers=envvars.get("AGENTLEDGER_BOOTSTRAP_SERVERS", env),
+        warehouse=envvars.get("AGENTLEDGER_WAREHOUSE", env) or str(home / "warehouse.duckdb"),
+        topic=envvars.get("AGENTLEDGER_TOPIC", env),
+        partitions=envvars.get("AGENTLEDGER_PARTITIONS", env),
+        lake_data_path=envvars.get("AGENTLEDGER_LAKE_DATA_PATH", env),
+        alerts_topic=envvars.get("AGENTLEDGER_ALERTS_TOPIC", env),
     )

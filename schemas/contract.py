@@ -15,7 +15,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import codec
+from . import codec, envvars
 from .errors import DecodeError, SchemaError
 
 SCHEMA_DIR = Path(__file__).resolve().parent
@@ -163,7 +163,7 @@ class SchemaStore:
 
 
 def _extra_dirs_from_env() -> tuple[Path, ...]:
-    raw = os.environ.get(EXTRA_SCHEMA_PATH_ENV, "")
+    raw = envvars.raw(EXTRA_SCHEMA_PATH_ENV) or ""
     return tuple(Path(p) for p in raw.split(os.pathsep) if p)
 
 

@@ -15,7 +15,7 @@ exists and is open to group or others (made by an older version under a 022 umas
 in place when it belongs to this user, and reported otherwise. Commands agentledger runs *for* the
 user (the sandboxed command of `sandbox run`) get the user's own umask back (`user_umask`).
 
-This module uses only ``os`` and ``pwd``: the hook's fast path imports it.
+This module uses only ``os``, ``pwd`` and `envvars` (which uses only ``os``): the hook's fast path imports it.
 
 Why not platformdirs: on Linux it computes exactly the rule above, and importing it costs the hook
 ~10 ms on every tool call (measured here: a bare interpreter start went from 38 ms to 48 ms).
@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 import stat
 import sys
+
+from . import envvars
 
 APP = "agentledger"
 HOME_ENV = "AGENTLEDGER_HOME"
@@ -61,7 +63,7 @@ def default_home(env=None) -> str:
 def resolve_home(env=None) -> str:
     """The home as an absolute path: AGENTLEDGER_HOME (``~`` expanded with the env's HOME) or the default."""
     env = os.environ if env is None else env
-    given = env.get(HOME_ENV)
+    given = envvars.raw(HOME_ENV, env)
     if not given:
         return default_home(env)
     if given == "~" or given.startswith("~/"):
@@ -73,7 +75,7 @@ def legacy_home_notice(env=None, cwd: str | None = None) -> str | None:
     """One line for stderr when a pre-issue-20 ``./.agentledger`` sits in the current directory and
     AGENTLEDGER_HOME is not set: it is no longer used, and how to migrate. None otherwise."""
     env = os.environ if env is None else env
-    if env.get(HOME_ENV):
+    if envvars.raw(HOME_ENV, env):
         return None
     old = os.path.join(cwd or os.getcwd(), LEGACY_DIR)
     if not os.path.isdir(old):

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 from . import codec
 from .contract import SchemaStore
 from .errors import DecodeError
+from .sql import idents
 from .warehouse import PROVENANCE_COLUMNS, event_columns
 
 ENVELOPE_SKIP = {"family", "kind", *(name for name, _ in PROVENANCE_COLUMNS)}
@@ -47,7 +48,7 @@ def reencode(store: SchemaStore, record: dict, fingerprint_hex: str | None) -> b
 
 def iter_session_rows(con, store: SchemaStore, session_id: str) -> Iterator[dict]:
     cols = event_select_list(store)
-    quoted = ", ".join(f'"{c}"' for c in cols)
+    quoted = idents(cols)
     cur = con.execute(f"SELECT {quoted} FROM events WHERE session_id = ? ORDER BY seq", [session_id])
     while True:
         chunk = cur.fetchmany(5000)

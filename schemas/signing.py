@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from . import envvars
 from .errors import ConfigError
 from .homes import write_private_file
 from .keys import check_key_path
@@ -160,10 +161,10 @@ def load_public(data: bytes | str) -> Ed25519PublicKey:
 def signer_from_env(env: dict[str, str] | None = None) -> Signer | None:
     """The configured signing key, or None when checkpoints are not to be signed."""
     env = os.environ if env is None else env
-    if env.get(SIGNING_KEY_ENV):
-        return load_private(env[SIGNING_KEY_ENV])
-    if env.get(SIGNING_KEY_FILE_ENV):
-        return load_private_file(Path(env[SIGNING_KEY_FILE_ENV]), f"signing key ({SIGNING_KEY_FILE_ENV})")
+    if key := envvars.raw(SIGNING_KEY_ENV, env):
+        return load_private(key)
+    if key_file := envvars.raw(SIGNING_KEY_FILE_ENV, env):
+        return load_private_file(Path(key_file), f"signing key ({SIGNING_KEY_FILE_ENV})")
     return None
 
 
@@ -192,10 +193,10 @@ def load_operator_signer(settings, env: dict[str, str] | None = None, *, create:
     env = os.environ if env is None else env
     directory = operator_key_dir(settings.home)
     signer: Signer | None = None
-    if env.get(OPERATOR_KEY_ENV):
-        signer = load_private(env[OPERATOR_KEY_ENV])
-    elif env.get(OPERATOR_KEY_FILE_ENV):
-        signer = load_private_file(Path(env[OPERATOR_KEY_FILE_ENV]), f"operator key ({OPERATOR_KEY_FILE_ENV})")
+    if key := envvars.raw(OPERATOR_KEY_ENV, env):
+        signer = load_private(key)
+    elif key_file := envvars.raw(OPERATOR_KEY_FILE_ENV, env):
+        signer = load_private_file(Path(key_file), f"operator key ({OPERATOR_KEY_FILE_ENV})")
     if signer is None:
         signer = _current_operator_key(directory)
     if signer is None and create:

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import merkle
+from . import envvars, merkle
+from .canonical import canonical_json
 from .errors import AgentLedgerError
 from .signing import ALGORITHM, Keyring, Signer, tree_head_message
 
@@ -47,7 +48,7 @@ LEAF_PREFIX = "agentledger-head-v1"
 HEAD_FORMAT = "agentledger.tree-head/1"
 TREE_TABLES = ("tree_leaves", "tree_state", "tree_heads")
 TREE_HEAD_EVERY_ENV = "AGENTLEDGER_TREE_HEAD_EVERY_S"
-DEFAULT_TREE_HEAD_EVERY_S = 1.0
+DEFAULT_TREE_HEAD_EVERY_S = envvars.declared(TREE_HEAD_EVERY_ENV).default
 
 
 class TreeError(AgentLedgerError):
@@ -367,7 +368,7 @@ class HeadsFile:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            data = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+            data = canonical_json(doc) + b"\n"
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
@@ -414,7 +415,7 @@ class HeadsTopic:
             self._sink = KafkaSink(self.bootstrap_servers, default_partitions=1)
             self._sink.ensure_topic(self.topic, 1)
         self._sink.send(self.topic, str(doc["log_id"]).encode(),
-                        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+                        canonical_json(doc))
         self._sink.flush(timeout=15)
 
     def close(self) -> None:
@@ -542,7 +543,7 @@ def tree_heads_for(settings, con, env: dict[str, str] | None = None) -> TreeHead
     env = os.environ if env is None else env
     signer = load_operator_signer(settings, env, create=True)
     state = read_state(con)
-    every = float(env.get(TREE_HEAD_EVERY_ENV) or DEFAULT_TREE_HEAD_EVERY_S)
+    every = envvars.get(TREE_HEAD_EVERY_ENV, env)
     pin_log(settings.home, settings.warehouse, state.log_id)
     return TreeHeads(signer, HeadsPublisher(default_destinations(settings, state.log_id)), every)
 

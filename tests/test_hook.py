@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli_env, free_port, run_cli
+from agentledger.schemas import envvars
 
 POLICY = """name = "team"
 [sandbox]
@@ -367,7 +367,7 @@ def run_bench(tmp_path, *args) -> dict:
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    report = os.environ.get("AGENTLEDGER_HOOK_BENCH_REPORT")
+    report = envvars.raw("AGENTLEDGER_HOOK_BENCH_REPORT")
     if report:  # where the p50/p99 of a test run go for the closing note
         with open(report, "a") as f:
             f.write(json.dumps(result) + "\n")

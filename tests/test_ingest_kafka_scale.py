@@ -8,7 +8,6 @@ note for its numbers)."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import time
 import pytest
 
 from conftest import REPO, cli_env, run_cli
+from agentledger.schemas import envvars
 from agentledger.schemas.contract import load_store
 from agentledger.schemas.envelope import Sealer, uuid7_now
 from agentledger.schemas.transport.kafka import KafkaSink, KafkaSource
@@ -73,7 +73,7 @@ def craft_bad(good_msgs, n_bad, rng: random.Random):
 
 
 def test_crafted_bad_messages_mixed_into_good_ones(bootstrap, topic, home):
-    full = os.environ.get("AGENTLEDGER_QUARANTINE_SCALE") == "full"
+    full = envvars.raw("AGENTLEDGER_QUARANTINE_SCALE") == "full"
     sessions, n_bad = (3850, 10_000) if full else (385, 1_000)
     env = cli_env(home, AGENTLEDGER_BOOTSTRAP_SERVERS=bootstrap, AGENTLEDGER_TOPIC=topic)
     n_good = _simulate(env, sessions, 11)

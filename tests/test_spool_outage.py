@@ -5,7 +5,6 @@ with an address that refuses connections; the broker is started part-way through
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -16,7 +15,7 @@ from agentledger.consumers.ingest import Ingestor
 from agentledger.producers.recorder import Recorder
 from agentledger.producers.redact import Redactor
 from agentledger.producers.sinks import open_producer_sink
-from agentledger.schemas import signing
+from agentledger.schemas import envvars, signing
 from agentledger.schemas.checkpoints import verify_checkpoint
 from agentledger.schemas.config import from_env
 from agentledger.schemas.contract import load_store
@@ -27,7 +26,7 @@ from agentledger.schemas.warehouse import open_warehouse
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-EVENTS = int(os.environ.get("AGENTLEDGER_OUTAGE_EVENTS", "100000"))
+EVENTS = envvars.get("AGENTLEDGER_OUTAGE_EVENTS")
 SESSIONS = 50
 BOUND_MS = 250
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agentledger.invocation import clone_root, prog, short_path
+from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
 
 from .sandbox import sandbox_doctor
@@ -101,9 +102,9 @@ def check_native(required: bool) -> list[Check]:
     found = decoder()
     if found is not None:
         return [Check("native", "agentledger-avro2arrow", True, required, str(found))]
-    if (os.environ.get(ENV) or "").strip().lower() in ("off", "0", "none"):
+    if (envvars.raw(ENV) or "").strip().lower() in ("off", "0", "none"):
         return [Check("native", "agentledger-avro2arrow", False, required,
-                      f"turned off ({ENV}={os.environ[ENV]}): replay decodes big bundles with DuckDB (slower)",
+                      f"turned off ({ENV}={envvars.raw(ENV)}): replay decodes big bundles with DuckDB (slower)",
                       f"unset {ENV}")]
     root = clone_root()
     if root is None:
@@ -112,7 +113,7 @@ def check_native(required: bool) -> list[Check]:
         fix = f"AGENTLEDGER_NATIVE=require {short_path(str(root / 'scripts' / 'bootstrap'))}"
         if not _has_cargo():
             fix = "install Rust's cargo (rustup), then " + fix
-    where = f" ({ENV}={os.environ[ENV]} is not an executable file)" if os.environ.get(ENV) else ""
+    where = f" ({ENV}={envvars.raw(ENV)} is not an executable file)" if envvars.raw(ENV) else ""
     return [Check("native", "agentledger-avro2arrow", False, required,
                   f"missing{where}: replay decodes big bundles with DuckDB's reader (slower, never different)", fix)]
 
@@ -152,7 +153,7 @@ def check_keys(s: Settings, require_signing: bool) -> list[Check]:
     from agentledger.producers.recorder import load_signer
     from agentledger.schemas.signing import load_operator_signer
 
-    configured = bool(os.environ.get("AGENTLEDGER_SIGNING_KEY") or os.environ.get("AGENTLEDGER_SIGNING_KEY_FILE")
+    configured = bool(envvars.raw("AGENTLEDGER_SIGNING_KEY") or envvars.raw("AGENTLEDGER_SIGNING_KEY_FILE")
                       or (s.home / "keys" / "current").exists())
     signer, key_check = _load_key("signing key", lambda: load_signer(s),
                                   f"{prog()} keys generate   # a new key, marked current")

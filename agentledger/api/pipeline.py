@@ -4,13 +4,13 @@ query the warehouse."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 
+from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
 from agentledger.schemas.errors import WarehouseError
 
@@ -115,7 +115,7 @@ def resolve_model(model: str | Path | None = None, no_model: bool = False) -> Pa
     (else $AGENTLEDGER_MODEL) may be a path or 'none'."""
     if no_model:
         return None
-    value = model or os.environ.get(MODEL_ENV)
+    value = model or envvars.raw(MODEL_ENV)
     if not value:
         return True
     if str(value).lower() in ("none", "off", "0"):

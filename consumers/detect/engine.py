@@ -40,9 +40,10 @@ import pyarrow as pa
 
 from agentledger.schemas import alerts as alert_codec
 from agentledger.schemas.config import ALERTS_TOPIC
-from agentledger.schemas.errors import NotDurableError, TransportError, WarehouseError
+from agentledger.schemas.errors import NotDurableError, TransportError
+from agentledger.schemas.retry import retry_transaction
 from agentledger.schemas.transport.base import Sink
-from agentledger.schemas.warehouse import Warehouse, is_retryable
+from agentledger.schemas.warehouse import Warehouse
 
 from . import features as F
 from . import prepare as P
@@ -212,15 +213,11 @@ class Detector:
             self._explain(cands, {h[0]: h[2:] for h in heads}, head_seqs)
             res.timings["explain"] = time.perf_counter() - t
             t = time.perf_counter()
-            for attempt in range(self.max_retries + 1):
-                try:
-                    written = self._write(sessions, cands, scores, head_seqs, rebuild)
-                    break
-                except duckdb.Error as exc:
-                    if not is_retryable(exc) or attempt == self.max_retries:
-                        raise WarehouseError(f"detection transaction failed: {str(exc).strip()}") from exc
-                    res.retries += 1
-                    time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
+            def counted(attempt: int, exc: BaseException) -> None:
+                res.retries += 1
+
+            written = retry_transaction(lambda: self._write(sessions, cands, scores, head_seqs, rebuild),
+                                        "detection transaction", attempts=self.max_retries + 1, on_retry=counted)
             res.timings["write"] = time.perf_counter() - t
         finally:
             P.drop(con)
@@ -466,19 +463,15 @@ class Detector:
         done = [(i, r) for i, r, v in sent if v not in failed]
         if not done:
             return 0
-        for attempt in range(self.max_retries + 1):
+        def mark() -> None:
+            self.con.register("_pub", pa.table({"alert_id": pa.array([d[0] for d in done], pa.string()),
+                                                "revision": pa.array([d[1] for d in done], pa.int32())}))
             try:
-                self.con.register("_pub", pa.table({"alert_id": pa.array([d[0] for d in done], pa.string()),
-                                                    "revision": pa.array([d[1] for d in done], pa.int32())}))
-                try:
-                    self.con.execute("""UPDATE alerts SET published_at = now()::TIMESTAMP FROM _pub
-                                        WHERE alerts.alert_id = _pub.alert_id AND alerts.revision = _pub.revision""")
-                finally:
-                    self.con.unregister("_pub")
-                break
-            except duckdb.Error as exc:
-                if not is_retryable(exc) or attempt == self.max_retries:
-                    raise WarehouseError(f"marking alerts published failed: {str(exc).strip()}") from exc
-                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
+                self.con.execute("""UPDATE alerts SET published_at = now()::TIMESTAMP FROM _pub
+                                    WHERE alerts.alert_id = _pub.alert_id AND alerts.revision = _pub.revision""")
+            finally:
+                self.con.unregister("_pub")
+
+        retry_transaction(mark, "marking alerts published", attempts=self.max_retries + 1)
         return len(done)
 

@@ -26,6 +26,8 @@ import math
 import duckdb
 import polars as pl
 
+from agentledger.schemas.sql import idents
+
 FEATURE_VERSION = "features-v1"
 WINDOW = "2m"
 
@@ -81,7 +83,7 @@ def feature_names() -> list[str]:
 
 def load_events(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
     """``detect_events`` (already prepared on ``con``) as a polars frame: DuckDB -> Arrow -> polars."""
-    cols = ", ".join(f'"{c}"' for c in COLUMNS)
+    cols = idents(COLUMNS)
     return pl.from_arrow(con.execute(f"SELECT {cols} FROM detect_events ORDER BY session_id, seq").to_arrow_table())
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from agentledger.schemas.canonical import canonical_json, canonical_json_spaced
 from agentledger.schemas.errors import AgentLedgerError
 
 from . import features as F
@@ -97,7 +98,7 @@ class AnomalyModel:
         self.novelty_threshold = float(th.get("novelty", math.inf))
         self.vocabulary = artifact.get("vocabulary") or {"total": 0, "counts": {}}
         self.baseline = artifact.get("baseline", {})
-        self.digest = hashlib.sha256(json.dumps(artifact, sort_keys=True).encode()).hexdigest()[:16]
+        self.digest = hashlib.sha256(canonical_json_spaced(artifact)).hexdigest()[:16]
 
     @classmethod
     def load(cls, path: Path | str) -> "AnomalyModel":
@@ -236,5 +237,5 @@ def baseline_stats(feats: pl.DataFrame, names: list[str]) -> dict:
 def save(artifact: dict, path: Path | str) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(artifact, separators=(",", ":"), sort_keys=True) + "\n")
+    p.write_bytes(canonical_json(artifact) + b"\n")
     return p

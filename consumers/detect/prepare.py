@@ -21,6 +21,7 @@ import pyarrow as pa
 import yaml
 
 from agentledger.schemas.errors import AgentLedgerError
+from agentledger.schemas.sql import literal
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "rules"
 LIST_KINDS = ("domains", "values", "regex")
@@ -78,28 +79,22 @@ def _check_regex(path: Path, name: str, pattern: str) -> None:
         raise RuleError(f"{path}: list {name}: bad RE2 pattern {pattern!r}: {str(exc).splitlines()[0]}") from exc
 
 
-def _lit(v) -> str:
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return repr(v)
-    return "'" + str(v).replace("'", "''") + "'"
-
-
 def macro_sql(lists: dict[str, NamedList]) -> list[str]:
     """TEMP macros: one per list, plus the helpers the relation and the rules use."""
     out = []
     for nl in lists.values():
         if nl.kind == "domains":
-            arr = "[" + ", ".join(_lit(str(v).lower()) for v in nl.values) + "]::VARCHAR[]"
+            arr = "[" + ", ".join(literal(str(v).lower()) for v in nl.values) + "]::VARCHAR[]"
             out.append(f"CREATE OR REPLACE TEMP MACRO is_{nl.name}(x) AS x IS NOT NULL AND "
                        f"len(list_filter({arr}, lambda d: lower(x) = d OR ends_with(lower(x), '.' || d))) > 0")
         elif nl.kind == "values":
-            vals = ", ".join(_lit(v) for v in nl.values) or "NULL"
+            vals = ", ".join(literal(v) for v in nl.values) or "NULL"
             cast = "::VARCHAR" if not all(isinstance(v, int) for v in nl.values) else ""
             out.append(f"CREATE OR REPLACE TEMP MACRO is_{nl.name}(x) AS coalesce(x{cast} IN ({vals}), false)")
         else:
             pattern = "(?i)(?:" + "|".join(f"(?:{v})" for v in nl.values) + ")" if nl.values else "(?!)"
-            out.append(f"CREATE OR REPLACE TEMP MACRO is_{nl.name}(x) AS coalesce(regexp_matches(x, {_lit(pattern)}), false)")
-    default_allowed = "[" + ", ".join(_lit(str(v).lower()) for v in lists["default_allowed_domains"].values) + "]::VARCHAR[]" \
+            out.append(f"CREATE OR REPLACE TEMP MACRO is_{nl.name}(x) AS coalesce(regexp_matches(x, {literal(pattern)}), false)")
+    default_allowed = "[" + ", ".join(literal(str(v).lower()) for v in lists["default_allowed_domains"].values) + "]::VARCHAR[]" \
         if "default_allowed_domains" in lists else "[]::VARCHAR[]"
     out += [
         "CREATE OR REPLACE TEMP MACRO is_loopback(h) AS coalesce(lower(h) IN ('localhost', '::1', '[::1]', '0.0.0.0') "

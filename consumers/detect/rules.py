@@ -36,13 +36,16 @@ sequence split across ingest batches is matched as if it had arrived at once.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
+
+from agentledger.schemas import envvars
+from agentledger.schemas.canonical import canonical_json_spaced
+from agentledger.schemas.sql import ident, literal
 
 from .prepare import BUILTIN_DIR, RuleError
 
@@ -76,8 +79,8 @@ class Rule:
     @property
     def digest(self) -> str:
         """Changes whenever what the rule raises could change (its SQL, severity, title, tags)."""
-        body = json.dumps([self.id, self.title, self.severity, self.mitre, self.sql], sort_keys=True)
-        return hashlib.sha256(body.encode()).hexdigest()[:16]
+        body = canonical_json_spaced([self.id, self.title, self.severity, self.mitre, self.sql])
+        return hashlib.sha256(body).hexdigest()[:16]
 
 
 def _interval(text, where: str) -> str:
@@ -118,10 +121,6 @@ def _keywords() -> frozenset[str]:
     return frozenset(r[0].lower() for r in duckdb.connect().execute("SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category <> 'unreserved'").fetchall())
 
 
-def _q(alias: str) -> str:
-    return f'"{alias}"'
-
-
 def compile_yaml(data: dict, path: Path) -> tuple[str, list[str]]:
     """SQL returning (session_id, evidence_seqs, severity, summary) for a YAML sequence rule."""
     where = f"{path} (rule {data.get('id')})"
@@ -159,35 +158,35 @@ def compile_yaml(data: dict, path: Path) -> tuple[str, list[str]]:
                 raise RuleError(f"{where}: step {alias}: a counted step needs `within` (the window)")
             part = "session_id" + (", _key" if key else "")
             ctes.append(
-                f"{_q(alias)} AS (SELECT * FROM (\n"
+                f"{ident(alias)} AS (SELECT * FROM (\n"
                 f"    SELECT c.*, count(*) OVER w AS _n, list(c.seq) OVER w AS _seqs\n"
                 f"    FROM (SELECT *{key_sql} FROM detect_events WHERE {cond}) c\n"
                 f"    WINDOW w AS (PARTITION BY {part} ORDER BY ts RANGE BETWEEN {within} PRECEDING AND CURRENT ROW))\n"
                 f"  WHERE _n >= {count})")
         else:
-            ctes.append(f"{_q(alias)} AS (SELECT *, 1 AS _n, [seq] AS _seqs{key_sql} FROM detect_events WHERE {cond})")
+            ctes.append(f"{ident(alias)} AS (SELECT *, 1 AS _n, [seq] AS _seqs{key_sql} FROM detect_events WHERE {cond})")
         if i == 0:
             if "after" in st or ("within" in st and count is None):
                 raise RuleError(f"{where}: the first step has nothing to be `after`/`within` of")
-            joins.append(f"FROM {_q(alias)}")
+            joins.append(f"FROM {ident(alias)}")
         else:
             prev = st.get("after", aliases[-1])
             if prev not in aliases:
                 raise RuleError(f"{where}: step {alias}: `after: {prev}` names no earlier step")
-            on = [f"{_q(alias)}.session_id = {_q(aliases[0])}.session_id", f"{_q(alias)}.seq > {_q(prev)}.seq"]
+            on = [f"{ident(alias)}.session_id = {ident(aliases[0])}.session_id", f"{ident(alias)}.seq > {ident(prev)}.seq"]
             if within is not None and count is None:
-                on.append(f"{_q(alias)}.ts <= {_q(prev)}.ts + {within}")
+                on.append(f"{ident(alias)}.ts <= {ident(prev)}.ts + {within}")
             if key and keyed:
-                on.append(f"{_q(alias)}._key = {_q(keyed)}._key")
+                on.append(f"{ident(alias)}._key = {ident(keyed)}._key")
             if st.get("join"):
                 on.append(f"({st['join']})")
-            joins.append(f"JOIN {_q(alias)} ON " + " AND ".join(on))
+            joins.append(f"JOIN {ident(alias)} ON " + " AND ".join(on))
         if key and not keyed:
             keyed = alias
         aliases.append(alias)
-    first = _q(aliases[0])
-    structs = ", ".join(f"{_q(a)} AS {_q(a)}" for a in aliases)
-    seqs = "list_concat(" + ", ".join(f"{_q(a)}._seqs" for a in aliases) + ")" if len(aliases) > 1 else f"{first}._seqs"
+    first = ident(aliases[0])
+    structs = ", ".join(f"{ident(a)} AS {ident(a)}" for a in aliases)
+    seqs = "list_concat(" + ", ".join(f"{ident(a)}._seqs" for a in aliases) + ")" if len(aliases) > 1 else f"{first}._seqs"
     escal = []
     esc_list = data.get("escalate") or []
     if not isinstance(esc_list, list):
@@ -211,19 +210,19 @@ def _template(text: str, aliases: list[str], where: str, order: str) -> str:
     parts: list[str] = []
     pos = 0
     for m in _PLACEHOLDER.finditer(text):
-        parts.append("'" + text[pos:m.start()].replace("'", "''") + "'")
+        parts.append(literal(text[pos:m.start()]))
         name, col = m[1], m[2]
         if name == "matches" and col is None:
             parts.append("CAST(count(*) AS VARCHAR)")
         elif name in aliases and col == "count":
-            parts.append(f"CAST(len(list_distinct(flatten(list({_q(name)}._seqs)))) AS VARCHAR)")
+            parts.append(f"CAST(len(list_distinct(flatten(list({ident(name)}._seqs)))) AS VARCHAR)")
         elif name in aliases and col:
-            parts.append(f"coalesce(CAST(arg_min({_q(name)}.{col}, {order}) AS VARCHAR), '?')")
+            parts.append(f"coalesce(CAST(arg_min({ident(name)}.{col}, {order}) AS VARCHAR), '?')")
         else:
             raise RuleError(f"{where}: explanation placeholder {m[0]} must be {{alias.column}}, {{alias.count}} "
                             "or {matches}")
         pos = m.end()
-    parts.append("'" + text[pos:].replace("'", "''") + "'")
+    parts.append(literal(text[pos:]))
     return "concat(" + ", ".join(parts) + ")"
 
 
@@ -303,6 +302,6 @@ def rule_dirs(extra: list[Path] | None = None, env: dict | None = None) -> list[
 
     env = os.environ if env is None else env
     dirs = [BUILTIN_DIR]
-    dirs += [Path(p) for p in (env.get("AGENTLEDGER_RULES_DIR") or "").split(os.pathsep) if p]
+    dirs += [Path(p) for p in (envvars.raw("AGENTLEDGER_RULES_DIR", env) or "").split(os.pathsep) if p]
     dirs += [Path(p) for p in extra or []]
     return dirs

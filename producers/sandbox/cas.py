@@ -34,10 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from agentledger.schemas import envvars
+from agentledger.schemas.canonical import canonical_json
+from agentledger.schemas.errors import ConfigError
+
 from .errors import StoreError
 
-DEFAULT_MAX_BLOB_BYTES = 16 * 1024 * 1024
-DEFAULT_MAX_TOTAL_BYTES = 2 * 1024 * 1024 * 1024
+DEFAULT_MAX_BLOB_BYTES = envvars.declared("AGENTLEDGER_CAS_MAX_BLOB_BYTES").default
+DEFAULT_MAX_TOTAL_BYTES = envvars.declared("AGENTLEDGER_CAS_MAX_BYTES").default
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _CHUNK = 1024 * 1024
@@ -53,14 +57,11 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
-def _env_int(env: dict, name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
+def _env_int(env: dict, name: str) -> int:
     try:
-        value = int(raw)
-    except ValueError:
-        raise StoreError(f"{name} must be a number of bytes, not {raw!r}") from None
+        value = envvars.get(name, env)
+    except ConfigError as exc:
+        raise StoreError(str(exc)) from None
     if value < 0:
         raise StoreError(f"{name} must not be negative")
     return value
@@ -91,8 +92,8 @@ class ContentStore:
         """The store under ``home``; bounds from AGENTLEDGER_CAS_MAX_BLOB_BYTES / _MAX_BYTES unless given."""
         env = os.environ if env is None else env
         opts = {
-            "max_blob_bytes": _env_int(env, "AGENTLEDGER_CAS_MAX_BLOB_BYTES", DEFAULT_MAX_BLOB_BYTES),
-            "max_total_bytes": _env_int(env, "AGENTLEDGER_CAS_MAX_BYTES", DEFAULT_MAX_TOTAL_BYTES),
+            "max_blob_bytes": _env_int(env, "AGENTLEDGER_CAS_MAX_BLOB_BYTES"),
+            "max_total_bytes": _env_int(env, "AGENTLEDGER_CAS_MAX_BYTES"),
         }
         opts.update({k: v for k, v in overrides.items() if v is not None})
         return cls(Path(home) / "cas", **opts)
@@ -296,11 +297,6 @@ def forget(store: ContentStore, session_id: str) -> tuple[int, int]:
                 n += 1
     store._usage = None
     return n, size
-
-
-def canonical_json(obj) -> bytes:
-    """The one serialisation whose SHA-256 is a digest we record (trees, environments)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Callable, BinaryIO
 
 from agentledger.producers.recorder import EXCERPT_BYTES
+from agentledger.schemas import envvars
+from agentledger.schemas.canonical import canonical_json
 from agentledger.schemas.homes import user_umask
 from agentledger.schemas.netaddr import HostError, is_loopback, parse_address
 from agentledger.schemas.policy import Policy
 
 from . import strace as st
-from .cas import canonical_json
 from .errors import SandboxError, SandboxUnavailable
 from .tree import Snapshot
 
@@ -71,9 +72,9 @@ class Tools:
     @classmethod
     def find(cls, env: dict | None = None) -> "Tools":
         env = os.environ if env is None else env
-        bwrap = env.get("AGENTLEDGER_BWRAP") or shutil.which("bwrap")
-        strace = env.get("AGENTLEDGER_STRACE") or shutil.which("strace")
-        fake = env.get("AGENTLEDGER_FAKETIME_LIB")
+        bwrap = envvars.raw("AGENTLEDGER_BWRAP", env) or shutil.which("bwrap")
+        strace = envvars.raw("AGENTLEDGER_STRACE", env) or shutil.which("strace")
+        fake = envvars.raw("AGENTLEDGER_FAKETIME_LIB", env)
         if not fake:
             hits = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") +
                           glob.glob("/usr/lib/faketime/libfaketimeMT.so.1") +

@@ -36,6 +36,7 @@ from typing import BinaryIO
 
 from agentledger.producers.recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
 from agentledger.producers.sinks import open_producer_sink
+from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
 from agentledger.schemas.policy import Policy
 
@@ -75,7 +76,7 @@ def approval_policy_label(policy: Policy) -> str:
 def load_policy(path: str | os.PathLike | None, env: dict | None = None) -> tuple[Policy, bytes]:
     """(policy, the exact bytes its digest covers). Default: $AGENTLEDGER_SANDBOX_POLICY, else built in."""
     env = os.environ if env is None else env
-    path = path or env.get("AGENTLEDGER_SANDBOX_POLICY") or None
+    path = path or envvars.raw("AGENTLEDGER_SANDBOX_POLICY", env)
     if path:
         policy = Policy.load(path)
         text = Path(path).read_text()

@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cas import ContentStore, canonical_json, file_digest, sha256_hex
+from agentledger.schemas.canonical import canonical_json
+
+from .cas import ContentStore, file_digest, sha256_hex
 
 TREE_FORMAT = "agentledger.tree/1"
 _RACY_NS = 1_000_000_000  # a file changed this recently may change again within the same mtime tick

@@ -9,6 +9,7 @@ the warehouse stores them in the same transaction as the rows (see consumers/ing
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -19,7 +20,8 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
-from ..errors import NotDurableError, TransportError
+from .. import envvars
+from ..errors import ConfigError, NotDurableError, TransportError
 from .base import Message, Outgoing, PartitionCallback, Sink, Source
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,46 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 
+SASL_MECHANISMS = {"plain": "PLAIN", "scram_sha_256": "SCRAM-SHA-256", "scram_sha_512": "SCRAM-SHA-512"}
+
+
+def security_config(env=None) -> dict[str, Any]:
+    """kafka-python settings for a secured cluster, from the AGENTLEDGER_KAFKA_SECURITY_PROTOCOL,
+    _SASL_* and _SSL_* variables (schemas/envvars.py); empty for a plaintext broker. Every client this
+    module makes (producer, consumer, admin, the child process sink) gets them. Settings that cannot
+    work together are a `ConfigError` here, not a timeout later."""
+    get = lambda name: envvars.get(f"AGENTLEDGER_KAFKA_{name}", env)  # noqa: E731
+    protocol = (get("SECURITY_PROTOCOL") or "plaintext").upper()
+    sasl, ssl = protocol.startswith("SASL_"), protocol.endswith("SSL")
+    cfg: dict[str, Any] = {} if protocol == "PLAINTEXT" else {"security_protocol": protocol}
+    mechanism, user, password = get("SASL_MECHANISM"), get("SASL_USERNAME"), get("SASL_PASSWORD")
+    if sasl:
+        cfg["sasl_mechanism"] = SASL_MECHANISMS[mechanism or "plain"]
+        if not user or not password:
+            raise ConfigError(f"Kafka security protocol {protocol} needs AGENTLEDGER_KAFKA_SASL_USERNAME and "
+                              "AGENTLEDGER_KAFKA_SASL_PASSWORD")
+        cfg["sasl_plain_username"], cfg["sasl_plain_password"] = user, password
+    elif mechanism or user or password:
+        raise ConfigError("AGENTLEDGER_KAFKA_SASL_* settings need AGENTLEDGER_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT "
+                          f"or SASL_SSL (it is {protocol})")
+    for part in ("CAFILE", "CERTFILE", "KEYFILE"):
+        path = get(f"SSL_{part}")
+        if not path:
+            continue
+        if not ssl:
+            raise ConfigError(f"AGENTLEDGER_KAFKA_SSL_{part} needs AGENTLEDGER_KAFKA_SECURITY_PROTOCOL=SSL or "
+                              f"SASL_SSL (it is {protocol})")
+        if not os.path.isfile(path):
+            raise ConfigError(f"AGENTLEDGER_KAFKA_SSL_{part}: no such file: {path}")
+        cfg[f"ssl_{part.lower()}"] = path
+    return cfg
+
+
+def connect_config(**extra: Any) -> dict[str, Any]:
+    """What every short-lived client gets: the connect timeouts and the security settings."""
+    return {**CONNECT_DEFAULTS, **security_config(), **extra}
+
+
 def _unreachable(what: str, bootstrap_servers: str, exc: Exception) -> TransportError:
     """The one error line for a client that could not connect."""
     if isinstance(exc, KafkaTimeoutError) or "bootstrap" in str(exc).lower():
@@ -72,7 +114,7 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, timeout_s: float = 30) -> None:
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="agentledger-admin",
-                                 request_timeout_ms=int(timeout_s * 1000), **CONNECT_DEFAULTS)
+                                 **connect_config(request_timeout_ms=int(timeout_s * 1000)))
     except KafkaError as exc:
         raise _unreachable("an admin client", bootstrap_servers, exc) from exc
     try:
@@ -87,7 +129,7 @@ def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, timeout_s:
         admin.close()
     # Metadata propagation: wait until the topic is visible with all its partitions.
     deadline = time.monotonic() + timeout_s
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, **CONNECT_DEFAULTS)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, **connect_config())
     try:
         while time.monotonic() < deadline:
             parts = consumer.partitions_for_topic(topic)
@@ -103,7 +145,7 @@ class KafkaSink(Sink):
     def __init__(self, bootstrap_servers: str, default_partitions: int = 6, **overrides: Any):
         self.bootstrap_servers = bootstrap_servers
         self.default_partitions = default_partitions
-        config = {**PRODUCER_DEFAULTS, **overrides}
+        config = {**PRODUCER_DEFAULTS, **security_config(), **overrides}
         config["acks"] = "all"
         config["enable_idempotence"] = True
         try:
@@ -227,7 +269,7 @@ class KafkaSink(Sink):
 
 class KafkaSource(Source):
     def __init__(self, bootstrap_servers: str, **overrides: Any):
-        config = {**CONSUMER_DEFAULTS, **overrides}
+        config = {**CONSUMER_DEFAULTS, **security_config(), **overrides}
         config["enable_auto_commit"] = False
         try:
             self._consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-ingest", **config)
@@ -304,7 +346,7 @@ class KafkaSource(Source):
 def raw_poll(bootstrap_servers: str, topic: str, expected: int, timeout_s: float = 300) -> tuple[int, float]:
     """Baseline for benchmarks: plain kafka-python poll of a whole topic, values touched, nothing
     decoded or stored. Returns (messages, seconds)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, **{**CONSUMER_DEFAULTS})
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, **CONSUMER_DEFAULTS, **security_config())
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(tps)
@@ -326,7 +368,7 @@ def raw_send(bootstrap_servers: str, topic: str, values: list[bytes], keys: list
              timeout_s: float = 300, **overrides: Any) -> float:
     """Baseline for benchmarks: plain kafka-python `send()` of pre-encoded values with the same producer
     settings as `KafkaSink` (acks=all, idempotence), then one flush. Returns seconds, send to last ack."""
-    config = {**PRODUCER_DEFAULTS, **overrides, "acks": "all", "enable_idempotence": True}
+    config = {**PRODUCER_DEFAULTS, **security_config(), **overrides, "acks": "all", "enable_idempotence": True}
     producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="agentledger-bench-raw", **config)
     try:
         producer.partitions_for(topic)  # metadata up front, as our sink has it after ensure_topic
@@ -462,7 +504,7 @@ class KafkaProcessSink(Sink):
     def __init__(self, bootstrap_servers: str, default_partitions: int = 6, **overrides: Any):
         self.bootstrap_servers = bootstrap_servers
         self.default_partitions = default_partitions
-        config = {**PRODUCER_DEFAULTS, **overrides, "acks": "all", "enable_idempotence": True}
+        config = {**PRODUCER_DEFAULTS, **security_config(), **overrides, "acks": "all", "enable_idempotence": True}
         connect_s = config.get("bootstrap_timeout_ms", 30_000) / 1000 + 10
         env = {**_os.environ, "PYTHONPATH": _os.pathsep.join(p for p in [_REPO_ROOT, _os.environ.get("PYTHONPATH")] if p)}
         self._proc = _subprocess.Popen(
@@ -613,7 +655,7 @@ def partition_count(bootstrap_servers: str, topic: str, timeout_s: float = 30) -
     """Partitions of ``topic`` (0 when it does not exist)."""
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-replay",
-                                 request_timeout_ms=int(timeout_s * 1000) + 1000, **CONNECT_DEFAULTS)
+                                 **connect_config(request_timeout_ms=int(timeout_s * 1000) + 1000))
     except KafkaError as exc:
         raise _unreachable("a consumer", bootstrap_servers, exc) from exc
     try:
@@ -629,7 +671,8 @@ def last_message(bootstrap_servers: str, topic: str, partition: int, timeout_s: 
     """The last message of one partition (None when it is empty). Nothing is committed."""
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-heads",
-                                 enable_auto_commit=False, request_timeout_ms=int(timeout_s * 1000) + 1000)
+                                 **connect_config(enable_auto_commit=False,
+                                                  request_timeout_ms=int(timeout_s * 1000) + 1000))
     except KafkaError as exc:
         raise TransportError(f"cannot connect a consumer to {bootstrap_servers}: {exc}") from exc
     tp = TopicPartition(topic, partition)
@@ -660,7 +703,7 @@ def scan_partition(bootstrap_servers: str, topic: str, partition: int, start: in
     as of the call, keeping only messages whose key is ``key`` (all when None), stopping early once
     ``max_found`` are kept. Nothing is decoded and no offset is committed. Returns (messages, first
     offset read, end offset)."""
-    config = {**CONSUMER_DEFAULTS, **overrides}
+    config = {**CONSUMER_DEFAULTS, **security_config(), **overrides}
     config["enable_auto_commit"] = False
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, client_id="agentledger-replay", **config)
