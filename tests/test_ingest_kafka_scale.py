@@ -24,6 +24,11 @@ from agentledger.schemas.transport.kafka import KafkaSink, KafkaSource
 
 pytestmark = pytest.mark.kafka
 
+# Sessions per round: sized to prove the behaviour (several batches per round, a member killed while
+# the group still has work), not the throughput.
+FOLLOW_SESSIONS = 10
+MEMBER_SESSIONS = (40, 25, 15)  # before the kill, while the victim is down, after its restart
+
 
 def _simulate(env, sessions, seed):
     out = run_cli("simulate", "--sessions", str(sessions), "--seed", str(seed), "--format", "json", env=env)
@@ -138,7 +143,7 @@ def _count(env, query="select count(*) n from events"):
 
 def test_sql_from_another_process_sees_growing_counts_while_ingest_follows_a_ducklake(bootstrap, topic, home):
     env = _lake_env(home, bootstrap, topic)
-    total = _simulate(env, 30, 1)
+    total = _simulate(env, FOLLOW_SESSIONS, 1)
     proc = subprocess.Popen([sys.executable, "-m", "agentledger", "-v", "ingest", "--follow", "--batch", "500",
                              "--compact-every", "3"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -154,7 +159,7 @@ def test_sql_from_another_process_sees_growing_counts_while_ingest_follows_a_duc
                     break
                 time.sleep(0.3)
             assert seen and seen[-1] == total, (seen, total)
-            total += _simulate(env, 30, seed)
+            total += _simulate(env, FOLLOW_SESSIONS, seed)
         deadline = time.time() + 90
         while _count(env) != total and time.time() < deadline:
             time.sleep(0.3)
@@ -181,10 +186,11 @@ def test_three_group_members_one_killed_and_restarted_store_exactly_the_produced
     from agentledger.schemas.transport.kafka import ensure_topic
 
     ensure_topic(bootstrap, topic, 6)
-    produced = _simulate(env, 150, 21)
+    first, while_down, after_restart = MEMBER_SESSIONS
+    produced = _simulate(env, first, 21)
 
     def member(i):
-        return subprocess.Popen([sys.executable, "-m", "agentledger", "-v", "ingest", "--follow", "--group", "g",
+        return subprocess.Popen([sys.executable, "-m", "agentledger", "-v", "ingest", "--follow", "--group", f"g-{topic}",
                                  "--batch", "400"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=open(home / f"member{i}.log", "a"), text=True)
 
@@ -199,9 +205,9 @@ def test_three_group_members_one_killed_and_restarted_store_exactly_the_produced
         victim = procs[1]
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
-        produced += _simulate(env, 100, 22)
+        produced += _simulate(env, while_down, 22)
         procs[1] = member(1)
-        produced += _simulate(env, 50, 23)
+        produced += _simulate(env, after_restart, 23)
         deadline = time.time() + 240
         while time.time() < deadline and _count(env) != produced:
             time.sleep(0.5)
@@ -222,7 +228,7 @@ def test_three_group_members_one_killed_and_restarted_store_exactly_the_produced
         (select count(*) from dead_letters where reason <> 'duplicate') bad,
         (select count(distinct source_partition) from events) parts
         from events""", "--format", "json", env=env).stdout)[0]
-    assert row == {"n": produced, "ids": produced, "s": 300, "gaps": 0, "not_ok": 0, "bad": 0, "parts": 6}, \
+    assert row == {"n": produced, "ids": produced, "s": sum(MEMBER_SESSIONS), "gaps": 0, "not_ok": 0, "bad": 0, "parts": 6}, \
         (row, logs[-4000:])
     assert "partitions assigned" in logs
     offsets = json.loads(run_cli("sql", 'select "partition" p, count(*) n, max(next_offset) o from ingest_offsets group by 1',
