@@ -1,9 +1,10 @@
 """Issue 4's done-when on a real broker: a flood of crafted bad messages, auditors querying a DuckLake
 while `ingest --follow` writes, and three group members (one SIGKILLed and restarted) = exact set.
 
-The crafted-input test runs scaled down here (10,000 good events, 1,000 bad); the full size of the
-issue (100,000 + 10,000) runs with AGENTLEDGER_QUARANTINE_SCALE=full (see bench/README or the closing
-note for its numbers)."""
+The tests run scaled down here (crafted input: 10,000 good events, 1,000 bad; follow: rounds of 10
+sessions; group: 40 + 25 + 15 sessions); the full size of the issue (100,000 + 10,000; rounds of 30;
+150 + 100 + 50) runs with AGENTLEDGER_TEST_SCALE=full (see bench/README or the closing note for its
+numbers)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cli_env, run_cli
+from conftest import FULL_SCALE, REPO, cli_env, run_cli
 from agentledger.schemas.contract import load_store
 from agentledger.schemas.envelope import Sealer, uuid7_now
 from agentledger.schemas.transport.kafka import KafkaSink, KafkaSource
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.kafka
 
 # Sessions per round: sized to prove the behaviour (several batches per round, a member killed while
 # the group still has work), not the throughput.
-FOLLOW_SESSIONS = 10
-MEMBER_SESSIONS = (40, 25, 15)  # before the kill, while the victim is down, after its restart
+FOLLOW_SESSIONS = 30 if FULL_SCALE else 10
+MEMBER_SESSIONS = (150, 100, 50) if FULL_SCALE else (40, 25, 15)  # before the kill, while the victim is down, after its restart
 
 
 def _simulate(env, sessions, seed):
@@ -78,7 +79,7 @@ def craft_bad(good_msgs, n_bad, rng: random.Random):
 
 
 def test_crafted_bad_messages_mixed_into_good_ones(bootstrap, topic, home):
-    full = os.environ.get("AGENTLEDGER_QUARANTINE_SCALE") == "full"
+    full = FULL_SCALE or os.environ.get("AGENTLEDGER_QUARANTINE_SCALE") == "full"
     sessions, n_bad = (3850, 10_000) if full else (385, 1_000)
     env = cli_env(home, AGENTLEDGER_BOOTSTRAP_SERVERS=bootstrap, AGENTLEDGER_TOPIC=topic)
     n_good = _simulate(env, sessions, 11)
