@@ -82,10 +82,13 @@ def _expected_first_bad(orig: list[bytes], mutated: list[bytes]) -> int:
     return len(mutated)  # the mutated list is a prefix: the first missing one
 
 
-def _mutate(blocks: list[bytes], rng: random.Random) -> tuple[str, list[bytes], int]:
-    """One random tampering of a bundle's blocks: (kind, mutated blocks, first bad seq)."""
+MUTATION_KINDS = {"flip", "delete", "swap", "insert_copy", "insert_foreign", "truncate"}
+
+
+def _mutate(blocks: list[bytes], rng: random.Random, kind: str | None = None) -> tuple[str, list[bytes], int]:
+    """One random tampering of a bundle's blocks (of ``kind`` if given): (kind, mutated blocks, first bad seq)."""
     n = len(blocks)
-    kind = rng.choice(["flip", "flip", "flip", "delete", "swap", "insert_copy", "insert_foreign", "truncate"])
+    kind = kind or rng.choice(["flip", "flip", "flip", "delete", "swap", "insert_copy", "insert_foreign", "truncate"])
     mutated = list(blocks)
     if kind == "flip":
         i = rng.randrange(n)
@@ -148,7 +151,9 @@ def test_big_bundle_path_frames_and_verifies_in_a_child_and_agrees_with_the_seri
     keyring = signing.Keyring([signer.public_key])
     rng = random.Random(99)
     path = tmp_path / "m.avro"
-    cases = [blocks] + [_mutate(blocks, rng)[1] for _ in range(80)]
+    # every kind of tampering, several times, on both paths (the thousand-mutation runs are the test
+    # above and bench/chaos.py --scenario tampering)
+    cases = [blocks] + [_mutate(blocks, rng, kind)[1] for kind in sorted(MUTATION_KINDS) for _ in range(4)]
     for trial, mutated in enumerate(cases):
         path.write_bytes(header + b"".join(mutated))
         monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 1 << 40)

@@ -385,24 +385,25 @@ def _assert_all_recorded_in_order(r: dict) -> None:
     assert r["invocations"] > 2 * r["tool_uses"] * 0.9 and r["max_ms"] < 60_000
 
 
-@pytest.mark.slow
-def test_1000_tool_uses_across_10_concurrent_sessions_are_all_recorded_in_order(tmp_path):
-    r = run_bench(tmp_path, "--tool-uses", "1000", "--sessions", "10")
+# The throughput-sized run (1000 tool uses, p50/p99 latency) is the benchmark itself:
+# `python bench/hook.py --tool-uses 1000 --sessions 10` (bench/README.md). These three are its smokes,
+# sized to prove the behaviour (10 concurrent sessions, every event recorded in order), not the speed.
+def test_tool_uses_across_10_concurrent_sessions_are_all_recorded_in_order(tmp_path):
+    r = run_bench(tmp_path, "--tool-uses", "50", "--sessions", "10")
     _assert_all_recorded_in_order(r)
     assert r["mode"] == "server" and not (tmp_path / "bench" / "home" / "state" / "hookd.sock").exists()
     print(f"\nhook latency, local log: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms (bare python {r['baseline_p50_ms']} ms), "
           f"cpu p50 {r['cpu_p50_ms']} ms, import {r['import_ms']} ms")
 
 
-@pytest.mark.slow
 def test_tool_uses_with_every_call_in_process_are_all_recorded_in_order(tmp_path):
-    r = run_bench(tmp_path, "--tool-uses", "100", "--sessions", "10", "--mode", "inprocess")
+    r = run_bench(tmp_path, "--tool-uses", "30", "--sessions", "10", "--mode", "inprocess")
     _assert_all_recorded_in_order(r)
 
 
 @pytest.mark.kafka
 def test_hook_tool_uses_through_kafka_are_all_recorded_in_order(tmp_path, bootstrap):
-    r = run_bench(tmp_path, "--tool-uses", "200", "--sessions", "10", "--bootstrap", bootstrap)
+    r = run_bench(tmp_path, "--tool-uses", "50", "--sessions", "10", "--bootstrap", bootstrap)
     _assert_all_recorded_in_order(r)
     assert r["transport"] == "kafka"
 

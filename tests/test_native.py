@@ -27,7 +27,7 @@ from agentledger.replay.workset import load, load_bundle_natively
 from agentledger.schemas import codec, signing
 from agentledger.schemas.contract import load_store
 from agentledger.schemas.transport.base import MemorySink
-from test_bundle import _blocks, _mutate
+from test_bundle import MUTATION_KINDS, _blocks, _mutate
 
 
 def test_the_native_decoder_is_installed_and_runs():
@@ -163,7 +163,8 @@ def test_big_bundle_replay_gives_the_same_verdicts_and_state_with_and_without_th
     header, blocks = _blocks(every_kind_bundle.read_bytes())
     rng = random.Random(11)
     path = tmp_path / "m.avro"
-    cases = [blocks] + [_mutate(blocks, rng)[1] for _ in range(40)]
+    # every kind of tampering, several times, on both paths
+    cases = [blocks] + [_mutate(blocks, rng, kind)[1] for kind in sorted(MUTATION_KINDS) for _ in range(3)]
     monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)  # every bundle takes the big-bundle path
     used = []
     real = S._native_check_and_load

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from conftest import cli_env, free_port, run_cli
+from conftest import assert_no_send_waited_for_the_broker, cli_env, free_port, run_cli
 from agentledger.producers.recorder import Recorder
 from agentledger.producers.sinks import RecordingRefused, open_producer_sink
 from agentledger.producers.spool import Spool
@@ -162,15 +162,15 @@ def test_send_never_blocks_longer_than_the_bound_when_kafka_is_unreachable(tmp_p
         import time
         rec = Recorder(open_producer_sink(settings, max_block_ms=150, connect_timeout_ms=1000), topic="t")
         s = rec.session(agent="codex", cwd="/w")
-        worst = 0.0
+        times = []
         for i in range(3000):
             t = time.perf_counter()
             s.file_accessed(f"/w/{i}", "read")
-            worst = max(worst, time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
         t = time.perf_counter()
         assert rec.flush() is True
         flush_s = time.perf_counter() - t
-        assert worst < 0.15 + 0.1, worst
+        assert_no_send_waited_for_the_broker(times, 150, 1000)
         assert flush_s < 2, flush_s
         assert rec.sink.stats["spooled"] == 3001
         rec.sink.close(timeout=0.2)

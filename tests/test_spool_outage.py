@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import free_port, start_broker, stop_broker
+from conftest import FULL_SCALE, assert_no_send_waited_for_the_broker, free_port, start_broker, stop_broker
 from agentledger.consumers.ingest import Ingestor
 from agentledger.producers.recorder import Recorder
 from agentledger.producers.redact import Redactor
@@ -26,7 +26,10 @@ from agentledger.schemas.warehouse import open_warehouse
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-EVENTS = envvars.get("AGENTLEDGER_OUTAGE_EVENTS")
+# The full size of the issue (100,000 events; 20,000 when the broker dies) runs with
+# AGENTLEDGER_TEST_SCALE=full (or AGENTLEDGER_OUTAGE_EVENTS=N); the default proves the same
+# behaviour on fewer events (the broker start takes as long either way).
+EVENTS = envvars.get("AGENTLEDGER_OUTAGE_EVENTS") if (FULL_SCALE or envvars.raw("AGENTLEDGER_OUTAGE_EVENTS")) else 20_000
 SESSIONS = 50
 BOUND_MS = 250
 
@@ -55,23 +58,26 @@ def test_broker_down_then_up_every_event_exactly_once_in_order(tmp_path, kafka, 
             failure.append(exc)
 
     starter = threading.Thread(target=start)
-    worst = 0.0
+    times: list[float] = []
     spooled_before_start = None
     try:
-        per_session = EVENTS // SESSIONS
         t0 = time.perf_counter()
         went_direct_at = None
-        for i in range(per_session * SESSIONS):
+        i = 0
+        # EVENTS events, and more while the broker starts and the backlog drains (then 1000 direct)
+        while i < EVENTS or went_direct_at is None or i < went_direct_at + 1000:
             if i == int(EVENTS * 0.3):
                 spooled_before_start = sink.stats["spooled"] + len(sink._pending)
                 starter.start()  # the broker comes up while we keep emitting
-            elif starter.is_alive() or (started.is_set() and went_direct_at is None):
+            elif i > EVENTS * 0.3 and (starter.is_alive() or (started.is_set() and went_direct_at is None)):
                 # Pace the middle part, like an agent does, so that the broker start and the drain of
                 # the backlog happen while events keep coming.
-                if i % 200 == 0:
+                if i % 100 == 0:
                     time.sleep(0.05)
                 if went_direct_at is None and sink.state == "direct":
                     went_direct_at = i
+                if failure or time.perf_counter() - t0 > 600:
+                    break  # reported below
             s = sessions[i % SESSIONS]
             t = time.perf_counter()
             if i % 3 == 0:
@@ -80,12 +86,12 @@ def test_broker_down_then_up_every_event_exactly_once_in_order(tmp_path, kafka, 
                 s.file_accessed(f"/work/repo/src/m{i}.py", "write")
             else:
                 s.command_finished(cmd, exit_code=0, duration_ms=12, stdout=b"ok")
-            dt = time.perf_counter() - t
-            worst = max(worst, dt)
+            times.append(time.perf_counter() - t)
+            i += 1
         for s in sessions:
             t = time.perf_counter()
             s.end("completed")
-            worst = max(worst, time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
         emit_s = time.perf_counter() - t0
         assert rec.flush() is True, "spool mode: flush makes everything durable (Kafka or spool)"
         starter.join(300)
@@ -95,12 +101,12 @@ def test_broker_down_then_up_every_event_exactly_once_in_order(tmp_path, kafka, 
         total = rec.events_sent
         stats = dict(sink.stats)
         sink.close(timeout=30)
-        print(f"emitted {total} events in {emit_s:.1f}s; worst send {worst * 1000:.1f} ms; {stats}")
+        print(f"emitted {total} events in {emit_s:.1f}s; worst send {max(times) * 1000:.1f} ms; {stats}")
 
         assert spooled_before_start and spooled_before_start > 0, "events were spooled while the broker was down"
         assert went_direct_at is not None and stats["direct"] > 0, "after the drain, events went straight to Kafka"
         assert stats["drained"] >= spooled_before_start
-        assert worst * 1000 <= BOUND_MS + 50, f"a send blocked {worst * 1000:.0f} ms (bound {BOUND_MS} ms)"
+        assert_no_send_waited_for_the_broker(times, BOUND_MS, 2000)
         assert rec.events_lost == 0 and stats["refused"] == 0
         assert total >= EVENTS + 2 * SESSIONS  # + session end + final checkpoints (+ periodic checkpoints)
 
@@ -141,6 +147,9 @@ def test_broker_down_then_up_every_event_exactly_once_in_order(tmp_path, kafka, 
         stop_broker(broker_dir)
 
 
+DIES_EVENTS, DIES_STOP, DIES_RESTART = (20_000, 8_000, 14_000) if FULL_SCALE else (5_000, 2_000, 3_500)
+
+
 @pytest.mark.parametrize("kafka_process", [False, True], ids=["client-in-process", "client-in-child-process"])
 def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka, kafka_process):
     """Direct to Kafka, the broker stops mid-stream (unacknowledged events are in the client), comes back."""
@@ -156,12 +165,12 @@ def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka, kaf
         rec = Recorder(sink, topic=settings.topic)
         sessions = [rec.session(agent="codex", cwd="/w") for _ in range(10)]
         assert sink.wait_direct(60)
-        worst = 0.0
-        for i in range(20_000):
-            if i == 8_000:
+        times = []
+        for i in range(DIES_EVENTS):
+            if i == DIES_STOP:
                 rec.flush()
-                stop_broker(broker_dir)  # events 8000.. go to a dead broker
-            if i == 14_000:
+                stop_broker(broker_dir)  # events DIES_STOP.. go to a dead broker
+            if i == DIES_RESTART:
                 deadline = time.monotonic() + 15
                 while sink.state != "spooling" and time.monotonic() < deadline:
                     time.sleep(0.1)
@@ -169,8 +178,8 @@ def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka, kaf
                 start_broker(broker_dir, port)
             t = time.perf_counter()
             sessions[i % 10].file_accessed(f"/w/f{i}", "write")
-            worst = max(worst, time.perf_counter() - t)
-            if 8_000 <= i < 14_000 and i % 100 == 0:
+            times.append(time.perf_counter() - t)
+            if DIES_STOP <= i < DIES_RESTART and i % ((DIES_RESTART - DIES_STOP) // 60) == 0:
                 time.sleep(0.05)  # ~3 s of events while the broker is down
         for s in sessions:
             s.end()
@@ -180,7 +189,7 @@ def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka, kaf
         stats = dict(sink.stats)
         sink.close(timeout=30)
         assert stats["switches"] >= 1 and stats["spooled"] > 0 and stats["drained"] == stats["spooled"]
-        assert worst * 1000 <= BOUND_MS + 50, worst
+        assert_no_send_waited_for_the_broker(times, BOUND_MS, 2000)
         wh = open_warehouse(str(tmp_path / "wh.duckdb"))
         source = open_source(settings)
         try:
@@ -188,7 +197,7 @@ def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka, kaf
         finally:
             source.close()
         n, distinct = wh.con.execute("SELECT count(*), count(DISTINCT event_id) FROM events").fetchone()
-        assert n == distinct == total == 20_000 + 2 * 10  # + start and end of each session
+        assert n == distinct == total == DIES_EVENTS + 2 * 10  # + start and end of each session
         reasons = dict(wh.con.execute("SELECT reason, count(*) FROM dead_letters GROUP BY 1").fetchall())
         # Events the dead broker may have written without acknowledging are re-sent from the spool:
         # at most those show up as exact duplicates, quarantined, never as a gap or a conflict.
