@@ -20,6 +20,15 @@ Prints the per-scenario confusion matrix (rules, model, and both), benign near-m
 an alert, and a JSON line last.
 
     .venv/bin/python bench/detect_eval.py --sessions 2000 --seed 9_412_733
+
+`--corpus` scores the realistic Codex corpus instead (tests/codex_corpus.py: the quiet attacks of
+issue 22 in nine classes and benign near-misses, imported with `agentledger import codex-rollout`):
+recall per class (a high/critical alert from the rule made for it), the benign high-alert rate, the
+model's medium-alert rate on benign sessions and its AUC -- with the shipped model, and with a
+per-deployment baseline trained on `--history-seeds` copies of the benign corpus
+(consumers/detect/baseline.py).
+
+    .venv/bin/python bench/detect_eval.py --corpus [--history-seeds 1,2,3]
 """
 
 from __future__ import annotations
@@ -116,10 +125,81 @@ def print_report(ev: dict) -> None:
     print("benign near-misses with a high/critical alert:", hit or "none")
 
 
+def auc(pos: list[float], neg: list[float]) -> float | None:
+    """Probability that an attack session scores above a benign one (ties count half)."""
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def corpus_eval(work: Path, history_seeds: list[int]) -> dict:
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's agentledger, and the corpus
+    from codex_corpus import write_corpus  # noqa: E402 (the corpus lives with the tests)
+
+    sessions = write_corpus(work / "rollouts")
+    models: list[tuple[str, str | None]] = [("shipped", None)]
+    if history_seeds:
+        hist = work / "history-home"
+        for seed in history_seeds:
+            write_corpus(work / "history", seed=seed, benign_only=True)
+        cli(hist, "import", "codex-rollout", str(work / "history"))
+        cli(hist, "ingest", "--until-caught-up")
+        from agentledger.consumers.detect.baseline import train_from_warehouse
+        from agentledger.consumers.detect.model import save
+        from agentledger.schemas.warehouse import open_warehouse
+
+        with open_warehouse(str(hist / "warehouse.duckdb")) as wh:
+            art = train_from_warehouse(wh)
+        models.append(("deployment", str(save(art, work / "deployment-model.json"))))
+    out: dict = {"sessions": len(sessions), "models": {}}
+    for name, model in models:
+        home = work / f"home-{name}"
+        cli(home, "import", "codex-rollout", str(work / "rollouts"))
+        _, t_ingest = cli(home, "ingest", "--until-caught-up")
+        _, t_detect = cli(home, "detect", *(["--model", model] if model else []))
+        rows, _ = cli(home, "sql", "SELECT session_id, rule_id, detector, severity FROM alerts", "--format", "json")
+        scores, _ = cli(home, "sql", "SELECT session_id, score, features['rarity_max'] AS novelty FROM anomaly_scores",
+                        "--format", "json")
+        alerts = collections.defaultdict(list)
+        for r in json.loads(rows):
+            alerts[r["session_id"]].append(r)
+        sc = {r["session_id"]: (r["score"], r["novelty"]) for r in json.loads(scores)}
+        per: dict = collections.defaultdict(lambda: {"sessions": 0, "caught": 0})
+        benign_high = benign_medium = 0
+        for sid, r in sessions.items():
+            got = alerts.get(sid, [])
+            if r.label == "benign":
+                benign_high += any(a["severity"] in HIGH for a in got)
+                benign_medium += any(a["detector"] == "model" for a in got)
+            else:
+                per[r.label]["sessions"] += 1
+                per[r.label]["caught"] += any(a["rule_id"] in r.expect and a["severity"] in HIGH for a in got)
+        n_benign = sum(1 for r in sessions.values() if r.label == "benign")
+        pos = [sc[s] for s, r in sessions.items() if r.label != "benign" and s in sc]
+        neg = [sc[s] for s, r in sessions.items() if r.label == "benign" and s in sc]
+        res = {"per_class": dict(per), "attacks": sum(v["sessions"] for v in per.values()),
+               "caught": sum(v["caught"] for v in per.values()), "benign": n_benign, "benign_high": benign_high,
+               "benign_model_alert_rate": benign_medium / n_benign,
+               "auc_score": auc([p[0] for p in pos], [n[0] for n in neg]),
+               "auc_novelty": auc([p[1] or 0.0 for p in pos], [n[1] or 0.0 for n in neg]),
+               "detect_s": round(t_detect, 2), "ingest_s": round(t_ingest, 2)}
+        out["models"][name] = res
+        print(f"\n[{name} model] detected {res['caught']}/{res['attacks']} attacks by their rule; "
+              f"benign: {benign_high}/{n_benign} with a high alert, {res['benign_model_alert_rate']:.1%} with a model "
+              f"(medium+) alert; model AUC: score {res['auc_score']:.3f}, novelty {res['auc_novelty']:.3f}")
+        for k, v in sorted(per.items()):
+            print(f"  {k:24s} {v['caught']}/{v['sessions']}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", action="store_true", help="score the realistic Codex corpus (tests/codex_corpus.py)")
+    ap.add_argument("--history-seeds", default="1,2,3",
+                    help="with --corpus: copies of the benign corpus the deployment baseline is trained on ('' = none)")
     ap.add_argument("--sessions", type=int, default=2000)
-    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--attack-rate", type=float, default=0.1)
     ap.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir)")
     ap.add_argument("--target-recall", type=float, default=0.95)
@@ -127,6 +207,8 @@ def main() -> None:
     ap.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers: the events (and alerts) go "
                                                      "through Kafka instead of the embedded log")
     args = ap.parse_args()
+    if not args.corpus and args.seed is None:
+        ap.error("--seed is required (or --corpus)")
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="agentledger-detect-eval-")
@@ -134,6 +216,12 @@ def main() -> None:
     else:
         work = args.workdir
         work.mkdir(parents=True, exist_ok=True)
+    if args.corpus:
+        seeds = [int(x) for x in args.history_seeds.split(",") if x.strip()]
+        print(json.dumps(corpus_eval(work, seeds)))
+        if tmp is not None:
+            tmp.cleanup()
+        return
     home = work / "home"
     labels_path = work / "labels.jsonl"
     if args.bootstrap:

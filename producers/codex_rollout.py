@@ -16,7 +16,21 @@ Codex versions (a bare session-meta first line, then bare response items). Mappi
   (denied, by the user); a failed command whose output reads like a sandbox denial ->
   sandbox_denied(inferred).
 * ``apply_patch`` (``custom_tool_call`` or ``function_call``) and ``patch_apply_end`` -> one
-  file_accessed per changed path (create / write / delete / rename).
+  file_accessed per changed path (create / write / delete / rename); the call itself is also a
+  command_started ``["apply_patch", <patch text>]`` (+ command_finished from its output), the
+  shape Codex gives a patch run through the shell tool, so what a patch wrote is recorded (and
+  redacted) like any command line and detection can judge a patch by its content.
+* MCP tool calls (``function_call`` named ``<server>__<tool>`` or ``mcp__<server>__<tool>``,
+  ``mcp_tool_call_begin/end``) -> command_started ``["mcp__<server>__<tool>", <arguments JSON>]``
+  with ``sandbox_profile = "mcp"`` and command_finished with the result's text (failed when the
+  server said ``isError``). Until tool calls get an event kind of their own (issue 17), this is
+  how a tool call, its arguments and its result are kept.
+* ``web_search_call`` opening a page (``open_page`` / ``find_in_page`` with a URL) ->
+  network_attempted (GET of that URL; no decision is recorded in rollouts).
+* a later ``turn_context`` whose approval policy, sandbox mode or network access differs from the
+  turn before -> approval_requested(permission, "policy changed: approval_policy on_request ->
+  never; …") + approval_decided(approved, by ``unknown``): the permissions the session ran with
+  changed mid-session, and the change took effect.
 * ``guardian_assessment`` -> approval_requested + approval_decided(decided_by=reviewer).
 * turn ids and call ids go to ``turn_id`` / ``tool_call_id`` of every event.
 
@@ -31,6 +45,7 @@ import json
 import os
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from .counts import FileCounts
 from .ledger import Observation, SessionInfo
@@ -75,7 +90,7 @@ IGNORED_EVENTS = frozenset({
     "user_message", "agent_message", "agent_reasoning", "agent_reasoning_raw_content", "agent_reasoning_section_break",
     "token_count", "entered_review_mode", "exited_review_mode", "context_compacted", "thread_rolled_back",
     "undo_started", "undo_completed", "stream_error", "warning", "background_event", "plan_update",
-    "web_search_begin", "web_search_end", "view_image_tool_call", "mcp_tool_call_begin", "mcp_tool_call_end",
+    "web_search_begin", "web_search_end", "view_image_tool_call",
     "item_started", "item_completed", "agent_message_delta", "agent_message_content_delta", "reasoning_content_delta",
     "turn_diff", "session_configured", "mcp_startup_update", "mcp_startup_complete", "deprecation_notice",
     "exec_command_output_delta", "terminal_interaction", "turn_started", "shutdown_complete", "image_generation_end",
@@ -99,6 +114,36 @@ def shell_patch(argv: list[str], shell: str | None) -> str | None:
         m = _HEREDOC_PATCH.search(shell.strip())
         if m:
             return m.group(2)
+    return None
+
+
+MAX_TOOL_ARGUMENTS = 64_000
+_MCP_NAME = re.compile(r"^(?:mcp__)?([A-Za-z0-9][A-Za-z0-9_.-]*?)__([A-Za-z0-9_.-]+)$")
+
+
+def mcp_tool(name: str, namespace: Any = None) -> str | None:
+    """``mcp__<server>__<tool>`` for a function call that is an MCP tool call (Codex names them
+    ``<server>__<tool>``, newer versions and Claude Code ``mcp__<server>__<tool>``), else None."""
+    if isinstance(namespace, str) and namespace and "__" not in name and name:
+        return f"mcp__{namespace.removeprefix('mcp__')}__{name}"
+    m = _MCP_NAME.match(name or "")
+    return f"mcp__{m[1]}__{m[2]}" if m else None
+
+
+def _tool_failed(output: Any) -> bool | None:
+    """An MCP result's ``isError`` (also inside a JSON string), else None."""
+    obj = output
+    if isinstance(output, str) and output.lstrip().startswith("{"):
+        try:
+            obj = loads_bounded(output)
+        except ValueError:
+            return None
+    if isinstance(obj, dict):
+        for k in ("isError", "is_error"):
+            if k in obj:
+                return bool(obj[k])
+        if obj.get("success") is not None:
+            return not bool(obj["success"])
     return None
 
 
@@ -292,10 +337,37 @@ class RolloutParser:
         turn = {"cwd": str(p.get("cwd") or ""), "sandbox_mode": mode, "approval_policy": policy,
                 "writable_roots": roots, "network_policy": network_policy(mode, net, p.get("network")),
                 "model": p.get("model")}
+        now = {"approval_policy": policy, "sandbox_mode": mode, "network": turn["network_policy"]["mode"]}
+        before = self.ctx.get("policy")
+        self.ctx["policy"] = {k: v if v != "unknown" else (before or {}).get(k, v) for k, v in now.items()}
         if self.session_id and not self.ctx.get("info_done"):
             self._emit_info(turn, at)
+        elif before is not None and self.session_id:
+            self._policy_change(before, now, at)
         else:
             self.counts.ignored += 1
+
+    def _policy_change(self, before: dict, now: dict, at: int) -> None:
+        """A turn that runs under other permissions than the turn before: a permission request that
+        was granted (who granted it -- the user, a config reload -- is not in the rollout)."""
+        changes = [f"{k} {before.get(k, 'unknown')} -> {v}" for k, v in now.items()
+                   if v != "unknown" and before.get(k, "unknown") != v]
+        if not changes:
+            self.counts.ignored += 1
+            return
+        subject = "policy changed: " + "; ".join(changes)
+        rid = f"policy:{self.ctx.get('turn_id') or at}"
+        loosened = now["approval_policy"] == "never" or now["sandbox_mode"] == "danger_full_access" \
+            or (now["network"] == "enabled" and before.get("network") != "enabled")
+        digest = action_digest("policy", subject)
+        self._obs(f"approval_req:{rid}", "approval_requested",
+                  {"request_id": rid, "action_kind": "permission", "subject": subject, "action_digest": digest,
+                   "risk": "high" if loosened else "low", "justification": "turn context", "command_id": None},
+                  at, priority=P_REQ_ESCALATION)
+        self._obs(f"approval:{rid}:decided", "approval_decided",
+                  {"request_id": rid, "decision": "approved", "decided_by": "unknown", "decider": None,
+                   "rule": "turn context", "latency_ms": None, "action_digest": digest},
+                  at, priority=P_DECIDED_GUARDIAN)
 
     def _emit_info(self, turn: dict | None, at: int) -> None:
         meta = self.ctx.get("meta") or {}
@@ -329,6 +401,8 @@ class RolloutParser:
                 self._exec_call(call_id, args, at)
             elif name in PATCH_TOOLS:
                 self._patch_call(call_id, str(args.get("input") or args.get("patch") or args.get("command") or ""), at)
+            elif (tool := mcp_tool(name, p.get("namespace"))) is not None:
+                self._tool_call(call_id, tool, args, at)
             else:
                 self.counts.ignored += 1
                 if call_id:  # its output is then known, not an orphan
@@ -348,6 +422,8 @@ class RolloutParser:
                     self.ctx["calls"][str(p["call_id"])] = {"kind": "other", "at": at}
         elif t in ("function_call_output", "custom_tool_call_output"):
             self._call_output(str(p.get("call_id") or ""), p.get("output"), at)
+        elif t == "web_search_call":
+            self._web(p, at)
         elif t in RESPONSE_TYPES:
             self.counts.ignored += 1
         else:
@@ -393,10 +469,49 @@ class RolloutParser:
         if not call_id:
             self.counts.bump("unknown_values", "apply_patch without call_id")
             return
-        self.ctx["calls"][call_id] = {"kind": "patch", "at": at, "turn": self.ctx.get("turn_id")}
+        # the patch is the action: recorded as the command Codex runs for a patch given to its shell tool
+        argv = ["apply_patch", patch]
+        self._obs(f"cmd:{call_id}:started", "command_started",
+                  {"command_id": call_id, "argv": argv, "shell": None, "cwd": self._cwd(), "env_names": [],
+                   "sandbox_profile": self.ctx.get("sandbox"), "escalated": False},
+                  at, call_id=call_id, priority=P_START_CALL)
+        self.ctx["calls"][call_id] = {"kind": "exec", "at": at, "argv": ["apply_patch"], "shell": "", "cwd": self._cwd(),
+                                      "turn": self.ctx.get("turn_id"), "patch": True}
         self._file_ops(call_id, ops, at, P_FILE_CALL)
         if not ops:
             self.counts.bump("unknown_values", "apply_patch without file operations")
+
+    def _tool_call(self, call_id: str, tool: str, args: Any, at: int, priority: int = P_START_CALL) -> None:
+        """An MCP tool call: a command named after the tool, its arguments as JSON (see the module doc)."""
+        if not call_id:
+            self.counts.bump("unknown_values", "tool call without call_id")
+            return
+        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False, sort_keys=True, default=str)
+        self._obs(f"cmd:{call_id}:started", "command_started",
+                  {"command_id": call_id, "argv": [tool, arguments[:MAX_TOOL_ARGUMENTS]], "shell": None, "cwd": self._cwd(),
+                   "env_names": [], "sandbox_profile": "mcp", "escalated": False},
+                  at, call_id=call_id, priority=priority)
+        if self.ctx["calls"].get(call_id, {}).get("kind") != "done":
+            self.ctx["calls"][call_id] = {"kind": "exec", "at": at, "argv": [tool], "shell": "", "cwd": self._cwd(),
+                                          "turn": self.ctx.get("turn_id"), "tool": True}
+
+    def _web(self, p: dict, at: int) -> None:
+        """A page the web tool opened: a GET of its URL (searches carry no destination: not recorded)."""
+        action = p.get("action") if isinstance(p.get("action"), dict) else {}
+        url = action.get("url") if isinstance(action.get("url"), str) else None
+        parsed = urlsplit(url) if url else None
+        if not parsed or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            self.counts.ignored += 1
+            return
+        try:
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        except ValueError:
+            port = 443 if parsed.scheme == "https" else 80
+        attempt = str(p.get("call_id") or p.get("id") or short_digest(url, at))
+        self._obs(f"net:{attempt}:attempted", "network_attempted",
+                  {"attempt_id": attempt, "host": parsed.hostname, "port": port, "protocol": parsed.scheme,
+                   "method": "GET", "url": url[:4000], "command_id": None},
+                  at, call_id=attempt, priority=P_START_CALL)
 
     def _file_ops(self, call_id: str, ops: list[dict], at: int, priority: int, turn_id: str | None = None,
                   cwd: str | None = None) -> None:
@@ -424,6 +539,13 @@ class RolloutParser:
             return
         res = parse_exec_output(output)
         text = res["text"] or ""
+        if call.get("tool"):
+            failed = _tool_failed(output)
+            self._finished(call_id, None if failed is None else int(failed), max(0, (at - call["at"]) // 1000),
+                           "failed" if failed else "completed", text, "", at, P_FINISH_OUTPUT, call.get("turn"), None,
+                           infer_denial=False)
+            self.ctx["calls"].pop(call_id, None)
+            return
         declined = looks_declined(text)
         status = "declined" if declined else ("timed_out" if looks_timed_out(text) else None)
         code = res["exit_code"]
@@ -437,7 +559,7 @@ class RolloutParser:
         self.ctx["calls"].pop(call_id, None)
 
     def _finished(self, call_id: str, code: int | None, dur: int, status: str, stdout: str, stderr: str, at: int,
-                  priority: int, turn_id: str | None, call: dict | None) -> None:
+                  priority: int, turn_id: str | None, call: dict | None, infer_denial: bool = True) -> None:
         self._obs(f"cmd:{call_id}:finished", "command_finished",
                   {"command_id": call_id, "exit_code": code, "duration_ms": int(dur), "status": status,
                    "stdout": output_digest(stdout), "stderr": output_digest(stderr)},
@@ -449,7 +571,7 @@ class RolloutParser:
                       at, call_id=call_id, priority=P_DECIDED_DECLINED, turn_id=turn_id)
             if (call or {}).get("patch"):
                 self.ctx.setdefault("declined_patches", []).append(call_id)
-        elif status == "failed":
+        elif status == "failed" and infer_denial:
             denial = infer_sandbox_denial(code if code is not None else 1, stderr, stdout)
             if denial:
                 target = denial["target"] or (call or {}).get("shell") or " ".join((call or {}).get("argv") or []) or call_id
@@ -474,6 +596,8 @@ class RolloutParser:
                           {"command_id": call_id, "argv": argv, "shell": shell, "cwd": cwd, "env_names": [],
                            "sandbox_profile": self.ctx.get("sandbox"), "escalated": False},
                           at, call_id=call_id, priority=P_START_EXEC, turn_id=turn)
+        elif t in ("mcp_tool_call_begin", "mcp_tool_call_end"):
+            self._mcp_event(t, p, at, turn)
         elif t in ("patch_apply_end", "patch_apply_begin"):
             call_id = str(p.get("call_id") or "")
             status = str(p.get("status") or "").lower()
@@ -515,6 +639,31 @@ class RolloutParser:
             self.counts.ignored += 1
         else:
             self.counts.bump("unknown_types", f"event_msg/{t}")
+
+    def _mcp_event(self, t: str, p: dict, at: int, turn: str | None) -> None:
+        call_id = str(p.get("call_id") or "")
+        inv = p.get("invocation") if isinstance(p.get("invocation"), dict) else {}
+        server, name = inv.get("server"), inv.get("tool") or inv.get("tool_name")
+        if not call_id or not isinstance(server, str) or not isinstance(name, str):
+            self.counts.bump("unknown_values", f"{t} without call_id, server or tool")
+            return
+        tool = f"mcp__{server}__{name}"
+        if t == "mcp_tool_call_begin":
+            self._tool_call(call_id, tool, inv.get("arguments") or {}, at, priority=P_START_EXEC)
+            return
+        dur = duration_ms(p.get("duration"))
+        start = at - (dur or 0) * 1000
+        self._tool_call(call_id, tool, inv.get("arguments") or {}, start, priority=P_START_EXEC)
+        result = p.get("result")
+        ok = result.get("Ok", result.get("ok")) if isinstance(result, dict) else None
+        err = result.get("Err", result.get("err")) if isinstance(result, dict) else None
+        if isinstance(ok, dict):
+            text, failed = parse_exec_output(ok)["text"] or "", bool(ok.get("isError") or ok.get("is_error"))
+        else:
+            text, failed = (str(err) if err is not None else ""), err is not None
+        self._finished(call_id, int(failed), dur or 0, "failed" if failed else "completed", text, "", at,
+                       P_FINISH_EXEC, turn, None, infer_denial=False)
+        self.ctx["calls"][call_id] = {"kind": "done", "at": at}
 
     def _exec_end(self, p: dict, at: int, turn: str | None) -> None:
         call_id = str(p.get("call_id") or "")

@@ -847,7 +847,9 @@ class Redactor:
         for c in clusters:
             best = min(c, key=lambda f: (f.rank, f.start - f.end, f.start, f.order))
             start, stop = min(f.start for f in c), max(f.end for f in c)
-            secret = best.secret if (best.start, best.end) == (start, stop) else text[start:stop]
+            # the token is the best rule's secret, however wide the merged span: one secret, one token
+            # in every event (``KEY=sk-…`` printed by env and ``body=env: KEY=sk-…`` in a request join)
+            secret = best.secret
             if "%" in secret and _PCT.search(secret):
                 secret = unquote(secret)  # p%40ss and p@ss are one secret: one token
             tok = self.token(best.name, secret)

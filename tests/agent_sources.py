@@ -30,8 +30,18 @@ def new_counts() -> dict:
     return {"commands": set(), "files": set(), "decisions": set(), "network": 0, "declined_patches": set()}
 
 
+def _turn_policy(p: dict) -> tuple:
+    """What a turn context says the session may do: approval policy, sandbox type, network access."""
+    ap = p.get("approval_policy")
+    ap = next(iter(ap)) if isinstance(ap, dict) and ap else ap
+    sb = p.get("sandbox_policy")
+    kind = (sb.get("type") or sb.get("mode")) if isinstance(sb, dict) else sb
+    net = (p.get("network") or {}).get("allowed_domains") or (sb.get("network_access") if isinstance(sb, dict) else None)
+    return ap, kind, str(net)
+
+
 def count_rollout(path: Path, into: dict) -> None:
-    sid, cwd = None, ""
+    sid, cwd, policy = None, "", None
     for raw in path.read_bytes().splitlines():
         try:
             line = json.loads(raw)
@@ -50,6 +60,10 @@ def count_rollout(path: Path, into: dict) -> None:
             continue
         if typ == "turn_context":
             cwd = p.get("cwd", cwd)
+            now = _turn_policy(p)
+            if policy is not None and now != policy:  # permissions changed mid-session: one granted request
+                into[sid]["decisions"].add(f"policy:{p.get('turn_id')}")
+            policy = now
             continue
         c = into[sid]
         t = p.get("type")
@@ -58,11 +72,15 @@ def count_rollout(path: Path, into: dict) -> None:
                 c["commands"].add(p["call_id"])
             elif t == "local_shell_call":
                 c["commands"].add(p.get("call_id") or p.get("id"))
-            elif t == "custom_tool_call" and p.get("name") == "apply_patch":
+            elif t == "custom_tool_call" and p.get("name") == "apply_patch":  # a patch is a command and its files
+                c["commands"].add(p["call_id"])
                 c["files"].update((p["call_id"], _abs(x, cwd)) for x in _patch_paths(p["input"]))
             elif t == "function_call" and p.get("name") == "apply_patch":
+                c["commands"].add(p["call_id"])
                 args = json.loads(p["arguments"])
                 c["files"].update((p["call_id"], _abs(x, cwd)) for x in _patch_paths(args["input"]))
+            elif t == "function_call" and "__" in str(p.get("name")):  # an MCP tool: <server>__<tool>
+                c["commands"].add(p["call_id"])
             elif t == "function_call_output" and "rejected by user" in str(p.get("output")):
                 c["decisions"].add(p["call_id"])
         elif typ == "event_msg":

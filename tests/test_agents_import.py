@@ -76,7 +76,7 @@ def chain_status(env) -> dict[str, str]:
 def test_fixtures_import_with_counts_equal_to_the_sources_and_reimport_adds_nothing(tmp_path):
     env = cli_env(tmp_path / "home")
     expected = count_sources(sorted(FIXTURES.iterdir()))
-    assert len(expected) == 5 and sum(c["commands"] for c in expected.values()) == 15
+    assert len(expected) == 5 and sum(c["commands"] for c in expected.values()) == 19  # 15 shell + 4 apply_patch
     first = import_json(env, "codex-rollout", str(FIXTURES), "--otel", str(FIXTURES))
     assert first["totals"]["files"] == 7 and first["totals"]["events_added"] > 0
     run_cli("ingest", env=env)
@@ -217,7 +217,8 @@ def test_a_growing_rollout_adds_only_the_new_part_and_waits_for_an_unterminated_
         run_cli("ingest", env=e)
     ids = [json.loads(run_cli("sql", "select event_id, kind from events where kind <> 'session_ended' order by 1",
                               "--format", "json", env=e).stdout) for e in (env, one)]
-    assert ids[0] == ids[1] and len(ids[0]) == 20
+    # 20 events + the two apply_patch calls as commands (started, finished) + the policy change of turn 2
+    assert ids[0] == ids[1] and len(ids[0]) == 26
     assert set(chain_status(env).values()) == {"ok"}
 
 

@@ -25,20 +25,22 @@ CC = "7d3c2b1a-0f9e-4d8c-b7a6-95847362a1b0"  # Claude Code, collector file expor
 
 ROLLOUT_ONLY = {
     # U1 commands: function_call shell c1 c4 c5 c10 c11 c13 c15 c16, shell_command c2 c14, local_shell_call
-    #   c3 and lsh_2 (no call_id: its id), exec_command_end without a call c6 = 13 (c_old is inside
+    #   c3 and lsh_2 (no call_id: its id), exec_command_end without a call c6 = 13, + the apply_patch
+    #   calls c7 and c9 (a patch is also a command: its text is what detection judges) = 15 (c_old is inside
     #   `compacted` and not a command of this import). Files: apply_patch c7 (Add, Update+Move,
     #   Delete, Update = 4, confirmed by its patch_apply_end), patch_apply_end c8 (3, externally
     #   tagged); c9 was declined = 0 -> 7. Decisions: declined c5, declined patch c9, guardian c10
     #   approved, c11 denied, c12 timed_out, g-net-1 aborted, g-mcp-1 approved (g-pending never
-    #   decided) = 7.
-    U1: {"commands": 13, "files": 7, "decisions": 7, "network": 0},
+    #   decided) = 7, + turn t2 running under approval never / danger-full-access after t1's
+    #   granular / external sandbox (a policy change: one granted permission request) = 8.
+    U1: {"commands": 15, "files": 7, "decisions": 8, "network": 0},
     # U2 commands: shell c1 c2 c4 c5 c8 c9, exec_command c6 = 7 (c9's output is the last line, with
-    #   no newline). Files: apply_patch function c3 (2) + shell ["apply_patch", …] c4 (1) = 3.
+    #   no newline), + the apply_patch function call c3 = 8. Files: apply_patch function c3 (2) + shell ["apply_patch", …] c4 (1) = 3.
     #   Decisions: c2 "rejected by user" = 1.
-    U2: {"commands": 7, "files": 3, "decisions": 1, "network": 0},
-    # U3 commands: shell c1 (object arguments), c2 (arguments not JSON), exec_command_end c5 c6 = 4
+    U2: {"commands": 8, "files": 3, "decisions": 1, "network": 0},
+    # U3 commands: shell c1 (object arguments), c2 (arguments not JSON), exec_command_end c5 c6, apply_patch c4 = 5
     #   (web_fetch c3 is no shell tool). Files: c4 Update+Move = 1. Decisions: guardian c7 = 1.
-    U3: {"commands": 4, "files": 1, "decisions": 1, "network": 0},
+    U3: {"commands": 5, "files": 1, "decisions": 1, "network": 0},
 }
 OTEL_ONLY = {
     # codex-otlp: tool_decision for c1 c5 c10 c14 c15 c17..c24 = 13 distinct calls; tool_result shell
@@ -51,8 +53,8 @@ OTEL_ONLY = {
     CC: {"commands": 2, "files": 1, "decisions": 6, "network": 0},
 }
 # Both together: U1's rollout and OTel share c1 (command + decision) and c5, c10 (decisions):
-# commands 13 + c25 = 14, files 7 + c26 = 8, decisions 7 + 13 - {c5, c10} = 18, network 8.
-TOGETHER = {**ROLLOUT_ONLY, **OTEL_ONLY, U1: {"commands": 14, "files": 8, "decisions": 18, "network": 8}}
+# commands 15 + c25 = 16, files 7 + c26 = 8, decisions 8 + 13 - {c5, c10} = 19, network 8.
+TOGETHER = {**ROLLOUT_ONLY, **OTEL_ONLY, U1: {"commands": 16, "files": 8, "decisions": 19, "network": 8}}
 KINDS = {"commands": "command_started", "files": "file_accessed", "decisions": "approval_decided",
          "network": "network_decided"}
 

