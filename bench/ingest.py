@@ -34,7 +34,7 @@ from agentledger.producers.simulate import simulate  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
 from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
 from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
-from agentledger.schemas.warehouse import open_warehouse  # noqa: E402
+from agentledger.schemas.warehouse import event_table_names, open_warehouse  # noqa: E402
 
 
 def produce(settings, events: int, seed: int) -> int:
@@ -152,27 +152,29 @@ def _build_base(seed_db: str, url: str, rows: int) -> int:
         con = wh.con
         con.execute("DELETE FROM ingest_offsets")
         n0 = con.execute("SELECT count(*) FROM events").fetchone()[0]
-        con.execute("CREATE TEMP TABLE seed AS SELECT * FROM events")
-        con.execute("DELETE FROM events")
-        con.execute("DELETE FROM chain_heads")
-        cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                          "WHERE table_name = 'events' ORDER BY ordinal_position").fetchall()]
         copies = max(1, rows // max(1, n0))
-        for k in range(copies, 0, -1):  # oldest first, so the table is in time order
-            sel = []
-            for c in cols:
-                if c == "event_id":
-                    sel.append(f"printf('%08x', epoch_ms(occurred_at - INTERVAL {k * 30} DAY) // 65536) || "
-                               f"substr(event_id, 9, 5) || '{k:04x}' || substr(event_id, 18) AS event_id")
-                elif c == "session_id":
-                    sel.append(f"'{k:06x}' || substr(session_id, 7) AS session_id")
-                elif c == "occurred_at":
-                    sel.append(f"occurred_at - INTERVAL {k * 30} DAY AS occurred_at")
-                else:
-                    sel.append(f'"{c}"')
-            con.execute("BEGIN")
-            con.execute(f"INSERT INTO events SELECT {', '.join(sel)} FROM seed")
-            con.execute("COMMIT")
+        for t in event_table_names(wh.store):  # each kind's table (``events`` is a view over them)
+            con.execute(f"CREATE TEMP TABLE seed AS SELECT * FROM {t}")
+            con.execute(f"DELETE FROM {t}")
+            cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                              "WHERE table_name = ? ORDER BY ordinal_position", [t]).fetchall()]
+            for k in range(copies, 0, -1):  # oldest first, so the table is in time order
+                sel = []
+                for c in cols:
+                    if c == "event_id":
+                        sel.append(f"printf('%08x', epoch_ms(occurred_at - INTERVAL {k * 30} DAY) // 65536) || "
+                                   f"substr(event_id, 9, 5) || '{k:04x}' || substr(event_id, 18) AS event_id")
+                    elif c == "session_id":
+                        sel.append(f"'{k:06x}' || substr(session_id, 7) AS session_id")
+                    elif c == "occurred_at":
+                        sel.append(f"occurred_at - INTERVAL {k * 30} DAY AS occurred_at")
+                    else:
+                        sel.append(f'"{c}"')
+                con.execute("BEGIN")
+                con.execute(f"INSERT INTO {t} SELECT {', '.join(sel)} FROM seed")
+                con.execute("COMMIT")
+            con.execute("DROP TABLE seed")
+        con.execute("DELETE FROM chain_heads")
         con.execute("""INSERT INTO chain_heads SELECT session_id, max(seq), arg_max(hash, seq), count(*),
                        min(occurred_at), max(occurred_at), true, now()::TIMESTAMP FROM events GROUP BY 1""")
         con.execute("CHECKPOINT")

@@ -196,7 +196,6 @@ class Ingestor:
         cur = self.store.current
         self._sync = os.urandom(16)
         self._ocf_header = codec.ocf_header(cur.schema, self._sync)
-        self._insert_sql = warehouse.insert_select_sql("stage")
         self._ended_tag = "u%d" % self.store.kind_by_label("session", "session_ended").index
         self._assigned = False
         # fetch thread <-> main thread
@@ -613,9 +612,9 @@ class Ingestor:
             accepted = self._check_chains(msgs, dead)
             if accepted:
                 if con.execute("SELECT count(*) FROM rejected").fetchone()[0]:
-                    con.execute(self._insert_sql + " WHERE s._i NOT IN (SELECT _i FROM rejected)")
+                    self.wh.insert_events("stage", "WHERE s._i NOT IN (SELECT _i FROM rejected)", materialize=False)
                 else:
-                    con.execute(self._insert_sql)
+                    self.wh.insert_events("stage", materialize=False)
                 self._update_heads()
             result.accepted = accepted
             result.sessions = list(self._batch_sessions)
