@@ -98,6 +98,10 @@ class _Warehouse:
         return self.con.execute("SELECT count(*) FROM events WHERE session_id = ?", [sid]).fetchone()[0]
 
 
+# the hash with another first digit (``'0' || ...`` left a hash that starts with 0 unchanged: 1 in 16)
+_OTHER_FIRST_DIGIT = "CASE WHEN starts_with(head_hash, '0') THEN '1' ELSE '0' END || substr(head_hash, 2)"
+
+
 def _each(con, sql: str, params: list) -> None:
     """``sql`` on every kind table (``{t}``): ``events`` is a view over them."""
     from agentledger.schemas.warehouse import event_table_names
@@ -143,7 +147,7 @@ def _mutate_warehouse(w: _Warehouse, kind: str, sid: str, rng: random.Random) ->
         return None
     if kind == "heads_edit":
         col, expr = rng.choice([("head_seq", "head_seq - 1"), ("event_count", "event_count + 1"),
-                                ("head_hash", "'0' || substr(head_hash, 2)")])
+                                ("head_hash", _OTHER_FIRST_DIGIT)])
         con.execute(f"UPDATE chain_heads SET {col} = {expr} WHERE session_id = ?", [sid])
         return None
     if kind == "heads_delete":
@@ -153,7 +157,7 @@ def _mutate_warehouse(w: _Warehouse, kind: str, sid: str, rng: random.Random) ->
         idx = rng.choice([r[0] for r in con.execute("SELECT leaf_index FROM tree_leaves WHERE session_id = ?",
                                                     [sid]).fetchall()])
         col, expr = rng.choice([("head_seq", "head_seq - 1"), ("event_count", "event_count - 1"),
-                                ("head_hash", "'0' || substr(head_hash, 2)")])
+                                ("head_hash", _OTHER_FIRST_DIGIT)])
         con.execute(f"UPDATE tree_leaves SET {col} = {expr} WHERE leaf_index = ?", [idx])
         return None
     if kind == "rewrite_resigned_by_attacker":
