@@ -12,6 +12,12 @@ each copy with rewritten ids (event_id, session_id get a per-copy prefix) and ti
 back by whole days, so the event_ids stay UUIDv7-ordered *older* than the new events (as in real
 life: the warehouse holds the past) and chain_heads gets one row per copied session.
 
+(2) and (3) run twice: with the native decoder (agentledger-avro2arrow, when installed) and without
+it (``*_without_native``, the Python path), the baseline from the same run. The raw poll also runs
+with kafka-python's default fetch sizes and with larger ones (``raw_poll_fetch``), to decide
+KafkaSource's settings from numbers. Peak memory: this process (``peak_rss_mb``) and the largest
+decoder process (``peak_decoder_rss_mb``).
+
 The last line is JSON: {"raw_poll", "ingest", "ratio", "embedded", "ingest_at_20m", ...} in events/s.
 """
 
@@ -20,10 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agentledger.consumers.ingest import Ingestor  # noqa: E402
 from agentledger.producers.recorder import Recorder  # noqa: E402
 from agentledger.producers.simulate import simulate  # noqa: E402
+from agentledger.schemas import native  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
 from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
 from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
@@ -76,22 +85,29 @@ def main(argv=None) -> dict:
     got, raw_s = raw_poll(args.bootstrap, topic, n)
     assert got == n, f"raw poll saw {got} of {n}"
     print(f"raw kafka-python poll: {n / raw_s:,.0f} msg/s", file=sys.stderr)
+    # fetch sizes (docs/warehouse.md): kafka-python's defaults, and larger than ours
+    fetch = {}
+    for name, cfg in FETCH_VARIANTS.items():
+        got, secs = raw_poll(args.bootstrap, topic, n, **cfg)
+        assert got == n, f"raw poll ({name}) saw {got} of {n}"
+        fetch[name] = round(n / secs)
+        print(f"raw poll, {name} fetch sizes: {n / secs:,.0f} msg/s", file=sys.stderr)
 
     ingest_rate = _kafka_ingest(s, topic, str(work / "warehouse.duckdb"), n, args.batch)
     print(f"agentledger ingest: {ingest_rate:,.0f} events/s", file=sys.stderr)
+    with _without_native():  # the same ingest on the Python path: the baseline of the decoder
+        ingest_py = _kafka_ingest(s, topic, str(work / "warehouse-python.duckdb"), n, args.batch)
+    print(f"agentledger ingest without the native decoder: {ingest_py:,.0f} events/s", file=sys.stderr)
 
-    embedded = None
+    embedded = embedded_py = None
     if not args.skip_embedded:
         local = from_env({"AGENTLEDGER_HOME": str(work / "embedded"), "AGENTLEDGER_TOPIC": topic})
         _copy_to_local(args.bootstrap, topic, local, n)
-        with open_warehouse(str(work / "embedded.duckdb")) as wh:
-            src = open_source(local)
-            t0 = time.perf_counter()
-            st = Ingestor(wh, src, topic, batch_records=args.batch).run()
-            embedded = n / (time.perf_counter() - t0)
-            src.close()
-            assert st.accepted == n, st.as_dict()
+        embedded = _embedded_ingest(local, topic, str(work / "embedded.duckdb"), n, args.batch)
         print(f"embedded-log ingest: {embedded:,.0f} events/s", file=sys.stderr)
+        with _without_native():
+            embedded_py = _embedded_ingest(local, topic, str(work / "embedded-python.duckdb"), n, args.batch)
+        print(f"embedded-log ingest without the native decoder: {embedded_py:,.0f} events/s", file=sys.stderr)
 
     big = str(work / "big.duckdb")
     t0 = time.perf_counter()
@@ -104,9 +120,47 @@ def main(argv=None) -> dict:
               "ratio": round(ingest_rate / (n / raw_s), 3),
               "embedded": round(embedded) if embedded else None,
               "ingest_at_20m": round(at_base), "base_rows": base,
-              "at_20m_vs_ingest": round(at_base / ingest_rate, 3), "produce": round(n / produce_s)}
+              "at_20m_vs_ingest": round(at_base / ingest_rate, 3), "produce": round(n / produce_s),
+              "decoder": "native" if native.decoder() is not None else "python",
+              "ingest_without_native": round(ingest_py), "ratio_without_native": round(ingest_py / (n / raw_s), 3),
+              "embedded_without_native": round(embedded_py) if embedded_py else None,
+              "raw_poll_fetch": fetch,
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "peak_decoder_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
     print(json.dumps(result))
     return result
+
+
+# raw_poll's consumer settings besides ours (CONSUMER_DEFAULTS): kafka-python's own defaults, and larger fetches
+FETCH_VARIANTS = {
+    "kafka_python_defaults": {"fetch_max_bytes": 50 * 1024 * 1024, "max_partition_fetch_bytes": 1024 * 1024,
+                              "max_poll_records": 500},
+    "larger": {"fetch_max_bytes": 128 * 1024 * 1024, "max_partition_fetch_bytes": 64 * 1024 * 1024},
+}
+
+
+@contextmanager
+def _without_native():
+    old = os.environ.get(native.ENV)
+    os.environ[native.ENV] = "off"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[native.ENV]
+        else:
+            os.environ[native.ENV] = old
+
+
+def _embedded_ingest(local, topic, url, n, batch) -> float:
+    with open_warehouse(url) as wh:
+        src = open_source(local)
+        t0 = time.perf_counter()
+        st = Ingestor(wh, src, topic, batch_records=batch).run()
+        rate = n / (time.perf_counter() - t0)
+        src.close()
+        assert st.accepted == n, st.as_dict()
+    return rate
 
 
 def _kafka_ingest(s, topic, url, n, batch, base=0) -> float:
