@@ -12,6 +12,12 @@ each copy with rewritten ids (event_id, session_id get a per-copy prefix) and ti
 back by whole days, so the event_ids stay UUIDv7-ordered *older* than the new events (as in real
 life: the warehouse holds the past) and chain_heads gets one row per copied session.
 
+(2) and (3) run twice: with the native decoder (agentledger-avro2arrow, when installed) and without
+it (``*_without_native``, the Python path), the baseline from the same run. The raw poll also runs
+with kafka-python's default fetch sizes and with larger ones (``raw_poll_fetch``), to decide
+KafkaSource's settings from numbers. Peak memory: this process (``peak_rss_mb``) and the largest
+decoder process (``peak_decoder_rss_mb``).
+
 The last line is JSON: {"raw_poll", "ingest", "ratio", "embedded", "ingest_at_20m", ...} in events/s.
 """
 
@@ -19,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agentledger.consumers.ingest import Ingestor  # noqa: E402
 from agentledger.producers.recorder import Recorder  # noqa: E402
 from agentledger.producers.simulate import simulate  # noqa: E402
-from agentledger.schemas import envvars  # noqa: E402
+from agentledger.schemas import envvars, native  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
 from agentledger.schemas.sql import ident  # noqa: E402
 from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
 from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
-from agentledger.schemas.warehouse import open_warehouse  # noqa: E402
+from agentledger.schemas.warehouse import event_table_names, open_warehouse  # noqa: E402
 
 
 def produce(settings, events: int, seed: int) -> int:
@@ -77,22 +86,29 @@ def main(argv=None) -> dict:
     got, raw_s = raw_poll(args.bootstrap, topic, n)
     assert got == n, f"raw poll saw {got} of {n}"
     print(f"raw kafka-python poll: {n / raw_s:,.0f} msg/s", file=sys.stderr)
+    # fetch sizes (docs/warehouse.md): kafka-python's defaults, and larger than ours
+    fetch = {}
+    for name, cfg in FETCH_VARIANTS.items():
+        got, secs = raw_poll(args.bootstrap, topic, n, **cfg)
+        assert got == n, f"raw poll ({name}) saw {got} of {n}"
+        fetch[name] = round(n / secs)
+        print(f"raw poll, {name} fetch sizes: {n / secs:,.0f} msg/s", file=sys.stderr)
 
     ingest_rate = _kafka_ingest(s, topic, str(work / "warehouse.duckdb"), n, args.batch)
     print(f"agentledger ingest: {ingest_rate:,.0f} events/s", file=sys.stderr)
+    with _without_native():  # the same ingest on the Python path: the baseline of the decoder
+        ingest_py = _kafka_ingest(s, topic, str(work / "warehouse-python.duckdb"), n, args.batch)
+    print(f"agentledger ingest without the native decoder: {ingest_py:,.0f} events/s", file=sys.stderr)
 
-    embedded = None
+    embedded = embedded_py = None
     if not args.skip_embedded:
         local = from_env({"AGENTLEDGER_HOME": str(work / "embedded"), "AGENTLEDGER_TOPIC": topic})
         _copy_to_local(args.bootstrap, topic, local, n)
-        with open_warehouse(str(work / "embedded.duckdb")) as wh:
-            src = open_source(local)
-            t0 = time.perf_counter()
-            st = Ingestor(wh, src, topic, batch_records=args.batch).run()
-            embedded = n / (time.perf_counter() - t0)
-            src.close()
-            assert st.accepted == n, st.as_dict()
+        embedded = _embedded_ingest(local, topic, str(work / "embedded.duckdb"), n, args.batch)
         print(f"embedded-log ingest: {embedded:,.0f} events/s", file=sys.stderr)
+        with _without_native():
+            embedded_py = _embedded_ingest(local, topic, str(work / "embedded-python.duckdb"), n, args.batch)
+        print(f"embedded-log ingest without the native decoder: {embedded_py:,.0f} events/s", file=sys.stderr)
 
     big = str(work / "big.duckdb")
     t0 = time.perf_counter()
@@ -105,9 +121,47 @@ def main(argv=None) -> dict:
               "ratio": round(ingest_rate / (n / raw_s), 3),
               "embedded": round(embedded) if embedded else None,
               "ingest_at_20m": round(at_base), "base_rows": base,
-              "at_20m_vs_ingest": round(at_base / ingest_rate, 3), "produce": round(n / produce_s)}
+              "at_20m_vs_ingest": round(at_base / ingest_rate, 3), "produce": round(n / produce_s),
+              "decoder": "native" if native.decoder() is not None else "python",
+              "ingest_without_native": round(ingest_py), "ratio_without_native": round(ingest_py / (n / raw_s), 3),
+              "embedded_without_native": round(embedded_py) if embedded_py else None,
+              "raw_poll_fetch": fetch,
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "peak_decoder_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
     print(json.dumps(result))
     return result
+
+
+# raw_poll's consumer settings besides ours (CONSUMER_DEFAULTS): kafka-python's own defaults, and larger fetches
+FETCH_VARIANTS = {
+    "kafka_python_defaults": {"fetch_max_bytes": 50 * 1024 * 1024, "max_partition_fetch_bytes": 1024 * 1024,
+                              "max_poll_records": 500},
+    "larger": {"fetch_max_bytes": 128 * 1024 * 1024, "max_partition_fetch_bytes": 64 * 1024 * 1024},
+}
+
+
+@contextmanager
+def _without_native():
+    old = os.environ.get(native.ENV)
+    os.environ[native.ENV] = "off"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[native.ENV]
+        else:
+            os.environ[native.ENV] = old
+
+
+def _embedded_ingest(local, topic, url, n, batch) -> float:
+    with open_warehouse(url) as wh:
+        src = open_source(local)
+        t0 = time.perf_counter()
+        st = Ingestor(wh, src, topic, batch_records=batch).run()
+        rate = n / (time.perf_counter() - t0)
+        src.close()
+        assert st.accepted == n, st.as_dict()
+    return rate
 
 
 def _kafka_ingest(s, topic, url, n, batch, base=0) -> float:
@@ -153,27 +207,29 @@ def _build_base(seed_db: str, url: str, rows: int) -> int:
         con = wh.con
         con.execute("DELETE FROM ingest_offsets")
         n0 = con.execute("SELECT count(*) FROM events").fetchone()[0]
-        con.execute("CREATE TEMP TABLE seed AS SELECT * FROM events")
-        con.execute("DELETE FROM events")
-        con.execute("DELETE FROM chain_heads")
-        cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                          "WHERE table_name = 'events' ORDER BY ordinal_position").fetchall()]
         copies = max(1, rows // max(1, n0))
-        for k in range(copies, 0, -1):  # oldest first, so the table is in time order
-            sel = []
-            for c in cols:
-                if c == "event_id":
-                    sel.append(f"printf('%08x', epoch_ms(occurred_at - INTERVAL {k * 30} DAY) // 65536) || "
-                               f"substr(event_id, 9, 5) || '{k:04x}' || substr(event_id, 18) AS event_id")
-                elif c == "session_id":
-                    sel.append(f"'{k:06x}' || substr(session_id, 7) AS session_id")
-                elif c == "occurred_at":
-                    sel.append(f"occurred_at - INTERVAL {k * 30} DAY AS occurred_at")
-                else:
-                    sel.append(ident(c))
-            con.execute("BEGIN")
-            con.execute(f"INSERT INTO events SELECT {', '.join(sel)} FROM seed")
-            con.execute("COMMIT")
+        for t in event_table_names(wh.store):  # each kind's table (``events`` is a view over them)
+            con.execute(f"CREATE TEMP TABLE seed AS SELECT * FROM {t}")
+            con.execute(f"DELETE FROM {t}")
+            cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                              "WHERE table_name = ? ORDER BY ordinal_position", [t]).fetchall()]
+            for k in range(copies, 0, -1):  # oldest first, so the table is in time order
+                sel = []
+                for c in cols:
+                    if c == "event_id":
+                        sel.append(f"printf('%08x', epoch_ms(occurred_at - INTERVAL {k * 30} DAY) // 65536) || "
+                                   f"substr(event_id, 9, 5) || '{k:04x}' || substr(event_id, 18) AS event_id")
+                    elif c == "session_id":
+                        sel.append(f"'{k:06x}' || substr(session_id, 7) AS session_id")
+                    elif c == "occurred_at":
+                        sel.append(f"occurred_at - INTERVAL {k * 30} DAY AS occurred_at")
+                    else:
+                        sel.append(ident(c))
+                con.execute("BEGIN")
+                con.execute(f"INSERT INTO {t} SELECT {', '.join(sel)} FROM seed")
+                con.execute("COMMIT")
+            con.execute("DROP TABLE seed")
+        con.execute("DELETE FROM chain_heads")
         con.execute("""INSERT INTO chain_heads SELECT session_id, max(seq), arg_max(hash, seq), count(*),
                        min(occurred_at), max(occurred_at), true, now()::TIMESTAMP FROM events GROUP BY 1""")
         con.execute("CHECKPOINT")

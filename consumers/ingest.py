@@ -15,9 +15,16 @@ On a DuckLake, a commit that loses a race with another writer is retried from th
 
 Speed: a fetch thread polls the source (kafka-python decodes record batches in Python) while the
 main thread runs the previous batch through DuckDB, which releases the GIL -- the two overlap on
-two cores. Decoding is native: message bodies that share a writer schema are framed as one
-in-memory Avro Object Container File and DuckDB's avro extension turns them into rows. Python
-touches each message only to check its header and its hash (SHA-256 over the raw bytes).
+two cores. Decoding is native. A batch of `NATIVE_MIN_MESSAGES` or more goes to
+``agentledger-avro2arrow --ingest`` (native/avro2arrow/src/ingest.rs, adapter `schemas.native`): it
+checks every message's header, size, writer schema and hash, decodes it, and writes one Arrow file
+per event kind that goes straight into that kind's table; the chain guard below then runs on the
+envelope rows as always. Only when it vouches for *every* message of the batch are its rows used;
+otherwise (damage, an older writer schema, a decoder missing or failing) the whole batch takes the
+Python path, so the verdicts never depend on the decoder (tests/test_native_ingest.py). The Python
+path: message bodies that share a writer schema are framed as one in-memory Avro Object Container
+File and DuckDB's avro extension turns them into rows; Python checks each message's header and
+hash (SHA-256 over the raw bytes).
 
 Chains continue across batches, restarts and partitions (the heads are in `chain_heads`). An event
 that arrived before its predecessor is parked in `dead_letters` (seq_gap) and ingested, in the same
@@ -46,7 +53,7 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
-from agentledger.schemas import codec, treelog
+from agentledger.schemas import codec, native, treelog
 from agentledger.schemas.contract import SchemaStore
 from agentledger.schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
 from agentledger.schemas.errors import AgentLedgerError, DecodeError, WarehouseError
@@ -61,6 +68,8 @@ DEFAULT_BATCH = 100_000
 _HASH_TAG = b"\x80\x01"
 # Reasons whose dead letters may become acceptable later without any change to the event itself.
 _PARKED = ("seq_gap",)
+# Batches of fewer messages skip the native decoder (starting a process costs more than it saves).
+NATIVE_MIN_MESSAGES = 2000
 
 
 class OffsetConflict(AgentLedgerError):
@@ -81,6 +90,7 @@ class BatchResult:
     reasons: dict[str, int] = field(default_factory=dict)
     retries: int = 0
     sessions: list[str] = field(default_factory=list)  # sessions that gained events (committed)
+    decoder: str = "python"  # "native": agentledger-avro2arrow vouched for every message of the batch
 
 
 @dataclass
@@ -196,8 +206,9 @@ class Ingestor:
         cur = self.store.current
         self._sync = os.urandom(16)
         self._ocf_header = codec.ocf_header(cur.schema, self._sync)
-        self._insert_sql = warehouse.insert_select_sql("stage")
-        self._ended_tag = "u%d" % self.store.kind_by_label("session", "session_ended").index
+        self._ended_index = self.store.kind_by_label("session", "session_ended").index
+        self._ended_tag = "u%d" % self._ended_index
+        self._native_off = native.decoder() is None
         self._assigned = False
         # fetch thread <-> main thread
         self._lock = threading.Condition()
@@ -503,11 +514,13 @@ class Ingestor:
     def ingest(self, batch: Batch) -> BatchResult:
         """Commit ``batch`` exactly once. Retries a transaction that lost a race on a DuckLake;
         raises `OffsetConflict` (nothing written) if another writer already committed these offsets."""
-        checked = self._precheck(batch.messages)
+        staged = self._native(batch.messages)
+        checked = None if staged is not None else self._precheck(batch.messages)
         for attempt in range(self.max_retries + 1):
             try:
-                r = self._transaction(batch.messages, checked, batch=batch)
+                r = self._transaction(batch.messages, checked, batch=batch, native_stage=staged)
                 r.retries = attempt
+                r.decoder = "native" if staged is not None else "python"
                 return r
             except OffsetConflict:
                 raise
@@ -517,6 +530,33 @@ class Ingestor:
                 log.info("transaction lost a race (%s); retrying", str(exc).splitlines()[0])
                 time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
         raise AssertionError("unreachable")
+
+    def _native(self, msgs: list[Message]) -> "_NativeStage | None":
+        """The batch decoded by the native decoder (`_NativeStage`), when it vouches for every
+        message of it; else None, and the whole batch takes the Python path (`_precheck`, `_stage`),
+        which quarantines what is wrong with a reason -- so the verdicts never depend on the decoder."""
+        if (len(msgs) < NATIVE_MIN_MESSAGES or self._native_off
+                or any(m.damaged is not None or m.value is None for m in msgs)
+                or len({m.topic for m in msgs}) != 1):
+            return None
+        cur = self.store.current
+        try:
+            with native.scratch_dir(2 * sum(len(m.value) for m in msgs)) as work:
+                frame = native.values_frame([m.value for m in msgs], [m.partition for m in msgs],
+                                            [m.offset for m in msgs])
+                d = native.decode_ingest(frame, cur.schema, cur.fingerprint, work,
+                                         max_message_bytes=self.max_message_bytes, ended_branch=self._ended_index)
+                del frame
+                if d.punted or d.records != len(msgs) or -1 in d.chunks:
+                    log.debug("the native decoder left %d of %d messages to Python: the batch takes the Python path",
+                              len(d.punted), len(msgs))
+                    return None
+                return _NativeStage.load(d, msgs[0].topic, cur.fingerprint.hex())
+        except native.NativeDecodeError as exc:
+            log.info("native decoder: %s; this batch takes the Python path", exc)
+            if native.decoder() is None:
+                self._native_off = True
+            return None
 
     def retry_dead_letters(self, letters: list[tuple[str, Message]], heal: bool = True) -> BatchResult:
         """Feed dead letters ``(dead_letter_id, message)`` through the same validation, in one
@@ -568,18 +608,22 @@ class Ingestor:
         return dead, groups
 
     def _transaction(self, msgs: list[Message], checked, *, batch: Batch | None = None,
-                     retry: _Retry | None = None, heal: bool = True) -> BatchResult:
-        dead = list(checked[0])
-        groups = checked[1]
+                     retry: _Retry | None = None, heal: bool = True,
+                     native_stage: "_NativeStage | None" = None) -> BatchResult:
         con = self.con
-        # Decode BEFORE the transaction: a failed statement aborts a DuckDB transaction, and isolating
-        # an undecodable body means letting the reader fail (then bisecting).
-        staged = self._stage(msgs, groups, dead)
+        if native_stage is not None:
+            dead: list[_Dead] = []
+            staged = native_stage.stage(con)
+        else:
+            dead = list(checked[0])
+            # Decode BEFORE the transaction: a failed statement aborts a DuckDB transaction, and
+            # isolating an undecodable body means letting the reader fail (then bisecting).
+            staged = self._stage(msgs, checked[1], dead)
         con.execute("BEGIN TRANSACTION")
         try:
             if batch is not None:
                 self._check_offsets(batch)
-            result = self._apply(msgs, staged, dead, retry=retry)
+            result = self._apply(msgs, staged, dead, retry=retry, native_stage=native_stage)
             if batch is not None:
                 self._write_offsets(msgs, batch)
             head = self._sign_in_transaction()
@@ -601,8 +645,10 @@ class Ingestor:
             result.sessions = list(dict.fromkeys([*result.sessions, *healed_sessions]))
         return result
 
-    def _apply(self, msgs: list[Message], staged: int, dead: list[_Dead], *, retry: _Retry | None) -> BatchResult:
-        """Chain-check and insert what `_stage` decoded (inside the caller's transaction)."""
+    def _apply(self, msgs: list[Message], staged: int, dead: list[_Dead], *, retry: _Retry | None,
+               native_stage: "_NativeStage | None" = None) -> BatchResult:
+        """Chain-check and insert what `_stage` (or the native decoder) decoded, inside the caller's
+        transaction."""
         result = BatchResult(messages=len(msgs))
         con = self.con
         self._touched = []
@@ -612,11 +658,14 @@ class Ingestor:
         if staged:
             accepted = self._check_chains(msgs, dead)
             if accepted:
-                if con.execute("SELECT count(*) FROM rejected").fetchone()[0]:
-                    con.execute(self._insert_sql + " WHERE s._i NOT IN (SELECT _i FROM rejected)")
+                some_rejected = con.execute("SELECT count(*) FROM rejected").fetchone()[0] > 0
+                where = "WHERE s._i NOT IN (SELECT _i FROM rejected)" if some_rejected else ""
+                if native_stage is not None:
+                    native_stage.insert(self.wh, where)
                 else:
-                    con.execute(self._insert_sql)
-                self._update_heads()
+                    self.wh.insert_events("stage", where, materialize=False)
+                self._update_heads("s.branch = %d" % self._ended_index if native_stage is not None
+                                   else f"union_tag(s.payload) = '{self._ended_tag}'")
             result.accepted = accepted
             result.sessions = list(self._batch_sessions)
         if retry is None:
@@ -883,8 +932,10 @@ class Ingestor:
                 rejected.append(_Dead(i, reason, detail, sid, seq, eid))
         return rejected
 
-    def _update_heads(self) -> None:
+    def _update_heads(self, ended_sql: str | None = None) -> None:
+        """``ended_sql``: whether stage row ``s`` ends its session (default: its payload's union tag)."""
         con = self.con
+        ended_sql = ended_sql or f"union_tag(s.payload) = '{self._ended_tag}'"
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE new_heads AS
             SELECT n.session_id, n.head_seq, n.head_hash, coalesce(h.event_count, 0) + n.n AS event_count,
@@ -894,7 +945,7 @@ class Ingestor:
             FROM (
               SELECT s.session_id, max(s.seq) AS head_seq, arg_max(s.hash, s.seq) AS head_hash, count(*) AS n,
                      min(s.occurred_at) AS first_at, max(s.occurred_at) AS last_at,
-                     bool_or(union_tag(s.payload) = '{self._ended_tag}') AS ended
+                     bool_or({ended_sql}) AS ended
               FROM stage s WHERE s._i NOT IN (SELECT _i FROM rejected) GROUP BY s.session_id
             ) n LEFT JOIN chain_heads h USING (session_id)
         """)
@@ -1041,3 +1092,50 @@ def _best_effort_ids(store: SchemaStore, value: bytes | None) -> tuple[str | Non
         return rec.get("session_id"), rec.get("seq"), None if eid is None else str(eid)
     except Exception:  # bad input is data here, not an error
         return None, None, None
+
+
+class _NativeStage:
+    """A batch the native decoder vouched for: its envelope rows (the chain guard's ``stage``: _i,
+    session_id, seq, prev_hash, hash, event_id, occurred_at, branch) and one Arrow table per kind
+    (every field of the event, ``payload`` as that kind's record, _i and the source position), held
+    in memory so that a retried transaction reads them again."""
+
+    def __init__(self, env: pa.Table, kinds: dict[int, pa.Table], topic: str, fingerprint_hex: str):
+        self.env, self.kinds, self.topic, self.fingerprint_hex = env, kinds, topic, fingerprint_hex
+
+    @classmethod
+    def load(cls, d: "native.IngestDecoded", topic: str, fingerprint_hex: str) -> "_NativeStage":
+        import pyarrow.ipc as ipc
+
+        def read(path) -> pa.Table:
+            with pa.memory_map(str(path)) as src:
+                return ipc.open_file(src).read_all()
+
+        try:
+            env = read(d.env_file)
+            kinds = {t: read(d.kind_file(t)) for t in d.kinds}
+        except (OSError, pa.ArrowException) as exc:
+            raise native.NativeDecodeError(f"cannot read what the decoder wrote: {exc}") from exc
+        if env.num_rows != d.rows or sum(t.num_rows for t in kinds.values()) != d.rows:
+            raise native.NativeDecodeError("the decoder's files do not hold the rows it reports")
+        return cls(env, kinds, topic, fingerprint_hex)
+
+    def stage(self, con: duckdb.DuckDBPyConnection) -> int:
+        con.register("_native_env", self.env)
+        try:
+            con.execute("CREATE OR REPLACE TEMP TABLE stage AS SELECT * FROM _native_env")
+        finally:
+            con.unregister("_native_env")
+        return self.env.num_rows
+
+    def insert(self, wh: Warehouse, where: str) -> None:
+        kinds = {k.index: k for k in wh.store.kinds}
+        constants = {"schema_fingerprint": f"'{self.fingerprint_hex}'",
+                     "source_topic": "'" + self.topic.replace("'", "''") + "'",
+                     "ingested_at": "now()::TIMESTAMP"}
+        for t, table in self.kinds.items():
+            wh.con.register("_native_kind", table)
+            try:
+                wh.insert_kind(kinds[t], "_native_kind", table.column_names, constants, where)
+            finally:
+                wh.con.unregister("_native_kind")

@@ -22,69 +22,19 @@ on disk may have changed since).
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from array import array
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from agentledger.schemas import envvars
 from agentledger.schemas.codec import SOE_MAGIC
-from agentledger.schemas.errors import AgentLedgerError
-
-BINARY = "agentledger-avro2arrow"
-ENV = "AGENTLEDGER_AVRO2ARROW"  # a path to the binary, or "off"
-_REPO_BUILD = Path(__file__).resolve().parents[1] / "native" / "avro2arrow" / "target" / "release" / BINARY
-
-
-class NativeDecodeError(AgentLedgerError):
-    """The native decoder is missing or could not decode the input."""
-
-
-def decoder() -> Path | None:
-    """The decoder to use: ``$AGENTLEDGER_AVRO2ARROW`` ("off" disables it), else the one installed
-    next to this Python (``scripts/bootstrap`` puts it in ``.venv/bin``), else one on ``PATH``, else
-    a build in the source tree. None when there is none."""
-    env = envvars.raw(ENV)
-    if env is not None:
-        if env.strip().lower() in ("off", "0", "none"):
-            return None
-        p = Path(env)
-        return p if p.is_file() and os.access(p, os.X_OK) else None
-    for p in (Path(sys.prefix) / "bin" / BINARY, shutil.which(BINARY), _REPO_BUILD):
-        if p and Path(p).is_file() and os.access(p, os.X_OK):
-            return Path(p)
-    return None
-
-
-def reader_schema(schema: dict) -> dict:
-    """The schema to decode with: the writer's, with ``uuid`` strings kept as strings (arrow-avro
-    would parse them into 16 bytes, losing their exact text) and ``timestamp-micros`` read as
-    local timestamps (the warehouse keeps UTC as TIMESTAMP without a zone). Avro resolves these
-    by their primitive types, so the bytes decode identically."""
-
-    def walk(o: Any) -> Any:
-        if isinstance(o, dict):
-            o = {k: walk(v) for k, v in o.items()}
-            if o.get("logicalType") == "uuid":
-                del o["logicalType"]
-            elif o.get("logicalType") == "timestamp-micros":
-                o["logicalType"] = "local-timestamp-micros"
-            return o
-        if isinstance(o, list):
-            return [walk(x) for x in o]
-        return o
-
-    return walk(copy.deepcopy(schema))
+from agentledger.schemas.native import (  # noqa: F401  (the names replay and its tests use)
+    BINARY, ENV, NativeDecodeError, decoder, reader_schema, scratch_dir,
+)
 
 
 @dataclass
@@ -254,21 +204,3 @@ class Spans(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         return self._flat[2 * i], self._flat[2 * i + 1]
-
-
-@contextmanager
-def scratch_dir(need_bytes: int = 0):
-    """A private (0700) temporary directory for the decoder's input and output: in memory (/dev/shm)
-    when it has room for ``need_bytes``, else the default temporary directory. It is removed on
-    exit, by a thread: freeing a large tmpfs file takes a while, and nothing waits for it (the
-    interpreter does, at exit)."""
-    shm = Path("/dev/shm")
-    try:
-        roomy = shm.is_dir() and shutil.disk_usage(shm).free > need_bytes
-    except OSError:
-        roomy = False
-    d = tempfile.mkdtemp(prefix="agentledger-native-", dir=shm if roomy else None)
-    try:
-        yield Path(d)
-    finally:
-        threading.Thread(target=shutil.rmtree, args=(d,), kwargs={"ignore_errors": True}).start()

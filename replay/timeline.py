@@ -31,7 +31,7 @@ def fetch_events(con, session_id: str, at: int | None = None, store: SchemaStore
     store = store or load_store()
     sql = (f"SELECT seq, occurred_at, family, kind, turn_id, tool_call_id, event_id, hash, prev_hash, "
            f"{_payload_sql(store)} AS payload, producer.source AS source FROM events "
-           "WHERE session_id = ? AND seq <= ? ORDER BY seq, rowid")
+           "WHERE session_id = ? AND seq <= ? ORDER BY seq, event_id")
     rows = con.execute(sql, [session_id, 2**62 if at is None else at]).fetchall()
     out = []
     for seq, at_, fam, kind, turn, call, eid, h, ph, payload, source in rows:

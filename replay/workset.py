@@ -67,7 +67,7 @@ def _insert_ocf(wh: Warehouse, target: str, fp_hex: str) -> None:
     src = (f"(SELECT a.*, {literal(fp_hex)} AS schema_fingerprint, NULL::VARCHAR AS source_topic, "
            "NULL::INTEGER AS source_partition, NULL::BIGINT AS source_offset, NULL::TIMESTAMP AS ingested_at "
            f"FROM read_avro({target}) a)")
-    wh.con.execute(wh.insert_select_sql(src))
+    wh.insert_events(src)
 
 
 def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None = None) -> Workset:

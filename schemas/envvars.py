@@ -178,7 +178,7 @@ VARIABLES: tuple[Var, ...] = (
     _V("AGENTLEDGER_MODEL", "str", None, "the shipped `isoforest-v1`",
        "anomaly model artifact (`none`: rules only)", "agentledger/commands/detect_cmd.py", "detection"),
     _V("AGENTLEDGER_AVRO2ARROW", "str", None, "`.venv/bin/agentledger-avro2arrow` when built",
-       "the native bundle decoder replay uses for big bundles (a path, or `off`)", "replay/native.py",
+       "the native decoder (native/avro2arrow) replay uses for big bundles and ingest for batches of 2,000+ messages (a path, or `off`)", "schemas/native.py",
        "detection"),
     _V("AGENTLEDGER_AVRO2ARROW_TIMINGS", "bool", False, "unset",
        "when set, the native decoder prints its phase timings on stderr", "native/avro2arrow", "detection"),

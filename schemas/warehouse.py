@@ -198,30 +198,88 @@ def struct_fields(store: SchemaStore) -> dict[str, list[tuple[str, str]]]:
 
 
 # --- DDL ----------------------------------------------------------------------------------
+#
+# Each event kind has a table of its own, ``events_<kind>``: the envelope columns, the provenance
+# columns, then the kind's STRUCT column. ``events`` is a UNION ALL view over them with exactly the
+# columns and types of the one wide table the warehouse had before (docs/warehouse.md), so every
+# query reads the same. A wide table stores a null STRUCT for every other kind on every row, and
+# DuckDB decoding, storing and committing them cost more than everything else ingest does.
 
-def _tables_ddl(store: SchemaStore, constraints: bool) -> list[str]:
-    cols = ",\n  ".join(
-        f"{_q(c.name)} {c.type}{' NOT NULL' if constraints and c.name in NOT_NULL else ''}" for c in event_columns(store)
-    )
-    return [
-        f"CREATE TABLE IF NOT EXISTS events (\n  {cols}\n)",
-        """CREATE TABLE IF NOT EXISTS ingest_offsets (
+KIND_TABLE_PREFIX = "events_"
+
+
+def kind_table(kind: PayloadKind) -> str:
+    """The table holding the events of one kind."""
+    return KIND_TABLE_PREFIX + kind.kind
+
+
+def stored_columns(store: SchemaStore) -> list[Column]:
+    """The columns every kind table has before its payload column: the envelope, then provenance."""
+    payload = {k.column for k in store.kinds}
+    return [c for c in event_columns(store) if c.name not in payload and c.name not in ("family", "kind")]
+
+
+def kind_columns(store: SchemaStore, kind: PayloadKind) -> list[Column]:
+    """The columns of ``kind``'s table, in order; the payload column's source reads the union branch."""
+    payload = next(c for c in event_columns(store) if c.name == kind.column)
+    return [*stored_columns(store), payload]
+
+
+def event_table_names(store: SchemaStore | None = None) -> list[str]:
+    """The tables that hold the events (``events`` is a view over them), in union branch order."""
+    return [kind_table(k) for k in (store or load_store()).kinds]
+
+
+def _kind_table_ddl(store: SchemaStore, kind: PayloadKind, constraints: bool) -> str:
+    cols = ",\n  ".join(f"{_q(c.name)} {c.type}{' NOT NULL' if constraints and c.name in NOT_NULL else ''}"
+                        for c in kind_columns(store, kind))
+    return f"CREATE TABLE IF NOT EXISTS {_q(kind_table(kind))} (\n  {cols}\n)"
+
+
+def events_view_ddl(store: SchemaStore) -> str:
+    """``events``: every kind table, with the columns (names, order, types) of the wide table."""
+    cols = event_columns(store)
+    payload = {k.column for k in store.kinds}
+    branches = []
+    for k in store.kinds:
+        sel = []
+        for c in cols:
+            if c.name == "family":
+                e = f"'{k.family}'"
+            elif c.name == "kind":
+                e = f"'{k.kind}'"
+            elif c.name in payload and c.name != k.column:
+                e = f"NULL::{c.type}"
+            else:
+                e = _q(c.name)
+            sel.append(e if e == _q(c.name) else f"{e} AS {_q(c.name)}")
+        branches.append(f"SELECT {', '.join(sel)} FROM {_q(kind_table(k))}")
+    return "CREATE OR REPLACE VIEW events AS\n" + "\nUNION ALL\n".join(branches)
+
+
+def _tables_ddl(store: SchemaStore, constraints: bool) -> dict[str, str]:
+    return {
+        **{kind_table(k): _kind_table_ddl(store, k, constraints) for k in store.kinds},
+        "ingest_offsets": """CREATE TABLE IF NOT EXISTS ingest_offsets (
   topic VARCHAR, "partition" INTEGER, next_offset BIGINT, updated_at TIMESTAMP
 )""",
-        """CREATE TABLE IF NOT EXISTS chain_heads (
-  session_id VARCHAR, head_seq BIGINT, head_hash VARCHAR, event_count BIGINT,
-  first_at TIMESTAMP, last_at TIMESTAMP, ended BOOLEAN, updated_at TIMESTAMP
-)""",
-        """CREATE TABLE IF NOT EXISTS dead_letters (
+        "chain_heads": CHAIN_HEADS_DDL,
+        "dead_letters": """CREATE TABLE IF NOT EXISTS dead_letters (
   dead_letter_id VARCHAR, topic VARCHAR, "partition" INTEGER, "offset" BIGINT,
   "key" BLOB, raw BLOB, reason VARCHAR, detail VARCHAR,
   session_id VARCHAR, seq BIGINT, event_id VARCHAR, fingerprint VARCHAR,
   received_at TIMESTAMP, resolved_at TIMESTAMP, resolution VARCHAR
 )""",
-        """CREATE TABLE IF NOT EXISTS schema_versions (
+        "schema_versions": """CREATE TABLE IF NOT EXISTS schema_versions (
   fingerprint VARCHAR, subject VARCHAR, version VARCHAR, schema_json VARCHAR, first_seen_at TIMESTAMP
 )""",
-    ]
+    }
+
+
+CHAIN_HEADS_DDL = """CREATE TABLE IF NOT EXISTS chain_heads (
+  session_id VARCHAR, head_seq BIGINT, head_hash VARCHAR, event_count BIGINT,
+  first_at TIMESTAMP, last_at TIMESTAMP, ended BOOLEAN, updated_at TIMESTAMP
+)"""
 
 
 # The log-wide Merkle tree (schemas/treelog.py). Created together, with the one tree_state row, in
@@ -582,7 +640,10 @@ class Warehouse:
 
     def _ensure_schema_once(self) -> None:
         have = self._relations()
-        for name, ddl in zip(TABLE_NAMES, _tables_ddl(self.store, constraints=True)):
+        if have.get("events") == "BASE TABLE":
+            self._migrate_wide_events()
+            have = self._relations()
+        for name, ddl in _tables_ddl(self.store, constraints=True).items():
             if name not in have:
                 self.con.execute(ddl)
         self._add_missing_columns()
@@ -591,10 +652,61 @@ class Warehouse:
         self._ensure_detection_schema(have)
         current = self._view_definitions()
         wanted = _canonical_views(self.store)
-        for name, ddl in VIEWS.items():
+        for name, ddl in self._views().items():
             if _norm(current.get(name, "")) != _norm(wanted[name]):
                 self.con.execute(ddl)
         self.record_schema_versions()
+
+    def _views(self) -> dict[str, str]:
+        """Every view, ``events`` first (the others read it)."""
+        return {"events": events_view_ddl(self.store), **VIEWS}
+
+    def _migrate_wide_events(self) -> None:
+        """Convert a warehouse made before the kind tables, in place and in one transaction: the
+        rows of the wide ``events`` table move to their kind's table, and ``events`` becomes the
+        view over them. Nothing else changes (offsets, chain heads, dead letters, the tree). A
+        DuckLake keeps the old table in its earlier snapshots (``--snapshot`` still reads them)."""
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            self._add_missing_columns_wide()
+            n_before = con.execute("SELECT count(*) FROM events").fetchone()[0]
+            moved = 0
+            for k in self.store.kinds:
+                table = kind_table(k)
+                con.execute(_kind_table_ddl(self.store, k, constraints=True))
+                cols = kind_columns(self.store, k)
+                names = ", ".join(_q(c.name) for c in cols)
+                moved += con.execute(f"INSERT INTO {_q(table)} ({names}) SELECT {names} FROM events "
+                                     "WHERE kind = ?", [k.kind]).fetchone()[0]
+            if moved != n_before:
+                kinds = [r[0] for r in con.execute("SELECT DISTINCT kind FROM events").fetchall()]
+                raise WarehouseError(f"cannot migrate the events table: {n_before - moved} of its {n_before} rows "
+                                     f"are of no kind of the current schema (kinds there: {kinds})")
+            con.execute("DROP TABLE events")
+            con.execute(events_view_ddl(self.store))
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise
+
+    def _add_missing_columns_wide(self) -> None:
+        """The wide table of a warehouse made before the kind tables gains what the current schema
+        added since (before its rows move: `_migrate_wide_events`)."""
+        have = {r[0] for r in self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'events' "
+            "AND table_catalog = current_database() AND table_schema = current_schema()").fetchall()}
+        for c in event_columns(self.store):
+            if c.name not in have:
+                self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(c.name)} {c.type}")
+        for column, fields in struct_fields(self.store).items():
+            present = {r[0] for r in self.con.execute(f"DESCRIBE SELECT {_q(column)}.* FROM events").fetchall()}
+            for name, t in fields:
+                if name not in present:
+                    self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(column)}.{_q(name)} {t}")
 
     def _create_tree(self) -> None:
         from .treelog import create_tree
@@ -622,19 +734,30 @@ class Warehouse:
         return {name: sql for name, sql in rows}
 
     def _add_missing_columns(self) -> None:
-        have = {r[0] for r in self.con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'events' "
-            "AND table_catalog = current_database() AND table_schema = current_schema()").fetchall()}
-        for c in event_columns(self.store):
-            if c.name not in have:
-                self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(c.name)} {c.type}")
-        # a field added to a record (with its default, as the evolution rule says) is a field added
-        # to that column's STRUCT; the rows before it read NULL there
-        for column, fields in struct_fields(self.store).items():
-            present = {r[0] for r in self.con.execute(f"DESCRIBE SELECT {_q(column)}.* FROM events").fetchall()}
-            for name, t in fields:
-                if name not in present:
-                    self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(column)}.{_q(name)} {t}")
+        """Columns and STRUCT fields the current schema added since a kind table was made (a field
+        added to a record, with its default as the evolution rule says, is a field added to that
+        column's STRUCT; the rows before it read NULL there). One catalog query when nothing is
+        missing."""
+        wanted = _canonical_columns(self.store)
+        have: dict[str, dict[str, str]] = {}
+        for table, column, dtype in self.con.execute(f"""
+                SELECT table_name, column_name, data_type FROM information_schema.columns
+                WHERE table_catalog = current_database() AND table_schema = current_schema()
+                  AND table_name LIKE '{KIND_TABLE_PREFIX}%'""").fetchall():
+            have.setdefault(table, {})[column] = dtype
+        fields = struct_fields(self.store)
+        for k in self.store.kinds:
+            table = kind_table(k)
+            present = have.get(table, {})
+            for c in kind_columns(self.store, k):
+                if c.name not in present:
+                    self.con.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(c.name)} {c.type}")
+                elif present[c.name] != wanted[table][c.name] and c.name in fields:
+                    got = {r[0] for r in self.con.execute(
+                        f"DESCRIBE SELECT {_q(c.name)}.* FROM {_q(table)}").fetchall()}
+                    for name, t in fields[c.name]:
+                        if name not in got:
+                            self.con.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(c.name)}.{_q(name)} {t}")
 
     def record_schema_versions(self) -> None:
         known = {r[0] for r in self.con.execute("SELECT fingerprint FROM schema_versions").fetchall()}
@@ -647,69 +770,74 @@ class Warehouse:
                 )
 
     def events_by_kind(self, sources: Iterable[tuple[int, str]], fingerprint_hex: str) -> None:
-        """Make ``events`` a view over one table per event kind (a replay workset's fast load).
+        """Insert events decoded by kind (a replay workset's fast load, `replay.native`).
 
         ``sources`` yields (branch, relation) pairs (each used as soon as it is yielded): the
-        relation holds the events of payload union branch ``branch`` of the *current* schema: its top-level fields except ``payload``, then ``payload`` as that
-        kind's record (what `replay.native` decodes). Each becomes a table of that kind's rows only,
-        and ``events`` a UNION ALL view of them with exactly the table's columns and types, so
-        every query reads the same. Building the one wide table instead writes a null struct per
-        kind per event, which costs more than decoding. Only for an in-memory workset: nothing can
-        be inserted into ``events`` afterwards. All or nothing: on an error nothing has changed."""
-        if self.url != ":memory:":
-            raise WarehouseError("events_by_kind is for in-memory replay worksets only")
+        relation holds the events of payload union branch ``branch`` of the *current* schema: its
+        top-level fields except ``payload``, then ``payload`` as that kind's record. Each goes into
+        that kind's table, every column cast to the table's type (what does not fit is an error,
+        not a column of another type); provenance is the fingerprint, the rest NULL. All or nothing:
+        on an error nothing has changed."""
         self.con.execute("BEGIN")
         try:
-            self._events_by_kind(sources, fingerprint_hex)
+            kinds = {k.index: k for k in self.store.kinds}
+            for branch, rel in sources:
+                k = kinds.get(branch)
+                if k is None:
+                    raise WarehouseError(f"payload branch {branch} is not a kind of the current schema")
+                self.insert_kind(k, rel, [c.name for c in stored_columns(self.store) if c.name not in _PROVENANCE]
+                                 + ["payload"], {"schema_fingerprint": f"'{fingerprint_hex}'"})
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
 
-    def _events_by_kind(self, sources: Iterable[tuple[int, str]], fingerprint_hex: str) -> None:
-        cols = event_columns(self.store)
-        kinds = {k.index: k for k in self.store.kinds}
-        provenance = {name for name, _ in PROVENANCE_COLUMNS}
-        payload_cols = {k.column for k in self.store.kinds}
-        branches = []
-        for branch, rel in sources:
-            k = kinds.get(branch)
-            if k is None:
-                raise WarehouseError(f"payload branch {branch} is not a kind of the current schema")
-            table = _q(f"events_{k.kind}")
-            stored = [c for c in cols if c.name not in payload_cols and c.name not in ("family", "kind")
-                      and c.name not in provenance]
-            # every column cast to the table's type: what does not fit is an error here, not a
-            # column of another type in the view
-            exprs = [f"CAST(s.{_q(c.name)} AS {c.type}) AS {_q(c.name)}" for c in stored]
-            exprs.append(f"s.payload::{next(c.type for c in cols if c.name == k.column)} AS {_q(k.column)}")
-            self.con.execute(f"CREATE TABLE {table} AS SELECT {', '.join(exprs)} FROM {rel} s")
-            sel = []
-            for c in cols:
-                if c.name == "family":
-                    e = f"'{k.family}'"
-                elif c.name == "kind":
-                    e = f"'{k.kind}'"
-                elif c.name == "schema_fingerprint":
-                    e = f"'{fingerprint_hex}'"
-                elif c.name in provenance or (c.name in payload_cols and c.name != k.column):
-                    e = f"NULL::{c.type}"
-                else:
-                    e = _q(c.name)
-                sel.append(f"{e} AS {_q(c.name)}")
-            branches.append(f"SELECT {', '.join(sel)} FROM {table}")
-        if not branches:
-            return
-        self.con.execute("DROP TABLE events")
-        self.con.execute("CREATE VIEW events AS\n" + "\nUNION ALL\n".join(branches))
-
-    def insert_select_sql(self, source_sql: str) -> str:
-        """INSERT of events from a relation shaped like read_avro() of the *current* schema plus
-        the provenance columns, aliased ``s``."""
-        cols = event_columns(self.store)
+    def insert_kind(self, kind: PayloadKind, relation: str, have: list[str], constants: dict[str, str],
+                    where: str = "") -> None:
+        """INSERT into ``kind``'s table from ``relation`` (aliased ``s``) whose columns ``have`` are
+        named as the table's (``payload`` for the kind's record), cast to the table's types; a
+        column it does not have is ``constants[name]`` (an SQL expression) or NULL."""
+        cols = kind_columns(self.store, kind)
+        have_set = set(have)
+        exprs = []
+        for c in cols:
+            src = "payload" if c.name == kind.column and "payload" in have_set else c.name
+            if src in have_set:
+                exprs.append(f"CAST(s.{_q(src)} AS {c.type})")
+            elif c.name in constants:
+                exprs.append(f"CAST({constants[c.name]} AS {c.type})")
+            else:
+                exprs.append(f"NULL::{c.type}")
         names = ", ".join(_q(c.name) for c in cols)
-        exprs = ",\n  ".join(f"{c.source} AS {_q(c.name)}" for c in cols)
-        return f"INSERT INTO events ({names})\nSELECT\n  {exprs}\nFROM {source_sql} s"
+        self.con.execute(f"INSERT INTO {_q(kind_table(kind))} ({names}) SELECT {', '.join(exprs)} "
+                         f"FROM {relation} s {where}")
+
+    def insert_events(self, source_sql: str, where: str = "", *, materialize: bool = True) -> int:
+        """INSERT the events of a relation shaped like read_avro() of the *current* schema plus the
+        provenance columns (aliased ``s``; ``where`` filters it) into their kind tables. The source
+        is read once into a temporary table, unless it is one already (``materialize=False``: a
+        table name). Returns the rows inserted."""
+        con = self.con
+        if materialize:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _insert_events AS SELECT * FROM {source_sql} s {where}")
+            source_sql, where = "_insert_events", ""
+        try:
+            tags = dict(con.execute(f"SELECT union_tag(s.payload), count(*) FROM {source_sql} s {where} "
+                                    "GROUP BY 1").fetchall())
+            cond = f"{where} AND" if where else "WHERE"
+            for k in self.store.kinds:
+                tag = f"u{k.index}"
+                if tag not in tags:
+                    continue
+                cols = kind_columns(self.store, k)
+                names = ", ".join(_q(c.name) for c in cols)
+                exprs = ", ".join(c.source for c in cols)
+                con.execute(f"INSERT INTO {_q(kind_table(k))} ({names}) SELECT {exprs} FROM {source_sql} s "
+                            f"{cond} union_tag(s.payload) = '{tag}'")
+            return sum(tags.values())
+        finally:
+            if materialize:
+                con.execute("DROP TABLE IF EXISTS temp._insert_events")
 
     # -- DuckLake: snapshots and maintenance ------------------------------------------------
     def snapshots(self, limit: int = 20) -> list[tuple]:
@@ -772,7 +900,8 @@ class Warehouse:
         self.close()
 
 
-TABLE_NAMES = ["events", "ingest_offsets", "chain_heads", "dead_letters", "schema_versions"]
+_PROVENANCE = {name for name, _ in PROVENANCE_COLUMNS}
+TABLE_NAMES = ["ingest_offsets", "chain_heads", "dead_letters", "schema_versions"]
 TREE_TABLE_NAMES = list(TREE_TABLES)
 
 
@@ -784,22 +913,37 @@ def _norm(sql: str) -> str:
     return " ".join(sql.replace(";", " ").split()).lower().replace("create or replace view", "create view")
 
 
-_CANONICAL: dict[str, dict[str, str]] = {}
+_CANONICAL: dict[str, tuple[dict[str, str], dict[str, dict[str, str]]]] = {}
 
 
 def _canonical_views(store: SchemaStore) -> dict[str, str]:
     """The view definitions as DuckDB stores them (it re-formats SQL), to tell whether a stored view
     is current without re-creating it -- every DDL statement is a catalog commit on a DuckLake."""
+    return _canonical(store)[0]
+
+
+def _canonical_columns(store: SchemaStore) -> dict[str, dict[str, str]]:
+    """Each kind table's column types as DuckDB names them, to tell in one query that none is missing."""
+    return _canonical(store)[1]
+
+
+def _canonical(store: SchemaStore) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     key = store.current.fingerprint_hex
     if key not in _CANONICAL:
         con = duckdb.connect(":memory:")
         try:
-            for ddl in _tables_ddl(store, constraints=True):
+            for ddl in _tables_ddl(store, constraints=True).values():
                 con.execute(ddl)
+            con.execute(events_view_ddl(store))
             for ddl in VIEWS.values():
                 con.execute(ddl)
-            _CANONICAL[key] = {n: sql for n, sql in con.execute(
+            views = {n: sql for n, sql in con.execute(
                 "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall()}
+            columns: dict[str, dict[str, str]] = {}
+            for table, column, dtype in con.execute(
+                    "SELECT table_name, column_name, data_type FROM information_schema.columns").fetchall():
+                columns.setdefault(table, {})[column] = dtype
+            _CANONICAL[key] = (views, columns)
         finally:
             con.close()
     return _CANONICAL[key]
@@ -908,7 +1052,7 @@ def ensure_detection_schema(con: duckdb.DuckDBPyConnection, have: dict[str, str]
     if not _DETECTION_CANONICAL:
         mem = duckdb.connect(":memory:")
         try:
-            mem.execute(_tables_ddl(load_store(), constraints=False)[2])  # chain_heads
+            mem.execute(CHAIN_HEADS_DDL)
             for ddl in _detection_tables_ddl().values():
                 mem.execute(ddl)
             for ddl in DETECTION_VIEWS.values():

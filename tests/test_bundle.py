@@ -15,7 +15,7 @@ from agentledger.replay.session import replay, verify_bundle
 from agentledger.replay.sources import BundleSource, LocalLogSessionSource
 from agentledger.schemas import codec, signing
 from agentledger.schemas.contract import load_store
-from agentledger.schemas.warehouse import load_extension
+from agentledger.schemas.warehouse import event_table_names, load_extension
 from test_replay import signed_session, simulate_and_ingest
 
 
@@ -382,7 +382,8 @@ def test_export_refuses_a_broken_session_and_import_is_idempotent(tmp_path):
     from agentledger.schemas.warehouse import open_warehouse
 
     with open_warehouse(s.warehouse) as wh:
-        wh.con.execute("UPDATE events SET turn_id = 'forged' WHERE session_id = ? AND seq = 4", [sid])
+        for t in event_table_names():
+            wh.con.execute(f"UPDATE {t} SET turn_id = 'forged' WHERE session_id = ? AND seq = 4", [sid])
     proc = run_cli("export", sid, "--out", str(tmp_path / "bad.avro"), env=env, check=False)
     assert proc.returncode == 1 and "first bad seq 4" in proc.stderr and not (tmp_path / "bad.avro").exists()
     run_cli("export", sid, "--out", str(tmp_path / "bad.avro"), "--allow-broken", env=env)

@@ -174,8 +174,8 @@ def test_a_warehouse_made_before_a_record_gained_a_field_gains_it_and_keeps_its_
         old.ensure_schema()
         fields = [r[0] for r in old.con.execute("DESCRIBE SELECT network_decided.* FROM events").fetchall()]
         assert "addresses" not in fields
-        old.con.execute("INSERT INTO events (event_id, session_id, seq, occurred_at, family, kind, prev_hash, hash, "
-                        "network_decided) VALUES ('e0', 'old', 0, now()::TIMESTAMP, 'network', 'network_decided', "
+        old.con.execute("INSERT INTO events_network_decided (event_id, session_id, seq, occurred_at, prev_hash, hash, "
+                        "network_decided) VALUES ('e0', 'old', 0, now()::TIMESTAMP, "
                         "'0', '1', {'attempt_id': 'a', 'decision': 'deny', 'rule': 'r', 'reason': NULL, "
                         "'policy_source': NULL})")
     sink = open_sink(s)

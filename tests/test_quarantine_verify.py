@@ -199,7 +199,7 @@ def test_verify_signed_unsigned_tampered_and_edited_rows(tmp_path, home):
         r = ing.ingest_batch(_msgs(allv, topic="agentledger.events"))
         assert r.accepted == len(allv)
         # an auditor-side edit of one row: the exit code of a command
-        wh.con.execute("UPDATE events SET command_finished = struct_update(command_finished, exit_code := 7) "
+        wh.con.execute("UPDATE events_command_finished SET command_finished = struct_update(command_finished, exit_code := 7) "
                        "WHERE session_id = ? AND seq = 2", [edit_sid])
         kr = Keyring.from_paths(keys)
         got = {sid: verify_session(wh, sid, kr) for sid in (ok_sid, uns_sid, bad_sid, wrong_sid, unk_sid, edit_sid)}

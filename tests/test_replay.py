@@ -204,7 +204,7 @@ def test_an_edited_warehouse_row_breaks_the_chain_at_that_seq(tmp_path):
         sid = wh.con.execute("SELECT session_id FROM sessions LIMIT 1").fetchone()[0]
         seq = wh.con.execute("SELECT min(seq) FROM events WHERE session_id = ? AND kind = 'file_accessed'",
                              [sid]).fetchone()[0]
-        wh.con.execute("UPDATE events SET file_accessed = struct_update(file_accessed, path := '/innocent') "
+        wh.con.execute("UPDATE events_file_accessed SET file_accessed = struct_update(file_accessed, path := '/innocent') "
                        "WHERE session_id = ? AND seq = ?", [sid, seq])
     env = cli_env(s.home)
     out = json.loads(run_cli("replay", sid, "--format", "json", env=env).stdout)

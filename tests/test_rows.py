@@ -10,7 +10,7 @@ from agentledger.schemas.contract import load_store
 from agentledger.schemas.envelope import ChainVerifier
 from agentledger.schemas.rows import iter_session_values
 from agentledger.schemas.transport import open_sink, open_source
-from agentledger.schemas.warehouse import open_warehouse
+from agentledger.schemas.warehouse import event_table_names, open_warehouse
 
 
 def first_problem(con, store, sid):
@@ -35,12 +35,13 @@ def test_rows_reencode_to_their_hashes_and_edits_show(home):
         # an auditor-invisible edit: change one argv element of one command
         sid = sessions[0]
         seq = wh.con.execute("SELECT min(seq) FROM events WHERE session_id=? AND kind='command_started'", [sid]).fetchone()[0]
-        wh.con.execute("""UPDATE events SET command_started = struct_update(command_started, argv := ['rm', '-rf', '/'])
+        wh.con.execute("""UPDATE events_command_started SET command_started = struct_update(command_started, argv := ['rm', '-rf', '/'])
                           WHERE session_id = ? AND seq = ?""", [sid, seq])
         p = first_problem(wh.con, store, sid)
         assert p is not None and p.seq == seq and p.reason == "hash_mismatch"
         # deleting an event shows as a gap at that seq
         sid2 = sessions[1]
-        wh.con.execute("DELETE FROM events WHERE session_id = ? AND seq = 3", [sid2])
+        for t in event_table_names():
+            wh.con.execute(f"DELETE FROM {t} WHERE session_id = ? AND seq = 3", [sid2])
         p = first_problem(wh.con, store, sid2)
         assert p is not None and p.seq == 4 and p.reason == "seq_gap"

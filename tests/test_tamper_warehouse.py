@@ -14,6 +14,7 @@ import pytest
 from conftest import cli_env, run_cli
 from agentledger.schemas import signing
 from agentledger.schemas.config import from_env
+from agentledger.schemas.warehouse import event_table_names
 
 
 def _build(home: Path, sessions: int = 4, seed: int = 5, **env) -> list[str]:
@@ -82,7 +83,7 @@ def test_an_intact_warehouse_verifies_with_signatures_and_published_heads(pristi
 def test_tail_truncation_is_broken_at_the_first_missing_seq(pristine, tmp_path):
     home, ids = _copy(pristine, tmp_path)
     sid = ids[0]
-    _sql(home, ("DELETE FROM events WHERE session_id = ? AND seq >= 20", [sid]))
+    _sql(home, *[(f"DELETE FROM {t} WHERE session_id = ? AND seq >= 20", [sid]) for t in event_table_names()])
     for args in (["--require-signatures"], []):
         rc, doc = _verify(home, *args)
         r = _result(doc, sid)
@@ -100,7 +101,8 @@ def test_a_session_without_its_heads_row_and_with_edited_events_is_found(pristin
     home, ids = _copy(pristine, tmp_path)
     sid = ids[1]
     _sql(home, ("DELETE FROM chain_heads WHERE session_id = ?", [sid]),
-         ("UPDATE events SET occurred_at = occurred_at + INTERVAL 1 SECOND WHERE session_id = ? AND seq = 7", [sid]))
+         *[(f"UPDATE {t} SET occurred_at = occurred_at + INTERVAL 1 SECOND WHERE session_id = ? AND seq = 7", [sid])
+           for t in event_table_names()])
     rc, doc = _verify(home)
     r = _result(doc, sid)
     assert rc == 1 and (r["reason"], r["first_bad_seq"]) == ("hash_mismatch", 7), r
@@ -114,7 +116,7 @@ def test_a_session_without_its_heads_row_and_with_edited_events_is_found(pristin
 def test_a_deleted_session_is_found_from_the_tree_and_the_published_heads(pristine, tmp_path):
     home, ids = _copy(pristine, tmp_path)
     sid = ids[2]
-    _sql(home, *[(f"DELETE FROM {t} WHERE session_id = ?", [sid]) for t in ("events", "chain_heads", "dead_letters")])
+    _sql(home, *[(f"DELETE FROM {t} WHERE session_id = ?", [sid]) for t in (*event_table_names(), "chain_heads", "dead_letters")])
     rc, doc = _verify(home)
     r = _result(doc, sid)
     assert rc == 1 and (r["reason"], r["first_bad_seq"]) == ("session_deleted", 0), r
@@ -137,7 +139,7 @@ def _rewrite_history(home: Path, sid: str, signer: signing.Signer) -> None:
 
     con = duckdb.connect(str(home / "warehouse.duckdb"))
     try:
-        for t in ("events", "chain_heads", "dead_letters", "tree_leaves"):
+        for t in (*event_table_names(), "chain_heads", "dead_letters", "tree_leaves"):
             con.execute(f"DELETE FROM {t} WHERE session_id = ?", [sid])
         rows = con.execute("SELECT session_id, head_seq, head_hash, event_count FROM tree_leaves "
                            "ORDER BY leaf_index").fetchall()

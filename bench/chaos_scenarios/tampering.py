@@ -98,6 +98,18 @@ class _Warehouse:
         return self.con.execute("SELECT count(*) FROM events WHERE session_id = ?", [sid]).fetchone()[0]
 
 
+# the hash with another first digit (``'0' || ...`` left a hash that starts with 0 unchanged: 1 in 16)
+_OTHER_FIRST_DIGIT = "CASE WHEN starts_with(head_hash, '0') THEN '1' ELSE '0' END || substr(head_hash, 2)"
+
+
+def _each(con, sql: str, params: list) -> None:
+    """``sql`` on every kind table (``{t}``): ``events`` is a view over them."""
+    from agentledger.schemas.warehouse import event_table_names
+
+    for t in event_table_names():
+        con.execute(sql.format(t=t), params)
+
+
 def _mutate_warehouse(w: _Warehouse, kind: str, sid: str, rng: random.Random) -> int | None:
     """Apply one mutation inside the open transaction; return the first bad seq it should be named by."""
     from agentledger.schemas import merkle, signing, treelog
@@ -108,34 +120,34 @@ def _mutate_warehouse(w: _Warehouse, kind: str, sid: str, rng: random.Random) ->
     if kind == "field_edit":
         col = rng.choice(["occurred_at", "turn_id"])
         expr = "occurred_at + INTERVAL 1 SECOND" if col == "occurred_at" else "coalesce(turn_id, '') || 'x'"
-        con.execute(f"UPDATE events SET {col} = {expr} WHERE session_id = ? AND seq = ?", [sid, k])
+        _each(con, f"UPDATE {{t}} SET {col} = {expr} WHERE session_id = ? AND seq = ?", [sid, k])
         return k
     if kind == "delete_row":
-        con.execute("DELETE FROM events WHERE session_id = ? AND seq = ?", [sid, k])
+        _each(con, "DELETE FROM {t} WHERE session_id = ? AND seq = ?", [sid, k])
         return k
     if kind == "tail_truncation":
         k = max(1, k)
-        con.execute("DELETE FROM events WHERE session_id = ? AND seq >= ?", [sid, k])
+        _each(con, "DELETE FROM {t} WHERE session_id = ? AND seq >= ?", [sid, k])
         return k
     if kind in ("session_deletion", "session_and_leaves_deletion"):
-        for t in ("events", "chain_heads", "dead_letters") + (("tree_leaves",) if kind != "session_deletion" else ()):
+        _each(con, "DELETE FROM {t} WHERE session_id = ?", [sid])
+        for t in ("chain_heads", "dead_letters") + (("tree_leaves",) if kind != "session_deletion" else ()):
             con.execute(f"DELETE FROM {t} WHERE session_id = ?", [sid])
         return 0 if kind == "session_deletion" else None
     if kind == "reorder":
         j = rng.choice([x for x in range(n) if x != k])
-        con.execute("UPDATE events SET seq = CASE seq WHEN ? THEN ? ELSE ? END WHERE session_id = ? AND seq IN (?, ?)",
-                    [k, j, k, sid, k, j])
+        _each(con, "UPDATE {t} SET seq = CASE seq WHEN ? THEN ? ELSE ? END WHERE session_id = ? AND seq IN (?, ?)",
+              [k, j, k, sid, k, j])
         return min(k, j)
     if kind == "insert":
-        con.execute("INSERT INTO events SELECT * REPLACE (? AS seq) FROM events WHERE session_id = ? AND seq = ?",
-                    [n, sid, k])
+        _each(con, "INSERT INTO {t} SELECT * REPLACE (? AS seq) FROM {t} WHERE session_id = ? AND seq = ?", [n, sid, k])
         return n
     if kind == "duplicate":
-        con.execute("INSERT INTO events SELECT * FROM events WHERE session_id = ? AND seq = ?", [sid, k])
+        _each(con, "INSERT INTO {t} SELECT * FROM {t} WHERE session_id = ? AND seq = ?", [sid, k])
         return None
     if kind == "heads_edit":
         col, expr = rng.choice([("head_seq", "head_seq - 1"), ("event_count", "event_count + 1"),
-                                ("head_hash", "'0' || substr(head_hash, 2)")])
+                                ("head_hash", _OTHER_FIRST_DIGIT)])
         con.execute(f"UPDATE chain_heads SET {col} = {expr} WHERE session_id = ?", [sid])
         return None
     if kind == "heads_delete":
@@ -145,11 +157,12 @@ def _mutate_warehouse(w: _Warehouse, kind: str, sid: str, rng: random.Random) ->
         idx = rng.choice([r[0] for r in con.execute("SELECT leaf_index FROM tree_leaves WHERE session_id = ?",
                                                     [sid]).fetchall()])
         col, expr = rng.choice([("head_seq", "head_seq - 1"), ("event_count", "event_count - 1"),
-                                ("head_hash", "'0' || substr(head_hash, 2)")])
+                                ("head_hash", _OTHER_FIRST_DIGIT)])
         con.execute(f"UPDATE tree_leaves SET {col} = {expr} WHERE leaf_index = ?", [idx])
         return None
     if kind == "rewrite_resigned_by_attacker":
-        for t in ("events", "chain_heads", "dead_letters", "tree_leaves"):
+        _each(con, "DELETE FROM {t} WHERE session_id = ?", [sid])
+        for t in ("chain_heads", "dead_letters", "tree_leaves"):
             con.execute(f"DELETE FROM {t} WHERE session_id = ?", [sid])
         rows = con.execute("SELECT session_id, head_seq, head_hash, event_count FROM tree_leaves "
                            "ORDER BY leaf_index").fetchall()

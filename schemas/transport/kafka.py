@@ -343,10 +343,13 @@ class KafkaSource(Source):
         self._consumer.close(autocommit=False)
 
 
-def raw_poll(bootstrap_servers: str, topic: str, expected: int, timeout_s: float = 300) -> tuple[int, float]:
+def raw_poll(bootstrap_servers: str, topic: str, expected: int, timeout_s: float = 300,
+             **overrides: Any) -> tuple[int, float]:
     """Baseline for benchmarks: plain kafka-python poll of a whole topic, values touched, nothing
-    decoded or stored. Returns (messages, seconds)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, **CONSUMER_DEFAULTS, **security_config())
+    decoded or stored, with the consumer settings of `KafkaSource` (``overrides`` changes some).
+    Returns (messages, seconds)."""
+    config = {**CONSUMER_DEFAULTS, **security_config(), **overrides}
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, **config)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(tps)
@@ -356,7 +359,7 @@ def raw_poll(bootstrap_servers: str, topic: str, expected: int, timeout_s: float
         t0 = time.perf_counter()
         deadline = t0 + timeout_s
         while n < expected and time.perf_counter() < deadline:
-            for records in consumer.poll(timeout_ms=500, max_records=CONSUMER_DEFAULTS["max_poll_records"]).values():
+            for records in consumer.poll(timeout_ms=500, max_records=config["max_poll_records"]).values():
                 n += len(records)
                 nbytes += sum(len(r.value) for r in records)
         return n, time.perf_counter() - t0
@@ -723,7 +726,7 @@ def scan_partition(bootstrap_servers: str, topic: str, partition: int, start: in
             if time.monotonic() > deadline:
                 raise TransportError(f"{topic}/{partition}: read {pos - first} of {end - first} messages in "
                                      f"{timeout_s:.0f}s; gave up")
-            for records in consumer.poll(timeout_ms=500, max_records=CONSUMER_DEFAULTS["max_poll_records"]).values():
+            for records in consumer.poll(timeout_ms=500, max_records=config["max_poll_records"]).values():
                 for r in records:
                     if r.offset >= end:
                         continue

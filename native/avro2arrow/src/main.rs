@@ -19,6 +19,8 @@
 //! says so, and agentledger's own verifier works out what is wrong and where. The block spans go
 //! to `--spans-out` as little-endian i64 pairs (body start, body end).
 //!
+//! The same binary decodes ingest batches: `agentledger-avro2arrow --ingest ...` (src/ingest.rs).
+//!
 //! Usage: agentledger-avro2arrow --input FILE|- --out-dir DIR [--reader-schema FILE] [--batch-size N]
 //!          [--verify --blocks-at OFFSET --sync HEX --soe-header HEX --session-id ID
 //!           --first-seq N --first-prev-hash HASH --spans-out FILE]
@@ -26,6 +28,8 @@
 //! then one with the summary: {"rows": N, "kinds": {"<branch>": rows, ...}[, "verify": {...}]}.
 //! On failure prints the reason on stderr and exits 2. With AGENTLEDGER_AVRO2ARROW_TIMINGS set, the
 //! time of each phase goes to stderr (for docs/replay.md's breakdown).
+
+mod ingest;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -523,6 +527,19 @@ fn write_kinds(parts: &[ByKind], args: &Args) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--ingest") {
+        let done = ingest::parse_args(std::env::args().skip(2)).and_then(ingest::run);
+        return match done {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("agentledger-avro2arrow --ingest: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -1,0 +1,183 @@
+"""The adapter of the native decoder ``agentledger-avro2arrow`` (native/avro2arrow, Rust): where it
+is, the reader schema it decodes with, a scratch directory for its files, and its ``--ingest`` mode.
+
+``scripts/bootstrap`` builds it with cargo into ``.venv/bin``. It is an accelerator, never a
+dependency: replay (`replay.native`) and ingest (`consumers.ingest`) work without it, slower, with
+the same answers. ``$AGENTLEDGER_AVRO2ARROW`` names another build, or ``off``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from array import array
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import envvars
+from .errors import AgentLedgerError
+
+BINARY = "agentledger-avro2arrow"
+ENV = "AGENTLEDGER_AVRO2ARROW"  # a path to the binary, or "off"
+_REPO_BUILD = Path(__file__).resolve().parents[1] / "native" / "avro2arrow" / "target" / "release" / BINARY
+
+
+class NativeDecodeError(AgentLedgerError):
+    """The native decoder is missing or could not decode the input."""
+
+
+def decoder() -> Path | None:
+    """The decoder to use: ``$AGENTLEDGER_AVRO2ARROW`` ("off" disables it), else the one installed
+    next to this Python (``scripts/bootstrap`` puts it in ``.venv/bin``), else one on ``PATH``, else
+    a build in the source tree. None when there is none."""
+    env = envvars.raw(ENV)
+    if env is not None:
+        if env.strip().lower() in ("", "off", "0", "none"):
+            return None
+        p = Path(env)
+        return p if p.is_file() and os.access(p, os.X_OK) else None
+    for p in (Path(sys.prefix) / "bin" / BINARY, shutil.which(BINARY), _REPO_BUILD):
+        if p and Path(p).is_file() and os.access(p, os.X_OK):
+            return Path(p)
+    return None
+
+
+def reader_schema(schema: dict) -> dict:
+    """The schema to decode with: the writer's, with ``uuid`` strings kept as strings (arrow-avro
+    would parse them into 16 bytes, losing their exact text) and ``timestamp-micros`` read as
+    local timestamps (the warehouse keeps UTC as TIMESTAMP without a zone). Avro resolves these
+    by their primitive types, so the bytes decode identically."""
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, dict):
+            o = {k: walk(v) for k, v in o.items()}
+            if o.get("logicalType") == "uuid":
+                del o["logicalType"]
+            elif o.get("logicalType") == "timestamp-micros":
+                o["logicalType"] = "local-timestamp-micros"
+            return o
+        if isinstance(o, list):
+            return [walk(x) for x in o]
+        return o
+
+    return walk(copy.deepcopy(schema))
+
+
+
+
+@contextmanager
+def scratch_dir(need_bytes: int = 0):
+    """A private (0700) temporary directory for the decoder's input and output: in memory (/dev/shm)
+    when it has room for ``need_bytes``, else the default temporary directory. It is removed on
+    exit, by a thread: freeing a large tmpfs file takes a while, and nothing waits for it (the
+    interpreter does, at exit)."""
+    shm = Path("/dev/shm")
+    try:
+        roomy = shm.is_dir() and shutil.disk_usage(shm).free > need_bytes
+    except OSError:
+        roomy = False
+    d = tempfile.mkdtemp(prefix="agentledger-native-", dir=shm if roomy else None)
+    try:
+        yield Path(d)
+    finally:
+        threading.Thread(target=shutil.rmtree, args=(d,), kwargs={"ignore_errors": True}).start()
+
+
+# --- --ingest: one ingest batch ------------------------------------------------------------------
+
+FRAME_MAGIC = b"ALFRAME1"
+_CHUNK = struct.Struct("<B3xiqQQQQIxxxxQ")  # 64 bytes: kind, partition, first offset, data, aux, n, base
+assert _CHUNK.size == 64
+
+
+def values_frame(values: list[bytes], partitions: list[int], offsets: list[int]) -> bytes:
+    """An ingest frame of one *values* chunk (src/ingest.rs): the messages one after the other,
+    and per message (offset i64, partition i32, length u32). Message ``k`` is numbered ``k``."""
+    n = len(values)
+    table = array("q", [0]) * (2 * n)
+    lens = [len(v) for v in values]
+    # (offset, partition | length << 32) per message, as little-endian 64-bit words
+    for k in range(n):
+        table[2 * k] = offsets[k]
+        table[2 * k + 1] = (partitions[k] & 0xFFFFFFFF) | (lens[k] << 32)
+    if sys.byteorder != "little":
+        table.byteswap()
+    aux = table.tobytes()
+    head = 16 + _CHUNK.size
+    data_off = head + len(aux)
+    hdr = FRAME_MAGIC + struct.pack("<I4x", 1) + _CHUNK.pack(0, 0, 0, data_off, sum(lens), head, len(aux), n, 0)
+    return b"".join([hdr, aux, *values])
+
+
+@dataclass
+class IngestDecoded:
+    """What ``--ingest`` made of a batch: a file per event kind (union branch -> path), the chain
+    guard's envelope rows (``env.arrow``), the messages it did not vouch for, and the counts."""
+
+    workdir: Path
+    records: int
+    rows: int
+    punted: list[int]
+    kinds: dict[int, int]
+    chunks: list[int]
+
+    def kind_file(self, branch: int) -> Path:
+        return self.workdir / f"kind-{branch}.arrow"
+
+    @property
+    def env_file(self) -> Path:
+        return self.workdir / "env.arrow"
+
+    @property
+    def sessions_file(self) -> Path:
+        return self.workdir / "sessions.arrow"
+
+
+def decode_ingest(frame: bytes, schema: dict, fingerprint: bytes, workdir: Path, *, max_message_bytes: int,
+                  ended_branch: int, timeout: float | None = None) -> IngestDecoded:
+    """Run ``agentledger-avro2arrow --ingest`` over ``frame`` (see `values_frame`) in ``workdir``.
+    Raises `NativeDecodeError` when the decoder is missing, fails, or says something that does not
+    add up (then the caller takes its Python path)."""
+    exe = decoder()
+    if exe is None:
+        raise NativeDecodeError(f"{BINARY} is not installed")
+    workdir = Path(workdir)
+    try:
+        (workdir / "reader.avsc").write_text(json.dumps(reader_schema(schema), separators=(",", ":")))
+        (workdir / "frame.bin").write_bytes(frame)
+    except OSError as exc:
+        raise NativeDecodeError(f"cannot hand the batch to {BINARY}: {exc}") from exc
+    args = [str(exe), "--ingest", "--input", str(workdir / "frame.bin"), "--out-dir", str(workdir),
+            "--schema", str(workdir / "reader.avsc"), "--fingerprint", fingerprint.hex(),
+            "--max-message-bytes", str(max_message_bytes), "--ended-branch", str(ended_branch)]
+    try:
+        proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout if timeout is not None else 10 + len(frame) / 10e6)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        raise NativeDecodeError(f"{BINARY} --ingest did not finish: {exc}") from exc
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise NativeDecodeError(err[-1] if err else f"{BINARY} --ingest exited with {proc.returncode}")
+    try:
+        s = json.loads(proc.stdout)
+        punted = array("q")
+        punted.frombytes((workdir / "punted.bin").read_bytes())
+        if sys.byteorder != "little":
+            punted.byteswap()
+        out = IngestDecoded(workdir, int(s["records"]), int(s["rows"]), punted.tolist(),
+                            {int(t): int(n) for t, n in s["kinds"].items()}, [int(c) for c in s["chunks"]])
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        raise NativeDecodeError(f"{BINARY} --ingest printed an unreadable summary: {proc.stdout[:200]!r} ({exc})") from exc
+    if (sum(out.kinds.values()) != out.rows or out.rows + len(out.punted) != out.records
+            or not all(out.kind_file(t).is_file() for t in out.kinds)):
+        raise NativeDecodeError(f"{BINARY} --ingest: its summary does not add up ({proc.stdout[:200]!r})")
+    return out

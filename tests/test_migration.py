@@ -1,0 +1,109 @@
+"""A warehouse written before the kind tables (one wide ``events`` table) is converted in place on its
+next write open, DuckDB file and DuckLake alike, and reads exactly as before (issue 18).
+
+The fixture was written by the code before this change (tests/fixtures/legacy_warehouse/make_fixture.py
+says how): 5 simulated sessions with signed checkpoints, a session whose seq 1 never arrived (two
+parked seq_gap letters), an undecodable message and a tampered copy, signed tree heads."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, run_cli
+from agentledger.consumers.ingest import Ingestor
+from agentledger.schemas.transport.base import Message
+from agentledger.schemas.warehouse import VIEWS, Warehouse, event_table_names, open_warehouse
+
+FIXTURE = Path(__file__).parent / "fixtures" / "legacy_warehouse" / "warehouses.tar.gz"
+
+# Everything an auditor reads, before and after (sessions_without_end.silent_for_s is the time since).
+QUERIES = {
+    "events": "SELECT * FROM events ORDER BY event_id",
+    "columns": "SELECT column_name, column_type FROM (DESCRIBE events)",
+    **{v: f"SELECT * FROM {v} ORDER BY ALL" for v in VIEWS if v != "sessions_without_end"},
+    "sessions_without_end": "SELECT * EXCLUDE (silent_for_s) FROM sessions_without_end ORDER BY ALL",
+    **{t: f"SELECT * FROM {t} ORDER BY ALL" for t in ("chain_heads", "ingest_offsets", "tree_leaves", "tree_state",
+                                                     "tree_heads", "schema_versions")},
+    "dead_letters": "SELECT * FROM dead_letters ORDER BY dead_letter_id",
+}
+
+
+def _legacy(tmp_path: Path, lake: bool) -> tuple[str, Path]:
+    with tarfile.open(FIXTURE) as tar:
+        tar.extractall(tmp_path, filter="data")
+    if not lake:
+        return str(tmp_path / "warehouse.duckdb"), tmp_path
+    catalog = tmp_path / "lake" / "meta.sqlite"
+    con = sqlite3.connect(catalog)  # the catalog names its data directory by absolute path
+    con.execute("UPDATE ducklake_metadata SET value = ? WHERE key = 'data_path'", [f"{catalog}.files/"])
+    con.commit()
+    con.close()
+    return f"ducklake:sqlite:{catalog}", tmp_path
+
+
+def _read(url: str) -> dict:
+    with Warehouse(url, read_only=True) as wh:
+        return {name: wh.con.execute(q).fetchall() for name, q in QUERIES.items()}
+
+
+def _relations(url: str) -> dict[str, str]:
+    with Warehouse(url, read_only=True) as wh:
+        return dict(wh.con.execute("""SELECT table_name, table_type FROM information_schema.tables
+                                       WHERE table_catalog = current_database()""").fetchall())
+
+
+def _verify(home: Path, url: str) -> dict:
+    proc = run_cli("verify", "--format", "json", env=cli_env(home, AGENTLEDGER_WAREHOUSE=url), check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("lake", [False, True], ids=["duckdb", "ducklake"])
+def test_a_warehouse_made_before_the_kind_tables_is_migrated_in_place_and_reads_the_same(tmp_path, lake):
+    url, root = _legacy(tmp_path, lake)
+    assert _relations(url)["events"] == "BASE TABLE"
+    before = _read(url)
+    assert len(before["events"]) == 151 and len(before["dead_letters"]) == 4
+    verified_before = _verify(root / "home", url)
+
+    with open_warehouse(url):  # the first write open migrates
+        pass
+    rel = _relations(url)
+    assert rel["events"] == "VIEW"
+    assert all(rel[t] == "BASE TABLE" for t in event_table_names())
+    after = _read(url)
+    for name in QUERIES:
+        assert after[name] == before[name], name
+    assert _verify(root / "home", url) == verified_before
+    with open_warehouse(url):  # idempotent: nothing left to do
+        pass
+    assert _read(url) == after
+
+    # ingest goes on where it was: the session whose seq 1 was missing heals from its parked letters
+    missing = (root / "missing_event.bin").read_bytes()
+    with open_warehouse(url) as wh:
+        sid, = wh.con.execute("SELECT DISTINCT session_id FROM dead_letters WHERE reason = 'seq_gap'").fetchone()
+        nxt = wh.con.execute("SELECT max(next_offset) FROM ingest_offsets WHERE \"partition\" = 0").fetchone()[0]
+        r = Ingestor(wh, None, "agentledger.events").ingest_batch([Message("agentledger.events", 0, nxt, None, missing)])
+        assert (r.accepted, r.healed, r.dead_letters) == (3, 2, 0)
+        assert wh.con.execute("SELECT status FROM chain_status WHERE session_id = ?", [sid]).fetchone()[0] == "ok"
+        assert wh.con.execute("SELECT count(*), max(seq) FROM events WHERE session_id = ?", [sid]).fetchone() == (4, 3)
+        assert wh.con.execute("SELECT count(*) FROM events").fetchone()[0] == 154
+
+
+def test_a_snapshot_from_before_the_migration_still_reads_the_old_table(tmp_path):
+    url, _ = _legacy(tmp_path, lake=True)
+    with Warehouse(url, read_only=True) as wh:
+        snap = wh.current_snapshot()
+        n = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
+    with open_warehouse(url):
+        pass
+    with Warehouse(url, read_only=True, snapshot=snap) as old:
+        assert old.con.execute("SELECT count(*) FROM events").fetchone()[0] == n
+        assert old.con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events' "
+                               "AND table_catalog = current_database()").fetchone()[0] == "BASE TABLE"
