@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import tempfile
@@ -42,6 +43,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--sessions", type=int, default=6, help="tampering: sessions to record")
     ap.add_argument("--cli-runs", type=int, default=4, help="tampering: mutations also checked with the real CLI")
     ap.add_argument("--disk-runs", type=int, default=20, help="disk_full: runs, each with its own fault")
+    ap.add_argument("--hostile", type=int, default=10_000, help="bad_input: hostile messages per transport")
+    ap.add_argument("--bootstrap", default=os.environ.get("AGENTLEDGER_TEST_BOOTSTRAP"),
+                    help="a Kafka broker for the Kafka half of bad_input (default $AGENTLEDGER_TEST_BOOTSTRAP; "
+                         "unset: local log only)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds before a CLI run counts as a hang")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-chaos-"))

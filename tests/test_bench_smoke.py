@@ -89,3 +89,20 @@ def test_bench_import_memory_smoke(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["huge_line_exit"] == 0 and result["deep_line_exit"] == 0 and not result["deep_line_traceback"]
     assert result["baseline_kib"] > 0 and result["huge_line_kib"] - result["baseline_kib"] < 40 * 1024
+
+
+@pytest.mark.kafka
+def test_bench_chaos_bad_input_smoke(tmp_path, bootstrap):
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "bad_input", "--hostile", "120",
+                           "--seed", "4", "--bootstrap", bootstrap, "--timeout", "300",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["kinds"]) == {"random_bytes", "truncated", "unknown_fingerprint", "wrong_magic", "broken_chain",
+                                    "duplicate", "conflicting_seq", "skipped_seq", "oversized", "empty",
+                                    "absurd_values", "deep_nesting"}
+    for transport in ("local", "kafka"):
+        r = result[transport]
+        assert r["hostile"] == 120 and r["quarantined_pct"] == 100.0 and r["valid_stored_pct"] == 100.0, r
+        assert r["crashes"] == 0 and r["hangs"] == 0 and r["hostile_stored"] == 0, r
+    assert result["undetected"] == 0 and result["tracebacks"] == 0
