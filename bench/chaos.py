@@ -48,6 +48,10 @@ def main(argv=None) -> list[dict]:
                     help="a Kafka broker for the Kafka half of bad_input (default $AGENTLEDGER_TEST_BOOTSTRAP; "
                          "unset: local log only)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a CLI run counts as a hang")
+    ap.add_argument("--sql-cli-every", type=int, default=1,
+                    help="readonly_sql: run every Nth statement also through the CLI (1: all)")
+    ap.add_argument("--sql-sample", type=int, default=1, help="readonly_sql: try every Nth statement (1: all)")
+    ap.add_argument("--sql-warehouses", default="file,lake", help="readonly_sql: warehouse kinds (file, lake)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-chaos-"))

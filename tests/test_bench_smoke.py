@@ -106,3 +106,18 @@ def test_bench_chaos_bad_input_smoke(tmp_path, bootstrap):
         assert r["hostile"] == 120 and r["quarantined_pct"] == 100.0 and r["valid_stored_pct"] == 100.0, r
         assert r["crashes"] == 0 and r["hangs"] == 0 and r["hostile_stored"] == 0, r
     assert result["undetected"] == 0 and result["tracebacks"] == 0
+
+
+def test_bench_chaos_readonly_sql_smoke(tmp_path):
+    """A sample of the statements on a DuckLake warehouse (where COPY into the data path, ATTACH of a
+    new catalog and CHECKPOINT wrote files before `check_query`), a few through the real CLI."""
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "readonly_sql", "--sql-warehouses", "lake",
+                           "--sql-sample", "4", "--sql-cli-every", "40", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lib, cli = result["lake_library"], result["lake_cli"]
+    assert lib["tried"] >= 20 and cli["tried"] >= 2, result
+    assert lib["refused"] == lib["tried"] and cli["refused"] == cli["tried"], (lib["allowed"], cli["allowed"])
+    assert lib["controls_ok"] == lib["controls"] and cli["controls_ok"] == cli["controls"]
+    assert result["undetected"] == 0 and result["tracebacks"] == 0
