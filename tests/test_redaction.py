@@ -372,3 +372,16 @@ def test_ids_are_redacted_where_agent_records_carry_them():
     attrs = otlp["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0]["attributes"]
     assert [a["value"]["stringValue"] for a in attrs] == [red.redact_id(f"conv-{gh}"), red.redact_id(f"call_{gh}"), "shell"]
     assert gh not in json.dumps(attrs)
+
+
+@pytest.mark.parametrize("text, secret", [
+    ('{"result": {"config": "redis-cli -a UGRLb947%ec ping"}}', "UGRLb947%ec"),
+    ('{"cmd": "keytool -list -keystore ks.jks -storepass xAzMD017!uw"}', "xAzMD017!uw"),
+    ('{"argv": "zip -P xAzMD017!uw a.zip b"}', "xAzMD017!uw"),
+    ('{"out": "{\\"cmd\\": \\"sshpass -p Hq8#kLw2Zr9 ssh host\\"}"}', "Hq8#kLw2Zr9"),
+])
+def test_password_flags_inside_json_strings_of_output_are_redacted(text, secret):
+    """bench/chaos.py secrets: a command line with a password flag, quoted inside a JSON string of a
+    command's output (a config dump, `ps` as JSON, a CI log), was one shell word to the argv rules."""
+    out, found = Redactor(b"k").scan(text)
+    assert secret not in out and found, out
