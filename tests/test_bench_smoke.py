@@ -134,3 +134,17 @@ def test_bench_chaos_secrets_smoke(tmp_path):
     assert result["importer_samples"] == 60 and result["simulator_secrets"] > 0 and result["files_scanned"] > 10
     assert result["errors"] == {}, result["errors"]
     assert result["in_clear"] == 0, result["found"]
+
+
+def test_bench_chaos_consumer_kill_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "consumer_kill", "--kills", "3",
+                           "--kill-sessions", "6", "--kill-batch", "50", "--kill-min-s", "1.5", "--kill-max-s", "4",
+                           "--kill-warehouses", "file", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    f = result["file"]
+    assert f["produced"] > 100 and f["kills"] >= 1, f
+    assert f["stored"] == f["produced"] and f["missing"] == f["duplicated"] == f["unexpected"] == 0, f
+    assert f["chains_not_ok"] == 0 and f["errors"] == [], f
+    assert result["undetected"] == 0
