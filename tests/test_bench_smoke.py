@@ -148,3 +148,15 @@ def test_bench_chaos_consumer_kill_smoke(tmp_path):
     assert f["stored"] == f["produced"] and f["missing"] == f["duplicated"] == f["unexpected"] == 0, f
     assert f["chains_not_ok"] == 0 and f["errors"] == [], f
     assert result["undetected"] == 0
+
+
+def test_bench_chaos_broker_kill_smoke(tmp_path):
+    """Its own broker (scripts/kafka, random ports), SIGKILLed and restarted once under two producers."""
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "broker_kill", "--broker-sessions", "10",
+                           "--producers", "2", "--broker-kills", "1", "--broker-up-min-s", "2", "--broker-down-s", "3",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["broker_kills"] == 1 and result["produced"] > 100 and result["sessions"] == 10, result
+    assert result["stored"] == result["produced"] and result["lost"] == result["duplicated"] == 0, result
+    assert result["sessions_out_of_order"] == 0 and result["spool_remaining"] == 0 and result["errors"] == []
