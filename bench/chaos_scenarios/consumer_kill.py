@@ -62,6 +62,8 @@ def _in_commit(home: Path, kind: str) -> bool:
 
 
 def _stored_count(env: dict) -> int:
+    import duckdb
+
     from agentledger.schemas.config import from_env
     from agentledger.schemas.errors import AgentLedgerError
     from agentledger.schemas.warehouse import open_for
@@ -69,7 +71,7 @@ def _stored_count(env: dict) -> int:
     try:
         with open_for(from_env(env), read_only=True) as wh:
             return wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
-    except AgentLedgerError:
+    except (AgentLedgerError, duckdb.Error):  # no warehouse (schema) yet: the killed runs never got that far
         return 0
 
 
