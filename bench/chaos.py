@@ -1,10 +1,12 @@
 """Chaos runner: scenarios that attack or break agentledger and count what it failed to notice.
 
+    python bench/chaos.py                                   # all: bad_input, broker_kill, consumer_kill,
+                                                            # disk_full, readonly_sql, secrets, tampering
     python bench/chaos.py --scenario tampering --mutations 1000 --seed 1
 
-Each scenario is a module in bench/chaos_scenarios/ that registers itself with `scenario` (a name
-and a function ``run(args, workdir) -> dict`` of figures); add disk-full, broker-kill, ... runs the
-same way. The last line printed is JSON: {"scenario": name, **figures} per scenario run, or a list
+What each guarantees and its last figures: docs/reliability.md. Each scenario is a module in
+bench/chaos_scenarios/ that registers itself with `scenario` (a name and a function
+``run(args, workdir) -> dict`` of figures). The last line printed is JSON: {"scenario": name, **figures} per scenario run, or a list
 when several ran. Figures a scenario must keep at 0 are named ``undetected`` and ``tracebacks``.
 """
 
