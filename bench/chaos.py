@@ -1,10 +1,12 @@
 """Chaos runner: scenarios that attack or break agentledger and count what it failed to notice.
 
+    python bench/chaos.py                                   # all: bad_input, broker_kill, consumer_kill,
+                                                            # disk_full, readonly_sql, secrets, tampering
     python bench/chaos.py --scenario tampering --mutations 1000 --seed 1
 
-Each scenario is a module in bench/chaos_scenarios/ that registers itself with `scenario` (a name
-and a function ``run(args, workdir) -> dict`` of figures); add disk-full, broker-kill, ... runs the
-same way. The last line printed is JSON: {"scenario": name, **figures} per scenario run, or a list
+What each guarantees and its last figures: docs/reliability.md. Each scenario is a module in
+bench/chaos_scenarios/ that registers itself with `scenario` (a name and a function
+``run(args, workdir) -> dict`` of figures). The last line printed is JSON: {"scenario": name, **figures} per scenario run, or a list
 when several ran. Figures a scenario must keep at 0 are named ``undetected`` and ``tracebacks``.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import tempfile
@@ -42,6 +45,29 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--sessions", type=int, default=6, help="tampering: sessions to record")
     ap.add_argument("--cli-runs", type=int, default=4, help="tampering: mutations also checked with the real CLI")
     ap.add_argument("--disk-runs", type=int, default=20, help="disk_full: runs, each with its own fault")
+    ap.add_argument("--hostile", type=int, default=10_000, help="bad_input: hostile messages per transport")
+    ap.add_argument("--bootstrap", default=os.environ.get("AGENTLEDGER_TEST_BOOTSTRAP"),
+                    help="a Kafka broker for the Kafka half of bad_input (default $AGENTLEDGER_TEST_BOOTSTRAP; "
+                         "unset: local log only)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds before a CLI run counts as a hang")
+    ap.add_argument("--sql-cli-every", type=int, default=1,
+                    help="readonly_sql: run every Nth statement also through the CLI (1: all)")
+    ap.add_argument("--sql-sample", type=int, default=1, help="readonly_sql: try every Nth statement (1: all)")
+    ap.add_argument("--sql-warehouses", default="file,lake", help="readonly_sql: warehouse kinds (file, lake)")
+    ap.add_argument("--secret-samples", type=int, default=0, help="secrets: corpus samples to use (0: all)")
+    ap.add_argument("--hook-samples", type=int, default=40, help="secrets: samples also sent through the hook")
+    ap.add_argument("--sim-sessions", type=int, default=20, help="secrets: simulated sessions (their own secrets)")
+    ap.add_argument("--kills", type=int, default=20, help="consumer_kill: SIGKILLs of ingest --follow per warehouse")
+    ap.add_argument("--kill-sessions", type=int, default=60, help="consumer_kill: simulated sessions (half more mid-way)")
+    ap.add_argument("--kill-batch", type=int, default=500, help="consumer_kill: ingest --batch (small: many commits)")
+    ap.add_argument("--kill-min-s", type=float, default=2.0, help="consumer_kill: earliest kill after a start (s)")
+    ap.add_argument("--kill-max-s", type=float, default=12.0, help="consumer_kill: latest kill after a start (s)")
+    ap.add_argument("--kill-warehouses", default="file,lake", help="consumer_kill: warehouse kinds (file, lake)")
+    ap.add_argument("--broker-sessions", type=int, default=3300, help="broker_kill: simulated sessions (all producers)")
+    ap.add_argument("--producers", type=int, default=4, help="broker_kill: concurrent `agentledger simulate` processes")
+    ap.add_argument("--broker-kills", type=int, default=2, help="broker_kill: SIGKILL + restart of the broker")
+    ap.add_argument("--broker-up-min-s", type=float, default=8.0, help="broker_kill: least time up between kills (s)")
+    ap.add_argument("--broker-down-s", type=float, default=6.0, help="broker_kill: longest time down (s)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-chaos-"))

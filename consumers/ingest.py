@@ -71,6 +71,10 @@ _PARKED = ("seq_gap",)
 # Batches of fewer messages skip the native decoder (starting a process costs more than it saves).
 NATIVE_MIN_MESSAGES = 2000
 
+MAX_SESSION_ID = 256
+_BAD_SESSION_ID = (f"(session_id = '' OR length(session_id) > {MAX_SESSION_ID} "
+                   "OR regexp_matches(session_id, '[\\x00-\\x1f\\x7f]'))")
+
 
 class OffsetConflict(AgentLedgerError):
     """The stored offset of a partition is not where this batch starts: another writer (a zombie, or
@@ -811,8 +815,8 @@ class Ingestor:
               FROM stage s WINDOW w AS (PARTITION BY s.session_id ORDER BY s._i))
             SELECT DISTINCT b.session_id FROM b LEFT JOIN chain_heads h USING (session_id)
             WHERE NOT (CASE WHEN b.rn = 1
-                            THEN b.seq = coalesce(h.head_seq, -1) + 1 AND b.prev_hash = coalesce(h.head_hash, '{GENESIS_HASH}')
-                            ELSE b.seq = b.p_seq + 1 AND b.prev_hash = b.p_hash END)
+                            THEN b.seq::HUGEINT = coalesce(h.head_seq, -1) + 1 AND b.prev_hash = coalesce(h.head_hash, '{GENESIS_HASH}')
+                            ELSE b.seq::HUGEINT = b.p_seq::HUGEINT + 1 AND b.prev_hash = b.p_hash END)
         """).fetchall()]
         # event_id must be new: against the warehouse (zone maps prune by the UUIDv7 range) ...
         excluded: dict[int, _Dead] = {}
@@ -823,6 +827,15 @@ class Ingestor:
             WHERE e.event_id BETWEEN r.lo AND r.hi AND (e.session_id <> s.session_id OR e.seq <> s.seq)
         """).fetchall():
             excluded[i] = _Dead(i, "duplicate_event_id", f"event_id {eid} is already used by another event", sid, seq, eid)
+        # ... and values the contract's types promise (a sealed record may still carry absurd ones)
+        for i, sid, seq, eid, why in con.execute(
+                f"SELECT _i, session_id, seq, event_id, CASE WHEN {_BAD_SESSION_ID} THEN"
+                f" 'session_id is empty, longer than {MAX_SESSION_ID} characters or has control characters'"
+                " WHEN TRY_CAST(event_id AS UUID) IS NULL THEN 'event_id is not a UUID'"
+                " ELSE 'occurred_at outside 1970..9999' END FROM stage WHERE TRY_CAST(event_id AS UUID) IS NULL"
+                f" OR {_BAD_SESSION_ID} OR NOT (occurred_at BETWEEN TIMESTAMP '1970-01-01' AND TIMESTAMP '9999-12-31')"
+                ).fetchall():
+            excluded.setdefault(i, _Dead(i, "invalid_value", why, sid, seq, eid))
         sessions = set(bad_sessions) | {d.session_id for d in excluded.values()}
         folded: list[_Dead] = []
         while True:

@@ -611,6 +611,22 @@ def _shell_windows(text: str) -> list[tuple[int, int]]:
     return out
 
 
+_QUOTED = re.compile(r'"((?:[^"\\\n]|\\.){3,4096})"')
+
+
+def _argv_findings(text: str, lo: int, hi: int) -> list["_Finding"]:
+    """What the argv rules find in the command lines of ``text[lo:hi]``."""
+    found = []
+    part = text[lo:hi]
+    for a, b in _shell_windows(part):
+        words, spans = shell_words(part[a:b])
+        for wi, s, e, name in argv_secrets(words):
+            pos = spans[wi]
+            if e > s:
+                found.append(_Finding(lo + a + pos[s], lo + a + pos[e - 1] + 1, _ARGV_RANK, -1, name, words[wi][s:e]))
+    return found
+
+
 # -- the rule set -------------------------------------------------------------------------------
 @dataclass
 class _Finding:
@@ -812,12 +828,21 @@ class Redactor:
             for f in rules.find(view.text, dcand) if dcand else ():
                 f.start, f.end = view.span(f.start, f.end)
                 found.append(f)  # f.secret stays the decoded secret: the token joins both spellings
-        for a, b in _shell_windows(text) if " " in text else ():
-            words, spans = shell_words(text[a:b])
-            for wi, s, e, name in argv_secrets(words):
-                pos = spans[wi]
-                if e > s:
-                    found.append(_Finding(a + pos[s], a + pos[e - 1] + 1, _ARGV_RANK, -1, name, words[wi][s:e]))
+        if " " in text:
+            found += _argv_findings(text, 0, len(text))
+            if '"' in text:
+                # a command line quoted inside a JSON string (a config dump, `ps` as JSON, a CI log) is
+                # one shell word to the pass above: read each such string as a command line too, also
+                # one JSON level down (the backslash view)
+                for m in _QUOTED.finditer(text):
+                    if " " in m.group(1):
+                        found += _argv_findings(text, m.start(1), m.end(1))
+                view = _backslash_view(text)
+                for m in _QUOTED.finditer(view.text) if view is not None else ():
+                    if " " in m.group(1):
+                        for f in _argv_findings(view.text, m.start(1), m.end(1)):
+                            f.start, f.end = view.span(f.start, f.end)
+                            found.append(f)
         return found
 
     def _apply(self, text: str, found: list[_Finding]) -> tuple[str, list[tuple[str, str]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.resources as ilr
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -609,6 +610,36 @@ class Warehouse:
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
 
+    def check_query(self, sql: str) -> None:
+        """Refuse what read-only SQL must not run (raises WarehouseError naming it): any statement but
+        SELECT and EXPLAIN (writes, COPY, EXPORT, ATTACH, INSTALL/LOAD, SET/PRAGMA settings, CALL,
+        CHECKPOINT, transactions ...), and functions that change state from inside a SELECT. Meant with
+        `lock_down`, which blocks the file and network access of what remains; see `open_for_query`."""
+        try:
+            statements = self.con.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise WarehouseError(str(exc).strip()) from exc
+        for st in statements:
+            text, kind = st.query, st.type.name
+            while kind == "EXPLAIN":
+                text = re.sub(r"^\s*EXPLAIN(\s+ANALY[SZ]E)?", "", text, count=1, flags=re.I)
+                inner = self.con.extract_statements(text)
+                if len(inner) != 1:
+                    break
+                kind = inner[0].type.name
+            if kind != "SELECT":
+                raise WarehouseError(f"refused: {st.type.name} statements are not allowed here (read-only SQL: "
+                                     "SELECT and EXPLAIN only)")
+            tree = self.con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()[0]
+            bad = sorted({f for f in re.findall(r'"function_name":"([^"]+)"', tree) if _STATEFUL.match(f)})
+            if bad:
+                raise WarehouseError(f"refused: {', '.join(bad)} changes state; read-only SQL may not call it")
+
+    def query(self, sql: str, params=None) -> duckdb.DuckDBPyConnection:
+        """Run user-supplied read-only SQL after `check_query` (the cursor, to fetch from)."""
+        self.check_query(sql)
+        return self.con.execute(sql, params)
+
     def load(self, extension: str) -> None:
         load_extension(self.con, extension)
 
@@ -976,6 +1007,26 @@ def open_warehouse(url: str, read_only: bool = False, *, snapshot: int | None = 
 def open_for(settings, read_only: bool = False, *, snapshot: int | None = None) -> Warehouse:
     """The configured warehouse (``settings.warehouse``), created on first write."""
     return open_warehouse(settings.warehouse, read_only, snapshot=snapshot, data_path=settings.lake_data_path)
+
+
+# functions that change state (or write files) even when called inside a SELECT, or list credentials
+_STATEFUL = re.compile(r"^(checkpoint|force_checkpoint|enable_logging|disable_logging|truncate_duckdb_logs|"
+                       r"enable_profiling|disable_profiling|duckdb_secrets|which_secret|"
+                       r"ducklake_(?!(snapshots|table_info|list_files|table_changes|table_insertions|"
+                       r"table_deletions|current_snapshot|last_committed_snapshot|settings|options)$).*)$", re.I)
+
+
+def open_for_query(settings, *, snapshot: int | None = None) -> Warehouse:
+    """The configured warehouse for user-supplied SQL (`agentledger sql`, notebooks): read-only and
+    locked down (`Warehouse.lock_down`: no file or network access beyond the warehouse, no
+    extensions, settings frozen). bench/chaos.py's readonly_sql scenario measures what it refuses."""
+    wh = open_for(settings, read_only=True, snapshot=snapshot)
+    try:
+        wh.lock_down()
+    except BaseException:
+        wh.close()
+        raise
+    return wh
 
 
 def kinds(store: SchemaStore | None = None) -> list[PayloadKind]:

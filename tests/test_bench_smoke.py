@@ -89,3 +89,74 @@ def test_bench_import_memory_smoke(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["huge_line_exit"] == 0 and result["deep_line_exit"] == 0 and not result["deep_line_traceback"]
     assert result["baseline_kib"] > 0 and result["huge_line_kib"] - result["baseline_kib"] < 40 * 1024
+
+
+@pytest.mark.kafka
+def test_bench_chaos_bad_input_smoke(tmp_path, bootstrap):
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "bad_input", "--hostile", "120",
+                           "--seed", "4", "--bootstrap", bootstrap, "--timeout", "300",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["kinds"]) == {"random_bytes", "truncated", "unknown_fingerprint", "wrong_magic", "broken_chain",
+                                    "duplicate", "conflicting_seq", "skipped_seq", "oversized", "empty",
+                                    "absurd_values", "deep_nesting"}
+    for transport in ("local", "kafka"):
+        r = result[transport]
+        assert r["hostile"] == 120 and r["quarantined_pct"] == 100.0 and r["valid_stored_pct"] == 100.0, r
+        assert r["crashes"] == 0 and r["hangs"] == 0 and r["hostile_stored"] == 0, r
+    assert result["undetected"] == 0 and result["tracebacks"] == 0
+
+
+def test_bench_chaos_readonly_sql_smoke(tmp_path):
+    """A sample of the statements on a DuckLake warehouse (where COPY into the data path, ATTACH of a
+    new catalog and CHECKPOINT wrote files before `check_query`), a few through the real CLI."""
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "readonly_sql", "--sql-warehouses", "lake",
+                           "--sql-sample", "4", "--sql-cli-every", "40", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lib, cli = result["lake_library"], result["lake_cli"]
+    assert lib["tried"] >= 20 and cli["tried"] >= 2, result
+    assert lib["refused"] == lib["tried"] and cli["refused"] == cli["tried"], (lib["allowed"], cli["allowed"])
+    assert lib["controls_ok"] == lib["controls"] and cli["controls_ok"] == cli["controls"]
+    assert result["undetected"] == 0 and result["tracebacks"] == 0
+
+
+def test_bench_chaos_secrets_smoke(tmp_path):
+    """60 corpus secrets through the importer (3 through the hook), 3 simulated sessions; everything
+    written scanned. The first 60 of seed 1 hold the password flags in JSON output that leaked."""
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "secrets", "--secret-samples", "60",
+                           "--hook-samples", "3", "--sim-sessions", "3", "--seed", "1", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["importer_samples"] == 60 and result["simulator_secrets"] > 0 and result["files_scanned"] > 10
+    assert result["errors"] == {}, result["errors"]
+    assert result["in_clear"] == 0, result["found"]
+
+
+def test_bench_chaos_consumer_kill_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "consumer_kill", "--kills", "3",
+                           "--kill-sessions", "6", "--kill-batch", "50", "--kill-min-s", "1.5", "--kill-max-s", "4",
+                           "--kill-warehouses", "file", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    f = result["file"]
+    assert f["produced"] > 100 and f["kills"] >= 1, f
+    assert f["stored"] == f["produced"] and f["missing"] == f["duplicated"] == f["unexpected"] == 0, f
+    assert f["chains_not_ok"] == 0 and f["errors"] == [], f
+    assert result["undetected"] == 0
+
+
+def test_bench_chaos_broker_kill_smoke(tmp_path):
+    """Its own broker (scripts/kafka, random ports), SIGKILLed and restarted once under two producers."""
+    proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "broker_kill", "--broker-sessions", "10",
+                           "--producers", "2", "--broker-kills", "1", "--broker-up-min-s", "2", "--broker-down-s", "3",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["broker_kills"] == 1 and result["produced"] > 100 and result["sessions"] == 10, result
+    assert result["stored"] == result["produced"] and result["lost"] == result["duplicated"] == 0, result
+    assert result["sessions_out_of_order"] == 0 and result["spool_remaining"] == 0 and result["errors"] == []

@@ -271,3 +271,30 @@ def test_every_view_in_the_warehouse_doc_exists_and_runs(home):
         approvals = wh.con.execute("SELECT count(*), count(decided_at) FROM approvals").fetchone()
         assert approvals[0] > 0 and approvals[1] > 0
         assert wh.con.execute("SELECT count(*) FROM network_egress WHERE decision = 'deny'").fetchone()[0] > 0
+
+
+def test_absurd_but_sealed_values_are_quarantined_and_never_stall_the_batch(tmp_path):
+    """bench/chaos.py bad_input found both: seq 2**63-1 after a stored event overflowed the chain
+    guard's ``p_seq + 1`` (the whole batch failed, every time: a poison pill), and an event_id that is
+    no UUID was stored when it extended the chain."""
+    sid, good = record_session(n_commands=2, seed=31)
+    store = load_store()
+    sealer = Sealer(store)
+
+    def forged(value, **changes):
+        rec = store.decode(value)
+        rec.update(changes)
+        return sealer.seal(rec).value
+
+    head = store.decode(good[1])
+    huge = forged(good[2], seq=2**63 - 1, prev_hash=head["hash"], event_id="0190f0f0-0000-7000-8000-000000000001")
+    not_uuid = forged(good[2], event_id="not-a-uuid")
+    never = forged(good[2], occurred_at=2**63 - 1)
+    nul = forged(good[0], session_id="\x00" * 36, event_id="0190f0f0-0000-7000-8000-000000000002")
+    with _wh(tmp_path) as wh:
+        ing = Ingestor(wh, None, "t")
+        r = ing.ingest_batch(_msgs(good[:2] + [huge, not_uuid, never, nul] + good[2:]))
+        assert r.accepted == len(good), r
+        rows = dict(wh.con.execute("SELECT \"offset\", reason FROM dead_letters").fetchall())
+        assert rows == {2: "seq_gap", 3: "invalid_value", 4: "invalid_value", 5: "invalid_value"}, rows
+        assert wh.con.execute("SELECT count(*) FROM events WHERE session_id = ?", [sid]).fetchone()[0] == len(good)

@@ -383,3 +383,16 @@ def test_one_secret_gets_one_token_however_wide_the_merged_match():
     sent, (t2,) = r.scan(f"body=env: OPENAI_API_KEY={key}")
     assert key not in printed and key not in sent
     assert t1 == t2, (printed, sent)
+
+
+@pytest.mark.parametrize("text, secret", [
+    ('{"result": {"config": "redis-cli -a UGRLb947%ec ping"}}', "UGRLb947%ec"),
+    ('{"cmd": "keytool -list -keystore ks.jks -storepass xAzMD017!uw"}', "xAzMD017!uw"),
+    ('{"argv": "zip -P xAzMD017!uw a.zip b"}', "xAzMD017!uw"),
+    ('{"out": "{\\"cmd\\": \\"sshpass -p Hq8#kLw2Zr9 ssh host\\"}"}', "Hq8#kLw2Zr9"),
+])
+def test_password_flags_inside_json_strings_of_output_are_redacted(text, secret):
+    """bench/chaos.py secrets: a command line with a password flag, quoted inside a JSON string of a
+    command's output (a config dump, `ps` as JSON, a CI log), was one shell word to the argv rules."""
+    out, found = Redactor(b"k").scan(text)
+    assert secret not in out and found, out

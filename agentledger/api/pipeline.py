@@ -360,12 +360,11 @@ def sql(s: Settings, query: str, *, snapshot: int | None = None) -> Rows | None:
     ``snapshot``); its rows, or None for a statement that returns none."""
     import duckdb
 
-    from agentledger.schemas.warehouse import open_for
+    from agentledger.schemas.warehouse import open_for_query
 
-    with open_for(s, read_only=True, snapshot=snapshot) as wh:
-        wh.lock_down()
+    with open_for_query(s, snapshot=snapshot) as wh:
         try:
-            cur = wh.con.execute(query)
+            cur = wh.query(query)
         except duckdb.Error as exc:
             raise WarehouseError(str(exc).strip()) from exc
         if cur.description is None:

@@ -388,6 +388,23 @@ def raw_send(bootstrap_servers: str, topic: str, values: list[bytes], keys: list
         producer.close(timeout=10)
 
 
+def send_exact(bootstrap_servers: str, topic: str, messages: list[tuple[bytes | None, bytes | None]],
+               timeout_s: float = 300) -> list[tuple[int, int]]:
+    """Chaos tests and tools: send (key, value) pairs as they are -- any bytes, empty, or a None value
+    (a tombstone) -- in order through one idempotent producer (acks=all), bypassing every check of
+    `KafkaSink`. Returns the (partition, offset) each landed at."""
+    config = {**PRODUCER_DEFAULTS, "acks": "all", "enable_idempotence": True, "max_request_size": 8 * 1024 * 1024,
+              "linger_ms": 5}
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, client_id="agentledger-chaos", **config)
+    try:
+        producer.partitions_for(topic)
+        futures = [producer.send(topic, key=k, value=v) for k, v in messages]
+        producer.flush(timeout=timeout_s)
+        return [(md.partition, md.offset) for md in (f.get(timeout=timeout_s) for f in futures)]
+    finally:
+        producer.close(timeout=10)
+
+
 # --- the Kafka client in a child process --------------------------------------------------------
 #
 # kafka-python does its per-message work (partitioning, batch building, futures) in Python, under the
