@@ -159,12 +159,12 @@ def _setup(work: Path, kind: str) -> tuple[Path, str, dict]:
     out = work / kind / "out"
     out.mkdir()
     warehouse = str(home / "warehouse.duckdb") if kind == "file" else f"ducklake:sqlite:{home / 'lake' / 'meta.sqlite'}"
-    from agentledger.commands.core import run_ingest, run_simulation
+    from agentledger import api
     from agentledger.schemas.config import from_env
 
     settings = from_env(_env(home, warehouse))
-    run_simulation(settings, 2, 3, show_progress=False)
-    run_ingest(settings, show_progress=False)
+    api.simulate(settings, 2, 3)
+    api.ingest(settings)
     (out / "secret.csv").write_text(f"token\n{PLANTED}\n")
     (out / "secret.json").write_text(f'{{"token": "{PLANTED}"}}\n')
     con = duckdb.connect()

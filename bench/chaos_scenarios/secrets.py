@@ -115,7 +115,7 @@ def _hook_session(home: Path, samples, sid: str) -> int:
 
 
 def _simulated_secrets(home: Path, sessions: int, seed: int) -> list[str]:
-    from agentledger.commands.core import run_simulation
+    from agentledger import api
     from agentledger.producers import simulate
     from agentledger.schemas.config import from_env
 
@@ -129,7 +129,7 @@ def _simulated_secrets(home: Path, sessions: int, seed: int) -> list[str]:
 
     simulate.make_secret = spy
     try:
-        run_simulation(from_env(_env(home)), sessions, seed, attack_rate=0.5, show_progress=False)
+        api.simulate(from_env(_env(home)), sessions, seed, attack_rate=0.5)
     finally:
         simulate.make_secret = real
     return planted

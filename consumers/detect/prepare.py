@@ -300,7 +300,7 @@ def prepare(con: duckdb.DuckDBPyConnection, lists: dict[str, NamedList], session
             con.execute("CREATE OR REPLACE TEMP TABLE detect_scope AS SELECT DISTINCT session_id FROM _scope")
         finally:
             con.unregister("_scope")
-    con.execute(DETECT_EVENTS_SQL.replace("$prefilter$", _lit(DECODE_PREFILTER)))
+    con.execute(DETECT_EVENTS_SQL.replace("$prefilter$", literal(DECODE_PREFILTER)))
     return con.execute("SELECT count(*) FROM detect_events").fetchone()[0]
 
 
