@@ -242,8 +242,24 @@ def main(argv: list[str]) -> int:
 
         return serve(Path(home), code_digest())
     if args.stop_server:
-        answer = _request(sock_path, {"v": PROTO, "stop": True}, b"", 5)
-        sys.stderr.write("hook server stopped\n" if answer else "no hook server running\n")
+        # "stopped" means gone: a server removes its socket when its accept loop ends, and a server
+        # spawned by a racing first call may be waiting for the lock to take over: stop it too
+        import time
+
+        stopped = 0
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if not _request(sock_path, {"v": PROTO, "stop": True}, b"", 5):
+                if not os.path.exists(sock_path) or stopped == 0:
+                    break
+                time.sleep(0.05)  # the socket of the one just stopped, not yet removed
+                continue
+            stopped += 1
+            gone = time.monotonic() + 5
+            while os.path.exists(sock_path) and time.monotonic() < gone:
+                time.sleep(0.05)
+            time.sleep(0.6)  # a waiting server polls the lock every 50 ms and binds at once
+        sys.stderr.write("hook server stopped\n" if stopped else "no hook server running\n")
         return 0
     use_server = _use_server()
     raw = b""

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # chaos_scenarios (after the repo: bench/replay.py must not shadow replay/)
 
+from agentledger.schemas import envvars  # noqa: E402
 from chaos_scenarios import SCENARIOS  # noqa: E402 -- the registry
 
 
@@ -46,7 +47,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--cli-runs", type=int, default=4, help="tampering: mutations also checked with the real CLI")
     ap.add_argument("--disk-runs", type=int, default=20, help="disk_full: runs, each with its own fault")
     ap.add_argument("--hostile", type=int, default=10_000, help="bad_input: hostile messages per transport")
-    ap.add_argument("--bootstrap", default=os.environ.get("AGENTLEDGER_TEST_BOOTSTRAP"),
+    ap.add_argument("--bootstrap", default=envvars.raw("AGENTLEDGER_TEST_BOOTSTRAP"),
                     help="a Kafka broker for the Kafka half of bad_input (default $AGENTLEDGER_TEST_BOOTSTRAP; "
                          "unset: local log only)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a CLI run counts as a hang")

@@ -32,7 +32,7 @@ def test_digests_are_the_ones_recorded_before():
 # digests main recorded before schemas/canonical.py (alerts and anomaly_scores carry them)
 RULE_DIGESTS = {
     "approval-fatigue": "74deff30b3b565ba", "approval-storm": "d78ff3c6e9688731",
-    "credential-read-then-egress": "13a4c50a2ea20450", "crypto-mining": "b59252e873e73774",
+    "credential-read-then-egress": "13a4c50a2ea20450", "crypto-mining": "3010220e16463006",
     "defense-evasion": "05ac6fb6691cc07d", "denials-then-escalation": "06e38512c8ccd32c",
     "download-chmod-execute": "c227f0fbbd26f05f", "download-execute": "b9e678dae3c13498",
     "egress-raw-ip": "ad9b6543b844e912", "env-secrets-then-egress": "ae7d9fa2d9767bb7",
@@ -48,7 +48,10 @@ def test_rule_and_model_digests_are_the_ones_recorded_before():
     from agentledger.consumers.detect.prepare import BUILTIN_DIR
     from agentledger.consumers.detect.rules import load_rules
 
-    assert {r.id: r.digest for r in load_rules([BUILTIN_DIR])} == RULE_DIGESTS
+    # the rules that existed then (crypto-mining re-pinned: detection v2 changed its YAML, a reverse
+    # shell on port 4444 is no longer mining); rules added since have digests of their own
+    digests = {r.id: r.digest for r in load_rules([BUILTIN_DIR])}
+    assert {k: digests.get(k) for k in RULE_DIGESTS} == RULE_DIGESTS
     assert AnomalyModel.load(DEFAULT_MODEL).digest == "e15e8dc692e730fd"
     assert canonical_json_spaced({"b": [1, "é"], "a": None}) == b'{"a": null, "b": [1, "\\u00e9"]}'
 
