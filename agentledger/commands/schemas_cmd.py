@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -85,4 +86,9 @@ def release(subject: str = typer.Option("event")) -> None:
     n = max((v.version for v in store.released), default=0) + 1
     dest = RELEASED_DIR / f"{subject}.v{n}.avsc"
     shutil.copyfile(store.current.path, dest)
-    console.print(f"released {dest} ({store.current.fingerprint_hex})")
+    # released files are immutable history: pin the new one (tests/test_schemas.py checks every pin)
+    pins_path = RELEASED_DIR / "FINGERPRINTS.json"
+    pins = json.loads(pins_path.read_text()) if pins_path.exists() else {}
+    pins[f"{subject}.v{n}"] = store.current.fingerprint_hex
+    pins_path.write_text(json.dumps(pins, indent=2) + "\n")
+    console.print(f"released {dest} ({store.current.fingerprint_hex}), pinned in {pins_path.name}")
