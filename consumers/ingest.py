@@ -928,7 +928,7 @@ class Ingestor:
                     "SELECT seq, hash FROM events WHERE session_id = ? AND seq IN (SELECT unnest(?))",
                     [sid, older]).fetchall())
             seen_gap: dict[int, str] = {}
-            for _, i, seq, prev, h, eid in pending:
+            for _, i, seq, _prev, h, eid in pending:
                 if seq <= head_seq:
                     existing = accepted_hash.get(seq, old.get(seq))
                     if existing == h:

@@ -16,12 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
 from .contract import PayloadKind, SchemaStore, load_store
 from .errors import WarehouseError
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 # Columns the warehouse adds to each event (where it came from, when it landed).
 PROVENANCE_COLUMNS = [
@@ -32,6 +35,14 @@ PROVENANCE_COLUMNS = [
     ("ingested_at", "TIMESTAMP"),
 ]
 NOT_NULL = {"event_id", "session_id", "seq", "occurred_at", "family", "kind", "prev_hash", "hash"}
+
+
+def scalar(cur: duckdb.DuckDBPyConnection) -> Any:
+    """The first value of the next row of ``cur``, for a query that returns one row (``count(*)``, ``max()``)."""
+    row = cur.fetchone()
+    if row is None:
+        raise WarehouseError("a query that returns one row returned none")
+    return row[0]
 
 
 def extension_path(name: str) -> Path:
@@ -61,7 +72,7 @@ def check_select_only(sql: str) -> None:
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
     try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+        tree = json.loads(scalar(con.execute("SELECT json_serialize_sql(?)", [sql])))
     finally:
         con.close()
     if tree.get("error"):
@@ -155,7 +166,7 @@ def event_columns(store: SchemaStore) -> list[Column]:
     cols: list[Column] = []
     fam = " ".join(f"WHEN 'u{k.index}' THEN '{k.family}'" for k in store.kinds)
     kind = " ".join(f"WHEN 'u{k.index}' THEN '{k.kind}'" for k in store.kinds)
-    payload_type = None
+    payload_type: Any = None
     for f in schema["fields"]:
         name = f["name"]
         if name == "payload":
@@ -522,7 +533,8 @@ class Warehouse:
         self.store = store or load_store()
         self.snapshot = snapshot
         self.lake: LakeLocation | None = None
-        config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False}
         if url.startswith(LAKE_PREFIX):
             self.lake = parse_lake(url, data_path)
             self.con = duckdb.connect(":memory:", config=config)
@@ -605,7 +617,7 @@ class Warehouse:
     def lock_down(self) -> None:
         """For user-supplied SQL: no file or network access beyond the warehouse, settings frozen."""
         if self.is_lake:
-            data_path = self.con.execute(f"SELECT data_path FROM ducklake_settings('{LAKE_ALIAS}')").fetchone()[0]
+            data_path = scalar(self.con.execute(f"SELECT data_path FROM ducklake_settings('{LAKE_ALIAS}')"))
             self.con.execute("SET allowed_directories = ?", [[data_path]])
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
@@ -630,12 +642,12 @@ class Warehouse:
             if kind != "SELECT":
                 raise WarehouseError(f"refused: {st.type.name} statements are not allowed here (read-only SQL: "
                                      "SELECT and EXPLAIN only)")
-            tree = self.con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()[0]
+            tree = scalar(self.con.execute("SELECT json_serialize_sql(?)", [text]))
             bad = sorted({f for f in re.findall(r'"function_name":"([^"]+)"', tree) if _STATEFUL.match(f)})
             if bad:
                 raise WarehouseError(f"refused: {', '.join(bad)} changes state; read-only SQL may not call it")
 
-    def query(self, sql: str, params=None) -> duckdb.DuckDBPyConnection:
+    def query(self, sql: str, params: Any = None) -> duckdb.DuckDBPyConnection:
         """Run user-supplied read-only SQL after `check_query` (the cursor, to fetch from)."""
         self.check_query(sql)
         return self.con.execute(sql, params)
@@ -701,15 +713,15 @@ class Warehouse:
         con.execute("BEGIN TRANSACTION")
         try:
             self._add_missing_columns_wide()
-            n_before = con.execute("SELECT count(*) FROM events").fetchone()[0]
+            n_before = scalar(con.execute("SELECT count(*) FROM events"))
             moved = 0
             for k in self.store.kinds:
                 table = kind_table(k)
                 con.execute(_kind_table_ddl(self.store, k, constraints=True))
                 cols = kind_columns(self.store, k)
                 names = ", ".join(_q(c.name) for c in cols)
-                moved += con.execute(f"INSERT INTO {_q(table)} ({names}) SELECT {names} FROM events "
-                                     "WHERE kind = ?", [k.kind]).fetchone()[0]
+                moved += scalar(con.execute(f"INSERT INTO {_q(table)} ({names}) SELECT {names} FROM events "
+                                     "WHERE kind = ?", [k.kind]))
             if moved != n_before:
                 kinds = [r[0] for r in con.execute("SELECT DISTINCT kind FROM events").fetchall()]
                 raise WarehouseError(f"cannot migrate the events table: {n_before - moved} of its {n_before} rows "
@@ -871,7 +883,7 @@ class Warehouse:
                 con.execute("DROP TABLE IF EXISTS temp._insert_events")
 
     # -- DuckLake: snapshots and maintenance ------------------------------------------------
-    def snapshots(self, limit: int = 20) -> list[tuple]:
+    def snapshots(self, limit: int = 20) -> list[tuple[Any, ...]]:
         """(snapshot_id, time, changes) of the lake, newest first."""
         self._need_lake("snapshots")
         return self.con.execute(
@@ -883,9 +895,9 @@ class Warehouse:
             return None
         if self.snapshot is not None:
             return self.snapshot
-        return self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{LAKE_ALIAS}')").fetchone()[0]
+        return int(scalar(self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{LAKE_ALIAS}')")))
 
-    def compact(self, expire_older_than: str | None = "1 hour") -> dict:
+    def compact(self, expire_older_than: str | None = "1 hour") -> dict[str, Any]:
         """Merge small Parquet files, expire old snapshots and delete files nothing refers to any more.
 
         Safe while ingest and readers run: DuckLake rewrites files in a new snapshot; a reader pinned to
@@ -913,9 +925,9 @@ class Warehouse:
         return out
 
     def _file_count(self) -> int:
-        return self.con.execute(
+        return int(scalar(self.con.execute(
             f"SELECT count(*) FROM __ducklake_metadata_{LAKE_ALIAS}.ducklake_data_file "
-            "WHERE end_snapshot IS NULL").fetchone()[0]
+            "WHERE end_snapshot IS NULL")))
 
     def _need_lake(self, what: str) -> None:
         if not self.is_lake:
@@ -927,7 +939,7 @@ class Warehouse:
     def __enter__(self) -> "Warehouse":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -1004,7 +1016,7 @@ def open_warehouse(url: str, read_only: bool = False, *, snapshot: int | None = 
     return wh
 
 
-def open_for(settings, read_only: bool = False, *, snapshot: int | None = None) -> Warehouse:
+def open_for(settings: Settings, read_only: bool = False, *, snapshot: int | None = None) -> Warehouse:
     """The configured warehouse (``settings.warehouse``), created on first write."""
     return open_warehouse(settings.warehouse, read_only, snapshot=snapshot, data_path=settings.lake_data_path)
 
@@ -1016,7 +1028,7 @@ _STATEFUL = re.compile(r"^(checkpoint|force_checkpoint|enable_logging|disable_lo
                        r"table_deletions|current_snapshot|last_committed_snapshot|settings|options)$).*)$", re.I)
 
 
-def open_for_query(settings, *, snapshot: int | None = None) -> Warehouse:
+def open_for_query(settings: Settings, *, snapshot: int | None = None) -> Warehouse:
     """The configured warehouse for user-supplied SQL (`agentledger sql`, notebooks): read-only and
     locked down (`Warehouse.lock_down`: no file or network access beyond the warehouse, no
     extensions, settings frozen). bench/chaos.py's readonly_sql scenario measures what it refuses."""
