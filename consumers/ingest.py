@@ -56,9 +56,11 @@ import pyarrow as pa
 from agentledger.schemas import codec, native, treelog
 from agentledger.schemas.contract import SchemaStore
 from agentledger.schemas.envelope import GENESIS_HASH, HASH_FIELD_LEN
-from agentledger.schemas.errors import AgentLedgerError, DecodeError, WarehouseError
+from agentledger.schemas.errors import AgentLedgerError, DecodeError
 from agentledger.schemas.transport.base import Message, Source
-from agentledger.schemas.warehouse import Warehouse, is_retryable
+from agentledger.schemas.retry import retry_transaction
+from agentledger.schemas.sql import literal
+from agentledger.schemas.warehouse import Warehouse, transaction
 
 log = logging.getLogger(__name__)
 
@@ -267,21 +269,13 @@ class Ingestor:
         th = self.tree_heads
         if th is None or th.signer is None:
             return None
-        head = None
-        for attempt in range(self.max_retries + 1):
-            self.con.execute("BEGIN TRANSACTION")
-            try:
-                head = treelog.sign_head(self.con, th.signer)
-                self.con.execute("COMMIT")
-                break
-            except duckdb.Error as exc:
-                try:
-                    self.con.execute("ROLLBACK")
-                except duckdb.Error:
-                    pass
-                if not is_retryable(exc) or attempt == self.max_retries:
-                    raise WarehouseError(f"signing the tree head failed: {str(exc).strip()}") from exc
-                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
+        signer = th.signer
+
+        def sign() -> treelog.TreeHead | None:
+            with transaction(self.con):
+                return treelog.sign_head(self.con, signer)
+
+        head = retry_transaction(sign, "signing the tree head", attempts=self.max_retries + 1)
         self._unsigned = False
         self._last_signed = time.monotonic()
         self.publish_heads()
@@ -332,14 +326,8 @@ class Ingestor:
         log.info("partitions assigned: %s (from %s)", partitions, {p: stored.get(p, "beginning") for p in partitions})
 
     def _read_offsets_retrying(self) -> dict[int, int]:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self.stored_offsets(self._fetch_cursor())
-            except duckdb.Error as exc:
-                if not is_retryable(exc) or attempt == self.max_retries:
-                    raise
-                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
-        raise AssertionError("unreachable")
+        return retry_transaction(lambda: self.stored_offsets(self._fetch_cursor()), "reading the stored offsets",
+                                 attempts=self.max_retries + 1)
 
     def _fetch_cursor(self) -> duckdb.DuckDBPyConnection:
         if self._fetch_con is None:
@@ -520,20 +508,17 @@ class Ingestor:
         raises `OffsetConflict` (nothing written) if another writer already committed these offsets."""
         staged = self._native(batch.messages)
         checked = None if staged is not None else self._precheck(batch.messages)
-        for attempt in range(self.max_retries + 1):
-            try:
-                r = self._transaction(batch.messages, checked, batch=batch, native_stage=staged)
-                r.retries = attempt
-                r.decoder = "native" if staged is not None else "python"
-                return r
-            except OffsetConflict:
-                raise
-            except duckdb.Error as exc:
-                if not is_retryable(exc) or attempt == self.max_retries:
-                    raise WarehouseError(f"ingest transaction failed: {str(exc).strip()}") from exc
-                log.info("transaction lost a race (%s); retrying", str(exc).splitlines()[0])
-                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
-        raise AssertionError("unreachable")
+        retries = 0
+
+        def lost_race(attempt: int, exc: BaseException) -> None:
+            nonlocal retries
+            retries = attempt + 1
+
+        r = retry_transaction(lambda: self._transaction(batch.messages, checked, batch=batch, native_stage=staged),
+                              "ingest transaction", attempts=self.max_retries + 1, on_retry=lost_race)
+        r.retries = retries
+        r.decoder = "native" if staged is not None else "python"
+        return r
 
     def _native(self, msgs: list[Message]) -> "_NativeStage | None":
         """The batch decoded by the native decoder (`_NativeStage`), when it vouches for every
@@ -568,14 +553,9 @@ class Ingestor:
         are resolved; identical duplicates are resolved as such; the rest stay, with the new reason."""
         msgs = [m for _, m in letters]
         checked = self._precheck(msgs)
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._transaction(msgs, checked, retry=_Retry([i for i, _ in letters]), heal=heal)
-            except duckdb.Error as exc:
-                if not is_retryable(exc) or attempt == self.max_retries:
-                    raise WarehouseError(f"retry transaction failed: {str(exc).strip()}") from exc
-                time.sleep(min(2.0, 0.05 * 1.5 ** attempt))
-        raise AssertionError("unreachable")
+        return retry_transaction(lambda: self._transaction(msgs, checked, retry=_Retry([i for i, _ in letters]),
+                                                           heal=heal),
+                                 "retry transaction", attempts=self.max_retries + 1)
 
     def _precheck(self, msgs: list[Message]) -> tuple[list[_Dead], dict[bytes, list[int]]]:
         """Header, size, writer schema and hash of every message, from raw bytes (no decoding)."""
@@ -623,21 +603,14 @@ class Ingestor:
             # Decode BEFORE the transaction: a failed statement aborts a DuckDB transaction, and
             # isolating an undecodable body means letting the reader fail (then bisecting).
             staged = self._stage(msgs, checked[1], dead)
-        con.execute("BEGIN TRANSACTION")
         try:
-            if batch is not None:
-                self._check_offsets(batch)
-            result = self._apply(msgs, staged, dead, retry=retry, native_stage=native_stage)
-            if batch is not None:
-                self._write_offsets(msgs, batch)
-            head = self._sign_in_transaction()
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass  # a failed COMMIT already ended the transaction
-            raise
+            with transaction(con):
+                if batch is not None:
+                    self._check_offsets(batch)
+                result = self._apply(msgs, staged, dead, retry=retry, native_stage=native_stage)
+                if batch is not None:
+                    self._write_offsets(msgs, batch)
+                head = self._sign_in_transaction()
         finally:
             for t in ("stage", "rejected", "new_heads"):
                 con.execute(f"DROP TABLE IF EXISTS temp.{t}")
@@ -1092,7 +1065,7 @@ class Ingestor:
 
 
 def _sql_list(items: Iterable[str]) -> str:
-    return "(" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + ")"
+    return "(" + ", ".join(literal(i) for i in items) + ")"
 
 
 def _best_effort_ids(store: SchemaStore, value: bytes | None) -> tuple[str | None, int | None, str | None]:
@@ -1143,8 +1116,8 @@ class _NativeStage:
 
     def insert(self, wh: Warehouse, where: str) -> None:
         kinds = {k.index: k for k in wh.store.kinds}
-        constants = {"schema_fingerprint": f"'{self.fingerprint_hex}'",
-                     "source_topic": "'" + self.topic.replace("'", "''") + "'",
+        constants = {"schema_fingerprint": literal(self.fingerprint_hex),
+                     "source_topic": literal(self.topic),
                      "ingested_at": "now()::TIMESTAMP"}
         for t, table in self.kinds.items():
             wh.con.register("_native_kind", table)
