@@ -111,7 +111,7 @@ def _render_table(columns: list[str], cells: list[list[str]], title: str | None)
         return
     t = Table(title=title, show_lines=False)
     fits = total(widest) <= width
-    for c, w, f, idn in zip(columns, widest, floor, ident):
+    for c, _w, f, idn in zip(columns, widest, floor, ident):
         t.add_column(c, overflow="fold", no_wrap=idn, min_width=None if fits else f)
     for r in cells:
         t.add_row(*r)

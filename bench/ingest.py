@@ -44,7 +44,7 @@ from agentledger.schemas.config import from_env  # noqa: E402
 from agentledger.schemas.sql import ident  # noqa: E402
 from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
 from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
-from agentledger.schemas.warehouse import event_table_names, open_warehouse  # noqa: E402
+from agentledger.schemas.warehouse import event_table_names, open_warehouse, transaction  # noqa: E402
 
 
 def produce(settings, events: int, seed: int) -> int:
@@ -225,9 +225,8 @@ def _build_base(seed_db: str, url: str, rows: int) -> int:
                         sel.append(f"occurred_at - INTERVAL {k * 30} DAY AS occurred_at")
                     else:
                         sel.append(ident(c))
-                con.execute("BEGIN")
-                con.execute(f"INSERT INTO {t} SELECT {', '.join(sel)} FROM seed")
-                con.execute("COMMIT")
+                with transaction(con):
+                    con.execute(f"INSERT INTO {t} SELECT {', '.join(sel)} FROM seed")
             con.execute("DROP TABLE seed")
         con.execute("DELETE FROM chain_heads")
         con.execute("""INSERT INTO chain_heads SELECT session_id, max(seq), arg_max(hash, seq), count(*),

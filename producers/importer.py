@@ -516,7 +516,7 @@ def run_import(
     agents: dict[str, tuple] = {}
     activity: dict[str, int] = {}
     turns: dict[tuple[str, str], str] = {}
-    for fr, parser, _ in parsed:
+    for _fr, parser, _ in parsed:
         for o in parser.observations:
             obs.setdefault(o.session_id, []).append(o)
             agents.setdefault(o.session_id, (o.agent, o.agent_version, o.source))
@@ -567,7 +567,7 @@ def run_import(
                 on_session(res)
         # Every event parsed from these bytes is durable and committed: now advance the offsets.
         rows = []
-        for fr, parser, row in parsed:
+        for fr, parser, _row in parsed:
             ctx = parser.ctx
             if red is not None:  # what the parser keeps for the next run (open calls' argv, ...) is state too
                 ctx = red.walk(ctx, "context", [])

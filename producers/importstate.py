@@ -138,7 +138,7 @@ class ProducerState:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
                     if time.monotonic() >= deadline:
-                        raise LockTimeout(what or f"{path} stayed locked for {timeout_s}s")
+                        raise LockTimeout(what or f"{path} stayed locked for {timeout_s}s") from exc
                     time.sleep(delay)
                     delay = min(delay * 2, 0.02)
             try:

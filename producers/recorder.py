@@ -37,7 +37,7 @@ import os
 import random
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from agentledger.schemas import envvars, signing

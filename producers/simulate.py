@@ -546,7 +546,7 @@ def a_persistence(ctx: SimContext) -> None:
         ctx.write(rc, "write", inside=False)
     elif kind == "cron":
         ctx.sh(f"(crontab -l 2>/dev/null; echo '*/10 * * * * {payload}') | crontab -", 0)
-        ctx.write(f"/var/spool/cron/crontabs/dev", "write", inside=False)
+        ctx.write("/var/spool/cron/crontabs/dev", "write", inside=False)
     elif kind == "systemd_user":
         unit = f"{h}/.config/systemd/user/update-helper.service"
         ctx.write(unit, "create", inside=False)

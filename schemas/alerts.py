@@ -29,13 +29,13 @@ def _micros(v: Any) -> int | None:
         return v
     if v.tzinfo is not None:
         v = v.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return (v - _EPOCH) // dt.timedelta(microseconds=1)
+    return int((v - _EPOCH) // dt.timedelta(microseconds=1))
 
 
 _TIMESTAMPS = ("first_event_at", "last_event_at", "created_at", "updated_at")
 
 
-def to_record(row: dict) -> dict:
+def to_record(row: dict[str, Any]) -> dict[str, Any]:
     """An `alerts` row (or any mapping with the schema's field names) as an alert record."""
     s = store().current.schema
     rec = {}
@@ -49,13 +49,13 @@ def to_record(row: dict) -> dict:
     return rec
 
 
-def encode_alert(row: dict) -> bytes:
+def encode_alert(row: dict[str, Any]) -> bytes:
     """Single-object-encoded bytes of one alert, under the current alert schema."""
     st = store()
     return codec.soe_frame(st.current.fingerprint, st.encode(to_record(row)))
 
 
-def decode_alert(value: bytes) -> dict:
+def decode_alert(value: bytes) -> dict[str, Any]:
     """Decode an alert written by any released alert schema (resolved to the current one); the
     alert_id comes back as a string, timestamps as aware UTC datetimes."""
     rec = store().decode(value)

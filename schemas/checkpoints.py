@@ -46,7 +46,7 @@ def signature_bytes(v: Any) -> bytes:
         return base64.b64decode(s)
 
 
-def check_checkpoint(cp: dict, seq: int, session_id: str, hash_at: Callable[[int], str | None], keyring: Keyring,
+def check_checkpoint(cp: dict[str, Any], seq: int, session_id: str, hash_at: Callable[[int], str | None], keyring: Keyring,
                      embedded: Keyring | None = None) -> CheckpointResult:
     """The one check of a checkpoint (payload ``cp``, recorded at ``seq``) against its chain, used by
     `agentledger verify`, replay and bundle verification alike. ``hash_at(s)``: the verified hash of
@@ -92,7 +92,7 @@ def check_checkpoint(cp: dict, seq: int, session_id: str, hash_at: Callable[[int
     return CheckpointResult("unknown_key", f"no trusted public key with id {kid}")
 
 
-def checkpoint_fields(record: dict) -> dict:
+def checkpoint_fields(record: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint payload of a decoded event record (``payload`` as a (name, value) tuple or a dict)."""
     payload = record.get("payload")
     if isinstance(payload, tuple):
@@ -104,7 +104,7 @@ def checkpoint_fields(record: dict) -> dict:
     return payload
 
 
-def verify_checkpoint(record: dict, keyring: Keyring, head_seq: int, head_hash: str) -> CheckpointResult:
+def verify_checkpoint(record: dict[str, Any], keyring: Keyring, head_seq: int, head_hash: str) -> CheckpointResult:
     """`check_checkpoint` for a decoded checkpoint event ``record``, given the chain head that
     precedes it (``head_seq``, ``head_hash`` as a sequential verifier holds them just before it)."""
     return check_checkpoint(checkpoint_fields(record), int(record["seq"]), record["session_id"],

@@ -15,7 +15,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator, cast
 
 import fastavro
 from fastavro.schema import fingerprint as _fingerprint
@@ -31,7 +31,7 @@ SYNC_LEN = 16
 _META_SCHEMA = fastavro.parse_schema({"type": "map", "values": "bytes"})
 
 
-def parse(schema: dict) -> Any:
+def parse(schema: dict[str, Any]) -> Any:
     """Parse a schema dict for encoding/decoding (named types resolved)."""
     try:
         return fastavro.parse_schema(schema)
@@ -39,16 +39,16 @@ def parse(schema: dict) -> Any:
         raise SchemaError(f"invalid Avro schema: {exc}") from exc
 
 
-def canonical_form(schema: dict) -> str:
+def canonical_form(schema: dict[str, Any]) -> str:
     return to_parsing_canonical_form(schema)
 
 
-def fingerprint(schema: dict) -> bytes:
+def fingerprint(schema: dict[str, Any]) -> bytes:
     """CRC-64-AVRO of the parsing canonical form, in the byte order single-object encoding uses."""
     return bytes.fromhex(_fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
 
 
-def encode(parsed: Any, record: dict) -> bytes:
+def encode(parsed: Any, record: dict[str, Any]) -> bytes:
     out = io.BytesIO()
     fastavro.schemaless_writer(out, parsed, record)
     return out.getvalue()
@@ -61,7 +61,7 @@ class Encoder:
         self.parsed = parsed
         self._buf = io.BytesIO()
 
-    def __call__(self, record: dict) -> bytes:
+    def __call__(self, record: dict[str, Any]) -> bytes:
         buf = self._buf
         buf.seek(0)
         buf.truncate()
@@ -69,12 +69,12 @@ class Encoder:
         return buf.getvalue()
 
 
-def decode(body: bytes, writer: Any, reader: Any | None = None) -> dict:
+def decode(body: bytes, writer: Any, reader: Any | None = None) -> dict[str, Any]:
     """Decode one Avro body; union members come back as ``(record name, value)`` tuples."""
     try:
-        return fastavro.schemaless_reader(
+        return cast(dict[str, Any], fastavro.schemaless_reader(
             io.BytesIO(body), writer, reader, return_record_name=True, return_record_name_override=False
-        )
+        ))
     except Exception as exc:
         raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
 
@@ -122,7 +122,7 @@ def read_varint(buf: bytes | memoryview, pos: int, end: int | None = None) -> tu
             raise DecodeError("bad_varint", "varint longer than 10 bytes")
 
 
-def ocf_header(schema: dict, sync: bytes, metadata: dict[str, bytes] | None = None) -> bytes:
+def ocf_header(schema: dict[str, Any], sync: bytes, metadata: dict[str, bytes] | None = None) -> bytes:
     """Header of an uncompressed OCF. ``sync`` is chosen by the caller (deterministic files)."""
     if len(sync) != SYNC_LEN:
         raise ValueError("sync marker must be 16 bytes")
@@ -147,7 +147,7 @@ def ocf_blocks(bodies: Iterable[bytes], sync: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class OcfHeader:
-    schema: dict
+    schema: dict[str, Any]
     sync: bytes
     metadata: dict[str, bytes]
     length: int  # bytes the header occupies
@@ -163,7 +163,7 @@ def read_ocf_header(data: bytes | memoryview) -> OcfHeader:
     bio = io.BytesIO(bytes(data))
     bio.seek(4)
     try:
-        meta = fastavro.schemaless_reader(bio, _META_SCHEMA)
+        meta = cast(dict[str, bytes], fastavro.schemaless_reader(bio, _META_SCHEMA))
     except Exception as exc:
         raise DecodeError("bad_header", f"OCF metadata: {exc}") from exc
     sync = bio.read(SYNC_LEN)
@@ -227,13 +227,14 @@ def split_records(block: RawBlock, parsed_writer: Any) -> list[bytes]:
     return out
 
 
-def read_container(fo: BinaryIO) -> tuple[dict, dict[str, bytes], Iterator[dict]]:
+def read_container(fo: BinaryIO) -> tuple[dict[str, Any], dict[str, str], Iterator[dict[str, Any]]]:
     """Any OCF, any codec, decoded record by record (for small files and foreign writers)."""
     try:
         reader = fastavro.reader(fo, return_record_name=True)
     except Exception as exc:
         raise DecodeError("bad_header", f"{type(exc).__name__}: {exc}") from exc
-    return reader.writer_schema, dict(reader.metadata), iter(reader)
+    return (cast(dict[str, Any], reader.writer_schema), dict(reader.metadata),
+            cast(Iterator[dict[str, Any]], iter(reader)))
 
 
 def fsync_file(f: BinaryIO) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import avro.schema
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
@@ -31,7 +32,7 @@ class CompatResult:
         return self.backward and self.forward
 
 
-def _parse(schema: dict, where: str) -> avro.schema.Schema:
+def _parse(schema: dict[str, Any], where: str) -> avro.schema.Schema:
     try:
         return avro.schema.parse(json.dumps(schema))
     except Exception as exc:  # avro raises SchemaParseException and others
@@ -39,14 +40,14 @@ def _parse(schema: dict, where: str) -> avro.schema.Schema:
 
 
 def _check(reader: avro.schema.Schema, writer: avro.schema.Schema) -> tuple[bool, list[str]]:
-    r = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)
+    r = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)  # type: ignore[no-untyped-call]
     ok = r.compatibility is SchemaCompatibilityType.compatible
     kinds = ", ".join(sorted(i.name for i in r.incompatibilities))
     msgs = [] if ok else [f"{kinds}: {m}" for m in sorted(r.messages)] + [f"at {loc}" for loc in sorted(r.locations)]
     return ok, msgs
 
 
-def check_full_transitive(candidate: dict, released: list[SchemaVersion]) -> list[CompatResult]:
+def check_full_transitive(candidate: dict[str, Any], released: list[SchemaVersion]) -> list[CompatResult]:
     cand = _parse(candidate, "candidate")
     out = []
     for v in released:

@@ -11,6 +11,11 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (fast-path imports)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
 from . import envvars
 from .homes import resolve_home
 
@@ -41,11 +46,11 @@ class Settings:
     def transport_label(self) -> str:
         return f"kafka {self.bootstrap_servers}" if self.uses_kafka else f"local log {self.log_dir}"
 
-    def with_(self, **changes) -> "Settings":
+    def with_(self, **changes: Any) -> "Settings":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def from_env(env: dict[str, str] | None = None) -> Settings:
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     home = Path(resolve_home(env))
     return Settings(

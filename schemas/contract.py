@@ -52,7 +52,7 @@ class SchemaVersion:
     subject: str
     version: int | None  # None: the current, not (yet) released schema
     path: Path
-    schema: dict = field(repr=False)
+    schema: dict[str, Any] = field(repr=False)
     fingerprint: bytes = b""
 
     @cached_property
@@ -77,7 +77,7 @@ def _load(path: Path, subject: str, version: int | None) -> SchemaVersion:
     return SchemaVersion(subject, version, path, schema, codec.fingerprint(schema))
 
 
-def payload_kinds(schema: dict) -> list[PayloadKind]:
+def payload_kinds(schema: dict[str, Any]) -> list[PayloadKind]:
     namespace = schema.get("namespace", "")
     for f in schema.get("fields", []):
         if f["name"] == "payload":
@@ -116,7 +116,7 @@ class SchemaStore:
                 m = _RELEASED_RE.match(p.name)
                 if m and m["subject"] == subject:
                     self.released.append(_load(p, subject, int(m["version"])))
-        self.released.sort(key=lambda v: v.version)
+        self.released.sort(key=lambda v: v.version or 0)
         self._by_fp: dict[bytes, SchemaVersion] = {v.fingerprint: v for v in self.released}
         self._by_fp.setdefault(self.current.fingerprint, self.current)
         self.kinds = payload_kinds(self.current.schema)
@@ -148,11 +148,11 @@ class SchemaStore:
         return any(v.fingerprint == self.current.fingerprint for v in self.released)
 
     # -- codec ----------------------------------------------------------------------------
-    def encode(self, record: dict) -> bytes:
+    def encode(self, record: dict[str, Any]) -> bytes:
         """Body bytes of ``record`` under the current schema."""
         return codec.encode(self.current.parsed, record)
 
-    def decode(self, value: bytes) -> dict:
+    def decode(self, value: bytes) -> dict[str, Any]:
         """Decode a single-object-encoded message, resolved to the current reader schema."""
         fp, body = codec.soe_split(value)
         writer = self._by_fp.get(fp)

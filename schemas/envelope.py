@@ -16,7 +16,7 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from . import codec
 from .contract import SchemaStore
@@ -76,7 +76,7 @@ def hash_ok(value: bytes) -> bool:
 class Sealed:
     value: bytes  # single-object-encoded, ready for the wire
     hash: str
-    record: dict  # the record as encoded (hash filled in)
+    record: dict[str, Any]  # the record as encoded (hash filled in)
 
 
 class Sealer:
@@ -88,7 +88,7 @@ class Sealer:
         self._parsed = store.current.parsed
         self._encoder = codec.Encoder(self._parsed)
 
-    def seal(self, record: dict) -> Sealed:
+    def seal(self, record: dict[str, Any]) -> Sealed:
         record["hash"] = ""
         if self._encoder.parsed is not self._parsed:  # the writer schema was swapped (tests of old writers)
             self._encoder = codec.Encoder(self._parsed)
@@ -103,15 +103,15 @@ def make_record(
     session_id: str,
     seq: int,
     occurred_at_us: int,
-    producer: dict,
+    producer: dict[str, Any],
     payload_name: str,
-    payload: dict,
+    payload: dict[str, Any],
     prev_hash: str,
     turn_id: str | None = None,
     tool_call_id: str | None = None,
-    trace: dict | None = None,
-    redactions: list[dict] | None = None,
-) -> dict:
+    trace: dict[str, Any] | None = None,
+    redactions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     return {
         "event_id": event_id,
         "session_id": session_id,
@@ -145,7 +145,7 @@ class ChainVerifier:
         self.head_hash = head_hash
         self.count = 0
 
-    def check(self, value: bytes, record: dict) -> ChainProblem | None:
+    def check(self, value: bytes, record: dict[str, Any]) -> ChainProblem | None:
         """Check the next event; on success it becomes the head. Returns the problem otherwise."""
         seq, eid = record["seq"], record.get("event_id")
         if self.session_id is None:

@@ -19,6 +19,11 @@ from __future__ import annotations
 
 import os
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (fast-path imports)
+if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping
+    from typing import Any
+
 from .errors import ConfigError
 
 ON = ("1", "true", "yes", "on")
@@ -39,13 +44,13 @@ SECTIONS = {
 class Var:
     __slots__ = ("name", "type", "default", "default_doc", "doc", "reader", "section", "secret", "choices")
 
-    def __init__(self, name: str, type: str, default, default_doc: str, doc: str, reader: str, section: str,
+    def __init__(self, name: str, type: str, default: Any, default_doc: str, doc: str, reader: str, section: str,
                  secret: bool = False, choices: tuple[str, ...] = ()):
         assert name.startswith("AGENTLEDGER_") and section in SECTIONS
         self.name, self.type, self.default, self.default_doc = name, type, default, default_doc
         self.doc, self.reader, self.section, self.secret, self.choices = doc, reader, section, secret, choices
 
-    def parse(self, text: str):
+    def parse(self, text: str) -> Any:
         """The typed value of ``text`` (not empty)."""
         t = self.type
         try:
@@ -245,14 +250,14 @@ def declared(name: str) -> Var:
         raise KeyError(f"{name} is not declared in agentledger/schemas/envvars.py") from None
 
 
-def raw(name: str, env=None) -> str | None:
+def raw(name: str, env: Mapping[str, str] | None = None) -> str | None:
     """The text of a declared variable, None when unset or empty."""
     declared(name)
     value = (os.environ if env is None else env).get(name)
     return value if value else None
 
 
-def get(name: str, env=None):
+def get(name: str, env: Mapping[str, str] | None = None) -> Any:
     """The typed value of a declared variable, or its default when unset."""
     var = declared(name)
     value = (os.environ if env is None else env).get(name)
@@ -263,7 +268,8 @@ def mask(value: str) -> str:
     return "****" if value else ""
 
 
-def effective(env=None, sections=None) -> list[dict]:
+def effective(env: Mapping[str, str] | None = None,
+              sections: Collection[str] | None = None) -> list[dict[str, Any]]:
     """One row per variable: name, value (secrets masked), source (``env`` or ``default``)."""
     env = os.environ if env is None else env
     rows = []
@@ -277,7 +283,7 @@ def effective(env=None, sections=None) -> list[dict]:
     return rows
 
 
-def markdown(sections=None) -> str:
+def markdown(sections: Collection[str] | None = None) -> str:
     """The README's configuration tables (one per section)."""
     out = []
     for sec, title in SECTIONS.items():

@@ -1,5 +1,11 @@
 """The project's own exceptions. Adapters translate library errors into these, with the cause attached."""
 
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (fast-path imports)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 class AgentLedgerError(Exception):
     """Base class of every error agentledger raises on purpose."""
@@ -29,7 +35,7 @@ class NotDurableError(TransportError):
     ``undelivered`` holds the messages (transport.base.Outgoing) not known to be durable.
     """
 
-    def __init__(self, message: str, undelivered: list | None = None):
+    def __init__(self, message: str, undelivered: list[Any] | None = None):
         super().__init__(message)
         self.undelivered = list(undelivered or [])
 

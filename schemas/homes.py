@@ -27,6 +27,14 @@ import os
 import stat
 import sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (fast-path imports)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+    from typing import TypeVar
+
+    PathT = TypeVar("PathT", str, Path)
+
 from . import envvars
 
 APP = "agentledger"
@@ -38,7 +46,7 @@ PRIVATE_UMASK = 0o077
 _user_umask: int | None = None
 
 
-def user_home(env=None) -> str:
+def user_home(env: Mapping[str, str] | None = None) -> str:
     """The user's home directory: $HOME when absolute, else the password database."""
     env = os.environ if env is None else env
     h = env.get("HOME") or ""
@@ -52,7 +60,7 @@ def user_home(env=None) -> str:
         return os.path.abspath(os.path.expanduser("~"))
 
 
-def default_home(env=None) -> str:
+def default_home(env: Mapping[str, str] | None = None) -> str:
     """The per-user home used when AGENTLEDGER_HOME is not set (see the module doc)."""
     env = os.environ if env is None else env
     xdg = env.get("XDG_DATA_HOME") or ""
@@ -60,7 +68,7 @@ def default_home(env=None) -> str:
     return os.path.join(base, APP)
 
 
-def resolve_home(env=None) -> str:
+def resolve_home(env: Mapping[str, str] | None = None) -> str:
     """The home as an absolute path: AGENTLEDGER_HOME (``~`` expanded with the env's HOME) or the default."""
     env = os.environ if env is None else env
     given = envvars.raw(HOME_ENV, env)
@@ -71,7 +79,7 @@ def resolve_home(env=None) -> str:
     return os.path.abspath(os.path.expanduser(given))
 
 
-def legacy_home_notice(env=None, cwd: str | None = None) -> str | None:
+def legacy_home_notice(env: Mapping[str, str] | None = None, cwd: str | None = None) -> str | None:
     """One line for stderr when a pre-issue-20 ``./.agentledger`` sits in the current directory and
     AGENTLEDGER_HOME is not set: it is no longer used, and how to migrate. None otherwise."""
     env = os.environ if env is None else env
@@ -106,7 +114,7 @@ def user_umask() -> int:
 HOME_ENTRIES = ("log", "spool", "state", "keys", "sandbox", "cas", "policies", "heads")
 
 
-def secure_home(home) -> str | None:
+def secure_home(home: str | os.PathLike[str]) -> str | None:
     """Tighten an existing home open to group/others when this user owns it: the home itself to
     owner-only, and everything under the entries agentledger makes in it (`HOME_ENTRIES`, the default
     warehouse ``warehouse.duckdb*``) to 0700 directories / 0600 files; anything else in it is left
@@ -144,7 +152,7 @@ def secure_home(home) -> str | None:
     return f"agentledger: tightened {home}: {changed} entries were open to group/others (now owner-only)\n"
 
 
-def write_private_file(path, data: bytes, *, exclusive: bool = False):
+def write_private_file(path: PathT, data: bytes, *, exclusive: bool = False) -> PathT:
     """Write ``data`` to ``path`` with mode 0600 from the start (whatever the umask), whole: under a
     private temporary name, fsynced, then renamed into place -- or with ``exclusive``, linked into
     place (`FileExistsError` if ``path`` exists: a concurrent writer won). Readers see no file or the
@@ -170,7 +178,7 @@ def write_private_file(path, data: bytes, *, exclusive: bool = False):
     return path
 
 
-def prepare_process(env=None, *, legacy_cwd: str | None = None, home: str | None = None) -> list[str]:
+def prepare_process(env: Mapping[str, str] | None = None, *, legacy_cwd: str | None = None, home: str | None = None) -> list[str]:
     """What every entry point does first: the private umask, the existing home tightened, and the
     old ./.agentledger named. Returns the lines for stderr."""
     restrict_umask()

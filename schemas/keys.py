@@ -61,7 +61,7 @@ def _git_work_tree(directory: str, stops: set[str]) -> str | None:
     return None
 
 
-def git_work_tree(path) -> str | None:
+def git_work_tree(path: str | os.PathLike[str]) -> str | None:
     """The git work tree ``path`` lies in (a ``.git`` in it or above it, below your home directory), or None."""
     home = user_home()
     return _git_work_tree(os.path.abspath(os.fspath(path)), {home, os.path.realpath(home)})
@@ -89,7 +89,7 @@ def _check_dirs(directory: str, stops: set[str], what: str, path: str) -> None:
         d = parent
 
 
-def check_key_path(path, *, what: str = "key", secret: bool = False) -> str:
+def check_key_path(path: str | os.PathLike[str], *, what: str = "key", secret: bool = False) -> str:
     """Refuse ``path`` (a key file, or a directory of keys) as the module doc says; return it as an
     absolute path. ``what`` names it in the message ("signing key", "trusted public key directory").
     A path that does not exist is returned unchecked (the caller reports it as missing)."""

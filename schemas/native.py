@@ -21,7 +21,7 @@ from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, cast
 
 from . import envvars
 from .errors import AgentLedgerError
@@ -45,13 +45,13 @@ def decoder() -> Path | None:
             return None
         p = Path(env)
         return p if p.is_file() and os.access(p, os.X_OK) else None
-    for p in (Path(sys.prefix) / "bin" / BINARY, shutil.which(BINARY), _REPO_BUILD):
-        if p and Path(p).is_file() and os.access(p, os.X_OK):
-            return Path(p)
+    for c in (Path(sys.prefix) / "bin" / BINARY, shutil.which(BINARY), _REPO_BUILD):
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
     return None
 
 
-def reader_schema(schema: dict) -> dict:
+def reader_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """The schema to decode with: the writer's, with ``uuid`` strings kept as strings (arrow-avro
     would parse them into 16 bytes, losing their exact text) and ``timestamp-micros`` read as
     local timestamps (the warehouse keeps UTC as TIMESTAMP without a zone). Avro resolves these
@@ -69,13 +69,13 @@ def reader_schema(schema: dict) -> dict:
             return [walk(x) for x in o]
         return o
 
-    return walk(copy.deepcopy(schema))
+    return cast(dict[str, Any], walk(copy.deepcopy(schema)))
 
 
 
 
 @contextmanager
-def scratch_dir(need_bytes: int = 0):
+def scratch_dir(need_bytes: int = 0) -> Iterator[Path]:
     """A private (0700) temporary directory for the decoder's input and output: in memory (/dev/shm)
     when it has room for ``need_bytes``, else the default temporary directory. It is removed on
     exit, by a thread: freeing a large tmpfs file takes a while, and nothing waits for it (the
@@ -142,7 +142,7 @@ class IngestDecoded:
         return self.workdir / "sessions.arrow"
 
 
-def decode_ingest(frame: bytes, schema: dict, fingerprint: bytes, workdir: Path, *, max_message_bytes: int,
+def decode_ingest(frame: bytes, schema: dict[str, Any], fingerprint: bytes, workdir: Path, *, max_message_bytes: int,
                   ended_branch: int, timeout: float | None = None) -> IngestDecoded:
     """Run ``agentledger-avro2arrow --ingest`` over ``frame`` (see `values_frame`) in ``workdir``.
     Raises `NativeDecodeError` when the decoder is missing, fails, or says something that does not

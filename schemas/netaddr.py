@@ -150,8 +150,8 @@ def _ipv6(text: str, raw: str) -> Host:
     except ValueError as exc:
         raise HostError(f"not a valid IPv6 address: {raw!r} ({exc})") from None
     zone = address.scope_id
-    address = canonical(address)
-    return Host(str(address), address, zone if isinstance(address, ipaddress.IPv6Address) else None)
+    canon = canonical(address)
+    return Host(str(canon), canon, zone if isinstance(canon, ipaddress.IPv6Address) else None)
 
 
 def idna_ascii(text: str, raw: str | None = None) -> str:

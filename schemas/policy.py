@@ -141,7 +141,7 @@ def _host_match(pattern: str, host: str) -> bool:
     return fnmatch.fnmatchcase(host, pattern)
 
 
-def _network_rule(r: dict, rid: str, where: str) -> NetworkRule:
+def _network_rule(r: dict[str, Any], rid: str, where: str) -> NetworkRule:
     """One ``[[network.rules]]`` entry: host entries that are address literals (in any form) become
     address ranges, the others name globs (canonical: lower case, IDNA, no trailing dot)."""
     try:
@@ -244,7 +244,7 @@ class Policy:
         return p
 
     @classmethod
-    def from_dict(cls, data: dict, source: str | None = None) -> "Policy":
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "Policy":
         where = f"policy {source}" if source else "policy"
         known = ("name", "description", *sorted(POLICY_SECTIONS))
         unknown = sorted(set(data) - set(known))
@@ -312,7 +312,8 @@ class Policy:
         decisions = [self._decide_network(dest, a, port, protocol, method) for a in at]
         return max(decisions, key=lambda d: NETWORK_ACTIONS.index(d.action))  # (the first of the worst)
 
-    def _decide_network(self, dest: Host, address: IPAddress | None, port, protocol, method) -> Decision:
+    def _decide_network(self, dest: Host, address: IPAddress | None, port: int | None, protocol: str | None,
+                        method: str | None) -> Decision:
         name = f"[{dest.text}]" if ":" in dest.text else dest.text
         where = f"{name}:{port}" + (f" (resolved to {address})" if address is not None and not dest.is_address else "")
         matched = [r for r in self.network_rules if r.matches(dest, address, port, protocol, method)]
@@ -437,7 +438,7 @@ class Policy:
         return {k: v for k, v in env.items() if self.env_allowed(k)}
 
     # -- as recorded in session_started ---------------------------------------------------
-    def network_summary(self) -> dict:
+    def network_summary(self) -> dict[str, Any]:
         allowed = sorted({h for r in self.network_rules if r.action == "allow" for h in r.hosts})
         denied = sorted({h for r in self.network_rules if r.action == "deny" for h in r.hosts})
         if self.network_default == "allow":
@@ -491,7 +492,7 @@ def _check(value: Any, allowed: Iterable[str], what: str) -> str:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ConfigError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
-    return value
+    return str(value)
 
 
 # --- how commands and URLs are read (shared by the producers and replay) ---------------------
@@ -520,7 +521,8 @@ def shell_segments(command: str) -> list[list[str]]:
         tokens = list(lex)
     except ValueError:
         tokens = command.split()
-    out, cur = [], []
+    out: list[list[str]] = []
+    cur: list[str] = []
     for t in tokens:
         if t and set(t) <= set(";&|()"):
             if cur:
@@ -530,7 +532,7 @@ def shell_segments(command: str) -> list[list[str]]:
             cur.append(t)
     if cur:
         out.append(cur)
-    result = []
+    result: list[list[str]] = []
     for seg in out:
         result.extend(simple_commands(seg) if len(seg) >= 3 else [seg])
     return result or [[command]]

@@ -7,7 +7,10 @@ writer schema (``schema_fingerprint``) reproduces the exact bytes the producer s
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import duckdb
 
 from . import codec
 from .contract import SchemaStore
@@ -23,7 +26,7 @@ def event_select_list(store: SchemaStore) -> list[str]:
     return [c.name for c in event_columns(store)]
 
 
-def row_to_record(store: SchemaStore, row: dict[str, Any]) -> dict:
+def row_to_record(store: SchemaStore, row: dict[str, Any]) -> dict[str, Any]:
     """A warehouse row (column name -> value) as the Avro record it was decoded from."""
     kind = store.kind_by_label(row["family"], row["kind"])
     kind_columns = {k.column for k in store.kinds}
@@ -37,7 +40,7 @@ def row_to_record(store: SchemaStore, row: dict[str, Any]) -> dict:
     return rec
 
 
-def reencode(store: SchemaStore, record: dict, fingerprint_hex: str | None) -> bytes:
+def reencode(store: SchemaStore, record: dict[str, Any], fingerprint_hex: str | None) -> bytes:
     """The single-object-encoded bytes of ``record`` under its writer schema."""
     fp = bytes.fromhex(fingerprint_hex) if fingerprint_hex else store.current.fingerprint
     version = store.by_fingerprint(fp)
@@ -46,7 +49,7 @@ def reencode(store: SchemaStore, record: dict, fingerprint_hex: str | None) -> b
     return codec.soe_frame(fp, codec.encode(version.parsed, record))
 
 
-def iter_session_rows(con, store: SchemaStore, session_id: str) -> Iterator[dict]:
+def iter_session_rows(con: duckdb.DuckDBPyConnection, store: SchemaStore, session_id: str) -> Iterator[dict[str, Any]]:
     cols = event_select_list(store)
     quoted = idents(cols)
     cur = con.execute(f"SELECT {quoted} FROM events WHERE session_id = ? ORDER BY seq", [session_id])
@@ -58,7 +61,7 @@ def iter_session_rows(con, store: SchemaStore, session_id: str) -> Iterator[dict
             yield dict(zip(cols, r))
 
 
-def iter_session_values(con, store: SchemaStore, session_id: str) -> Iterator[tuple[bytes, dict, dict]]:
+def iter_session_values(con: duckdb.DuckDBPyConnection, store: SchemaStore, session_id: str) -> Iterator[tuple[bytes, dict[str, Any], dict[str, Any]]]:
     """(re-encoded bytes, record, row) of each event of a session, in seq order."""
     for row in iter_session_rows(con, store, session_id):
         rec = row_to_record(store, row)

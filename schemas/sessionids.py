@@ -16,7 +16,10 @@ its ids start with a prefix:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    import duckdb
 
 from .errors import AgentLedgerError
 
@@ -86,19 +89,20 @@ def _where(places: Sequence[Place]) -> str:
     return "looked in " + (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0])
 
 
-def warehouse_place(con, label: str) -> Place:
+def warehouse_place(con: duckdb.DuckDBPyConnection, label: str) -> Place:
     """The warehouse's sessions, as `agentledger verify` lists them: those with events, a chain head,
     leaves in the Merkle tree (a session deleted from the tables is still one to verify: it fails),
     or unresolved dead letters only (all of whose events were quarantined)."""
     from .treelog import has_tree
+    from .warehouse import scalar
 
     tables = ["chain_heads", "events", *(["tree_leaves"] if has_tree(con) else [])]
     unresolved = "dead_letters WHERE session_id = $1 AND resolved_at IS NULL"
 
     def exact(sid: str) -> bool:
-        return bool(con.execute(
+        return bool(scalar(con.execute(
             "SELECT " + " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE session_id = $1)" for t in tables)
-            + f" OR EXISTS (SELECT 1 FROM {unresolved})", [sid]).fetchone()[0])
+            + f" OR EXISTS (SELECT 1 FROM {unresolved})", [sid])))
 
     def starting(prefix: str, n: int) -> list[str]:
         return [r[0] for r in con.execute(

@@ -36,6 +36,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (fast-path imports)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from .config import Settings
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -158,7 +164,7 @@ def load_public(data: bytes | str) -> Ed25519PublicKey:
     return key
 
 
-def signer_from_env(env: dict[str, str] | None = None) -> Signer | None:
+def signer_from_env(env: Mapping[str, str] | None = None) -> Signer | None:
     """The configured signing key, or None when checkpoints are not to be signed."""
     env = os.environ if env is None else env
     if key := envvars.raw(SIGNING_KEY_ENV, env):
@@ -182,7 +188,7 @@ def operator_key_dir(home: Path) -> Path:
     return Path(home) / "keys" / "operator"
 
 
-def load_operator_signer(settings, env: dict[str, str] | None = None, *, create: bool = False) -> Signer | None:
+def load_operator_signer(settings: Settings, env: Mapping[str, str] | None = None, *, create: bool = False) -> Signer | None:
     """The log operator's key, which signs tree heads and bundle headers (never checkpoints).
 
     ``AGENTLEDGER_OPERATOR_KEY`` (PEM or base64 seed) or ``AGENTLEDGER_OPERATOR_KEY_FILE``; else the key

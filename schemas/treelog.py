@@ -33,14 +33,21 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from . import envvars, merkle
 from .canonical import canonical_json
 from .errors import AgentLedgerError
 from .signing import ALGORITHM, Keyring, Signer, tree_head_message
+from .warehouse import scalar
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from .config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +86,14 @@ class TreeState:
         return self.frontier.root().hex()
 
 
-def has_tree(con) -> bool:
-    rows = con.execute("""SELECT count(*) FROM information_schema.tables WHERE table_name IN ('tree_leaves',
+def has_tree(con: duckdb.DuckDBPyConnection) -> bool:
+    rows = scalar(con.execute("""SELECT count(*) FROM information_schema.tables WHERE table_name IN ('tree_leaves',
                           'tree_state', 'tree_heads') AND table_catalog = current_database()
-                          AND table_schema = current_schema()""").fetchone()[0]
-    return rows == len(TREE_TABLES)
+                          AND table_schema = current_schema()"""))
+    return bool(rows == len(TREE_TABLES))
 
 
-def read_state(con) -> TreeState:
+def read_state(con: duckdb.DuckDBPyConnection) -> TreeState:
     rows = con.execute("SELECT log_id, tree_size, root_hash, frontier FROM tree_state").fetchall()
     if len(rows) != 1:
         raise TreeError(f"the tree_state table holds {len(rows)} rows, not exactly one")
@@ -100,7 +107,7 @@ def read_state(con) -> TreeState:
     return TreeState(log_id, f)
 
 
-def create_tree(con) -> None:
+def create_tree(con: duckdb.DuckDBPyConnection) -> None:
     """The one tree-state row of a new tree (a new random log id), with one leaf per session the
     warehouse already holds (a warehouse made before the tree existed: the tree vouches for those
     sessions from now on). Run inside the transaction that creates the tree tables."""
@@ -112,7 +119,7 @@ def create_tree(con) -> None:
         append_leaves(con, rows)
 
 
-def append_leaves(con, heads: list[tuple[str, int, str, int]]) -> TreeState:
+def append_leaves(con: duckdb.DuckDBPyConnection, heads: list[tuple[str, int, str, int]]) -> TreeState:
     """Append one leaf per (session_id, head_seq, head_hash, event_count), in the given order, inside
     the caller's transaction: O(len(heads) + log n) hashes, one INSERT and one UPDATE of the state."""
     import pyarrow as pa
@@ -145,7 +152,7 @@ def append_leaves(con, heads: list[tuple[str, int, str, int]]) -> TreeState:
     return TreeState(state.log_id, f)
 
 
-def leaf_hashes(con, lo: int, hi: int) -> list[bytes]:
+def leaf_hashes(con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> list[bytes]:
     rows = con.execute("SELECT leaf_index, leaf_hash FROM tree_leaves WHERE leaf_index >= ? AND leaf_index < ? "
                        "ORDER BY leaf_index", [lo, hi]).fetchall()
     if [r[0] for r in rows] != list(range(lo, hi)):
@@ -168,7 +175,7 @@ class TreeHead:
     def message(self) -> bytes:
         return tree_head_message(self.log_id, self.tree_size, self.root_hash, self.timestamp_ms)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"log_id": self.log_id, "tree_size": self.tree_size, "root_hash": self.root_hash,
                 "timestamp_ms": self.timestamp_ms, "algorithm": self.algorithm, "key_id": self.key_id,
                 "signature": base64.b64encode(self.signature).decode()}
@@ -204,13 +211,13 @@ def _int(v: Any) -> int:
     return int(v)
 
 
-def sign_head(con, signer: Signer, state: TreeState | None = None) -> TreeHead | None:
+def sign_head(con: duckdb.DuckDBPyConnection, signer: Signer, state: TreeState | None = None) -> TreeHead | None:
     """Sign the current tree (inside the caller's transaction) unless it is empty or already signed
     at this size; the head is stored in ``tree_heads`` with the frontier it was made from."""
     state = state or read_state(con)
     if state.size == 0:
         return None
-    last = con.execute("SELECT max(tree_size) FROM tree_heads WHERE log_id = ?", [state.log_id]).fetchone()[0]
+    last = scalar(con.execute("SELECT max(tree_size) FROM tree_heads WHERE log_id = ?", [state.log_id]))
     if last is not None and last >= state.size:
         return None
     ts = int(time.time() * 1000)
@@ -226,22 +233,22 @@ def sign_head(con, signer: Signer, state: TreeState | None = None) -> TreeHead |
 _HEAD_COLUMNS = "log_id, tree_size, root_hash, timestamp_ms, key_id, signature, algorithm"
 
 
-def _head_row(r) -> TreeHead:
+def _head_row(r: tuple[Any, ...]) -> TreeHead:
     return TreeHead(r[0], int(r[1]), r[2], int(r[3]), r[4], bytes.fromhex(r[5] or ""), r[6] or ALGORITHM)
 
 
-def latest_head(con) -> TreeHead | None:
+def latest_head(con: duckdb.DuckDBPyConnection) -> TreeHead | None:
     r = con.execute(f"SELECT {_HEAD_COLUMNS} FROM tree_heads ORDER BY tree_size DESC, timestamp_ms DESC "
                     "LIMIT 1").fetchone()
     return _head_row(r) if r else None
 
 
-def stored_heads(con) -> list[TreeHead]:
+def stored_heads(con: duckdb.DuckDBPyConnection) -> list[TreeHead]:
     return [_head_row(r) for r in con.execute(
         f"SELECT {_HEAD_COLUMNS} FROM tree_heads ORDER BY tree_size, timestamp_ms").fetchall()]
 
 
-def head_covering(con, leaf_index: int, keyring: Keyring | None = None) -> TreeHead | None:
+def head_covering(con: duckdb.DuckDBPyConnection, leaf_index: int, keyring: Keyring | None = None) -> TreeHead | None:
     """The newest stored head whose tree holds leaf ``leaf_index`` (signed by a key of ``keyring`` when given)."""
     for r in con.execute(f"SELECT {_HEAD_COLUMNS} FROM tree_heads WHERE tree_size > ? "
                          "ORDER BY tree_size DESC, timestamp_ms DESC", [leaf_index]).fetchall():
@@ -251,7 +258,7 @@ def head_covering(con, leaf_index: int, keyring: Keyring | None = None) -> TreeH
     return None
 
 
-def frontier_at(con, size: int) -> merkle.Frontier:
+def frontier_at(con: duckdb.DuckDBPyConnection, size: int) -> merkle.Frontier:
     """The frontier of the tree's first ``size`` leaves: stored with a head of that size, else built
     from the leaves (O(size))."""
     r = con.execute("SELECT frontier FROM tree_heads WHERE tree_size = ? LIMIT 1", [size]).fetchone()
@@ -265,12 +272,12 @@ def frontier_at(con, size: int) -> merkle.Frontier:
     return f
 
 
-def inclusion_proof(con, leaf_index: int, tree_size: int) -> list[bytes]:
+def inclusion_proof(con: duckdb.DuckDBPyConnection, leaf_index: int, tree_size: int) -> list[bytes]:
     """RFC 9162 PATH(leaf_index, D[tree_size]) from the stored leaf hashes (O(tree_size))."""
     return merkle.inclusion_path(leaf_index, tree_size, merkle.leaves_node(leaf_hashes(con, 0, tree_size)))
 
 
-def consistency_proof(con, old_size: int, new_size: int) -> list[bytes]:
+def consistency_proof(con: duckdb.DuckDBPyConnection, old_size: int, new_size: int) -> list[bytes]:
     """RFC 9162 PROOF(old_size, D[new_size]) from the old frontier and the leaves added since."""
     if old_size == 0 or old_size == new_size:
         return []
@@ -290,7 +297,7 @@ class PublishedHead:
     consistency: list[bytes]
     where: str
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"format": HEAD_FORMAT, **self.head.as_dict(), "prev_tree_size": self.prev_size,
                 "prev_root_hash": self.prev_root, "consistency": [h.hex() for h in self.consistency]}
 
@@ -363,7 +370,7 @@ class HeadsFile:
                     return PublishedHead.parse(lines[-1], f"{self.path}:last")
         return None
 
-    def append(self, doc: dict) -> None:
+    def append(self, doc: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -385,7 +392,7 @@ class HeadsTopic:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.label = f"kafka:{topic}"
-        self._sink = None
+        self._sink: Any = None  # a KafkaSink once the first head is published
 
     def read(self) -> tuple[list[PublishedHead], list[str]]:
         from .transport.kafka import partition_count, scan_partition
@@ -408,7 +415,7 @@ class HeadsTopic:
         m = last_message(self.bootstrap_servers, self.topic, 0)
         return PublishedHead.parse(m.value or b"", f"{self.label}@{m.offset}") if m is not None else None
 
-    def append(self, doc: dict) -> None:
+    def append(self, doc: dict[str, Any]) -> None:
         from .transport.kafka import KafkaSink
 
         if self._sink is None:
@@ -467,11 +474,11 @@ def pinned_log(home: Path, warehouse_url: str) -> str | None:
         return None
 
 
-def default_destinations(settings, log_id: str) -> list:
+def default_destinations(settings: Settings, log_id: str) -> list[Any]:
     """The heads file in the home, and the heads topic when Kafka is the transport."""
-    out: list = [HeadsFile(heads_file_path(settings.home, log_id))]
+    out: list[Any] = [HeadsFile(heads_file_path(settings.home, log_id))]
     if settings.uses_kafka:
-        out.append(HeadsTopic(settings.bootstrap_servers, heads_topic_name(settings.topic)))
+        out.append(HeadsTopic(str(settings.bootstrap_servers), heads_topic_name(settings.topic)))
     return out
 
 
@@ -482,13 +489,13 @@ class HeadsPublisher:
     one is skipped. A warehouse tree that does not extend the last published head is never published
     over it: that is logged as an error (``agentledger verify`` reports it)."""
 
-    def __init__(self, destinations: list):
+    def __init__(self, destinations: list[Any]):
         self.destinations = destinations
         self._last: dict[int, PublishedHead | None] = {}
         self.published = 0
         self.failures = 0
 
-    def publish(self, con) -> None:
+    def publish(self, con: duckdb.DuckDBPyConnection) -> None:
         head = latest_head(con)
         if head is None:
             return
@@ -536,7 +543,7 @@ class TreeHeads:
     every_s: float = DEFAULT_TREE_HEAD_EVERY_S
 
 
-def tree_heads_for(settings, con, env: dict[str, str] | None = None) -> TreeHeads:
+def tree_heads_for(settings: Settings, con: duckdb.DuckDBPyConnection, env: Mapping[str, str] | None = None) -> TreeHeads:
     """The operator key (created on first use) and the default publishing destinations."""
     from .signing import load_operator_signer
 
@@ -564,18 +571,18 @@ class TreeReport:
     covered_size: int = 0  # leaves covered by a trusted signed head (published ones when any were given)
     coverage_from: str = "stored"
     sources: list[str] = field(default_factory=list)
-    problems: list[dict] = field(default_factory=list)
+    problems: list[dict[str, Any]] = field(default_factory=list[Any])
     warnings: list[str] = field(default_factory=list)
 
     def problem(self, code: str, detail: str) -> None:
         self.ok = False
         self.problems.append({"code": code, "detail": detail})
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def check_tree(con, keyring: Keyring, sources: Iterable = (), *, require_sources: bool = False) -> TreeReport:
+def check_tree(con: duckdb.DuckDBPyConnection, keyring: Keyring, sources: Iterable[Any] = (), *, require_sources: bool = False) -> TreeReport:
     """Recompute the tree from the leaves and check it against the stored state, every stored signed
     head and every published head of ``sources`` (`HeadsFile` / `HeadsTopic`). Never raises for bad data."""
     rep = TreeReport()

@@ -12,16 +12,21 @@ import importlib
 import importlib.resources as ilr
 import json
 import re
-import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 
 from .contract import PayloadKind, SchemaStore, load_store
 from .errors import WarehouseError
+from .retry import is_transient, retry_transaction
+from .sql import ident, literal
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 # Columns the warehouse adds to each event (where it came from, when it landed).
 PROVENANCE_COLUMNS = [
@@ -32,6 +37,45 @@ PROVENANCE_COLUMNS = [
     ("ingested_at", "TIMESTAMP"),
 ]
 NOT_NULL = {"event_id", "session_id", "seq", "occurred_at", "family", "kind", "prev_hash", "hash"}
+
+
+T = TypeVar("T")
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``with transaction(con):`` -- BEGIN, the body, COMMIT. Any exception in the body (or a failed
+    COMMIT) rolls back and propagates unchanged; a ROLLBACK that fails in turn (a failed COMMIT
+    already ended the transaction) never hides it. One attempt: `run_transaction` retries."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+        raise
+
+
+def run_transaction(con: duckdb.DuckDBPyConnection, body: Callable[[duckdb.DuckDBPyConnection], T], what: str, *,
+                    attempts: int = 20) -> T:
+    """``body(con)`` in one `transaction`, redone from the start while it loses a race with another
+    writer (`schemas.retry`): the result of the attempt that committed. A terminal error, or the last
+    transient one, is a `WarehouseError` "``what`` failed: ..."."""
+    def once() -> T:
+        with transaction(con):
+            return body(con)
+    return retry_transaction(once, what, attempts=attempts)
+
+
+def scalar(cur: duckdb.DuckDBPyConnection) -> Any:
+    """The first value of the next row of ``cur``, for a query that returns one row (``count(*)``, ``max()``)."""
+    row = cur.fetchone()
+    if row is None:
+        raise WarehouseError("a query that returns one row returned none")
+    return row[0]
 
 
 def extension_path(name: str) -> Path:
@@ -61,7 +105,7 @@ def check_select_only(sql: str) -> None:
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
     try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+        tree = json.loads(scalar(con.execute("SELECT json_serialize_sql(?)", [sql])))
     finally:
         con.close()
     if tree.get("error"):
@@ -93,14 +137,10 @@ def check_select_only(sql: str) -> None:
 
 
 def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
-    con.execute(f"LOAD '{extension_path(name)}'")
+    con.execute(f"LOAD {literal(str(extension_path(name)))}")
 
 
 # --- Avro -> DuckDB types ---------------------------------------------------------------
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def duck_type(t: Any, named: dict[str, Any], namespace: str = "") -> str:
@@ -128,7 +168,7 @@ def duck_type(t: Any, named: dict[str, Any], namespace: str = "") -> str:
     if kind in ("record", "enum", "fixed"):
         named[t["name"] if "." in t["name"] else f"{ns}.{t['name']}"] = t
     if kind == "record":
-        fields = ", ".join(f"{_q(f['name'])} {duck_type(f['type'], named, ns)}" for f in t["fields"])
+        fields = ", ".join(f"{ident(f['name'])} {duck_type(f['type'], named, ns)}" for f in t["fields"])
         return f"STRUCT({fields})"
     if kind == "enum":
         return "VARCHAR"
@@ -155,7 +195,7 @@ def event_columns(store: SchemaStore) -> list[Column]:
     cols: list[Column] = []
     fam = " ".join(f"WHEN 'u{k.index}' THEN '{k.family}'" for k in store.kinds)
     kind = " ".join(f"WHEN 'u{k.index}' THEN '{k.kind}'" for k in store.kinds)
-    payload_type = None
+    payload_type: Any = None
     for f in schema["fields"]:
         name = f["name"]
         if name == "payload":
@@ -164,7 +204,7 @@ def event_columns(store: SchemaStore) -> list[Column]:
             cols.append(Column("kind", "VARCHAR", f"CASE union_tag(s.payload) {kind} END"))
             continue
         t = duck_type(f["type"], named, ns)
-        cols.append(Column(name, t, f"s.{_q(name)}::{t}" if t.startswith(("STRUCT", "MAP")) or "[]" in t else f"s.{_q(name)}"))
+        cols.append(Column(name, t, f"s.{ident(name)}::{t}" if t.startswith(("STRUCT", "MAP")) or "[]" in t else f"s.{ident(name)}"))
     for name, t in PROVENANCE_COLUMNS:
         cols.append(Column(name, t, f"s.{name}"))
     for k in store.kinds:
@@ -232,9 +272,9 @@ def event_table_names(store: SchemaStore | None = None) -> list[str]:
 
 
 def _kind_table_ddl(store: SchemaStore, kind: PayloadKind, constraints: bool) -> str:
-    cols = ",\n  ".join(f"{_q(c.name)} {c.type}{' NOT NULL' if constraints and c.name in NOT_NULL else ''}"
+    cols = ",\n  ".join(f"{ident(c.name)} {c.type}{' NOT NULL' if constraints and c.name in NOT_NULL else ''}"
                         for c in kind_columns(store, kind))
-    return f"CREATE TABLE IF NOT EXISTS {_q(kind_table(kind))} (\n  {cols}\n)"
+    return f"CREATE TABLE IF NOT EXISTS {ident(kind_table(kind))} (\n  {cols}\n)"
 
 
 def events_view_ddl(store: SchemaStore) -> str:
@@ -252,9 +292,9 @@ def events_view_ddl(store: SchemaStore) -> str:
             elif c.name in payload and c.name != k.column:
                 e = f"NULL::{c.type}"
             else:
-                e = _q(c.name)
-            sel.append(e if e == _q(c.name) else f"{e} AS {_q(c.name)}")
-        branches.append(f"SELECT {', '.join(sel)} FROM {_q(kind_table(k))}")
+                e = ident(c.name)
+            sel.append(e if e == ident(c.name) else f"{e} AS {ident(c.name)}")
+        branches.append(f"SELECT {', '.join(sel)} FROM {ident(kind_table(k))}")
     return "CREATE OR REPLACE VIEW events AS\n" + "\nUNION ALL\n".join(branches)
 
 
@@ -457,14 +497,6 @@ INGEST_SETTINGS = {"preserve_insertion_order": "false"}
 # (210k events: 28.8k -> 39.7k ev/s, same machine, same run). The WAL is replayed on the next open
 # after a crash, so the bound is also the most that replay has to read.
 FILE_INGEST_SETTINGS = {"checkpoint_threshold": "'512MB'"}
-RETRYABLE_MARKERS = ("database is locked", "conflict", "failed to commit ducklake", "could not serialize",
-                     "concurrent", "busy")
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """A commit that lost a race with another writer (DuckLake catalog) and may simply be retried."""
-    text = str(exc).lower()
-    return isinstance(exc, duckdb.Error) and any(m in text for m in RETRYABLE_MARKERS)
 
 
 @dataclass(frozen=True)
@@ -512,7 +544,7 @@ class Warehouse:
 
     A DuckDB file has one writer process and no concurrent readers. A DuckLake has any number of
     readers, which see committed snapshots, and several writers; a writer whose commit loses a race
-    gets an error `is_retryable` recognises, and must redo its transaction.
+    gets an error `schemas.retry.is_transient` recognises, and must redo its transaction (`run_transaction`).
     """
 
     def __init__(self, url: str, read_only: bool = False, store: SchemaStore | None = None, *,
@@ -522,7 +554,8 @@ class Warehouse:
         self.store = store or load_store()
         self.snapshot = snapshot
         self.lake: LakeLocation | None = None
-        config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False}
         if url.startswith(LAKE_PREFIX):
             self.lake = parse_lake(url, data_path)
             self.con = duckdb.connect(":memory:", config=config)
@@ -569,7 +602,7 @@ class Warehouse:
                 Path(lake.data_path).mkdir(parents=True, exist_ok=True)
         opts = []
         if lake.data_path and not self.read_only:
-            opts.append(f"DATA_PATH '{_lit(lake.data_path)}'")
+            opts.append(f"DATA_PATH {literal(lake.data_path)}")
         if self.read_only:
             opts.append("READ_ONLY")
         else:
@@ -580,19 +613,17 @@ class Warehouse:
             opts.append("DATA_INLINING_ROW_LIMIT 0")
         if self.snapshot is not None:
             opts.append(f"SNAPSHOT_VERSION {int(self.snapshot)}")
-        for attempt in range(40):  # several processes creating / attaching one catalog race on its lock
+        def detach(attempt: int, exc: BaseException) -> None:
             try:
-                self.con.execute(f"ATTACH '{_lit(LAKE_PREFIX + lake.catalog)}' AS {LAKE_ALIAS}"
-                                 + (f" ({', '.join(opts)})" if opts else ""))
-                break
-            except duckdb.Error as exc:
-                if not is_retryable(exc) or attempt == 39:
-                    raise WarehouseError(f"cannot attach DuckLake {self.url}: {str(exc).strip()}") from exc
-                try:
-                    self.con.execute(f"DETACH {LAKE_ALIAS}")
-                except duckdb.Error:
-                    pass
-                time.sleep(0.05 * (attempt + 1))
+                self.con.execute(f"DETACH {LAKE_ALIAS}")
+            except duckdb.Error:
+                pass
+
+        # several processes creating / attaching one catalog race on its lock
+        retry_transaction(lambda: self.con.execute(f"ATTACH {literal(LAKE_PREFIX + lake.catalog)} AS {LAKE_ALIAS}"
+                                                   + (f" ({', '.join(opts)})" if opts else "")),
+                          f"attaching DuckLake {self.url}", attempts=40, on_retry=detach,
+                          delay=lambda attempt: 0.05 * (attempt + 1))
         self.con.execute(f"USE {LAKE_ALIAS}")
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
@@ -605,7 +636,7 @@ class Warehouse:
     def lock_down(self) -> None:
         """For user-supplied SQL: no file or network access beyond the warehouse, settings frozen."""
         if self.is_lake:
-            data_path = self.con.execute(f"SELECT data_path FROM ducklake_settings('{LAKE_ALIAS}')").fetchone()[0]
+            data_path = scalar(self.con.execute(f"SELECT data_path FROM ducklake_settings('{LAKE_ALIAS}')"))
             self.con.execute("SET allowed_directories = ?", [[data_path]])
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
@@ -630,12 +661,12 @@ class Warehouse:
             if kind != "SELECT":
                 raise WarehouseError(f"refused: {st.type.name} statements are not allowed here (read-only SQL: "
                                      "SELECT and EXPLAIN only)")
-            tree = self.con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()[0]
+            tree = scalar(self.con.execute("SELECT json_serialize_sql(?)", [text]))
             bad = sorted({f for f in re.findall(r'"function_name":"([^"]+)"', tree) if _STATEFUL.match(f)})
             if bad:
                 raise WarehouseError(f"refused: {', '.join(bad)} changes state; read-only SQL may not call it")
 
-    def query(self, sql: str, params=None) -> duckdb.DuckDBPyConnection:
+    def query(self, sql: str, params: Any = None) -> duckdb.DuckDBPyConnection:
         """Run user-supplied read-only SQL after `check_query` (the cursor, to fetch from)."""
         self.check_query(sql)
         return self.con.execute(sql, params)
@@ -660,14 +691,10 @@ class Warehouse:
         never drops data. Several processes may run it at once on a DuckLake: a lost race is retried."""
         if self.read_only:
             return
-        for attempt in range(20):
-            try:
-                self._ensure_schema_once()
-                return
-            except duckdb.Error as exc:
-                if not is_retryable(exc) and "already exists" not in str(exc) or attempt == 19:
-                    raise WarehouseError(f"cannot create the warehouse schema: {str(exc).strip()}") from exc
-                time.sleep(0.05 * (attempt + 1))
+        # Besides a lost commit: the other process created a table between our look and our CREATE.
+        retry_transaction(self._ensure_schema_once, "creating the warehouse schema", attempts=20,
+                          transient=lambda exc: is_transient(exc) or "already exists" in str(exc),
+                          delay=lambda attempt: 0.05 * (attempt + 1))
 
     def _ensure_schema_once(self) -> None:
         have = self._relations()
@@ -698,31 +725,23 @@ class Warehouse:
         view over them. Nothing else changes (offsets, chain heads, dead letters, the tree). A
         DuckLake keeps the old table in its earlier snapshots (``--snapshot`` still reads them)."""
         con = self.con
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             self._add_missing_columns_wide()
-            n_before = con.execute("SELECT count(*) FROM events").fetchone()[0]
+            n_before = scalar(con.execute("SELECT count(*) FROM events"))
             moved = 0
             for k in self.store.kinds:
                 table = kind_table(k)
                 con.execute(_kind_table_ddl(self.store, k, constraints=True))
                 cols = kind_columns(self.store, k)
-                names = ", ".join(_q(c.name) for c in cols)
-                moved += con.execute(f"INSERT INTO {_q(table)} ({names}) SELECT {names} FROM events "
-                                     "WHERE kind = ?", [k.kind]).fetchone()[0]
+                names = ", ".join(ident(c.name) for c in cols)
+                moved += scalar(con.execute(f"INSERT INTO {ident(table)} ({names}) SELECT {names} FROM events "
+                                     "WHERE kind = ?", [k.kind]))
             if moved != n_before:
                 kinds = [r[0] for r in con.execute("SELECT DISTINCT kind FROM events").fetchall()]
                 raise WarehouseError(f"cannot migrate the events table: {n_before - moved} of its {n_before} rows "
                                      f"are of no kind of the current schema (kinds there: {kinds})")
             con.execute("DROP TABLE events")
             con.execute(events_view_ddl(self.store))
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
-            raise
 
     def _add_missing_columns_wide(self) -> None:
         """The wide table of a warehouse made before the kind tables gains what the current schema
@@ -732,28 +751,20 @@ class Warehouse:
             "AND table_catalog = current_database() AND table_schema = current_schema()").fetchall()}
         for c in event_columns(self.store):
             if c.name not in have:
-                self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(c.name)} {c.type}")
+                self.con.execute(f"ALTER TABLE events ADD COLUMN {ident(c.name)} {c.type}")
         for column, fields in struct_fields(self.store).items():
-            present = {r[0] for r in self.con.execute(f"DESCRIBE SELECT {_q(column)}.* FROM events").fetchall()}
+            present = {r[0] for r in self.con.execute(f"DESCRIBE SELECT {ident(column)}.* FROM events").fetchall()}
             for name, t in fields:
                 if name not in present:
-                    self.con.execute(f"ALTER TABLE events ADD COLUMN {_q(column)}.{_q(name)} {t}")
+                    self.con.execute(f"ALTER TABLE events ADD COLUMN {ident(column)}.{ident(name)} {t}")
 
     def _create_tree(self) -> None:
         from .treelog import create_tree
 
-        self.con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(self.con):
             for ddl in TREE_TABLES.values():
                 self.con.execute(ddl)
             create_tree(self.con)
-            self.con.execute("COMMIT")
-        except BaseException:
-            try:
-                self.con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
-            raise
 
     def _ensure_detection_schema(self, have: dict[str, str]) -> None:
         ensure_detection_schema(self.con, have)
@@ -782,13 +793,13 @@ class Warehouse:
             present = have.get(table, {})
             for c in kind_columns(self.store, k):
                 if c.name not in present:
-                    self.con.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(c.name)} {c.type}")
+                    self.con.execute(f"ALTER TABLE {ident(table)} ADD COLUMN {ident(c.name)} {c.type}")
                 elif present[c.name] != wanted[table][c.name] and c.name in fields:
                     got = {r[0] for r in self.con.execute(
-                        f"DESCRIBE SELECT {_q(c.name)}.* FROM {_q(table)}").fetchall()}
+                        f"DESCRIBE SELECT {ident(c.name)}.* FROM {ident(table)}").fetchall()}
                     for name, t in fields[c.name]:
                         if name not in got:
-                            self.con.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(c.name)}.{_q(name)} {t}")
+                            self.con.execute(f"ALTER TABLE {ident(table)} ADD COLUMN {ident(c.name)}.{ident(name)} {t}")
 
     def record_schema_versions(self) -> None:
         known = {r[0] for r in self.con.execute("SELECT fingerprint FROM schema_versions").fetchall()}
@@ -809,19 +820,14 @@ class Warehouse:
         that kind's table, every column cast to the table's type (what does not fit is an error,
         not a column of another type); provenance is the fingerprint, the rest NULL. All or nothing:
         on an error nothing has changed."""
-        self.con.execute("BEGIN")
-        try:
+        with transaction(self.con):
             kinds = {k.index: k for k in self.store.kinds}
             for branch, rel in sources:
                 k = kinds.get(branch)
                 if k is None:
                     raise WarehouseError(f"payload branch {branch} is not a kind of the current schema")
                 self.insert_kind(k, rel, [c.name for c in stored_columns(self.store) if c.name not in _PROVENANCE]
-                                 + ["payload"], {"schema_fingerprint": f"'{fingerprint_hex}'"})
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
+                                 + ["payload"], {"schema_fingerprint": literal(fingerprint_hex)})
 
     def insert_kind(self, kind: PayloadKind, relation: str, have: list[str], constants: dict[str, str],
                     where: str = "") -> None:
@@ -834,13 +840,13 @@ class Warehouse:
         for c in cols:
             src = "payload" if c.name == kind.column and "payload" in have_set else c.name
             if src in have_set:
-                exprs.append(f"CAST(s.{_q(src)} AS {c.type})")
+                exprs.append(f"CAST(s.{ident(src)} AS {c.type})")
             elif c.name in constants:
                 exprs.append(f"CAST({constants[c.name]} AS {c.type})")
             else:
                 exprs.append(f"NULL::{c.type}")
-        names = ", ".join(_q(c.name) for c in cols)
-        self.con.execute(f"INSERT INTO {_q(kind_table(kind))} ({names}) SELECT {', '.join(exprs)} "
+        names = ", ".join(ident(c.name) for c in cols)
+        self.con.execute(f"INSERT INTO {ident(kind_table(kind))} ({names}) SELECT {', '.join(exprs)} "
                          f"FROM {relation} s {where}")
 
     def insert_events(self, source_sql: str, where: str = "", *, materialize: bool = True) -> int:
@@ -861,9 +867,9 @@ class Warehouse:
                 if tag not in tags:
                     continue
                 cols = kind_columns(self.store, k)
-                names = ", ".join(_q(c.name) for c in cols)
+                names = ", ".join(ident(c.name) for c in cols)
                 exprs = ", ".join(c.source for c in cols)
-                con.execute(f"INSERT INTO {_q(kind_table(k))} ({names}) SELECT {exprs} FROM {source_sql} s "
+                con.execute(f"INSERT INTO {ident(kind_table(k))} ({names}) SELECT {exprs} FROM {source_sql} s "
                             f"{cond} union_tag(s.payload) = '{tag}'")
             return sum(tags.values())
         finally:
@@ -871,7 +877,7 @@ class Warehouse:
                 con.execute("DROP TABLE IF EXISTS temp._insert_events")
 
     # -- DuckLake: snapshots and maintenance ------------------------------------------------
-    def snapshots(self, limit: int = 20) -> list[tuple]:
+    def snapshots(self, limit: int = 20) -> list[tuple[Any, ...]]:
         """(snapshot_id, time, changes) of the lake, newest first."""
         self._need_lake("snapshots")
         return self.con.execute(
@@ -883,9 +889,9 @@ class Warehouse:
             return None
         if self.snapshot is not None:
             return self.snapshot
-        return self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{LAKE_ALIAS}')").fetchone()[0]
+        return int(scalar(self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{LAKE_ALIAS}')")))
 
-    def compact(self, expire_older_than: str | None = "1 hour") -> dict:
+    def compact(self, expire_older_than: str | None = "1 hour") -> dict[str, Any]:
         """Merge small Parquet files, expire old snapshots and delete files nothing refers to any more.
 
         Safe while ingest and readers run: DuckLake rewrites files in a new snapshot; a reader pinned to
@@ -903,7 +909,7 @@ class Warehouse:
             # compared older_than wrongly (it expired snapshots seconds old; seen with 1.5.5).
             ids = [r[0] for r in self.con.execute(
                 f"SELECT snapshot_id FROM {LAKE_ALIAS}.snapshots() "
-                f"WHERE snapshot_time < now() - INTERVAL '{_lit(expire_older_than)}' "
+                f"WHERE snapshot_time < now() - INTERVAL {literal(expire_older_than)} "
                 f"AND snapshot_id < (SELECT max(snapshot_id) FROM {LAKE_ALIAS}.snapshots())").fetchall()]
             out["snapshots_expired"] = len(ids)
             if ids:
@@ -913,9 +919,9 @@ class Warehouse:
         return out
 
     def _file_count(self) -> int:
-        return self.con.execute(
+        return int(scalar(self.con.execute(
             f"SELECT count(*) FROM __ducklake_metadata_{LAKE_ALIAS}.ducklake_data_file "
-            "WHERE end_snapshot IS NULL").fetchone()[0]
+            "WHERE end_snapshot IS NULL")))
 
     def _need_lake(self, what: str) -> None:
         if not self.is_lake:
@@ -927,17 +933,13 @@ class Warehouse:
     def __enter__(self) -> "Warehouse":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 _PROVENANCE = {name for name, _ in PROVENANCE_COLUMNS}
 TABLE_NAMES = ["ingest_offsets", "chain_heads", "dead_letters", "schema_versions"]
 TREE_TABLE_NAMES = list(TREE_TABLES)
-
-
-def _lit(text: str) -> str:
-    return text.replace("'", "''")
 
 
 def _norm(sql: str) -> str:
@@ -1004,7 +1006,7 @@ def open_warehouse(url: str, read_only: bool = False, *, snapshot: int | None = 
     return wh
 
 
-def open_for(settings, read_only: bool = False, *, snapshot: int | None = None) -> Warehouse:
+def open_for(settings: Settings, read_only: bool = False, *, snapshot: int | None = None) -> Warehouse:
     """The configured warehouse (``settings.warehouse``), created on first write."""
     return open_warehouse(settings.warehouse, read_only, snapshot=snapshot, data_path=settings.lake_data_path)
 
@@ -1016,7 +1018,7 @@ _STATEFUL = re.compile(r"^(checkpoint|force_checkpoint|enable_logging|disable_lo
                        r"table_deletions|current_snapshot|last_committed_snapshot|settings|options)$).*)$", re.I)
 
 
-def open_for_query(settings, *, snapshot: int | None = None) -> Warehouse:
+def open_for_query(settings: Settings, *, snapshot: int | None = None) -> Warehouse:
     """The configured warehouse for user-supplied SQL (`agentledger sql`, notebooks): read-only and
     locked down (`Warehouse.lock_down`: no file or network access beyond the warehouse, no
     extensions, settings frozen). bench/chaos.py's readonly_sql scenario measures what it refuses."""
@@ -1082,7 +1084,7 @@ FROM chain_heads h LEFT JOIN a USING (session_id) LEFT JOIN s USING (session_id)
 
 
 def _detection_tables_ddl() -> dict[str, str]:
-    cols = ",\n  ".join(f"{_q(n)} {t}" for n, t in alert_columns())
+    cols = ",\n  ".join(f"{ident(n)} {t}" for n, t in alert_columns())
     return {"alerts": f"CREATE TABLE IF NOT EXISTS alerts (\n  {cols}\n)", **DETECTION_TABLES}
 
 
@@ -1099,7 +1101,7 @@ def ensure_detection_schema(con: duckdb.DuckDBPyConnection, have: dict[str, str]
         "AND table_catalog = current_database() AND table_schema = current_schema()").fetchall()}
     for n, t in alert_columns():
         if n not in present:
-            con.execute(f"ALTER TABLE alerts ADD COLUMN {_q(n)} {t}")
+            con.execute(f"ALTER TABLE alerts ADD COLUMN {ident(n)} {t}")
     if not _DETECTION_CANONICAL:
         mem = duckdb.connect(":memory:")
         try:

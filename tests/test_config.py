@@ -143,13 +143,13 @@ def test_security_settings_reach_every_kafka_client(bootstrap, topic, monkeypatc
         "consumer": lambda: k.KafkaSource(bootstrap, **quick),
         "admin": lambda: k.ensure_topic(bootstrap, topic, 1),
     }
-    for what, make in clients.items():  # plaintext works
+    for _what, make in clients.items():  # plaintext works
         client = make()
         if client is not None:
             (client.close)()
     monkeypatch.setenv("AGENTLEDGER_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
     monkeypatch.setenv("AGENTLEDGER_KAFKA_SASL_USERNAME", "recorder")
     monkeypatch.setenv("AGENTLEDGER_KAFKA_SASL_PASSWORD", "pw")
-    for what, make in clients.items():
+    for _what, make in clients.items():
         with pytest.raises(TransportError, match="not reachable|cannot"):
             make()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO, cli_env, run_cli
 from agentledger.schemas.config import from_env

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
 
-import duckdb
 import pytest
 
 from agentledger.consumers.ingest import Ingestor

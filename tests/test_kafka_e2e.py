@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import duckdb
 import pytest
 
 from conftest import REPO, cli_env, run_cli
-from agentledger.schemas.transport.kafka import KafkaSink, KafkaSource, ensure_topic
+from agentledger.schemas.transport.kafka import KafkaSink, KafkaSource
 
 pytestmark = pytest.mark.kafka
 

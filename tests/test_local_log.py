@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import random
 
 import duckdb
-import pytest
 
 from agentledger.schemas.contract import load_store
 from agentledger.schemas.envelope import hash_ok

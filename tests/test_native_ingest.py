@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-import agentledger.consumers.ingest as I
+import agentledger.consumers.ingest.native_path as I  # where NATIVE_MIN_MESSAGES is read
 from agentledger.consumers.ingest import Ingestor
 from agentledger.schemas import native
 from agentledger.schemas.transport.base import Message

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
-from pathlib import Path
 
-import pytest
 
 from conftest import REPO, cli_env, run_cli
 from agentledger.consumers.ingest import Ingestor

@@ -135,7 +135,7 @@ def test_redaction_key_is_created_once_private_and_never_in_events(tmp_path):
     assert default_transforms(from_env({"AGENTLEDGER_HOME": str(tmp_path)}), env={"AGENTLEDGER_REDACTION": "off"}) == []
     settings = from_env({"AGENTLEDGER_HOME": str(tmp_path)})
     rec = Recorder(open_producer_sink(settings), topic=settings.topic, transforms=[t])
-    sealed = rec.session(agent="codex", cwd="/w").command_started(["x", SAMPLES["github_token"][0]], cwd="/w")
+    rec.session(agent="codex", cwd="/w").command_started(["x", SAMPLES["github_token"][0]], cwd="/w")
     rec.flush()
     for f in (tmp_path / "log").rglob("*.avro"):
         assert k1 not in f.read_bytes()

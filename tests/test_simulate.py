@@ -112,17 +112,17 @@ def test_each_attack_scenario_shows_its_technique_in_the_evidence(tmp_path, scen
 
     res, events = _scenario_events(tmp_path, scenario)
     assert len(res.labels) == 12 and all(l["scenario"] == scenario and l["attack"] for l in res.labels)
-    for label, evs in _evidence(res, events):
+    for _label, evs in _evidence(res, events):
         names = json.dumps([e["payload"][0] for e in evs])
         text = _text(evs) + names
         for pattern in must:
             assert re.search(pattern, text), (scenario, pattern, text[:400])
     if scenario == "approval_fatigue":
-        for label, evs in _evidence(res, events):
+        for _label, evs in _evidence(res, events):
             decisions = [e["payload"][1]["decision"] for e in evs if e["payload"][0].endswith("ApprovalDecided")]
             assert len(decisions) >= 5 and decisions[-1] == "approved" and "approved" not in decisions[:-1]
     if scenario == "mass_deletion":
-        for label, evs in _evidence(res, events):
+        for _label, evs in _evidence(res, events):
             deletes = [e for e in evs if e["payload"][0].endswith("FileAccessed") and e["payload"][1]["operation"] == "delete"]
             assert len(deletes) >= 15 and not any(e["payload"][1]["inside_workspace"] for e in deletes)
 
@@ -151,7 +151,7 @@ def test_simulation_checkpoints_verify_with_the_published_key(tmp_path):
     res, events = _scenario_events(tmp_path, "persistence", sessions=3)
     _, signer = simulation_keys(5)
     keyring = signing.Keyring([signer.public_key])
-    store = load_store()
+    load_store()
     for l in res.labels:
         v = ChainVerifier(l["session_id"])
         seqs = sorted(s for (sid, s) in events if sid == l["session_id"])

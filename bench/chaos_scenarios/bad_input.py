@@ -17,7 +17,6 @@ Every message is followed by its (partition, offset). Figures: hostile messages 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -228,7 +227,7 @@ def write_local(home: Path, topic: str, messages, partitions: int) -> tuple[list
                     continue
             off = _raw_local_append(log, topic, p, value or b"")
         where.append((p, off))
-    for idx, kind, value in pending:
+    for idx, _kind, value in pending:
         p = next(q for q in range(partitions) if log.segments(topic, q))
         where[idx] = (p, _raw_local_append(log, topic, p, value or b""))
     return where, refused

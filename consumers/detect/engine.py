@@ -43,7 +43,7 @@ from agentledger.schemas.config import ALERTS_TOPIC
 from agentledger.schemas.errors import NotDurableError, TransportError
 from agentledger.schemas.retry import retry_transaction
 from agentledger.schemas.transport.base import Sink
-from agentledger.schemas.warehouse import Warehouse
+from agentledger.schemas.warehouse import Warehouse, transaction
 
 from . import features as F
 from . import prepare as P
@@ -341,8 +341,7 @@ class Detector:
                rebuild: bool) -> list[tuple[dict, bool]]:
         con = self.con
         now = _now()
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.register("_scope", pa.table({"session_id": pa.array(sessions, pa.string())}))
             try:
                 if rebuild:
@@ -420,13 +419,6 @@ class Detector:
                     con.unregister("_state")
             finally:
                 con.unregister("_scope")
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
-            raise
         return written
 
     # -- the outbox -----------------------------------------------------------------------------

@@ -200,7 +200,7 @@ base AS (
     e.network_attempted.protocol AS protocol, upper(e.network_attempted.method) AS method, e.network_attempted.url AS url,
     e.approval_requested.request_id AS request_id, e.approval_requested.action_kind AS action_kind,
     e.approval_requested.subject AS subject, e.approval_requested.risk AS risk,
-    e.approval_decided.decision AS decided, 
+    e.approval_decided.decision AS decided,
     e.sandbox_denied.operation AS denied_op, e.sandbox_denied.target AS target,
     e.command_finished.status AS finished_status, e.command_finished.exit_code AS finished_exit,
     e.network_decided.decision AS decided_net, e.network_completed.outcome AS completed_outcome,

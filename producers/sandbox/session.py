@@ -29,7 +29,6 @@ import os
 import shlex
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO

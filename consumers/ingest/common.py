@@ -1,0 +1,127 @@
+"""What the parts of ingest share: limits, the batch and its results, the quarantine record, the offset
+conflict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from agentledger.schemas.contract import SchemaStore
+from agentledger.schemas.errors import AgentLedgerError
+from agentledger.schemas.transport.base import Message
+from agentledger.schemas.sql import literal
+
+MAX_MESSAGE_BYTES = 1024 * 1024
+# Large transactions: DuckDB's per-commit cost is high (see bench/ingest.py and docs/warehouse.md).
+DEFAULT_BATCH = 100_000
+_HASH_TAG = b"\x80\x01"
+# Reasons whose dead letters may become acceptable later without any change to the event itself.
+_PARKED = ("seq_gap",)
+MAX_SESSION_ID = 256
+_BAD_SESSION_ID = (f"(session_id = '' OR length(session_id) > {MAX_SESSION_ID} "
+                   "OR regexp_matches(session_id, '[\\x00-\\x1f\\x7f]'))")
+
+
+class OffsetConflict(AgentLedgerError):
+    """The stored offset of a partition is not where this batch starts: another writer (a zombie, or
+    the new owner after a rebalance) committed it. The batch is rolled back, never half-applied."""
+
+    def __init__(self, conflicts: dict[tuple[str, int], tuple[int | None, int]]):
+        self.conflicts = conflicts
+        super().__init__("; ".join(f"{t}/{p}: stored {s}, batch starts at {b}" for (t, p), (s, b) in conflicts.items()))
+
+
+@dataclass
+class BatchResult:
+    messages: int = 0
+    accepted: int = 0
+    dead_letters: int = 0
+    healed: int = 0  # parked dead letters accepted because their predecessor arrived
+    reasons: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    sessions: list[str] = field(default_factory=list)  # sessions that gained events (committed)
+    decoder: str = "python"  # "native": agentledger-avro2arrow vouched for every message of the batch
+
+
+@dataclass
+class IngestStats:
+    batches: int = 0
+    messages: int = 0
+    accepted: int = 0
+    dead_letters: int = 0
+    healed: int = 0
+    retries: int = 0
+    offset_conflicts: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, r: BatchResult) -> None:
+        self.batches += 1
+        self.messages += r.messages
+        self.accepted += r.accepted
+        self.dead_letters += r.dead_letters
+        self.healed += r.healed
+        self.retries += r.retries
+        for k, v in r.reasons.items():
+            self.reasons[k] = self.reasons.get(k, 0) + v
+
+    def as_dict(self) -> dict:
+        return {"batches": self.batches, "messages": self.messages, "events": self.accepted,
+                "dead_letters": self.dead_letters, "healed": self.healed, "retries": self.retries,
+                "offset_conflicts": self.offset_conflicts, "seconds": round(self.seconds, 3),
+                "reasons": self.reasons}
+
+
+@dataclass
+class _Dead:
+    i: int
+    reason: str
+    detail: str
+    session_id: str | None = None
+    seq: int | None = None
+    event_id: str | None = None
+
+
+@dataclass
+class Batch:
+    """Messages polled together, with the source position of each of their partitions before and after."""
+
+    messages: list[Message]
+    start: dict[tuple[str, int], int]
+    end: dict[tuple[str, int], int]
+    generation: int = 0
+
+    @classmethod
+    def of(cls, msgs: list[Message]) -> "Batch":
+        start: dict[tuple[str, int], int] = {}
+        end: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            k = (m.topic, m.partition)
+            if k not in start or m.offset < start[k]:
+                start[k] = m.offset
+            if m.offset + 1 > end.get(k, -1):
+                end[k] = m.offset + 1
+        return cls(msgs, start, end)
+
+
+@dataclass
+class _Retry:
+    """Dead letters fed through validation again (deadletters retry, or a predecessor arrived)."""
+
+    ids: list[str]
+
+
+def _sql_list(items: Iterable[str]) -> str:
+    return "(" + ", ".join(literal(i) for i in items) + ")"
+
+
+def _best_effort_ids(store: SchemaStore, value: bytes | None) -> tuple[str | None, int | None, str | None]:
+    """Session, seq and event id of a quarantined message, if it decodes at all (helps auditors)."""
+    if not value:
+        return None, None, None
+    try:
+        rec = store.decode(value)
+        eid = rec.get("event_id")
+        return rec.get("session_id"), rec.get("seq"), None if eid is None else str(eid)
+    except Exception:  # bad input is data here, not an error
+        return None, None, None

@@ -1,0 +1,309 @@
+"""The runner: the poll loop (a fetch thread feeding the committing thread), follow mode, batching,
+progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Callable
+
+import duckdb
+import fsspec
+
+from agentledger.schemas import codec, native, treelog
+from agentledger.schemas.contract import SchemaStore
+from agentledger.schemas.transport.base import Message, Source
+from agentledger.schemas.retry import retry_transaction
+from agentledger.schemas.warehouse import Warehouse
+
+from .common import (
+    MAX_MESSAGE_BYTES, DEFAULT_BATCH, OffsetConflict, BatchResult, IngestStats, Batch,
+)
+from .deadletters import DeadLetters
+from .native_path import NativeDecoder
+from .python_path import PythonDecoder
+from .transaction import IngestTransaction
+
+log = logging.getLogger("agentledger.consumers.ingest")  # one logger for the package, as before the split
+
+
+_DONE = object()
+
+
+class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
+    """Exactly-once ingest of one topic into one warehouse (the package doc says how); the
+    runner: assignment, the fetch thread, batching, progress and compaction."""
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        source: Source,
+        topic: str,
+        *,
+        batch_records: int = DEFAULT_BATCH,
+        poll_timeout_s: float = 0.5,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        group: str | None = None,
+        prefetch: int = 1,
+        max_retries: int = 30,
+        compact_every_s: float | None = None,
+        after_commit: Callable[[BatchResult], None] | None = None,
+        tree_heads: treelog.TreeHeads | None = None,
+    ):
+        self.wh = warehouse
+        self.con = warehouse.con
+        self.store: SchemaStore = warehouse.store
+        self.source = source
+        self.topic = topic
+        self.batch_records = batch_records
+        self.poll_timeout_s = poll_timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.group = group
+        self.prefetch = max(1, prefetch)
+        self.max_retries = max_retries
+        self.compact_every_s = compact_every_s
+        # Called on the ingest thread after each batch committed (detection: consumers/detect). An
+        # exception stops ingest; the batch itself is committed and stays.
+        self.after_commit = after_commit
+        self._batch_sessions: list[str] = []
+        self._fs = fsspec.filesystem("memory")
+        protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
+        if not self.con.filesystem_is_registered(protocol):
+            self.con.register_filesystem(self._fs)
+        self.wh.load("avro")
+        self.wh.tune_for_ingest()
+        cur = self.store.current
+        self._sync = os.urandom(16)
+        self._ocf_header = codec.ocf_header(cur.schema, self._sync)
+        self._ended_index = self.store.kind_by_label("session", "session_ended").index
+        self._ended_tag = "u%d" % self._ended_index
+        self._native_off = native.decoder() is None
+        self._assigned = False
+        # fetch thread <-> main thread
+        self._lock = threading.Condition()
+        self._generation = 0
+        self._busy = False
+        self._resync = False
+        self._fetch_con: duckdb.DuckDBPyConnection | None = None
+        self._last_compact = time.monotonic()
+        self._touched: list[str] = []
+        # the Merkle tree: leaves appended by the transaction in progress, heads signed and published
+        self.tree_heads = tree_heads
+        self._tree_added = 0
+        self._unsigned = False
+        self._last_signed = float("-inf")
+        self._follow = False
+
+    def assign(self) -> None:
+        """Read every partition, each from the offset stored with the data (the beginning if none)."""
+        self.source.assign(self.topic, self.stored_offsets())
+        self._assigned = True
+
+    def subscribe(self) -> None:
+        """Join the consumer group: partitions come and go with rebalances (see _on_assigned/_on_revoked)."""
+        self.source.subscribe(self.topic, self.group, self._on_assigned, self._on_revoked)
+        self._assigned = True
+
+    def lag(self) -> int:
+        ends = self.source.end_offsets(self.topic)
+        pos = self.source.positions()
+        mine = {p for t, p in self.source.assigned() if t == self.topic}
+        return sum(max(0, end - pos.get((self.topic, p), 0)) for p, end in ends.items() if p in mine)
+
+    # -- consumer-group callbacks (run during poll; kafka-python runs them on its IO thread) ---
+    def _on_revoked(self, partitions: list[int]) -> None:
+        """Drop what was fetched but not processed; wait until the batch in flight commits or aborts."""
+        with self._lock:
+            self._generation += 1
+            while self._busy:
+                self._lock.wait()
+        log.info("partitions revoked: %s", partitions)
+
+    def _on_assigned(self, partitions: list[int]) -> None:
+        with self._lock:
+            self._generation += 1
+            while self._busy:
+                self._lock.wait()
+        stored = self._read_offsets_retrying()
+        for p in partitions:  # no blocking client calls here: the Kafka client may run this on its IO thread
+            if p in stored:
+                self.source.seek(self.topic, p, stored[p])
+            else:
+                self.source.seek_to_beginning(self.topic, p)
+        log.info("partitions assigned: %s (from %s)", partitions, {p: stored.get(p, "beginning") for p in partitions})
+
+    def _read_offsets_retrying(self) -> dict[int, int]:
+        return retry_transaction(lambda: self.stored_offsets(self._fetch_cursor()), "reading the stored offsets",
+                                 attempts=self.max_retries + 1)
+
+    def _fetch_cursor(self) -> duckdb.DuckDBPyConnection:
+        if self._fetch_con is None:
+            self._fetch_con = self.wh.cursor()
+        return self._fetch_con
+
+    # -- main loop ----------------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        follow: bool = False,
+        stop: threading.Event | None = None,
+        on_batch: Callable[[BatchResult, IngestStats], None] | None = None,
+        idle_exit_s: float | None = None,
+    ) -> IngestStats:
+        """Ingest until caught up (zero lag) or, with ``follow``, until ``stop`` is set.
+
+        A fetch thread fills a small queue of batches while this thread commits them, so polling
+        and DuckDB overlap. Any error stops both and is raised here; committed batches stay."""
+        if not self._assigned:
+            self.subscribe() if self.group else self.assign()
+        self._follow = follow
+        self.publish_heads()  # a head signed by an earlier run but never published goes out first
+        stop = stop or threading.Event()
+        halt = threading.Event()
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        fetcher = threading.Thread(target=self._fetch_loop, args=(q, follow, stop, halt, idle_exit_s),
+                                   name="agentledger-fetch", daemon=True)
+        stats = IngestStats()
+        t0 = time.perf_counter()
+        fetcher.start()
+        try:
+            while not stop.is_set():
+                try:
+                    item = q.get(timeout=0.2)
+                except queue.Empty:
+                    self._maybe_sign_pending()
+                    self._maybe_compact(follow)
+                    continue
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                with self._lock:
+                    if item.generation != self._generation:
+                        self._resync = True  # fetched before a rebalance: read again from the stored offsets
+                        continue
+                    self._busy = True
+                try:
+                    r = self.ingest(item)
+                except OffsetConflict as exc:
+                    stats.offset_conflicts += 1
+                    log.warning("offset conflict, re-seeking: %s", exc)
+                    with self._lock:
+                        self._resync = True
+                        self._generation += 1
+                    continue
+                finally:
+                    with self._lock:
+                        self._busy = False
+                        self._lock.notify_all()
+                stats.add(r)
+                log.info("committed batch %d: %d messages, %d events, %d quarantined, %d healed",
+                         stats.batches, r.messages, r.accepted, r.dead_letters, r.healed)
+                if self.after_commit:
+                    self.after_commit(r)
+                if on_batch:
+                    on_batch(r, stats)
+                self._maybe_compact(follow)
+        finally:
+            halt.set()
+            fetcher.join(timeout=30)
+            if self._fetch_con is not None:
+                self._fetch_con.close()
+                self._fetch_con = None
+        self.finish_tree()
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _fetch_loop(self, q: queue.Queue, follow: bool, stop: threading.Event, halt: threading.Event,
+                    idle_exit_s: float | None) -> None:
+        def put(item) -> bool:
+            while not (halt.is_set() or stop.is_set()):
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        idle_since = time.monotonic()
+        try:
+            while not (halt.is_set() or stop.is_set()):
+                if self._resync:
+                    self._do_resync()
+                with self._lock:
+                    gen = self._generation
+                start = self._positions()
+                msgs = self._collect()
+                if self._generation != gen:
+                    # a rebalance (or a resync) happened during the poll: what was fetched may mix
+                    # old and new positions -- drop it and restart every partition from the warehouse
+                    self._do_resync()
+                    continue
+                if msgs:
+                    idle_since = time.monotonic()
+                    end = self._positions()
+                    b = Batch.of(msgs)
+                    for k in b.start:
+                        b.start[k] = start.get(k, b.start[k])
+                        b.end[k] = max(end.get(k, b.end[k]), b.end[k])
+                    b.generation = gen
+                    if not put(b):
+                        return
+                    continue
+                if not follow and self._caught_up():
+                    put(_DONE)
+                    return
+                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    put(_DONE)
+                    return
+        except BaseException as exc:  # handed to the main thread, which raises it
+            put(exc)
+
+    def _caught_up(self) -> bool:
+        if self.group and not self.source.assigned():
+            return False  # not a member yet: nothing assigned is not the same as nothing to read
+        return self.lag() == 0
+
+    def _positions(self) -> dict[tuple[str, int], int]:
+        try:
+            return self.source.positions()
+        except Exception:  # a position the client cannot tell yet; the batch's own offsets will do
+            return {}
+
+    def _do_resync(self) -> None:
+        """After an offset conflict: every partition restarts from the offset stored in the warehouse."""
+        with self._lock:
+            self._resync = False
+            self._generation += 1
+        stored = self._read_offsets_retrying()
+        for t, p in self.source.assigned():
+            if t != self.topic:
+                continue
+            if p in stored:
+                self.source.seek(t, p, stored[p])
+            else:
+                self.source.seek_to_beginning(t, p)
+
+    def _collect(self) -> list[Message]:
+        batch = self.source.poll(self.batch_records, self.poll_timeout_s)
+        while batch and len(batch) < self.batch_records:
+            more = self.source.poll(self.batch_records - len(batch), 0.05)
+            if not more:
+                break
+            batch.extend(more)
+        return batch
+
+    def _maybe_compact(self, follow: bool) -> None:
+        if not (follow and self.compact_every_s and self.wh.is_lake):
+            return
+        if time.monotonic() - self._last_compact < self.compact_every_s:
+            return
+        self._last_compact = time.monotonic()
+        try:
+            out = self.wh.compact()
+            log.info("compacted the lake: %s", out)
+        except duckdb.Error as exc:  # compaction is housekeeping: a lost race waits for the next round
+            log.warning("compaction skipped: %s", str(exc).splitlines()[0])
