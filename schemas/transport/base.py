@@ -117,6 +117,12 @@ class MemorySink(Sink):
         self.topics: dict[str, int] = {}
         self._aborted = False
 
+    def reopen(self) -> "MemorySink":
+        """Another sink on the same memory (what a new process opening the same log would be)."""
+        other = MemorySink(self.default_partitions)
+        other.sent, other.topics = self.sent, self.topics
+        return other
+
     @property
     def values(self) -> list[bytes]:
         return [v for _, _, v in self.sent]
