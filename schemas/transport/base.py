@@ -159,16 +159,15 @@ class MemorySink(Sink):
 
 class ForwardingSink(Sink):
     """Passes every call to ``inner``: a base for sinks that watch or change a few calls of another
-    (tests' fault injection, benchmarks' bookkeeping)."""
+    (tests' fault injection, benchmarks' bookkeeping). `send_control` is not forwarded: it goes
+    through this sink's `send`, so a subclass watching `send` sees control events too (an inner
+    sink's control reserve is not used)."""
 
     def __init__(self, inner: Sink):
         self.inner = inner
 
     def send(self, topic: str, key: bytes, value: bytes) -> None:
         self.inner.send(topic, key, value)
-
-    def send_control(self, topic: str, key: bytes, value: bytes) -> None:
-        self.inner.send_control(topic, key, value)
 
     def accepting(self) -> bool:
         return self.inner.accepting()
