@@ -1,4 +1,6 @@
-"""The transport interface shared by the Kafka adapter and the embedded local log."""
+"""The transport interface every transport implements (the embedded local log, the Kafka adapter,
+memory here, the producers' spooling sink), and the in-memory transport; tests/test_transport_contract.py
+runs one contract over all of them."""
 
 from __future__ import annotations
 
