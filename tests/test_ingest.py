@@ -116,8 +116,8 @@ def test_bad_input_is_quarantined_with_raw_bytes_and_reason(home, warehouse_url)
 
 
 @pytest.mark.parametrize("cut", ["same_batch", "next_batch"])
-def test_a_reused_event_id_ahead_of_the_chain_has_one_reason_wherever_batches_are_cut(home, cut, warehouse_url):
-    s = settings_for(home, warehouse_url)
+def test_a_reused_event_id_ahead_of_the_chain_has_one_reason_wherever_batches_are_cut(home, cut):
+    s = settings_for(home)
     store = load_store()
     _, good = record_session(n_commands=3, seed=13)
     rec = store.decode(good[2])
