@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agentledger.consumers.ingest import Ingestor  # noqa: E402
 from agentledger.producers.recorder import Recorder  # noqa: E402
 from agentledger.schemas.errors import NotDurableError  # noqa: E402
-from agentledger.schemas.transport.base import Sink  # noqa: E402
+from agentledger.schemas.transport.base import ForwardingSink  # noqa: E402
 from agentledger.schemas.transport.local import LocalLog, LocalSink, LocalSource  # noqa: E402
 from agentledger.schemas.warehouse import open_warehouse  # noqa: E402
 
@@ -132,17 +132,14 @@ class SmallDisk:
         subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
 
 
-class TrackingSink(Sink):
+class TrackingSink(ForwardingSink):
     """Passes everything to ``inner`` and keeps which values its flushes acknowledged or refused."""
 
-    def __init__(self, inner: Sink):
-        self.inner = inner
+    def __init__(self, inner):
+        super().__init__(inner)
         self.pending: list[bytes] = []
         self.acked: list[bytes] = []
         self.refused: list[bytes] = []
-
-    def ensure_topic(self, topic, partitions=None):
-        self.inner.ensure_topic(topic, partitions)
 
     def send(self, topic, key, value):
         self.pending.append(value)

@@ -11,7 +11,7 @@ network events, with secrets in some of them.
   acks=all, idempotence, spooling on failure), then flush until every event is acknowledged. The
   headline runs the Kafka client in a child process (``kafka_process=True``, what bulk producers
   use); ``ours_in_process`` is the same path with the client in the producing process (hooks).
-- baseline: `schemas.transport.kafka.raw_send`: plain kafka-python `send()` of the very same
+- baseline: `bench/rawkafka.raw_send`: plain kafka-python `send()` of the very same
   pre-encoded values and keys, same producer settings, then flush.
 
 Each side runs twice, alternating, on fresh topics; the best run of each counts. The last line is
@@ -36,24 +36,15 @@ from agentledger.producers.simulate import simulate  # noqa: E402
 from agentledger.producers.sinks import open_producer_sink  # noqa: E402
 from agentledger.schemas import envvars, signing  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
-from agentledger.schemas.transport.base import Sink  # noqa: E402
-from agentledger.schemas.transport.kafka import ensure_topic, raw_send  # noqa: E402
+from agentledger.schemas.transport.base import MemorySink  # noqa: E402
+from agentledger.schemas.transport.kafka import ensure_topic  # noqa: E402
+from rawkafka import raw_send  # noqa: E402
 
 
-class _NullSink(Sink):
-    def __init__(self):
-        self.values: list[bytes] = []
-        self.keys: list[bytes] = []
-
-    def send(self, topic, key, value):
-        self.values.append(value)
-        self.keys.append(key)
-
-    def flush(self, timeout=None):
-        pass
-
-    def ensure_topic(self, topic, partitions=None):
-        pass
+class _NullSink(MemorySink):
+    @property
+    def keys(self) -> list[bytes]:
+        return [k for _, k, _ in self.sent]
 
 
 def capture_workload(events: int, seed: int) -> list[tuple[int, str, dict, dict]]:

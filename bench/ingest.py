@@ -43,7 +43,7 @@ from agentledger.schemas import envvars, native  # noqa: E402
 from agentledger.schemas.config import from_env  # noqa: E402
 from agentledger.schemas.sql import ident  # noqa: E402
 from agentledger.schemas.transport import open_sink, open_source  # noqa: E402
-from agentledger.schemas.transport.kafka import raw_poll  # noqa: E402
+from rawkafka import raw_poll  # noqa: E402
 from agentledger.schemas.warehouse import event_table_names, open_warehouse, transaction  # noqa: E402
 
 
@@ -179,10 +179,10 @@ def _kafka_ingest(s, topic, url, n, batch, base=0) -> float:
 
 def _copy_to_local(bootstrap, topic, local, n) -> None:
     """The same events in the embedded log (same partitions), for the embedded-log rate."""
-    from agentledger.schemas.transport.kafka import KafkaSource
+    from agentledger.schemas.transport import kafka_source
     from agentledger.schemas.transport.local import LocalLog
 
-    src = KafkaSource(bootstrap)
+    src = kafka_source(bootstrap)
     src.assign(topic, {})
     log = LocalLog(local.log_dir)
     log.ensure_topic(topic, len(src.partitions(topic)))

@@ -47,7 +47,7 @@ from agentledger.schemas.envelope import GENESIS_HASH, Sealed, Sealer, make_reco
 from agentledger.schemas.errors import NotDurableError
 from agentledger.schemas.transport.base import Sink
 
-from .sinks import RecordingRefused, SpoolFullError
+from .sinks import ProducerSink, RecordingRefused, SpoolFullError
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Recorder:
         settings), redaction is on and the configured signing key (if any) signs checkpoints every
         AGENTLEDGER_CHECKPOINT_EVERY events; with any other sink, neither. Pass ``transforms=[]`` or
         ``signer=None`` to turn them off explicitly."""
-        settings = getattr(sink, "settings", None)
+        settings = sink.settings if isinstance(sink, ProducerSink) else None
         if transforms is None:
             from .redact import default_transforms
 
@@ -161,13 +161,13 @@ class Recorder:
         self.transforms = list(transforms)
         self.signer = signer
         self.checkpoint_every = checkpoint_every if signer else 0
-        self.mode = mode or getattr(sink, "mode", None) or "spool"
+        self.mode = mode or (sink.mode if isinstance(sink, ProducerSink) else None) or "spool"
         self.max_event_bytes = max_event_bytes
         self.events_sent = 0
         self.events_lost = 0
         self._kinds = {k.kind: k.name for k in self.store.kinds}
         self._sessions: dict[str, SessionRecorder] = {}  # sessions whose events may not be durable yet
-        self._send_control = getattr(sink, "send_control", sink.send)
+        self._send_control = sink.send_control
         self._id_rng: random.Random | None = None
         self._id_pid = -1
         sink.ensure_topic(topic)
@@ -394,7 +394,7 @@ class SessionRecorder:
         followed by more losses); forced (session end, close) it may use the spool's control reserve."""
         g = self.gap_pending
         sink = self.recorder.sink
-        if g is None or (not force and not getattr(sink, "accepting", lambda: True)()):
+        if g is None or (not force and not sink.accepting()):
             return False
         self.gap_pending = None
         what = "refused: the spool was full" if g["gap_kind"] == "spool_overflow" else "lost: neither Kafka nor the spool could take them"

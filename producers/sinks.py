@@ -45,8 +45,9 @@ from agentledger.schemas.config import Settings
 from agentledger.schemas.envvars import parse_size
 from agentledger.schemas.envelope import peek
 from agentledger.schemas.errors import ConfigError, NotDurableError, TransportError
-from agentledger.schemas.transport import open_sink
+from agentledger.schemas.transport import kafka_sink, kafka_source
 from agentledger.schemas.transport.base import Outgoing, Sink
+from agentledger.schemas.transport.local import LocalLog, LocalSink
 
 from .spool import OverflowStats, Spool
 
@@ -115,17 +116,41 @@ def spool_dir(settings: Settings, options: ProducerOptions | None = None) -> Pat
     return Path(options.spool_dir) if options.spool_dir else settings.home / "spool"
 
 
-def open_producer_sink(settings: Settings, env: Mapping[str, str] | None = None, **options) -> Sink:
+class ProducerSink(Sink):
+    """What `open_producer_sink` returns: a `Sink` that also knows the settings it was opened with
+    (the `Recorder` takes its redaction and signing defaults from them) and the recording mode, and
+    says whether events go straight to their transport or wait in a spool."""
+
+    settings: Settings
+    mode: str
+
+    def wait_direct(self, timeout: float, *, until_failure: bool = False) -> bool:
+        """Wait up to ``timeout`` s until events go straight to the transport (no spool in between);
+        ``until_failure``: stop waiting once a connection attempt has failed. True when they do."""
+        return True
+
+    def spooled(self) -> tuple[int, Path | None]:
+        """Events waiting in the spool for the transport, and the spool's directory ((0, None): none)."""
+        return 0, None
+
+
+class LocalProducerSink(LocalSink, ProducerSink):
+    """The embedded log's sink, for producers (no spool: the log is local and durable at flush)."""
+
+    def __init__(self, settings: Settings, mode: str):
+        super().__init__(LocalLog(settings.log_dir, default_partitions=settings.partitions))
+        self.settings = settings
+        self.mode = mode
+
+
+def open_producer_sink(settings: Settings, env: Mapping[str, str] | None = None, **options) -> ProducerSink:
     """The sink for every producer. ``options``: fields of `ProducerOptions` (override the environment,
     ``env``, default os.environ); any other keyword goes to the Kafka producer."""
     fields = set(ProducerOptions.__dataclass_fields__)
     opts = ProducerOptions.from_env(env, **{k: v for k, v in options.items() if k in fields})
     kafka_overrides = {k: v for k, v in options.items() if k not in fields}
     if not settings.uses_kafka:
-        sink = open_sink(settings)
-        sink.mode = opts.mode  # type: ignore[attr-defined]
-        sink.settings = settings  # type: ignore[attr-defined] -- the Recorder takes its defaults from it
-        return sink
+        return LocalProducerSink(settings, opts.mode)
     return SpoolingSink(settings, opts, **kafka_overrides)
 
 
@@ -133,7 +158,7 @@ DIRECT, SPOOLING = "direct", "spooling"
 MAX_IN_FLIGHT = 100_000
 
 
-class SpoolingSink(Sink):
+class SpoolingSink(ProducerSink):
     """Kafka when it answers in time, the durable local spool when it does not; see the module doc."""
 
     def __init__(self, settings: Settings, options: ProducerOptions, **kafka_overrides):
@@ -154,7 +179,10 @@ class SpoolingSink(Sink):
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._state = SPOOLING  # until the background thread has connected and found the spool empty
-        self._kafka = None  # KafkaSink while direct (or draining)
+        self._kafka: Sink | None = None  # the Kafka sink while direct
+        self._acked = 0  # acknowledged by earlier Kafka sinks and by the spool
+        self._kafka_acked0 = 0  # what self._kafka had acknowledged when it took over
+        self._aborted = False
         self._pending: list[Outgoing] = []  # accepted for the spool, not yet written
         self._pending_bytes = 0
         self._topics: set[str] = set()
@@ -201,6 +229,8 @@ class SpoolingSink(Sink):
                 deadline = time.monotonic() + self.options.max_block_ms / 1000
                 while self._state != DIRECT and time.monotonic() < deadline and not self._gave_up_connecting:
                     self._wake.wait(max(0.0, deadline - time.monotonic()))
+            if self._aborted:
+                raise NotDurableError("the sink was aborted", [Outgoing(topic, key, value)])
             if self._closed:
                 raise TransportError("the sink is closed")
             self._topics.add(topic)
@@ -231,11 +261,61 @@ class SpoolingSink(Sink):
                 self._leave_direct(f"flush not acknowledged: {failure}", unacked=failure.undelivered)
             self._write_pending()
 
+    # -- acknowledgements: Kafka's while direct; a spooled event is acknowledged once fsync-ed --------
+    def partition_for(self, topic: str, key: bytes) -> int | None:
+        """Kafka's partition for ``key`` (None while Kafka cannot be asked)."""
+        with self._lock:
+            if self._kafka is not None:
+                return self._kafka.partition_for(topic, key)
+        try:
+            src = kafka_source(self.settings.bootstrap_servers, client_id="agentledger-metadata")
+        except TransportError:
+            return None
+        try:
+            return src.partition_for(topic, key)
+        except TransportError:
+            return None
+        finally:
+            src.close()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._pending) + (self._kafka.in_flight() if self._kafka is not None else 0)
+
+    def acknowledged(self) -> int:
+        with self._lock:
+            return self._acked + (self._kafka.acknowledged() - self._kafka_acked0 if self._kafka is not None else 0)
+
+    def unacknowledged(self) -> list[Outgoing]:
+        with self._lock:
+            out = self._kafka.unacknowledged() if self._kafka is not None else []
+            if self._kafka is not None:
+                self._acked += self._kafka.acknowledged() - self._kafka_acked0
+                self._kafka_acked0 = self._kafka.acknowledged()
+            out += self._pending
+            self._pending, self._pending_bytes = [], 0
+            return out
+
+    def abort(self) -> None:
+        """Stop the background thread and the Kafka producer; nothing pending is spooled
+        (`unacknowledged` hands it back)."""
+        with self._lock:
+            self._aborted = self._closed = True
+            if self._kafka is not None:
+                self._kafka.abort()
+            self._wake.notify_all()
+
+    def spooled(self) -> tuple[int, Path | None]:
+        n = self.spool.undrained() if self._state != DIRECT else 0
+        return (n, self.spool.root) if n else (0, None)
+
     def close(self, timeout: float | None = None) -> None:
         """Flush, give the background thread up to ``timeout`` s (default 5) to connect and drain what is
         spooled (not waiting at all once a connection attempt has failed), then stop. Whatever is still
         spooled stays durable for the next producer or `agentledger spool drain`. Short-lived processes
         that must exit fast pass a small timeout."""
+        if self._aborted:
+            return
         try:
             self.flush()
         finally:
@@ -256,6 +336,8 @@ class SpoolingSink(Sink):
                         self._kafka.close(timeout=max(0.5, deadline - time.monotonic()))
                     except NotDurableError as exc:
                         self._spool_unacked(exc.undelivered)
+                    finally:
+                        self._acked += self._kafka.acknowledged() - self._kafka_acked0
                     self._kafka = None
 
     # -- state ---------------------------------------------------------------------------------
@@ -288,6 +370,7 @@ class SpoolingSink(Sink):
             kafka.abort()  # first: nothing it still holds is sent after this
             if unacked is None:
                 unacked = kafka.unacknowledged()
+            self._acked += kafka.acknowledged() - self._kafka_acked0
         t1 = time.monotonic()
         self._spool_unacked(unacked or [])
         log.info("agentledger: switch to spool: abort %.3fs, spooled %d unacknowledged in %.3fs", t1 - t0,
@@ -341,11 +424,13 @@ class SpoolingSink(Sink):
         except NotDurableError as exc:
             # Only what the spool did not take is handed back: the rest is durable and must not be
             # rolled back (its seqs would be used twice).
+            self._acked += len(pending) - len(exc.undelivered)
             self.last_error = f"spool write failed: {exc}"
             self._usage += nbytes - sum(len(m.value) for m in exc.undelivered)
             raise NotDurableError(f"neither Kafka nor the spool ({self.spool.root}) can take the events: {exc}",
                                   exc.undelivered) from exc
         self._usage += nbytes
+        self._acked += len(pending)
         self.stats["spooled"] += len(pending)
         self._persist_overflow()
         self._wake.notify_all()
@@ -359,12 +444,9 @@ class SpoolingSink(Sink):
                 log.error("agentledger: cannot record spool overflow in %s: %s", self.spool.root, exc)
 
     # -- background: connect, drain, switch back -----------------------------------------------
-    def _connect(self):
-        from agentledger.schemas.transport.kafka import KafkaProcessSink, KafkaSink
-
-        cls = KafkaProcessSink if self.options.kafka_process else KafkaSink
-        kafka = cls(self.settings.bootstrap_servers, default_partitions=self.settings.partitions,
-                    **self._kafka_overrides)
+    def _connect(self) -> Sink:
+        kafka = kafka_sink(self.settings.bootstrap_servers, default_partitions=self.settings.partitions,
+                           process=self.options.kafka_process, **self._kafka_overrides)
         try:
             with self._lock:
                 topics = set(self._topics)
@@ -378,7 +460,7 @@ class SpoolingSink(Sink):
     def _pump(self) -> None:
         backoff = 0.05
         kafka = None
-        stuck: tuple[int | None, float] = (None, 0.0)
+        stuck: tuple[int, float] = (-1, 0.0)
         while True:
             with self._lock:
                 if self._closed:
@@ -386,14 +468,14 @@ class SpoolingSink(Sink):
                 if self._state == DIRECT:
                     self._wake.wait(0.5)
                     if self._state == DIRECT and self._kafka is not None:
-                        err = self._kafka.prune()
-                        head = self._kafka.oldest()
+                        err = self._kafka.failure()
+                        acked, waiting = self._kafka.acknowledged(), self._kafka.in_flight()
                         now = time.monotonic()
-                        if head is None or head != stuck[0]:
-                            stuck = (head, now)
+                        if not waiting or acked != stuck[0]:
+                            stuck = (acked, now)
                         if err is not None:
                             self._leave_direct(f"a delivery failed: {err}")
-                        elif head is not None and now - stuck[1] > self.options.flush_timeout_ms / 1000:
+                        elif waiting and now - stuck[1] > self.options.flush_timeout_ms / 1000:
                             # Kafka stopped acknowledging (broker gone, partition leaderless): do not keep
                             # events in memory until the client's delivery timeout; make them durable now.
                             self._leave_direct(f"no acknowledgement from Kafka for {now - stuck[1]:.1f}s")
@@ -447,6 +529,7 @@ class SpoolingSink(Sink):
             if self._closed:
                 return False
             log.warning("agentledger: the spool %s is unusable (%s); sending to Kafka only", self.spool.root, why)
+            self._kafka_acked0 = kafka.acknowledged()
             pending, self._pending, self._pending_bytes = self._pending, [], 0
             for i, m in enumerate(pending):
                 try:
@@ -486,6 +569,7 @@ class SpoolingSink(Sink):
                 if self._closed:
                     return False
                 self._kafka = kafka
+                self._kafka_acked0 = kafka.acknowledged()
                 self._state = DIRECT
                 self._usage_known = False
                 self._wake.notify_all()

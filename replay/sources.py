@@ -12,15 +12,16 @@ verification reports it.
 
 from __future__ import annotations
 
-import zlib
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from agentledger.schemas.contract import SchemaStore, load_store
 from agentledger.schemas.errors import AgentLedgerError
 from agentledger.schemas.sessionids import Place
+from agentledger.schemas.transport import Source, kafka_source, local_source
 
 from .chain import envelope_head, session_of
 
@@ -136,155 +137,108 @@ class WarehouseSource(SessionSource):
         return offset_hint(self.con, session_id, topic)
 
 
-# --- Kafka ----------------------------------------------------------------------------------------
+# --- a transport (Kafka, the embedded local log) ---------------------------------------------------
 
 
-class KafkaSessionSource(SessionSource):
-    """Scans the one partition the session's key maps to, from the first offset the warehouse
-    recorded for it when known (validated: the message there must belong to the session), else
-    from the partition's beginning, up to the end offset at the time of the call."""
+class TransportSessionSource(SessionSource):
+    """Scans the one partition the session's key maps to (`Source.partition_for`), from the first
+    offset the warehouse recorded for it when known (validated: the message there must belong to
+    the session), else from the partition's beginning, up to the end offset at the time of the call.
+    ``open_source`` opens the transport's `Source` (closed after each use)."""
 
-    name = "kafka"
+    name = "?"
+    prefix_search = False  # may `place` scan every partition for id prefixes?
 
-    def __init__(self, bootstrap_servers: str, topic: str, hint: OffsetHint | None = None, timeout_s: float = 300):
-        self.bootstrap_servers = bootstrap_servers
+    def __init__(self, open_source: Callable[[], Source], topic: str, where: str, hint: OffsetHint | None = None,
+                 timeout_s: float = 300):
+        self.open_source = open_source
         self.topic = topic
+        self.where = where
+        self.place_name = f"{where} topic {topic}"
         self.hint = hint
         self.timeout_s = timeout_s
 
-    def read(self, session_id: str) -> RawSession:
-        from agentledger.schemas.transport.kafka import partition_count, partition_for_key, scan_partition
+    @contextmanager
+    def _source(self) -> Iterator[Source]:
+        src = self.open_source()
+        try:
+            yield src
+        finally:
+            src.close()
 
+    def read(self, session_id: str) -> RawSession:
         key = session_id.encode()
-        n = partition_count(self.bootstrap_servers, self.topic)
-        if n == 0:
-            raise SessionNotFound(f"topic {self.topic} does not exist on {self.bootstrap_servers}")
-        p = partition_for_key(key, n)
-        start = None
-        h = self.hint
-        if h is not None and h.topic == self.topic and h.partition == p:
-            start = h.first_offset
-        msgs, first, end = scan_partition(self.bootstrap_servers, self.topic, p, start, key=key, timeout_s=self.timeout_s)
-        if start is not None and (not msgs or msgs[0].offset != start):
-            # The hint did not point at this session's first event (topic recreated?): scan it all.
-            msgs, first, end = scan_partition(self.bootstrap_servers, self.topic, p, None, key=key,
-                                              timeout_s=self.timeout_s)
+        with self._source() as src:
+            p = src.partition_for(self.topic, key)
+            if p is None:
+                raise SessionNotFound(f"topic {self.topic} does not exist in {self.where}")
+            start = None
+            h = self.hint
+            if h is not None and h.topic == self.topic and h.partition == p:
+                start = h.first_offset
+            scan = src.scan(self.topic, p, start, key=key, timeout_s=self.timeout_s)
+            if start is not None and (not scan.messages or scan.messages[0].offset != start):
+                # The hint did not point at this session's first event (topic recreated?): scan it all.
+                scan = src.scan(self.topic, p, None, key=key, timeout_s=self.timeout_s)
+        msgs, first, end = scan
         if not msgs:
-            raise SessionNotFound(f"no such session: {session_id} (no message of it in Kafka {self.topic}/{p}, "
+            raise SessionNotFound(f"no such session: {session_id} (no message of it in {self.where} {self.topic}/{p}, "
                                   f"offsets {first}..{end - 1})")
         values, prov, dropped = _dedupe([m.value for m in msgs], [Provenance(m.topic, m.partition, m.offset) for m in msgs])
-        return RawSession(session_id, values, self.name, f"kafka {self.bootstrap_servers} {self.topic}/{p} "
-                          f"offsets {first}..{end - 1}", prov, duplicates_dropped=dropped, scanned=end - first)
+        return RawSession(session_id, values, self.name, f"{self.where} {self.topic}/{p} offsets {first}..{end - 1}",
+                          prov, duplicates_dropped=dropped, scanned=end - first)
 
-
-    def place(self) -> Place:
-        """For `schemas.sessionids.resolve`: a full id is looked up in the partition its key maps to
-        (up to its first message); Kafka is not scanned for prefixes (that would read the whole topic)."""
-        from agentledger.schemas.transport.kafka import partition_count, partition_for_key, scan_partition
-
-        def exact(sid: str) -> bool:
-            key = sid.encode()
-            n = partition_count(self.bootstrap_servers, self.topic)
-            if n == 0:
-                return False
-            msgs, _, _ = scan_partition(self.bootstrap_servers, self.topic, partition_for_key(key, n), None, key=key,
-                                        timeout_s=self.timeout_s, max_found=1)
-            return bool(msgs)
-
-        return Place(f"Kafka topic {self.topic} (full ids only)", exact, lambda prefix, n: [])
-
-
-# --- embedded local log -----------------------------------------------------------------------------
-
-
-class LocalLogSessionSource(SessionSource):
-    """Scans the local-log partition the session maps to (same partitioner as `LocalSink`). The
-    log stores no keys, so each message's session id is read from its first bytes (no decoding)."""
-
-    name = "log"
-
-    def __init__(self, log_dir: Path, topic: str, hint: OffsetHint | None = None):
-        self.log_dir = Path(log_dir)
-        self.topic = topic
-        self.hint = hint
-
-    def read(self, session_id: str) -> RawSession:
-        from agentledger.schemas.transport.local import LocalLog
-
-        log = LocalLog(self.log_dir)
-        n = log.partition_count(self.topic)
-        if n == 0:
-            raise SessionNotFound(f"topic {self.topic} does not exist in the local log {self.log_dir}")
-        p = zlib.crc32(session_id.encode()) % n  # = LocalLog.partition_for, without creating anything
-        end = log.end_offset(self.topic, p)
-        bases = log.segments(self.topic, p)
-        begin = bases[0] if bases else 0
-        start = begin
-        h = self.hint
-        if h is not None and h.topic == self.topic and h.partition == p and begin <= h.first_offset < end:
-            first = log.read(self.topic, p, h.first_offset, 1)
-            if first and session_of(first[0].value) == session_id:
-                start = h.first_offset
-        values, prov = [], []
-        off = start
-        while off < end:
-            msgs = log.read(self.topic, p, off, min(50_000, end - off))
-            if not msgs:
-                break
-            for m in msgs:
-                if m.damaged is None and session_of(m.value) == session_id:
-                    values.append(m.value)
-                    prov.append(Provenance(self.topic, p, m.offset))
-            off = msgs[-1].offset + 1
-        if not values:
-            raise SessionNotFound(f"no such session: {session_id} (not in the local log {self.log_dir}, "
-                                  f"{self.topic}/{p})")
-        values, prov, dropped = _dedupe(values, prov)
-        return RawSession(session_id, values, self.name, f"local log {self.log_dir} {self.topic}/{p} offsets "
-                          f"{start}..{end - 1}", prov, duplicates_dropped=dropped, scanned=end - start)
-
-
-    def _session_ids(self, partitions, wanted, limit: int) -> list[str]:
+    def _session_ids(self, src: Source, partitions: Iterable[int], wanted, limit: int) -> list[str]:
         """Up to ``limit`` distinct session ids of the given partitions for which ``wanted(id)``."""
-        from agentledger.schemas.transport.local import LocalLog
-
-        log = LocalLog(self.log_dir)
         found: list[str] = []
         for p in partitions:
-            end = log.end_offset(self.topic, p)
-            bases = log.segments(self.topic, p)
-            off = bases[0] if bases else 0
-            while off < end:
-                msgs = log.read(self.topic, p, off, min(50_000, end - off))
-                if not msgs:
-                    break
-                for m in msgs:
-                    sid = session_of(m.value)
-                    if sid is not None and sid not in found and wanted(sid):
-                        found.append(sid)
-                        if len(found) >= limit:
-                            return found
-                off = msgs[-1].offset + 1
+            for m in src.scan(self.topic, p, timeout_s=self.timeout_s).messages:
+                sid = session_of(m.value)
+                if sid is not None and sid not in found and wanted(sid):
+                    found.append(sid)
+                    if len(found) >= limit:
+                        return found
         return found
 
     def place(self) -> Place:
-        """For `schemas.sessionids.resolve`: a full id is looked for in its partition (up to its first
-        event); a prefix in every partition."""
-        from agentledger.schemas.transport.local import LocalLog
-
-        def partitions() -> list[int]:
-            n = LocalLog(self.log_dir).partition_count(self.topic) if self.log_dir.is_dir() else 0
-            return list(range(n))
+        """For `schemas.sessionids.resolve`: a full id is looked up in the partition its key maps to
+        (up to its first message); prefixes only where ``prefix_search`` (reading a whole Kafka topic
+        for a prefix is not worth it)."""
 
         def exact(sid: str) -> bool:
-            parts = partitions()
-            return bool(parts) and bool(self._session_ids([zlib.crc32(sid.encode()) % len(parts)],
-                                                         lambda x: x == sid, 1))
+            with self._source() as src:
+                p = src.partition_for(self.topic, sid.encode())
+                return p is not None and bool(src.scan(self.topic, p, key=sid.encode(), max_found=1,
+                                                       timeout_s=self.timeout_s).messages)
 
         def starting(prefix: str, n: int) -> list[str]:
-            return self._session_ids(partitions(), lambda x: x.startswith(prefix), n)
+            if not self.prefix_search:
+                return []
+            with self._source() as src:
+                return self._session_ids(src, src.partitions(self.topic), lambda x: x.startswith(prefix), n)
 
-        return Place(f"the local log {self.log_dir}", exact, starting)
+        return Place(self.place_name, exact, starting)
+
+
+class KafkaSessionSource(TransportSessionSource):
+    name = "kafka"
+
+    def __init__(self, bootstrap_servers: str, topic: str, hint: OffsetHint | None = None, timeout_s: float = 300):
+        super().__init__(lambda: kafka_source(bootstrap_servers), topic, f"kafka {bootstrap_servers}", hint, timeout_s)
+        self.bootstrap_servers = bootstrap_servers
+        self.place_name = f"Kafka topic {topic} (full ids only)"
+
+
+class LocalLogSessionSource(TransportSessionSource):
+    """The embedded log stores no keys: its scan matches the session id each record starts with."""
+
+    name = "log"
+    prefix_search = True
+
+    def __init__(self, log_dir: Path, topic: str, hint: OffsetHint | None = None):
+        super().__init__(lambda: local_source(Path(log_dir)), topic, f"local log {log_dir}", hint)
+        self.log_dir = Path(log_dir)
+        self.place_name = f"the local log {log_dir}"
 
 
 # --- bundle ----------------------------------------------------------------------------------------

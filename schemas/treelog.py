@@ -395,31 +395,40 @@ class HeadsTopic:
         self._sink: Any = None  # a KafkaSink once the first head is published
 
     def read(self) -> tuple[list[PublishedHead], list[str]]:
-        from .transport.kafka import partition_count, scan_partition
+        from .transport import kafka_source
 
         heads, problems = [], []
-        for p in range(partition_count(self.bootstrap_servers, self.topic)):
-            msgs, _, _ = scan_partition(self.bootstrap_servers, self.topic, p)
-            for m in msgs:
-                try:
-                    heads.append(PublishedHead.parse(m.value or b"", f"{self.label}/{p}@{m.offset}"))
-                except TreeError as exc:
-                    problems.append(str(exc))
+        src = kafka_source(self.bootstrap_servers, client_id="agentledger-heads")
+        try:
+            for p in src.partitions(self.topic):
+                for m in src.scan(self.topic, p).messages:
+                    try:
+                        heads.append(PublishedHead.parse(m.value or b"", f"{self.label}/{p}@{m.offset}"))
+                    except TreeError as exc:
+                        problems.append(str(exc))
+        finally:
+            src.close()
         return heads, problems
 
     def last(self) -> PublishedHead | None:
-        from .transport.kafka import last_message, partition_count
+        from .transport import kafka_source
 
-        if partition_count(self.bootstrap_servers, self.topic) == 0:
-            return None
-        m = last_message(self.bootstrap_servers, self.topic, 0)
+        src = kafka_source(self.bootstrap_servers, client_id="agentledger-heads")
+        try:
+            if not src.partitions(self.topic):
+                return None
+            end = src.end_offsets(self.topic).get(0, 0)
+            msgs = src.scan(self.topic, 0, max(end - 1, 0), timeout_s=30).messages if end else []
+        finally:
+            src.close()
+        m = msgs[-1] if msgs else None
         return PublishedHead.parse(m.value or b"", f"{self.label}@{m.offset}") if m is not None else None
 
     def append(self, doc: dict[str, Any]) -> None:
-        from .transport.kafka import KafkaSink
+        from .transport import kafka_sink
 
         if self._sink is None:
-            self._sink = KafkaSink(self.bootstrap_servers, default_partitions=1)
+            self._sink = kafka_sink(self.bootstrap_servers, default_partitions=1)
             self._sink.ensure_topic(self.topic, 1)
         self._sink.send(self.topic, str(doc["log_id"]).encode(),
                         canonical_json(doc))

@@ -86,6 +86,15 @@ def topic() -> str:
     return f"test.{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(params=["duckdb", "ducklake"])
+def warehouse_url(request, tmp_path) -> str:
+    """A DuckDB file or a DuckLake (SQLite catalog, Parquet files) warehouse under tmp_path: the ingest
+    invariants run over both (a DuckLake-only bug once reached CI by chance)."""
+    if request.param == "ducklake":
+        return f"ducklake:sqlite:{tmp_path / 'lake' / 'meta.sqlite'}"
+    return str(tmp_path / "warehouse.duckdb")
+
+
 @pytest.fixture
 def home(tmp_path) -> Path:
     h = tmp_path / "home"

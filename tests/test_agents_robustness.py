@@ -22,7 +22,7 @@ from agentledger.schemas.contract import load_store
 from agentledger.schemas.envelope import ChainVerifier
 from agentledger.schemas.errors import NotDurableError
 from agentledger.schemas.transport import open_sink, open_source
-from agentledger.schemas.transport.base import Sink
+from agentledger.schemas.transport.base import ForwardingSink, Sink
 
 FIXTURES = REPO / "tests" / "fixtures" / "codex"
 ROLLOUTS = sorted(FIXTURES.glob("rollout-*.jsonl"))
@@ -224,14 +224,12 @@ def test_mutated_otel_exports_import_cleanly_with_exact_counts(ops, seed, pretty
 
 # -- crash consistency -------------------------------------------------------------------------
 
-class FailingFlush(Sink):
+class FailingFlush(ForwardingSink):
     """Delegates to a real sink; the first ``fail`` flushes fail before (or after) delivering."""
 
     def __init__(self, inner: Sink, *, fail: int = 1, after_delivery: bool = False):
-        self.inner, self.fail, self.after = inner, fail, after_delivery
-
-    def send(self, topic, key, value):
-        self.inner.send(topic, key, value)
+        super().__init__(inner)
+        self.fail, self.after = fail, after_delivery
 
     def flush(self, timeout=None):
         if self.fail > 0:
@@ -242,12 +240,6 @@ class FailingFlush(Sink):
                 self.inner._pending.clear()  # the transport lost them
             raise NotDurableError("simulated broker outage")
         self.inner.flush(timeout)
-
-    def ensure_topic(self, topic, partitions=None):
-        self.inner.ensure_topic(topic, partitions)
-
-    def close(self, timeout=None):
-        self.inner.close(timeout)
 
 
 def _ingest(s):

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, cli_env, run_cli
 from agentledger.schemas.alerts import decode_alert
 from agentledger.schemas.errors import NotDurableError
-from agentledger.schemas.transport.base import Sink
+from agentledger.schemas.transport.base import MemorySink
 from agentledger.schemas.warehouse import open_warehouse
 
 
@@ -202,19 +202,13 @@ def test_alerts_reach_the_kafka_topic_and_the_table_during_ingest_follow_detect(
     assert len(on_topic) == len(published), "no alert published twice"
 
 
-class _DownSink(Sink):
+class _DownSink(MemorySink):
     """A transport that is down: accepts nothing (the outbox must keep the alerts)."""
 
     def send(self, topic, key, value):
         from agentledger.schemas.transport.base import Outgoing
 
         raise NotDurableError("broker unreachable", [Outgoing(topic, key, value)])
-
-    def flush(self, timeout=None):
-        pass
-
-    def ensure_topic(self, topic, partitions=None):
-        pass
 
 
 @pytest.mark.kafka

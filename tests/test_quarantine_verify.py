@@ -31,9 +31,10 @@ def _wh(tmp_path, name="w.duckdb"):
     return open_warehouse(str(tmp_path / name))
 
 
-def test_reordered_events_are_parked_then_healed_when_the_predecessor_arrives(tmp_path):
+def test_reordered_events_are_parked_then_healed_when_the_predecessor_arrives(warehouse_url):
+    """Over a DuckDB file and a DuckLake warehouse (``warehouse_url``)."""
     sid, good = record_session(n_commands=4, seed=21)
-    with _wh(tmp_path) as wh:
+    with open_warehouse(warehouse_url) as wh:
         ing = Ingestor(wh, None, "t")
         # batch 1: seq 0..2 and seq 5, 6 (3 and 4 are late)
         r1 = ing.ingest_batch(_msgs(good[:3] + good[5:7]))
@@ -54,10 +55,10 @@ def test_reordered_events_are_parked_then_healed_when_the_predecessor_arrives(tm
         assert wh.con.execute("SELECT source_offset FROM events WHERE session_id = ? AND seq = 5", [sid]).fetchone()[0] == 3
 
 
-def test_identical_duplicates_never_break_a_chain_but_a_fork_does(tmp_path):
+def test_identical_duplicates_never_break_a_chain_but_a_fork_does(warehouse_url):
     sid, good = record_session(n_commands=2, seed=22)
     store = load_store()
-    with _wh(tmp_path) as wh:
+    with open_warehouse(warehouse_url) as wh:
         ing = Ingestor(wh, None, "t")
         ing.ingest_batch(_msgs(good))
         ing.ingest_batch(_msgs([good[1], good[2], good[1]], start=len(good)))  # replayed

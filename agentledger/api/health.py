@@ -83,10 +83,14 @@ def check_kafka(s: Settings) -> list[Check]:
         return [Check("kafka", "bootstrap", True, False, "not configured: the embedded local log is the transport "
                                                          f"({s.log_dir})")]
     from agentledger.schemas.errors import TransportError
-    from agentledger.schemas.transport.kafka import partition_count
+    from agentledger.schemas.transport import kafka_source
 
     try:
-        parts = partition_count(s.bootstrap_servers, s.topic, timeout_s=5)
+        src = kafka_source(s.bootstrap_servers, client_id="agentledger-doctor", request_timeout_ms=6_000)
+        try:
+            parts = len(src.partitions(s.topic))
+        finally:
+            src.close()
     except TransportError as exc:
         return [Check("kafka", "bootstrap", False, True, str(exc),
                       "start the broker (from a clone: scripts/kafka start), or unset AGENTLEDGER_BOOTSTRAP_SERVERS "

@@ -290,14 +290,14 @@ def spool_drain(s: Settings, timeout_s: float = 300.0, follow: bool = False) -> 
     ``{"drained": N, "remaining": M}``."""
     from agentledger.producers.sinks import ProducerOptions, spool_dir
     from agentledger.producers.spool import Spool, drain
-    from agentledger.schemas.transport.kafka import KafkaSink
+    from agentledger.schemas.transport import kafka_sink
 
     if not s.uses_kafka:
         raise ConfigError("spool drain needs Kafka: set AGENTLEDGER_BOOTSTRAP_SERVERS or --bootstrap-servers")
     spool = Spool(spool_dir(s, ProducerOptions.from_env()))
     total = {"drained": 0, "remaining": spool.undrained()}
     while True:
-        r = drain(spool, lambda: KafkaSink(s.bootstrap_servers, default_partitions=s.partitions), timeout_s=timeout_s)
+        r = drain(spool, lambda: kafka_sink(s.bootstrap_servers, default_partitions=s.partitions), timeout_s=timeout_s)
         total = {"drained": total["drained"] + r["drained"], "remaining": r["remaining"]}
         if not follow:
             break

@@ -66,12 +66,11 @@ def simulate(s: Settings, sessions: int = 10, seed: int = 0, *, attack_rate: flo
         write_public_key
     from agentledger.producers.sinks import open_producer_sink
 
-    # A bulk producer: the Kafka client gets its own process (see schemas/transport/kafka.py).
+    # A bulk producer: the Kafka client gets its own process (see schemas/transport/kafka/process.py).
     sink = open_producer_sink(s, kafka_process=True)
-    if hasattr(sink, "wait_direct"):
-        # a bulk run can afford to wait for the connection instead of spooling, not for a broker that
-        # is not there (one failed attempt: CONNECT_TIMEOUT_MS)
-        sink.wait_direct(15.0, until_failure=True)
+    # a bulk run can afford to wait for the connection instead of spooling, not for a broker that
+    # is not there (one failed attempt: CONNECT_TIMEOUT_MS)
+    sink.wait_direct(15.0, until_failure=True)
     count = Counter(progress, "simulating sessions", sessions)
     try:
         result = run(lambda clock, rng: simulation_recorder(sink, s.topic, seed, clock, rng,
@@ -81,9 +80,7 @@ def simulate(s: Settings, sessions: int = 10, seed: int = 0, *, attack_rate: flo
                      attacks=attacks, mix=parse_mix(mix), on_session=lambda i: count.advance())
     finally:
         sink.close(timeout=60)
-    spooled, spool_dir = 0, None
-    if getattr(sink, "state", "direct") != "direct" and sink.spool.undrained():
-        spooled, spool_dir = sink.spool.undrained(), sink.spool.root
+    spooled, spool_dir = sink.spooled()
     if sign and signer is None:
         write_public_key(seed, s.home / "keys" / "simulator")  # recognised by verifiers, never trusted
     if labels is not None:

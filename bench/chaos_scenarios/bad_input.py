@@ -181,10 +181,11 @@ def plan(args, seed: int, n_hostile: int, oversize: int) -> list[tuple[str, byte
 
 def write_kafka(bootstrap: str, topic: str, messages, partitions: int) -> list[tuple[int, int]]:
     """Sends in order (one idempotent producer, acks=all) onto a new topic; returns (partition, offset)."""
-    from agentledger.schemas.transport import kafka
+    from agentledger.schemas.transport.kafka import ensure_topic
+    from rawkafka import send_exact
 
-    kafka.ensure_topic(bootstrap, topic, partitions)
-    return kafka.send_exact(bootstrap, topic, [(k, v) for _, k, v in messages])
+    ensure_topic(bootstrap, topic, partitions)
+    return send_exact(bootstrap, topic, [(k, v) for _, k, v in messages])
 
 
 def _raw_local_append(log, topic: str, partition: int, blob: bytes) -> int:

@@ -1,7 +1,9 @@
-"""Transports: one interface, two implementations (the embedded local log and Kafka).
+"""Transports: one interface (`base.Sink`, `base.Source`), implemented by the embedded local log,
+Kafka (the `kafka` adapter package) and memory (tests, staging).
 
-Consumers and producers only see `Sink` and `Source`; `open_sink` / `open_source` pick the
-implementation from the settings (Kafka when bootstrap servers are configured).
+Stages only see `Sink` and `Source`; `open_sink` / `open_source` pick the implementation from the
+settings (Kafka when bootstrap servers are configured), `kafka_*` / `local_*` open one explicitly.
+tests/test_transport_contract.py runs one contract over every implementation.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from ..config import Settings
-from .base import Message, Sink, Source
+from .base import MemorySink, MemorySource, Message, Outgoing, Scan, Sink, Source
 
 LIBRARY_LOGGERS = ("kafka",)  # the client libraries' loggers (kafka-python), without importing them
 
@@ -24,22 +26,42 @@ def quiet_library_logs(verbose: bool) -> None:
 
 def open_sink(settings: Settings, **kafka_options) -> Sink:
     if settings.uses_kafka:
-        from .kafka import KafkaSink
-
-        return KafkaSink(settings.bootstrap_servers, default_partitions=settings.partitions, **kafka_options)
-    from .local import LocalLog, LocalSink
-
-    return LocalSink(LocalLog(settings.log_dir, default_partitions=settings.partitions))
+        return kafka_sink(settings.bootstrap_servers, default_partitions=settings.partitions, **kafka_options)
+    return local_sink(settings.log_dir, default_partitions=settings.partitions)
 
 
 def open_source(settings: Settings, **kafka_options) -> Source:
     if settings.uses_kafka:
-        from .kafka import KafkaSource
+        return kafka_source(settings.bootstrap_servers, **kafka_options)
+    return local_source(settings.log_dir, default_partitions=settings.partitions)
 
-        return KafkaSource(settings.bootstrap_servers, **kafka_options)
+
+def kafka_sink(bootstrap_servers: str, default_partitions: int = 6, *, process: bool = False, **options) -> Sink:
+    """The Kafka producer (``process``: its client in a child process, for bulk producers)."""
+    from .kafka import KafkaProcessSink, KafkaSink
+
+    cls = KafkaProcessSink if process else KafkaSink
+    return cls(bootstrap_servers, default_partitions=default_partitions, **options)
+
+
+def kafka_source(bootstrap_servers: str, **options) -> Source:
+    from .kafka import KafkaSource
+
+    return KafkaSource(bootstrap_servers, **options)
+
+
+def local_sink(log_dir, default_partitions: int = 6) -> Sink:
+    from .local import LocalLog, LocalSink
+
+    return LocalSink(LocalLog(log_dir, default_partitions=default_partitions))
+
+
+def local_source(log_dir, default_partitions: int = 6) -> Source:
+    """Reads the embedded log at ``log_dir`` (creates nothing until asked to)."""
     from .local import LocalLog, LocalSource
 
-    return LocalSource(LocalLog(settings.log_dir, default_partitions=settings.partitions))
+    return LocalSource(LocalLog(log_dir, default_partitions=default_partitions))
 
 
-__all__ = ["LIBRARY_LOGGERS", "Message", "Sink", "Source", "open_sink", "open_source", "quiet_library_logs"]
+__all__ = ["LIBRARY_LOGGERS", "MemorySink", "MemorySource", "Message", "Outgoing", "Scan", "Sink", "Source", "kafka_sink",
+           "kafka_source", "local_sink", "local_source", "open_sink", "open_source", "quiet_library_logs"]

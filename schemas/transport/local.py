@@ -85,7 +85,7 @@ from typing import Callable, Iterator
 
 from .. import codec
 from ..errors import DecodeError, NotDurableError, TransportError
-from .base import Message, Outgoing, Sink, Source
+from .base import Message, Outgoing, Scan, Sink, Source
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,24 @@ DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 _SEGMENT_SUFFIX = ".avro"
 QUARANTINE_MODE = 0o600
 _QUARANTINE_SEQ = itertools.count()
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The local log's partitioner: crc32 of the key (the session id)."""
+    return zlib.crc32(key) % partitions
+
+
+def key_of(value: bytes) -> bytes | None:
+    """The key a record was sent with: the log stores none, so it is the session id its envelope
+    starts with (read without decoding the body); None when the value has no readable envelope."""
+    from ..envelope import peek
+
+    if value[:2] != codec.SOE_MAGIC:
+        return None
+    try:
+        return peek(value).session_id.encode()
+    except (DecodeError, ValueError, UnicodeError):
+        return None
 
 
 class AppendFailed(NotDurableError):
@@ -210,7 +228,8 @@ class LocalLog:
         return self.ensure_topic(topic)
 
     def partition_for(self, topic: str, key: bytes) -> int:
-        return zlib.crc32(key) % self.ensure_topic(topic)
+        """The partition of ``key`` (creates the topic when it does not exist)."""
+        return partition_for_key(key, self.ensure_topic(topic))
 
     # -- segments -------------------------------------------------------------------------
     def _pdir(self, topic: str, partition: int) -> Path:
@@ -745,17 +764,26 @@ def append_outgoing(target: LocalLog, pending: list[Outgoing], partition_of: Cal
 
 
 class LocalSink(Sink):
-    """Buffers sends per partition and makes them durable on `flush` (fsync)."""
+    """Buffers sends per partition and makes them durable on `flush` (fsync): a message is in flight
+    from `send` until the flush that appends it (or until ``max_buffered`` are waiting)."""
 
     def __init__(self, log: LocalLog, max_buffered: int = 5000):
         self.log = log
         self.max_buffered = max_buffered
         self._pending: list[Outgoing] = []
+        self._acked = 0
+        self._aborted = False
 
     def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
         self.log.ensure_topic(topic, partitions)
 
+    def partition_for(self, topic: str, key: bytes) -> int | None:
+        n = self.log.partition_count(topic)
+        return partition_for_key(key, n) if n else None
+
     def send(self, topic: str, key: bytes, value: bytes) -> None:
+        if self._aborted:
+            raise NotDurableError("the local log sink was aborted", [Outgoing(topic, key, value)])
         self._pending.append(Outgoing(topic, key, value))
         if len(self._pending) >= self.max_buffered:
             self.flush()
@@ -768,10 +796,30 @@ class LocalSink(Sink):
             parts = {m.topic: self.log.ensure_topic(m.topic) for m in pending}
         except (OSError, TransportError) as exc:
             raise NotDurableError(f"local log append failed: {exc}", pending) from exc
-        append_outgoing(self.log, pending, lambda m: zlib.crc32(m.key) % parts[m.topic])
+        try:
+            append_outgoing(self.log, pending, lambda m: partition_for_key(m.key, parts[m.topic]))
+        except NotDurableError as exc:
+            self._acked += len(pending) - len(exc.undelivered)
+            raise
+        self._acked += len(pending)
+
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def acknowledged(self) -> int:
+        return self._acked
+
+    def unacknowledged(self) -> list[Outgoing]:
+        out, self._pending = self._pending, []
+        return out
+
+    def abort(self) -> None:
+        """Nothing still buffered is written (`unacknowledged` hands it back)."""
+        self._aborted = True
 
     def close(self, timeout: float | None = None) -> None:
-        self.flush(timeout)
+        if not self._aborted:
+            self.flush(timeout)
 
 
 class LocalSource(Source):
@@ -859,6 +907,33 @@ class LocalSource(Source):
 
     def end_offsets(self, topic: str) -> dict[int, int]:
         return {p: self.log.end_offset(topic, p) for p in self.partitions(topic)}
+
+    def partition_for(self, topic: str, key: bytes) -> int | None:
+        n = self.log.partition_count(topic)
+        return partition_for_key(key, n) if n else None
+
+    def scan(self, topic: str, partition: int, start: int | None = None, *, key: bytes | None = None,
+             max_found: int | None = None, timeout_s: float = 120) -> Scan:
+        """The log stores no keys: with ``key``, a record's key is its session id (`key_of`)."""
+        end = self.log.end_offset(topic, partition)
+        bases = self.log.segments(topic, partition)
+        begin = bases[0] if bases else 0
+        first = begin if start is None or start < begin or start > end else start
+        out: list[Message] = []
+        off = first
+        while off < end:
+            msgs = self.log.read(topic, partition, off, min(50_000, end - off))
+            if not msgs:
+                break
+            for m in msgs:
+                if key is None:
+                    out.append(m)
+                elif m.damaged is None and key_of(m.value) == key:
+                    out.append(Message(m.topic, m.partition, m.offset, key, m.value, m.timestamp_ms))
+                if max_found is not None and len(out) >= max_found:
+                    return Scan(out, first, end)
+            off = msgs[-1].offset + 1
+        return Scan(out, first, end)
 
     def positions(self) -> dict[tuple[str, int], int]:
         return dict(self._positions)
