@@ -227,7 +227,7 @@ def test_abort_hands_back_what_was_not_acknowledged_and_refuses_later_sends(back
     assert {v for _, v in first} <= landed
     assert {v for _, v in rest} <= landed | {m.value for m in back}, "nothing lost without being handed back"
     assert b"after abort" not in landed
-    for key, values in sess:  # per key, what landed is a prefix of what was sent
+    for _key, values in sess:  # per key, what landed is a prefix of what was sent
         mine = [v for v in values if v in landed]
         assert mine == values[:len(mine)]
 

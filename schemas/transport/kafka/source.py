@@ -15,7 +15,7 @@ from .clients import consumer_client, partition_for_key
 
 class KafkaSource(Source):
     """kafka-python's consumer behind `Source`. Offsets are never committed to Kafka: the warehouse
-    stores them in the same transaction as the rows (see consumers/ingest.py)."""
+    stores them in the same transaction as the rows (see consumers/ingest/)."""
 
     def __init__(self, bootstrap_servers: str, **overrides: Any):
         self.bootstrap_servers = bootstrap_servers
