@@ -149,6 +149,7 @@ class AnomalyModel:
         The isolation score of a session that has not ended is provisional (its counts are still
         growing), so it raises ``high`` only once the session ended. ``ended=None``: all have."""
         scores = self.score(feats)
+        names = F.feature_names()
         out = []
         for row, s in zip(feats.iter_rows(named=True), scores):
             novelty = float(row.get("rarity_max", 0.0))
@@ -169,7 +170,7 @@ class AnomalyModel:
             top = self.unusual(row)
             out.append({"session_id": row["session_id"], "score": float(s), "novelty": novelty,
                         "anomalous": severity is not None, "severity": severity, "reasons": reasons,
-                        "top_features": top, "features": {n: float(row[n]) for n in F.feature_names()},
+                        "top_features": top, "features": {n: float(row[n]) for n in names},
                         "evidence": evidence.get(row["session_id"], {})})
         return out
 

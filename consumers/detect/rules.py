@@ -226,7 +226,8 @@ def _template(text: str, aliases: list[str], where: str, order: str) -> str:
     return "concat(" + ", ".join(parts) + ")"
 
 
-def load_file(path: Path) -> Rule:
+def load_file(path: Path, parser=None) -> Rule:
+    """One rule file; ``parser``: the DuckDB connection its SQL is checked with (see `_check_sql`)."""
     text = path.read_text()
     if path.suffix == ".sql":
         m = _FRONT.match(text)
@@ -245,7 +246,7 @@ def load_file(path: Path) -> Rule:
             return Rule(meta["id"], "", "low", [], "", str(path), enabled=False, kind="sql")
         if not re.match(r"^\s*(WITH|SELECT)\b", sql, re.I):
             raise RuleError(f"{path}: the body of a SQL rule is one SELECT (or WITH ... SELECT)")
-        _check_sql(sql, path)
+        _check_sql(sql, path, parser)
         return Rule(sql=sql, source=str(path), kind="sql", **meta)
     try:
         data = yaml.safe_load(text)
@@ -255,11 +256,11 @@ def load_file(path: Path) -> Rule:
     if not meta.get("enabled", True) and "steps" not in data:
         return Rule(meta["id"], "", "low", [], "", str(path), enabled=False)
     sql, escal = compile_yaml(data, path)
-    _check_sql(sql, path)
+    _check_sql(sql, path, parser)
     return Rule(sql=sql, source=str(path), escalations=escal, **meta)
 
 
-def _check_sql(sql: str, path: Path) -> None:
+def _check_sql(sql: str, path: Path, parser=None) -> None:
     """A rule is one SELECT over the warehouse, with no file or network access, wherever it runs
     (`agentledger detect` also runs rules on a locked-down connection; `ingest --detect` cannot:
     ingest itself reads files)."""
@@ -267,7 +268,7 @@ def _check_sql(sql: str, path: Path) -> None:
     from agentledger.schemas.errors import WarehouseError
 
     try:
-        check_select_only(sql)
+        check_select_only(sql, parser)
     except WarehouseError as exc:
         raise RuleError(f"{path}: {exc}") from None
 
@@ -281,18 +282,24 @@ def rule_files(d: Path) -> list[Path]:
 def load_rules(dirs: list[Path]) -> list[Rule]:
     """Rules of every directory in order (the built-in one first); a later file with the same id
     replaces an earlier one, and ``enabled: false`` switches a rule off."""
+    from agentledger.schemas.warehouse import parser_connection
+
     by_id: dict[str, Rule] = {}
-    for d in dirs:
-        d = Path(d)
-        if not d.is_dir():
-            raise RuleError(f"rules directory {d} does not exist")
-        seen: dict[str, Path] = {}
-        for p in rule_files(d):
-            r = load_file(p)
-            if r.id in seen:
-                raise RuleError(f"{p}: rule id {r.id} is also defined in {seen[r.id]}")
-            seen[r.id] = p
-            by_id[r.id] = r
+    parser = parser_connection()  # one for every rule's check
+    try:
+        for d in dirs:
+            d = Path(d)
+            if not d.is_dir():
+                raise RuleError(f"rules directory {d} does not exist")
+            seen: dict[str, Path] = {}
+            for p in rule_files(d):
+                r = load_file(p, parser)
+                if r.id in seen:
+                    raise RuleError(f"{p}: rule id {r.id} is also defined in {seen[r.id]}")
+                seen[r.id] = p
+                by_id[r.id] = r
+    finally:
+        parser.close()
     return [r for r in by_id.values() if r.enabled]
 
 
