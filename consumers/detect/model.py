@@ -236,7 +236,21 @@ def baseline_stats(feats: pl.DataFrame, names: list[str]) -> dict:
 
 
 def save(artifact: dict, path: Path | str) -> Path:
+    """Write the artifact atomically (a temporary file renamed over ``path``): a detection pass
+    that loads it meanwhile reads the old artifact or the new one, never half of one."""
+    import os
+    import tempfile
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(canonical_json(artifact) + b"\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(canonical_json(artifact) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return p
