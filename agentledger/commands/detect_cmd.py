@@ -125,8 +125,8 @@ def rules_list(
 
     Example:  agentledger rules list --rules-dir ./my-rules --format json
     """
-    cols = ["id", "severity", "escalates_to", "mitre", "title", "kind", "source"]
-    render_rows(cols, [(r.id, r.severity, r.escalations, r.mitre, r.title, r.kind, r.source)
+    cols = ["id", "severity", "escalates_to", "mitre", "owasp", "title", "kind", "source"]
+    render_rows(cols, [(r.id, r.severity, r.escalations, r.mitre, r.owasp, r.title, r.kind, r.source)
                        for r in api.rules(rule_dirs(rules_dir))], fmt)
 
 

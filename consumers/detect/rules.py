@@ -6,6 +6,8 @@ A rule looks at one session's ordered events. A YAML rule is a sequence of steps
     title: Credentials read, then egress to a host outside the allowlist
     severity: high                           # low | medium | high | critical
     mitre: [T1552.001, T1041]                # ATT&CK technique ids
+    owasp: [LLM02, ASI02]                    # OWASP Top 10 for LLM Applications 2025 (LLM01-LLM10)
+                                             # and for Agentic Applications 2026 (ASI01-ASI10) ids
     description: Longer text for `agentledger rules list` and the docs.
     steps:
       - as: cred                             # alias, used by later steps and the explanation
@@ -52,11 +54,12 @@ from .prepare import BUILTIN_DIR, RuleError
 SEVERITIES = ("low", "medium", "high", "critical")
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,63}$")
 _MITRE = re.compile(r"^T\d{4}(\.\d{3})?$")
+_OWASP = re.compile(r"^(LLM|ASI)(0[1-9]|10)$")
 _ALIAS = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _INTERVAL = re.compile(r"^\s*(\d+)\s*(s|sec|second|seconds|m|min|minute|minutes|h|hour|hours|d|day|days)\s*$", re.I)
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)(?:\.([a-z_][a-z0-9_]*))?\}")
 _FRONT = re.compile(r"^\s*/\*---\s*\n(.*?)\n---\*/\s*\n", re.S)
-_META_KEYS = {"id", "title", "severity", "mitre", "description", "enabled", "explain", "tags"}
+_META_KEYS = {"id", "title", "severity", "mitre", "owasp", "description", "enabled", "explain", "tags"}
 _YAML_KEYS = _META_KEYS | {"steps", "escalate"}
 _STEP_KEYS = {"as", "where", "after", "within", "count", "key", "join"}
 # detect_events columns a step alias must not shadow (it becomes a struct column of the matches)
@@ -75,6 +78,7 @@ class Rule:
     enabled: bool = True
     kind: str = "yaml"
     escalations: list[str] = field(default_factory=list)
+    owasp: list[str] = field(default_factory=list)  # OWASP LLM (2025) / Agentic (2026) Top 10 ids; not in the digest
 
     @property
     def digest(self) -> str:
@@ -110,7 +114,11 @@ def _meta(data: dict, path: Path) -> dict:
     mitre = data.get("mitre") or []
     if not isinstance(mitre, list) or not all(isinstance(t, str) and _MITRE.match(t) for t in mitre):
         raise RuleError(f"{where}: rule {rid}: `mitre` is a list of ATT&CK technique ids such as T1552.001")
-    return {"id": rid, "title": title.strip(), "severity": sev, "mitre": list(mitre),
+    owasp = data.get("owasp") or []
+    if not isinstance(owasp, list) or not all(isinstance(t, str) and _OWASP.match(t) for t in owasp):
+        raise RuleError(f"{where}: rule {rid}: `owasp` is a list of OWASP Top 10 ids: LLM01..LLM10 (LLM "
+                        "Applications 2025), ASI01..ASI10 (Agentic Applications 2026)")
+    return {"id": rid, "title": title.strip(), "severity": sev, "mitre": list(mitre), "owasp": list(owasp),
             "description": str(data.get("description") or "").strip(), "enabled": bool(data.get("enabled", True))}
 
 
