@@ -111,9 +111,14 @@ def import_agent_logs(s: Settings, rollouts: Sequence[Path] = (), otel: Sequence
 
 def make_detector(s: Settings, wh, *, rules_dirs: Sequence[Path] | None = None, model=True, publish: bool = True):
     """A Detector on ``wh``; with Kafka as the transport it publishes alerts to agentledger.alerts
-    (the embedded log holds events only: there, alerts live in the warehouse)."""
+    (the embedded log holds events only: there, alerts live in the warehouse). ``model``: a path, None
+    (rules only) or True, the default: the model `train_model` saved for this warehouse, else the
+    shipped one (see `resolve_model`)."""
     from agentledger.consumers.detect import Detector
     from agentledger.schemas.transport import open_sink
+
+    if model is True:
+        model = resolve_model(s=s)
 
     sink = open_sink(s) if publish and s.uses_kafka else None
     try:
