@@ -13,8 +13,13 @@ high or critical alert; a benign session with one is a false alarm.
 Quality target (issue 6): recall >= 95 % of attack sessions, high/critical alerts on <= 2 % of
 benign sessions, on a seed never used in development.
 
+The anomaly model on its own: AUC of its isolation score and of its novelty (attack vs benign
+sessions, from `anomaly_scores`), and the share of benign sessions it raises a medium (or higher)
+alert on -- target <= 2 %.
+
 Speed: `detect` seconds per 100k events, with `ingest` of the same events in the same run as the
-baseline (ratio = detect time / ingest time).
+baseline: ratio = detect time / ingest time, target <= 1.5. Both as the user sees them (the
+commands' wall time, process start included) and inside the commands (the pass's own seconds).
 
 Prints the per-scenario confusion matrix (rules, model, and both), benign near-misses that drew
 an alert, and a JSON line last.
@@ -145,13 +150,11 @@ def corpus_eval(work: Path, history_seeds: list[int]) -> dict:
             write_corpus(work / "history", seed=seed, benign_only=True)
         cli(hist, "import", "codex-rollout", str(work / "history"))
         cli(hist, "ingest", "--until-caught-up")
-        from agentledger.consumers.detect.baseline import train_from_warehouse
-        from agentledger.consumers.detect.model import save
-        from agentledger.schemas.warehouse import open_warehouse
-
-        with open_warehouse(str(hist / "warehouse.duckdb")) as wh:
-            art = train_from_warehouse(wh)
-        models.append(("deployment", str(save(art, work / "deployment-model.json"))))
+        out, _ = cli(hist, "model", "train", "--out", str(work / "deployment-model.json"), "--format", "json")
+        trained = json.loads(out)
+        print(f"deployment model: trained on {trained['history_sessions']} history sessions, "
+              f"{trained['calibration_medium_rate']:.1%} of {trained['calibration_sessions']} held-out ones alerted")
+        models.append(("deployment", trained["path"]))
     out: dict = {"sessions": len(sessions), "models": {}}
     for name, model in models:
         home = work / f"home-{name}"
@@ -204,6 +207,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temp dir)")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--target-benign", type=float, default=0.02)
+    ap.add_argument("--target-medium", type=float, default=0.02, help="benign sessions with a model alert")
+    ap.add_argument("--target-speed-ratio", type=float, default=1.5, help="detect time / ingest time")
     ap.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers: the events (and alerts) go "
                                                      "through Kafka instead of the embedded log")
     args = ap.parse_args()
@@ -232,6 +237,7 @@ def main() -> None:
                      str(args.attack_rate), "--labels", str(labels_path), "--format", "json")
     sim = json.loads(out.strip().splitlines()[-1])
     out, t_ingest = cli(home, "ingest", "--until-caught-up", "--format", "json")
+    ing = json.loads(out.strip().splitlines()[-1])
     out, t_detect = cli(home, "detect", "--format", "json")
     det = json.loads(out.strip().splitlines()[-1])
     out, _ = cli(home, "detect", "--format", "json")  # again: nothing is pending, nothing changes
@@ -241,15 +247,36 @@ def main() -> None:
     labels = [json.loads(line) for line in labels_path.read_text().splitlines()]
     ev = evaluate(labels, alerts)
     print_report(ev)
+    out, _ = cli(home, "sql", "SELECT session_id, score, features['rarity_max'] AS novelty, anomalous "
+                              "FROM anomaly_scores", "--format", "json")
+    sc = {r["session_id"]: r for r in json.loads(out)}
+    pos = [sc[l["session_id"]] for l in labels if l["attack"] and l["session_id"] in sc]
+    neg = [sc[l["session_id"]] for l in labels if not l["attack"] and l["session_id"] in sc]
+    model_auc = {"auc_score": auc([r["score"] for r in pos], [r["score"] for r in neg]),
+                 "auc_novelty": auc([r["novelty"] or 0.0 for r in pos], [r["novelty"] or 0.0 for r in neg])}
+    medium = ev["model_any_severity_benign_rate"]
     events = sim["events"]
+    ratio_wall = t_detect / t_ingest
+    ratio_inner = det["seconds"] / ing["seconds"] if ing.get("seconds") else None
+    print(f"model: AUC {model_auc['auc_score']:.3f} (isolation score), {model_auc['auc_novelty']:.3f} (novelty); "
+          f"medium+ model alerts on {medium:.2%} of benign sessions (target <= {args.target_medium:.0%})")
+    print(f"speed: detect {t_detect / events * 100_000:.2f} s per 100k events, ingest {t_ingest / events * 100_000:.2f} s "
+          f"(ratio {ratio_wall:.2f}, target <= {args.target_speed_ratio}); inside the commands: detect "
+          f"{det['seconds']:.2f} s, ingest {ing.get('seconds', float('nan')):.2f} s"
+          + (f" (ratio {ratio_inner:.2f})" if ratio_inner else ""))
     result = {
         "seed": args.seed, "transport": "kafka" if args.bootstrap else "embedded log",
         "sessions": sim["sessions"], "events": events, **{k: v for k, v in ev.items()},
         "alerts": len(alerts), "alerts_high_or_critical": sum(1 for a in alerts if a[2] in HIGH),
+        **model_auc, "benign_medium_alert_rate": medium,
+        "medium_target_met": medium is not None and medium <= args.target_medium,
         "detect_s": round(t_detect, 3), "detect_inner_s": det["seconds"], "ingest_s": round(t_ingest, 3),
-        "detect_s_per_100k_events": round(det["seconds"] / events * 100_000, 3),
+        "ingest_inner_s": ing.get("seconds"),
+        "detect_s_per_100k_events": round(t_detect / events * 100_000, 3),
         "ingest_s_per_100k_events": round(t_ingest / events * 100_000, 3),
-        "ratio_detect_to_ingest": round(det["seconds"] / t_ingest, 3),
+        "ratio_detect_to_ingest": round(ratio_wall, 3),
+        "ratio_detect_to_ingest_inner": round(ratio_inner, 3) if ratio_inner else None,
+        "speed_target_met": ratio_wall <= args.target_speed_ratio,
         "published": det["published"], "timings": det["timings"], "second_run_sessions": again["sessions"],
         "second_run_changes": again["alerts_new"] + again["alerts_updated"],
         "target_met": bool(ev["recall"] is not None and ev["recall"] >= args.target_recall

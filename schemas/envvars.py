@@ -180,8 +180,8 @@ VARIABLES: tuple[Var, ...] = (
     # -- detection and replay ----------------------------------------------------------------------------
     _V("AGENTLEDGER_RULES_DIR", "str", None, "none", "more detection rules (`:`-separated directories)",
        "consumers/detect/rules.py", "detection"),
-    _V("AGENTLEDGER_MODEL", "str", None, "the shipped `isoforest-v1`",
-       "anomaly model artifact (`none`: rules only)", "agentledger/commands/detect_cmd.py", "detection"),
+    _V("AGENTLEDGER_MODEL", "str", None, "the warehouse's own model (`agentledger model train`), else the shipped `isoforest-v1`",
+       "anomaly model artifact (`none`: rules only)", "agentledger/api/models.py", "detection"),
     _V("AGENTLEDGER_AVRO2ARROW", "str", None, "`.venv/bin/agentledger-avro2arrow` when built",
        "the native decoder (native/avro2arrow) replay uses for big bundles and ingest for batches of 2,000+ messages (a path, or `off`)", "schemas/native.py",
        "detection"),

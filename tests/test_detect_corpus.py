@@ -7,6 +7,7 @@ is printed here and by bench/detect_eval.py --corpus."""
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 
 import pytest
@@ -67,7 +68,13 @@ def test_alerts_explain_themselves(run):
     assert "reverse-shell" in by_name["obf-xxd-reverse-shell"]
     flow = by_name["secret-aws-to-gist"]["secret-flow-exfiltration"]
     assert flow["summary"].startswith("secret …:") and "read by #" in flow["summary"] and "was sent by #" in flow["summary"]
-    assert len(flow["evidence_seqs"]) == 2
+    assert len(flow["evidence_seqs"]) == 2 and "Secret flow:" not in flow["summary"]  # named once
+    # any rule whose evidence holds a secret's source and sink names the token and both seqs
+    tox = by_name["mcp-db-secret-to-slack"]["mcp-toxic-flow"]
+    m = re.search(r"Secret flow: secret …:(\w+) read by #(\d+), sent by #(\d+)", tox["summary"])
+    assert m and tox["severity"] == "critical", tox["summary"]
+    assert int(m[2]) < int(m[3]) and {int(m[2]), int(m[3])} <= set(tox["evidence_seqs"])
+    assert f"…:{m[1]}" in by_name["mcp-db-secret-to-slack"]["secret-flow-exfiltration"]["summary"]
     # a reverse shell is named as one, not as mining (port 4444)
     assert "crypto-mining" not in by_name["revshell-nc-e"]
 

@@ -24,4 +24,8 @@ def test_detect_eval_smoke_meets_the_quality_target(tmp_path):
                                       "persistence", "crypto_mining", "dependency_confusion", "mass_deletion",
                                       "token_harvesting"}
     assert r["second_run_sessions"] == 0 and r["second_run_changes"] == 0, "detect is idempotent"
-    assert r["detect_s_per_100k_events"] > 0 and r["ratio_detect_to_ingest"] > 0
+    assert r["detect_s_per_100k_events"] > 0 and r["ratio_detect_to_ingest"] > 0 and r["ratio_detect_to_ingest_inner"] > 0
+    # the model on its own: AUC from anomaly_scores, and the benign medium-alert rate, both printed
+    assert 0.5 < r["auc_score"] <= 1 and 0.5 < r["auc_novelty"] <= 1
+    assert r["benign_medium_alert_rate"] == r["model_any_severity_benign_rate"]
+    assert "model: AUC" in proc.stdout and "speed: detect" in proc.stdout

@@ -459,3 +459,32 @@ def test_rules_that_would_touch_files_or_run_other_statements_are_refused(tmp_pa
             Detector(wh, model=None, rules_dirs=[d])
     assert message in str(exc.value) and name in str(exc.value)
     assert not (tmp_path / "stolen.csv").exists()
+
+
+def test_the_rule_tables_of_the_docs_give_each_rules_attack_and_owasp_ids():
+    """docs/detection.md lists every built-in rule with its MITRE ATT&CK, OWASP LLM (2025) and
+    OWASP Agentic (2026) ids exactly as the rule's metadata says, and every rule has some of each."""
+    import re
+
+    from conftest import REPO
+
+    from agentledger.consumers.detect.rules import load_rules, rule_dirs
+
+    rows = {}
+    for line in (REPO / "docs" / "detection.md").read_text().splitlines():
+        m = re.match(r"^\| `([a-z0-9-]+)`(?: \(SQL\))? \| ([^|]+) \| ([^|]*) \| ([^|]*) \| ([^|]*) \| ", line)
+        if m:
+            rows[m[1]] = tuple({x.strip() for x in cell.split(",") if x.strip()} for cell in m.groups()[2:])
+    for r in load_rules(rule_dirs()):
+        assert r.id in rows, f"docs/detection.md has no row for {r.id}"
+        mitre, llm, asi = rows[r.id]
+        assert mitre == set(r.mitre), (r.id, mitre, r.mitre)
+        assert llm == {x for x in r.owasp if x.startswith("LLM")} and llm, (r.id, llm, r.owasp)
+        assert asi == {x for x in r.owasp if x.startswith("ASI")} and asi, (r.id, asi, r.owasp)
+
+
+def test_owasp_ids_are_checked(tmp_path):
+    (tmp_path / "bad.yaml").write_text("id: bad-owasp\ntitle: t\nseverity: low\nmitre: [T1041]\nowasp: [LLM11]\n"
+                                       "steps:\n  - as: a\n    where: kind = 'gap'\n")
+    with pytest.raises(RuleError, match="owasp"):
+        Detector(open_warehouse(":memory:"), rules_dirs=[tmp_path], model=None)

@@ -22,8 +22,9 @@ from .evidence import (Exported, Imported, Replayed, SessionRecord, export_bundl
                        keyring, operator_keyring, read_session, replay, verify_bundle, whatif, whatif_summary)
 from .ledger import (GeneratedKey, Retried, Verification, compact, dead_letters, generate_key, list_keys,
                      retry_dead_letters, snapshots, spool_drain, spool_status, verify)
+from .models import (ModelInfo, ModelStatus, deployment_model_path, model_status, resolve_model, train_model)
 from .pipeline import (SEVERITIES, Alerts, Detection, Ingested, IngestDetection, Simulation, alerts, check_rules,
-                       detect, import_agent_logs, ingest, make_detector, resolve_model, rules, session_overview,
+                       detect, import_agent_logs, ingest, make_detector, rules, session_overview,
                        simulate, simulator_policy_path, sql)
 from .sandbox import (END_STATUSES, NotRecorded, Reexecution, divergence_rows, reexecute, sandbox_doctor,
                       sandbox_end, sandbox_forget, sandbox_run)
@@ -31,12 +32,12 @@ from .sessions import for_reading, in_sandbox, in_warehouse
 
 __all__ = [
     "AgentLedgerError", "Alerts", "Detection", "Doctor", "END_STATUSES", "Exported", "GeneratedKey", "Imported", "Ingested",
-    "IngestDetection", "NotRecorded", "ProgressCallback", "ProgressUpdate", "Reexecution", "Replayed", "Retried",
+    "IngestDetection", "ModelInfo", "ModelStatus", "NotRecorded", "ProgressCallback", "ProgressUpdate", "Reexecution", "Replayed", "Retried",
     "Rows", "SEVERITIES", "SessionRecord", "Settings", "Simulation", "Verification", "alerts", "check_rules",
-    "compact", "dead_letters", "detect", "divergence_rows", "doctor", "export_bundle", "file_sha256", "for_reading",
+    "compact", "dead_letters", "deployment_model_path", "detect", "divergence_rows", "doctor", "export_bundle", "file_sha256", "for_reading",
     "generate_key", "import_agent_logs", "import_bundle", "in_sandbox", "in_warehouse", "ingest", "keyring",
-    "list_keys", "make_detector", "operator_keyring", "read_session", "reexecute", "replay", "resolve_model",
+    "list_keys", "make_detector", "model_status", "operator_keyring", "read_session", "reexecute", "replay", "resolve_model",
     "retry_dead_letters", "rules", "sandbox_doctor", "sandbox_end", "sandbox_forget", "sandbox_run",
     "session_overview", "settings", "simulate", "simulator_policy_path", "snapshots", "spool_drain", "spool_status",
-    "sql", "verify", "verify_bundle", "whatif", "whatif_summary",
+    "sql", "train_model", "verify", "verify_bundle", "whatif", "whatif_summary",
 ]

@@ -10,17 +10,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
 from agentledger.schemas.errors import WarehouseError
 
 from .common import Counter, ProgressCallback, Rows
+from .models import resolve_model  # noqa: F401 (re-exported: it was defined here)
 from .sessions import in_warehouse
 
 log = logging.getLogger(__name__)
 
 SEVERITIES = ("low", "medium", "high", "critical")
-MODEL_ENV = "AGENTLEDGER_MODEL"
 
 
 # --- simulate ----------------------------------------------------------------------------------------
@@ -107,24 +106,16 @@ def import_agent_logs(s: Settings, rollouts: Sequence[Path] = (), otel: Sequence
 
 # --- detection ---------------------------------------------------------------------------------------
 
-def resolve_model(model: str | Path | None = None, no_model: bool = False) -> Path | bool | None:
-    """The model detection loads: a path, the shipped default (True), or none (None). ``model``
-    (else $AGENTLEDGER_MODEL) may be a path or 'none'."""
-    if no_model:
-        return None
-    value = model or envvars.raw(MODEL_ENV)
-    if not value:
-        return True
-    if str(value).lower() in ("none", "off", "0"):
-        return None
-    return Path(value)
-
-
 def make_detector(s: Settings, wh, *, rules_dirs: Sequence[Path] | None = None, model=True, publish: bool = True):
     """A Detector on ``wh``; with Kafka as the transport it publishes alerts to agentledger.alerts
-    (the embedded log holds events only: there, alerts live in the warehouse)."""
+    (the embedded log holds events only: there, alerts live in the warehouse). ``model``: a path, None
+    (rules only) or True, the default: the model `train_model` saved for this warehouse, else the
+    shipped one (see `resolve_model`)."""
     from agentledger.consumers.detect import Detector
     from agentledger.schemas.transport import open_sink
+
+    if model is True:
+        model = resolve_model(s=s)
 
     sink = open_sink(s) if publish and s.uses_kafka else None
     try:
@@ -255,9 +246,12 @@ class Detection:
     result: Any  # consumers.detect.DetectResult
     rules: int
     model: str | None
+    model_digest: str | None = None
+    model_cold_start: bool = False  # a deployment model trained on too little history: no model alerts
 
     def as_dict(self) -> dict:
-        return {**self.result.as_dict(), "rules": self.rules, "model": self.model}
+        return {**self.result.as_dict(), "rules": self.rules, "model": self.model, "model_digest": self.model_digest,
+                "model_cold_start": self.model_cold_start}
 
 
 def detect(s: Settings, *, sessions: Sequence[str] | None = None, all_sessions: bool = False, rebuild: bool = False,
@@ -283,7 +277,9 @@ def detect(s: Settings, *, sessions: Sequence[str] | None = None, all_sessions: 
         finally:
             if det.sink is not None:
                 det.sink.close(timeout=10)
-    return Detection(result, len(det.rules), det.model.model_id if det.model else None)
+    m = det.model
+    return Detection(result, len(det.rules), m.model_id if m else None, m.digest if m else None,
+                     bool(m and (m.artifact.get("training") or {}).get("cold_start")))
 
 
 @dataclass

@@ -195,7 +195,7 @@ def ingest(
     if group and s.uses_kafka and not s.warehouse.startswith("ducklake:"):
         raise typer.BadParameter("--group needs a warehouse several processes can write: "
                                  "AGENTLEDGER_WAREHOUSE=ducklake:sqlite:/path/meta.sqlite (or Postgres)")
-    detect_options = {"rules_dirs": list(rule_dirs(rules_dir)), "model": api.resolve_model(model)} if detect else {}
+    detect_options = {"rules_dirs": list(rule_dirs(rules_dir)), "model": api.resolve_model(model, s=s)} if detect else {}
     stats = _ingest(s, follow=follow, batch_records=batch, show_progress=fmt is not Format.json, group=group,
                     compact_every_s=compact_every or None, detect=detect, **detect_options)
     detection = stats.detection

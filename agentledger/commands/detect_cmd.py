@@ -39,7 +39,8 @@ def detect(
     rules_dir: Optional[List[Path]] = typer.Option(None, "--rules-dir", help="More rules (*.yaml, *.sql) and "
                                                    "lists.yaml; repeatable; also $AGENTLEDGER_RULES_DIR."),
     model: Optional[str] = typer.Option(None, "--model", help="Model artifact (JSON); 'none' for rules only. "
-                                        "[default: $AGENTLEDGER_MODEL or the shipped isoforest-v1]"),
+                                        "[default: $AGENTLEDGER_MODEL, else the model `agentledger model train` "
+                                        "saved for this warehouse, else the shipped isoforest-v1]"),
     no_model: bool = typer.Option(False, "--no-model", help="Rules only."),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="With Kafka as the transport: send new "
                                                                       "alerts to agentledger.alerts."),
@@ -53,9 +54,10 @@ def detect(
 
     Example:  agentledger detect --all --format json
     """
+    s = settings(ctx)
     with progress_bar(fmt is not Format.json) as progress:
-        det = api.detect(settings(ctx), sessions=session, all_sessions=all_, rebuild=rebuild,
-                         rules_dirs=rule_dirs(rules_dir), model=api.resolve_model(model, no_model), publish=publish,
+        det = api.detect(s, sessions=session, all_sessions=all_, rebuild=rebuild,
+                         rules_dirs=rule_dirs(rules_dir), model=api.resolve_model(model, no_model, s=s), publish=publish,
                          progress=progress)
     result = det.result
     if fmt is Format.json:
@@ -64,7 +66,9 @@ def detect(
                                                for a in result.changed]})
         return
     console.print(f"examined {result.sessions} sessions ({result.events} events) with {det.rules} rules"
-                  f"{' and model ' + det.model if det.model else ''} in {result.seconds:.2f}s: "
+                  f"{' and model ' + det.model if det.model else ''}"
+                  f"{' (cold start: it raises no model alerts; see agentledger model show)' if det.model_cold_start else ''}"
+                  f" in {result.seconds:.2f}s: "
                   f"{result.alerts_new} new alerts, {result.alerts_updated} updated, "
                   f"{result.anomalous} anomalous sessions, {result.published} published")
     if result.changed:
@@ -121,8 +125,8 @@ def rules_list(
 
     Example:  agentledger rules list --rules-dir ./my-rules --format json
     """
-    cols = ["id", "severity", "escalates_to", "mitre", "title", "kind", "source"]
-    render_rows(cols, [(r.id, r.severity, r.escalations, r.mitre, r.title, r.kind, r.source)
+    cols = ["id", "severity", "escalates_to", "mitre", "owasp", "title", "kind", "source"]
+    render_rows(cols, [(r.id, r.severity, r.escalations, r.mitre, r.owasp, r.title, r.kind, r.source)
                        for r in api.rules(rule_dirs(rules_dir))], fmt)
 
 

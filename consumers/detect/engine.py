@@ -59,6 +59,27 @@ CHUNK_EVENTS = 500_000
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
+def _secret_flows(sid: str, seqs: list[int], secrets: dict, summary: str, limit: int = 3) -> str:
+    """The secrets that flowed between an alert's evidence events: one read (redacted from an
+    event's output) and carried by a later one (its redaction token, same keyed id, in that event's
+    command line, request or tool arguments). Names the token and its source -> sink seqs, except
+    those the rule's own summary already names."""
+    read: dict[str, int] = {}
+    flows: dict[str, tuple[int, int]] = {}
+    for q in seqs:  # in seq order
+        out_ids, in_ids = secrets.get((sid, q), ((), ()))
+        for k in in_ids:
+            if k in read and k not in flows:
+                flows[k] = (read[k], q)
+        for k in out_ids:
+            read.setdefault(k, q)
+    named = [(k, src, sink) for k, (src, sink) in sorted(flows.items(), key=lambda x: x[1]) if f"…:{k}" not in summary]
+    if not named:
+        return ""
+    text = "; ".join(f"secret …:{k} read by #{src}, sent by #{sink}" for k, src, sink in named[:limit])
+    return f". Secret flow: {text}" + (f"; … and {len(named) - limit} more" if len(named) > limit else "")
+
+
 def alert_id(rule_id: str, session_id: str, first_seq: int | None) -> str:
     """UUIDv5 of (rule id, session id, first evidence seq); a model alert is one per (model, session),
     whatever its evidence (``first_seq=None``): a session scored while unfinished and again when
@@ -293,14 +314,17 @@ class Detector:
                 pairs_s.append(c["session_id"])
                 pairs_q.append(q)
         info: dict[tuple[str, int], tuple[str, dt.datetime]] = {}
+        secrets: dict[tuple[str, int], tuple[list, list]] = {}  # (read from its output, carried in it)
         if pairs_s:
             self.con.register("_ev", pa.table({"session_id": pa.array(pairs_s, pa.string()),
                                                "seq": pa.array(pairs_q, pa.int64())}))
             try:
-                for sid, q, d, ts in self.con.execute("""
-                        SELECT DISTINCT e.session_id, e.seq, e.describe, e.ts
+                for sid, q, d, ts, read, carried in self.con.execute("""
+                        SELECT DISTINCT e.session_id, e.seq, e.describe, e.ts, e.output_secret_ids, e.secret_ids
                         FROM detect_events e JOIN _ev USING (session_id, seq)""").fetchall():
                     info[(sid, q)] = (d, ts)
+                    if read or carried:
+                        secrets[(sid, q)] = (read or [], carried or [])
             finally:
                 self.con.unregister("_ev")
         for c in cands:
@@ -320,7 +344,8 @@ class Detector:
             if c["detector"] == "model":
                 c["explanation"] = c["summary"]
             else:
-                c["explanation"] = f"{c['summary']}. Evidence: {cited}{more}"
+                c["explanation"] = f"{c['summary']}. Evidence: {cited}{more}" + _secret_flows(sid, ev, secrets,
+                                                                                             c["summary"])
             c["first_seq"], c["last_seq"] = ev[0], ev[-1]
             c["first_event_at"] = info.get((sid, ev[0]), (None, None))[1]
             c["last_event_at"] = info.get((sid, ev[-1]), (None, None))[1]

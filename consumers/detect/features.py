@@ -22,6 +22,7 @@ can cite events like a rule does.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import duckdb
 import polars as pl
@@ -76,9 +77,14 @@ WINDOW_FEATURES = {
 RARITY_FEATURES = ["rarity_max", "rarity_top3", "rare_events"]
 
 
+@lru_cache(maxsize=1)
+def _feature_names() -> tuple[str, ...]:
+    return (*_predicates(), "distinct_programs", "distinct_hosts_not_allowed", "bytes_out_not_allowed",
+            *WINDOW_FEATURES, *RARITY_FEATURES)
+
+
 def feature_names() -> list[str]:
-    return [*_predicates(), "distinct_programs", "distinct_hosts_not_allowed", "bytes_out_not_allowed",
-            *WINDOW_FEATURES, *RARITY_FEATURES]
+    return list(_feature_names())
 
 
 def load_events(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:

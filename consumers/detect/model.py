@@ -149,6 +149,7 @@ class AnomalyModel:
         The isolation score of a session that has not ended is provisional (its counts are still
         growing), so it raises ``high`` only once the session ended. ``ended=None``: all have."""
         scores = self.score(feats)
+        names = F.feature_names()
         out = []
         for row, s in zip(feats.iter_rows(named=True), scores):
             novelty = float(row.get("rarity_max", 0.0))
@@ -169,7 +170,7 @@ class AnomalyModel:
             top = self.unusual(row)
             out.append({"session_id": row["session_id"], "score": float(s), "novelty": novelty,
                         "anomalous": severity is not None, "severity": severity, "reasons": reasons,
-                        "top_features": top, "features": {n: float(row[n]) for n in F.feature_names()},
+                        "top_features": top, "features": {n: float(row[n]) for n in names},
                         "evidence": evidence.get(row["session_id"], {})})
         return out
 
@@ -235,7 +236,21 @@ def baseline_stats(feats: pl.DataFrame, names: list[str]) -> dict:
 
 
 def save(artifact: dict, path: Path | str) -> Path:
+    """Write the artifact atomically (a temporary file renamed over ``path``): a detection pass
+    that loads it meanwhile reads the old artifact or the new one, never half of one."""
+    import os
+    import tempfile
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(canonical_json(artifact) + b"\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(canonical_json(artifact) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return p

@@ -46,6 +46,16 @@ class NamedList:
 def load_lists(dirs: list[Path]) -> dict[str, NamedList]:
     """Lists from ``lists.yaml`` of each directory, in order; later files extend earlier lists."""
     out: dict[str, NamedList] = {}
+    checker: list = []  # one DuckDB connection checks every pattern (a connection per pattern took seconds)
+    try:
+        _load_lists(dirs, out, checker)
+    finally:
+        for c in checker:
+            c.close()
+    return out
+
+
+def _load_lists(dirs: list[Path], out: dict[str, NamedList], checker: list) -> None:
     for d in dirs:
         p = Path(d) / "lists.yaml"
         if not p.exists():
@@ -69,15 +79,16 @@ def load_lists(dirs: list[Path]) -> dict[str, NamedList]:
                 raise RuleError(f"{p}: list {name} is {nl.kind} elsewhere, not {kind}")
             for v in spec.get("values", []):
                 if kind == "regex":
-                    _check_regex(p, name, str(v))
+                    _check_regex(p, name, str(v), checker)
                 nl.values.append(v)
             nl.sources.append(str(p))
-    return out
 
 
-def _check_regex(path: Path, name: str, pattern: str) -> None:
+def _check_regex(path: Path, name: str, pattern: str, checker: list) -> None:
+    if not checker:
+        checker.append(duckdb.connect())
     try:
-        duckdb.connect().execute("SELECT regexp_matches('', ?)", [pattern]).fetchone()
+        checker[0].execute("SELECT regexp_matches('', ?)", [pattern]).fetchone()
     except duckdb.Error as exc:
         raise RuleError(f"{path}: list {name}: bad RE2 pattern {pattern!r}: {str(exc).splitlines()[0]}") from exc
 

@@ -6,6 +6,8 @@ A rule looks at one session's ordered events. A YAML rule is a sequence of steps
     title: Credentials read, then egress to a host outside the allowlist
     severity: high                           # low | medium | high | critical
     mitre: [T1552.001, T1041]                # ATT&CK technique ids
+    owasp: [LLM02, ASI02]                    # OWASP Top 10 for LLM Applications 2025 (LLM01-LLM10)
+                                             # and for Agentic Applications 2026 (ASI01-ASI10) ids
     description: Longer text for `agentledger rules list` and the docs.
     steps:
       - as: cred                             # alias, used by later steps and the explanation
@@ -52,11 +54,12 @@ from .prepare import BUILTIN_DIR, RuleError
 SEVERITIES = ("low", "medium", "high", "critical")
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,63}$")
 _MITRE = re.compile(r"^T\d{4}(\.\d{3})?$")
+_OWASP = re.compile(r"^(LLM|ASI)(0[1-9]|10)$")
 _ALIAS = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _INTERVAL = re.compile(r"^\s*(\d+)\s*(s|sec|second|seconds|m|min|minute|minutes|h|hour|hours|d|day|days)\s*$", re.I)
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)(?:\.([a-z_][a-z0-9_]*))?\}")
 _FRONT = re.compile(r"^\s*/\*---\s*\n(.*?)\n---\*/\s*\n", re.S)
-_META_KEYS = {"id", "title", "severity", "mitre", "description", "enabled", "explain", "tags"}
+_META_KEYS = {"id", "title", "severity", "mitre", "owasp", "description", "enabled", "explain", "tags"}
 _YAML_KEYS = _META_KEYS | {"steps", "escalate"}
 _STEP_KEYS = {"as", "where", "after", "within", "count", "key", "join"}
 # detect_events columns a step alias must not shadow (it becomes a struct column of the matches)
@@ -75,6 +78,7 @@ class Rule:
     enabled: bool = True
     kind: str = "yaml"
     escalations: list[str] = field(default_factory=list)
+    owasp: list[str] = field(default_factory=list)  # OWASP LLM (2025) / Agentic (2026) Top 10 ids; not in the digest
 
     @property
     def digest(self) -> str:
@@ -110,7 +114,11 @@ def _meta(data: dict, path: Path) -> dict:
     mitre = data.get("mitre") or []
     if not isinstance(mitre, list) or not all(isinstance(t, str) and _MITRE.match(t) for t in mitre):
         raise RuleError(f"{where}: rule {rid}: `mitre` is a list of ATT&CK technique ids such as T1552.001")
-    return {"id": rid, "title": title.strip(), "severity": sev, "mitre": list(mitre),
+    owasp = data.get("owasp") or []
+    if not isinstance(owasp, list) or not all(isinstance(t, str) and _OWASP.match(t) for t in owasp):
+        raise RuleError(f"{where}: rule {rid}: `owasp` is a list of OWASP Top 10 ids: LLM01..LLM10 (LLM "
+                        "Applications 2025), ASI01..ASI10 (Agentic Applications 2026)")
+    return {"id": rid, "title": title.strip(), "severity": sev, "mitre": list(mitre), "owasp": list(owasp),
             "description": str(data.get("description") or "").strip(), "enabled": bool(data.get("enabled", True))}
 
 
@@ -226,7 +234,8 @@ def _template(text: str, aliases: list[str], where: str, order: str) -> str:
     return "concat(" + ", ".join(parts) + ")"
 
 
-def load_file(path: Path) -> Rule:
+def load_file(path: Path, parser=None) -> Rule:
+    """One rule file; ``parser``: the DuckDB connection its SQL is checked with (see `_check_sql`)."""
     text = path.read_text()
     if path.suffix == ".sql":
         m = _FRONT.match(text)
@@ -245,7 +254,7 @@ def load_file(path: Path) -> Rule:
             return Rule(meta["id"], "", "low", [], "", str(path), enabled=False, kind="sql")
         if not re.match(r"^\s*(WITH|SELECT)\b", sql, re.I):
             raise RuleError(f"{path}: the body of a SQL rule is one SELECT (or WITH ... SELECT)")
-        _check_sql(sql, path)
+        _check_sql(sql, path, parser)
         return Rule(sql=sql, source=str(path), kind="sql", **meta)
     try:
         data = yaml.safe_load(text)
@@ -255,11 +264,11 @@ def load_file(path: Path) -> Rule:
     if not meta.get("enabled", True) and "steps" not in data:
         return Rule(meta["id"], "", "low", [], "", str(path), enabled=False)
     sql, escal = compile_yaml(data, path)
-    _check_sql(sql, path)
+    _check_sql(sql, path, parser)
     return Rule(sql=sql, source=str(path), escalations=escal, **meta)
 
 
-def _check_sql(sql: str, path: Path) -> None:
+def _check_sql(sql: str, path: Path, parser=None) -> None:
     """A rule is one SELECT over the warehouse, with no file or network access, wherever it runs
     (`agentledger detect` also runs rules on a locked-down connection; `ingest --detect` cannot:
     ingest itself reads files)."""
@@ -267,7 +276,7 @@ def _check_sql(sql: str, path: Path) -> None:
     from agentledger.schemas.errors import WarehouseError
 
     try:
-        check_select_only(sql)
+        check_select_only(sql, parser)
     except WarehouseError as exc:
         raise RuleError(f"{path}: {exc}") from None
 
@@ -281,18 +290,24 @@ def rule_files(d: Path) -> list[Path]:
 def load_rules(dirs: list[Path]) -> list[Rule]:
     """Rules of every directory in order (the built-in one first); a later file with the same id
     replaces an earlier one, and ``enabled: false`` switches a rule off."""
+    from agentledger.schemas.warehouse import parser_connection
+
     by_id: dict[str, Rule] = {}
-    for d in dirs:
-        d = Path(d)
-        if not d.is_dir():
-            raise RuleError(f"rules directory {d} does not exist")
-        seen: dict[str, Path] = {}
-        for p in rule_files(d):
-            r = load_file(p)
-            if r.id in seen:
-                raise RuleError(f"{p}: rule id {r.id} is also defined in {seen[r.id]}")
-            seen[r.id] = p
-            by_id[r.id] = r
+    parser = parser_connection()  # one for every rule's check
+    try:
+        for d in dirs:
+            d = Path(d)
+            if not d.is_dir():
+                raise RuleError(f"rules directory {d} does not exist")
+            seen: dict[str, Path] = {}
+            for p in rule_files(d):
+                r = load_file(p, parser)
+                if r.id in seen:
+                    raise RuleError(f"{p}: rule id {r.id} is also defined in {seen[r.id]}")
+                seen[r.id] = p
+                by_id[r.id] = r
+    finally:
+        parser.close()
     return [r for r in by_id.values() if r.enabled]
 
 

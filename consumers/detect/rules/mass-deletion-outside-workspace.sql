@@ -3,6 +3,7 @@ id: mass-deletion-outside-workspace
 title: Many files deleted outside the workspace
 severity: high
 mitre: [T1485, T1070.004]
+owasp: [LLM06, ASI02, ASI10]
 description: >
   Ten or more files deleted outside the workspace within ten minutes (temporary directories do
   not count), or a recursive rm aimed at the home directory, the root or a system directory.

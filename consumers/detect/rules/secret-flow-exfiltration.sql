@@ -3,6 +3,7 @@ id: secret-flow-exfiltration
 title: A secret read in the session was sent out (its redaction token reappears in a request, URL, command or tool call)
 severity: high
 mitre: [T1552.001, T1552.004, T1041, T1567]
+owasp: [LLM02, LLM06, ASI02, ASI03]
 description: >
   Follows the data, not the host. The keyed redaction tokens join one secret across events: a secret
   that came out of a command's or tool's output (a credential file printed, `git credential fill`,
