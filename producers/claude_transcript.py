@@ -226,9 +226,9 @@ class ClaudeTranscriptParser:
             return
         self.counts.records += 1
         typ = obj.get("type")
-        self.counts.unknown_keys("entry", obj, KNOWN_ENTRY)
         at = self._at(obj.get("timestamp"))
         if typ in CONVERSATION:
+            self.counts.unknown_keys("entry", obj, KNOWN_ENTRY)  # (an unknown type is counted once, not its fields)
             sid = self._session_of(obj)
             if sid and not self.session_id:
                 self.ctx["session_id"] = sid
