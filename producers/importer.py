@@ -1,4 +1,5 @@
-"""Importing agent records (Codex rollouts, OTLP/JSON logs) into the event stream, incrementally.
+"""Importing agent records (Codex rollouts, Claude Code transcripts, OTLP/JSON logs) into the event
+stream, incrementally.
 
 One run:
 
@@ -7,7 +8,8 @@ One run:
    with the parser context saved last time, replaced or truncated files are read again from the
    start. Only complete lines are consumed: an unterminated last line (a file still being
    written) is left for the next run.
-2. Every file is parsed into observations (see codex_rollout.py, otel.py); problems are counted
+2. Every file is parsed into observations (see codex_rollout.py, claude_transcript.py, otel.py);
+   problems are counted
    per file and unusable lines are kept in the ``rejects`` table with their offset.
 3. Per session, all observations of this run -- rollout and OTel alike -- are merged in time
    order and appended by `SessionAppender` (one chain per session, each fact once, outbox).
@@ -32,6 +34,8 @@ from typing import Callable, Iterable
 
 from agentledger.schemas.config import Settings
 
+from .claude_transcript import ClaudeTranscriptParser
+from .claude_transcript import SOURCE as CLAUDE_SOURCE
 from .codex_rollout import RolloutParser
 from .counts import FileCounts
 from .importstate import ProducerState
@@ -47,9 +51,16 @@ BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors and tools put befo
 SETTLE_S = 60.0  # a file untouched this long is not being written: its unterminated tail counts
 ROLLOUT_SUFFIXES = (".jsonl",)
 OTEL_SUFFIXES = (".json", ".jsonl", ".ndjson", ".otlp")
-PARSERS = {"codex_rollout": RolloutParser, "otel": OtelParser}
-AGENT_OF = {"codex_rollout": ("codex", None, "codex_rollout"), "otel": ("unknown", None, "otel")}
-KIND_COMMAND = {"codex_rollout": "import codex-rollout", "otel": "import otel"}
+CLAUDE_SUFFIXES = (".jsonl",)
+PARSERS = {"codex_rollout": RolloutParser, "otel": OtelParser, "claude_code": ClaudeTranscriptParser}
+AGENT_OF = {"codex_rollout": ("codex", None, "codex_rollout"), "otel": ("unknown", None, "otel"),
+            "claude_code": ("claude-code", None, CLAUDE_SOURCE)}
+KIND_COMMAND = {"codex_rollout": "import codex-rollout", "otel": "import otel", "claude_code": "import claude-code"}
+SUFFIXES = {"codex_rollout": ROLLOUT_SUFFIXES, "otel": OTEL_SUFFIXES, "claude_code": CLAUDE_SUFFIXES}
+# Keys every Claude Code conversation entry has and no Codex rollout line or OTLP document does.
+_CLAUDE_KEYS = frozenset({"sessionId", "parentUuid", "isSidechain", "leafUuid"})
+_CLAUDE_STARTS = (b'{"parentUuid":', b'{"type":"summary"', b'{"type":"file-history-snapshot"')
+_CLAUDE_TYPES = frozenset({"user", "assistant", "summary", "system", "file-history-snapshot", "queue-operation"})
 # Limits on what one source may make the importer hold: files are read in chunks, a line longer than
 # MAX_LINE_BYTES is skipped without being held (kept as a reject: offset, length, redacted excerpt),
 # JSON nested deeper than MAX_JSON_DEPTH is refused (normalize.loads_bounded), and a file that is one
@@ -154,13 +165,30 @@ class ImportReport:
                 "nothing_usable": self.nothing_usable()}
 
 
+def _claude_line(line: bytes) -> bool:
+    try:
+        obj = loads_bounded(line[len(BOM):] if line.startswith(BOM) else line)
+    except ValueError:
+        return False
+    if not isinstance(obj, dict) or "payload" in obj:
+        return False
+    return (bool(_CLAUDE_KEYS & set(obj)) and obj.get("type") in _CLAUDE_TYPES) or \
+        obj.get("type") in ("summary", "file-history-snapshot")
+
+
 def sniff(path: str) -> str | None:
-    """The format of a file from its first bytes: "otel", "codex_rollout", or None (unclear)."""
+    """The format of a file from its first bytes: "otel", "codex_rollout", "claude_code", or None
+    (unclear). A Claude Code transcript is told by the keys of its first complete line, before any
+    marker is searched (its messages may quote rollouts or OTLP documents)."""
     try:
         with open(path, "rb") as f:
             head = f.read(65536)
     except OSError:
         return None
+    if b"\n" in head and _claude_line(head.split(b"\n", 1)[0].rstrip(b"\r")):
+        return "claude_code"
+    if b"\n" not in head and head.removeprefix(BOM).startswith(_CLAUDE_STARTS):  # a first line over 64 KiB
+        return "claude_code"
     if any(m in head for m in (b'"resourceLogs"', b'"resource_logs"', b'"logRecords"', b'"log_records"')):
         return "otel"
     if any(m in head for m in (b'"session_meta"', b'"turn_context"', b'"response_item"', b'"event_msg"',
@@ -182,7 +210,7 @@ def discover(paths: Iterable[str | Path], kind: str,
     by suffix). A named file that is clearly of the other format is imported as that format; under
     directories only files of the wanted format are taken (sniffed from their first bytes), the
     others are added to ``skipped``."""
-    suffixes = ROLLOUT_SUFFIXES if kind == "codex_rollout" else OTEL_SUFFIXES
+    suffixes = SUFFIXES[kind]
     out: list[tuple[str, str]] = []
     for p in paths:
         p = Path(p).expanduser()
@@ -461,6 +489,7 @@ def run_import(
     rollouts: Iterable[str | Path] = (),
     otel: Iterable[str | Path] = (),
     *,
+    claude: Iterable[str | Path] = (),
     end_idle_s: float | None = 3600.0,
     dry_run: bool = False,
     now: float | None = None,
@@ -468,16 +497,17 @@ def run_import(
     on_file: Callable[[FileReport], None] | None = None,
     on_session: Callable[[AppendResult], None] | None = None,
 ) -> ImportReport:
-    """Import the given rollout and OTel files/directories in one run (see the module doc).
+    """Import the given rollout, Claude Code transcript and OTel files/directories in one run (see
+    the module doc).
 
     ``end_idle_s``: a session with no activity for that long (by source time) is ended; None keeps
     every session open. Raises `NotDurableError` / `LockTimeout` when events cannot be made durable;
     file offsets are then not advanced (the next run redoes the work, adding nothing twice)."""
     t0 = time.perf_counter()
     now = time.time() if now is None else now
-    rollouts, otel = list(rollouts), list(otel)
-    report = ImportReport(dry_run=dry_run, wanted=tuple(k for k, paths in (("codex_rollout", rollouts), ("otel", otel))
-                                                        if paths))
+    rollouts, otel, claude = list(rollouts), list(otel), list(claude)
+    report = ImportReport(dry_run=dry_run, wanted=tuple(k for k, paths in (("codex_rollout", rollouts), ("otel", otel),
+                                                                           ("claude_code", claude)) if paths))
     state = appender.state if appender is not None else ProducerState(settings.home)
     # The producers' redaction (the appender's, or the one it will get): ids are redacted as each
     # record is read, rejects and the parsers' saved context before they are stored.
@@ -485,7 +515,9 @@ def run_import(
     red = redactor_of(transforms)
     ids = red.redact_ids_in if red is not None else (lambda obj: obj)
     inputs, seen = [], set()
-    for path, kind in discover(rollouts, "codex_rollout", report.skipped) + discover(otel, "otel", report.skipped):
+    found = (discover(rollouts, "codex_rollout", report.skipped) + discover(claude, "claude_code", report.skipped)
+             + discover(otel, "otel", report.skipped))
+    for path, kind in found:
         if path not in seen:
             seen.add(path)
             inputs.append((path, kind))

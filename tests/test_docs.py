@@ -64,7 +64,8 @@ def _stand_in_clone(root: Path) -> Path:
 
 
 def _example_inputs(clone: Path, user_home: Path) -> None:
-    """The files the docs' examples name: Codex sessions and OpenTelemetry exports (the test fixtures)."""
+    """The files the docs' examples name: Codex sessions, Claude Code transcripts and OpenTelemetry
+    exports (the test fixtures)."""
     fx = REPO / "tests" / "fixtures" / "codex"
     sessions = user_home / ".codex" / "sessions"
     for f in fx.glob("rollout-*.jsonl"):
@@ -77,6 +78,7 @@ def _example_inputs(clone: Path, user_home: Path) -> None:
         for f in fx.glob("otel-codex-*.jsonl"):
             shutil.copy(f, d / f.name)
     shutil.copy(fx / "otel-claude-code-4c7b2e1a.json", clone / "claude-logs.json")
+    shutil.copytree(REPO / "tests" / "fixtures" / "claude-code" / "projects", user_home / ".claude" / "projects")
 
 
 @pytest.fixture(scope="module")

@@ -90,16 +90,16 @@ def simulate(s: Settings, sessions: int = 10, seed: int = 0, *, attack_rate: flo
 # --- real agents' logs ------------------------------------------------------------------------------
 
 def import_agent_logs(s: Settings, rollouts: Sequence[Path] = (), otel: Sequence[Path] = (), *,
-                      end_idle_s: float | None = 3600.0, dry_run: bool = False,
+                      claude: Sequence[Path] = (), end_idle_s: float | None = 3600.0, dry_run: bool = False,
                       progress: ProgressCallback | None = None):
-    """Import Codex rollout files and OpenTelemetry log exports (files or directories) as agent
-    sessions, incrementally and idempotently. ``end_idle_s``: end a session idle that long (None:
-    never). The import report (files, sessions, totals(), as_dict())."""
+    """Import Codex rollout files, Claude Code transcripts (``claude``) and OpenTelemetry log exports
+    (files or directories) as agent sessions, incrementally and idempotently. ``end_idle_s``: end a
+    session idle that long (None: never). The import report (files, sessions, totals(), as_dict())."""
     from agentledger.producers.importer import run_import
 
     files = Counter(progress, "reading files") if progress else None
     sessions = Counter(progress, "recording sessions") if progress else None
-    return run_import(s, list(rollouts), list(otel), end_idle_s=end_idle_s, dry_run=dry_run,
+    return run_import(s, list(rollouts), list(otel), claude=list(claude), end_idle_s=end_idle_s, dry_run=dry_run,
                       on_file=(lambda f: files.advance()) if files else None,
                       on_session=(lambda r: sessions.advance()) if sessions else None)
 

@@ -1,4 +1,4 @@
-"""Real agents: `import codex-rollout`, `import otel` and `hook` (Codex and Claude Code)."""
+"""Real agents: `import codex-rollout`, `import claude-code`, `import otel` and `hook` (Codex and Claude Code)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Parse and count only; r
 
 
 def _run_import(ctx: typer.Context, rollouts: list[Path], otel: list[Path], end_idle: float, keep_open: bool,
-                dry_run: bool, fmt: Format, strict: bool) -> None:
+                dry_run: bool, fmt: Format, strict: bool, claude: list[Path] = ()) -> None:
     s = settings(ctx)
-    missing = [str(p) for p in [*rollouts, *otel] if not p.exists()]
+    missing = [str(p) for p in [*rollouts, *claude, *otel] if not p.exists()]
     if missing:
         raise typer.BadParameter(f"no such file or directory: {', '.join(missing)}")
     with progress_bar(fmt is Format.table) as progress:
-        report = api.import_agent_logs(s, rollouts, otel, end_idle_s=None if keep_open else end_idle,
+        report = api.import_agent_logs(s, rollouts, otel, claude=claude, end_idle_s=None if keep_open else end_idle,
                                        dry_run=dry_run, progress=progress)
     if fmt is Format.json:
         print_json(report.as_dict())
@@ -53,10 +53,14 @@ def _run_import(ctx: typer.Context, rollouts: list[Path], otel: list[Path], end_
         t = report.totals()
         verb = "would read" if dry_run else "added"
         earlier = f" (and {t['problems_earlier']} found by earlier imports of these files)" if t["problems_earlier"] else ""
+        c = t["counts"]
         console.print(f"{t['files']} files, {t['sessions']} sessions: {verb} "
                       f"{t['observations'] if dry_run else t['events_added']} "
                       f"{'observations' if dry_run else 'events'}; {t['already_recorded']} facts already recorded; "
                       f"{t['problems']} problems{earlier}; {report.seconds:.2f}s")
+        console.print(f"read {c['lines']} lines, {c['records']} records: {c['mapped']} mapped, {t['merged']} merged "
+                      f"(one fact stated twice), {c['ignored']} skipped as known but not recorded"
+                      + (f", {t['files_skipped']} files of another format skipped" if t["files_skipped"] else ""))
     t = report.totals()
     nothing = report.nothing_usable()
     errors = [f for f in report.files if f.status == "error"]
@@ -104,6 +108,32 @@ def import_codex_rollout(
     Example:  agentledger import codex-rollout ~/.codex/sessions --otel ~/otel/codex-logs --format json
     """
     _run_import(ctx, paths, otel, end_idle, keep_open, dry_run, fmt, strict)
+
+
+@import_app.command("claude-code")
+def import_claude_code(
+    ctx: typer.Context,
+    paths: List[Path] = typer.Argument(..., help="Claude Code transcripts: files or directories (searched "
+                                                 "recursively for *.jsonl, sub-agents' files included)."),
+    otel: List[Path] = typer.Option([], "--otel", help="Also import these OTLP/JSON logs in the same run (merged by time)."),
+    end_idle: EndIdle = 3600.0,
+    keep_open: KeepOpen = False,
+    dry_run: DryRun = False,
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any line of these files could not be used, "
+                                                               "in this run or an earlier one."),
+    fmt: ImportFormat = Format.table,
+) -> None:
+    """Import Claude Code transcripts (~/.claude/projects/*/*.jsonl) as agent sessions.
+
+    Tool calls become commands (Bash, MCP tools, Task), file reads and writes (Read, Write, Edit,
+    MultiEdit, NotebookEdit) and network attempts (WebFetch, WebSearch), their results outcomes;
+    permission denials become approval decisions; a sub-agent's transcript becomes the child
+    session <session id>:agent-<agentId>. Incremental and idempotent; a call the live hook already
+    recorded is the same fact and is not recorded twice.
+
+    Example:  agentledger import claude-code ~/.claude/projects --format json
+    """
+    _run_import(ctx, [], otel, end_idle, keep_open, dry_run, fmt, strict, claude=paths)
 
 
 @import_app.command("otel")
