@@ -91,7 +91,7 @@ KNOWN_ENTRY = frozenset({
     "sourceToolUseID", "messageId", "snapshot", "isSnapshotUpdate", "operation", "mcpMeta", "imagePasteIds",
     "hookInfos", "hookErrors", "hookCount", "stopReason", "preventedContinuation", "hasOutput", "error",
     "isInterrupted", "data", "parentToolUseID", "title", "customTitle", "durationMs", "retryAttempt", "maxRetries",
-    "retryInMs", "cause", "logicalParentUuid", "planContent", "model"})
+    "retryInMs", "cause", "planContent", "model"})
 CONVERSATION = frozenset({"user", "assistant"})
 BOOKKEEPING = frozenset({"system", "summary", "file-history-snapshot", "queue-operation", "ai-title", "permission-mode",
                          "custom-title", "progress", "attachment", "tag", "agent-name", "last-prompt"})
@@ -527,7 +527,7 @@ class ClaudeTranscriptParser:
 
     def _decision(self, tid: str, call: dict, by: str, decider: str | None, text: str, at: int, dur: int) -> None:
         """A denied tool call: the approval request it made and its denial (the hook's facts)."""
-        sid, tool = call.get("sid"), call["tool"]
+        sid = call.get("sid")
         kind, subject, digest = self._subject(call)
         self._obs(sid, f"approval_req:{tid}", "approval_requested",
                   {"request_id": tid, "action_kind": kind, "subject": subject, "action_digest": digest,
