@@ -109,14 +109,16 @@ def test_replay_done_when_at_last_seq_twice_and_json_fields(simulated):
     assert {"format", "verification", "state", "timeline", "state_digest"} <= set(top)
     for sid in ids[:2]:  # the attack session (simulated first) and a benign one
         full = json.loads(run_cli("replay", sid, "--format", "json", env=env).stdout)
-        again = json.loads(run_cli("replay", sid, "--format", "json", env=env).stdout)
         last = full["state"]["counts"]["last_seq"]
         at_last = json.loads(run_cli("replay", sid, "--format", "json", "--at", str(last), env=env).stdout)
-        assert full["state_digest"] == again["state_digest"] == at_last["state_digest"]
+        assert full["state_digest"] == at_last["state_digest"]
         assert full["state"] == at_last["state"]
-        earlier = json.loads(run_cli("replay", sid, "--format", "json", "--at", str(last // 2), env=env).stdout)
-        assert earlier["state_digest"] != full["state_digest"]
-        assert earlier["state"]["as_of_seq"] == last // 2 and len(earlier["timeline"]) == last // 2 + 1
+        if sid == ids[0]:  # done twice gives the same digest; an earlier step a different one (one session is enough)
+            again = json.loads(run_cli("replay", sid, "--format", "json", env=env).stdout)
+            assert again["state_digest"] == full["state_digest"]
+            earlier = json.loads(run_cli("replay", sid, "--format", "json", "--at", str(last // 2), env=env).stdout)
+            assert earlier["state_digest"] != full["state_digest"]
+            assert earlier["state"]["as_of_seq"] == last // 2 and len(earlier["timeline"]) == last // 2 + 1
         assert set(top) <= set(full), set(top) - set(full)
         assert set(verification) <= set(full["verification"])
         assert set(state_fields) <= set(full["state"])
