@@ -42,12 +42,15 @@ def _cli(home: Path, *args: str, stdin: bytes | None = None) -> subprocess.Compl
 
 
 def corpus(seed: int, limit: int | None):
+    """The first ``limit`` samples of the redaction corpus (all: None), then the same secrets split
+    across lines (of the first 40) and base64-encoded in a credential line (of the next 20)."""
     sys.path.insert(0, str(REPO / "bench"))
     import redaction  # bench/redaction.py
 
     found, _ = redaction.samples(random.Random(seed), 1)
     rng = random.Random(seed)
     rng.shuffle(found)
+    found = found[:limit] if limit else found  # (a small run keeps the split and base64 forms of its samples)
     # secrets split across lines, and base64 of a credential line, on top of redaction's forms
     extra = []
     for s in found[:40]:
@@ -61,8 +64,7 @@ def corpus(seed: int, limit: int | None):
         if isinstance(s.text, str):
             b64 = base64.b64encode(f"password={s.secret}".encode()).decode()
             extra.append(redaction.Sample("base64", f"echo {b64} | base64 -d", s.secret, (b64,), label="b64"))
-    out = found + extra
-    return out[:limit] if limit else out
+    return found + extra
 
 
 def _text(s) -> str:
