@@ -25,7 +25,7 @@ def hmac8(secret: str) -> str:
 
 
 def pieces(secret: str, n: int = 12) -> list[str]:
-    return [secret[i:i + n] for i in range(0, len(secret) - n + 1)]
+    return [secret[i:i + n] for i in range(len(secret) - n + 1)]
 
 
 def assert_no_piece(out: str, *secrets: str) -> None:
