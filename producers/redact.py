@@ -63,10 +63,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import threading
 import logging
 import os
 import re
+import threading
 from bisect import bisect_right
 from dataclasses import dataclass
 from functools import cached_property
