@@ -59,9 +59,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--sim-sessions", type=int, default=20, help="secrets: simulated sessions (their own secrets)")
     ap.add_argument("--kills", type=int, default=20, help="consumer_kill: SIGKILLs of ingest --follow per warehouse")
     ap.add_argument("--kill-sessions", type=int, default=60, help="consumer_kill: simulated sessions (half more mid-way)")
-    ap.add_argument("--kill-batch", type=int, default=500, help="consumer_kill: ingest --batch (small: many commits)")
-    ap.add_argument("--kill-min-s", type=float, default=2.0, help="consumer_kill: earliest kill after a start (s)")
-    ap.add_argument("--kill-max-s", type=float, default=12.0, help="consumer_kill: latest kill after a start (s)")
+    ap.add_argument("--kill-batch", type=int, default=50, help="consumer_kill: ingest --batch (small: many commits)")
+    ap.add_argument("--kill-min-s", type=float, default=0.0,
+                    help="consumer_kill: earliest random kill after a run's first commit (s)")
+    ap.add_argument("--kill-max-s", type=float, default=2.0,
+                    help="consumer_kill: latest random kill after a run's first commit (s)")
+    ap.add_argument("--kill-wait-s", type=float, default=30.0,
+                    help="consumer_kill: longest wait for a run's commit before killing it anyway (s)")
     ap.add_argument("--kill-warehouses", default="file,lake", help="consumer_kill: warehouse kinds (file, lake)")
     ap.add_argument("--broker-sessions", type=int, default=3300, help="broker_kill: simulated sessions (all producers)")
     ap.add_argument("--producers", type=int, default=4, help="broker_kill: concurrent `agentledger simulate` processes")

@@ -65,6 +65,9 @@ class Sample:
     secret: str
     spellings: tuple[str, ...] = ()  # other spellings of the secret present in the text
     label: str = ""
+    # per character of ``secret``: a literal of its format (the same in every key of the format,
+    # e.g. ``https://hooks.slack.com/services/``), not secret material; empty: all secret material
+    public: tuple[bool, ...] = ()
 
 
 def rnd(rng: random.Random, alphabet: str, n: int) -> str:
@@ -106,50 +109,58 @@ def _class_chars(items, rng: random.Random) -> str:
     return rng.choice(pool)
 
 
-def _gen(items, rng: random.Random, groups: dict) -> str:
-    out = []
+def _gen(items, rng: random.Random, groups: dict) -> list[tuple[str, bool]]:
+    """A string the regex matches, as (character, public) pairs: public characters are the regex's
+    literals (a provider's fixed prefix such as ``pscale_oauth_``, ``https://hooks.slack.com/``), the
+    same for every key of that format; the others are random, the secret material."""
+    out: list[tuple[str, bool]] = []
     for op, av in items:
         if op is C.LITERAL:
-            out.append(chr(av))
+            out.append((chr(av), True))
         elif op is C.NOT_LITERAL:
-            out.append(rng.choice([c for c in AN if c != chr(av)]))
+            out.append((rng.choice([c for c in AN if c != chr(av)]), False))
         elif op is C.ANY:
-            out.append(rng.choice(AN))
+            out.append((rng.choice(AN), False))
         elif op is C.IN:
-            out.append(_class_chars(av, rng))
+            out.append((_class_chars(av, rng), False))
         elif op in (C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", None)):
             lo, hi, sub = av
             top = lo + 12 if hi == C.MAXREPEAT else hi
             n = lo if op is C.MIN_REPEAT else rng.randint(lo, min(top, lo + 12))
-            out.extend(_gen(sub, rng, groups) for _ in range(n))
+            for _ in range(n):
+                out.extend(_gen(sub, rng, groups))
         elif op is C.SUBPATTERN:
             gid, _, _, sub = av
-            s = _gen(sub, rng, groups)
+            g = _gen(sub, rng, groups)
             if gid:
-                groups[gid] = s
-            out.append(s)
+                groups[gid] = g
+            out.extend(g)
         elif op is C.BRANCH:
-            out.append(_gen(rng.choice(av[1]), rng, groups))
+            out.extend(_gen(rng.choice(av[1]), rng, groups))
         elif op is C.CATEGORY:
-            out.append(rng.choice(_CATEGORY[str(av)]))
+            out.append((rng.choice(_CATEGORY[str(av)]), False))
         elif op is C.GROUPREF:
-            out.append(groups.get(av, ""))
+            out.extend(groups.get(av, []))
         # AT (anchors), ASSERT / ASSERT_NOT (look-arounds): nothing to generate
-    return "".join(out)
+    return out
 
 
-def rule_sample(rule, index: int, rng: random.Random, tries: int = 300) -> tuple[str, str] | None:
-    """(text, secret) that ``rule`` itself reports, or None if none was found in ``tries``."""
+def rule_sample(rule, index: int, rng: random.Random, tries: int = 300) -> tuple[str, str, tuple[bool, ...]] | None:
+    """(text, secret, public) that ``rule`` itself reports, or None if none was found in ``tries``;
+    ``public``: per character of the secret, whether it is a literal of the rule's format."""
     rules = default_ruleset()
     tree = P.parse(rule.pattern, rule.flags)
     for _ in range(tries):
-        s = _gen(tree, rng, {})
+        chars = _gen(tree, rng, {})
+        s = "".join(c for c, _ in chars)
         text = f"{s} "
         if rule.keywords and not any(k in text.lower() for k in rule.keywords):
             text = f"{rng.choice(rule.keywords)} {text}"  # gitleaks runs a rule only where a keyword is
         found = rules.find(text, [index])
         if found:
-            return text, found[0].secret
+            f, off = found[0], len(text) - len(s) - 1
+            public = tuple(chars[i - off][1] if 0 <= i - off < len(chars) else True for i in range(f.start, f.end))
+            return text, f.secret, public
     return None
 
 
@@ -189,7 +200,7 @@ def samples(rng: random.Random, variants: int) -> tuple[list[Sample], dict]:
             prov["ungenerated"].append(r.id)
             continue
         prov["generated"] += 1
-        out.append(Sample("provider", got[0], got[1], label=f"gitleaks:{r.id}"))
+        out.append(Sample("provider", got[0], got[1], label=f"gitleaks:{r.id}", public=got[2]))
     contexts = ["{}", "export API_CREDENTIAL={}", "echo {} | tee ~/.config/tool/creds", "curl -s https://api.example.com/v1/x?k={}",
                 '{{"result": {{"apiKey": "{}"}}}}', "deploy --auth {} --env prod", "Found key {} in .env.local"]
     for v in range(variants):

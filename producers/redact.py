@@ -37,8 +37,15 @@ Rules (docs/agents.md, "Secret redaction", lists them with the measured recall):
   with the secret in the same argv item or the next one; applied to argv lists and to shell
   strings (split into words the way a POSIX shell does).
 * **Encoded forms**: text with ``%XX`` escapes or backslash escapes (JSON inside JSON strings,
-  ``\\u0040``) is also scanned decoded; a secret found there is replaced in the original text, and
-  its token is that of the decoded secret (so ``p%40ss`` and ``p@ss`` join).
+  ``\\u0040``; up to three levels deep) is also scanned decoded, and so is text with shell line
+  continuations (a secret continued on the next line after a backslash) joined; a secret found
+  there is replaced in the original text, and its token is that of the decoded secret (so
+  ``p%40ss`` and ``p@ss`` join). A base64 (or base64url) run that decodes to text holding a secret
+  (``echo cGFzc3dvcmQ9… | base64 -d``) is replaced whole, by the token of the decoded secret.
+* **One event, one secret, one token**: a secret found in one field of an event is replaced
+  wherever else it occurs in that event; a command's argv that is its shell string split into
+  words (the hook's) is split again from the redacted string -- the words lose the quotes and the
+  context that made the secret recognisable.
 
 Overlaps: text that several rules match is replaced once, as the union of their matches (nothing
 any rule flagged stays readable), named after the best rule: private key blocks first, then
@@ -53,11 +60,13 @@ event strings. A rule's regex is compiled the first time its keywords are seen.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
 import os
 import re
+import threading
 from bisect import bisect_right
 from dataclasses import dataclass
 from functools import cached_property
@@ -72,6 +81,7 @@ from agentledger.schemas.config import Settings
 from agentledger.schemas.homes import default_home, write_private_file
 from agentledger.schemas.keys import UnsafeKeyError, check_key_path
 
+from .normalize import split_shell
 from .ruleset import Allowlist, Rule, load_gitleaks, shannon_entropy
 
 log = logging.getLogger(__name__)
@@ -541,7 +551,12 @@ def shell_words(text: str) -> tuple[list[str | None], list[list[int]]]:
 _PCT = re.compile(r"%[0-9A-Fa-f]{2}")
 _PCT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
 _BS = re.compile(r"""\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}|["'\\/nrt])""")
-_BS_TRIGGER = re.compile(r"""\\["'/u]""")  # JSON / code escapes of quotes, slashes, unicode: JSON inside a string
+# JSON / code escapes of quotes, slashes, unicode (JSON inside a string), or of a line continuation
+# (an escaped backslash before an escaped newline: a command line continued inside a JSON string)
+_BS_TRIGGER = re.compile(r"""\\["'/u]|\\\\\\n""")
+_CONTINUATION = re.compile(r"\\\r?\n")  # a shell line continuation: backslash, newline
+_B64_RUN = re.compile(r"(?<![A-Za-z0-9+/_=-])(?:[A-Za-z0-9+/]{16,}={0,2}|[A-Za-z0-9_-]{16,}={0,2})(?![A-Za-z0-9+/=_-])")
+_MAX_BACKSLASH_LEVELS = 3
 _BS_MAP = {'"': '"', "'": "'", "\\": "\\", "/": "/", "n": "\n", "r": "\r", "t": "\t"}
 
 
@@ -549,6 +564,7 @@ class _View:
     """A decoded spelling of a text, and where each decoded position came from in the original."""
 
     def __init__(self, text: str, escapes: re.Pattern, decode: Callable[[str], str]):
+        self.escapes = escapes
         pieces, self._marks, last, dpos = [], [], 0, 0
         for m in escapes.finditer(text):
             pieces.append(text[last:m.start()])
@@ -586,6 +602,65 @@ def _backslash_view(text: str) -> _View | None:
     if "\\" not in text or not _BS_TRIGGER.search(text):
         return None
     return _View(text, _BS, lambda esc: chr(int(esc[2:], 16)) if esc[1] in "ux" else _BS_MAP[esc[1]])
+
+
+def _continuation_view(text: str) -> _View | None:
+    """The text with shell line continuations (backslash-newline) removed: a secret continued on
+    the next line reads whole."""
+    if "\\\n" not in text and "\\\r\n" not in text:
+        return None
+    return _View(text, _CONTINUATION, lambda _: "")
+
+
+class _Chain:
+    """A view of a view: its spans map back through both to the original text."""
+
+    def __init__(self, outer, inner):
+        self.outer, self.inner, self.text = outer, inner, inner.text
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        return self.outer.span(*self.inner.span(start, end))
+
+
+def _decoded_views(text: str) -> list:
+    """Every decoded spelling of ``text`` that is scanned too: percent-decoded; backslash escapes
+    decoded up to three levels deep (JSON in a JSON string in JSON output); each of those and the
+    text itself with line continuations joined."""
+    views: list = []
+    pv = _percent_view(text)
+    if pv is not None:
+        views.append(pv)
+    layers: list = []
+    cur, t = None, text
+    for _ in range(_MAX_BACKSLASH_LEVELS):
+        v = _backslash_view(t)
+        if v is None or v.text == t:
+            break
+        cur = v if cur is None else _Chain(cur, v)
+        layers.append(cur)
+        t = v.text
+    views += layers
+    for base in (None, *layers):
+        cv = _continuation_view(text if base is None else base.text)
+        if cv is not None:
+            views.append(cv if base is None else _Chain(base, cv))
+    return views
+
+
+def _base64_text(run: str) -> str | None:
+    """The text a base64 (or base64url) run encodes, if it is printable UTF-8 text, else None."""
+    body = run.rstrip("=")
+    if len(body) % 4 == 1:
+        return None
+    try:
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_" if ("-" in body or "_" in body) else None,
+                               validate=True)
+        dec = raw.decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if len(dec) < _MIN_LEN or sum(c.isprintable() or c in "\n\r\t" for c in dec) < len(dec):
+        return None
+    return dec
 
 
 def _shell_windows(text: str) -> list[tuple[int, int]]:
@@ -802,6 +877,7 @@ class Redactor:
         self._ids: dict[str, tuple[str, list[tuple[str, str]]]] = {}
         self._envelope: dict[tuple, tuple[dict, list[dict]]] = {}
         self._keys: dict[str, str] = {}
+        self._local = threading.local()  # .seen: the secrets replaced in the record being redacted
 
     @cached_property
     def rules(self) -> RuleSet:
@@ -817,17 +893,33 @@ class Redactor:
         return cached
 
     # -- finding ------------------------------------------------------------------------------
-    def _findings(self, text: str) -> list[_Finding]:
+    def _findings(self, text: str, depth: int = 0) -> list[_Finding]:
         rules = self.rules
         cand = rules.candidates(text.lower())
         found = rules.find(text, cand) if cand else []
-        for view in (_percent_view(text), _backslash_view(text)):
-            if view is None:
-                continue
+        views = _decoded_views(text)
+        for view in views:
             dcand = rules.candidates(view.text.lower())
             for f in rules.find(view.text, dcand) if dcand else ():
                 f.start, f.end = view.span(f.start, f.end)
                 found.append(f)  # f.secret stays the decoded secret: the token joins both spellings
+            if " " in view.text and getattr(getattr(view, "inner", view), "escapes", None) is _CONTINUATION:
+                # a command line continued on the next line: the argv rules read it joined
+                for f in _argv_findings(view.text, 0, len(view.text)):
+                    f.start, f.end = view.span(f.start, f.end)
+                    found.append(f)
+        if depth < 2 and len(text) >= 16:
+            # base64 of a credential line (`echo cGFzc3dvcmQ9… | base64 -d`, a Basic header, a k8s
+            # Secret's data): a run that decodes to text holding a secret is replaced whole, and its
+            # token is that of the decoded secret (so it joins the plain spelling)
+            for m in _B64_RUN.finditer(text):
+                dec = _base64_text(m.group(0))
+                if dec is None:
+                    continue
+                inner = self._findings(dec, depth + 1)
+                if inner:
+                    best = min(inner, key=lambda f: (f.rank, f.start - f.end, f.start, f.order))
+                    found.append(_Finding(m.start(), m.end(), best.rank, best.order, best.name, best.secret))
         if " " in text:
             found += _argv_findings(text, 0, len(text))
             if '"' in text:
@@ -880,6 +972,11 @@ class Redactor:
             tok = self.token(best.name, secret)
             pieces += [text[last:start], tok]
             out.append((best.name, tok))
+            seen = getattr(self._local, "seen", None)
+            if seen is not None:
+                seen[best.secret] = tok
+                if secret != best.secret:
+                    seen[secret] = tok
             last = stop
         pieces.append(text[last:])
         return "".join(pieces), out
@@ -993,6 +1090,7 @@ class Redactor:
         if isinstance(value, dict):
             changed = None
             clean = self._clean
+            n0 = len(out)
             for k, v in value.items():
                 if type(v) is str:  # the common case, inlined: most strings take the fast path here
                     if k in ID_FIELDS:
@@ -1013,6 +1111,8 @@ class Redactor:
                     if changed is None:
                         changed = dict(value)
                     changed[k] = nv
+            if changed is not None and "shell" in changed and isinstance(value.get("argv"), list):
+                self._argv_from_shell(value, changed, path, out, n0)
             return value if changed is None else changed
         if isinstance(value, list):
             res = None
@@ -1021,6 +1121,54 @@ class Redactor:
                     continue
                 nv = self.walk(item, f"{path}[{i}]", out)
                 if nv is not item and nv != item:
+                    if res is None:
+                        res = list(value)
+                    res[i] = nv
+            return value if res is None else res
+        return value
+
+    def _argv_from_shell(self, value: dict, changed: dict, path: str, out: list[dict], n0: int) -> None:
+        """A command whose argv is its shell string split into words (the hook's, from a shell string)
+        whose shell string had a secret: its argv is split again from the redacted string. Split
+        words lose the quotes and the context (a header name, a JSON key, the rest of a PEM block)
+        that made the secret recognisable, so they are not redacted word by word."""
+        shell = value.get("shell")
+        if not isinstance(shell, str) or split_shell(shell) != value["argv"]:
+            return
+        argv = split_shell(changed["shell"])
+        prefix = f"{path}.argv["
+        out[n0:] = [r for r in out[n0:] if not r["field"].startswith(prefix)]
+        for i, w in enumerate(argv):
+            for tok in TOKEN_RE.findall(w):
+                out.append({"field": f"{path}.argv[{i}]", "detector": tok[len(TOKEN_PREFIX):].split(":")[0], "token": tok})
+        changed["argv"] = self.redact_argv(argv, f"{path}.argv", out)
+
+    def _propagate(self, value, path: str, subs: list[tuple[str, str]], out: list[dict]):
+        """``value`` with every occurrence of each secret of ``subs`` replaced by its token (ids and
+        digests are left alone: an id is redacted as an id, the same everywhere)."""
+        if isinstance(value, str):
+            new = value
+            for secret, tok in subs:
+                if secret in new:
+                    new = new.replace(secret, tok)
+                    out.append({"field": path, "detector": tok[len(TOKEN_PREFIX):].split(":")[0], "token": tok})
+            return new
+        if isinstance(value, dict):
+            changed = None
+            for k, v in value.items():
+                if k in SKIP_FIELDS or k in ID_FIELDS or not isinstance(v, (str, list, dict)):
+                    continue
+                nv = self._propagate(v, f"{path}.{k}", subs, out)
+                if nv is not v:
+                    if changed is None:
+                        changed = dict(value)
+                    changed[k] = nv
+            return value if changed is None else changed
+        if isinstance(value, list):
+            res = None
+            for i, item in enumerate(value):
+                nv = self._propagate(item, f"{path}[{i}]", subs, out)
+                if nv is not item:
                     if res is None:
                         res = list(value)
                     res[i] = nv
@@ -1055,7 +1203,18 @@ class Redactor:
                     record[key] = dict(nv)
                     out.extend(found)
         name, payload = record["payload"]
-        new = self.walk(payload, "payload", out)
+        self._local.seen = seen = {}
+        try:
+            new = self.walk(payload, "payload", out)
+        finally:
+            self._local.seen = None
+        # A secret found in one field is replaced wherever else it occurs in the event: the argv the
+        # hook splits from a shell string keeps the secret without the quotes or the context (a
+        # header name, a JSON key) that made it recognisable in the shell string.
+        subs = sorted(((k, v) for k, v in seen.items() if len(k) >= _MIN_LEN and not k.startswith(TOKEN_PREFIX)),
+                      key=lambda kv: -len(kv[0]))
+        if subs:
+            new = self._propagate(new, "payload", subs, out)
         if new is not payload:
             record["payload"] = (name, new)
         if out:

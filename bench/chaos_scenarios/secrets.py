@@ -42,25 +42,29 @@ def _cli(home: Path, *args: str, stdin: bytes | None = None) -> subprocess.Compl
 
 
 def corpus(seed: int, limit: int | None):
+    """The first ``limit`` samples of the redaction corpus (all: None), then the same secrets split
+    across lines (of the first 40) and base64-encoded in a credential line (of the next 20)."""
     sys.path.insert(0, str(REPO / "bench"))
     import redaction  # bench/redaction.py
 
     found, _ = redaction.samples(random.Random(seed), 1)
     rng = random.Random(seed)
     rng.shuffle(found)
+    found = found[:limit] if limit else found  # (a small run keeps the split and base64 forms of its samples)
     # secrets split across lines, and base64 of a credential line, on top of redaction's forms
     extra = []
     for s in found[:40]:
-        if isinstance(s.text, str) and len(s.secret) >= 16:
+        # the sample itself with its secret continued on the next line (backslash-newline), in the
+        # context that makes it a secret (`export API_CREDENTIAL=ghp_…`, `X-Vault-Token: …`)
+        if isinstance(s.text, str) and len(s.secret) >= 16 and s.secret in s.text:
             half = len(s.secret) // 2
-            extra.append(redaction.Sample("split_lines", f"echo '{s.secret[:half]}\\\n{s.secret[half:]}'",
-                                          s.secret, label="split"))
+            extra.append(redaction.Sample("split_lines", s.text.replace(s.secret, f"{s.secret[:half]}\\\n{s.secret[half:]}"),
+                                          s.secret, public=s.public, label="split"))
     for s in found[40:60]:
         if isinstance(s.text, str):
             b64 = base64.b64encode(f"password={s.secret}".encode()).decode()
             extra.append(redaction.Sample("base64", f"echo {b64} | base64 -d", s.secret, (b64,), label="b64"))
-    out = found + extra
-    return out[:limit] if limit else out
+    return found + extra
 
 
 def _text(s) -> str:
@@ -135,15 +139,20 @@ def _simulated_secrets(home: Path, sessions: int, seed: int) -> list[str]:
     return planted
 
 
-def _needles(secret: str, spellings=()) -> list[str]:
-    """What counts as the secret in clear: any 12-character piece (with 4+ letters or digits) of it or
-    of a spelling the sample used, and its whole base64 and URL-encoded forms."""
+def _needles(secret: str, spellings=(), public=()) -> list[str]:
+    """What counts as the secret in clear: any 12-character piece (with 4+ letters or digits of
+    secret material) of it or of a spelling the sample used, and its whole base64 and URL-encoded
+    forms. ``public`` marks the characters of ``secret`` that are literals of its format (a gitleaks
+    rule's fixed prefix: ``pscale_oauth_``, ``_gitlab_session=``, ``https://hooks.slack.com/``): the
+    same in every key of that format, in documentation and in the redaction token's detector name
+    (``[SECRET:planetscale_oauth_token:…]`` holds ``scale_oauth_``), so not secret material."""
     out = set()
     for s in (secret, *spellings):
         n = min(12, len(s))
+        mask = public if s is secret and len(public) == len(s) else ()
         for i in range(0, len(s) - n + 1):
             w = s[i:i + n]
-            if sum(c.isalnum() for c in w) >= min(4, n):
+            if sum(c.isalnum() and not (mask and mask[i + j]) for j, c in enumerate(w)) >= min(4, n):
                 out.add(w)
     for enc in (base64.b64encode(secret.encode()).decode().rstrip("="), urllib.parse.quote(secret, safe="")):
         if enc != secret and len(enc) >= 12:
@@ -202,11 +211,11 @@ def run(args, workdir: Path) -> dict:
             nbytes += len(data)
             texts[str(p.relative_to(workdir))] = data.decode("latin-1")
     texts.update(_warehouse_text(home / "warehouse.duckdb"))
-    secrets = [(f"{s.family}:{s.label}", s.secret, s.spellings) for s in samples]
-    secrets += [("simulator", v, ()) for v in planted]
+    secrets = [(f"{s.family}:{s.label}", s.secret, s.spellings, s.public) for s in samples]
+    secrets += [("simulator", v, (), ()) for v in planted]
     found = []
-    for name, secret, spellings in secrets:
-        needles = _needles(secret, spellings)
+    for name, secret, spellings, public in secrets:
+        needles = _needles(secret, spellings, public)
         if not needles:
             continue
         pat = re.compile("|".join(re.escape(n) for n in needles))

@@ -1,0 +1,177 @@
+"""Secrets the full-size `bench/chaos.py --scenario secrets` found in clear (issue 14): split across
+lines by a line continuation, base64-encoded, JSON-escaped three levels deep, and secrets the
+shell string of a command had redacted but its argv (split from that string) kept."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from agentledger.producers.redact import TOKEN_RE, Redactor
+
+KEY = b"unit-test-key"
+GLPTT = "glptt-c26a2e2672cec31c4155c41971197ffa051a9961"
+PPLX = "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"
+TOKEN = "x7jqKr2lXUNfUxv7jqqqwyrKDaj9i9qomeZLINmI"
+PASSWORD = "UGRLb947%ec"
+
+
+def hmac8(secret: str) -> str:
+    return hmac.new(KEY, secret.encode(), hashlib.sha256).hexdigest()[:8]
+
+
+def pieces(secret: str, n: int = 12) -> list[str]:
+    return [secret[i:i + n] for i in range(len(secret) - n + 1)]
+
+
+def assert_no_piece(out: str, *secrets: str) -> None:
+    bare = TOKEN_RE.sub("\x00", out)
+    for s in secrets:
+        for p in pieces(s):
+            assert p not in bare, (p, out)
+
+
+def split(secret: str) -> str:
+    half = len(secret) // 2
+    return f"{secret[:half]}\\\n{secret[half:]}"
+
+
+@pytest.mark.parametrize("text,secret", [
+    (f"echo '{split(GLPTT)}'", GLPTT),
+    (f"echo '{split(PPLX)}'", PPLX),
+    (f"export GITLAB_TOKEN={split(TOKEN)}", TOKEN),
+    (f"X-Vault-Token: {split(TOKEN)}", TOKEN),
+    (f"mysql -u root -p{split('Tr0ub4dor&3xyz')} app", "Tr0ub4dor&3xyz"),
+])
+def test_a_secret_split_across_lines_by_a_line_continuation_is_redacted(text, secret):
+    red = Redactor(KEY)
+    out, found = red.scan(text)
+    assert found, out
+    assert_no_piece(out, secret, secret[:len(secret) // 2], secret[len(secret) // 2:])
+    # the token is the joined secret's: the same as where it is written on one line
+    assert found[0][1] == red.scan(text.replace("\\\n", ""))[1][0][1]
+    # also when the command line is quoted inside JSON command output (one and two levels deep)
+    once = json.dumps({"result": {"config": text}})
+    twice = json.dumps({"output": once})
+    for wrapped in (once, twice):
+        out2, found2 = red.scan(wrapped)
+        assert found2, wrapped
+        assert_no_piece(out2, secret[:len(secret) // 2], secret[len(secret) // 2:])
+
+
+@pytest.mark.parametrize("line,secret", [
+    (f"password={PASSWORD}", PASSWORD),
+    (f"password={TOKEN}", TOKEN),
+    (f"export GITLAB_TOKEN={TOKEN}", TOKEN),
+    (GLPTT, GLPTT),
+    (f"mysql -uroot -p{PASSWORD} -e 'select 1'", PASSWORD),
+])
+def test_a_base64_encoded_credential_line_is_redacted_whole_and_joins_the_plain_secret(line, secret):
+    red = Redactor(KEY)
+    for enc in (base64.b64encode(line.encode()).decode(), base64.urlsafe_b64encode(line.encode()).decode().rstrip("=")):
+        text = f"echo {enc} | base64 -d"
+        out, found = red.scan(text)
+        assert found and enc not in out, out
+        assert_no_piece(out, enc, base64.b64encode(secret.encode()).decode())
+        assert out.startswith("echo [SECRET:") and out.endswith("] | base64 -d")
+        assert found[0][1] == red.scan(line)[1][0][1]  # the token of the decoded secret
+        # in JSON output too
+        out2, _ = red.scan(json.dumps({"result": {"config": text}}))
+        assert enc not in out2
+
+
+@pytest.mark.parametrize("text", [
+    "sha512-" + base64.b64encode(bytes(range(64))).decode(),
+    "integrity: " + base64.b64encode(hashlib.sha512(b"x").digest()).decode(),
+    "echo " + base64.b64encode(b"hello world, nothing secret in this line at all").decode() + " | base64 -d",
+    "/usr/local/lib/python3.12/site-packages/agentledger/producers",
+    "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(200))).decode(),
+])
+def test_base64_without_a_secret_in_it_is_left_alone(text):
+    assert Redactor(KEY).scan(text) == (text, [])
+
+
+def test_a_secret_json_escaped_three_levels_deep_is_redacted():
+    red = Redactor(KEY)
+    inner = json.dumps({"api_key": TOKEN})
+    text = json.dumps({"result": {"config": json.dumps({"config": inner})}})
+    assert "\\\\\\\"" in text  # (three levels of escaping around the value)
+    out, found = red.scan(text)
+    assert found and TOKEN not in out, out
+
+
+@pytest.mark.parametrize("shell,secret", [
+    (f"X-Vault-Token: {TOKEN}", TOKEN),
+    (f'{{"access_token": "{TOKEN}", "token_type": "Bearer", "expires_in": 3600}}', TOKEN),
+    ('asana6r"=" "v5324yf9o1a6iig93kxjxv6rk0pinizb ', "v5324yf9o1a6iig93kxjxv6rk0pinizb"),
+    ("finnhub1_\" =>  '6g55cy7kujbexybmfmtx ", "6g55cy7kujbexybmfmtx"),
+])
+def test_what_the_shell_string_of_a_command_has_redacted_its_argv_does_not_keep(shell, secret):
+    """The hook gets a shell string and splits it into argv: the quotes and the context that made the
+    secret recognisable stay in the shell string only. A secret found in any field of an event is
+    replaced wherever else it occurs in that event, by the same token."""
+    from agentledger.producers.normalize import split_shell
+
+    red = Redactor(KEY)
+    argv = split_shell(shell)
+    record = {"payload": ("command_started", {"command_id": "toolu_1", "argv": argv, "shell": shell, "cwd": "/w",
+                                              "env_names": [], "sandbox_profile": None, "escalated": False}),
+              "turn_id": None, "tool_call_id": "toolu_1"}
+    out = red(record)
+    p = out["payload"][1]
+    assert secret not in p["shell"]
+    assert not any(secret in a for a in p["argv"]), p["argv"]
+    tokens = set(TOKEN_RE.findall(p["shell"]))
+    assert tokens and all(t in tokens for a in p["argv"] for t in TOKEN_RE.findall(a))
+    assert any(r["field"].startswith("payload.argv") for r in out["redactions"])
+    assert p["command_id"] == "toolu_1"
+
+
+def test_the_forms_the_chaos_scenario_found_reach_no_log_warehouse_or_state_via_the_hook_or_the_importer(tmp_path):
+    """End to end: the same commands through `agentledger hook` (Claude Code: a shell string, split
+    into argv by the hook) and `agentledger import codex-rollout` (argv ``bash -lc``, output as text and
+    as JSON), then ingest; no 12-character piece of a secret is anywhere in clear."""
+    import sqlite3
+
+    from conftest import run_cli
+    from test_hook import hook
+    from test_redaction_envelope import cli_env, codex_rollout
+
+    b64 = base64.b64encode(f"password={PASSWORD}".encode()).decode()
+    commands = {f"echo '{split(GLPTT)}'": GLPTT, f"export GITLAB_TOKEN={split(TOKEN)}": TOKEN,
+                f"echo {b64} | base64 -d": PASSWORD, "X-Vault-Token: " + TOKEN[::-1]: TOKEN[::-1],
+                json.dumps({"config": json.dumps({"api_key": PPLX[::-1]})}): PPLX[::-1]}
+    home = tmp_path / "home"
+    env = cli_env(home)
+    base = {"session_id": "cc-encoded", "cwd": "/w", "permission_mode": "default", "transcript_path": "/h/.claude/x.jsonl"}
+    hook(env, {**base, "hook_event_name": "SessionStart", "source": "startup"}, check_exit=0)
+    for i, cmd in enumerate(commands):
+        call = {**base, "tool_name": "Bash", "tool_use_id": f"toolu_{i}", "tool_input": {"command": cmd}}
+        hook(env, {**call, "hook_event_name": "PreToolUse"}, check_exit=0)
+        hook(env, {**call, "hook_event_name": "PostToolUse",
+                   "tool_response": {"stdout": json.dumps({"result": {"config": cmd}}), "stderr": "",
+                                     "interrupted": False}}, check_exit=0)
+    rollout = tmp_path / "rollout-2026-02-03T14-20-05-019c2d3e-0000-7000-8000-000000000002.jsonl"
+    rollout.write_text(codex_rollout("019c2d3e-0000-7000-8000-000000000002", list(commands)))
+    run_cli("import", "codex-rollout", str(rollout), env=env)
+    run_cli("ingest", env=env)
+    secrets = [*commands.values(), b64]
+    where = []
+    for f in (home / "log").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes().decode("latin-1")
+            where += [(f.name, p) for s in secrets for p in pieces(s) if p in TOKEN_RE.sub("\x00", data)]
+    dump = TOKEN_RE.sub("\x00", run_cli("sql", "select * from events", "--format", "json", env=env).stdout)
+    assert "toolu_4" in dump and "call_R4" in dump  # (every command got there)
+    where += [("warehouse", p) for s in secrets for p in pieces(s) if p in dump]
+    con = sqlite3.connect(home / "state" / "producers.db")
+    try:
+        state = "\n".join(con.iterdump())
+    finally:
+        con.close()
+    where += [("state", p) for s in secrets for p in pieces(s) if p in state]
+    assert where == []
