@@ -353,10 +353,15 @@ def load_redactor(path: str | None):
         return Redactor(b"bench-redaction-key")
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("baseline_redact", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # (its dataclasses look themselves up there)
-    spec.loader.exec_module(mod)
+    # The baseline's folder is loaded as a package of its own, so that its relative imports
+    # (.normalize, .ruleset) are the baseline's modules, not ours.
+    folder = Path(path).resolve().parent
+    pkg_spec = importlib.util.spec_from_file_location(
+        "baseline_producers", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    pkg = importlib.util.module_from_spec(pkg_spec)
+    sys.modules["baseline_producers"] = pkg
+    pkg_spec.loader.exec_module(pkg)
+    mod = importlib.import_module("baseline_producers." + Path(path).stem)
     return mod.Redactor(b"bench-redaction-key")
 
 
