@@ -225,6 +225,56 @@ class SessionView:
         return self.seqs[i + 1] if 0 <= i < len(self.seqs) - 1 else None
 
 
+class SessionViews:
+    """`session_view` for a long-running reader (the console): the replays of the last ``size``
+    sessions viewed stay open, keyed by the session's chain head in the warehouse (a session that
+    grew is replayed anew), so stepping through a session only projects the state at the new seq.
+    Not thread-safe: one call at a time."""
+
+    def __init__(self, size: int = 4):
+        from collections import OrderedDict
+
+        self.size = size
+        self._open: OrderedDict[tuple, dict] = OrderedDict()
+
+    def view(self, s: Settings, session: str, at: int | None = None) -> SessionView:
+        from agentledger.replay.session import replay as run_replay
+
+        from .sessions import in_warehouse
+
+        if at is not None and at < 0:
+            raise ConfigError("at takes a seq of the session (0 or more)")
+        with _open(s) as wh:
+            sid = in_warehouse(wh.con, session, s.warehouse)
+            head = wh.con.execute("SELECT head_seq, head_hash FROM chain_heads WHERE session_id = ?", [sid]).fetchone()
+        key = (s.warehouse, sid, head)
+        entry = self._open.get(key)
+        if entry is None:
+            rec = read_session(s, sid, "warehouse")
+            r = run_replay(rec.raw, keyring=keyring(s), alerts=rec.alerts)
+            try:
+                entry = {"replay": r, "verification": r.verification.as_dict(), "timeline": r.timeline(), "states": {}}
+            except BaseException:
+                r.close()
+                raise
+            self._open[key] = entry
+            while len(self._open) > self.size:
+                self._open.popitem(last=False)[1]["replay"].close()
+        self._open.move_to_end(key)
+        states = entry["states"]
+        if at not in states:
+            states[at] = entry["replay"].state(at).as_dict()
+            if len(states) > 64:
+                states.pop(next(iter(states)))
+        timeline = entry["timeline"]
+        return SessionView(sid, at, [e["seq"] for e in timeline], timeline, states[at], entry["verification"],
+                           alert_queue(s, session=sid, limit=1000).as_dicts())
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1]["replay"].close()
+
+
 def session_view(s: Settings, session: str, at: int | None = None) -> SessionView:
     """Read a session from the warehouse (id or unique prefix), verify it, and project its state
     after seq ``at`` (the replay projection, as `agentledger replay --at`)."""
