@@ -30,9 +30,18 @@ LABELS = ("acknowledged", "false_positive", "reopened")
 
 
 def _has(con, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ? "
-                            "AND table_catalog = current_database() AND table_schema = current_schema()",
-                            [name]).fetchone()[0])
+    return bool(con.execute("SELECT count(*) FROM (SELECT table_name AS n FROM duckdb_tables() WHERE database_name = "
+                            "current_database() UNION ALL SELECT view_name FROM duckdb_views() WHERE database_name = "
+                            "current_database()) WHERE n = ?", [name]).fetchone()[0])
+
+
+def _kind(kind: str) -> str:
+    """The table of one kind of event: the list reads these directly (binding the wide `events`
+    view, a union of every kind, costs more than the query on a page's sessions)."""
+    from agentledger.schemas.sql import ident
+    from agentledger.schemas.warehouse import KIND_TABLE_PREFIX
+
+    return ident(KIND_TABLE_PREFIX + kind)
 
 
 def _alerts_relation(con) -> str | None:
@@ -114,15 +123,15 @@ def sessions_page(s: Settings, *, limit: int = 50, cursor: str | None = None, ag
         where.append("h.first_at < ?")
         params.append(hi)
     if agent:
-        where.append("h.session_id IN (SELECT session_id FROM events WHERE kind = 'session_started' "
-                     "AND session_started.agent = ?)")
+        where.append(f"h.session_id IN (SELECT session_id FROM {_kind('session_started')} "
+                     "WHERE session_started.agent = ?)")
         params.append(agent)
     if text:
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        where.append("h.session_id IN (SELECT session_id FROM events WHERE kind = 'command_started' "
-                     "AND array_to_string(command_started.argv, ' ') ILIKE ? ESCAPE '\\' UNION "
-                     "SELECT session_id FROM events WHERE kind = 'network_attempted' "
-                     "AND network_attempted.host ILIKE ? ESCAPE '\\')")
+        where.append(f"h.session_id IN (SELECT session_id FROM {_kind('command_started')} "
+                     "WHERE array_to_string(command_started.argv, ' ') ILIKE ? ESCAPE '\\' UNION "
+                     f"SELECT session_id FROM {_kind('network_attempted')} "
+                     "WHERE network_attempted.host ILIKE ? ESCAPE '\\')")
         params += [pattern, pattern]
     with _open(s) as wh:
         con = wh.con
@@ -152,27 +161,37 @@ def sessions_page(s: Settings, *, limit: int = 50, cursor: str | None = None, ag
 
 
 def _agents(con) -> list[str]:
-    return [r[0] for r in con.execute("SELECT DISTINCT session_started.agent FROM events "
-                                      "WHERE kind = 'session_started' AND session_started.agent IS NOT NULL "
-                                      "ORDER BY 1").fetchall()]
+    return [r[0] for r in con.execute(f"SELECT DISTINCT session_started.agent FROM {_kind('session_started')} "
+                                      "WHERE session_started.agent IS NOT NULL ORDER BY 1").fetchall()]
 
 
 def _details(con, ids: list[str], alerts: str | None) -> dict[str, dict]:
-    """The aggregates of the page's sessions (one scan filtered to them)."""
+    """The aggregates of the page's sessions, from the kind tables they need, filtered to them."""
     out: dict[str, dict] = {sid: {} for sid in ids}
-    cur = con.execute("""
-        SELECT session_id,
-          any_value(session_started.agent) FILTER (WHERE kind = 'session_started') AS agent,
-          any_value(session_started.cwd) FILTER (WHERE kind = 'session_started') AS cwd,
-          any_value(session_started.git.repository_url) FILTER (WHERE kind = 'session_started') AS repository,
-          any_value(producer."user") AS "user", any_value(producer.host) AS host,
-          count(*) FILTER (WHERE kind = 'command_started') AS commands,
-          count(*) FILTER (WHERE kind = 'approval_requested') AS approvals_requested,
-          count(*) FILTER (WHERE kind = 'approval_decided'
-                           AND approval_decided.decision IN ('denied', 'timed_out', 'aborted')) AS approvals_denied,
-          count(*) FILTER (WHERE kind = 'network_decided' AND network_decided.decision = 'deny') AS network_denied,
-          count(*) FILTER (WHERE kind = 'network_attempted') AS network_attempts
-        FROM events WHERE session_id IN (SELECT unnest(?)) GROUP BY session_id""", [ids])
+    page = "session_id IN (SELECT unnest($ids))"
+
+    def count(kind: str, name: str, cond: str = "TRUE") -> str:
+        return (f"(SELECT session_id, count(*) AS {name} FROM {_kind(kind)} WHERE {page} AND {cond} "
+                "GROUP BY session_id)")
+
+    cur = con.execute(f"""
+        WITH st AS (
+          SELECT session_id, any_value(session_started.agent) AS agent, any_value(session_started.cwd) AS cwd,
+                 any_value(session_started.git.repository_url) AS repository, any_value(producer."user") AS "user",
+                 any_value(producer.host) AS host
+          FROM {_kind('session_started')} WHERE {page} GROUP BY session_id)
+        SELECT i.session_id, st.agent, st.cwd, st.repository, st."user", st.host,
+               coalesce(c.commands, 0) AS commands, coalesce(ar.approvals_requested, 0) AS approvals_requested,
+               coalesce(ad.approvals_denied, 0) AS approvals_denied, coalesce(nd.network_denied, 0) AS network_denied,
+               coalesce(na.network_attempts, 0) AS network_attempts
+        FROM (SELECT unnest($ids) AS session_id) i
+        LEFT JOIN st USING (session_id)
+        LEFT JOIN {count('command_started', 'commands')} c USING (session_id)
+        LEFT JOIN {count('approval_requested', 'approvals_requested')} ar USING (session_id)
+        LEFT JOIN {count('approval_decided', 'approvals_denied',
+                         "approval_decided.decision IN ('denied', 'timed_out', 'aborted')")} ad USING (session_id)
+        LEFT JOIN {count('network_decided', 'network_denied', "network_decided.decision = 'deny'")} nd USING (session_id)
+        LEFT JOIN {count('network_attempted', 'network_attempts')} na USING (session_id)""", {"ids": ids})
     cols = [d[0] for d in cur.description]
     for r in cur.fetchall():
         out[r[0]].update(dict(zip(cols[1:], r[1:])))
