@@ -1067,7 +1067,15 @@ DETECTION_TABLES = {
     "detection_state": """CREATE TABLE IF NOT EXISTS detection_state (
   session_id VARCHAR, head_seq BIGINT, detector_digest VARCHAR, detected_at TIMESTAMP
 )""",
+    # Triage labels people put on alerts (the console's "acknowledge" / "false positive"): an
+    # append-only history, the newest row per alert wins (view alert_triage). Never touches events
+    # or alerts; keyed by alert_id, which detection keeps stable across re-runs.
+    "alert_labels": """CREATE TABLE IF NOT EXISTS alert_labels (
+  alert_id VARCHAR, session_id VARCHAR, label VARCHAR, note VARCHAR, labelled_by VARCHAR, labelled_at TIMESTAMP
+)""",
 }
+
+ALERT_LABELS = ("acknowledged", "false_positive", "reopened")
 
 DETECTION_VIEWS = {
     "session_risk": """
@@ -1087,6 +1095,19 @@ SELECT h.session_id, coalesce(a.alerts, 0) AS alerts,
        coalesce(a.rules, []) AS rules, a.first_alert_at, s.anomaly_score, coalesce(s.anomalous, false) AS anomalous,
        h.first_at AS started_at, h.last_at AS last_event_at, h.event_count, h.ended
 FROM chain_heads h LEFT JOIN a USING (session_id) LEFT JOIN s USING (session_id)
+""",
+    # Every alert with its current triage state: the newest label ('new' when none; 'reopened'
+    # counts as new again), for notebooks and the console's queue.
+    "alert_triage": """
+CREATE OR REPLACE VIEW alert_triage AS
+WITH l AS (
+  SELECT alert_id, arg_max(label, labelled_at) AS label, arg_max(note, labelled_at) AS note,
+         arg_max(labelled_by, labelled_at) AS labelled_by, max(labelled_at) AS labelled_at, count(*) AS label_count
+  FROM alert_labels GROUP BY alert_id
+)
+SELECT a.*, CASE WHEN l.label IS NULL OR l.label = 'reopened' THEN 'new' ELSE l.label END AS triage,
+       l.note AS triage_note, l.labelled_by, l.labelled_at, coalesce(l.label_count, 0) AS label_count
+FROM alerts a LEFT JOIN l USING (alert_id)
 """,
 }
 

@@ -163,3 +163,16 @@ def test_bench_chaos_broker_kill_smoke(tmp_path):
     assert result["broker_kills"] == 1 and result["produced"] > 100 and result["sessions"] == 10, result
     assert result["stored"] == result["produced"] and result["lost"] == result["duplicated"] == 0, result
     assert result["sessions_out_of_order"] == 0 and result["spool_remaining"] == 0 and result["errors"] == []
+
+
+def test_bench_console_smoke(tmp_path):
+    """bench/console.py end to end on a tiny warehouse: a real `agentledger serve`, every page timed."""
+    proc = subprocess.run([sys.executable, "bench/console.py", "--events", "600", "--repeat", "2",
+                           "--sessions-viewed", "2", "--home", str(tmp_path / "home")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["sessions_in_warehouse"] >= 10 and doc["events"] >= 300
+    for page in ("first_page", "agent", "severity_high", "text", "session_first_view", "session_step", "alerts"):
+        assert doc["pages"][page]["n"] >= 1 and doc["pages"][page]["p50_ms"] > 0, page
+    assert doc["baseline_sessions_view_offset"]["n"] >= 2 and "meets_target" in doc

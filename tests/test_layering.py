@@ -83,7 +83,9 @@ def under(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
-CLI_FILES = sorted([*(REPO / "agentledger").glob("*.py"), *(REPO / "agentledger" / "commands").glob("*.py")])
+# The web console (agentledger/console, `agentledger serve`) is a UI like the CLI: the same rules.
+CLI_FILES = sorted([*(REPO / "agentledger").glob("*.py"), *(REPO / "agentledger" / "commands").glob("*.py"),
+                    *(REPO / "agentledger" / "console").glob("*.py")])
 API_FILES = sorted((REPO / "agentledger" / "api").glob("*.py"))
 FAST_PATHS = {"agentledger/hookmain.py"}  # `agentledger hook`: records without the CLI (see its docstring)
 
@@ -117,6 +119,10 @@ KAFKA_ADAPTER = "schemas/transport/kafka/"  # one package, split by role (client
     ("kafka", {KAFKA_ADAPTER}, [*FIRST_PARTY, "tests", "bench"]),
     # tests may decode with fastavro as an independent reference
     ("fastavro", {"schemas/codec.py"}, list(FIRST_PARTY)),
+    # the web framework, templates and server: only the console package
+    ("starlette", {"agentledger/console/"}, list(FIRST_PARTY)),
+    ("jinja2", {"agentledger/console/"}, list(FIRST_PARTY)),
+    ("uvicorn", {"agentledger/console/"}, list(FIRST_PARTY)),
 ])
 def test_one_adapter_module_per_external_system(library, allowed, where):
     users = {str(f.relative_to(REPO)) for pkg in where for f in py_files(pkg) if library in imports_of(f)}
@@ -198,7 +204,8 @@ def test_the_cli_reaches_the_stages_only_through_the_application_layer():
 def test_the_application_layer_imports_no_cli():
     """agentledger.api is plain Python under the CLI: no typer, no rich, no CLI module."""
     assert API_FILES
-    cli = ("agentledger.cli", "agentledger.commands", "agentledger.output", "typer", "rich", "click")
+    cli = ("agentledger.cli", "agentledger.commands", "agentledger.output", "agentledger.console", "typer", "rich",
+           "click", "starlette", "jinja2", "uvicorn")
     offenders = {str(f.relative_to(REPO)): sorted(m for m in modules_of(f) if any(under(m, c) for c in cli))
                  for f in API_FILES}
     offenders = {k: v for k, v in offenders.items() if v}

@@ -16,6 +16,8 @@ arguments, and return result objects (dataclasses); long runs report progress to
 from agentledger.schemas.config import Settings
 from agentledger.schemas.errors import AgentLedgerError
 
+from .console import (SessionsPage, SessionView, SessionViews, alert_queue, export_to_temp, label_alert, policy_files,
+                      session_view, sessions_page, sql_limited, whatif_text)
 from .common import ProgressCallback, ProgressUpdate, Rows, settings
 from .health import Doctor, doctor
 from .evidence import (Exported, Imported, Replayed, SessionRecord, export_bundle, file_sha256, import_bundle,
@@ -39,5 +41,6 @@ __all__ = [
     "list_keys", "make_detector", "model_status", "operator_keyring", "read_session", "reexecute", "replay", "resolve_model",
     "retry_dead_letters", "rules", "sandbox_doctor", "sandbox_end", "sandbox_forget", "sandbox_run",
     "session_overview", "settings", "simulate", "simulator_policy_path", "snapshots", "spool_drain", "spool_status",
-    "sql", "train_model", "verify", "verify_bundle", "whatif", "whatif_summary",
+    "sql", "train_model", "SessionsPage", "SessionView", "SessionViews", "alert_queue", "export_to_temp", "label_alert",
+    "policy_files", "session_view", "sessions_page", "sql_limited", "whatif_text", "verify", "verify_bundle", "whatif", "whatif_summary",
 ]

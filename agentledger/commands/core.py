@@ -115,6 +115,9 @@ def demo(
         f"  {al} sql \"select * from chain_status\" --format json\n"
         f"  {al} alerts --severity high --explain", soft_wrap=True, highlight=False
     )
+    # not among the indented commands above (those return): the console runs until Ctrl-C
+    console.print(f"\n[bold]Or browse it all:[/] {al} serve   (the web console on http://127.0.0.1:8765/)",
+                  soft_wrap=True, highlight=False)
 
 
 @app.command()
