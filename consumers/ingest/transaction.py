@@ -16,7 +16,7 @@ from agentledger.schemas.retry import retry_transaction
 from agentledger.schemas.warehouse import transaction
 
 from .common import (
-    _PARKED, MAX_SESSION_ID, _BAD_SESSION_ID, OffsetConflict, BatchResult, _Dead, Batch, _Retry, _sql_list,
+    _PARKED, MAX_SESSION_ID, _BAD_SESSION_ID, OffsetConflict, BatchResult, _Dead, Batch, _Retry, _sql_list, NOT_TRIED,
 )
 from .native_path import _NativeStage
 
@@ -91,15 +91,17 @@ class IngestTransaction:
     def ingest(self, batch: Batch) -> BatchResult:
         """Commit ``batch`` exactly once. Retries a transaction that lost a race on a DuckLake;
         raises `OffsetConflict` (nothing written) if another writer already committed these offsets."""
-        staged = self._native(batch.messages)
+        staged = batch.native if batch.native is not NOT_TRIED else self._native(batch)
         checked = None if staged is not None else self._precheck(batch.messages)
+        # on the native path the messages are only made if a dead letter needs its bytes
+        msgs = batch if staged is not None else batch.messages
         retries = 0
 
         def lost_race(attempt: int, exc: BaseException) -> None:
             nonlocal retries
             retries = attempt + 1
 
-        r = retry_transaction(lambda: self._transaction(batch.messages, checked, batch=batch, native_stage=staged),
+        r = retry_transaction(lambda: self._transaction(msgs, checked, batch=batch, native_stage=staged),
                               "ingest transaction", attempts=self.max_retries + 1, on_retry=lost_race)
         r.retries = retries
         r.decoder = "native" if staged is not None else "python"
@@ -126,6 +128,8 @@ class IngestTransaction:
                     self._write_offsets(msgs, batch)
                 head = self._sign_in_transaction()
         finally:
+            if native_stage is not None:
+                native_stage.unstage(con)
             for t in ("stage", "rejected", "new_heads"):
                 con.execute(f"DROP TABLE IF EXISTS temp.{t}")
         self._after_commit(head)

@@ -263,7 +263,11 @@ class LocalLog:
             else:
                 head = os.pread(fd, 256 * 1024, 0)
             header = codec.read_ocf_header(head)
-            cached = (header, codec.fingerprint(header.schema), head[:header.length])
+            try:
+                fp = codec.fingerprint(header.schema)
+            except Exception as exc:  # JSON that is no Avro schema (fastavro's errors): damage, like the rest
+                raise DecodeError("bad_schema", f"the header's schema is not an Avro schema: {exc!s:.200}") from exc
+            cached = (header, fp, head[:header.length])
             self._headers[path] = cached
         return _Segment(base, path, path.with_suffix(".idx"), cached[0], cached[1])
 
@@ -933,6 +937,14 @@ class LocalSource(Source):
         self._positions[(topic, partition)] = offset
 
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
+        return [m for got in self._poll(max_records, timeout_s, raw=False) for m in got]
+
+    def poll_raw(self, max_records: int, timeout_s: float) -> "list[RawRange | list[Message]]":
+        """What `poll` returns, as `LocalLog.read_raw` results in order (a `RawRange`'s messages are
+        ``.messages()``): the same records, read the same way, without a Python object per record."""
+        return self._poll(max_records, timeout_s, raw=True)
+
+    def _poll(self, max_records: int, timeout_s: float, raw: bool) -> list:
         deadline = time.monotonic() + timeout_s
         if self._group is not None and not self._try_join():
             while time.monotonic() < deadline:
@@ -942,19 +954,27 @@ class LocalSource(Source):
             else:
                 return []
         while True:
-            out: list[Message] = []
+            out: list = []
+            count = 0
             keys = list(self._positions)
             if keys:
                 self._rr = (self._rr + 1) % len(keys)
                 keys = keys[self._rr :] + keys[: self._rr]
             for tp in keys:
                 topic, p = tp
-                while len(out) < max_records:
-                    msgs = self.log.read(topic, p, self._positions[tp], max_records - len(out))
-                    if not msgs:
-                        break
-                    self._positions[tp] = msgs[-1].offset + 1
-                    out.extend(msgs)
+                while count < max_records:
+                    got = self.log.read_raw(topic, p, self._positions[tp], max_records - count)
+                    if isinstance(got, RawRange):
+                        n, last = got.count, got.offset + got.count - 1
+                        if not raw:
+                            got = got.messages()
+                    else:
+                        if not got:
+                            break
+                        n, last = len(got), got[-1].offset
+                    self._positions[tp] = last + 1
+                    out.append(got)
+                    count += n
             if out or time.monotonic() >= deadline:
                 return out
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
