@@ -167,6 +167,7 @@ class IngestDecoded:
     punted: list[int]
     kinds: dict[int, int]
     chunks: list[int]
+    dup_event_ids: bool = True  # some event_id occurs twice among the vouched rows (False: none does)
 
     def kind_file(self, branch: int) -> Path:
         return self.workdir / f"kind-{branch}.arrow"
@@ -217,7 +218,8 @@ def decode_ingest(frame: bytes | list[bytes], schema: dict[str, Any], fingerprin
         if sys.byteorder != "little":
             punted.byteswap()
         out = IngestDecoded(workdir, int(s["records"]), int(s["rows"]), punted.tolist(),
-                            {int(t): int(n) for t, n in s["kinds"].items()}, [int(c) for c in s["chunks"]])
+                            {int(t): int(n) for t, n in s["kinds"].items()}, [int(c) for c in s["chunks"]],
+                            s.get("dup_event_ids", True) is not False)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         raise NativeDecodeError(f"{BINARY} --ingest printed an unreadable summary: {proc.stdout[:200]!r} ({exc})") from exc
     if (sum(out.kinds.values()) != out.rows or out.rows + len(out.punted) != out.records

@@ -10,7 +10,7 @@ import random
 import pytest
 
 import agentledger.consumers.ingest.native_path as I  # where NATIVE_MIN_MESSAGES is read
-from agentledger.consumers.ingest import Ingestor
+from agentledger.consumers.ingest import Batch, Ingestor
 from agentledger.schemas import native
 from agentledger.schemas.transport.base import Message
 from agentledger.schemas.warehouse import open_warehouse
@@ -232,3 +232,40 @@ def test_random_damage_to_the_embedded_log_gets_the_python_paths_verdicts(tmp_pa
     py, _ = _ingest_log(tmp_path, "py", tmp_path / "log", False, monkeypatch, batch)
     nat, _ = _ingest_log(tmp_path, "nat", tmp_path / "log", True, monkeypatch, batch)
     assert nat == py, what
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_decoders_chain_summary_finds_the_sessions_the_sql_chain_check_finds(tmp_path, values, monkeypatch, seed):
+    """The decoder's per-session ``linked`` / first seq and prev_hash (sessions.arrow) and its
+    ``dup_event_ids`` flag stand in for the chain guard's window query and in-batch id check on
+    native batches: on sound events reordered, duplicated and dropped at random, against an empty
+    and a non-empty chain_heads, both name the same sessions."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(I, "NATIVE_MIN_MESSAGES", 0)
+    head = rng.randrange(0, 60)
+    first, vals = values[:head], list(values[head:])
+    for _ in range(rng.randint(0, 5)):
+        i, j = rng.randrange(len(vals)), rng.randrange(len(vals))
+        op = rng.choice(["swap", "dup", "drop", "none"])
+        if op == "swap":
+            vals[i], vals[j] = vals[j], vals[i]
+        elif op == "dup":
+            vals.insert(j, vals[i])
+        elif op == "drop" and len(vals) > 2:
+            del vals[i]
+    with open_warehouse(str(tmp_path / "w.duckdb")) as wh:
+        ing = Ingestor(wh, None, TOPIC)
+        if first:
+            ing.ingest_batch([Message(TOPIC, 0, k, None, v) for k, v in enumerate(first)])
+        batch = Batch.of([Message(TOPIC, 0, len(first) + k, None, v) for k, v in enumerate(vals)])
+        st = ing._native(batch)
+        assert st is not None and st.sessions is not None
+        st.stage(wh.con)
+        try:
+            by_sql = sorted(ing._bad_sessions())
+            by_decoder = sorted(ing._bad_sessions_native(st))
+            ids = [r[0] for r in wh.con.execute("SELECT event_id FROM stage").fetchall()]
+        finally:
+            st.unstage(wh.con)
+    assert by_decoder == by_sql
+    assert st.dup_event_ids == (len(set(ids)) != len(ids))

@@ -82,6 +82,10 @@ class _NativeStage:
 
     def __init__(self, env: pa.Table, kinds: dict[int, pa.Table], topic: str, fingerprint_hex: str):
         self.env, self.kinds, self.topic, self.fingerprint_hex = env, kinds, topic, fingerprint_hex
+        # the decoder's per-session summary of the batch (first seq and prev_hash, ``linked``: each
+        # event extends the one before it), and whether any event_id occurs twice in it
+        self.sessions: pa.Table | None = None
+        self.dup_event_ids = True
 
     @classmethod
     def load(cls, d: "native.IngestDecoded", topic: str, fingerprint_hex: str,
@@ -97,6 +101,7 @@ class _NativeStage:
         try:
             env = read(d.env_file)
             kinds = {t: read(d.kind_file(t)) for t in d.kinds}
+            sessions = read(d.sessions_file)
         except (OSError, pa.ArrowException) as exc:
             raise native.NativeDecodeError(f"cannot read what the decoder wrote: {exc}") from exc
         if env.num_rows != d.rows or sum(t.num_rows for t in kinds.values()) != d.rows:
@@ -104,7 +109,9 @@ class _NativeStage:
         if counts is not None and len(counts) > 1:
             env = _renumber(env, counts)
             kinds = {t: _renumber(k, counts) for t, k in kinds.items()}
-        return cls(env, kinds, topic, fingerprint_hex)
+        st = cls(env, kinds, topic, fingerprint_hex)
+        st.sessions, st.dup_event_ids = sessions, d.dup_event_ids
+        return st
 
     def stage(self, con: duckdb.DuckDBPyConnection) -> int:
         """The chain guard's ``stage``: the decoder's envelope rows as they are (an Arrow table

@@ -151,7 +151,7 @@ class IngestTransaction:
         self._tree_added = 0
         con.execute("CREATE OR REPLACE TEMP TABLE rejected (_i BIGINT, reason VARCHAR, detail VARCHAR)")
         if staged:
-            accepted = self._check_chains(msgs, dead)
+            accepted = self._check_chains(msgs, dead, native_stage)
             if accepted:
                 some_rejected = con.execute("SELECT count(*) FROM rejected").fetchone()[0] > 0
                 where = "WHERE s._i NOT IN (SELECT _i FROM rejected)" if some_rejected else ""
@@ -173,10 +173,31 @@ class IngestTransaction:
         return result
 
     # -- the chain guard ----------------------------------------------------------------------
-    def _check_chains(self, msgs: list[Message], dead: list[_Dead]) -> int:
+    def _check_chains(self, msgs: list[Message], dead: list[_Dead], native_stage: "_NativeStage | None" = None) -> int:
         """Accept what extends each session's chain head; everything else goes to `rejected`."""
+        if native_stage is not None and native_stage.sessions is not None:
+            bad_sessions = self._bad_sessions_native(native_stage)
+        else:
+            bad_sessions = self._bad_sessions()
+        return self._check_rest(bad_sessions, dead, native_stage)
+
+    def _bad_sessions_native(self, native_stage: "_NativeStage") -> list[str]:
+        """`_bad_sessions` on the decoder's one row per session: its events extend each other
+        (``linked``) and the first extends the stored head."""
         con = self.con
-        bad_sessions = [r[0] for r in con.execute(f"""
+        con.register("_native_sessions", native_stage.sessions)
+        try:
+            return [r[0] for r in con.execute(f"""
+                SELECT s.session_id FROM _native_sessions s LEFT JOIN chain_heads h USING (session_id)
+                WHERE NOT (s.linked AND s.first_seq::HUGEINT = coalesce(h.head_seq, -1) + 1
+                           AND s.first_prev = coalesce(h.head_hash, '{GENESIS_HASH}'))""").fetchall()]
+        finally:
+            con.unregister("_native_sessions")
+
+    def _bad_sessions(self) -> list[str]:
+        """Sessions whose staged events do not each extend the one before (the first: the stored head)."""
+        con = self.con
+        return [r[0] for r in con.execute(f"""
             WITH b AS (
               SELECT s._i, s.session_id, s.seq, s.prev_hash,
                      lag(s.seq) OVER w AS p_seq, lag(s.hash) OVER w AS p_hash, row_number() OVER w AS rn
@@ -186,6 +207,9 @@ class IngestTransaction:
                             THEN b.seq::HUGEINT = coalesce(h.head_seq, -1) + 1 AND b.prev_hash = coalesce(h.head_hash, '{GENESIS_HASH}')
                             ELSE b.seq::HUGEINT = b.p_seq::HUGEINT + 1 AND b.prev_hash = b.p_hash END)
         """).fetchall()]
+
+    def _check_rest(self, bad_sessions: list[str], dead: list[_Dead], native_stage: "_NativeStage | None") -> int:
+        con = self.con
         # event_id must be new: against the warehouse (zone maps prune by the UUIDv7 range) ...
         excluded: dict[int, _Dead] = {}
         for i, sid, seq, eid in con.execute("""
@@ -209,7 +233,10 @@ class IngestTransaction:
         while True:
             folded = self._fold(sorted(sessions), set(excluded)) if sessions else []
             self._set_rejected([*excluded.values(), *folded])
-            # ... and within the batch: of accepted events sharing an id, the first keeps it
+            # ... and within the batch: of accepted events sharing an id, the first keeps it (the
+            # decoder says when no id occurs twice at all)
+            if native_stage is not None and not native_stage.dup_event_ids:
+                break
             collisions = con.execute("""
                 SELECT _i, session_id, seq, event_id FROM (
                   SELECT _i, session_id, seq, event_id,
