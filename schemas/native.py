@@ -21,10 +21,13 @@ from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 from . import envvars
 from .errors import AgentLedgerError
+
+if TYPE_CHECKING:
+    from .transport.local import RawRange
 
 BINARY = "agentledger-avro2arrow"
 ENV = "AGENTLEDGER_AVRO2ARROW"  # a path to the binary, or "off"
@@ -99,23 +102,58 @@ _CHUNK = struct.Struct("<B3xiqQQQQIxxxxQ")  # 64 bytes: kind, partition, first o
 assert _CHUNK.size == 64
 
 
-def values_frame(values: list[bytes], partitions: list[int], offsets: list[int]) -> bytes:
-    """An ingest frame of one *values* chunk (src/ingest.rs): the messages one after the other,
-    and per message (offset i64, partition i32, length u32). Message ``k`` is numbered ``k``."""
+def values_frame(values: list[bytes], partitions: list[int], offsets: list[int]) -> list[bytes]:
+    """An ingest frame (as its parts, to be written one after the other) of one *values* chunk
+    (src/ingest.rs): the messages one after the other, and per message (offset i64, partition i32,
+    length u32). Message ``k`` is numbered ``k``."""
     n = len(values)
-    table = array("q", [0]) * (2 * n)
-    lens = [len(v) for v in values]
-    # (offset, partition | length << 32) per message, as little-endian 64-bit words
-    for k in range(n):
-        table[2 * k] = offsets[k]
-        table[2 * k + 1] = (partitions[k] & 0xFFFFFFFF) | (lens[k] << 32)
+    # the table as 32-bit words: offset (low, high), partition, length -- filled column by column
+    words = array("I", bytes(16 * n))
+    off = array("q", offsets)
     if sys.byteorder != "little":
-        table.byteswap()
-    aux = table.tobytes()
+        off.byteswap()
+    off_w = array("I")
+    off_w.frombytes(off.tobytes())
+    words[0::4] = off_w[0::2]
+    words[1::4] = off_w[1::2]
+    part = array("I")
+    part.frombytes(array("i", partitions).tobytes())
+    words[2::4] = part
+    lens = array("I", map(len, values))
+    words[3::4] = lens
+    if sys.byteorder != "little":
+        words.byteswap()
+    aux = words.tobytes()
     head = 16 + _CHUNK.size
     data_off = head + len(aux)
     hdr = FRAME_MAGIC + struct.pack("<I4x", 1) + _CHUNK.pack(0, 0, 0, data_off, sum(lens), head, len(aux), n, 0)
-    return b"".join([hdr, aux, *values])
+    return [hdr, aux, *values]
+
+
+def log_frame(ranges: list[RawRange]) -> list[bytes]:
+    """An ingest frame (as its parts) of one *embedded log* chunk per range (src/ingest.rs): each a
+    `schemas.transport.local.RawRange` with a readable segment header: its bytes from ``lo`` on,
+    the file positions of its records and of the end of the last, its sync marker and the
+    single-object prefix (magic and fingerprint) of its writer schema. Message ``k`` of range ``c``
+    is numbered ``c << 32 | k``."""
+    head = 16 + _CHUNK.size * len(ranges)
+    auxes = []
+    for r in ranges:
+        if r.sync is None or r.prefix is None:
+            raise ValueError(f"log_frame: {r.name} has no readable segment header ({r.header_error})")
+        pos = array("Q", r.end_positions)
+        if sys.byteorder != "little":
+            pos.byteswap()
+        auxes.append(pos.tobytes() + r.sync + r.prefix)
+    hdrs = []
+    at = head
+    for r, aux in zip(ranges, auxes):
+        hdrs.append(_CHUNK.pack(2, r.partition, r.offset, at + len(aux), len(r.data), at, len(aux), r.count, r.lo))
+        at += len(aux) + len(r.data)
+    parts = [FRAME_MAGIC + struct.pack("<I4x", len(ranges)), *hdrs]
+    for r, aux in zip(ranges, auxes):
+        parts += [aux, r.data]
+    return parts
 
 
 @dataclass
@@ -129,6 +167,7 @@ class IngestDecoded:
     punted: list[int]
     kinds: dict[int, int]
     chunks: list[int]
+    dup_event_ids: bool = True  # some event_id occurs twice among the vouched rows (False: none does)
 
     def kind_file(self, branch: int) -> Path:
         return self.workdir / f"kind-{branch}.arrow"
@@ -142,9 +181,11 @@ class IngestDecoded:
         return self.workdir / "sessions.arrow"
 
 
-def decode_ingest(frame: bytes, schema: dict[str, Any], fingerprint: bytes, workdir: Path, *, max_message_bytes: int,
+def decode_ingest(frame: bytes | list[bytes], schema: dict[str, Any], fingerprint: bytes, workdir: Path, *,
+                  max_message_bytes: int,
                   ended_branch: int, timeout: float | None = None) -> IngestDecoded:
-    """Run ``agentledger-avro2arrow --ingest`` over ``frame`` (see `values_frame`) in ``workdir``.
+    """Run ``agentledger-avro2arrow --ingest`` over ``frame`` (`values_frame`, `log_frame`: its
+    parts) in ``workdir``.
     Raises `NativeDecodeError` when the decoder is missing, fails, or says something that does not
     add up (then the caller takes its Python path)."""
     exe = decoder()
@@ -153,7 +194,10 @@ def decode_ingest(frame: bytes, schema: dict[str, Any], fingerprint: bytes, work
     workdir = Path(workdir)
     try:
         (workdir / "reader.avsc").write_text(json.dumps(reader_schema(schema), separators=(",", ":")))
-        (workdir / "frame.bin").write_bytes(frame)
+        parts = [frame] if isinstance(frame, (bytes, bytearray, memoryview)) else frame
+        size = sum(len(p) for p in parts)
+        with open(workdir / "frame.bin", "wb") as f:
+            f.writelines(parts)
     except OSError as exc:
         raise NativeDecodeError(f"cannot hand the batch to {BINARY}: {exc}") from exc
     args = [str(exe), "--ingest", "--input", str(workdir / "frame.bin"), "--out-dir", str(workdir),
@@ -161,7 +205,7 @@ def decode_ingest(frame: bytes, schema: dict[str, Any], fingerprint: bytes, work
             "--max-message-bytes", str(max_message_bytes), "--ended-branch", str(ended_branch)]
     try:
         proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout if timeout is not None else 10 + len(frame) / 10e6)
+                              timeout=timeout if timeout is not None else 10 + size / 10e6)
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
         raise NativeDecodeError(f"{BINARY} --ingest did not finish: {exc}") from exc
     if proc.returncode != 0:
@@ -174,7 +218,8 @@ def decode_ingest(frame: bytes, schema: dict[str, Any], fingerprint: bytes, work
         if sys.byteorder != "little":
             punted.byteswap()
         out = IngestDecoded(workdir, int(s["records"]), int(s["rows"]), punted.tolist(),
-                            {int(t): int(n) for t, n in s["kinds"].items()}, [int(c) for c in s["chunks"]])
+                            {int(t): int(n) for t, n in s["kinds"].items()}, [int(c) for c in s["chunks"]],
+                            s.get("dup_event_ids", True) is not False)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         raise NativeDecodeError(f"{BINARY} --ingest printed an unreadable summary: {proc.stdout[:200]!r} ({exc})") from exc
     if (sum(out.kinds.values()) != out.rows or out.rows + len(out.punted) != out.records

@@ -10,7 +10,7 @@ import random
 import pytest
 
 import agentledger.consumers.ingest.native_path as I  # where NATIVE_MIN_MESSAGES is read
-from agentledger.consumers.ingest import Ingestor
+from agentledger.consumers.ingest import Batch, Ingestor
 from agentledger.schemas import native
 from agentledger.schemas.transport.base import Message
 from agentledger.schemas.warehouse import open_warehouse
@@ -131,3 +131,141 @@ def test_a_broken_or_lying_decoder_changes_nothing_but_the_path(tmp_path, values
     monkeypatch.setenv(native.ENV, str(fake))
     got, d = _ingest(tmp_path, "fake", [values], True, monkeypatch)
     assert d == ["python"] and got == py
+
+
+# --- the embedded log: raw segment ranges handed to the decoder (LocalSource.poll_raw, native.log_frame)
+
+def _log_with(tmp_path, name: str, values: list[bytes], segment_bytes: int):
+    from agentledger.schemas.transport.local import LocalLog
+
+    log = LocalLog(tmp_path / name, default_partitions=2, segment_bytes=segment_bytes, fsync=False)
+    log.ensure_topic(TOPIC, 2)
+    from agentledger.schemas.envelope import peek
+
+    by: dict[int, list[bytes]] = {}
+    sessions: dict[str, int] = {}
+    for v in values:  # each session on a partition of its own, in order
+        by.setdefault(sessions.setdefault(peek(v).session_id, len(sessions) % 2), []).append(v)
+    for p, vals in by.items():
+        for k in range(0, len(vals), 37):
+            log.append(TOPIC, p, vals[k:k + 37])
+    return log
+
+
+def _tamper_log(rng: random.Random, root) -> list[str]:
+    """Random damage to segment and index bytes: flipped bytes (in a block header, a body, a sync
+    marker), a segment cut short, an index entry moved, overwritten with another's, or cut."""
+    done = []
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".avro", ".idx"))
+    for _ in range(rng.randint(1, 4)):
+        f = rng.choice(files)
+        b = bytearray(f.read_bytes())
+        if not b:
+            continue
+        op = rng.choice(["flip", "flip", "cut", "entry", "copy_entry"] if f.suffix == ".idx"
+                        else ["flip", "flip", "flip", "cut", "sync"])
+        if op == "flip":
+            j = rng.randrange(len(b))
+            b[j] ^= 1 << rng.randrange(8)
+        elif op == "cut":
+            b = b[: rng.randrange(len(b))]
+        elif op == "sync" and len(b) > 16:
+            j = rng.randrange(len(b) - 16)
+            b[j:j + 16] = bytes(16)
+        elif op == "entry" and len(b) >= 16:
+            k = rng.randrange(len(b) // 16)
+            pos = int.from_bytes(b[16 * k:16 * k + 8], "little") + rng.choice([-3, -1, 1, 2, 40])
+            b[16 * k:16 * k + 8] = max(0, pos).to_bytes(8, "little")
+        elif op == "copy_entry" and len(b) >= 32:
+            k, j = rng.randrange(len(b) // 16), rng.randrange(len(b) // 16)
+            b[16 * k:16 * k + 8] = b[16 * j:16 * j + 8]
+        f.write_bytes(bytes(b))
+        done.append(f"{op} {f.name}")
+    return done
+
+
+def _ingest_log(tmp_path, name: str, log_root, use_native: bool, monkeypatch, batch: int) -> tuple[dict, list[str]]:
+    from agentledger.schemas.transport.local import LocalLog, LocalSource
+
+    monkeypatch.setattr(I, "NATIVE_MIN_MESSAGES", 0)
+    if not use_native:
+        monkeypatch.setenv(native.ENV, "off")
+    decoders: list[str] = []
+    with open_warehouse(str(tmp_path / f"{name}.duckdb")) as wh:
+        src = LocalSource(LocalLog(log_root, fsync=False))
+        Ingestor(wh, src, TOPIC, batch_records=batch).run(on_batch=lambda r, _s: decoders.append(r.decoder))
+        src.close()
+        got = {
+            "events": wh.con.execute("SELECT * EXCLUDE (ingested_at) FROM events ORDER BY source_partition, "
+                                     "source_offset").fetchall(),
+            "dead": wh.con.execute("""SELECT "partition", "offset", reason, detail, session_id, seq, event_id, raw,
+                                             fingerprint, resolved_at IS NULL, resolution
+                                      FROM dead_letters ORDER BY "partition", "offset", reason""").fetchall(),
+            "heads": wh.con.execute("SELECT * EXCLUDE (updated_at) FROM chain_heads ORDER BY ALL").fetchall(),
+            "offsets": wh.con.execute("SELECT topic, \"partition\", next_offset FROM ingest_offsets "
+                                      "ORDER BY ALL").fetchall(),
+        }
+    monkeypatch.undo()
+    return got, decoders
+
+
+def test_an_embedded_log_goes_to_the_decoder_as_segment_bytes_and_lands_as_the_python_path_lands_it(
+        tmp_path, values, monkeypatch):
+    """Several segments per partition, batches that cut across them: every batch native, same rows."""
+    _log_with(tmp_path, "log", values, segment_bytes=20_000)
+    assert len(list((tmp_path / "log").rglob("*.avro"))) > 4
+    py, d_py = _ingest_log(tmp_path, "py", tmp_path / "log", False, monkeypatch, batch=150)
+    nat, d_nat = _ingest_log(tmp_path, "nat", tmp_path / "log", True, monkeypatch, batch=150)
+    assert set(d_py) == {"python"} and set(d_nat) == {"native"}
+    assert len(nat["events"]) == len(values) and not nat["dead"]
+    assert nat == py
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_damage_to_the_embedded_log_gets_the_python_paths_verdicts(tmp_path, values, monkeypatch, seed):
+    """Whatever the decoder makes of damaged segment or index bytes, ingest quarantines and stores
+    exactly what the Python path does (log_damaged letters with the same bytes and details)."""
+    rng = random.Random(seed)
+    _log_with(tmp_path, "log", values, segment_bytes=rng.choice([30_000, 1 << 20]))
+    what = _tamper_log(rng, tmp_path / "log")
+    batch = rng.choice([40, 120, 1000])
+    py, _ = _ingest_log(tmp_path, "py", tmp_path / "log", False, monkeypatch, batch)
+    nat, _ = _ingest_log(tmp_path, "nat", tmp_path / "log", True, monkeypatch, batch)
+    assert nat == py, what
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_decoders_chain_summary_finds_the_sessions_the_sql_chain_check_finds(tmp_path, values, monkeypatch, seed):
+    """The decoder's per-session ``linked`` / first seq and prev_hash (sessions.arrow) and its
+    ``dup_event_ids`` flag stand in for the chain guard's window query and in-batch id check on
+    native batches: on sound events reordered, duplicated and dropped at random, against an empty
+    and a non-empty chain_heads, both name the same sessions."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(I, "NATIVE_MIN_MESSAGES", 0)
+    head = rng.randrange(0, 60)
+    first, vals = values[:head], list(values[head:])
+    for _ in range(rng.randint(0, 5)):
+        i, j = rng.randrange(len(vals)), rng.randrange(len(vals))
+        op = rng.choice(["swap", "dup", "drop", "none"])
+        if op == "swap":
+            vals[i], vals[j] = vals[j], vals[i]
+        elif op == "dup":
+            vals.insert(j, vals[i])
+        elif op == "drop" and len(vals) > 2:
+            del vals[i]
+    with open_warehouse(str(tmp_path / "w.duckdb")) as wh:
+        ing = Ingestor(wh, None, TOPIC)
+        if first:
+            ing.ingest_batch([Message(TOPIC, 0, k, None, v) for k, v in enumerate(first)])
+        batch = Batch.of([Message(TOPIC, 0, len(first) + k, None, v) for k, v in enumerate(vals)])
+        st = ing._native(batch)
+        assert st is not None and st.sessions is not None
+        st.stage(wh.con)
+        try:
+            by_sql = sorted(ing._bad_sessions())
+            by_decoder = sorted(ing._bad_sessions_native(st))
+            ids = [r[0] for r in wh.con.execute("SELECT event_id FROM stage").fetchall()]
+        finally:
+            st.unstage(wh.con)
+    assert by_decoder == by_sql
+    assert st.dup_event_ids == (len(set(ids)) != len(ids))

@@ -4,12 +4,17 @@ conflict."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from agentledger.schemas.contract import SchemaStore
 from agentledger.schemas.errors import AgentLedgerError
 from agentledger.schemas.transport.base import Message
 from agentledger.schemas.sql import literal
+
+if TYPE_CHECKING:
+    from agentledger.schemas.transport.local import RawRange
+
+    from .native_path import _NativeStage
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 # Large transactions: DuckDB's per-commit cost is high (see bench/ingest.py and docs/warehouse.md).
@@ -82,14 +87,35 @@ class _Dead:
     event_id: str | None = None
 
 
-@dataclass
 class Batch:
-    """Messages polled together, with the source position of each of their partitions before and after."""
+    """Messages polled together, with the source position of each of their partitions before and
+    after. From the embedded log a batch comes as ``chunks`` (`LocalSource.poll_raw`: raw segment
+    ranges, or lists of messages where there are no such bytes); its ``messages`` are made from
+    them only when something needs them (the Python path, a dead letter's bytes). ``native``: the
+    batch as the native decoder staged it ahead of time (`Ingestor._decode_loop`), None when it
+    declined, `NOT_TRIED` when nothing tried yet."""
 
-    messages: list[Message]
-    start: dict[tuple[str, int], int]
-    end: dict[tuple[str, int], int]
-    generation: int = 0
+    def __init__(self, messages: list[Message] | None, start: dict[tuple[str, int], int],
+                 end: dict[tuple[str, int], int], generation: int = 0, *,
+                 chunks: list[RawRange | list[Message]] | None = None):
+        self._messages = messages
+        self.chunks = chunks
+        self.start, self.end, self.generation = start, end, generation
+        self.native: _NativeStage | None | object = NOT_TRIED
+
+    @property
+    def messages(self) -> list[Message]:
+        if self._messages is None:
+            self._messages = [m for c in self.chunks or [] for m in (c if isinstance(c, list) else c.messages())]
+        return self._messages
+
+    def __getitem__(self, i: int) -> Message:
+        return self.messages[i]
+
+    def __len__(self) -> int:
+        if self._messages is not None:
+            return len(self._messages)
+        return sum(chunk_len(c) for c in self.chunks or [])
 
     @classmethod
     def of(cls, msgs: list[Message]) -> "Batch":
@@ -102,6 +128,27 @@ class Batch:
             if m.offset + 1 > end.get(k, -1):
                 end[k] = m.offset + 1
         return cls(msgs, start, end)
+
+    @classmethod
+    def of_chunks(cls, chunks: list[RawRange | list[Message]]) -> "Batch":
+        start: dict[tuple[str, int], int] = {}
+        end: dict[tuple[str, int], int] = {}
+        for c in chunks:
+            for k, first, stop in ([((m.topic, m.partition), m.offset, m.offset + 1) for m in c] if isinstance(c, list)
+                                   else [((c.topic, c.partition), c.offset, c.offset + c.count)]):
+                if k not in start or first < start[k]:
+                    start[k] = first
+                if stop > end.get(k, -1):
+                    end[k] = stop
+        return cls(None, start, end, chunks=chunks)
+
+
+def chunk_len(c: RawRange | list[Message]) -> int:
+    """Messages in one `LocalSource.poll_raw` chunk."""
+    return len(c) if isinstance(c, list) else c.count
+
+
+NOT_TRIED = object()
 
 
 @dataclass

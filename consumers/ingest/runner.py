@@ -15,12 +15,12 @@ import fsspec
 
 from agentledger.schemas import codec, native, treelog
 from agentledger.schemas.contract import SchemaStore
-from agentledger.schemas.transport.base import Message, Source
+from agentledger.schemas.transport.base import Source
 from agentledger.schemas.retry import retry_transaction
 from agentledger.schemas.warehouse import Warehouse
 
 from .common import (
-    MAX_MESSAGE_BYTES, DEFAULT_BATCH, OffsetConflict, BatchResult, IngestStats, Batch,
+    MAX_MESSAGE_BYTES, DEFAULT_BATCH, OffsetConflict, BatchResult, IngestStats, Batch, chunk_len,
 )
 from .deadletters import DeadLetters
 from .native_path import NativeDecoder
@@ -81,6 +81,7 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
         self._ended_index = self.store.kind_by_label("session", "session_ended").index
         self._ended_tag = "u%d" % self._ended_index
         self._native_off = native.decoder() is None
+        self._raw = False  # the fetch thread polls raw chunks (LocalSource.poll_raw) for the decoder
         self._assigned = False
         # fetch thread <-> main thread
         self._lock = threading.Condition()
@@ -164,11 +165,20 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
         stop = stop or threading.Event()
         halt = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        fetcher = threading.Thread(target=self._fetch_loop, args=(q, follow, stop, halt, idle_exit_s),
-                                   name="agentledger-fetch", daemon=True)
+        # With the native decoder, a third thread decodes each batch (its process runs on the other
+        # core) while this one commits the previous batch and the fetch thread polls the next.
+        decode_ahead = not self._native_off
+        fetched: queue.Queue = queue.Queue(maxsize=self.prefetch) if decode_ahead else q
+        self._raw = decode_ahead and hasattr(self.source, "poll_raw")
+        threads = [threading.Thread(target=self._fetch_loop, args=(fetched, follow, stop, halt, idle_exit_s),
+                                    name="agentledger-fetch", daemon=True)]
+        if decode_ahead:
+            threads.append(threading.Thread(target=self._decode_loop, args=(fetched, q, stop, halt),
+                                            name="agentledger-decode", daemon=True))
         stats = IngestStats()
         t0 = time.perf_counter()
-        fetcher.start()
+        for t in threads:
+            t.start()
         try:
             while not stop.is_set():
                 try:
@@ -209,7 +219,8 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
                 self._maybe_compact(follow)
         finally:
             halt.set()
-            fetcher.join(timeout=30)
+            for t in threads:
+                t.join(timeout=30)
             if self._fetch_con is not None:
                 self._fetch_con.close()
                 self._fetch_con = None
@@ -217,16 +228,36 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
         stats.seconds = time.perf_counter() - t0
         return stats
 
+    @staticmethod
+    def _put(q: queue.Queue, item, stop: threading.Event, halt: threading.Event) -> bool:
+        while not (halt.is_set() or stop.is_set()):
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _decode_loop(self, src: queue.Queue, dst: queue.Queue, stop: threading.Event, halt: threading.Event) -> None:
+        """Between the fetch thread and the committing thread: each batch decoded by the native
+        decoder ahead of its transaction (``Batch.native``); everything else passed on as it is."""
+        while not (halt.is_set() or stop.is_set()):
+            try:
+                item = src.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, Batch) and item.generation == self._generation:
+                try:
+                    item.native = self._native(item)
+                except Exception:  # left to the committing thread, which tries again and raises
+                    log.debug("decoding ahead failed", exc_info=True)
+            if not self._put(dst, item, stop, halt) or item is _DONE or isinstance(item, BaseException):
+                return
+
     def _fetch_loop(self, q: queue.Queue, follow: bool, stop: threading.Event, halt: threading.Event,
                     idle_exit_s: float | None) -> None:
         def put(item) -> bool:
-            while not (halt.is_set() or stop.is_set()):
-                try:
-                    q.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            return self._put(q, item, stop, halt)
 
         idle_since = time.monotonic()
         try:
@@ -245,7 +276,7 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
                 if msgs:
                     idle_since = time.monotonic()
                     end = self._positions()
-                    b = Batch.of(msgs)
+                    b = Batch.of_chunks(msgs) if self._raw else Batch.of(msgs)
                     for k in b.start:
                         b.start[k] = start.get(k, b.start[k])
                         b.end[k] = max(end.get(k, b.end[k]), b.end[k])
@@ -287,7 +318,18 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
             else:
                 self.source.seek_to_beginning(t, p)
 
-    def _collect(self) -> list[Message]:
+    def _collect(self) -> list:
+        """Up to ``batch_records`` messages (raw: `LocalSource.poll_raw` chunks)."""
+        if self._raw:
+            chunks = self.source.poll_raw(self.batch_records, self.poll_timeout_s)
+            got = sum(chunk_len(c) for c in chunks)
+            while chunks and got < self.batch_records:
+                more = self.source.poll_raw(self.batch_records - got, 0.05)
+                if not more:
+                    break
+                chunks.extend(more)
+                got += sum(chunk_len(c) for c in more)
+            return chunks
         batch = self.source.poll(self.batch_records, self.poll_timeout_s)
         while batch and len(batch) < self.batch_records:
             more = self.source.poll(self.batch_records - len(batch), 0.05)

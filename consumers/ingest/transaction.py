@@ -16,7 +16,7 @@ from agentledger.schemas.retry import retry_transaction
 from agentledger.schemas.warehouse import transaction
 
 from .common import (
-    _PARKED, MAX_SESSION_ID, _BAD_SESSION_ID, OffsetConflict, BatchResult, _Dead, Batch, _Retry, _sql_list,
+    _PARKED, MAX_SESSION_ID, _BAD_SESSION_ID, OffsetConflict, BatchResult, _Dead, Batch, _Retry, _sql_list, NOT_TRIED,
 )
 from .native_path import _NativeStage
 
@@ -91,15 +91,17 @@ class IngestTransaction:
     def ingest(self, batch: Batch) -> BatchResult:
         """Commit ``batch`` exactly once. Retries a transaction that lost a race on a DuckLake;
         raises `OffsetConflict` (nothing written) if another writer already committed these offsets."""
-        staged = self._native(batch.messages)
+        staged = batch.native if batch.native is not NOT_TRIED else self._native(batch)
         checked = None if staged is not None else self._precheck(batch.messages)
+        # on the native path the messages are only made if a dead letter needs its bytes
+        msgs = batch if staged is not None else batch.messages
         retries = 0
 
         def lost_race(attempt: int, exc: BaseException) -> None:
             nonlocal retries
             retries = attempt + 1
 
-        r = retry_transaction(lambda: self._transaction(batch.messages, checked, batch=batch, native_stage=staged),
+        r = retry_transaction(lambda: self._transaction(msgs, checked, batch=batch, native_stage=staged),
                               "ingest transaction", attempts=self.max_retries + 1, on_retry=lost_race)
         r.retries = retries
         r.decoder = "native" if staged is not None else "python"
@@ -126,6 +128,8 @@ class IngestTransaction:
                     self._write_offsets(msgs, batch)
                 head = self._sign_in_transaction()
         finally:
+            if native_stage is not None:
+                native_stage.unstage(con)
             for t in ("stage", "rejected", "new_heads"):
                 con.execute(f"DROP TABLE IF EXISTS temp.{t}")
         self._after_commit(head)
@@ -147,7 +151,7 @@ class IngestTransaction:
         self._tree_added = 0
         con.execute("CREATE OR REPLACE TEMP TABLE rejected (_i BIGINT, reason VARCHAR, detail VARCHAR)")
         if staged:
-            accepted = self._check_chains(msgs, dead)
+            accepted = self._check_chains(msgs, dead, native_stage)
             if accepted:
                 some_rejected = con.execute("SELECT count(*) FROM rejected").fetchone()[0] > 0
                 where = "WHERE s._i NOT IN (SELECT _i FROM rejected)" if some_rejected else ""
@@ -169,10 +173,31 @@ class IngestTransaction:
         return result
 
     # -- the chain guard ----------------------------------------------------------------------
-    def _check_chains(self, msgs: list[Message], dead: list[_Dead]) -> int:
+    def _check_chains(self, msgs: list[Message], dead: list[_Dead], native_stage: "_NativeStage | None" = None) -> int:
         """Accept what extends each session's chain head; everything else goes to `rejected`."""
+        if native_stage is not None and native_stage.sessions is not None:
+            bad_sessions = self._bad_sessions_native(native_stage)
+        else:
+            bad_sessions = self._bad_sessions()
+        return self._check_rest(bad_sessions, dead, native_stage)
+
+    def _bad_sessions_native(self, native_stage: "_NativeStage") -> list[str]:
+        """`_bad_sessions` on the decoder's one row per session: its events extend each other
+        (``linked``) and the first extends the stored head."""
         con = self.con
-        bad_sessions = [r[0] for r in con.execute(f"""
+        con.register("_native_sessions", native_stage.sessions)
+        try:
+            return [r[0] for r in con.execute(f"""
+                SELECT s.session_id FROM _native_sessions s LEFT JOIN chain_heads h USING (session_id)
+                WHERE NOT (s.linked AND s.first_seq::HUGEINT = coalesce(h.head_seq, -1) + 1
+                           AND s.first_prev = coalesce(h.head_hash, '{GENESIS_HASH}'))""").fetchall()]
+        finally:
+            con.unregister("_native_sessions")
+
+    def _bad_sessions(self) -> list[str]:
+        """Sessions whose staged events do not each extend the one before (the first: the stored head)."""
+        con = self.con
+        return [r[0] for r in con.execute(f"""
             WITH b AS (
               SELECT s._i, s.session_id, s.seq, s.prev_hash,
                      lag(s.seq) OVER w AS p_seq, lag(s.hash) OVER w AS p_hash, row_number() OVER w AS rn
@@ -182,6 +207,9 @@ class IngestTransaction:
                             THEN b.seq::HUGEINT = coalesce(h.head_seq, -1) + 1 AND b.prev_hash = coalesce(h.head_hash, '{GENESIS_HASH}')
                             ELSE b.seq::HUGEINT = b.p_seq::HUGEINT + 1 AND b.prev_hash = b.p_hash END)
         """).fetchall()]
+
+    def _check_rest(self, bad_sessions: list[str], dead: list[_Dead], native_stage: "_NativeStage | None") -> int:
+        con = self.con
         # event_id must be new: against the warehouse (zone maps prune by the UUIDv7 range) ...
         excluded: dict[int, _Dead] = {}
         for i, sid, seq, eid in con.execute("""
@@ -205,7 +233,10 @@ class IngestTransaction:
         while True:
             folded = self._fold(sorted(sessions), set(excluded)) if sessions else []
             self._set_rejected([*excluded.values(), *folded])
-            # ... and within the batch: of accepted events sharing an id, the first keeps it
+            # ... and within the batch: of accepted events sharing an id, the first keeps it (the
+            # decoder says when no id occurs twice at all)
+            if native_stage is not None and not native_stage.dup_event_ids:
+                break
             collisions = con.execute("""
                 SELECT _i, session_id, seq, event_id FROM (
                   SELECT _i, session_id, seq, event_id,

@@ -76,8 +76,10 @@ import json
 import logging
 import os
 import struct
+import sys
 import time
 import zlib
+from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +263,11 @@ class LocalLog:
             else:
                 head = os.pread(fd, 256 * 1024, 0)
             header = codec.read_ocf_header(head)
-            cached = (header, codec.fingerprint(header.schema), head[:header.length])
+            try:
+                fp = codec.fingerprint(header.schema)
+            except Exception as exc:  # JSON that is no Avro schema (fastavro's errors): damage, like the rest
+                raise DecodeError("bad_schema", f"the header's schema is not an Avro schema: {exc!s:.200}") from exc
+            cached = (header, fp, head[:header.length])
             self._headers[path] = cached
         return _Segment(base, path, path.with_suffix(".idx"), cached[0], cached[1])
 
@@ -619,6 +625,15 @@ class LocalLog:
     def read(self, topic: str, partition: int, offset: int, max_records: int) -> list[Message]:
         """Up to ``max_records`` indexed records from ``offset`` on (within one segment). Offsets that
         cannot be read back whole come back as messages with ``damaged`` set (see the module doc)."""
+        got = self.read_raw(topic, partition, offset, max_records)
+        return got.messages() if isinstance(got, RawRange) else got
+
+    def read_raw(self, topic: str, partition: int, offset: int, max_records: int) -> "RawRange | list[Message]":
+        """What `read` returns, as the raw bytes it is made of: a `RawRange` (the segment bytes that
+        hold the records, their index positions and the segment's sync marker and writer schema),
+        whose `RawRange.messages` are exactly `read`'s messages; or, where there are no such bytes
+        (offsets missing, nothing to read), `read`'s list of messages itself. One read of each file,
+        no per-record work: ingest hands a `RawRange` to the native decoder as it is."""
         bases = self.segments(topic, partition)
         if not bases or max_records <= 0:
             return []
@@ -644,8 +659,11 @@ class LocalLog:
             return _missing(topic, partition, offset, offset + limit,
                             f"offsets_missing: the index of segment {path.name} ends before offset {offset}; "
                             f"the next segment starts at {nxt}")
-        entries = [IDX_ENTRY.unpack_from(raw, k * IDX_ENTRY.size) for k in range(n)]
         take = min(n, limit)
+        positions = array("Q")
+        positions.frombytes(raw[:n * IDX_ENTRY.size])
+        if sys.byteorder != "little":
+            positions.byteswap()
         # Damaged bytes are data (quarantined per offset); an I/O error is not (it may pass): it is raised.
         try:
             seg = self._open_segment(topic, partition, base)
@@ -658,29 +676,69 @@ class LocalLog:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 # each record lies between its index position and the next one's (the file end for the last)
-                spans = [(entries[k][0], entries[k + 1][0] if k + 1 < n else size) for k in range(take)]
-                lo = min(min(s for s, _ in spans), size)
-                hi = min(max(max(e for _, e in spans), lo), size)
+                starts = positions[0:2 * take:2]
+                ends = [*positions[2:2 * take + 1:2], *([size] if take == n else [])]
+                lo = min(min(starts), size)
+                hi = min(max(max(ends), lo), size)
                 f.seek(lo)
                 data = f.read(hi - lo)
         except FileNotFoundError as exc:
             return _missing(topic, partition, offset, offset + take, f"offsets_missing: {path.name}: {exc}")
+        return RawRange(topic, partition, offset, take, data, lo, size, positions, n,
+                        None if seg is None else seg.header.sync,
+                        None if seg is None else codec.SOE_MAGIC + seg.fingerprint, header_error, path.name)
+
+
+@dataclass
+class RawRange:
+    """``count`` records of a partition from ``offset`` on, as raw bytes (see `LocalLog.read_raw`):
+    ``data`` is the segment from byte ``lo`` on; ``positions`` the index entries read (block
+    position, append time, ..., ``entries`` pairs; record k's bytes run from its position to the
+    next entry's, or to the file ``size`` for the last entry); ``sync`` and ``prefix`` (magic and
+    fingerprint) come from the segment header, None when it is unreadable (``header_error``)."""
+
+    topic: str
+    partition: int
+    offset: int
+    count: int
+    data: bytes
+    lo: int
+    size: int
+    positions: "array"
+    entries: int
+    sync: bytes | None
+    prefix: bytes | None
+    header_error: str | None
+    name: str
+
+    def span(self, k: int) -> tuple[int, int]:
+        """Record k's bytes, as file positions."""
+        pos = self.positions
+        return pos[2 * k], (pos[2 * k + 2] if k + 1 < self.entries else self.size)
+
+    @property
+    def end_positions(self) -> list[int]:
+        """The ``count`` record positions, then the end of the last record (file positions)."""
+        return [*self.positions[0:2 * self.count:2], self.span(self.count - 1)[1]]
+
+    def messages(self) -> list[Message]:
+        """Exactly the messages `LocalLog.read` returns for this range."""
         out = []
-        if seg is not None:
-            sync = seg.header.sync
-            prefix = codec.SOE_MAGIC + seg.fingerprint
-        for k in range(take):
-            s, e = spans[k]
+        data, lo, topic, partition, offset = self.data, self.lo, self.topic, self.partition, self.offset
+        seg_ok = self.sync is not None
+        pos = self.positions
+        for k in range(self.count):
+            s, e = self.span(k)
             rs, rend = min(max(s - lo, 0), len(data)), min(max(e - lo, 0), len(data))
-            if seg is not None:
-                body, problem = _block_at(data, s - lo, rend, sync)
+            if seg_ok:
+                body, problem = _block_at(data, s - lo, rend, self.sync)
                 if body is not None:
-                    out.append(Message(topic, partition, offset + k, None, prefix + body, entries[k][1]))
+                    out.append(Message(topic, partition, offset + k, None, self.prefix + body, pos[2 * k + 1]))
                     continue
-                problem = f"{problem} ({path.name}, record at byte {s})"
+                problem = f"{problem} ({self.name}, record at byte {s})"
             else:
-                problem = header_error
-            out.append(Message(topic, partition, offset + k, None, data[rs:max(rs, rend)], entries[k][1], problem))
+                problem = self.header_error
+            out.append(Message(topic, partition, offset + k, None, data[rs:max(rs, rend)], pos[2 * k + 1], problem))
         return out
 
 
@@ -879,6 +937,14 @@ class LocalSource(Source):
         self._positions[(topic, partition)] = offset
 
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
+        return [m for got in self._poll(max_records, timeout_s, raw=False) for m in got]
+
+    def poll_raw(self, max_records: int, timeout_s: float) -> "list[RawRange | list[Message]]":
+        """What `poll` returns, as `LocalLog.read_raw` results in order (a `RawRange`'s messages are
+        ``.messages()``): the same records, read the same way, without a Python object per record."""
+        return self._poll(max_records, timeout_s, raw=True)
+
+    def _poll(self, max_records: int, timeout_s: float, raw: bool) -> list:
         deadline = time.monotonic() + timeout_s
         if self._group is not None and not self._try_join():
             while time.monotonic() < deadline:
@@ -888,19 +954,27 @@ class LocalSource(Source):
             else:
                 return []
         while True:
-            out: list[Message] = []
+            out: list = []
+            count = 0
             keys = list(self._positions)
             if keys:
                 self._rr = (self._rr + 1) % len(keys)
                 keys = keys[self._rr :] + keys[: self._rr]
             for tp in keys:
                 topic, p = tp
-                while len(out) < max_records:
-                    msgs = self.log.read(topic, p, self._positions[tp], max_records - len(out))
-                    if not msgs:
-                        break
-                    self._positions[tp] = msgs[-1].offset + 1
-                    out.extend(msgs)
+                while count < max_records:
+                    got = self.log.read_raw(topic, p, self._positions[tp], max_records - count)
+                    if isinstance(got, RawRange):
+                        n, last = got.count, got.offset + got.count - 1
+                        if not raw:
+                            got = got.messages()
+                    else:
+                        if not got:
+                            break
+                        n, last = len(got), got[-1].offset
+                    self._positions[tp] = last + 1
+                    out.append(got)
+                    count += n
             if out or time.monotonic() >= deadline:
                 return out
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))

@@ -362,6 +362,9 @@ fn sound(bufs: &Bufs, m: &Msg, fp: &[u8], max_len: usize) -> bool {
 }
 
 pub fn run(args: IngestArgs) -> Result<String, String> {
+    let t0 = std::time::Instant::now();
+    let timings = std::env::var_os("AGENTLEDGER_AVRO2ARROW_TIMINGS").is_some();
+    let tick = |what: &str| if timings { eprintln!("ingest {what} {:?}", t0.elapsed()) };
     let mut raw = Vec::new();
     File::open(&args.input)
         .and_then(|mut f| f.read_to_end(&mut raw))
@@ -387,6 +390,7 @@ pub fn run(args: IngestArgs) -> Result<String, String> {
         per_chunk.push(n.map_or(-1, |n| n as i64));
     }
     let records = msgs.len() + punt.len();
+    tick("read+chunks");
 
     // the byte checks (two threads: SHA-256 is most of it)
     let fp = args.fingerprint.clone();
@@ -403,6 +407,7 @@ pub fn run(args: IngestArgs) -> Result<String, String> {
         });
     }
 
+    tick("byte checks");
     // decoding, one datum per message
     let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Rabin);
     let got = store.register(AvroSchema::new(schema_json)).map_err(|e| format!("the schema: {e}"))?;
@@ -471,7 +476,9 @@ pub fn run(args: IngestArgs) -> Result<String, String> {
         }
     }
 
+    tick("decoded");
     let out = split(&batches, &msgs, &bufs, &mut vouched, args.ended_branch)?;
+    tick("split");
     for (j, m) in msgs.iter().enumerate() {
         if !vouched[j] {
             punt.push(m.i);
@@ -479,6 +486,7 @@ pub fn run(args: IngestArgs) -> Result<String, String> {
     }
     punt.sort_unstable();
     write_all(&args.out_dir, &out, &punt)?;
+    tick("written");
     let kinds: Vec<String> = out.kinds.iter().map(|(t, (_, b))| format!("\"{t}\":{}", b.iter().map(|x| x.num_rows()).sum::<usize>())).collect();
     let chunks: Vec<String> = per_chunk.iter().map(|n| n.to_string()).collect();
     Ok(format!(
