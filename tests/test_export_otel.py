@@ -79,11 +79,10 @@ def test_sessions_become_invoke_agent_traces_with_execute_tool_children(simulate
             assert root.start_time_unix_nano <= x.start_time_unix_nano <= x.end_time_unix_nano <= root.end_time_unix_nano
         # approvals and network events are span events, each once, on the root or their command's span
         names = [e.name for x in sp for e in x.events]
-        n = lambda kind: sum(1 for e in evs if e[1] == kind)  # noqa: E731
         for kind in ("approval_requested", "approval_decided", "network_attempted", "network_decided",
                      "network_completed", "sandbox_denied"):
             want = "agentledger." + ("sandbox.denied" if kind == "sandbox_denied" else kind.replace("_", ".", 1))
-            assert names.count(want) == n(kind), (sid, kind)
+            assert names.count(want) == sum(1 for e in evs if e[1] == kind), (sid, kind)
         for x in sp:
             for e in x.events:
                 assert x.start_time_unix_nano <= e.time_unix_nano <= x.end_time_unix_nano or x is root
