@@ -18,7 +18,8 @@ from agentledger.schemas.homes import prepare_process, say
 from agentledger.schemas.keys import git_work_tree
 
 from . import api
-from .commands import (agents, config_cmd, console_cmd, core, detect_cmd, doctor_cmd, groups, ledger_cmd, model_cmd, producers_cmd,
+from .commands import (agents, config_cmd, console_cmd, core, detect_cmd, doctor_cmd, export_cmd, groups, ledger_cmd,
+                       model_cmd, producers_cmd,
                        replay_cmd, sandbox_cmd, schemas_cmd)
 from .output import err_console
 
@@ -71,7 +72,7 @@ def _global(
 for commands in (core.app, ledger_cmd.app, agents.app, detect_cmd.app, replay_cmd.app, doctor_cmd.app,
                  config_cmd.app, console_cmd.app):
     app.add_typer(commands)
-for name, group in (("schemas", schemas_cmd.schemas_app), ("import", groups.import_app),
+for name, group in (("schemas", schemas_cmd.schemas_app), ("import", groups.import_app), ("export", export_cmd.export_app),
                     ("deadletters", ledger_cmd.deadletters_app), ("keys", producers_cmd.keys_app),
                     ("spool", producers_cmd.spool_app), ("rules", detect_cmd.rules_app), ("model", model_cmd.model_app),
                     ("sandbox", sandbox_cmd.sandbox_app)):

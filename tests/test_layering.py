@@ -123,6 +123,8 @@ KAFKA_ADAPTER = "schemas/transport/kafka/"  # one package, split by role (client
     ("starlette", {"agentledger/console/"}, list(FIRST_PARTY)),
     ("jinja2", {"agentledger/console/"}, list(FIRST_PARTY)),
     ("uvicorn", {"agentledger/console/"}, list(FIRST_PARTY)),
+    # tests decode what it sends with opentelemetry-proto (tests/otlp_receiver.py)
+    ("opentelemetry", {"consumers/export/otel.py"}, list(FIRST_PARTY)),
 ])
 def test_one_adapter_module_per_external_system(library, allowed, where):
     users = {str(f.relative_to(REPO)) for pkg in where for f in py_files(pkg) if library in imports_of(f)}

@@ -20,6 +20,7 @@ from .console import (SessionsPage, SessionView, SessionViews, alert_queue, expo
                       session_view, sessions_page, sql_limited, whatif_text)
 from .common import ProgressCallback, ProgressUpdate, Rows, settings
 from .health import Doctor, doctor
+from .export import export_ocsf, export_otel, ocsf_sink, otel_install_hint
 from .evidence import (Exported, Imported, Replayed, SessionRecord, export_bundle, file_sha256, import_bundle,
                        keyring, operator_keyring, read_session, replay, verify_bundle, whatif, whatif_summary)
 from .ledger import (GeneratedKey, Retried, Verification, compact, dead_letters, generate_key, list_keys,
@@ -36,9 +37,9 @@ __all__ = [
     "AgentLedgerError", "Alerts", "Detection", "Doctor", "END_STATUSES", "Exported", "GeneratedKey", "Imported", "Ingested",
     "IngestDetection", "ModelInfo", "ModelStatus", "NotRecorded", "ProgressCallback", "ProgressUpdate", "Reexecution", "Replayed", "Retried",
     "Rows", "SEVERITIES", "SessionRecord", "Settings", "Simulation", "Verification", "alerts", "check_rules",
-    "compact", "dead_letters", "deployment_model_path", "detect", "divergence_rows", "doctor", "export_bundle", "file_sha256", "for_reading",
+    "compact", "dead_letters", "deployment_model_path", "detect", "divergence_rows", "doctor", "export_bundle", "export_ocsf", "export_otel", "file_sha256", "for_reading",
     "generate_key", "import_agent_logs", "import_bundle", "in_sandbox", "in_warehouse", "ingest", "keyring",
-    "list_keys", "make_detector", "model_status", "operator_keyring", "read_session", "reexecute", "replay", "resolve_model",
+    "list_keys", "make_detector", "ocsf_sink", "otel_install_hint", "model_status", "operator_keyring", "read_session", "reexecute", "replay", "resolve_model",
     "retry_dead_letters", "rules", "sandbox_doctor", "sandbox_end", "sandbox_forget", "sandbox_run",
     "session_overview", "settings", "simulate", "simulator_policy_path", "snapshots", "spool_drain", "spool_status",
     "sql", "train_model", "SessionsPage", "SessionView", "SessionViews", "alert_queue", "export_to_temp", "label_alert",

@@ -183,24 +183,28 @@ class Ingested:
 
     stats: Any  # consumers.ingest.IngestStats
     detection: Any = None  # consumers.detect.DetectResult
+    ocsf: Any = None  # consumers.export.ocsf_files.OcsfExport: what `ocsf` appended
 
     def __getattr__(self, name: str):  # accepted, dead_letters, batches, seconds, reasons, ...
-        if name.startswith("__") or name in ("stats", "detection"):
+        if name.startswith("__") or name in ("stats", "detection", "ocsf"):
             raise AttributeError(name)
         return getattr(self.stats, name)
 
     def as_dict(self) -> dict:
-        return {**self.stats.as_dict(), **({"detection": self.detection.as_dict()} if self.detection else {})}
+        return {**self.stats.as_dict(), **({"detection": self.detection.as_dict()} if self.detection else {}),
+                **({"ocsf": self.ocsf.as_dict()} if self.ocsf else {})}
 
 
 def ingest(s: Settings, *, follow: bool = False, batch_records: int | None = None, group: str | None = None,
            compact_every_s: float | None = None, detect: bool = False, rules_dirs: Sequence[Path] | None = None,
-           model: Path | bool | None = True, stop: threading.Event | None = None,
+           model: Path | bool | None = True, stop: threading.Event | None = None, ocsf: str | Path | None = None,
            progress: ProgressCallback | None = None) -> Ingested:
     """Consume the transport exactly once into the warehouse: until caught up, or with ``follow``
     until ``stop`` is set. ``group``: a Kafka consumer group (several ingest processes share the
     topic's partitions; needs a DuckLake warehouse). ``detect``: run the rules (more in
-    ``rules_dirs``) and the anomaly ``model`` (see `resolve_model`) on every committed batch."""
+    ``rules_dirs``) and the anomaly ``model`` (see `resolve_model`) on every committed batch. ``ocsf``:
+    append each committed batch's new events and (after detection) new alert revisions to this file as
+    OCSF JSON lines (what the warehouse holds beyond the file is appended first; see `ocsf_sink`)."""
     from agentledger.consumers.ingest import DEFAULT_BATCH, Ingestor
     from agentledger.schemas.transport import open_source
     from agentledger.schemas.treelog import tree_heads_for
@@ -214,18 +218,28 @@ def ingest(s: Settings, *, follow: bool = False, batch_records: int | None = Non
     source = open_source(s, group_id=group) if group and s.uses_kafka else open_source(s)
     detection = None
     ing = None
+    sink = None
     try:
         if detect:  # alerts within seconds: detection runs after each committed batch
             detection = IngestDetection(s, wh, catch_up=not group, rules_dirs=rules_dirs, model=model)
             detection.start()
+        if ocsf is not None:
+            from .export import ocsf_sink
+
+            sink = ocsf_sink(wh, ocsf)
+            sink.start()
+        hooks = [h for h in (detection, sink) if h is not None]
+        after_commit = (lambda batch: [h(batch) for h in hooks]) if hooks else None
         ing = Ingestor(wh, source, s.topic, batch_records=batch_records or DEFAULT_BATCH, group=group,
-                       compact_every_s=compact_every_s, after_commit=detection,
+                       compact_every_s=compact_every_s, after_commit=after_commit,
                        tree_heads=tree_heads_for(s, wh.con))
         ing.subscribe() if group else ing.assign()
         count = Counter(progress, "ingesting events", None if follow or group else ing.lag())
         stats = ing.run(follow=follow, stop=stop, on_batch=lambda r, _stats: count.advance(r.messages))
     finally:
         try:
+            if sink is not None:
+                sink.close()
             if detection is not None:
                 detection.close()
         finally:
@@ -233,7 +247,7 @@ def ingest(s: Settings, *, follow: bool = False, batch_records: int | None = Non
                 ing.tree_heads.publisher.close()
             source.close()
             wh.close()
-    return Ingested(stats, detection.total if detection is not None else None)
+    return Ingested(stats, detection.total if detection is not None else None, sink.written if sink else None)
 
 
 # --- detect, alerts, rules ---------------------------------------------------------------------------

@@ -183,6 +183,8 @@ def ingest(
     rules_dir: Optional[list[Path]] = typer.Option(None, "--rules-dir", help="With --detect: more rules "
                                                    "(repeatable; also $AGENTLEDGER_RULES_DIR)."),
     model: Optional[str] = typer.Option(None, "--model", help="With --detect: model artifact, or 'none'."),
+    ocsf: Optional[Path] = typer.Option(None, "--ocsf", help="Append each committed batch's new events and (with "
+                                        "--detect) new alerts to this file as OCSF JSON lines (docs/export.md)."),
 ) -> None:
     """Consume events exactly once into the warehouse (rows and offsets commit together).
 
@@ -191,6 +193,7 @@ def ingest(
 
     Example:  agentledger ingest --until-caught-up
     Example:  agentledger ingest --follow --detect
+    Example:  agentledger ingest --follow --detect --ocsf /var/log/agentledger/ocsf.jsonl
     """
     if until_caught_up and follow:
         raise typer.BadParameter("choose one of --until-caught-up and --follow")
@@ -200,7 +203,7 @@ def ingest(
                                  "AGENTLEDGER_WAREHOUSE=ducklake:sqlite:/path/meta.sqlite (or Postgres)")
     detect_options = {"rules_dirs": list(rule_dirs(rules_dir)), "model": api.resolve_model(model, s=s)} if detect else {}
     stats = _ingest(s, follow=follow, batch_records=batch, show_progress=fmt is not Format.json, group=group,
-                    compact_every_s=compact_every or None, detect=detect, **detect_options)
+                    compact_every_s=compact_every or None, detect=detect, ocsf=ocsf, **detect_options)
     detection = stats.detection
     if fmt is Format.json:
         print_json(stats.as_dict())
@@ -210,6 +213,8 @@ def ingest(
         if detection:
             console.print(f"detection: {detection.sessions} session passes, {detection.alerts_new} new alerts, "
                           f"{detection.alerts_updated} updated, {detection.published} published")
+        if stats.ocsf:
+            console.print(f"ocsf: appended {stats.ocsf.events} events and {stats.ocsf.alerts} alerts to {ocsf}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from rich.text import Text
 from agentledger import api
 
 from ..output import Format, console, err_console, print_json, render_rows
-from .groups import import_app
+from .groups import export_app, import_app
 from .options import OperatorKeys, PublicKeys, ReplayFormat, TableOrJson, WhatIfFormat, settings
 
 app = typer.Typer()
@@ -233,7 +233,7 @@ def whatif_cmd(
         _print_whatif(rep, limit or None)
 
 
-@app.command("export")
+@export_app.command("bundle")
 def export_cmd(
     ctx: typer.Context,
     session: str = typer.Argument(..., help="Session id (or a unique prefix)."),
@@ -249,6 +249,7 @@ def export_cmd(
     Readable by any Avro tool and by DuckDB's read_avro; verify it offline with `verify-bundle`.
 
     Example:  agentledger export 019b76db-57b7-7950-9849-665d7968f07e --out incident-42.avro
+    (the same as `agentledger export bundle 019b76db-... --out incident-42.avro`)
     """
     if source == "bundle":
         raise typer.BadParameter("export reads a session from the warehouse, Kafka or the local log")
