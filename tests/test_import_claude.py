@@ -368,3 +368,45 @@ def test_the_summary_says_what_was_read_merged_and_skipped_and_formats_are_told_
     (tmp_path / "empty").mkdir()
     none = run_cli("import", "claude-code", str(tmp_path / "empty"), env=env, check=False)
     assert none.returncode == 1 and "no claude code files found" in none.stderr
+
+
+def test_file_tools_are_recorded_as_the_patch_or_read_they_are():
+    """MultiEdit is every edit's old and new lines; a Write over a file is an update; a refused
+    Write is a declined command with its patch (detection judges what it would have written)."""
+    from agentledger.producers.claude_transcript import ClaudeTranscriptParser
+    from agentledger.producers.counts import FileCounts
+
+    sid = "5a0e6b1c-3d2f-4e8a-9b7c-1d2e3f4a5b6c"
+    base = {"sessionId": sid, "cwd": "/w", "version": "2.0.14", "isSidechain": False, "parentUuid": None}
+
+    def use(tid, name, inp):
+        return {**base, "type": "assistant", "timestamp": "2025-10-11T10:00:00.000Z",
+                "message": {"role": "assistant", "content": [{"type": "tool_use", "id": tid, "name": name, "input": inp}]}}
+
+    def result(tid, content, extra, is_error=False):
+        block = {"type": "tool_result", "tool_use_id": tid, "content": content, **({"is_error": True} if is_error else {})}
+        return {**base, "type": "user", "timestamp": "2025-10-11T10:00:01.000Z", "toolUseResult": extra,
+                "message": {"role": "user", "content": [block]}}
+
+    lines = [use("t1", "MultiEdit", {"file_path": "pkg.json", "edits": [{"old_string": "a", "new_string": "b"},
+                                                                        {"old_string": "c\nd", "new_string": "e"}]}),
+             result("t1", "ok", {"filePath": "/w/pkg.json"}),
+             use("t2", "Write", {"file_path": "/w/.claude/settings.json", "content": '{"x": 1}'}),
+             result("t2", "updated", {"type": "update", "filePath": "/w/.claude/settings.json"}),
+             use("t3", "Write", {"file_path": "/w/.mcp.json", "content": "{}"}),
+             result("t3", "The user doesn't want to proceed with this tool use.", "Error: …", is_error=True),
+             use("t4", "Read", {"file_path": "/w/missing.txt"}),
+             result("t4", "File does not exist.", "Error: File does not exist.", is_error=True)]
+    p = ClaudeTranscriptParser(f"/x/{sid}.jsonl", None, 0, FileCounts())
+    for i, obj in enumerate(lines):
+        p.feed(obj, i, i + 1)
+    p.finish(idle=True)
+    obs = {(o.kind, o.tool_call_id): o.payload for o in p.observations}
+    assert obs[("command_started", "t1")]["argv"] == [
+        "apply_patch", "*** Begin Patch\n*** Update File: /w/pkg.json\n@@\n-a\n+b\n@@\n-c\n-d\n+e\n*** End Patch"]
+    assert obs[("command_started", "t2")]["argv"][1].startswith("*** Begin Patch\n*** Update File: /w/.claude/settings.json\n")
+    assert obs[("command_started", "t3")]["argv"][1] == "*** Begin Patch\n*** Add File: /w/.mcp.json\n+{}\n*** End Patch"
+    assert obs[("command_finished", "t3")]["status"] == "declined" and ("file_accessed", "t3") not in obs
+    assert obs[("approval_decided", "t3")]["decided_by"] == "user"
+    assert obs[("command_started", "t4")]["argv"] == ["Read", "/w/missing.txt"]
+    assert obs[("command_finished", "t4")]["status"] == "failed" and ("file_accessed", "t4") not in obs
