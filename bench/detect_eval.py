@@ -26,14 +26,15 @@ an alert, and a JSON line last.
 
     .venv/bin/python bench/detect_eval.py --sessions 2000 --seed 9_412_733
 
-`--corpus` scores the realistic Codex corpus instead (tests/codex_corpus.py: the quiet attacks of
-issue 22 in nine classes and benign near-misses, imported with `agentledger import codex-rollout`):
-recall per class (a high/critical alert from the rule made for it), the benign high-alert rate, the
-model's medium-alert rate on benign sessions and its AUC -- with the shipped model, and with a
-per-deployment baseline trained on `--history-seeds` copies of the benign corpus
-(consumers/detect/baseline.py).
+`--corpus` scores the realistic corpus instead (tests/codex_corpus.py: the quiet attacks of issue 22
+in nine classes and benign near-misses), in each shape -- Codex rollouts imported with `agentledger
+import codex-rollout`, and the same scenarios as Claude Code transcripts imported with `agentledger
+import claude-code`: per shape, recall per class (a high/critical alert from the rule made for it),
+the benign high-alert rate, the model's medium-alert rate on benign sessions and its AUC -- with the
+shipped model, and with a per-deployment baseline trained on `--history-seeds` copies of the benign
+corpus in that shape (consumers/detect/baseline.py).
 
-    .venv/bin/python bench/detect_eval.py --corpus [--history-seeds 1,2,3]
+    .venv/bin/python bench/detect_eval.py --corpus [--history-seeds 1,2,3] [--shapes codex,claude]
 """
 
 from __future__ import annotations
@@ -138,17 +139,37 @@ def auc(pos: list[float], neg: list[float]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
-def corpus_eval(work: Path, history_seeds: list[int]) -> dict:
+def corpus_eval(work: Path, history_seeds: list[int], shapes: list[str]) -> dict:
     sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's agentledger, and the corpus
-    from codex_corpus import write_corpus  # noqa: E402 (the corpus lives with the tests)
+    from codex_corpus import SHAPES  # noqa: E402 (the corpus lives with the tests)
 
-    sessions = write_corpus(work / "rollouts")
+    bad = set(shapes) - set(SHAPES)
+    if bad:
+        sys.exit(f"--shapes: unknown {sorted(bad)}; known: {', '.join(SHAPES)}")
+    out = {"shapes": {}}
+    for shape in shapes:
+        print(f"\n== {shape} ==")
+        out["shapes"][shape] = corpus_eval_shape(work / shape, history_seeds, shape)
+    print("\nper shape: caught/attacks, benign with a high alert, benign with a model alert (shipped -> deployment)")
+    for shape, res in out["shapes"].items():
+        m = res["models"]
+        dep = m.get("deployment")
+        print(f"  {shape:7s} {m['shipped']['caught']}/{m['shipped']['attacks']}, "
+              f"{m['shipped']['benign_high']}/{m['shipped']['benign']}, {m['shipped']['benign_model_alert_rate']:.1%}"
+              + (f" -> {dep['benign_model_alert_rate']:.1%}" if dep else ""))
+    return out
+
+
+def corpus_eval_shape(work: Path, history_seeds: list[int], shape: str) -> dict:
+    from codex_corpus import IMPORTER, write_corpus  # noqa: E402 (the corpus lives with the tests)
+
+    sessions = write_corpus(work / "sessions", shape=shape)
     models: list[tuple[str, str | None]] = [("shipped", None)]
     if history_seeds:
         hist = work / "history-home"
         for seed in history_seeds:
-            write_corpus(work / "history", seed=seed, benign_only=True)
-        cli(hist, "import", "codex-rollout", str(work / "history"))
+            write_corpus(work / "history", seed=seed, benign_only=True, shape=shape)
+        cli(hist, "import", IMPORTER[shape], str(work / "history"))
         cli(hist, "ingest", "--until-caught-up")
         out, _ = cli(hist, "model", "train", "--out", str(work / "deployment-model.json"), "--format", "json")
         trained = json.loads(out)
@@ -158,7 +179,7 @@ def corpus_eval(work: Path, history_seeds: list[int]) -> dict:
     out: dict = {"sessions": len(sessions), "models": {}}
     for name, model in models:
         home = work / f"home-{name}"
-        cli(home, "import", "codex-rollout", str(work / "rollouts"))
+        cli(home, "import", IMPORTER[shape], str(work / "sessions"))
         _, t_ingest = cli(home, "ingest", "--until-caught-up")
         _, t_detect = cli(home, "detect", *(["--model", model] if model else []))
         rows, _ = cli(home, "sql", "SELECT session_id, rule_id, detector, severity FROM alerts", "--format", "json")
@@ -183,12 +204,13 @@ def corpus_eval(work: Path, history_seeds: list[int]) -> dict:
         neg = [sc[s] for s, r in sessions.items() if r.label == "benign" and s in sc]
         res = {"per_class": dict(per), "attacks": sum(v["sessions"] for v in per.values()),
                "caught": sum(v["caught"] for v in per.values()), "benign": n_benign, "benign_high": benign_high,
-               "benign_model_alert_rate": benign_medium / n_benign,
+               "benign_high_rate": benign_high / n_benign, "benign_model_alert_rate": benign_medium / n_benign,
+               "every_class_caught": all(v["caught"] == v["sessions"] for v in per.values()),
                "auc_score": auc([p[0] for p in pos], [n[0] for n in neg]),
                "auc_novelty": auc([p[1] or 0.0 for p in pos], [n[1] or 0.0 for n in neg]),
                "detect_s": round(t_detect, 2), "ingest_s": round(t_ingest, 2)}
         out["models"][name] = res
-        print(f"\n[{name} model] detected {res['caught']}/{res['attacks']} attacks by their rule; "
+        print(f"\n[{shape}, {name} model] detected {res['caught']}/{res['attacks']} attacks by their rule; "
               f"benign: {benign_high}/{n_benign} with a high alert, {res['benign_model_alert_rate']:.1%} with a model "
               f"(medium+) alert; model AUC: score {res['auc_score']:.3f}, novelty {res['auc_novelty']:.3f}")
         for k, v in sorted(per.items()):
@@ -198,7 +220,9 @@ def corpus_eval(work: Path, history_seeds: list[int]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", action="store_true", help="score the realistic Codex corpus (tests/codex_corpus.py)")
+    ap.add_argument("--corpus", action="store_true",
+                    help="score the realistic corpus (tests/codex_corpus.py), as Codex rollouts and Claude Code transcripts")
+    ap.add_argument("--shapes", default="codex,claude", help="with --corpus: the shapes to score")
     ap.add_argument("--history-seeds", default="1,2,3",
                     help="with --corpus: copies of the benign corpus the deployment baseline is trained on ('' = none)")
     ap.add_argument("--sessions", type=int, default=2000)
@@ -223,7 +247,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
     if args.corpus:
         seeds = [int(x) for x in args.history_seeds.split(",") if x.strip()]
-        print(json.dumps(corpus_eval(work, seeds)))
+        print(json.dumps(corpus_eval(work, seeds, [x.strip() for x in args.shapes.split(",") if x.strip()])))
         if tmp is not None:
             tmp.cleanup()
         return

@@ -14,8 +14,16 @@ and ``message{role, content}``; other entry types (``summary``, ``file-history-s
     command_finished (exit code, duration, status, stdout/stderr digests) and, for a failure
     whose output reads like a sandbox denial, sandbox_denied(inferred);
   - ``Read`` / ``Write`` / ``Edit`` / ``MultiEdit`` / ``NotebookEdit`` -> file_accessed (read,
-    create, write) once the tool succeeded;
-  - ``WebFetch`` -> network_attempted (GET of the URL, query cut) + network_completed;
+    create, write) once the tool succeeded, and the call as a command (``sandbox_profile =
+    "tool"``), so what was read and written is judged like a shell's: a ``Read`` is
+    command_started ``["Read", path]`` + command_finished whose stdout is the text read (a secret
+    read is redacted there and followed, by its token, to where it is sent); a write or an edit is
+    command_started ``["apply_patch", <patch>]``, the patch the Codex importer records for an
+    apply_patch (``*** Add File`` for a Write that created the file, ``*** Update File`` with the
+    old and new strings as ``-``/``+`` lines for Edit / MultiEdit / NotebookEdit and a Write over a
+    file), + command_finished;
+  - ``WebFetch`` -> network_attempted (GET of the URL, its query included: the recorder's redactor
+    masks secrets in it, as in a command line) + network_completed;
     ``WebSearch`` -> network_attempted to ``(web search)`` (the search runs on the provider's side:
     no destination of this host) + network_completed;
   - ``mcp__<server>__<tool>`` -> command_started ``[tool, arguments JSON]`` with
@@ -146,6 +154,32 @@ def _text_of(content: Any) -> str:
     if content is None:
         return ""
     return json.dumps(content, ensure_ascii=False, default=str)[:MAX_KEPT]
+
+
+def _lines(text: Any, mark: str) -> str:
+    return "".join(mark + ln + "\n" for ln in str(text or "").splitlines())
+
+
+def _edit_hunks(tool: str, inp: dict) -> list:
+    """The (old, new) strings of a file tool's input: Write's content, Edit's / NotebookEdit's
+    strings, every edit of a MultiEdit."""
+    if tool == "Write":
+        return [("", str(inp.get("content") or "")[:MAX_KEPT])]
+    if tool == "NotebookEdit":
+        return [("", str(inp.get("new_source") or "")[:MAX_KEPT])]
+    edits = inp.get("edits") if tool == "MultiEdit" and isinstance(inp.get("edits"), list) else [inp]
+    return [(str(e.get("old_string") or "")[:MAX_KEPT], str(e.get("new_string") or "")[:MAX_KEPT])
+            for e in edits[:200] if isinstance(e, dict)]
+
+
+def _patch(call: dict, path: str) -> str:
+    """A file tool's call as the apply_patch envelope the Codex importer records for a patch."""
+    hunks = call.get("edit") or []
+    if call["tool"] == "Write" and not call.get("overwrote"):
+        body = f"*** Add File: {path}\n" + "".join(_lines(new, "+") for _, new in hunks)
+    else:
+        body = f"*** Update File: {path}\n" + "".join("@@\n" + _lines(old, "-") + _lines(new, "+") for old, new in hunks)
+    return ("*** Begin Patch\n" + body + "*** End Patch")[:MAX_KEPT]
 
 
 def _json_args(args: Any) -> str:
@@ -385,6 +419,8 @@ class ClaudeTranscriptParser:
                 self.counts.bump("unknown_values", f"{name} without file_path")
                 return
             call["path"] = path[:4000]
+            if name in WRITE_TOOLS:
+                call["edit"] = _edit_hunks(name, inp)
         elif name in FETCH_TOOLS:
             url = inp.get("url")
             if not isinstance(url, str) or not urls_in(url):
@@ -410,11 +446,17 @@ class ClaudeTranscriptParser:
             self._obs(sid, f"cmd:{tid}:started", "command_started",
                       {"command_id": tid, "argv": argv, "shell": shell, "cwd": call.get("cwd") or "", "env_names": [],
                        "sandbox_profile": None, "escalated": bool(call.get("escalated"))}, at, call_id=tid)
+        elif tool in READ_TOOLS | WRITE_TOOLS:
+            path = resolve_path(call["path"], call.get("cwd") or None)
+            argv = ["Read", path] if tool in READ_TOOLS else ["apply_patch", _patch(call, path)]
+            self._obs(sid, f"cmd:{tid}:started", "command_started",
+                      {"command_id": tid, "argv": argv, "shell": None, "cwd": call.get("cwd") or "", "env_names": [],
+                       "sandbox_profile": "tool", "escalated": False}, at, call_id=tid)
         elif tool in FETCH_TOOLS:
             scheme, host, port = urls_in(call["url"])[0]
             self._obs(sid, f"net:net-{tid}:attempted", "network_attempted",
                       {"attempt_id": f"net-{tid}", "host": host, "port": port, "protocol": network_protocol(scheme, port),
-                       "method": "GET", "url": call["url"].split("?")[0], "command_id": None}, at, call_id=tid)
+                       "method": "GET", "url": call["url"], "command_id": None}, at, call_id=tid)
         elif tool in SEARCH_TOOLS:
             self._obs(sid, f"net:net-{tid}:attempted", "network_attempted",
                       {"attempt_id": f"net-{tid}", "host": "(web search)", "port": 443, "protocol": "https",
@@ -464,6 +506,8 @@ class ClaudeTranscriptParser:
         sid, tool = call.get("sid"), call["tool"]
         dur = max(0, (at - call["at"]) // 1000)
         denial = self._denial(text) if is_error else None
+        if tool == "Write" and isinstance(extra, dict) and str(extra.get("type")) == "update":
+            call["overwrote"] = True
         if denial == "hook":
             self._decision(tid, call, "policy", "agentledger-hook", text, at, dur)
             return
@@ -471,7 +515,7 @@ class ClaudeTranscriptParser:
         if denial is not None:
             by, decider = ("user", None) if denial == "user" else ("policy", "claude-code permissions")
             self._decision(tid, call, by, decider, text, at, dur)
-            if tool in SHELL_TOOLS or "args" in call:
+            if tool in SHELL_TOOLS | READ_TOOLS | WRITE_TOOLS or "args" in call:
                 self._finished(sid, tid, None, dur, "declined", "", text, at)
             elif tool in FETCH_TOOLS | SEARCH_TOOLS:
                 self._obs(sid, f"net:net-{tid}:decided", "network_decided",
@@ -481,8 +525,13 @@ class ClaudeTranscriptParser:
         if tool in SHELL_TOOLS:
             self._bash_result(sid, tid, call, text, is_error, extra, at, dur)
         elif tool in READ_TOOLS | WRITE_TOOLS:
-            if is_error:
-                return  # a read or write that failed changed or read nothing
+            if is_error:  # a read or write that failed changed or read nothing
+                self._finished(sid, tid, 1, dur, "failed", "", text, at)
+                return
+            info = extra if isinstance(extra, dict) else {}
+            read = info.get("file") if isinstance(info.get("file"), dict) else {}
+            out = read["content"] if tool in READ_TOOLS and isinstance(read.get("content"), str) else text
+            self._finished(sid, tid, 0, dur, "completed", out, "", at)
             path = resolve_path(call["path"], call.get("cwd") or None)
             op = "read" if tool in READ_TOOLS else (
                 "create" if isinstance(extra, dict) and str(extra.get("type")) == "create" else "write")

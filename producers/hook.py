@@ -291,7 +291,7 @@ class HookEvent:
             return []
         scheme, host, port = urls[0]
         aid = f"net-{self.tid}"
-        url = str(self.tool_input.get("url")).split("?")[0]
+        url = str(self.tool_input.get("url"))[:4000]  # with its query: the redactor masks secrets in it
         out = [self.obs(f"net:{aid}:attempted", "network_attempted",
                         {"attempt_id": aid, "host": host, "port": port, "protocol": network_protocol(scheme, port),
                          "method": "GET", "url": url, "command_id": None})]

@@ -68,7 +68,10 @@ def test_a_session_with_every_tool_a_denial_and_a_sub_agent(tmp_path):
     assert timeline(env, NORMAL) == [
         ("session_started", None),
         ("command_started", "toolu_01Bash1"), ("command_finished", "toolu_01Bash1"),
-        ("file_accessed", "toolu_01Read1"), ("file_accessed", "toolu_01Edit1"), ("file_accessed", "toolu_01Write1"),
+        # file tools: the call as a command (what was read, the patch written), and the file it touched
+        ("command_started", "toolu_01Read1"), ("command_finished", "toolu_01Read1"), ("file_accessed", "toolu_01Read1"),
+        ("command_started", "toolu_01Edit1"), ("command_finished", "toolu_01Edit1"), ("file_accessed", "toolu_01Edit1"),
+        ("command_started", "toolu_01Write1"), ("command_finished", "toolu_01Write1"), ("file_accessed", "toolu_01Write1"),
         ("network_attempted", "toolu_01Fetch1"), ("network_completed", "toolu_01Fetch1"),
         ("network_attempted", "toolu_01Search1"), ("network_completed", "toolu_01Search1"),
         # (Grep: known, not recorded)
@@ -97,7 +100,18 @@ def test_a_session_with_every_tool_a_denial_and_a_sub_agent(tmp_path):
     assert json.loads(started["toolu_01Mcp1"]["argv"][1])["title"] == "Fix login lockout status"
     assert started["toolu_01Mcp1"]["sandbox_profile"] == "mcp" and started["toolu_01Task1"]["sandbox_profile"] == "subagent"
     assert json.loads(started["toolu_01Task1"]["argv"][1])["subagent_type"] == "Explore"
+    # a Read is judged by what it read; a write or an edit by its patch, as a Codex apply_patch is
+    assert started["toolu_01Read1"]["argv"] == ["Read", "/home/dev/webapp/src/auth/login.ts"]
+    assert started["toolu_01Edit1"]["argv"] == ["apply_patch", "*** Begin Patch\n*** Update File: /home/dev/webapp/src/"
+                                                "auth/login.ts\n@@\n-if (attempts > 5) return 429\n+if (attempts >= 5) "
+                                                "return 401\n*** End Patch"]
+    assert started["toolu_01Write1"]["argv"] == ["apply_patch", "*** Begin Patch\n*** Add File: /home/dev/webapp/src/"
+                                                 "auth/rate_limit.test.ts\n+import { limiter } from './rate_limit'\n"
+                                                 "*** End Patch"]
+    assert {started[t]["sandbox_profile"] for t in ("toolu_01Read1", "toolu_01Edit1", "toolu_01Write1")} == {"tool"}
     fin = payloads(env, NORMAL, "command_finished")
+    assert fin["toolu_01Read1"]["stdout"]["excerpt"] == "import { limiter } from './rate_limit'\nexport async function login(req) {"
+    assert fin["toolu_01Edit1"]["status"] == fin["toolu_01Write1"]["status"] == "completed"
     assert (fin["toolu_01Bash1"]["status"], fin["toolu_01Bash1"]["exit_code"]) == ("failed", 1)
     assert "expected 429 to be 401" in fin["toolu_01Bash1"]["stderr"]["excerpt"]
     assert fin["toolu_01Bash1"]["duration_ms"] == 4224  # tool_use at 07.880, result at 12.104
@@ -119,7 +133,8 @@ def test_a_session_with_every_tool_a_denial_and_a_sub_agent(tmp_path):
 
     att = payloads(env, NORMAL, "network_attempted")
     assert (att["toolu_01Fetch1"]["host"], att["toolu_01Fetch1"]["port"], att["toolu_01Fetch1"]["protocol"],
-            att["toolu_01Fetch1"]["url"]) == ("expressjs.com", 443, "https", "https://expressjs.com/en/resources/middleware/rate-limit.html")
+            att["toolu_01Fetch1"]["url"]) == ("expressjs.com", 443, "https",
+                                              "https://expressjs.com/en/resources/middleware/rate-limit.html?lang=en")
     assert (att["toolu_01Search1"]["host"], att["toolu_01Search1"]["method"]) == ("(web search)", "SEARCH")
     done = payloads(env, NORMAL, "network_completed")
     assert (done["toolu_01Fetch1"]["outcome"], done["toolu_01Fetch1"]["status"], done["toolu_01Fetch1"]["bytes_in"],
@@ -143,14 +158,15 @@ def test_a_session_with_every_tool_a_denial_and_a_sub_agent(tmp_path):
 
     # the sub-agent: a child session, linked by its id and its originator
     assert timeline(env, CHILD) == [
-        ("session_started", None), ("file_accessed", "toolu_01SubRead"),
+        ("session_started", None), ("command_started", "toolu_01SubRead"), ("command_finished", "toolu_01SubRead"),
+        ("file_accessed", "toolu_01SubRead"),
         ("command_started", "toolu_01SubBash"), ("command_finished", "toolu_01SubBash"), ("session_ended", None)]
     child = q(env, f"select session_started s from events where session_id = '{CHILD}' and seq = 0")[0]["s"]
     assert child["originator"] == f"subagent of {NORMAL}" and child["cwd"] == "/home/dev/webapp"
     overview = {r["session_id"]: r for r in q(env, "select * from sessions")}
-    assert overview[NORMAL]["end_status"] == "completed" and overview[NORMAL]["commands"] == 8
+    assert overview[NORMAL]["end_status"] == "completed" and overview[NORMAL]["commands"] == 11
     assert (overview[NORMAL]["approvals_denied"], overview[NORMAL]["commands_declined"]) == (2, 2)
-    assert overview[CHILD]["commands"] == 1 and overview[CHILD]["agent"] == "claude-code"
+    assert overview[CHILD]["commands"] == 2 and overview[CHILD]["agent"] == "claude-code"
 
     # redacted like every producer: the token in the command line never reaches the transport in clear
     tok = started["toolu_01Tok1"]["argv"]
@@ -171,7 +187,7 @@ def test_a_session_with_every_tool_a_denial_and_a_sub_agent(tmp_path):
     other.parent.mkdir()
     shutil.copy(WEBAPP / f"{NORMAL}.jsonl", other)
     third = imp_json(env, str(other))
-    assert third["totals"]["events_added"] == 0 and third["totals"]["already_recorded"] == 30
+    assert third["totals"]["events_added"] == 0 and third["totals"]["already_recorded"] == 36
     run_cli("ingest", env=env)
     assert q(env, "select count(*) n from events")[0]["n"] == n
     assert q(env, "select count(*) n from dead_letters")[0]["n"] == 0
@@ -236,13 +252,15 @@ def test_a_session_the_hook_recorded_merges_with_its_transcript_each_fact_once(t
     rep = imp_json(env, str(HOOKED_FILE))
     (s,) = rep["sessions"]
     # the transcript states 8 of the hook's facts again (all but its start and network_decided): recorded once;
+    # it adds the MCP call and the Read and the Edit as commands (the hook records their files only);
     # the session stays open (the hook saw it active just now)
-    assert (s["added"], s["already_recorded"], s["ended"]) == (2, 8, False), s
+    assert (s["added"], s["already_recorded"], s["ended"]) == (6, 8, False), s
     run_cli("ingest", env=env)
     rows = q(env, f"select kind, tool_call_id, producer.source src from events where session_id = '{HOOKED}' order by seq")
     facts = [(r["kind"], r["tool_call_id"]) for r in rows]
     assert len(facts) == len(set(facts)), facts  # each fact once
-    assert facts[10:] == [("command_started", "toolu_02Mcp1"), ("command_finished", "toolu_02Mcp1")]
+    assert facts[10:] == [(k, t) for t in ("toolu_02Read1", "toolu_02Edit1", "toolu_02Mcp1")
+                          for k in ("command_started", "command_finished")]
     assert {r["src"] for r in rows[:10]} == {"hook"} and {r["src"] for r in rows[10:]} == {"unknown"}
     assert ("command_started", "toolu_02Rm1") not in facts  # denied by the hook: no command, as the hook records it
     dec = payloads(env, HOOKED, "approval_decided")["toolu_02Rm1"]
@@ -275,7 +293,8 @@ def test_a_malformed_and_truncated_transcript_is_imported_around_its_bad_lines(t
     assert _rejects(rep)[0][1].startswith("invalid JSON") and _rejects(rep)[1][1] == "JSON list, not an object"
     run_cli("ingest", env=env)
     assert timeline(env, BROKEN) == [("session_started", None), ("command_started", "toolu_03Ls1"), ("gap", None),
-                                     ("command_finished", "toolu_03Ls1"), ("session_ended", None)]
+                                     ("command_finished", "toolu_03Ls1"), ("command_started", "toolu_03Read1"),
+                                     ("session_ended", None)]  # the Read without its result yet: announced
     gap = q(env, "select gap from events where kind = 'gap'")[0]["gap"]
     assert gap["gap_kind"] == "source_incomplete" and f"{BROKEN}.jsonl line 3: not valid JSON" == gap["reason"]
     strict = imp(env, str(live), "--strict", check=False)
@@ -288,7 +307,7 @@ def test_a_malformed_and_truncated_transcript_is_imported_around_its_bad_lines(t
                  '{"filePath":"/home/dev/broken/notes.md","content":"# notes","numLines":1}}}\n')
     rep = imp_json(env, str(live))
     assert rep["files"][0]["status"] == "grown" and rep["files"][0]["counts"]["pending_tail_bytes"] == 0
-    assert rep["totals"]["events_added"] == 1 and rep["totals"]["kinds"] == {"file_accessed": 1}
+    assert rep["totals"]["events_added"] == 2 and rep["totals"]["kinds"] == {"command_finished": 1, "file_accessed": 1}
     run_cli("ingest", env=env)
     assert payloads(env, BROKEN, "file_accessed")["toolu_03Read1"]["path"] == "/home/dev/broken/notes.md"
     verify_ok(env, 1)
@@ -341,7 +360,7 @@ def test_the_summary_says_what_was_read_merged_and_skipped_and_formats_are_told_
     copy.parent.mkdir()
     shutil.copy(WEBAPP / f"{NORMAL}.jsonl", copy)
     out = " ".join(run_cli("import", "claude-code", str(mixed), str(copy), env=env).stdout.split())
-    assert "read 80 lines, 80 records: 67 mapped, 30 merged (one fact stated twice), 13 skipped as known but not " \
+    assert "read 80 lines, 80 records: 67 mapped, 36 merged (one fact stated twice), 13 skipped as known but not " \
            "recorded, 1 files of another format skipped" in out, out
     rep = json.loads(run_cli("import", "codex-rollout", str(mixed), "--dry-run", "--format", "json", env=env).stdout)
     assert [f["kind"] for f in rep["files"]] == ["codex_rollout"]
@@ -349,3 +368,45 @@ def test_the_summary_says_what_was_read_merged_and_skipped_and_formats_are_told_
     (tmp_path / "empty").mkdir()
     none = run_cli("import", "claude-code", str(tmp_path / "empty"), env=env, check=False)
     assert none.returncode == 1 and "no claude code files found" in none.stderr
+
+
+def test_file_tools_are_recorded_as_the_patch_or_read_they_are():
+    """MultiEdit is every edit's old and new lines; a Write over a file is an update; a refused
+    Write is a declined command with its patch (detection judges what it would have written)."""
+    from agentledger.producers.claude_transcript import ClaudeTranscriptParser
+    from agentledger.producers.counts import FileCounts
+
+    sid = "5a0e6b1c-3d2f-4e8a-9b7c-1d2e3f4a5b6c"
+    base = {"sessionId": sid, "cwd": "/w", "version": "2.0.14", "isSidechain": False, "parentUuid": None}
+
+    def use(tid, name, inp):
+        return {**base, "type": "assistant", "timestamp": "2025-10-11T10:00:00.000Z",
+                "message": {"role": "assistant", "content": [{"type": "tool_use", "id": tid, "name": name, "input": inp}]}}
+
+    def result(tid, content, extra, is_error=False):
+        block = {"type": "tool_result", "tool_use_id": tid, "content": content, **({"is_error": True} if is_error else {})}
+        return {**base, "type": "user", "timestamp": "2025-10-11T10:00:01.000Z", "toolUseResult": extra,
+                "message": {"role": "user", "content": [block]}}
+
+    lines = [use("t1", "MultiEdit", {"file_path": "pkg.json", "edits": [{"old_string": "a", "new_string": "b"},
+                                                                        {"old_string": "c\nd", "new_string": "e"}]}),
+             result("t1", "ok", {"filePath": "/w/pkg.json"}),
+             use("t2", "Write", {"file_path": "/w/.claude/settings.json", "content": '{"x": 1}'}),
+             result("t2", "updated", {"type": "update", "filePath": "/w/.claude/settings.json"}),
+             use("t3", "Write", {"file_path": "/w/.mcp.json", "content": "{}"}),
+             result("t3", "The user doesn't want to proceed with this tool use.", "Error: …", is_error=True),
+             use("t4", "Read", {"file_path": "/w/missing.txt"}),
+             result("t4", "File does not exist.", "Error: File does not exist.", is_error=True)]
+    p = ClaudeTranscriptParser(f"/x/{sid}.jsonl", None, 0, FileCounts())
+    for i, obj in enumerate(lines):
+        p.feed(obj, i, i + 1)
+    p.finish(idle=True)
+    obs = {(o.kind, o.tool_call_id): o.payload for o in p.observations}
+    assert obs[("command_started", "t1")]["argv"] == [
+        "apply_patch", "*** Begin Patch\n*** Update File: /w/pkg.json\n@@\n-a\n+b\n@@\n-c\n-d\n+e\n*** End Patch"]
+    assert obs[("command_started", "t2")]["argv"][1].startswith("*** Begin Patch\n*** Update File: /w/.claude/settings.json\n")
+    assert obs[("command_started", "t3")]["argv"][1] == "*** Begin Patch\n*** Add File: /w/.mcp.json\n+{}\n*** End Patch"
+    assert obs[("command_finished", "t3")]["status"] == "declined" and ("file_accessed", "t3") not in obs
+    assert obs[("approval_decided", "t3")]["decided_by"] == "user"
+    assert obs[("command_started", "t4")]["argv"] == ["Read", "/w/missing.txt"]
+    assert obs[("command_finished", "t4")]["status"] == "failed" and ("file_accessed", "t4") not in obs
