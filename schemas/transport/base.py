@@ -294,7 +294,7 @@ class MemorySource(Source):
         self._positions: dict[tuple[str, int], int] = {}
 
     def _log(self, topic: str, partition: int) -> list[Message]:
-        out = []
+        out: list[Message] = []
         for t, k, v in self.sink.sent:
             if t == topic and self.sink.partition_for(t, k) == partition:
                 out.append(Message(t, partition, len(out), k, v))

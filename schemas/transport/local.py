@@ -87,7 +87,7 @@ from typing import Callable, Iterator
 
 from .. import codec
 from ..errors import DecodeError, NotDurableError, TransportError
-from .base import Message, Outgoing, Scan, Sink, Source
+from .base import Message, Outgoing, PartitionCallback, Scan, Sink, Source
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +121,40 @@ class AppendFailed(NotDurableError):
     values, in order). Nothing of the failed part is left on disk (or, if even the undo failed, the
     next appender's repair removes it)."""
 
-    def __init__(self, message: str, durable: int, undelivered: list):
+    def __init__(self, message: str, durable: int, undelivered: list[bytes]):
         super().__init__(message, undelivered)
         self.durable = durable
 
 
+def _os_error_args(exc: OSError) -> tuple[object, ...]:
+    """The arguments that make an OSError (subclass) with ``exc``'s errno, message and file names."""
+    if exc.errno is None:
+        return exc.args
+    return (exc.errno, exc.strerror, exc.filename, None, exc.filename2)
+
+
+class ShortWriteError(OSError):
+    """A write that failed part way (ENOSPC, EIO, ...): ``written`` bytes of it reached the file.
+    Same errno and message as the OSError that stopped it (its ``__cause__``)."""
+
+    def __init__(self, cause: OSError, written: int):
+        super().__init__(*_os_error_args(cause))
+        self.written = written
+
+
+class PartialAppendError(OSError):
+    """`LocalLog._write_blocks` failed, yet its first ``durable_records`` values are durable. Same
+    errno and message as the OSError that stopped it (its ``__cause__``)."""
+
+    def __init__(self, cause: OSError, durable_records: int):
+        super().__init__(*_os_error_args(cause))
+        self.durable_records = durable_records
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """``os.write`` until every byte is written: a write may be short (a full disk, a signal).
-    Raises OSError (ENOSPC, EIO, ...) when the rest cannot be written; its ``written`` attribute
-    says how many bytes were."""
+    Raises `ShortWriteError` (an OSError: ENOSPC, EIO, ...) when the rest cannot be written; its
+    ``written`` attribute says how many bytes were."""
     view = memoryview(data)
     done = 0
     try:
@@ -139,8 +164,7 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
                 raise OSError(errno.EIO, f"write of {len(view) - done} bytes wrote nothing")
             done += n
     except OSError as exc:
-        exc.written = done  # how much of ``data`` did reach the file
-        raise
+        raise ShortWriteError(exc, done) from exc  # ``done``: how much of ``data`` did reach the file
 
 
 def _sync_marker(topic: str, partition: int, base: int) -> bytes:
@@ -162,7 +186,7 @@ class LocalLog:
 
     def __init__(
         self,
-        root: Path,
+        root: str | Path,
         default_partitions: int = 6,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         fsync: bool = True,
@@ -495,7 +519,8 @@ class LocalLog:
                     done = j
                 return first
         except OSError as exc:
-            done += getattr(exc, "durable_records", 0)
+            if isinstance(exc, PartialAppendError):
+                done += exc.durable_records
             raise AppendFailed(f"{topic}/{partition}: {len(values) - done} of {len(values)} events not written: "
                                f"{exc}", done, values[done:]) from exc
 
@@ -541,7 +566,8 @@ class LocalLog:
 
     def _write_blocks(self, seg: _Segment, values: list[bytes]) -> int:
         """Append ``values`` as blocks, then their index entries (see the module doc). On failure the
-        OSError raised carries ``durable_records``: how many of ``values`` are durable anyway."""
+        OSError raised is a `PartialAppendError`, whose ``durable_records`` says how many of ``values``
+        are durable anyway."""
         sync = seg.header.sync
         chunks = [codec.ocf_block(v[10:], sync) for v in values]
         # The index timestamp is the event's own time (like Kafka's CreateTime), not the wall clock,
@@ -584,7 +610,8 @@ class LocalLog:
                 # nothing is known to be durable (a retried fsync proves nothing): the entries stay,
                 # reported as not durable, like a message Kafka did not acknowledge.
                 fsync_failed = written == len(entries)
-                whole = len(values) if fsync_failed else getattr(exc, "written", 0) // IDX_ENTRY.size
+                short = exc.written if isinstance(exc, ShortWriteError) else 0
+                whole = len(values) if fsync_failed else short // IDX_ENTRY.size
                 durable = 0
                 if whole and not fsync_failed:
                     try:
@@ -595,8 +622,7 @@ class LocalLog:
                 self._undo(fd, idx_size + whole * IDX_ENTRY.size, seg.idx_path)
                 if whole < len(values):
                     self._undo_path(seg.path, positions[whole])
-                exc.durable_records = durable
-                raise
+                raise PartialAppendError(exc, durable) from exc
         finally:
             os.close(fd)
         return len(values)
@@ -704,7 +730,7 @@ class RawRange:
     data: bytes
     lo: int
     size: int
-    positions: "array"
+    positions: array[int]
     entries: int
     sync: bytes | None
     prefix: bytes | None
@@ -725,15 +751,16 @@ class RawRange:
         """Exactly the messages `LocalLog.read` returns for this range."""
         out = []
         data, lo, topic, partition, offset = self.data, self.lo, self.topic, self.partition, self.offset
-        seg_ok = self.sync is not None
+        sync, prefix = self.sync, self.prefix  # both None (or both set): the segment header is unreadable
         pos = self.positions
+        problem: str | None
         for k in range(self.count):
             s, e = self.span(k)
             rs, rend = min(max(s - lo, 0), len(data)), min(max(e - lo, 0), len(data))
-            if seg_ok:
-                body, problem = _block_at(data, s - lo, rend, self.sync)
+            if sync is not None and prefix is not None:
+                body, problem = _block_at(data, s - lo, rend, sync)
                 if body is not None:
-                    out.append(Message(topic, partition, offset + k, None, self.prefix + body, pos[2 * k + 1]))
+                    out.append(Message(topic, partition, offset + k, None, prefix + body, pos[2 * k + 1]))
                     continue
                 problem = f"{problem} ({self.name}, record at byte {s})"
             else:
@@ -885,10 +912,10 @@ class LocalSource(Source):
         self.log = log
         self._positions: dict[tuple[str, int], int] = {}
         self._rr = 0
-        self._group: tuple[str, str, Callable[[list[int]], None]] | None = None
+        self._group: tuple[str, str, PartitionCallback] | None = None
         self._group_fd: int | None = None
 
-    def subscribe(self, topic: str, group: str, on_assigned, on_revoked) -> None:
+    def subscribe(self, topic: str, group: str, on_assigned: PartitionCallback, on_revoked: PartitionCallback) -> None:
         """A single-member group: the member holding ``<topic>/.group-<group>.lock`` reads every
         partition; another process subscribing to the same group waits (its polls return nothing)
         until the holder exits. The lock dies with its process, so a killed member is replaced."""
@@ -896,12 +923,12 @@ class LocalSource(Source):
             raise TransportError(f"invalid group name {group!r}")
         self.log.ensure_topic(topic)
         self._group = (topic, group, on_assigned)
-        self._try_join()
+        self._try_join(self._group)
 
-    def _try_join(self) -> bool:
+    def _try_join(self, member: tuple[str, str, PartitionCallback]) -> bool:
         if self._group_fd is not None:
             return True
-        topic, group, on_assigned = self._group
+        topic, group, on_assigned = member
         path = self.log.topic_dir(topic) / f".group-{group}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -937,24 +964,26 @@ class LocalSource(Source):
         self._positions[(topic, partition)] = offset
 
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
-        return [m for got in self._poll(max_records, timeout_s, raw=False) for m in got]
+        return [m for got in self._poll(max_records, timeout_s)
+                for m in (got.messages() if isinstance(got, RawRange) else got)]
 
     def poll_raw(self, max_records: int, timeout_s: float) -> "list[RawRange | list[Message]]":
         """What `poll` returns, as `LocalLog.read_raw` results in order (a `RawRange`'s messages are
         ``.messages()``): the same records, read the same way, without a Python object per record."""
-        return self._poll(max_records, timeout_s, raw=True)
+        return self._poll(max_records, timeout_s)
 
-    def _poll(self, max_records: int, timeout_s: float, raw: bool) -> list:
+    def _poll(self, max_records: int, timeout_s: float) -> list[RawRange | list[Message]]:
         deadline = time.monotonic() + timeout_s
-        if self._group is not None and not self._try_join():
+        member = self._group
+        if member is not None and not self._try_join(member):
             while time.monotonic() < deadline:
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-                if self._try_join():
+                if self._try_join(member):
                     break
             else:
                 return []
         while True:
-            out: list = []
+            out: list[RawRange | list[Message]] = []
             count = 0
             keys = list(self._positions)
             if keys:
@@ -966,8 +995,6 @@ class LocalSource(Source):
                     got = self.log.read_raw(topic, p, self._positions[tp], max_records - count)
                     if isinstance(got, RawRange):
                         n, last = got.count, got.offset + got.count - 1
-                        if not raw:
-                            got = got.messages()
                     else:
                         if not got:
                             break

@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -54,12 +55,14 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 SASL_MECHANISMS = {"plain": "PLAIN", "scram_sha_256": "SCRAM-SHA-256", "scram_sha_512": "SCRAM-SHA-512"}
 
 
-def security_config(env=None) -> dict[str, Any]:
+def security_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """kafka-python settings for a secured cluster, from the AGENTLEDGER_KAFKA_SECURITY_PROTOCOL,
     _SASL_* and _SSL_* variables (schemas/envvars.py); empty for a plaintext broker. Every client this
     module makes (producer, consumer, admin, the child process sink) gets them. Settings that cannot
     work together are a `ConfigError` here, not a timeout later."""
-    get = lambda name: envvars.get(f"AGENTLEDGER_KAFKA_{name}", env)  # noqa: E731
+    def get(name: str) -> Any:
+        return envvars.get(f"AGENTLEDGER_KAFKA_{name}", env)
+
     protocol = (get("SECURITY_PROTOCOL") or "plaintext").upper()
     sasl, ssl = protocol.startswith("SASL_"), protocol.endswith("SSL")
     cfg: dict[str, Any] = {} if protocol == "PLAINTEXT" else {"security_protocol": protocol}
@@ -101,7 +104,7 @@ def unreachable(what: str, bootstrap_servers: str, exc: Exception) -> TransportE
 
 def partition_for_key(key: bytes, partitions: int) -> int:
     """Partition the Java and kafka-python default partitioners choose for ``key``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return (cast(int, murmur2(key)) & 0x7FFFFFFF) % partitions  # kafka-python is untyped
 
 
 def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, timeout_s: float = 30) -> None:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from typing import Any
+from typing import IO, Any
 
 from kafka.errors import KafkaTimeoutError
 
@@ -43,13 +43,13 @@ _FRAME = struct.Struct("<I")
 SHIP_EVERY = 512
 
 
-def _write_frame(f, obj) -> None:
+def _write_frame(f: IO[bytes], obj: object) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     f.write(_FRAME.pack(len(data)) + data)
     f.flush()
 
 
-def _read_frame(f):
+def _read_frame(f: IO[bytes]) -> Any:
     head = f.read(_FRAME.size)
     if len(head) < _FRAME.size:
         return None
@@ -65,7 +65,7 @@ def _child_main() -> None:
     sys.stdout = sys.stderr  # nothing else may write to the frame channel
     out_lock = threading.Lock()
 
-    def reply(obj) -> None:
+    def reply(obj: object) -> None:
         with out_lock:
             try:
                 _write_frame(out, obj)
@@ -79,8 +79,8 @@ def _child_main() -> None:
         reply(("error", f"{type(exc).__name__}: {exc}"))
         return
     reply(("ready",))
-    work: queue.Queue = queue.Queue()
-    acks: queue.Queue = queue.Queue()
+    work: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    acks: queue.Queue[tuple[int, list[Any], str | None] | None] = queue.Queue()
 
     def reader() -> None:
         while True:
@@ -118,7 +118,8 @@ def _child_main() -> None:
             producer.close(timeout=1)
             return
         _, bid, batch = item
-        futures, error = [], None
+        futures: list[Any] = []
+        error: str | None = None
         try:
             for topic, key, value in batch:
                 # Same partition as kafka-python's default partitioner, computed once per session key.
@@ -147,22 +148,27 @@ class KafkaProcessSink(Sink):
         self._proc = subprocess.Popen(
             [sys.executable, "-c", "from agentledger.schemas.transport.kafka.process import _child_main; _child_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        if self._proc.stdin is None or self._proc.stdout is None:  # never with PIPE
+            self._proc.kill()
+            raise TransportError("cannot start the Kafka client process: it has no pipes")
+        self._stdin: IO[bytes] = self._proc.stdin
+        self._stdout: IO[bytes] = self._proc.stdout
         self._cond = threading.Condition()
-        self._ready: tuple | None = None
+        self._ready: tuple[str, ...] | None = None
         self._acked = -1
         self._error: str | None = None
         self._reader = threading.Thread(target=self._read_replies, daemon=True)
         self._reader.start()
         try:
-            _write_frame(self._proc.stdin, (bootstrap_servers, config))
+            _write_frame(self._stdin, (bootstrap_servers, config))
         except OSError as exc:
             self.abort()
             raise TransportError(f"cannot start the Kafka client process: {exc}") from exc
-        with self._cond:
-            self._cond.wait_for(lambda: self._ready is not None, timeout=connect_s)
-        if self._ready is None or self._ready[0] != "ready":
+        ready = self._first_reply(connect_s)
+        if ready is None or ready[0] != "ready":
             self.abort()
-            why = self._ready[1] if self._ready else f"no answer within {connect_s:.0f}s"
+            ready = self._first_reply(0)  # the reader may have seen the child end meanwhile
+            why = ready[1] if ready else f"no answer within {connect_s:.0f}s"
             raise unreachable("a producer", bootstrap_servers, KafkaTimeoutError(why) if "bootstrap" in why
                                else TransportError(why))
         self._batch: list[tuple[str, bytes, bytes]] = []
@@ -173,8 +179,14 @@ class KafkaProcessSink(Sink):
         self._topics: set[str] = set()
         self._partitions: dict[str, int] = {}
 
+    def _first_reply(self, timeout: float) -> tuple[str, ...] | None:
+        """The child's first reply, ("ready",) or ("error", why), waiting up to ``timeout`` s for it."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready is not None, timeout=timeout)
+            return self._ready
+
     def _read_replies(self) -> None:
-        out = self._proc.stdout
+        out = self._stdout
         while True:
             try:
                 msg = _read_frame(out)
@@ -206,7 +218,7 @@ class KafkaProcessSink(Sink):
         self._next_bid += 1
         self._shipped.append((bid, batch))
         try:
-            _write_frame(self._proc.stdin, ("batch", bid, batch))
+            _write_frame(self._stdin, ("batch", bid, batch))
         except OSError as exc:
             with self._cond:
                 self._error = self._error or f"the Kafka client process is gone: {exc}"
@@ -295,8 +307,8 @@ class KafkaProcessSink(Sink):
             self.flush(timeout)
         finally:
             try:
-                _write_frame(self._proc.stdin, ("close", 5.0))
-                self._proc.stdin.close()
+                _write_frame(self._stdin, ("close", 5.0))
+                self._stdin.close()
                 self._proc.wait(timeout if timeout is not None else 10)
             except Exception:  # noqa: BLE001
                 self.abort()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from kafka.errors import KafkaError, KafkaTimeoutError
 
@@ -149,5 +149,5 @@ class KafkaSink(Sink):
         finally:
             self._producer.close(timeout=timeout if timeout is not None else 5)
 
-    def metrics(self) -> dict:
-        return self._producer.metrics()
+    def metrics(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", self._producer.metrics())  # kafka-python is untyped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, TopicPartition
@@ -59,14 +60,15 @@ class KafkaSource(Source):
             raise TransportError(f"the Kafka consumer was created for group {self._consumer.config.get('group_id')!r}, "
                                  f"not {group!r}")
 
-        def parts(tps) -> list[int]:
+        def parts(tps: Iterable[TopicPartition]) -> list[int]:
             return sorted(tp.partition for tp in tps if tp.topic == topic)
 
-        class _Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked):
+        # kafka-python ships no types, so its ConsumerRebalanceListener is Any to mypy.
+        class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
                 on_revoked(parts(revoked))
 
-            def on_partitions_assigned(self, assigned):
+            def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
                 on_assigned(parts(assigned))
 
         self._consumer.subscribe([topic], listener=_Listener())
