@@ -166,9 +166,10 @@ class KafkaProcessSink(Sink):
             raise TransportError(f"cannot start the Kafka client process: {exc}") from exc
         ready = self._first_reply(connect_s)
         if ready is None or ready[0] != "ready":
+            # the reason is the child's own answer, or the timeout -- never the abort below, which the
+            # reader would otherwise report as the child's last word
+            why = ready[1] if ready is not None else f"no answer within {connect_s:.0f}s"
             self.abort()
-            ready = self._first_reply(0)  # the reader may have seen the child end meanwhile
-            why = ready[1] if ready else f"no answer within {connect_s:.0f}s"
             raise unreachable("a producer", bootstrap_servers, KafkaTimeoutError(why) if "bootstrap" in why
                                else TransportError(why))
         self._batch: list[tuple[str, bytes, bytes]] = []
