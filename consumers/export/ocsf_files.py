@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
+from agentledger.schemas.canonical import canonical_json_utf8
 from agentledger.schemas.errors import AgentLedgerError
 
 from .ocsf import CLASSES, Mapper, join_context
@@ -123,7 +124,7 @@ def evidence_ids(wh, alerts: list[dict]) -> dict[str, dict[int, str]]:
 
 
 def _line(rec: dict) -> str:
-    return json.dumps(rec, ensure_ascii=False, separators=(",", ":"), sort_keys=True) + "\n"
+    return canonical_json_utf8(rec).decode() + "\n"
 
 
 def export_ocsf(wh, out: Path, *, product_version: str, sessions: Sequence[str] | None = None,
