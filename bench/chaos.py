@@ -47,8 +47,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--disk-runs", type=int, default=20, help="disk_full: runs, each with its own fault")
     ap.add_argument("--hostile", type=int, default=10_000, help="bad_input: hostile messages per transport")
     ap.add_argument("--bootstrap", default=envvars.raw("AGENTLEDGER_TEST_BOOTSTRAP"),
-                    help="a Kafka broker for the Kafka half of bad_input (default $AGENTLEDGER_TEST_BOOTSTRAP; "
-                         "unset: local log only)")
+                    help="a Kafka broker for the Kafka half of bad_input and secrets (default "
+                         "$AGENTLEDGER_TEST_BOOTSTRAP; unset: local log only)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before a CLI run counts as a hang")
     ap.add_argument("--sql-cli-every", type=int, default=1,
                     help="readonly_sql: run every Nth statement also through the CLI (1: all)")
@@ -57,6 +57,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--secret-samples", type=int, default=0, help="secrets: corpus samples to use (0: all)")
     ap.add_argument("--hook-samples", type=int, default=40, help="secrets: samples also sent through the hook")
     ap.add_argument("--sim-sessions", type=int, default=20, help="secrets: simulated sessions (their own secrets)")
+    ap.add_argument("--sandbox-samples", type=int, default=0, help="secrets: samples also run in the sandbox (0: all)")
+    ap.add_argument("--sandbox-batch", type=int, default=10, help="secrets: samples per `sandbox run`")
+    ap.add_argument("--replays", type=int, default=3, help="secrets: sessions replayed to HTML")
+    ap.add_argument("--kafka-hook-samples", type=int, default=40, help="secrets: samples through the hook to Kafka")
+    ap.add_argument("--kafka-sandbox-samples", type=int, default=40,
+                    help="secrets: samples run in the sandbox recording to Kafka (0: all)")
+    ap.add_argument("--kafka-sim-sessions", type=int, default=20, help="secrets: simulated sessions recorded to Kafka")
     ap.add_argument("--kills", type=int, default=20, help="consumer_kill: SIGKILLs of ingest --follow per warehouse")
     ap.add_argument("--kill-sessions", type=int, default=60, help="consumer_kill: simulated sessions (half more mid-way)")
     ap.add_argument("--kill-batch", type=int, default=50, help="consumer_kill: ingest --batch (small: many commits)")

@@ -63,6 +63,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -72,7 +73,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import ahocorasick
 
@@ -153,6 +154,27 @@ def secret_name_kind(name: str) -> str | None:
     if _TOKEN_NAME.search(name):
         return "token"
     return None
+
+
+def env_secrets(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(detector, value) of the environment variables whose name says they hold a secret
+    (`secret_name_kind`: ``GITHUB_TOKEN``, ``DB_PASSWORD``, ``TOKEN``; not ``CACHE_KEY``,
+    ``NEXT_PAGE_TOKEN``) and whose value could be one (8 characters or more, not a path, a
+    placeholder or a digest). A program prints such a value bare, with nothing around it that a
+    rule could recognise (``echo $TOKEN``): the sandbox, which hands the environment to the command,
+    gives these to `Redactor.add_known_secrets`."""
+    out = []
+    for name, value in env.items():
+        kind = secret_name_kind(name)
+        if kind is None or not isinstance(value, str) or len(value) < _MIN_LEN:
+            continue
+        low = name.lower()
+        if _NOT_SECRET_NAME.search(low) and low not in ("token", "auth", "key", "sig"):
+            continue
+        if _PATHLIKE.match(value) or _DIGEST_VALUE.match(value) or not _not_placeholder(value) or value.isdigit():
+            continue
+        out.append((f"{kind}_assignment", value))
+    return out
 
 
 def _name_before(text: str, pos: int) -> str | None:
@@ -687,6 +709,7 @@ def _shell_windows(text: str) -> list[tuple[int, int]]:
 
 
 _QUOTED = re.compile(r'"((?:[^"\\\n]|\\.){3,4096})"')
+_QUOTED_LINES = re.compile(r'"((?:[^"\\]|\\.){3,4096})"')  # a double-quoted shell string, newlines and all
 
 
 def _argv_findings(text: str, lo: int, hi: int) -> list["_Finding"]:
@@ -878,6 +901,20 @@ class Redactor:
         self._envelope: dict[tuple, tuple[dict, list[dict]]] = {}
         self._keys: dict[str, str] = {}
         self._local = threading.local()  # .seen: the secrets replaced in the record being redacted
+        self._known: dict[str, str] = {}  # secret -> token: replaced in every record (`add_known_secrets`)
+
+    def add_known_secrets(self, secrets: Iterable[tuple[str, str]]) -> None:
+        """(detector, value) pairs this producer knows to be secrets, whatever surrounds them: from
+        now on every occurrence in a record's payload is replaced by the value's token (the sandbox:
+        the secret-named variables of the command's environment, see `env_secrets`). Also their
+        JSON-escaped and percent-encoded spellings."""
+        for detector, value in secrets:
+            if len(value) < _MIN_LEN or value.startswith(TOKEN_PREFIX):
+                continue
+            tok = self.token(detector, value)
+            for spelling in (value, json.dumps(value)[1:-1], quote(value, safe="")):
+                if len(spelling) >= _MIN_LEN:
+                    self._known.setdefault(spelling, tok)
 
     @cached_property
     def rules(self) -> RuleSet:
@@ -929,6 +966,12 @@ class Redactor:
                 for m in _QUOTED.finditer(text):
                     if " " in m.group(1):
                         found += _argv_findings(text, m.start(1), m.end(1))
+                if "\n" in text:
+                    # a shell string over several lines is one word too: `sh -c "$(cat <<'EOF'⏎cf login
+                    # -p X⏎EOF⏎)"`, `bash -c "cd /w⏎mysql -pX"` -- its lines are command lines
+                    for m in _QUOTED_LINES.finditer(text):
+                        if "\n" in m.group(1) and " " in m.group(1):
+                            found += _argv_findings(text, m.start(1), m.end(1))
                 view = _backslash_view(text)
                 for m in _QUOTED.finditer(view.text) if view is not None else ():
                     if " " in m.group(1):
@@ -1211,8 +1254,8 @@ class Redactor:
         # A secret found in one field is replaced wherever else it occurs in the event: the argv the
         # hook splits from a shell string keeps the secret without the quotes or the context (a
         # header name, a JSON key) that made it recognisable in the shell string.
-        subs = sorted(((k, v) for k, v in seen.items() if len(k) >= _MIN_LEN and not k.startswith(TOKEN_PREFIX)),
-                      key=lambda kv: -len(kv[0]))
+        found = {k: v for k, v in seen.items() if len(k) >= _MIN_LEN and not k.startswith(TOKEN_PREFIX)}
+        subs = sorted({**self._known, **found}.items(), key=lambda kv: -len(kv[0]))
         if subs:
             new = self._propagate(new, "payload", subs, out)
         if new is not payload:

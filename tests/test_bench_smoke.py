@@ -123,19 +123,32 @@ def test_bench_chaos_readonly_sql_smoke(tmp_path):
     assert result["undetected"] == 0 and result["tracebacks"] == 0
 
 
-def test_bench_chaos_secrets_smoke(tmp_path):
+@pytest.mark.kafka
+def test_bench_chaos_secrets_smoke(tmp_path, bootstrap):
     """60 corpus secrets, then the same secrets split across lines (the first 40 that can be) and
-    base64-encoded (the next 20), through the importer (3 through the hook), 3 simulated sessions;
-    everything written scanned. The first 60 of seed 1 hold the password flags in JSON output that
+    base64-encoded (the next 20), through the importer (3 through the hook), one `sandbox run` of 10
+    of them (argv, environment, files, output), 3 simulated sessions; then the same producers to a
+    Kafka topic of its own (half the importer's through an unreachable broker: spooled, drained),
+    tiny (1 hook sample, 5 in the sandbox). Everything written, every topic message and warehouse
+    value scanned, by our pieces and by detect-secrets. The first 60 of seed 1 hold the password
+    flags in JSON output that leaked, and the here-document and bare environment forms the sandbox
     leaked; the split and base64 forms leaked at full size only, before they were part of the smoke."""
     proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "secrets", "--secret-samples", "60",
-                           "--hook-samples", "3", "--sim-sessions", "3", "--seed", "1", "--workdir", str(tmp_path)],
+                           "--hook-samples", "3", "--sim-sessions", "3", "--sandbox-samples", "10", "--replays", "1",
+                           "--bootstrap", bootstrap, "--kafka-hook-samples", "1", "--kafka-sandbox-samples", "5",
+                           "--kafka-sim-sessions", "2", "--seed", "1", "--workdir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["importer_samples"] >= 60 + 20 + 10 and result["simulator_secrets"] > 0 and result["files_scanned"] > 10
+    local, kafka, ds = result["local"], result["kafka"], result["detect_secrets"]
+    assert local["importer_samples"] >= 60 + 20 + 10 and local["simulator_secrets"] > 0, local
+    assert local["sandbox_runs"] == 1 and local["sandbox_samples"] == 10 and result["files_scanned"] > 10
+    assert kafka["topic_messages"] > 100 and kafka["spooled_messages"] > 10 and kafka["sandbox_runs"] == 1, kafka
     assert result["errors"] == {}, result["errors"]
     assert result["in_clear"] == 0, result["found"]
+    # the recording store does keep the values (it re-executes): the scan does see them there
+    assert result["in_not_event_places"].get("cas (recording store)", 0) > 0
+    assert ds["findings"] > 0 and ds["leaks_in_events"] == 0 and ds["unexplained"] == 0, ds
 
 
 def test_bench_chaos_consumer_kill_smoke(tmp_path):

@@ -175,3 +175,44 @@ def test_the_forms_the_chaos_scenario_found_reach_no_log_warehouse_or_state_via_
         con.close()
     where += [("state", p) for s in secrets for p in pieces(s) if p in state]
     assert where == []
+
+
+# -- found by the sandbox half of the scenario (`agentledger sandbox run -- sh -c SCRIPT`) ----------
+@pytest.mark.parametrize("text", [
+    "sh -c \"$(cat <<'EOF'\ncf login -a api.example.com -u me -p UGRLb947%ec\nEOF\n)\" </dev/null 2>&1 | head -c 600",
+    'bash -c "cd /w\nredis-cli -a UGRLb947%ec ping"',
+    'ssh host "set -e\nmysql -uroot -pUGRLb947%ec app < dump.sql"',
+])
+def test_a_command_line_inside_a_double_quoted_shell_string_over_several_lines_is_redacted(text):
+    """A double-quoted shell string spanning lines (`sh -c "$(cat <<'EOF' …)"`, a script passed to
+    `bash -c`/`ssh`) is one shell word to the argv rules, and the JSON-string pass reads only
+    one-line strings: its lines are command lines. In the sandbox's argv and in a hook's command."""
+    red = Redactor(KEY)
+    out, found = red.scan(text)
+    assert_no_piece(out, PASSWORD)
+    assert "[SECRET:password_flag:" in out and found, out
+    argv = red.redact_argv(["sh", "-c", text], "payload.argv", [])
+    assert_no_piece(json.dumps(argv), PASSWORD)
+
+
+def test_a_known_secret_is_replaced_wherever_it_occurs_even_bare():
+    """`Redactor.add_known_secrets` (the sandbox: the secret-named variables of the command's
+    environment, `env_secrets`): a value printed bare, JSON-escaped or percent-encoded in any later
+    record of the producer is its token; other variables and look-alikes are not secrets."""
+    from agentledger.producers.redact import env_secrets
+
+    env = {"DB_PASSWORD": 'oOtJi0"8!fh', "GITHUB_TOKEN": "x7jqKr2lXUNf", "TOKEN": "abcdefgh12", "PATH": "/usr/bin:/bin",
+           "CACHE_KEY": "v1-deadbeef-0001", "NEXT_PAGE_TOKEN": "eyJwYWdlIjoyfQ", "SSH_KEY": "~/.ssh/id_ed25519",
+           "GIT_ASKPASS": "/usr/lib/git-core/askpass", "LANG": "C.UTF-8", "MAX_TOKENS": "4096", "API_KEY": "changeme"}
+    assert sorted(v for _, v in env_secrets(env)) == sorted(['oOtJi0"8!fh', "x7jqKr2lXUNf", "abcdefgh12"])
+    red = Redactor(KEY)
+    red.add_known_secrets(env_secrets(env))
+    rec = {"payload": ("CommandFinished", {
+        "stdout": {"excerpt": 'oOtJi0"8!fh\n{"config": {"token": "oOtJi0\\"8!fh"}}\nx7jqKr2lXUNf\n'},
+        "argv": ["curl", "-H", "X: abcdefgh12", "https://h/?p=oOtJi0%228%21fh"], "cwd": "/usr/bin"}), "redactions": []}
+    out = red(rec)
+    text = json.dumps(out["payload"])
+    for v in ('oOtJi0"8!fh', 'oOtJi0\\"8!fh', "oOtJi0%228%21fh", "x7jqKr2lXUNf", "abcdefgh12"):
+        assert v not in text and json.dumps(v)[1:-1] not in text, (v, text)
+    assert f"[SECRET:password_assignment:{hmac8(chr(111) + 'OtJi0' + chr(34) + '8!fh')}]" in text
+    assert out["payload"][1]["cwd"] == "/usr/bin"

@@ -181,6 +181,27 @@ def test_environment_is_filtered_and_values_stay_out_of_events(box):
     assert b"tok-secret-1" not in raw
 
 
+def test_a_secret_the_policy_lets_into_the_environment_is_redacted_where_the_command_prints_it(box):
+    """A policy that lets a secret-named variable in (here DB_PASSWORD): the command prints its value
+    bare, inside JSON and passes it on to a sub-process's argv -- with nothing around it that says
+    secret. The sandbox knows it came from DB_PASSWORD: no event carries it (issue 14, the secrets
+    scenario's sandbox half). The recording store keeps it (it re-executes the command)."""
+    pw = "oOtJi098!fh-Zq8v"
+    box.env.update(DB_PASSWORD=pw)
+    pol = box.policy(env_allow=["PATH", "HOME", "LANG", "DB_PASSWORD"])
+    p = box.run("sh", "-c", 'echo "$DB_PASSWORD"; printf \'{"config": {"v": "%s"}}\\n\' "$DB_PASSWORD"; '
+                'sh -c "echo $DB_PASSWORD >/dev/null"', pol=pol)
+    assert p.returncode == 0 and pw in p.stdout
+    raw = b"".join(x.read_bytes() for x in (box.home / "log").rglob("*.avro"))
+    assert pw.encode() not in raw and pw[:12].encode() not in raw
+    evs = box.events()
+    done = [e.payload for e in of_kind(evs, "command_finished") if e.payload["stdout"]["size"]]
+    assert done and done[0]["stdout"]["excerpt"].count("[SECRET:password_assignment:") == 2, done
+    subs = [e.payload["argv"] for e in of_kind(evs, "command_started") if e.payload.get("parent_command_id")]
+    assert any(a[:2] == ["sh", "-c"] and "[SECRET:password_assignment:" in a[2] for a in subs), subs
+    assert any(pw.encode() in b.read_bytes() for b in (box.home / "cas").rglob("*") if b.is_file())
+
+
 def test_timeout_kills_the_whole_sandbox_and_reexecution_cuts_it_off_too(box):
     t0 = time.monotonic()
     p = box.run("sh", "-c", "sleep 60 & sleep 60", opts=("--timeout", "1"))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from agentledger.producers.recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
+from agentledger.producers.redact import env_secrets, redactor_of
 from agentledger.producers.sinks import open_producer_sink
 from agentledger.schemas import envvars
 from agentledger.schemas.config import Settings
@@ -313,6 +314,11 @@ class SandboxSession:
         before = tree.take(ws, exclude=exclude, cache=self.statcache)
         gaps = [f"{p} ({why})" for p, why in tree.store_snapshot(before, self.store)]
         env = sandbox_env(self.policy, self.host_env, tools=self.tools, options=self.options, sandboxed=sandboxed)
+        red = redactor_of(self.recorder.transforms)
+        if red is not None:
+            # the command may print a secret of its environment bare (`echo $TOKEN`), or pass it on to
+            # a sub-process's argv (`curl -H "X: $TOKEN"`): nothing around it says secret there
+            red.add_known_secrets(env_secrets(env))
         env_blob = self.store.put_json(env)
         if not env_blob.stored:
             gaps.append(f"environment ({env_blob.reason})")
