@@ -708,21 +708,80 @@ def _shell_windows(text: str) -> list[tuple[int, int]]:
     return out
 
 
+# A private key's body without its BEGIN/END lines (an excerpt, a shell that ran the key file as a
+# script: `sh: 3: MIIEvQIBADANBgkq…: not found`): a line that is one base64 run of PEM / OpenSSH line
+# width and nothing else, or that run inside a shell's "not found" error. Hex (digests, git SHAs)
+# and UUIDs are not base64 lines: upper and lower case letters are both required.
+_PEM_LINE = re.compile(
+    r"^[ \t]*(?:(?:[\w./-]*sh|zsh|dash|ksh): (?:line )?(?:\d+: )?(?:command not found: )?)?"
+    r"((?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])[A-Za-z0-9+/]{40,100}={0,2})"
+    r"(?:: (?:command )?not found|: No such file or directory)?[ \t]*\r?$", re.MULTILINE)
+_PEM_LINE_TRIGGER = re.compile(r"[A-Za-z0-9+/]{40}")
+_OPENSSH_KEY = "b3BlbnNzaC1rZXktdjE"  # base64 of "openssh-key-v1"
+
+
+def _key_der(run: str) -> bool:
+    """Whether a base64 run begins as a private key does: openssh-key-v1, or DER of a SEQUENCE
+    whose first element is the INTEGER version 0 or 1 (PKCS#1, PKCS#8, SEC1; a certificate or a
+    public key begins with a SEQUENCE inside the SEQUENCE instead)."""
+    if len(run) < 40:
+        return False
+    if run.startswith(_OPENSSH_KEY):
+        return True
+    if not run.startswith("M"):
+        return False
+    try:
+        head = base64.b64decode(run[:16], validate=True)
+    except ValueError:
+        return False
+    if head[0] != 0x30:
+        return False
+    n = 1 + (head[1] & 0x7F) if head[1] & 0x80 else 1  # length octets after the tag
+    i = 1 + n
+    return head[i:i + 3] in (b"\x02\x01\x00", b"\x02\x01\x01")
+
+
+def _pem_fragments(text: str) -> list["_Finding"]:
+    """Private key material without its BEGIN/END lines: see ``_PEM_LINE`` and ``_key_der``."""
+    found = []
+    if _PEM_LINE_TRIGGER.search(text) is None:
+        return found
+    for m in _PEM_LINE.finditer(text):
+        found.append(_Finding(m.start(1), m.end(1), 0, -1, "private_key", m.group(1)))
+    for m in _B64_RUN.finditer(text):
+        if _key_der(m.group(0)):
+            found.append(_Finding(m.start(), m.end(), 0, -1, "private_key", m.group(0)))
+    return found
+
+
 _QUOTED = re.compile(r'"((?:[^"\\\n]|\\.){3,4096})"')
 _QUOTED_LINES = re.compile(r'"((?:[^"\\]|\\.){3,4096})"')  # a double-quoted shell string, newlines and all
 
 
 def _argv_findings(text: str, lo: int, hi: int) -> list["_Finding"]:
     """What the argv rules find in the command lines of ``text[lo:hi]``."""
-    found = []
+    found: list[_Finding] = []
     part = text[lo:hi]
     for a, b in _shell_windows(part):
         words, spans = shell_words(part[a:b])
-        for wi, s, e, name in argv_secrets(words):
-            pos = spans[wi]
-            if e > s:
-                found.append(_Finding(lo + a + pos[s], lo + a + pos[e - 1] + 1, _ARGV_RANK, -1, name, words[wi][s:e]))
+        _words_findings(words, [[lo + a + p for p in pos] for pos in spans], found, 0)
     return found
+
+
+def _words_findings(words: list[str | None], spans: list[list[int]], found: list["_Finding"], depth: int) -> None:
+    """What the argv rules find in shell ``words`` whose characters sit at ``spans`` of the text; a
+    word that is itself a command line (the argument of ``sh -c``, however it was quoted:
+    ``bash -lc 'mysql -pX -e '"'"'select 1'"'"''`` as shlex.join writes it) is read as one too."""
+    for wi, s, e, name in argv_secrets(words):
+        pos = spans[wi]
+        if e > s:
+            found.append(_Finding(pos[s], pos[e - 1] + 1, _ARGV_RANK, -1, name, words[wi][s:e]))
+    if depth >= 2:
+        return
+    for wi, w in enumerate(words):
+        if w is not None and " " in w and next(_triggers(w), None) is not None:
+            inner, ispans = shell_words(w)
+            _words_findings(inner, [[spans[wi][p] for p in pos] for pos in ispans], found, depth + 1)
 
 
 # -- the rule set -------------------------------------------------------------------------------
@@ -957,6 +1016,8 @@ class Redactor:
                 if inner:
                     best = min(inner, key=lambda f: (f.rank, f.start - f.end, f.start, f.order))
                     found.append(_Finding(m.start(), m.end(), best.rank, best.order, best.name, best.secret))
+        if len(text) >= 40:
+            found += _pem_fragments(text)
         if " " in text:
             found += _argv_findings(text, 0, len(text))
             if '"' in text:

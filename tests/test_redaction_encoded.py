@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import shlex
 
 import pytest
 
@@ -216,3 +217,66 @@ def test_a_known_secret_is_replaced_wherever_it_occurs_even_bare():
         assert v not in text and json.dumps(v)[1:-1] not in text, (v, text)
     assert f"[SECRET:password_assignment:{hmac8(chr(111) + 'OtJi0' + chr(34) + '8!fh')}]" in text
     assert out["payload"][1]["cwd"] == "/usr/bin"
+
+
+# -- issue 14, the sandbox path ----------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["bash", "-lc", "mysql -uroot -pS3cretPass -e 'select 1'"],
+    ["sh", "-c", "sh -c 'mysql -uroot -pS3cretPass -e \"select 1\"'"],
+    ["bash", "-c", "cd /w && mysql -uroot -pS3cretPass -e 'select 1' app"],
+])
+def test_a_command_line_in_a_shell_string_quoted_by_shlex_join_is_redacted(argv):
+    """`bash -lc 'mysql -pX -e '"'"'select 1'"'"''`: shlex.join's quoting of a quote inside a
+    single-quoted string; the `-c` argument is a command line whatever quoting produced it."""
+    red = Redactor(KEY)
+    text = shlex.join(argv)
+    assert "'\"'\"'" in text
+    out, found = red.scan(text)
+    assert [d for d, _ in found] == ["password_flag"], out
+    assert "S3cretPass" not in out and "-uroot" in out and "select 1" in out
+    # the same token as the plain command line
+    assert found[0][1] == red.scan("mysql -uroot -pS3cretPass")[1][0][1]
+    # and as an event with its shell string and argv (the sandbox's command events)
+    ev = red.walk({"shell": text, "argv": argv}, "command", [])
+    assert "S3cretPass" not in json.dumps(ev)
+
+
+def _key_lines(fmt) -> list[str]:
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048) if fmt != "sec1" else \
+        ec.generate_private_key(ec.SECP256R1())
+    form = {"pkcs8": ser.PrivateFormat.PKCS8, "pkcs1": ser.PrivateFormat.TraditionalOpenSSL,
+            "sec1": ser.PrivateFormat.TraditionalOpenSSL, "openssh": ser.PrivateFormat.OpenSSH}[fmt]
+    pem = key.private_bytes(ser.Encoding.PEM, form, ser.NoEncryption()).decode()
+    return pem.splitlines()[1:-1]
+
+
+@pytest.mark.parametrize("fmt", ["pkcs8", "pkcs1", "sec1", "openssh"])
+def test_a_private_key_body_line_without_begin_end_lines_is_redacted(fmt):
+    """`sh: 3: MIIEvQIBADANBgkq…: not found`: a key file run as a script echoes its body lines in
+    the shell's errors, without the BEGIN/END lines the PEM rule needs."""
+    red = Redactor(KEY)
+    lines = _key_lines(fmt)
+    first, middle = lines[0], lines[len(lines) // 2]
+    for text, secret in [(f"sh: 3: {first}: not found", first), (f"sh: 7: {middle}: not found\nsh: 8: x: not found", middle),
+                         (f"bash: line 3: {middle}: command not found", middle),
+                         (f"$ sed -n 5p key.pem\n{middle}\n$ ", middle),
+                         (f"key starts {first} and so on", first)]:  # the first line: DER of a private key
+        out, found = red.scan(text)
+        assert found and found[0][0] == "private_key", text
+        assert_no_piece(out, secret)
+
+
+def test_key_fragments_leave_digests_shas_uuids_certificates_and_public_keys_alone():
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    red = Redactor(KEY)
+    pub = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    spki = pub.public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo).decode().splitlines()[1]
+    sha, d256 = "3f786850e387550fdab836ed7e6dc881de23001b", hashlib.sha256(b"x").hexdigest()
+    for text in [f"git rev-parse HEAD\n{sha}", f"{d256}\n", d256.upper(), f"sh: 3: {sha}: not found",
+                 "550e8400-e29b-41d4-a716-446655440000", f"pub {spki} end",
+                 f'"integrity": "sha512-{base64.b64encode(hashlib.sha512(b"x").digest()).decode()}"']:
+        out, found = red.scan(text)
+        assert not found and out == text, (text, out)

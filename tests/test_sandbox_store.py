@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 
@@ -130,3 +131,23 @@ def test_forget_deletes_only_what_no_other_session_needs(tmp_path):
     assert store.load_manifest("a") is None
     assert store.has(snap_b.digest) and store.has(snap_b.entries["shared"].digest)
     assert not store.has(snap_a.digest) and not store.has(env_a)
+
+
+def test_the_stat_cache_does_not_keep_file_names(tmp_path):
+    """A workspace file named after a secret: the cache (sandbox state, not the recording store)
+    keeps a digest of its path, not the name."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    name = "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    f = ws / name
+    f.write_text("x")
+    st = os.stat(f)
+    later = st.st_ctime_ns + 10 * 10**9  # past the racy window: the entry is kept
+    cache = tree.StatCache(tmp_path / "cache.json")
+    d = cache.digest(str(f), st, later)
+    cache.save()
+    saved = (tmp_path / "cache.json").read_text()
+    assert len(json.loads(saved)) == 1 and name not in saved and name[4:16] not in saved
+    f.write_text("y")  # same size; asked with the old stat, only a cache hit gives the old digest
+    assert tree.StatCache(tmp_path / "cache.json").digest(str(f), st, later) == d
+    assert tree.StatCache(None).digest(str(f), st, later) != d

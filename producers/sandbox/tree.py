@@ -39,7 +39,9 @@ class Entry:
 
 
 class StatCache:
-    """Remembers digests by (size, mtime, ctime, inode) so unchanged files are not re-read."""
+    """Remembers digests by (size, mtime, ctime, inode) so unchanged files are not re-read. Keyed
+    by the SHA-256 of the file's path, not the path: the cache is sandbox state outside the
+    recording store, and a workspace file may be named after a secret."""
 
     def __init__(self, path: Path | None = None):
         self.path = path
@@ -52,14 +54,15 @@ class StatCache:
 
     def digest(self, abspath: str, st: os.stat_result, now_ns: int) -> str:
         key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        hit = self.entries.get(abspath)
+        name = sha256_hex(abspath.encode("utf-8", "surrogateescape"))
+        hit = self.entries.get(name)
         if hit and hit[:4] == key:
             return hit[4]
         d = file_digest(abspath)
         if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
-            self.entries[abspath] = key + [d]
+            self.entries[name] = key + [d]
         else:
-            self.entries.pop(abspath, None)
+            self.entries.pop(name, None)
         return d
 
     def save(self) -> None:
