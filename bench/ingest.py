@@ -5,7 +5,9 @@
 Produces N simulated events to a fresh topic, then measures (1) a raw kafka-python poll of the
 whole topic (values touched, nothing decoded or stored), (2) `agentledger ingest` into a fresh
 DuckDB warehouse (committed, exactly once), (3) the embedded-log ingest of the same events, and
-(4) the Kafka ingest again into a warehouse that already holds --base-rows events (20M by default).
+(4) the Kafka ingest again into a warehouse that already holds --base-rows events (20M by default),
+right after the same ingest into an empty warehouse again (``ingest_again``; ``at_20m_vs_ingest_again``
+compares the two, measured minutes apart rather than a quarter of an hour).
 
 The base rows are built fast inside DuckDB: the ingested rows are copied with INSERT ... SELECT,
 each copy with rewritten ids (event_id, session_id get a per-copy prefix) and timestamps moved
@@ -15,8 +17,13 @@ life: the warehouse holds the past) and chain_heads gets one row per copied sess
 (2) and (3) run twice: with the native decoder (agentledger-avro2arrow, when installed) and without
 it (``*_without_native``, the Python path), the baseline from the same run. The raw poll also runs
 with kafka-python's default fetch sizes and with larger ones (``raw_poll_fetch``), to decide
-KafkaSource's settings from numbers. Peak memory: this process (``peak_rss_mb``) and the largest
-decoder process (``peak_decoder_rss_mb``).
+KafkaSource's settings from numbers.
+
+Peak memory: each ingest and the base building run in a child process of their own, so that each
+phase's peak is its own: ``peak_ingest_rss_mb`` (the largest ingest process, the committing one),
+``peak_decoder_rss_mb`` (the largest decoder process, sampled from /proc),
+``peak_base_build_rss_mb`` (building the base warehouse, not ingest), per phase in
+``peak_rss_by_phase_mb``; ``peak_rss_mb`` is the largest of all. The temporary work directory is removed at the end unless --workdir was given.
 
 The last line is JSON: {"raw_poll", "ingest", "ratio", "embedded", "ingest_at_20m", ...} in events/s.
 """
@@ -25,13 +32,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
+import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,6 +84,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-embedded", action="store_true")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-bench-"))
+    try:
+        return _run(args, work)
+    finally:
+        if args.workdir is None:  # a 20M-row warehouse is gigabytes: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: Path) -> dict:
     topic = f"bench.ingest.{uuid.uuid4().hex[:8]}"
     s = from_env({"AGENTLEDGER_HOME": str(work), "AGENTLEDGER_BOOTSTRAP_SERVERS": args.bootstrap,
                   "AGENTLEDGER_TOPIC": topic})
@@ -94,40 +111,54 @@ def main(argv=None) -> dict:
         fetch[name] = round(n / secs)
         print(f"raw poll, {name} fetch sizes: {n / secs:,.0f} msg/s", file=sys.stderr)
 
-    ingest_rate = _kafka_ingest(s, topic, str(work / "warehouse.duckdb"), n, args.batch)
+    peaks: dict[str, dict[str, int]] = {}
+    ingest_rate = _phase(peaks, "ingest", _kafka_ingest, s, topic, str(work / "warehouse.duckdb"), n, args.batch)
     print(f"agentledger ingest: {ingest_rate:,.0f} events/s", file=sys.stderr)
-    with _without_native():  # the same ingest on the Python path: the baseline of the decoder
-        ingest_py = _kafka_ingest(s, topic, str(work / "warehouse-python.duckdb"), n, args.batch)
+    # the same ingest on the Python path: the baseline of the decoder
+    ingest_py = _phase(peaks, "ingest_without_native", _kafka_ingest, s, topic, str(work / "warehouse-python.duckdb"),
+                       n, args.batch, native_off=True)
     print(f"agentledger ingest without the native decoder: {ingest_py:,.0f} events/s", file=sys.stderr)
 
     embedded = embedded_py = None
     if not args.skip_embedded:
         local = from_env({"AGENTLEDGER_HOME": str(work / "embedded"), "AGENTLEDGER_TOPIC": topic})
         _copy_to_local(args.bootstrap, topic, local, n)
-        embedded = _embedded_ingest(local, topic, str(work / "embedded.duckdb"), n, args.batch)
+        embedded = _phase(peaks, "embedded", _embedded_ingest, local, topic, str(work / "embedded.duckdb"), n, args.batch)
         print(f"embedded-log ingest: {embedded:,.0f} events/s", file=sys.stderr)
-        with _without_native():
-            embedded_py = _embedded_ingest(local, topic, str(work / "embedded-python.duckdb"), n, args.batch)
+        embedded_py = _phase(peaks, "embedded_without_native", _embedded_ingest, local, topic,
+                             str(work / "embedded-python.duckdb"), n, args.batch, native_off=True)
         print(f"embedded-log ingest without the native decoder: {embedded_py:,.0f} events/s", file=sys.stderr)
 
     big = str(work / "big.duckdb")
     t0 = time.perf_counter()
-    base = _build_base(str(work / "warehouse.duckdb"), big, args.base_rows)
+    base = _phase(peaks, "base_build", _build_base, str(work / "warehouse.duckdb"), big, args.base_rows)
     print(f"built a warehouse of {base:,} rows in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    at_base = _kafka_ingest(s, topic, big, n, args.batch, base=base)
+    # the rate at 0 again, next to the rate at 20M: on shared cores the load drifts over the
+    # minutes the base takes to build, and the first rate was measured before it
+    ingest_again = _phase(peaks, "ingest_again", _kafka_ingest, s, topic, str(work / "warehouse-again.duckdb"), n,
+                          args.batch)
+    print(f"agentledger ingest again, just before the big warehouse: {ingest_again:,.0f} events/s", file=sys.stderr)
+    at_base = _phase(peaks, "ingest_at_20m", _kafka_ingest, s, topic, big, n, args.batch, base=base)
     print(f"ingest into {base:,} rows: {at_base:,.0f} events/s", file=sys.stderr)
+    ingest_phases = [p for p in peaks if p != "base_build"]
+    print(f"peak RSS per phase (MB): {peaks}", file=sys.stderr)
 
     result = {"events": n, "raw_poll": round(n / raw_s), "ingest": round(ingest_rate),
               "ratio": round(ingest_rate / (n / raw_s), 3),
               "embedded": round(embedded) if embedded else None,
               "ingest_at_20m": round(at_base), "base_rows": base,
-              "at_20m_vs_ingest": round(at_base / ingest_rate, 3), "produce": round(n / produce_s),
+              "at_20m_vs_ingest": round(at_base / ingest_rate, 3),
+              "ingest_again": round(ingest_again), "at_20m_vs_ingest_again": round(at_base / ingest_again, 3),
+              "produce": round(n / produce_s),
               "decoder": "native" if native.decoder() is not None else "python",
               "ingest_without_native": round(ingest_py), "ratio_without_native": round(ingest_py / (n / raw_s), 3),
               "embedded_without_native": round(embedded_py) if embedded_py else None,
               "raw_poll_fetch": fetch,
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-              "peak_decoder_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+              "peak_rss_mb": max(_rss_mb(resource.RUSAGE_SELF), *(v["self"] for v in peaks.values())),
+              "peak_decoder_rss_mb": max(peaks[p]["children"] for p in ingest_phases),
+              "peak_ingest_rss_mb": max(peaks[p]["self"] for p in ingest_phases),
+              "peak_base_build_rss_mb": peaks["base_build"]["self"],
+              "peak_rss_by_phase_mb": peaks}
     print(json.dumps(result))
     return result
 
@@ -140,17 +171,70 @@ FETCH_VARIANTS = {
 }
 
 
-@contextmanager
-def _without_native():
-    old = os.environ.get(native.ENV)
-    os.environ[native.ENV] = "off"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[native.ENV]
-        else:
-            os.environ[native.ENV] = old
+def _rss_mb(who: int) -> int:
+    return round(resource.getrusage(who).ru_maxrss / 1024)
+
+
+class _ChildPeak:
+    """The largest VmHWM (peak resident set) of this process's child processes (the decoder),
+    sampled from /proc while ``fn`` runs. Not RUSAGE_CHILDREN: on Linux a child's ru_maxrss starts
+    at its parent's resident set when it forks, so it reports the parent's size, not the decoder's."""
+
+    def __init__(self, every_s: float = 0.05):
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._every = every_s
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "_ChildPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.wait(self._every):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                if fields.get("PPid", "").strip() == me and "VmHWM" in fields:
+                    self.peak_kb = max(self.peak_kb, int(fields["VmHWM"].split()[0]))
+
+
+_PEAK_MB: list[int] = []
+
+
+def _mark_peak() -> None:
+    """The phase's peak so far is the one reported: what the bench checks afterwards is not ingest."""
+    _PEAK_MB.append(_rss_mb(resource.RUSAGE_SELF))
+
+
+def _in_child(fn, args, kwargs, native_off: bool):
+    if native_off:
+        os.environ[native.ENV] = "off"
+    with _ChildPeak() as children:
+        result = fn(*args, **kwargs)
+    # this process's peak, and that of the largest process it ran (the decoder's)
+    return result, (_PEAK_MB or [_rss_mb(resource.RUSAGE_SELF)])[0], round(children.peak_kb / 1024)
+
+
+def _phase(peaks: dict, name: str, fn, *args, native_off: bool = False, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh child process (spawned: nothing inherited but the
+    arguments), so that its peak memory is its own; ``peaks[name]`` gets it (``self``) and the
+    largest process it ran (``children``: the decoder, sampled), in MB."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        result, rss_self, rss_children = pool.apply(_in_child, (fn, args, kwargs, native_off))
+    peaks[name] = {"self": rss_self, "children": rss_children}
+    return result
 
 
 def _embedded_ingest(local, topic, url, n, batch) -> float:
@@ -159,6 +243,7 @@ def _embedded_ingest(local, topic, url, n, batch) -> float:
         t0 = time.perf_counter()
         st = Ingestor(wh, src, topic, batch_records=batch).run()
         rate = n / (time.perf_counter() - t0)
+        _mark_peak()
         src.close()
         assert st.accepted == n, st.as_dict()
     return rate
@@ -171,7 +256,9 @@ def _kafka_ingest(s, topic, url, n, batch, base=0) -> float:
         t0 = time.perf_counter()
         stats = Ingestor(wh, src, topic, batch_records=batch).run()
         secs = time.perf_counter() - t0
+        _mark_peak()
         src.close()
+        # (counting the events view of a 20M-row warehouse costs ~400 MB more than the ingest did)
         stored = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
     assert stats.accepted == n and stored == n + base, (stats.as_dict(), stored, n, base)
     return n / secs
@@ -205,6 +292,9 @@ def _build_base(seed_db: str, url: str, rows: int) -> int:
     shutil.copy(seed_db, url)
     with open_warehouse(url) as wh:
         con = wh.con
+        # a checkpoint every 16 MB of WAL (the default) rewrote the last row group each time: the
+        # build took ~3x longer
+        con.execute("SET checkpoint_threshold = '1GB'")
         con.execute("DELETE FROM ingest_offsets")
         n0 = con.execute("SELECT count(*) FROM events").fetchone()[0]
         copies = max(1, rows // max(1, n0))
