@@ -113,7 +113,8 @@ def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, timeout_s:
     try:
         if topic in set(admin.list_topics()):
             return
-        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        # -1: the broker's default.replication.factor (1 on a single broker, 3 on scripts/kafka cluster)
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1)])
     except TopicAlreadyExistsError:
         pass
     except KafkaError as exc:
