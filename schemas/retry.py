@@ -10,7 +10,9 @@ By type: `duckdb.TransactionException` is transient (DuckDB raises it for commit
 DuckLake commits that could not flush into a locked catalog). Two cases carry no telling type, so
 their text is read, here only: an `IOException` that is a lock ("Could not set lock on file": a
 DuckDB catalog file another process holds), and the bare `duckdb.Error` DuckLake raises when two
-processes initialise one catalog at once ("Failed to initialize DuckLake ... database is locked").
+processes initialise one catalog at once ("Failed to initialize DuckLake ... database is locked"; on a
+Postgres catalog the loser's CREATE TABLE meets the winner's: "Failed to initialize DuckLake ... duplicate
+key value violates unique constraint", read only together with the DuckLake initialisation wording).
 """
 
 from __future__ import annotations
@@ -32,12 +34,18 @@ TRANSIENT_TYPES: tuple[type[BaseException], ...] = (duckdb.TransactionException,
 UNTYPED_TRANSIENT_TEXT = ("could not set lock on file", "database is locked", "could not serialize access")
 
 
+# Two processes creating one new DuckLake catalog in Postgres: both run its CREATE TABLEs, one loses.
+INIT_RACE_TEXT = ("failed to initialize ducklake", "duplicate key value violates unique constraint")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether redoing the transaction may succeed: it lost a race with another writer."""
     if isinstance(exc, TRANSIENT_TYPES):
         return True
+    text = str(exc).lower()
+    if isinstance(exc, duckdb.Error) and all(m in text for m in INIT_RACE_TEXT):
+        return True
     if type(exc) in (duckdb.IOException, duckdb.Error):
-        text = str(exc).lower()
         return any(m in text for m in UNTYPED_TRANSIENT_TEXT)
     return False
 
