@@ -11,7 +11,7 @@ DuckLake commits that could not flush into a locked catalog). Two cases carry no
 their text is read, here only: an `IOException` that is a lock ("Could not set lock on file": a
 DuckDB catalog file another process holds), and the bare `duckdb.Error` DuckLake raises when two
 processes initialise one catalog at once ("Failed to initialize DuckLake ... database is locked"; on a
-Postgres catalog the loser's CREATE TABLE meets the winner's: "Failed to initialize DuckLake ... duplicate
+Postgres catalog the loser creates a table the winner just made: "Failed to initialize DuckLake ... duplicate
 key value violates unique constraint", read only together with the DuckLake initialisation wording).
 """
 
@@ -34,7 +34,7 @@ TRANSIENT_TYPES: tuple[type[BaseException], ...] = (duckdb.TransactionException,
 UNTYPED_TRANSIENT_TEXT = ("could not set lock on file", "database is locked", "could not serialize access")
 
 
-# Two processes creating one new DuckLake catalog in Postgres: both run its CREATE TABLEs, one loses.
+# Two processes creating one new DuckLake catalog in Postgres: both create its tables, one loses.
 INIT_RACE_TEXT = ("failed to initialize ducklake", "duplicate key value violates unique constraint")
 
 

@@ -5,7 +5,7 @@ members as separate processes with their own homes (stand-ins for machines), one
 SIGKILLed and restarted while events flow, and an auditor's `sql` (another process each time) that may
 only ever see committed snapshots. The warehouse must end up holding exactly the produced set.
 
-Size: AGENTLEDGER_SCALE_EVENTS events (about 5,000 by default; bench/scale.py --events 100000 runs the
+Size: about 5,000 events (about 100,000 with AGENTLEDGER_TEST_SCALE=full; bench/scale.py --e2e --events 100000 runs the
 issue's full figure with the same kills). Java, Maven, PostgreSQL and S3Proxy are required: when one of
 them is missing the test FAILS with the reason (scripts/test installs them), it never skips."""
 
