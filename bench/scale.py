@@ -235,7 +235,10 @@ def e2e(args: argparse.Namespace, work: Path) -> dict:
             except RuntimeError:
                 return -1
 
+        deadline = time.time() + args.timeout
         while count() < produced // 5:
+            if time.time() > deadline or any(m.poll() is not None for m in members):
+                raise RuntimeError("the members did not start ingesting")
             time.sleep(1)
         log(f"{time.time() - t0:.0f}s: killing broker 2 and member 1")
         script(KAFKA, "cluster", "kill", "--dir", servers.cluster_dir, "--node", 2)
@@ -270,6 +273,12 @@ def e2e(args: argparse.Namespace, work: Path) -> dict:
             print(json.dumps(out))
             raise SystemExit("scale: e2e FAILED (see the JSON above)")
         return out
+    except BaseException:
+        for i in range(3):  # the work directory goes away: show what the members said
+            f = work / f"member{i}.log"
+            if f.exists():
+                log(f"--- member {i}:\n" + f.read_text()[-2000:])
+        raise
     finally:
         for p in members:
             if p.poll() is None:
