@@ -12,7 +12,7 @@ their text is read, here only: an `IOException` that is a lock ("Could not set l
 DuckDB catalog file another process holds), and the bare `duckdb.Error` DuckLake raises when two
 processes initialise one catalog at once ("Failed to initialize DuckLake ... database is locked"; on a
 Postgres catalog the loser creates a table the winner just made: "Failed to initialize DuckLake ... duplicate
-key value violates unique constraint", read only together with the DuckLake initialisation wording).
+key value violates unique constraint" or "... already exists", read only together with the DuckLake initialisation wording).
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ TRANSIENT_TYPES: tuple[type[BaseException], ...] = (duckdb.TransactionException,
 UNTYPED_TRANSIENT_TEXT = ("could not set lock on file", "database is locked", "could not serialize access")
 
 
-# Two processes creating one new DuckLake catalog in Postgres: both create its tables, one loses.
-INIT_RACE_TEXT = ("failed to initialize ducklake", "duplicate key value violates unique constraint")
+# Two processes creating one new DuckLake catalog in Postgres: both create its tables, one loses, either
+# while the winner's transaction is open (a unique-constraint error) or after it committed ("already
+# exists"). Read only together with DuckLake's initialisation wording; the retry attaches the catalog.
+INIT_RACE = "failed to initialize ducklake"
+INIT_RACE_LOSER = ("duplicate key value violates unique constraint", "already exists")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -43,7 +46,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TRANSIENT_TYPES):
         return True
     text = str(exc).lower()
-    if isinstance(exc, duckdb.Error) and all(m in text for m in INIT_RACE_TEXT):
+    if isinstance(exc, duckdb.Error) and INIT_RACE in text and any(m in text for m in INIT_RACE_LOSER):
         return True
     if type(exc) in (duckdb.IOException, duckdb.Error):
         return any(m in text for m in UNTYPED_TRANSIENT_TEXT)
