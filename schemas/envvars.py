@@ -32,6 +32,7 @@ OFF = ("0", "false", "no", "off")
 SECTIONS = {
     "main": "Where things are",
     "kafka": "Kafka security (real clusters)",
+    "lake": "DuckLake data on S3 (docs/scale.md)",
     "producers": "Producers and the hook",
     "keys": "Keys",
     "detection": "Detection and replay",
@@ -129,6 +130,19 @@ VARIABLES: tuple[Var, ...] = (
        "schemas/transport/kafka/clients.py", "kafka"),
     _V("AGENTLEDGER_KAFKA_SSL_KEYFILE", "path", None, "none", "PEM private key of the client certificate",
        "schemas/transport/kafka/clients.py", "kafka"),
+    # -- DuckLake data on S3 ---------------------------------------------------------------------------
+    _V("AGENTLEDGER_S3_ENDPOINT", "str", None, "AWS S3",
+       "`host:port` of an S3-compatible store (MinIO, Ceph, S3Proxy) for an `s3://` data path",
+       "schemas/warehouse.py", "lake"),
+    _V("AGENTLEDGER_S3_REGION", "str", None, "`us-east-1`", "S3 region", "schemas/warehouse.py", "lake"),
+    _V("AGENTLEDGER_S3_ACCESS_KEY_ID", "str", None, "the AWS credential chain (environment, config files, instance role)",
+       "S3 access key id", "schemas/warehouse.py", "lake"),
+    _V("AGENTLEDGER_S3_SECRET_ACCESS_KEY", "str", None, "none", "S3 secret access key (shown masked, never logged)",
+       "schemas/warehouse.py", "lake", secret=True),
+    _V("AGENTLEDGER_S3_URL_STYLE", "choice", "vhost", "`vhost`", "`vhost` (AWS) or `path` (most self-hosted stores)",
+       "schemas/warehouse.py", "lake", choices=("vhost", "path")),
+    _V("AGENTLEDGER_S3_USE_SSL", "bool", True, "`true`", "HTTPS to the S3 endpoint (`false` only on a trusted network)",
+       "schemas/warehouse.py", "lake"),
     # -- producers and the hook ----------------------------------------------------------------------
     _V("AGENTLEDGER_RECORDING_MODE", "choice", "spool", "`spool`",
        "`spool` (never block or fail the agent) or `fail_closed` (refuse actions that cannot be recorded)",
@@ -228,6 +242,14 @@ VARIABLES: tuple[Var, ...] = (
        "dev"),
     _V("AGENTLEDGER_KAFKA_JAVA_OPTS", "str", None, "none", "extra JVM options for the broker", "scripts/kafka",
        "dev"),
+    _V("AGENTLEDGER_KAFKA_CLUSTER_HEAP", "str", "384m", "`384m`", "JVM heap of each node of `scripts/kafka cluster`",
+       "scripts/kafka", "dev"),
+    _V("AGENTLEDGER_S3PROXY_LIBS", "path", None, "`<repo>/.s3proxy/libs-<version>`", "S3Proxy jar cache",
+       "scripts/lakestack", "dev"),
+    _V("AGENTLEDGER_PG_BIN", "path", None, "`pg_ctl` on PATH, else `/usr/lib/postgresql/*/bin`",
+       "PostgreSQL binaries of `scripts/lakestack`", "scripts/lakestack", "dev"),
+    _V("AGENTLEDGER_LAKESTACK_START_TIMEOUT", "int", 90, "`90`", "seconds `scripts/lakestack` waits for each server",
+       "scripts/lakestack", "dev"),
     _V("AGENTLEDGER_TEST_WORKERS", "int", 3, "`3`", "pytest-xdist workers scripts/test starts (`-n 0` runs serially)",
        "scripts/test", "dev"),
     _V("AGENTLEDGER_TEST_SCALE", "str", None, "small", "`full`: the scaled-down tests run at the size their issues asked for",
@@ -268,6 +290,13 @@ def mask(value: str) -> str:
     return "****" if value else ""
 
 
+def mask_dsn(value: str) -> str:
+    """A connection string with its ``password=...`` masked (a Postgres catalog URL may carry one)."""
+    import re
+
+    return re.sub(r"(?i)(password\s*=\s*)('[^']*'|\S+)", r"\1****", value)
+
+
 def effective(env: Mapping[str, str] | None = None,
               sections: Collection[str] | None = None) -> list[dict[str, Any]]:
     """One row per variable: name, value (secrets masked), source (``env`` or ``default``)."""
@@ -278,7 +307,7 @@ def effective(env: Mapping[str, str] | None = None,
             continue
         value = env.get(v.name)
         rows.append({"name": v.name, "section": v.section, "type": v.type,
-                     "value": (mask(value) if v.secret else value) if value else v.default_doc.replace("`", ""),
+                     "value": (mask(value) if v.secret else mask_dsn(value)) if value else v.default_doc.replace("`", ""),
                      "source": "env" if value else "default", "reader": v.reader})
     return rows
 

@@ -10,7 +10,9 @@ By type: `duckdb.TransactionException` is transient (DuckDB raises it for commit
 DuckLake commits that could not flush into a locked catalog). Two cases carry no telling type, so
 their text is read, here only: an `IOException` that is a lock ("Could not set lock on file": a
 DuckDB catalog file another process holds), and the bare `duckdb.Error` DuckLake raises when two
-processes initialise one catalog at once ("Failed to initialize DuckLake ... database is locked").
+processes initialise one catalog at once ("Failed to initialize DuckLake ... database is locked"; on a
+Postgres catalog the loser creates a table the winner just made: "Failed to initialize DuckLake ... duplicate
+key value violates unique constraint" or "... already exists", read only together with the DuckLake initialisation wording).
 """
 
 from __future__ import annotations
@@ -32,12 +34,21 @@ TRANSIENT_TYPES: tuple[type[BaseException], ...] = (duckdb.TransactionException,
 UNTYPED_TRANSIENT_TEXT = ("could not set lock on file", "database is locked", "could not serialize access")
 
 
+# Two processes creating one new DuckLake catalog in Postgres: both create its tables, one loses, either
+# while the winner's transaction is open (a unique-constraint error) or after it committed ("already
+# exists"). Read only together with DuckLake's initialisation wording; the retry attaches the catalog.
+INIT_RACE = "failed to initialize ducklake"
+INIT_RACE_LOSER = ("duplicate key value violates unique constraint", "already exists")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether redoing the transaction may succeed: it lost a race with another writer."""
     if isinstance(exc, TRANSIENT_TYPES):
         return True
+    text = str(exc).lower()
+    if isinstance(exc, duckdb.Error) and INIT_RACE in text and any(m in text for m in INIT_RACE_LOSER):
+        return True
     if type(exc) in (duckdb.IOException, duckdb.Error):
-        text = str(exc).lower()
         return any(m in text for m in UNTYPED_TRANSIENT_TEXT)
     return False
 

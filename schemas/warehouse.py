@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 
+from . import envvars
 from .contract import PayloadKind, SchemaStore, load_store
 from .errors import WarehouseError
 from .retry import is_transient, retry_transaction
@@ -78,12 +79,18 @@ def scalar(cur: duckdb.DuckDBPyConnection) -> Any:
     return row[0]
 
 
+# Extensions of the extra "scale" (a Postgres catalog, data in S3): not installed by default.
+SCALE_EXTENSIONS = frozenset({"postgres_scanner", "httpfs", "aws"})
+
+
 def extension_path(name: str) -> Path:
     """The extension binary shipped in the ``duckdb-extension-<name>`` wheel (no download, no INSTALL)."""
     try:
         module = importlib.import_module(f"duckdb_extension_{name}")
     except ImportError as exc:
-        raise WarehouseError(f"the DuckDB {name} extension is not installed (pip package duckdb-extension-{name})") from exc
+        hint = " or the extra: pip install 'agentledger[scale]'" if name in SCALE_EXTENSIONS else ""
+        raise WarehouseError(f"the DuckDB {name} extension is not installed (pip package "
+                             f"duckdb-extension-{name.replace('_', '-')}{hint})") from exc
     root = Path(str(ilr.files(module))) / "extensions"
     for candidate in (root / f"v{duckdb.__version__}", root / duckdb.__version__):
         p = candidate / f"{name}.duckdb_extension"
@@ -531,8 +538,9 @@ class LakeLocation:
         return None
 
 
-def parse_lake(url: str, data_path: str | None = None) -> LakeLocation:
-    """``ducklake:<catalog>``; the data path defaults to ``<catalog file>.files/`` next to a file catalog."""
+def parse_lake(url: str, data_path: str | None = None, *, read_only: bool = False) -> LakeLocation:
+    """``ducklake:<catalog>``; the data path defaults to ``<catalog file>.files/`` next to a file catalog.
+    A Postgres catalog needs one to write (a reader finds it in the catalog)."""
     catalog = url[len(LAKE_PREFIX):]
     if not catalog:
         raise WarehouseError("a DuckLake warehouse needs a catalog: ducklake:sqlite:/path/meta.sqlite")
@@ -541,7 +549,7 @@ def parse_lake(url: str, data_path: str | None = None) -> LakeLocation:
         f = loc.catalog_file.expanduser().absolute()
         cat = f"sqlite:{f}" if loc.kind == "sqlite" else str(f)
         loc = LakeLocation(cat, data_path or str(f) + ".files/")
-    elif not data_path:
+    elif not data_path and not read_only:
         raise WarehouseError("a DuckLake warehouse on Postgres needs a data path (AGENTLEDGER_LAKE_DATA_PATH), "
                              "e.g. s3://bucket/agentledger/ or a shared directory")
     return loc
@@ -565,7 +573,7 @@ class Warehouse:
         config: dict[str, str | bool | int | float | list[str]] = {
             "autoinstall_known_extensions": False, "autoload_known_extensions": False}
         if url.startswith(LAKE_PREFIX):
-            self.lake = parse_lake(url, data_path)
+            self.lake = parse_lake(url, data_path or envvars.get("AGENTLEDGER_LAKE_DATA_PATH"), read_only=read_only)
             self.con = duckdb.connect(":memory:", config=config)
             self._attach_lake()
             return
@@ -597,6 +605,7 @@ class Warehouse:
             load_extension(self.con, "sqlite_scanner")
         elif lake.kind == "postgres":
             load_extension(self.con, "postgres_scanner")
+        s3_secret(self.con, lake.data_path)
         load_extension(self.con, "ducklake")
         f = lake.catalog_file
         if f is not None:
@@ -988,6 +997,45 @@ def _canonical(store: SchemaStore) -> tuple[dict[str, str], dict[str, dict[str, 
         finally:
             con.close()
     return _CANONICAL[key]
+
+
+S3_SCHEMES = ("s3://", "s3a://", "s3n://")
+
+
+def s3_secret(con: duckdb.DuckDBPyConnection, data_path: str | None) -> bool:
+    """Give ``con`` what it needs to read and write DuckLake data in S3 (or an S3-compatible store),
+    from the AGENTLEDGER_S3_* settings: the httpfs extension and one temporary (in-memory, never
+    persisted) secret. With a key id: those credentials. Without one but with an ``s3://`` data path or
+    an endpoint: the AWS credential chain (the aws extension: environment, config files, instance
+    role). Nothing set and no ``s3://`` path (a local lake, or a reader that has not named one): no
+    secret, no extension. User SQL cannot read the secret (`check_query` refuses duckdb_secrets()).
+    Returns whether a secret was made."""
+    key_id = envvars.get("AGENTLEDGER_S3_ACCESS_KEY_ID")
+    endpoint = envvars.get("AGENTLEDGER_S3_ENDPOINT")
+    on_s3 = bool(data_path) and str(data_path).lower().startswith(S3_SCHEMES)
+    if not (key_id or endpoint or on_s3):
+        return False
+    opts = {"TYPE": "s3", "REGION": envvars.get("AGENTLEDGER_S3_REGION") or "us-east-1",
+            "URL_STYLE": envvars.get("AGENTLEDGER_S3_URL_STYLE"),
+            "USE_SSL": "true" if envvars.get("AGENTLEDGER_S3_USE_SSL") else "false"}
+    if endpoint:
+        opts["ENDPOINT"] = endpoint
+    load_extension(con, "httpfs")
+    if key_id:
+        secret = envvars.get("AGENTLEDGER_S3_SECRET_ACCESS_KEY")
+        if not secret:
+            raise WarehouseError("AGENTLEDGER_S3_ACCESS_KEY_ID is set without AGENTLEDGER_S3_SECRET_ACCESS_KEY")
+        opts.update(PROVIDER="config", KEY_ID=key_id, SECRET=secret)
+    else:
+        load_extension(con, "aws")
+        opts["PROVIDER"] = "credential_chain"
+    body = ", ".join(f"{k} {v if k in ('TYPE', 'PROVIDER', 'USE_SSL') else literal(str(v))}" for k, v in opts.items())
+    try:
+        con.execute(f"CREATE OR REPLACE TEMPORARY SECRET agentledger_s3 ({body})")
+    except duckdb.Error as exc:  # the message names the option, never the values
+        raise WarehouseError(f"cannot set up S3 access ({type(exc).__name__}); check the AGENTLEDGER_S3_* "
+                             "settings (`agentledger config`)") from None
+    return True
 
 
 def _sqlite_wal(path: Path) -> None:

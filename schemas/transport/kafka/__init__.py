@@ -13,11 +13,12 @@ rows (see consumers/ingest/).
 from __future__ import annotations
 
 from .clients import (CONNECT_TIMEOUT_MS, CONSUMER_DEFAULTS, PRODUCER_DEFAULTS, connect_config, consumer_client,
-                      ensure_topic, partition_for_key, producer_client, security_config, topic_partitions)
+                      ensure_topic, partition_for_key, producer_client, security_config, topic_partitions,
+                      topic_replication)
 from .process import KafkaProcessSink
 from .sink import KafkaSink
 from .source import KafkaSource
 
 __all__ = ["CONNECT_TIMEOUT_MS", "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "KafkaProcessSink", "KafkaSink",
            "KafkaSource", "connect_config", "consumer_client", "ensure_topic", "partition_for_key", "producer_client",
-           "security_config", "topic_partitions"]
+           "security_config", "topic_partitions", "topic_replication"]

@@ -116,7 +116,8 @@ def ensure_topic(bootstrap_servers: str, topic: str, partitions: int, timeout_s:
     try:
         if topic in set(admin.list_topics()):
             return
-        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        # -1: the broker's default.replication.factor (1 on a single broker, 3 on scripts/kafka cluster)
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1)])
     except TopicAlreadyExistsError:
         pass
     except KafkaError as exc:
@@ -158,3 +159,25 @@ def consumer_client(bootstrap_servers: str, client_id: str = "agentledger-ingest
 def topic_partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
     """The topic's partitions as the consumer's assign/seek take them (empty: no such topic)."""
     return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+
+
+def topic_replication(bootstrap_servers: str, topic: str) -> dict[str, Any]:
+    """How ``topic`` is replicated: ``{"partitions": {p: {"leader", "replicas", "isr"}}, "brokers": n,
+    "min_insync_replicas": int}`` (the topic's own setting, else the broker's). For checks of a real
+    cluster (tests/test_scale_out.py, docs/scale.md), not for the data path."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="agentledger-admin", **connect_config())
+    try:
+        desc = admin.describe_topics([topic])[0]
+        parts = {p["partition_index"]: {"leader": p["leader_id"], "replicas": sorted(p["replica_nodes"]),
+                                        "isr": sorted(p["isr_nodes"])} for p in desc["partitions"]}
+        cluster = admin.describe_cluster()
+        # the topic's effective value (its own, else the broker's default)
+        got = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"min.insync.replicas": None})],
+                                     config_filter="all")
+        value = (got.get("topic", {}).get(topic, {}).get("min.insync.replicas") or {}).get("value")
+        return {"partitions": parts, "brokers": len(cluster["brokers"]),
+                "min_insync_replicas": int(value) if value is not None else None}
+    finally:
+        admin.close()
