@@ -9,7 +9,7 @@ import re
 
 from conftest import REPO, cli_env, run_cli
 from agentledger.consumers.ingest import Ingestor
-from agentledger.consumers.verify import verify_session
+from agentledger.consumers.verify import verify, verify_session
 from agentledger.producers.recorder import Recorder
 from agentledger.schemas import signing
 from agentledger.schemas.contract import load_store
@@ -201,6 +201,9 @@ def test_verify_signed_unsigned_tampered_and_edited_rows(tmp_path, home):
                        "WHERE session_id = ? AND seq = 2", [edit_sid])
         kr = Keyring.from_paths(keys)
         got = {sid: verify_session(wh, sid, kr) for sid in (ok_sid, uns_sid, bad_sid, wrong_sid, unk_sid, edit_sid)}
+        # verify of the whole warehouse reads it in bulk (one scan, one query per table): the same verdicts
+        bulk = {v.session_id: v for v in verify(wh, None, kr)}
+        assert {sid: v.as_dict() for sid, v in bulk.items()} == {sid: v.as_dict() for sid, v in got.items()}
     assert got[ok_sid].label == "ok" and got[ok_sid].signed_checkpoints == 2
     assert got[uns_sid].label == "ok (unsigned)"
     assert (got[bad_sid].status, got[bad_sid].reason) == ("broken", "bad_signature")
