@@ -945,6 +945,9 @@ def hook_redaction_key(home: Path, env: Mapping[str, str] | None = None) -> tupl
                             "only (its tokens join nothing)\n")
 
 
+_MAX_KNOWN = 4096  # secrets a remembering Redactor keeps (`Redactor.remember_found`)
+
+
 class Redactor:
     """Replaces secrets in events by keyed-HMAC tokens and records each replacement."""
 
@@ -961,6 +964,9 @@ class Redactor:
         self._keys: dict[str, str] = {}
         self._local = threading.local()  # .seen: the secrets replaced in the record being redacted
         self._known: dict[str, str] = {}  # secret -> token: replaced in every record (`add_known_secrets`)
+        # The sandbox: a secret found in one record is a known secret for the records after it (a
+        # command `echo x > $VALUE` creates a file named after it, with nothing around it that says secret).
+        self.remember_found = False
 
     def add_known_secrets(self, secrets: Iterable[tuple[str, str]]) -> None:
         """(detector, value) pairs this producer knows to be secrets, whatever surrounds them: from
@@ -1317,6 +1323,11 @@ class Redactor:
         # header name, a JSON key) that made it recognisable in the shell string.
         found = {k: v for k, v in seen.items() if len(k) >= _MIN_LEN and not k.startswith(TOKEN_PREFIX)}
         subs = sorted({**self._known, **found}.items(), key=lambda kv: -len(kv[0]))
+        if self.remember_found and found and len(self._known) < _MAX_KNOWN:
+            for secret, tok in found.items():
+                for spelling in (secret, json.dumps(secret)[1:-1], quote(secret, safe="")):
+                    if len(spelling) >= _MIN_LEN:
+                        self._known.setdefault(spelling, tok)
         if subs:
             new = self._propagate(new, "payload", subs, out)
         if new is not payload:

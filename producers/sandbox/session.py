@@ -319,6 +319,9 @@ class SandboxSession:
             # the command may print a secret of its environment bare (`echo $TOKEN`), or pass it on to
             # a sub-process's argv (`curl -H "X: $TOKEN"`): nothing around it says secret there
             red.add_known_secrets(env_secrets(env))
+            # and a secret in its command line may name a file it creates (`echo x > $SECRET`, or
+            # `asana>7376…` as bash reads it): the file events come after the command's
+            red.remember_found = True
         env_blob = self.store.put_json(env)
         if not env_blob.stored:
             gaps.append(f"environment ({env_blob.reason})")
