@@ -711,7 +711,10 @@ def _shell_windows(text: str) -> list[tuple[int, int]]:
 # A private key's body without its BEGIN/END lines (an excerpt, a shell that ran the key file as a
 # script: `sh: 3: MIIEvQIBADANBgkq…: not found`): a line that is one base64 run of PEM / OpenSSH line
 # width and nothing else, or that run inside a shell's "not found" error. Hex (digests, git SHAs)
-# and UUIDs are not base64 lines: upper and lower case letters are both required.
+# and UUIDs are not base64 lines: upper and lower case letters are both required. A run that decodes
+# to printable text is not key material (a key's body decodes to random bytes) but an encoded
+# command or document: it stays, so obfuscated execution can be detected, and its text is scanned
+# for secrets like any other layer.
 _PEM_LINE = re.compile(
     r"^[ \t]*(?:(?:[\w./-]*sh|zsh|dash|ksh): (?:line )?(?:\d+: )?(?:command not found: )?)?"
     r"((?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])[A-Za-z0-9+/]{40,100}={0,2})"
@@ -747,6 +750,8 @@ def _pem_fragments(text: str) -> list["_Finding"]:
     if _PEM_LINE_TRIGGER.search(text) is None:
         return found
     for m in _PEM_LINE.finditer(text):
+        if _base64_text(m.group(1)) is not None:
+            continue  # an encoded text (a payload piped to `base64 -d | sh`), not key bytes: the detector must see it
         found.append(_Finding(m.start(1), m.end(1), 0, -1, "private_key", m.group(1)))
     for m in _B64_RUN.finditer(text):
         if _key_der(m.group(0)):
