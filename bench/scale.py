@@ -141,6 +141,14 @@ def query(env: dict[str, str], sql: str) -> dict:
     return json.loads(cli("sql", sql, "--format", "json", env=env))[0]
 
 
+# The auditor's query during the drill (as tests/test_scale_out.py): events + dead letters equal the
+# offsets committed with them, and every session is a prefix 0..k of its chain.
+AUDIT = """select (select count(*) from events) n,
+  (select count(*) from dead_letters) dl,
+  (select coalesce(sum(next_offset), 0) from ingest_offsets) o,
+  (select count(*) from (select session_id from events group by 1
+                         having min(seq) <> 0 or max(seq) <> count(*) - 1)) gaps"""
+
 CHECK = """select count(*) n, count(distinct event_id) ids,
   (select count(*) from (select session_id from events group by 1 having min(seq) <> 0 or max(seq) <> count(*) - 1)) gaps,
   (select count(*) from chain_status where status <> 'ok') not_ok,
@@ -229,11 +237,14 @@ def e2e(args: argparse.Namespace, work: Path) -> dict:
         produced = simulate(envs[3], rounds[0], 41)
         members = [member(i) for i in range(3)]
 
+        seen: list[dict] = []  # what the auditor (a 5th machine, a new `sql` process each time) saw
+
         def count() -> int:
             try:
-                return int(query(envs[4], "select count(*) n from events")["n"])
+                seen.append(query(envs[4], AUDIT))
             except RuntimeError:
                 return -1
+            return int(seen[-1]["n"])
 
         deadline = time.time() + args.timeout
         while count() < produced // 5:
@@ -263,13 +274,21 @@ def e2e(args: argparse.Namespace, work: Path) -> dict:
         time.sleep(3)
         check = query(envs[4], CHECK)
         trusted = [a for h in homes[:3] for a in ("--operator-key", str(h / "keys" / "operator"))]
+        t_verify = time.time()
         verify = json.loads(cli("verify", *trusted, "--format", "json", env=envs[4]))
+        verify_seconds = time.time() - t_verify
         lost, duplicated = produced - check["ids"], check["n"] - check["ids"]
+        # one query, one snapshot: a reader that saw half a commit breaks one of these
+        torn = [x for x in seen if x["n"] + x["dl"] != x["o"] or x["gaps"] != 0]
+        counts = [x["n"] for x in seen]
+        backwards = sum(1 for a, b in zip(counts, counts[1:]) if b < a)
         out = {"mode": "e2e", "events": produced, "stored": check["n"], "lost": lost, "duplicated": duplicated,
                "gaps": check["gaps"], "chains_not_ok": check["not_ok"], "dead_letters_not_duplicate": check["bad"],
-               "verify_ok": bool(verify.get("ok")), "seconds": round(seconds, 1),
+               "verify_ok": bool(verify.get("ok")), "verify_sessions": verify.get("sessions"),
+               "verify_seconds": round(verify_seconds, 1), "auditor_queries": len(seen),
+               "auditor_torn_snapshots": len(torn), "auditor_count_went_back": backwards, "seconds": round(seconds, 1),
                "events_per_s": round(produced / seconds), "cpus": os.cpu_count(), "last_count": n}
-        if lost or duplicated or check["gaps"] or check["not_ok"] or not verify.get("ok"):
+        if lost or duplicated or check["gaps"] or check["not_ok"] or not verify.get("ok") or torn or backwards:
             print(json.dumps(out))
             raise SystemExit("scale: e2e FAILED (see the JSON above)")
         return out
