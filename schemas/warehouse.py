@@ -908,19 +908,26 @@ class Warehouse:
             return self.snapshot
         return int(scalar(self.con.execute(f"SELECT id FROM ducklake_current_snapshot('{LAKE_ALIAS}')")))
 
-    def compact(self, expire_older_than: str | None = "1 hour") -> dict[str, Any]:
-        """Merge small Parquet files, expire old snapshots and delete files nothing refers to any more.
+    def compact(self, expire_older_than: str | None = "1 hour", merge: bool = False) -> dict[str, Any]:
+        """Expire old snapshots and delete files nothing refers to any more; with ``merge``, first merge
+        small Parquet files.
 
-        Safe while ingest and readers run: DuckLake rewrites files in a new snapshot; a reader pinned to
-        an expired snapshot loses it, so ``expire_older_than`` keeps recent ones for reproducible audits.
+        Without ``merge`` it is safe while ingest and readers run (a reader pinned to an expired snapshot
+        loses it, so ``expire_older_than`` keeps recent ones for reproducible audits). ``merge`` is not:
+        while DuckLake 1.5.5's ``ducklake_merge_adjacent_files`` commits, a reader in another process
+        sees the tables being merged as empty (measured on a SQLite catalog: 11 of 88 `count(*)` reads
+        during `ingest --follow` went back, to 0 rows in the merged tables, scans included; time travel
+        to the same snapshots afterwards gives the right counts) -- run it when nothing else uses the
+        warehouse.
         """
         self._need_lake("compaction")
         out: dict[str, Any] = {}
         before = self._file_count()
-        self.con.execute(f"CALL ducklake_flush_inlined_data('{LAKE_ALIAS}')")
-        self.con.execute(f"CALL ducklake_merge_adjacent_files('{LAKE_ALIAS}')")
         out["files_before"] = before
-        out["files_after_merge"] = self._file_count()
+        if merge:
+            self.con.execute(f"CALL ducklake_flush_inlined_data('{LAKE_ALIAS}')")
+            self.con.execute(f"CALL ducklake_merge_adjacent_files('{LAKE_ALIAS}')")
+            out["files_after_merge"] = self._file_count()
         if expire_older_than:
             # Snapshot ids are chosen here rather than with older_than => ...: this DuckLake build
             # compared older_than wrongly (it expired snapshots seconds old; seen with 1.5.5).

@@ -196,13 +196,14 @@ def retry_dead_letters(s: Settings, *, reasons: Sequence[str] | None = None, ses
 
 # --- DuckLake maintenance ----------------------------------------------------------------------------
 
-def compact(s: Settings, expire_older_than: str = "1 hour") -> dict:
-    """Merge small Parquet files of a DuckLake warehouse and expire snapshots older than the
-    interval (safe while ingest runs)."""
+def compact(s: Settings, expire_older_than: str = "1 hour", merge: bool = False) -> dict:
+    """Expire the snapshots of a DuckLake warehouse older than the interval and delete the files no
+    snapshot uses (safe while ingest and readers run); with ``merge``, first merge small Parquet
+    files -- only when nothing else uses the warehouse (see `Warehouse.compact`)."""
     from agentledger.schemas.warehouse import open_for
 
     with open_for(s) as wh:
-        return wh.compact(expire_older_than)
+        return wh.compact(expire_older_than, merge=merge)
 
 
 def snapshots(s: Settings, limit: int = 20) -> Rows:

@@ -176,7 +176,9 @@ def ingest(
     batch: int = typer.Option(100_000, help="Max events per transaction (large is faster: see docs/warehouse.md)."),
     group: Optional[str] = typer.Option(None, "--group", help="Consumer group: several ingest processes share "
                                                               "the topic's partitions (needs a DuckLake warehouse)."),
-    compact_every: float = typer.Option(600.0, help="With --follow on a DuckLake: compact every N seconds (0: never)."),
+    compact_every: float = typer.Option(600.0, help="With --follow on a DuckLake: every N seconds expire snapshots "
+                                                    "older than an hour and delete unused files (0: never; merging "
+                                                    "small files is `compact --merge`)."),
     fmt: SummaryFormat = Format.table,
     detect: bool = typer.Option(False, "--detect", help="Run the rules and the anomaly model on every committed "
                                                         "batch: alerts in `alerts` and on agentledger.alerts."),

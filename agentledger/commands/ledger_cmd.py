@@ -127,13 +127,17 @@ def compact(
     ctx: typer.Context,
     expire_older_than: str = typer.Option("1 hour", help="Expire snapshots older than this interval "
                                                           "(queries pinned to them stop working)."),
+    merge: bool = typer.Option(False, "--merge", help="Also merge small Parquet files. Stop `ingest` and every "
+                                                      "reader first: while DuckLake 1.5.5 commits a merge, other "
+                                                      "processes see the merged tables as empty."),
     fmt: TableOrJson = Format.table,
 ) -> None:
-    """Merge small Parquet files of a DuckLake warehouse and expire old snapshots (safe while ingest runs).
+    """Expire old snapshots of a DuckLake warehouse and delete unused files (safe while ingest runs);
+    `--merge` also merges small files (maintenance: nothing else may use the warehouse meanwhile).
 
     Example:  agentledger compact --expire-older-than "7 days"
     """
-    out = api.compact(settings(ctx), expire_older_than)
+    out = api.compact(settings(ctx), expire_older_than, merge=merge)
     if fmt is Format.json:
         print_json(out)
     else:

@@ -345,7 +345,7 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
             return
         self._last_compact = time.monotonic()
         try:
-            out = self.wh.compact()
+            out = self.wh.compact()  # never merge here: readers would see merged tables empty (Warehouse.compact)
             log.info("compacted the lake: %s", out)
         except duckdb.Error as exc:  # compaction is housekeeping: a lost race waits for the next round
             log.warning("compaction skipped: %s", str(exc).splitlines()[0])
