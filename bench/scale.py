@@ -5,7 +5,9 @@ instead, at full size with `--events 100000`: 3 members following, one broker an
 and restarted while events are produced, then the exact-set checks and `agentledger verify`.
 
 Every server is started here (scripts/kafka start, scripts/kafka cluster, scripts/lakestack) in a
-temporary directory and stopped in a `finally`, whatever happens.
+temporary directory and stopped in a `finally`, whatever happens -- unless servers already running are
+named (`--bootstrap`, `--cluster` with `--cluster-dir`, `--lake-dir`): those are used and left running
+(the test suite's smoke runs on the servers its scale-out tests started).
 
     python bench/scale.py [--events 30000] [--batch 5000]
     python bench/scale.py --e2e --events 100000
@@ -29,11 +31,14 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA, LAKESTACK = REPO / "scripts" / "kafka", REPO / "scripts" / "lakestack"
 PARTITIONS = 6
+# topics and catalog databases of this run: servers that are reused (--cluster ...) may hold an earlier run's
+RUN = uuid.uuid4().hex[:8]
 EVENTS_PER_SESSION = 34  # about, for the simulator's default mix (the exact count is what it reports)
 
 
@@ -61,17 +66,26 @@ def read_env_file(path: Path) -> dict[str, str]:
 class Servers:
     """The single broker, the cluster and the lake backends, all under ``root``; `close` stops them all."""
 
-    def __init__(self, root: Path, single: bool = True):
+    def __init__(self, root: Path, single: bool = True, given: argparse.Namespace | None = None):
         self.root = root
         self.single_dir, self.cluster_dir, self.lake_dir = root / "broker", root / "cluster", root / "lake"
         self.started: list[tuple[object, ...]] = []
         self.single = self.cluster = ""
         self.lake_env: dict[str, str] = {}
         self.want_single = single
+        self.given = given
 
     def start(self) -> None:
         t0 = time.time()
         jobs: dict[str, str] = {}
+        g = self.given
+        if g is not None and g.cluster and g.lake_dir and (g.bootstrap or not self.want_single):
+            # servers someone else started and stops: use them as they are
+            self.cluster, self.single = g.cluster, g.bootstrap or ""
+            self.cluster_dir, self.lake_dir = Path(g.cluster_dir), Path(g.lake_dir)
+            self.lake_env = read_env_file(self.lake_dir / "lakestack.env")
+            log(f"using running servers: cluster {self.cluster}, single {self.single or '-'}")
+            return
 
         def run(name: str, *args: object) -> None:
             try:
@@ -104,8 +118,8 @@ class Servers:
 
     def lake(self, name: str) -> dict[str, str]:
         """A fresh catalog database and data prefix for one scenario."""
-        url = script(LAKESTACK, "createdb", "--dir", self.lake_dir, name)
-        return {**self.lake_env, "AGENTLEDGER_WAREHOUSE": url, "AGENTLEDGER_LAKE_DATA_PATH": f"s3://agentledger/{name}/"}
+        url = script(LAKESTACK, "createdb", "--dir", self.lake_dir, f"{name}_{RUN}")
+        return {**self.lake_env, "AGENTLEDGER_WAREHOUSE": url, "AGENTLEDGER_LAKE_DATA_PATH": f"s3://agentledger/{name}_{RUN}/"}
 
     def close(self) -> None:
         for args in reversed(self.started):
@@ -186,14 +200,14 @@ def ingest_rate(servers: Servers, work: Path, name: str, bootstrap: str, topic: 
 
 
 def rates(args: argparse.Namespace, work: Path) -> dict:
-    servers = Servers(work / "servers")
+    servers = Servers(work / "servers", given=args)
     try:
         servers.start()
         sessions = max(2, args.events // EVENTS_PER_SESSION)
         produced = {}
         for target, bootstrap in (("one_broker", servers.single), ("cluster", servers.cluster)):
             env = cli_env(work / f"producer-{target}", AGENTLEDGER_BOOTSTRAP_SERVERS=bootstrap,
-                          AGENTLEDGER_TOPIC=f"bench.scale.{target}")
+                          AGENTLEDGER_TOPIC=f"bench.scale.{RUN}.{target}")
             produced[target] = simulate(env, sessions, 7)  # the same seed: the same events on both
         if produced["one_broker"] != produced["cluster"]:
             raise RuntimeError(f"the two topics got different data: {produced}")
@@ -201,8 +215,8 @@ def rates(args: argparse.Namespace, work: Path) -> dict:
         log(f"{events} events ({sessions} sessions) on each of the two Kafka setups")
         out: dict = {"events": events, "sessions": sessions, "partitions": PARTITIONS, "cpus": os.cpu_count(),
                      "batch": args.batch}
-        runs = [("one_broker", servers.single, "bench.scale.one_broker", 1)] + [
-            (f"cluster_{m}", servers.cluster, "bench.scale.cluster", m) for m in args.members]
+        runs = [("one_broker", servers.single, f"bench.scale.{RUN}.one_broker", 1)] + [
+            (f"cluster_{m}", servers.cluster, f"bench.scale.{RUN}.cluster", m) for m in args.members]
         for name, bootstrap, topic, members in runs:
             r = ingest_rate(servers, work, name, bootstrap, topic, members, events, args.batch)
             out[name] = r["rate"]
@@ -217,18 +231,18 @@ def rates(args: argparse.Namespace, work: Path) -> dict:
 
 def e2e(args: argparse.Namespace, work: Path) -> dict:
     """Issue 13's drill at any size: 3 members following, a broker and a member killed and restarted."""
-    servers = Servers(work / "servers", single=False)
+    servers = Servers(work / "servers", single=False, given=args)
     members: list[subprocess.Popen] = []
     try:
         servers.start()
         lake = servers.lake("e2e")
-        base = {**lake, "AGENTLEDGER_BOOTSTRAP_SERVERS": servers.cluster, "AGENTLEDGER_TOPIC": "bench.scale.e2e"}
+        base = {**lake, "AGENTLEDGER_BOOTSTRAP_SERVERS": servers.cluster, "AGENTLEDGER_TOPIC": f"bench.scale.{RUN}.e2e"}
         homes = [work / "e2e" / f"machine{i}" for i in range(5)]
         envs = [cli_env(h, **base) for h in homes]
         logs = [open(work / f"member{i}.log", "a") for i in range(3)]
 
         def member(i: int) -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-m", "agentledger", "-v", "ingest", "--follow", "--group", "g-e2e",
+            return subprocess.Popen([sys.executable, "-m", "agentledger", "-v", "ingest", "--follow", "--group", f"g-{RUN}-e2e",
                                      "--batch", str(args.batch)], env=envs[i], cwd=REPO, stdout=subprocess.DEVNULL,
                                     stderr=logs[i])
 
@@ -320,7 +334,13 @@ def main() -> None:
     ap.add_argument("--e2e", action="store_true", help="the end-to-end drill with the kills instead of rates")
     ap.add_argument("--timeout", type=float, default=1800, help="e2e: longest wait for the last event")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--bootstrap", default=None, help="a running single broker to use (rates mode), left running")
+    ap.add_argument("--cluster", default=None, help="a running 3-broker cluster's bootstrap list, left running")
+    ap.add_argument("--cluster-dir", default=None, help="its scripts/kafka cluster --dir (e2e kills a broker in it)")
+    ap.add_argument("--lake-dir", default=None, help="a running scripts/lakestack --dir to use, left running")
     args = ap.parse_args()
+    if args.cluster and not (args.cluster_dir and args.lake_dir):
+        ap.error("--cluster needs --cluster-dir and --lake-dir (the servers are used together)")
     args.members = sorted({int(m) for m in str(args.members).split(",")} | {1})
     with tempfile.TemporaryDirectory(prefix="agentledger-scale-", dir=args.workdir) as tmp:
         out = e2e(args, Path(tmp)) if args.e2e else rates(args, Path(tmp))

@@ -399,7 +399,7 @@ def test_tool_uses_across_10_concurrent_sessions_are_all_recorded_in_order(tmp_p
 
 
 def test_tool_uses_with_every_call_in_process_are_all_recorded_in_order(tmp_path):
-    r = run_bench(tmp_path, "--tool-uses", "30", "--sessions", "10", "--mode", "inprocess")
+    r = run_bench(tmp_path, "--tool-uses", "15", "--sessions", "10", "--mode", "inprocess")
     _assert_all_recorded_in_order(r)
 
 

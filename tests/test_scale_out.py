@@ -156,7 +156,7 @@ class Auditor(threading.Thread):
                 self.seen.append(json.loads(proc.stdout)[0])
             elif "no DuckLake catalog" not in proc.stderr and "does not exist" not in proc.stderr:
                 self.errors.append(proc.stderr[-800:])
-            self.stop.wait(0.5)
+            self.stop.wait(1.5)  # each query is a new process (~0.5 CPU-s): a few dozen prove the point
 
 
 def _produced(bootstrap: str, topic: str, expected: int) -> list[dict]:
@@ -304,3 +304,28 @@ def test_three_members_on_three_brokers_postgres_and_s3_survive_a_broker_and_a_m
     phases["checked"] = time.time() - t0
     print(f"\n{produced} events ({resent} sent twice), {len(seen)} auditor queries; seconds since start: "
           + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
+
+
+def test_bench_scale_smoke(bootstrap, cluster, stack, tmp_path):
+    """bench/scale.py's rates mode, small, on the servers this module started (it starts and stops its own
+    without --cluster: the same scripts as the `stack` fixture) plus the suite's single broker (the
+    baseline), each run in its own topics and catalog databases; it leaves them running."""
+    cluster_dir, cluster_bootstrap = cluster
+    proc = subprocess.run([sys.executable, "bench/scale.py", "--events", "300", "--members", "1,3", "--batch", "500",
+                           "--workdir", str(tmp_path), "--bootstrap", bootstrap, "--cluster", cluster_bootstrap,
+                           "--cluster-dir", str(cluster_dir), "--lake-dir", str(stack[2])],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["events"] > 100 and result["partitions"] == 6  # whole sessions: about the --events asked for
+    assert result["one_broker"] > 0 and result["cluster_1"] > 0 and result["cluster_3"] > 0
+    assert result["scaling"] == round(result["cluster_3"] / result["cluster_1"], 3)
+    # the three members split the partitions: together they stored each event once
+    per_member = result["cluster_3_detail"]["per_member"]
+    assert len(per_member) == 3 and sum(per_member) == result["events"]
+    assert not list(tmp_path.iterdir()), "bench/scale.py left files behind"
+    assert "using running servers" in proc.stderr
+    # the servers it was given are still up
+    ensure_topic(cluster_bootstrap, "scale.replication", PARTITIONS)
+    rep = topic_replication(cluster_bootstrap, "scale.replication")
+    assert rep["brokers"] == 3
