@@ -7,12 +7,14 @@ Input: one JSON object on stdin (``session_id``, ``hook_event_name``, ``cwd``, `
 ===================  ==================================================================
 SessionStart         session_started (cwd, model, approval policy from permission_mode,
                      policy digest) -- also on the first event of a session we never saw
-PreToolUse           shell tools: command_started; WebFetch: network_attempted (+ the policy's
-                     network_decided); a policy denial: approval_requested + approval_decided
-                     (denied, decided_by policy) and no command_started
+PreToolUse           shell tools and MCP tools (``mcp__<server>__<tool>``): command_started (an
+                     MCP call with its ``mcp`` record, as the importers state it); WebFetch:
+                     network_attempted (+ the policy's network_decided); a policy denial:
+                     approval_requested + approval_decided (denied, decided_by policy) and no
+                     command_started
 PermissionRequest    approval_requested (+ approval_decided when the policy denies)
 PostToolUse(Failure) command_finished (exit code, duration since PreToolUse, output digest,
-                     inferred sandbox denial); apply_patch / Edit / Write / MultiEdit /
+                     inferred sandbox denial; MCP: outcome ok / error); apply_patch / Edit / Write / MultiEdit /
                      NotebookEdit / Read: file_accessed; WebFetch: network_completed
 SessionEnd           session_ended
 others (Stop, ...)   nothing beyond opening the session: they carry no sandbox, approval or
@@ -51,8 +53,9 @@ from agentledger.schemas.config import Settings
 
 from .ledger import Observation, SessionAppender, SessionInfo
 from .sinks import recording_mode_from_env
-from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, loads_bounded, network_protocol,
-                        parse_exec_output, parse_patch, permission_mode_policy, resolve_path, short_digest, urls_in)
+from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, loads_bounded, mcp_arguments_json, mcp_call,
+                        mcp_result, mcp_split, network_protocol, parse_exec_output, parse_patch, permission_mode_policy,
+                        resolve_path, short_digest, urls_in)
 from .recorder import action_digest, output_digest
 
 SOURCE = "hook"
@@ -316,7 +319,18 @@ class HookEvent:
             self.call_change = ("open", {"tool": self.tool})
         if self.tool in SHELL_TOOLS and self.tid:
             out += self._command_started(self.now)
+        elif self.tid and mcp_split(self.tool):
+            out += self._mcp_started(self.now)
         return out
+
+    def _mcp_started(self, at: int) -> list[Observation]:
+        """An MCP tool call, as the importers record it: ``[tool, arguments JSON]``, profile ``mcp``."""
+        server, tool = mcp_split(self.tool) or ("", "")
+        args = self.d.get("tool_input") if isinstance(self.d.get("tool_input"), dict) else {}  # (as the importer reads it)
+        return [self.obs(f"cmd:{self.tid}:started", "command_started",
+                         {"command_id": self.tid, "argv": [self.tool, mcp_arguments_json(args)[:MAX_TOOL_TEXT]],
+                          "shell": None, "cwd": self.cwd, "env_names": [], "sandbox_profile": "mcp",
+                          "escalated": False, "mcp": mcp_call(server, tool, args)}, at)]
 
     def _command_started(self, at: int) -> list[Observation]:
         parsed = _tool_command(self.tool_input)
@@ -356,6 +370,17 @@ class HookEvent:
                     out.append(self.obs(f"denied:{self.tid}", "sandbox_denied",
                                         {"operation": denial["operation"], "target": str(target)[:1000], "rule": None,
                                          "reason": denial["reason"], "command_id": self.tid, "inferred": True}))
+        elif mcp_split(self.tool):
+            out += self._mcp_started(started or self.now)
+            server, tool = mcp_split(self.tool) or ("", "")
+            text = _tool_text(resp)
+            is_error = failure or (isinstance(resp, dict) and (resp.get("isError") is True or resp.get("is_error") is True))
+            error = (str(self.d.get("error") or "") or text) if is_error else None
+            out.append(self.obs(f"cmd:{self.tid}:finished", "command_finished",
+                                {"command_id": self.tid, "exit_code": int(is_error), "duration_ms": dur,
+                                 "status": "failed" if is_error else "completed",
+                                 "stdout": output_digest(text), "stderr": output_digest(error if failure else ""),
+                                 "mcp": mcp_result(server, tool, "error" if is_error else "ok", error)}))
         elif self.tool in PATCH_TOOLS and not failure:
             patch = str(self.tool_input.get("command") or self.tool_input.get("input") or "")
             for op in parse_patch(patch):
@@ -394,6 +419,22 @@ class HookEvent:
                         (self.sid, self.tid, self.now, json.dumps(self.call_change[1])))
         else:
             con.execute("DELETE FROM open_calls WHERE session_id = ? AND call_id = ?", (self.sid, self.tid))
+
+
+MAX_TOOL_TEXT = 64_000  # characters of an MCP call's arguments kept in its argv (as the importers keep)
+
+
+def _tool_text(resp: Any) -> str:
+    """The text of an MCP tool's response: its text content blocks (``[{type: text, text}]``, or
+    ``{content: [...]}``), a string as is, anything else as JSON."""
+    blocks = resp.get("content") if isinstance(resp, dict) and isinstance(resp.get("content"), list) else resp
+    if isinstance(blocks, list):
+        parts = [b["text"] for b in blocks if isinstance(b, dict) and isinstance(b.get("text"), str)]
+        if parts or not blocks:
+            return "\n".join(parts)
+    if isinstance(blocks, str):
+        return blocks
+    return "" if resp is None else json.dumps(resp, ensure_ascii=False, default=str)[:MAX_TOOL_TEXT]
 
 
 def _response_streams(resp: Any) -> tuple[str, str, int | None, bool]:
