@@ -10,6 +10,7 @@ import json
 from conftest import cli_env, run_cli
 
 SID = "019e0000-1111-7222-8333-444455556666"
+TOKEN = "ghp_" + "Xq7Lm2Np9Rs4Tv6Wy8Za1Bc3De5Fg7Hj9Kk0"  # a made-up token of GitHub's format
 
 
 def _line(ts: int, typ: str, payload: dict) -> str:
@@ -40,6 +41,10 @@ def rollout() -> str:
         # 3. the begin/end events (extended history): an Err, then an Ok
         ev(6, {"type": "mcp_tool_call_begin", "call_id": "c3",
                "invocation": {"server": "postgres", "tool": "query", "arguments": {"sql": "select 1"}}}),
+        item(6, {"type": "function_call", "name": "github__search_code", "call_id": "c10",
+                 "arguments": json.dumps({"q": "deploy", "token": TOKEN})}),
+        item(6, {"type": "function_call_output", "call_id": "c10",
+                 "output": json.dumps({"content": [{"type": "text", "text": f"bad credentials: {TOKEN}"}], "isError": True})}),
         ev(7, {"type": "mcp_tool_call_end", "call_id": "c3", "duration": {"secs": 0, "nanos": 5000000},
                "invocation": {"server": "postgres", "tool": "query", "arguments": {"sql": "select 1"}},
                "result": {"Err": "connection refused"}}),
@@ -82,6 +87,7 @@ def test_codex_mcp_calls_every_shape(tmp_path):
     run_cli("ingest", env=env)
     calls = q(env, "select command_id, server, tool, args_digest, outcome, error from mcp_calls order by seq")
     got = {c["command_id"]: (c["server"], c["tool"], c["outcome"], c["error"]) for c in calls}
+    assert got.pop("c10")[:3] == ("github", "search_code", "error")
     assert got == {
         "c1": ("github", "get_issue", "error", "Not Found"),
         "c2": ("github", "delete_repository", "declined", "user rejected MCP tool call"),
@@ -90,6 +96,11 @@ def test_codex_mcp_calls_every_shape(tmp_path):
         "c5": ("fs", "write_file", "declined", "user rejected MCP tool call"),
         "c6": ("slack", "post_message", "ok", None),
     }
+    # a secret in the arguments or the error is a token in the warehouse, never clear text
+    (leak,) = q(env, "select arguments, error from mcp_calls where command_id = 'c10'")
+    assert "[SECRET:" in leak["arguments"] and "[SECRET:" in leak["error"]
+    dump = json.dumps(q(env, "select * from events"), default=str)
+    assert TOKEN not in dump
     digests = {c["command_id"]: c["args_digest"] for c in calls}
     assert digests["c1"] == _digest({"owner": "acme", "repo": "shop", "issue_number": 7})
     assert digests["c3"] == _digest({"sql": "select 1"}) and digests["c5"] == _digest({})
@@ -102,3 +113,59 @@ def test_codex_mcp_calls_every_shape(tmp_path):
     again = json.loads(run_cli("import", "codex-rollout", str(path.parent), "--format", "json", env=env).stdout)
     assert again["totals"]["events_added"] == 0
 
+
+GEMINI_SID = "7d2c1b0a-9e8f-4a6b-8c5d-4e3f2a1b0c9d"
+
+
+def _gemini_record(ms: int, **attrs) -> dict:
+    kv = [{"key": k, "value": ({"boolValue": v} if isinstance(v, bool) else {"intValue": str(v)} if isinstance(v, int)
+                               else {"stringValue": v})} for k, v in attrs.items()]
+    return {"timeUnixNano": str(ms * 1_000_000), "attributes": kv}
+
+
+def test_gemini_cli_tool_calls_from_its_otel_logs(tmp_path):
+    """Gemini CLI's telemetry (docs/cli/telemetry.md: gemini_cli.tool_call with function_name,
+    function_args, success, decision, tool_type, mcp_server_name) through `import otel`: MCP calls
+    with their mcp record and outcome, shell commands, a rejection as a declined call."""
+    t0 = 1_764_000_000_000
+    common = {"session.id": GEMINI_SID, "event.name": "gemini_cli.tool_call", "prompt_id": "p1"}
+    recs = [
+        _gemini_record(t0, **common, function_name="mcp_github_get_issue", tool_type="mcp", mcp_server_name="github",
+                       function_args=json.dumps({"owner": "acme", "issue_number": 7}), duration_ms=120, success=True,
+                       decision="auto_accept"),
+        _gemini_record(t0 + 1000, **common, function_name="delete_repository", tool_type="mcp", mcp_server_name="github",
+                       function_args=json.dumps({"repo": "shop"}), duration_ms=0, success=False, decision="reject"),
+        _gemini_record(t0 + 2000, **common, function_name="query", tool_type="mcp", mcp_server_name="postgres",
+                       function_args=json.dumps({"sql": "select 1"}), duration_ms=30, success=False,
+                       error="connection refused", decision="accept"),
+        _gemini_record(t0 + 3000, **common, function_name="run_shell_command", tool_type="native",
+                       function_args=json.dumps({"command": "pytest -q", "directory": "/w"}), duration_ms=900,
+                       success=True, decision="accept"),
+        _gemini_record(t0 + 4000, **common, function_name="read_file", tool_type="native",
+                       function_args=json.dumps({"absolute_path": "/w/README.md"}), duration_ms=3, success=True),
+        _gemini_record(t0 + 5000, **common, tool_type="mcp", mcp_server_name="github"),  # no function_name
+        _gemini_record(t0 + 6000, **{**common, "event.name": "gemini_cli.user_prompt"}, prompt_length=12),
+    ]
+    doc = {"resourceLogs": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "gemini-cli"}}]},
+                             "scopeLogs": [{"scope": {"name": "gemini-cli"}, "logRecords": recs}]}]}
+    path = tmp_path / "gemini-otel.json"
+    path.write_text(json.dumps(doc))
+    env = cli_env(tmp_path / "home")
+    rep = json.loads(run_cli("import", "otel", str(path), "--format", "json", env=env).stdout)
+    (f,) = rep["files"]
+    assert f["counts"]["unknown_values"] == {"gemini_cli.tool_call without function_name": 1}, f["counts"]
+    assert f["counts"]["unknown_types"] == {} and f["counts"]["ignored"] == 2  # read_file, the prompt
+    run_cli("ingest", env=env)
+    calls = q(env, "select session_id, server, tool, args_digest, outcome, error, agent from mcp_calls order by ts")
+    assert [(c["server"], c["tool"], c["outcome"], c["error"]) for c in calls] == [
+        ("github", "get_issue", "ok", None), ("github", "delete_repository", "declined", "rejected by the user"),
+        ("postgres", "query", "error", "connection refused")]
+    assert {c["session_id"] for c in calls} == {GEMINI_SID} and {c["agent"] for c in calls} == {"gemini-cli"}
+    assert calls[0]["args_digest"] == _digest({"owner": "acme", "issue_number": 7})
+    shell = q(env, "select command_started.argv a, command_started.cwd c from events where kind = 'command_started' "
+                   "and command_started.mcp is null")
+    assert shell == [{"a": ["pytest", "-q"], "c": "/w"}]
+    dec = q(env, "select approval_decided.decision d, approval_decided.decided_by b from events where kind = 'approval_decided'")
+    assert dec == [{"d": "denied", "b": "user"}]
+    again = json.loads(run_cli("import", "otel", str(path), "--format", "json", env=env).stdout)
+    assert again["totals"]["events_added"] == 0
