@@ -8,7 +8,8 @@ Input: one JSON object on stdin (``session_id``, ``hook_event_name``, ``cwd``, `
 SessionStart         session_started (cwd, model, approval policy from permission_mode,
                      policy digest) -- also on the first event of a session we never saw
 PreToolUse           shell tools and MCP tools (``mcp__<server>__<tool>``): command_started (an
-                     MCP call with its ``mcp`` record, as the importers state it); WebFetch:
+                     MCP call with its ``mcp`` record, as the importers state it; a shell-like
+                     MCP tool's command is judged by the policy as the shell tool's); WebFetch:
                      network_attempted (+ the policy's network_decided); a policy denial:
                      approval_requested + approval_decided (denied, decided_by policy) and no
                      command_started
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,14 @@ WRITE_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 READ_TOOLS = frozenset({"Read"})
 NET_TOOLS = frozenset({"WebFetch"})
 DECISION_EVENTS = ("PreToolUse", "PermissionRequest")
+# MCP tools that run a command line on the machine (shell, terminal, process, exec servers): the
+# policy judges their command as it judges the shell tool's (the rule mcp-exec-tool-bypass of
+# consumers/detect names the same tools after the fact)
+MCP_EXEC_TOOL = re.compile(
+    r"^(?:run|exec|execute|shell|bash|sh|terminal|spawn|command|cmd|run_command|execute_command|exec_command|"
+    r"run_shell|shell_exec|run_terminal_cmd|interact_with_process|"
+    r"(?:run|exec|execute|start|launch|spawn)_(?:command|cmd|shell|process|program|script|terminal|bash)[a-z_]*|"
+    r"[a-z_]*_(?:command|shell_command|terminal_command))$", re.I)
 
 
 @dataclass
@@ -125,6 +135,17 @@ def evaluate(policy, tool: str, tool_input: dict, cwd: str, home: str | None = N
         d = policy.evaluate_shell_call(argv, shell, escalated=escalated)  # (what-if re-decides it the same way)
         if d.action == "forbidden":
             return Verdict(True, f"agentledger policy {name}: {d.subject}: {d.reason}", d.rule)
+        return None
+    names = mcp_split(tool)
+    if names is not None and MCP_EXEC_TOOL.match(names[1]):
+        cmd = next((tool_input[k] for k in ("command", "cmd", "commandLine", "script") if tool_input.get(k)), None)
+        parsed = command_argv(cmd)
+        if not parsed:
+            return None
+        argv, shell = parsed
+        d = policy.evaluate_shell_call(argv, shell, escalated=False)
+        if d.action == "forbidden":
+            return Verdict(True, f"agentledger policy {name}: {d.subject} (through MCP tool {tool}): {d.reason}", d.rule)
         return None
     if tool in PATCH_TOOLS:
         patch = str(tool_input.get("command") or tool_input.get("input") or "")

@@ -473,3 +473,34 @@ def test_the_warm_server_records_each_call_with_its_clients_settings_not_its_own
     assert [r["session_id"] for r in rows] == ["env-1", "env-2"]
     assert secret not in json.dumps(rows)
     assert rows[0]["sh"] == rows[1]["sh"] and rows[0]["redactions"] == rows[1]["redactions"] != []
+
+
+def test_mcp_calls_are_recorded_and_a_shell_like_mcp_tool_is_judged_by_the_policy(tmp_path, policy):
+    """Issue 17: PreToolUse / PostToolUse of an MCP tool record the call with its mcp record and
+    outcome; a shell-like MCP tool (run_command, start_process, ...) running what the policy forbids
+    is denied as the shell tool would be: the MCP server is no back door."""
+    env = cli_env(tmp_path / "home", AGENTLEDGER_POLICY=str(policy))
+    base = {"session_id": "cc-mcp", "cwd": "/w", "permission_mode": "default", "transcript_path": "/h/.claude/x.jsonl"}
+    pre = {**base, "hook_event_name": "PreToolUse", "tool_name": "mcp__github__get_issue", "tool_use_id": "toolu_m1",
+           "tool_input": {"owner": "acme", "issue_number": 7}}
+    assert hook(env, pre, check_exit=0).stdout == b""
+    hook(env, {**pre, "hook_event_name": "PostToolUse",
+               "tool_response": [{"type": "text", "text": "Title: cart total wrong"}]}, check_exit=0)
+    ok = {**base, "hook_event_name": "PreToolUse", "tool_name": "mcp__shell__run_command", "tool_use_id": "toolu_m2",
+          "tool_input": {"command": "pytest -q"}}
+    assert hook(env, ok, check_exit=0).stdout == b""
+    hook(env, {**ok, "hook_event_name": "PostToolUse", "tool_response": {"content": [{"type": "text", "text": "boom"}],
+                                                                         "isError": True}}, check_exit=0)
+    bad = {**base, "hook_event_name": "PreToolUse", "tool_name": "mcp__desktop-commander__start_process",
+           "tool_use_id": "toolu_m3", "tool_input": {"command": "cd / && rm -rf /var/lib/app", "timeout_ms": 1000}}
+    out = json.loads(hook(env, bad, check_exit=0).stdout)["hookSpecificOutput"]
+    assert out["permissionDecision"] == "deny" and "through MCP tool mcp__desktop-commander__start_process" in \
+        out["permissionDecisionReason"] and "no-force-delete" in out["permissionDecisionReason"]
+    run_cli("ingest", env=env)
+    calls = q(env, "select tool_call_id, server, tool, outcome, error from mcp_calls order by seq")
+    assert [(c["tool_call_id"], c["server"], c["tool"], c["outcome"]) for c in calls] == [
+        ("toolu_m1", "github", "get_issue", "ok"), ("toolu_m2", "shell", "run_command", "error")]
+    assert calls[1]["error"] == "boom"
+    dec = q(env, "select approval_decided.decision d, approval_decided.rule r from events "
+                 "where kind = 'approval_decided' and tool_call_id = 'toolu_m3'")
+    assert dec == [{"d": "denied", "r": "no-force-delete"}]
