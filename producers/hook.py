@@ -62,7 +62,10 @@ from .recorder import action_digest, output_digest
 
 SOURCE = "hook"
 MAX_INPUT = 16 * 1024 * 1024
-SHELL_TOOLS = frozenset({"Bash", "bash", "shell", "shell_command", "exec_command", "local_shell", "unified_exec"})
+SHELL_TOOLS = frozenset({"Bash", "bash", "shell", "shell_command", "exec_command", "local_shell", "unified_exec",
+                         "run_shell_command"})
+# Gemini CLI's tool events (google-gemini/gemini-cli docs/hooks/reference.md), read as the others'
+GEMINI_EVENTS = {"BeforeTool": "PreToolUse", "AfterTool": "PostToolUse"}
 PATCH_TOOLS = frozenset({"apply_patch"})
 WRITE_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 READ_TOOLS = frozenset({"Read"})
@@ -112,8 +115,42 @@ def load_policy(path: str | None):
 def _agent(data: dict, forced: str) -> str:
     if forced and forced != "auto":
         return forced
+    if data.get("hook_event_name") in GEMINI_EVENTS or "/.gemini/" in str(data.get("transcript_path") or ""):
+        return "gemini-cli"
     codex = bool(data.get("turn_id")) or "/.codex/" in str(data.get("transcript_path") or "")
     return "codex" if codex else "claude-code"
+
+
+def gemini_input(data: dict, now_us: int) -> dict:
+    """A Gemini CLI hook input in the shape of Claude Code's: BeforeTool / AfterTool become
+    PreToolUse / PostToolUse(Failure); an MCP tool (``mcp_context{server_name, tool_name}``) is
+    named ``mcp__<server>__<tool>``; the response's ``llmContent`` is the tool's output. Gemini
+    names no tool call: a BeforeTool gets the id ``gemini-<digest of session, tool, arguments,
+    time>``, and its AfterTool is paired with it by ``_gemini_key`` (`HookEvent.build`)."""
+    d = dict(data)
+    event = d.get("hook_event_name")
+    d["hook_event_name"] = GEMINI_EVENTS.get(event, event)
+    ctx = d.get("mcp_context")
+    if isinstance(ctx, dict) and isinstance(ctx.get("server_name"), str) and isinstance(ctx.get("tool_name"), str) \
+            and ctx["server_name"].strip() and ctx["tool_name"].strip():
+        d["tool_name"] = f"mcp__{ctx['server_name']}__{ctx['tool_name']}"
+    if event not in GEMINI_EVENTS:
+        return d
+    resp = d.get("tool_response")
+    if isinstance(resp, dict):
+        if resp.get("error"):
+            d["hook_event_name"] = "PostToolUseFailure"
+            err = resp["error"]
+            d["error"] = str(err.get("message") if isinstance(err, dict) and err.get("message") else err)
+        d["tool_response"] = resp.get("llmContent", resp.get("returnDisplay"))
+    args = d.get("tool_input") if isinstance(d.get("tool_input"), dict) else {}
+    key = short_digest(d.get("session_id"), d.get("tool_name"), json.dumps(args, sort_keys=True, default=str))
+    d["_gemini_key"] = key
+    if event == "BeforeTool":
+        d["tool_use_id"] = "gemini-" + short_digest(key, d.get("timestamp") or now_us, n=20)
+    else:
+        d.pop("tool_use_id", None)
+    return d
 
 
 def _tool_command(tool_input: dict) -> tuple[list[str], str | None] | None:
@@ -178,9 +215,11 @@ def evaluate(policy, tool: str, tool_input: dict, cwd: str, home: str | None = N
     return None
 
 
-def _deny_response(event: str, reason: str, style: str) -> tuple[int, str, str]:
+def _deny_response(event: str, reason: str, style: str, agent: str = "") -> tuple[int, str, str]:
     if style == "exit-code":
         return 2, "", reason + "\n"
+    if agent == "gemini-cli":  # Gemini CLI reads a top-level decision (docs/hooks/reference.md)
+        return 0, json.dumps({"decision": "deny", "reason": reason}) + "\n", ""
     if event == "PermissionRequest":
         out = {"hookSpecificOutput": {"hookEventName": "PermissionRequest",
                                       "decision": {"behavior": "deny", "message": reason}}}
@@ -225,6 +264,7 @@ class HookEvent:
         self.turn = str(data["turn_id"]) if data.get("turn_id") else None
         tid = data.get("tool_use_id")
         self.tid = str(tid) if tid else None
+        self.gemini_key = str(data["_gemini_key"]) if data.get("_gemini_key") else None
         self.version = str(data["agent_version"]) if data.get("agent_version") else None
         self._n = 0
         self.home: str | None = None  # the agent's HOME (the warm server's own may differ): `~` of its paths
@@ -283,6 +323,9 @@ class HookEvent:
         if e in ("PreToolUse", "PermissionRequest"):
             return self._pre(e)
         if e in ("PostToolUse", "PostToolUseFailure"):
+            if self.tid is None and self.gemini_key:  # its BeforeTool's call, else one of its own
+                self.tid = state.open_call_by_key(self.sid, self.gemini_key) or \
+                    "gemini-" + short_digest(self.gemini_key, self.d.get("timestamp") or self.now, n=20)
             if self.tid:
                 self.open_call = state.open_call(self.sid, self.tid)
             return self._post(e == "PostToolUseFailure")
@@ -337,7 +380,7 @@ class HookEvent:
             out.append(self._approval_request()[0])
             return out
         if self.tid:
-            self.call_change = ("open", {"tool": self.tool})
+            self.call_change = ("open", {"tool": self.tool, **({"key": self.gemini_key} if self.gemini_key else {})})
         if self.tool in SHELL_TOOLS and self.tid:
             out += self._command_started(self.now)
         elif self.tid and mcp_split(self.tool):
@@ -505,7 +548,11 @@ def handle(
         p = save_reject(settings, raw, err)
         out.exit_code, out.stderr = 1, f"agentledger hook: {err}; input kept in {p}\n"
         return out
-    hev = HookEvent(data, _agent(data, agent), now_us if now_us is not None else time.time_ns() // 1000, None, None)
+    now = now_us if now_us is not None else time.time_ns() // 1000
+    who = _agent(data, agent)
+    if who == "gemini-cli":
+        data = gemini_input(data, now)
+    hev = HookEvent(data, who, now, None, None)
     event = hev.event
     try:
         policy = load_policy(policy_path)
@@ -513,7 +560,8 @@ def handle(
         policy = None
         out.stderr += f"agentledger hook: policy not loaded: {exc}\n"
         if fail_closed and event in DECISION_EVENTS:
-            out.exit_code, out.stdout, extra = _deny_response(event, f"agentledger: policy not loaded: {exc}", deny_style)
+            out.exit_code, out.stdout, extra = _deny_response(event, f"agentledger: policy not loaded: {exc}", deny_style,
+                                                              who)
             out.stderr += extra
             return out
     hev.policy = policy
@@ -536,7 +584,7 @@ def handle(
         out.stderr += f"agentledger hook: event not recorded durably: {type(exc).__name__}: {exc}\n"
         if fail_closed and event in DECISION_EVENTS:
             out.exit_code, out.stdout, extra = _deny_response(
-                event, f"agentledger (fail-closed): this action could not be recorded: {exc}", deny_style)
+                event, f"agentledger (fail-closed): this action could not be recorded: {exc}", deny_style, who)
             out.stderr += extra
             return out
     finally:
@@ -546,6 +594,6 @@ def handle(
             except Exception as exc:
                 out.stderr += f"agentledger hook: closing the transport: {exc}\n"
     if verdict is not None and verdict.deny:
-        code, stdout, stderr = _deny_response(event, verdict.reason, deny_style)
+        code, stdout, stderr = _deny_response(event, verdict.reason, deny_style, who)
         out.exit_code, out.stdout, out.stderr = code, stdout, out.stderr + stderr
     return out

@@ -421,8 +421,13 @@ def test_the_documented_hook_configurations_are_valid_and_complete():
     for groups in codex.values():
         assert [h["command"].split()[:2] for g in groups for h in g["hooks"]] == [["agentledger", "hook"]]
         assert all(h["type"] == "command" for g in groups for h in g["hooks"])
-    claude = json.loads(next(b for b in re.findall(r"```json\n(.*?)```", doc, re.S) if '"hooks"' in b))["hooks"]
+    blocks = [json.loads(b)["hooks"] for b in re.findall(r"```json\n(.*?)```", doc, re.S) if '"hooks"' in b]
+    claude = next(b for b in blocks if "PreToolUse" in b)
     assert {"SessionStart", "PreToolUse", "PermissionRequest", "PostToolUse", "SessionEnd"} <= set(claude)
+    gemini = next(b for b in blocks if "BeforeTool" in b)  # Gemini CLI's ~/.gemini/settings.json
+    assert {"SessionStart", "BeforeTool", "AfterTool", "SessionEnd"} == set(gemini)
+    for b in (claude, gemini):
+        assert {h["command"].split()[1] for groups in b.values() for g in groups for h in g["hooks"]} == {"hook"}
     readme = (REPO / "README.md").read_text()
     assert tomllib.loads(re.findall(r"```toml\n(.*?)```", readme, re.S)[0])["hooks"]["PreToolUse"]
     assert json.loads(re.findall(r"```json\n(.*?)```", readme, re.S)[0])["hooks"]["PreToolUse"]
@@ -504,3 +509,45 @@ def test_mcp_calls_are_recorded_and_a_shell_like_mcp_tool_is_judged_by_the_polic
     dec = q(env, "select approval_decided.decision d, approval_decided.rule r from events "
                  "where kind = 'approval_decided' and tool_call_id = 'toolu_m3'")
     assert dec == [{"d": "denied", "r": "no-force-delete"}]
+
+
+def test_gemini_cli_hooks_are_recorded_paired_and_answered_in_its_shape(tmp_path, policy):
+    """Gemini CLI's BeforeTool / AfterTool (docs/hooks/reference.md of google-gemini/gemini-cli):
+    no tool-call id, so a BeforeTool and its AfterTool are paired by tool and arguments; an MCP tool
+    (mcp_context) is recorded with its mcp record; a shell command the policy forbids is answered
+    {"decision": "deny", "reason": ...}, the shape Gemini CLI reads."""
+    env = cli_env(tmp_path / "home", AGENTLEDGER_POLICY=str(policy))
+    base = {"session_id": "gem-1", "cwd": "/w", "transcript_path": "/h/.gemini/tmp/abc/chats/session-1.json"}
+    hook(env, {**base, "hook_event_name": "SessionStart", "source": "startup",
+               "timestamp": "2026-12-06T10:00:00.000Z"}, check_exit=0)
+    mcp = {**base, "hook_event_name": "BeforeTool", "tool_name": "mcp_github_get_issue",
+           "tool_input": {"owner": "acme", "issue_number": 7}, "timestamp": "2026-12-06T10:00:01.000Z",
+           "mcp_context": {"server_name": "github", "tool_name": "get_issue", "command": "npx", "args": ["gh-mcp"]}}
+    assert hook(env, mcp, check_exit=0).stdout == b""
+    hook(env, {**mcp, "hook_event_name": "AfterTool", "timestamp": "2026-12-06T10:00:02.000Z",
+               "tool_response": {"llmContent": [{"text": "Title: cart total wrong"}], "returnDisplay": "ok"}},
+         check_exit=0)
+    sh = {**base, "hook_event_name": "BeforeTool", "tool_name": "run_shell_command",
+          "tool_input": {"command": "pytest -q", "description": "tests"}, "timestamp": "2026-12-06T10:00:03.000Z"}
+    hook(env, sh, check_exit=0)
+    hook(env, {**sh, "hook_event_name": "AfterTool", "timestamp": "2026-12-06T10:00:05.000Z",
+               "tool_response": {"llmContent": "3 failed", "error": {"message": "Command exited with code 1"}}},
+         check_exit=0)
+    denied = hook(env, {**base, "hook_event_name": "BeforeTool", "tool_name": "run_shell_command",
+                        "tool_input": {"command": "rm -rf /var/lib/app"}, "timestamp": "2026-12-06T10:00:06.000Z"},
+                  check_exit=0)
+    answer = json.loads(denied.stdout)
+    assert answer["decision"] == "deny" and "no-force-delete" in answer["reason"]
+    run_cli("ingest", env=env)
+    rows = q(env, "select kind, tool_call_id t, producer.agent_name a from events where session_id = 'gem-1' order by seq")
+    assert {r["a"] for r in rows} == {"gemini-cli"}
+    kinds = [(r["kind"], r["t"]) for r in rows[1:]]
+    mcp_id, sh_id, rm_id = kinds[0][1], kinds[2][1], kinds[4][1]
+    assert all(t.startswith("gemini-") for t in (mcp_id, sh_id, rm_id)) and len({mcp_id, sh_id, rm_id}) == 3
+    assert kinds == [("command_started", mcp_id), ("command_finished", mcp_id), ("command_started", sh_id),
+                     ("command_finished", sh_id), ("approval_requested", rm_id), ("approval_decided", rm_id)]
+    (call,) = q(env, "select server, tool, outcome from mcp_calls")
+    assert call == {"server": "github", "tool": "get_issue", "outcome": "ok"}
+    fin = q(env, "select command_finished.status s from events where kind = 'command_finished' "
+                 f"and tool_call_id = '{sh_id}'")
+    assert fin == [{"s": "failed"}]
