@@ -55,7 +55,7 @@ from .counts import FileCounts
 from .ledger import Observation, SessionInfo
 from .normalize import (approval_decision, approval_policy, as_int, command_argv, duration_ms, first,
                         infer_sandbox_denial, inside, loads_bounded, looks_declined, looks_timed_out, mcp_arguments_json,
-                        mcp_call, mcp_result, mcp_split, network_policy, parse_exec_output, parse_patch, parse_time_us,
+                        mcp_call, mcp_refused, mcp_result, mcp_split, network_policy, parse_exec_output, parse_patch, parse_time_us,
                         patch_changes, resolve_path, risk, sandbox_details, sandbox_mode, short_digest)
 from .recorder import action_digest, output_digest
 
@@ -587,7 +587,7 @@ class RolloutParser:
         if call.get("tool"):
             failed = _tool_failed(output)
             # Codex answers a refused MCP call with a bare text ("user rejected MCP tool call"), not a result
-            declined = failed is None and looks_declined(text[:300])
+            declined = failed is None and mcp_refused(text)
             status = "declined" if declined else "failed" if failed else "completed"
             server, tool = (call.get("mcp") or [None, None])[:2]
             mcp = mcp_result(server, tool, "declined" if declined else "error" if failed else "ok",
@@ -720,7 +720,7 @@ class RolloutParser:
             failed = err is not None
             if err is None and ok is None:
                 self.counts.bump("unknown_values", "mcp_tool_call_end without an Ok or Err result")
-        declined = err is not None and looks_declined(text[:300])
+        declined = err is not None and mcp_refused(text)
         outcome = "declined" if declined else "error" if failed else "ok"
         self._finished(call_id, None if declined else int(failed), dur or 0,
                        "declined" if declined else "failed" if failed else "completed", text, "", at,

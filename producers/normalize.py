@@ -561,6 +561,16 @@ MCP_ERROR_MAX = 2000
 _MCP_PREFIXED = re.compile(r"^mcp__(.+?)__(.+)$", re.S)
 
 
+_MCP_CANCELLED = re.compile(r"user cancell?ed (the )?MCP tool call", re.I)
+
+
+def mcp_refused(text: str) -> bool:
+    """An MCP call's answer saying it never ran because the user refused or cancelled its approval
+    (Codex: "user rejected MCP tool call", "user cancelled MCP tool call")."""
+    head = (text or "")[:300]
+    return looks_declined(head) or bool(_MCP_CANCELLED.search(head))
+
+
 def mcp_split(name: Any) -> tuple[str, str] | None:
     """(server, tool) of a tool named ``mcp__<server>__<tool>`` (Claude Code, newer Codex), else None."""
     m = _MCP_PREFIXED.match(name) if isinstance(name, str) else None

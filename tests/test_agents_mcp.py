@@ -52,7 +52,7 @@ def rollout() -> str:
                "invocation": {"server": "fs", "tool": "read_file", "arguments": {"path": "/w/README.md"}},
                "result": {"Ok": {"content": [{"type": "text", "text": "# w"}], "isError": False}}}),
         ev(9, {"type": "mcp_tool_call_end", "call_id": "c5", "invocation": {"server": "fs", "tool": "write_file"},
-               "result": {"Err": "user rejected MCP tool call"}}),
+               "result": {"Err": "user cancelled MCP tool call"}}),
         # 4. the newer response items
         item(10, {"type": "mcp_tool_call", "call_id": "c6", "server": "slack", "name": "post_message",
                   "arguments": json.dumps({"channel": "#dev", "text": "deployed"})}),
@@ -93,7 +93,7 @@ def test_codex_mcp_calls_every_shape(tmp_path):
         "c2": ("github", "delete_repository", "declined", "user rejected MCP tool call"),
         "c3": ("postgres", "query", "error", "connection refused"),
         "c4": ("fs", "read_file", "ok", None),
-        "c5": ("fs", "write_file", "declined", "user rejected MCP tool call"),
+        "c5": ("fs", "write_file", "declined", "user cancelled MCP tool call"),
         "c6": ("slack", "post_message", "ok", None),
     }
     # a secret in the arguments or the error is a token in the warehouse, never clear text
