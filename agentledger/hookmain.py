@@ -44,7 +44,7 @@ def parser():
 
     p = argparse.ArgumentParser(prog="agentledger hook", add_help=False)
     p.add_argument("--policy", default=_env_policy())
-    p.add_argument("--agent", default="auto", choices=("auto", "codex", "claude-code"))
+    p.add_argument("--agent", default="auto", choices=("auto", "codex", "claude-code", "gemini-cli"))
     p.add_argument("--deny-style", default="json", choices=("json", "exit-code"))
     p.add_argument("--fail-closed", action="store_true")
     p.add_argument("--budget", type=float, default=5.0)
@@ -87,7 +87,7 @@ def parse_args(argv: list[str]) -> _Args | None:
         a.budget = float(a.budget)
     except ValueError:
         return None
-    if a.agent not in ("auto", "codex", "claude-code") or a.deny_style not in ("json", "exit-code"):
+    if a.agent not in ("auto", "codex", "claude-code", "gemini-cli") or a.deny_style not in ("json", "exit-code"):
         return None
     return a
 

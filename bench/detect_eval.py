@@ -27,7 +27,7 @@ an alert, and a JSON line last.
     .venv/bin/python bench/detect_eval.py --sessions 2000 --seed 9_412_733
 
 `--corpus` scores the realistic corpus instead (tests/codex_corpus.py: the quiet attacks of issue 22
-in nine classes and benign near-misses), in each shape -- Codex rollouts imported with `agentledger
+in ten classes and benign near-misses), in each shape -- Codex rollouts imported with `agentledger
 import codex-rollout`, and the same scenarios as Claude Code transcripts imported with `agentledger
 import claude-code`: per shape, recall per class (a high/critical alert from the rule made for it),
 the benign high-alert rate, the model's medium-alert rate on benign sessions and its AUC -- with the

@@ -27,8 +27,9 @@ and ``message{role, content}``; other entry types (``summary``, ``file-history-s
     ``WebSearch`` -> network_attempted to ``(web search)`` (the search runs on the provider's side:
     no destination of this host) + network_completed;
   - ``mcp__<server>__<tool>`` -> command_started ``[tool, arguments JSON]`` with
-    ``sandbox_profile = "mcp"`` + command_finished (failed when ``is_error``), as the Codex
-    importer records MCP calls;
+    ``sandbox_profile = "mcp"`` and its ``mcp`` record (server, tool, digest of the arguments'
+    canonical JSON) + command_finished (failed when ``is_error``; ``mcp.outcome`` ok / error /
+    declined), as the Codex importer and the hook record MCP calls;
   - ``Task`` / ``Agent`` (a sub-agent) -> command_started ``["Task", arguments JSON]`` with
     ``sandbox_profile = "subagent"`` + command_finished whose output starts with the sub-agent's
     ``agentId``; the sub-agent's own transcript (``<session>/subagents/agent-<agentId>.jsonl``,
@@ -66,8 +67,9 @@ from typing import Any
 
 from .counts import FileCounts
 from .ledger import Observation, SessionInfo
-from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, network_protocol, parse_exec_output,
-                        parse_time_us, permission_mode_policy, resolve_path, short_digest, urls_in)
+from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, mcp_arguments_json, mcp_call, mcp_result,
+                        mcp_split, network_protocol, parse_exec_output, parse_time_us, permission_mode_policy,
+                        resolve_path, short_digest, urls_in)
 from .recorder import action_digest, output_digest
 
 # The event contract's ProducerSource enum has no symbol for Claude Code transcripts yet (adding
@@ -109,7 +111,6 @@ IGNORED_BLOCKS = frozenset({"text", "thinking", "redacted_thinking", "image", "d
 
 _UUID = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})", re.I)
 _AGENT_FILE = re.compile(r"^agent-([A-Za-z0-9_-]+)\.jsonl$")
-_MCP = re.compile(r"^mcp__(.+?)__(.+)$")
 _USER_DENIED = re.compile(r"^\s*(?:Error:\s*)?The user doesn'?t want to (?:proceed with this tool use|take this action)", re.I)
 _RULE_DENIED = re.compile(r"(Permission to use .{1,4000}? has been denied|requested permissions? to .{1,4000}?"
                           r"but you haven'?t granted it yet|permission (?:was |has been )?denied by (?:the )?"
@@ -182,8 +183,7 @@ def _patch(call: dict, path: str) -> str:
     return ("*** Begin Patch\n" + body + "*** End Patch")[:MAX_KEPT]
 
 
-def _json_args(args: Any) -> str:
-    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False, sort_keys=True, default=str)
+_json_args = mcp_arguments_json
 
 
 class ClaudeTranscriptParser:
@@ -429,8 +429,10 @@ class ClaudeTranscriptParser:
             call["url"] = url[:4000]
         elif name in SEARCH_TOOLS:
             pass
-        elif name in AGENT_TOOLS or _MCP.match(name):
+        elif name in AGENT_TOOLS or (names := mcp_split(name)) is not None:
             call["args"] = _json_args(inp)[:MAX_KEPT]
+            if name not in AGENT_TOOLS:
+                call["mcp"] = mcp_call(names[0], names[1], inp)  # the digest of the whole input, before any cut
         else:
             call["kind"] = "other"
             if name not in OTHER_TOOLS:
@@ -462,11 +464,11 @@ class ClaudeTranscriptParser:
                       {"attempt_id": f"net-{tid}", "host": "(web search)", "port": 443, "protocol": "https",
                        "method": "SEARCH", "url": None, "command_id": None}, at, call_id=tid)
         elif "args" in call:
-            m = _MCP.match(tool)
-            self._obs(sid, f"cmd:{tid}:started", "command_started",
-                      {"command_id": tid, "argv": [tool, call["args"]], "shell": None, "cwd": call.get("cwd") or "",
-                       "env_names": [], "sandbox_profile": "mcp" if m else "subagent", "escalated": False},
-                      at, call_id=tid)
+            payload = {"command_id": tid, "argv": [tool, call["args"]], "shell": None, "cwd": call.get("cwd") or "",
+                       "env_names": [], "sandbox_profile": "mcp" if call.get("mcp") else "subagent", "escalated": False}
+            if call.get("mcp"):
+                payload["mcp"] = call["mcp"]
+            self._obs(sid, f"cmd:{tid}:started", "command_started", payload, at, call_id=tid)
 
     # -- user: tool results ---------------------------------------------------------------
     def _user(self, sid: str | None, e: dict, msg: dict, at: int) -> None:
@@ -516,7 +518,7 @@ class ClaudeTranscriptParser:
             by, decider = ("user", None) if denial == "user" else ("policy", "claude-code permissions")
             self._decision(tid, call, by, decider, text, at, dur)
             if tool in SHELL_TOOLS | READ_TOOLS | WRITE_TOOLS or "args" in call:
-                self._finished(sid, tid, None, dur, "declined", "", text, at)
+                self._finished(sid, tid, None, dur, "declined", "", text, at, mcp=self._mcp_result(call, "declined", text))
             elif tool in FETCH_TOOLS | SEARCH_TOOLS:
                 self._obs(sid, f"net:net-{tid}:decided", "network_decided",
                           {"attempt_id": f"net-{tid}", "decision": "deny", "rule": None, "reason": text[:300],
@@ -562,7 +564,13 @@ class ClaudeTranscriptParser:
                 out = json.dumps({"agentId": agent_id, "status": info.get("status")}) + "\n" + text if agent_id else text
                 took = as_int(info.get("totalDurationMs"))
                 dur = took if took is not None else dur
-            self._finished(sid, tid, code, dur, status, out, "", at)
+            self._finished(sid, tid, code, dur, status, out, "", at,
+                           mcp=self._mcp_result(call, "error" if is_error else "ok", text if is_error else None))
+
+    @staticmethod
+    def _mcp_result(call: dict, outcome: str, error: str | None) -> dict | None:
+        m = call.get("mcp")
+        return mcp_result(m["server"], m["tool"], outcome, error) if m else None
 
     def _denial(self, text: str) -> str | None:
         head = text[:8000]
@@ -627,8 +635,9 @@ class ClaudeTranscriptParser:
                            "reason": denial["reason"], "command_id": tid, "inferred": True}, at, call_id=tid)
 
     def _finished(self, sid, tid: str, code: int | None, dur: int, status: str, stdout: str, stderr: str,
-                  at: int) -> None:
-        self._obs(sid, f"cmd:{tid}:finished", "command_finished",
-                  {"command_id": tid, "exit_code": code, "duration_ms": int(dur), "status": status,
-                   "stdout": output_digest(stdout), "stderr": output_digest(stderr)}, at, call_id=tid,
-                  priority=P_RESULT)
+                  at: int, mcp: dict | None = None) -> None:
+        payload = {"command_id": tid, "exit_code": code, "duration_ms": int(dur), "status": status,
+                   "stdout": output_digest(stdout), "stderr": output_digest(stderr)}
+        if mcp is not None:
+            payload["mcp"] = mcp
+        self._obs(sid, f"cmd:{tid}:finished", "command_finished", payload, at, call_id=tid, priority=P_RESULT)

@@ -20,11 +20,15 @@ Codex versions (a bare session-meta first line, then bare response items). Mappi
   command_started ``["apply_patch", <patch text>]`` (+ command_finished from its output), the
   shape Codex gives a patch run through the shell tool, so what a patch wrote is recorded (and
   redacted) like any command line and detection can judge a patch by its content.
-* MCP tool calls (``function_call`` named ``<server>__<tool>`` or ``mcp__<server>__<tool>``,
+* MCP tool calls (``function_call`` named ``<server>__<tool>`` or ``mcp__<server>__<tool>``, or
+  with a ``namespace``; ``mcp_tool_call`` / ``mcp_tool_call_output`` response items;
   ``mcp_tool_call_begin/end``) -> command_started ``["mcp__<server>__<tool>", <arguments JSON>]``
-  with ``sandbox_profile = "mcp"`` and command_finished with the result's text (failed when the
-  server said ``isError``). Until tool calls get an event kind of their own (issue 17), this is
-  how a tool call, its arguments and its result are kept.
+  with ``sandbox_profile = "mcp"`` and its ``mcp`` record (server, tool, digest of the arguments'
+  canonical JSON), and command_finished with the result's text and ``mcp`` outcome: ``error``
+  when the server said ``isError`` or the call failed (``Err``), ``declined`` when Codex refused
+  it ("user rejected MCP tool call": also approval_decided(denied, by the user), as a declined
+  command), else ``ok``. Malformed MCP items are skipped and counted (``unknown_values``, with
+  the reason).
 * ``web_search_call`` opening a page (``open_page`` / ``find_in_page`` with a URL) ->
   network_attempted (GET of that URL; no decision is recorded in rollouts).
 * a later ``turn_context`` whose approval policy, sandbox mode or network access differs from the
@@ -50,9 +54,9 @@ from urllib.parse import urlsplit
 from .counts import FileCounts
 from .ledger import Observation, SessionInfo
 from .normalize import (approval_decision, approval_policy, as_int, command_argv, duration_ms, first,
-                        infer_sandbox_denial, inside, loads_bounded, looks_declined, looks_timed_out, network_policy,
-                        parse_exec_output, parse_patch, parse_time_us, patch_changes, resolve_path, risk,
-                        sandbox_details, sandbox_mode, short_digest)
+                        infer_sandbox_denial, inside, loads_bounded, looks_declined, looks_timed_out, mcp_arguments_json,
+                        mcp_call, mcp_refused, mcp_result, mcp_split, network_policy, parse_exec_output, parse_patch, parse_time_us,
+                        patch_changes, resolve_path, risk, sandbox_details, sandbox_mode, short_digest)
 from .recorder import action_digest, output_digest
 
 SOURCE = "codex_rollout"
@@ -422,6 +426,17 @@ class RolloutParser:
                     self.ctx["calls"][str(p["call_id"])] = {"kind": "other", "at": at}
         elif t in ("function_call_output", "custom_tool_call_output"):
             self._call_output(str(p.get("call_id") or ""), p.get("output"), at)
+        elif t == "mcp_tool_call":
+            self._mcp_item(p, at)
+        elif t == "mcp_tool_call_output":
+            call_id = str(p.get("call_id") or "")
+            if not call_id:
+                self.counts.bump("unknown_values", "mcp_tool_call_output without call_id")
+            else:
+                out = p.get("output")
+                if str(p.get("status") or "").lower() in ("failed", "error", "incomplete") and _tool_failed(out) is None:
+                    out = {"content": [{"type": "text", "text": parse_exec_output(out)["text"] or ""}], "isError": True}
+                self._call_output(call_id, out, at)
         elif t == "web_search_call":
             self._web(p, at)
         elif t in RESPONSE_TYPES:
@@ -481,19 +496,49 @@ class RolloutParser:
         if not ops:
             self.counts.bump("unknown_values", "apply_patch without file operations")
 
-    def _tool_call(self, call_id: str, tool: str, args: Any, at: int, priority: int = P_START_CALL) -> None:
+    def _tool_call(self, call_id: str, tool: str, args: Any, at: int, priority: int = P_START_CALL,
+                   names: tuple[str, str] | None = None) -> None:
         """An MCP tool call: a command named after the tool, its arguments as JSON (see the module doc)."""
         if not call_id:
             self.counts.bump("unknown_values", "tool call without call_id")
             return
-        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False, sort_keys=True, default=str)
+        names = names or mcp_split(tool)
+        if names is None:
+            self.counts.bump("unknown_values", "MCP tool call without server or tool")
+            return
+        arguments = mcp_arguments_json(args)
         self._obs(f"cmd:{call_id}:started", "command_started",
                   {"command_id": call_id, "argv": [tool, arguments[:MAX_TOOL_ARGUMENTS]], "shell": None, "cwd": self._cwd(),
-                   "env_names": [], "sandbox_profile": "mcp", "escalated": False},
+                   "env_names": [], "sandbox_profile": "mcp", "escalated": False,
+                   "mcp": mcp_call(names[0], names[1], args)},
                   at, call_id=call_id, priority=priority)
         if self.ctx["calls"].get(call_id, {}).get("kind") != "done":
             self.ctx["calls"][call_id] = {"kind": "exec", "at": at, "argv": [tool], "shell": "", "cwd": self._cwd(),
-                                          "turn": self.ctx.get("turn_id"), "tool": True}
+                                          "turn": self.ctx.get("turn_id"), "tool": True, "mcp": list(names)}
+
+    def _mcp_item(self, p: dict, at: int) -> None:
+        """A ``mcp_tool_call`` response item (newer rollouts): ``name`` (maybe ``<server>__<tool>``),
+        the server in ``server`` / ``server_label`` / ``namespace``, ``arguments`` (object or JSON string)."""
+        call_id = str(p.get("call_id") or p.get("id") or "")
+        name = p.get("name") if isinstance(p.get("name"), str) else p.get("tool")
+        server = next((p[k] for k in ("server", "server_label", "namespace") if isinstance(p.get(k), str) and p[k]), None)
+        if not call_id or not isinstance(name, str) or not name:
+            self.counts.bump("unknown_values", "mcp_tool_call without call_id or name")
+            return
+        tool = mcp_tool(name, server) if server else mcp_tool(name)
+        if tool is None:
+            self.counts.bump("unknown_values", "mcp_tool_call without a server")
+            return
+        args = p.get("arguments", p.get("input"))
+        if isinstance(args, str) and len(args) > MAX_TOOL_ARGUMENTS * 4:
+            self.counts.bump("unknown_values", "mcp_tool_call arguments too long")
+            args = args[:MAX_TOOL_ARGUMENTS]
+        if isinstance(args, str):
+            try:
+                args = loads_bounded(args) if args.strip() else {}
+            except ValueError:
+                pass  # kept as the string it is (and digested as one)
+        self._tool_call(call_id, tool, args if args is not None else {}, at)
 
     def _web(self, p: dict, at: int) -> None:
         """A page the web tool opened: a GET of its URL (searches carry no destination: not recorded)."""
@@ -541,9 +586,14 @@ class RolloutParser:
         text = res["text"] or ""
         if call.get("tool"):
             failed = _tool_failed(output)
+            # Codex answers a refused MCP call with a bare text ("user rejected MCP tool call"), not a result
+            declined = failed is None and mcp_refused(text)
+            status = "declined" if declined else "failed" if failed else "completed"
+            server, tool = (call.get("mcp") or [None, None])[:2]
+            mcp = mcp_result(server, tool, "declined" if declined else "error" if failed else "ok",
+                             text if (failed or declined) else None) if server else None
             self._finished(call_id, None if failed is None else int(failed), max(0, (at - call["at"]) // 1000),
-                           "failed" if failed else "completed", text, "", at, P_FINISH_OUTPUT, call.get("turn"), None,
-                           infer_denial=False)
+                           status, text, "", at, P_FINISH_OUTPUT, call.get("turn"), None, infer_denial=False, mcp=mcp)
             self.ctx["calls"].pop(call_id, None)
             return
         declined = looks_declined(text)
@@ -559,10 +609,13 @@ class RolloutParser:
         self.ctx["calls"].pop(call_id, None)
 
     def _finished(self, call_id: str, code: int | None, dur: int, status: str, stdout: str, stderr: str, at: int,
-                  priority: int, turn_id: str | None, call: dict | None, infer_denial: bool = True) -> None:
-        self._obs(f"cmd:{call_id}:finished", "command_finished",
-                  {"command_id": call_id, "exit_code": code, "duration_ms": int(dur), "status": status,
-                   "stdout": output_digest(stdout), "stderr": output_digest(stderr)},
+                  priority: int, turn_id: str | None, call: dict | None, infer_denial: bool = True,
+                  mcp: dict | None = None) -> None:
+        payload = {"command_id": call_id, "exit_code": code, "duration_ms": int(dur), "status": status,
+                   "stdout": output_digest(stdout), "stderr": output_digest(stderr)}
+        if mcp is not None:
+            payload["mcp"] = mcp
+        self._obs(f"cmd:{call_id}:finished", "command_finished", payload,
                   at, call_id=call_id, priority=priority, turn_id=turn_id)
         if status == "declined":
             self._obs(f"approval:{call_id}:decided", "approval_decided",
@@ -647,22 +700,32 @@ class RolloutParser:
         if not call_id or not isinstance(server, str) or not isinstance(name, str):
             self.counts.bump("unknown_values", f"{t} without call_id, server or tool")
             return
+        if not server.strip() or not name.strip():
+            self.counts.bump("unknown_values", f"{t} with an empty server or tool name")
+            return
         tool = f"mcp__{server}__{name}"
         if t == "mcp_tool_call_begin":
-            self._tool_call(call_id, tool, inv.get("arguments") or {}, at, priority=P_START_EXEC)
+            self._tool_call(call_id, tool, inv.get("arguments") or {}, at, priority=P_START_EXEC, names=(server, name))
             return
         dur = duration_ms(p.get("duration"))
         start = at - (dur or 0) * 1000
-        self._tool_call(call_id, tool, inv.get("arguments") or {}, start, priority=P_START_EXEC)
+        self._tool_call(call_id, tool, inv.get("arguments") or {}, start, priority=P_START_EXEC, names=(server, name))
         result = p.get("result")
         ok = result.get("Ok", result.get("ok")) if isinstance(result, dict) else None
         err = result.get("Err", result.get("err")) if isinstance(result, dict) else None
         if isinstance(ok, dict):
             text, failed = parse_exec_output(ok)["text"] or "", bool(ok.get("isError") or ok.get("is_error"))
         else:
-            text, failed = (str(err) if err is not None else ""), err is not None
-        self._finished(call_id, int(failed), dur or 0, "failed" if failed else "completed", text, "", at,
-                       P_FINISH_EXEC, turn, None, infer_denial=False)
+            text = (err if isinstance(err, str) else json.dumps(err, default=str)[:MAX_TOOL_ARGUMENTS]) if err is not None else ""
+            failed = err is not None
+            if err is None and ok is None:
+                self.counts.bump("unknown_values", "mcp_tool_call_end without an Ok or Err result")
+        declined = err is not None and mcp_refused(text)
+        outcome = "declined" if declined else "error" if failed else "ok"
+        self._finished(call_id, None if declined else int(failed), dur or 0,
+                       "declined" if declined else "failed" if failed else "completed", text, "", at,
+                       P_FINISH_EXEC, turn, None, infer_denial=False,
+                       mcp=mcp_result(server, name, outcome, text if outcome != "ok" else None))
         self.ctx["calls"][call_id] = {"kind": "done", "at": at}
 
     def _exec_end(self, p: dict, at: int, turn: str | None) -> None:

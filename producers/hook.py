@@ -7,12 +7,15 @@ Input: one JSON object on stdin (``session_id``, ``hook_event_name``, ``cwd``, `
 ===================  ==================================================================
 SessionStart         session_started (cwd, model, approval policy from permission_mode,
                      policy digest) -- also on the first event of a session we never saw
-PreToolUse           shell tools: command_started; WebFetch: network_attempted (+ the policy's
-                     network_decided); a policy denial: approval_requested + approval_decided
-                     (denied, decided_by policy) and no command_started
+PreToolUse           shell tools and MCP tools (``mcp__<server>__<tool>``): command_started (an
+                     MCP call with its ``mcp`` record, as the importers state it; a shell-like
+                     MCP tool's command is judged by the policy as the shell tool's); WebFetch:
+                     network_attempted (+ the policy's network_decided); a policy denial:
+                     approval_requested + approval_decided (denied, decided_by policy) and no
+                     command_started
 PermissionRequest    approval_requested (+ approval_decided when the policy denies)
 PostToolUse(Failure) command_finished (exit code, duration since PreToolUse, output digest,
-                     inferred sandbox denial); apply_patch / Edit / Write / MultiEdit /
+                     inferred sandbox denial; MCP: outcome ok / error); apply_patch / Edit / Write / MultiEdit /
                      NotebookEdit / Read: file_accessed; WebFetch: network_completed
 SessionEnd           session_ended
 others (Stop, ...)   nothing beyond opening the session: they carry no sandbox, approval or
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +55,30 @@ from agentledger.schemas.config import Settings
 
 from .ledger import Observation, SessionAppender, SessionInfo
 from .sinks import recording_mode_from_env
-from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, loads_bounded, network_protocol,
-                        parse_exec_output, parse_patch, permission_mode_policy, resolve_path, short_digest, urls_in)
+from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, loads_bounded, mcp_arguments_json, mcp_call,
+                        mcp_result, mcp_split, network_protocol, parse_exec_output, parse_patch, permission_mode_policy,
+                        resolve_path, short_digest, urls_in)
 from .recorder import action_digest, output_digest
 
 SOURCE = "hook"
 MAX_INPUT = 16 * 1024 * 1024
-SHELL_TOOLS = frozenset({"Bash", "bash", "shell", "shell_command", "exec_command", "local_shell", "unified_exec"})
+SHELL_TOOLS = frozenset({"Bash", "bash", "shell", "shell_command", "exec_command", "local_shell", "unified_exec",
+                         "run_shell_command"})
+# Gemini CLI's tool events (google-gemini/gemini-cli docs/hooks/reference.md), read as the others'
+GEMINI_EVENTS = {"BeforeTool": "PreToolUse", "AfterTool": "PostToolUse"}
 PATCH_TOOLS = frozenset({"apply_patch"})
 WRITE_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 READ_TOOLS = frozenset({"Read"})
 NET_TOOLS = frozenset({"WebFetch"})
 DECISION_EVENTS = ("PreToolUse", "PermissionRequest")
+# MCP tools that run a command line on the machine (shell, terminal, process, exec servers): the
+# policy judges their command as it judges the shell tool's (the rule mcp-exec-tool-bypass of
+# consumers/detect names the same tools after the fact)
+MCP_EXEC_TOOL = re.compile(
+    r"^(?:run|exec|execute|shell|bash|sh|terminal|spawn|command|cmd|run_command|execute_command|exec_command|"
+    r"run_shell|shell_exec|run_terminal_cmd|interact_with_process|"
+    r"(?:run|exec|execute|start|launch|spawn)_(?:command|cmd|shell|process|program|script|terminal|bash)[a-z_]*|"
+    r"[a-z_]*_(?:command|shell_command|terminal_command))$", re.I)
 
 
 @dataclass
@@ -99,8 +115,42 @@ def load_policy(path: str | None):
 def _agent(data: dict, forced: str) -> str:
     if forced and forced != "auto":
         return forced
+    if data.get("hook_event_name") in GEMINI_EVENTS or "/.gemini/" in str(data.get("transcript_path") or ""):
+        return "gemini-cli"
     codex = bool(data.get("turn_id")) or "/.codex/" in str(data.get("transcript_path") or "")
     return "codex" if codex else "claude-code"
+
+
+def gemini_input(data: dict, now_us: int) -> dict:
+    """A Gemini CLI hook input in the shape of Claude Code's: BeforeTool / AfterTool become
+    PreToolUse / PostToolUse(Failure); an MCP tool (``mcp_context{server_name, tool_name}``) is
+    named ``mcp__<server>__<tool>``; the response's ``llmContent`` is the tool's output. Gemini
+    names no tool call: a BeforeTool gets the id ``gemini-<digest of session, tool, arguments,
+    time>``, and its AfterTool is paired with it by ``_gemini_key`` (`HookEvent.build`)."""
+    d = dict(data)
+    event = d.get("hook_event_name")
+    d["hook_event_name"] = GEMINI_EVENTS.get(event, event)
+    ctx = d.get("mcp_context")
+    if isinstance(ctx, dict) and isinstance(ctx.get("server_name"), str) and isinstance(ctx.get("tool_name"), str) \
+            and ctx["server_name"].strip() and ctx["tool_name"].strip():
+        d["tool_name"] = f"mcp__{ctx['server_name']}__{ctx['tool_name']}"
+    if event not in GEMINI_EVENTS:
+        return d
+    resp = d.get("tool_response")
+    if isinstance(resp, dict):
+        if resp.get("error"):
+            d["hook_event_name"] = "PostToolUseFailure"
+            err = resp["error"]
+            d["error"] = str(err.get("message") if isinstance(err, dict) and err.get("message") else err)
+        d["tool_response"] = resp.get("llmContent", resp.get("returnDisplay"))
+    args = d.get("tool_input") if isinstance(d.get("tool_input"), dict) else {}
+    key = short_digest(d.get("session_id"), d.get("tool_name"), json.dumps(args, sort_keys=True, default=str))
+    d["_gemini_key"] = key
+    if event == "BeforeTool":
+        d["tool_use_id"] = "gemini-" + short_digest(key, d.get("timestamp") or now_us, n=20)
+    else:
+        d.pop("tool_use_id", None)
+    return d
 
 
 def _tool_command(tool_input: dict) -> tuple[list[str], str | None] | None:
@@ -122,6 +172,17 @@ def evaluate(policy, tool: str, tool_input: dict, cwd: str, home: str | None = N
         d = policy.evaluate_shell_call(argv, shell, escalated=escalated)  # (what-if re-decides it the same way)
         if d.action == "forbidden":
             return Verdict(True, f"agentledger policy {name}: {d.subject}: {d.reason}", d.rule)
+        return None
+    names = mcp_split(tool)
+    if names is not None and MCP_EXEC_TOOL.match(names[1]):
+        cmd = next((tool_input[k] for k in ("command", "cmd", "commandLine", "script") if tool_input.get(k)), None)
+        parsed = command_argv(cmd)
+        if not parsed:
+            return None
+        argv, shell = parsed
+        d = policy.evaluate_shell_call(argv, shell, escalated=False)
+        if d.action == "forbidden":
+            return Verdict(True, f"agentledger policy {name}: {d.subject} (through MCP tool {tool}): {d.reason}", d.rule)
         return None
     if tool in PATCH_TOOLS:
         patch = str(tool_input.get("command") or tool_input.get("input") or "")
@@ -154,9 +215,11 @@ def evaluate(policy, tool: str, tool_input: dict, cwd: str, home: str | None = N
     return None
 
 
-def _deny_response(event: str, reason: str, style: str) -> tuple[int, str, str]:
+def _deny_response(event: str, reason: str, style: str, agent: str = "") -> tuple[int, str, str]:
     if style == "exit-code":
         return 2, "", reason + "\n"
+    if agent == "gemini-cli":  # Gemini CLI reads a top-level decision (docs/hooks/reference.md)
+        return 0, json.dumps({"decision": "deny", "reason": reason}) + "\n", ""
     if event == "PermissionRequest":
         out = {"hookSpecificOutput": {"hookEventName": "PermissionRequest",
                                       "decision": {"behavior": "deny", "message": reason}}}
@@ -201,6 +264,7 @@ class HookEvent:
         self.turn = str(data["turn_id"]) if data.get("turn_id") else None
         tid = data.get("tool_use_id")
         self.tid = str(tid) if tid else None
+        self.gemini_key = str(data["_gemini_key"]) if data.get("_gemini_key") else None
         self.version = str(data["agent_version"]) if data.get("agent_version") else None
         self._n = 0
         self.home: str | None = None  # the agent's HOME (the warm server's own may differ): `~` of its paths
@@ -259,6 +323,9 @@ class HookEvent:
         if e in ("PreToolUse", "PermissionRequest"):
             return self._pre(e)
         if e in ("PostToolUse", "PostToolUseFailure"):
+            if self.tid is None and self.gemini_key:  # its BeforeTool's call, else one of its own
+                self.tid = state.open_call_by_key(self.sid, self.gemini_key) or \
+                    "gemini-" + short_digest(self.gemini_key, self.d.get("timestamp") or self.now, n=20)
             if self.tid:
                 self.open_call = state.open_call(self.sid, self.tid)
             return self._post(e == "PostToolUseFailure")
@@ -313,10 +380,21 @@ class HookEvent:
             out.append(self._approval_request()[0])
             return out
         if self.tid:
-            self.call_change = ("open", {"tool": self.tool})
+            self.call_change = ("open", {"tool": self.tool, **({"key": self.gemini_key} if self.gemini_key else {})})
         if self.tool in SHELL_TOOLS and self.tid:
             out += self._command_started(self.now)
+        elif self.tid and mcp_split(self.tool):
+            out += self._mcp_started(self.now)
         return out
+
+    def _mcp_started(self, at: int) -> list[Observation]:
+        """An MCP tool call, as the importers record it: ``[tool, arguments JSON]``, profile ``mcp``."""
+        server, tool = mcp_split(self.tool) or ("", "")
+        args = self.d.get("tool_input") if isinstance(self.d.get("tool_input"), dict) else {}  # (as the importer reads it)
+        return [self.obs(f"cmd:{self.tid}:started", "command_started",
+                         {"command_id": self.tid, "argv": [self.tool, mcp_arguments_json(args)[:MAX_TOOL_TEXT]],
+                          "shell": None, "cwd": self.cwd, "env_names": [], "sandbox_profile": "mcp",
+                          "escalated": False, "mcp": mcp_call(server, tool, args)}, at)]
 
     def _command_started(self, at: int) -> list[Observation]:
         parsed = _tool_command(self.tool_input)
@@ -356,6 +434,17 @@ class HookEvent:
                     out.append(self.obs(f"denied:{self.tid}", "sandbox_denied",
                                         {"operation": denial["operation"], "target": str(target)[:1000], "rule": None,
                                          "reason": denial["reason"], "command_id": self.tid, "inferred": True}))
+        elif mcp_split(self.tool):
+            out += self._mcp_started(started or self.now)
+            server, tool = mcp_split(self.tool) or ("", "")
+            text = _tool_text(resp)
+            is_error = failure or (isinstance(resp, dict) and (resp.get("isError") is True or resp.get("is_error") is True))
+            error = (str(self.d.get("error") or "") or text) if is_error else None
+            out.append(self.obs(f"cmd:{self.tid}:finished", "command_finished",
+                                {"command_id": self.tid, "exit_code": int(is_error), "duration_ms": dur,
+                                 "status": "failed" if is_error else "completed",
+                                 "stdout": output_digest(text), "stderr": output_digest(error if failure else ""),
+                                 "mcp": mcp_result(server, tool, "error" if is_error else "ok", error)}))
         elif self.tool in PATCH_TOOLS and not failure:
             patch = str(self.tool_input.get("command") or self.tool_input.get("input") or "")
             for op in parse_patch(patch):
@@ -394,6 +483,22 @@ class HookEvent:
                         (self.sid, self.tid, self.now, json.dumps(self.call_change[1])))
         else:
             con.execute("DELETE FROM open_calls WHERE session_id = ? AND call_id = ?", (self.sid, self.tid))
+
+
+MAX_TOOL_TEXT = 64_000  # characters of an MCP call's arguments kept in its argv (as the importers keep)
+
+
+def _tool_text(resp: Any) -> str:
+    """The text of an MCP tool's response: its text content blocks (``[{type: text, text}]``, or
+    ``{content: [...]}``), a string as is, anything else as JSON."""
+    blocks = resp.get("content") if isinstance(resp, dict) and isinstance(resp.get("content"), list) else resp
+    if isinstance(blocks, list):
+        parts = [b["text"] for b in blocks if isinstance(b, dict) and isinstance(b.get("text"), str)]
+        if parts or not blocks:
+            return "\n".join(parts)
+    if isinstance(blocks, str):
+        return blocks
+    return "" if resp is None else json.dumps(resp, ensure_ascii=False, default=str)[:MAX_TOOL_TEXT]
 
 
 def _response_streams(resp: Any) -> tuple[str, str, int | None, bool]:
@@ -443,7 +548,11 @@ def handle(
         p = save_reject(settings, raw, err)
         out.exit_code, out.stderr = 1, f"agentledger hook: {err}; input kept in {p}\n"
         return out
-    hev = HookEvent(data, _agent(data, agent), now_us if now_us is not None else time.time_ns() // 1000, None, None)
+    now = now_us if now_us is not None else time.time_ns() // 1000
+    who = _agent(data, agent)
+    if who == "gemini-cli":
+        data = gemini_input(data, now)
+    hev = HookEvent(data, who, now, None, None)
     event = hev.event
     try:
         policy = load_policy(policy_path)
@@ -451,7 +560,8 @@ def handle(
         policy = None
         out.stderr += f"agentledger hook: policy not loaded: {exc}\n"
         if fail_closed and event in DECISION_EVENTS:
-            out.exit_code, out.stdout, extra = _deny_response(event, f"agentledger: policy not loaded: {exc}", deny_style)
+            out.exit_code, out.stdout, extra = _deny_response(event, f"agentledger: policy not loaded: {exc}", deny_style,
+                                                              who)
             out.stderr += extra
             return out
     hev.policy = policy
@@ -474,7 +584,7 @@ def handle(
         out.stderr += f"agentledger hook: event not recorded durably: {type(exc).__name__}: {exc}\n"
         if fail_closed and event in DECISION_EVENTS:
             out.exit_code, out.stdout, extra = _deny_response(
-                event, f"agentledger (fail-closed): this action could not be recorded: {exc}", deny_style)
+                event, f"agentledger (fail-closed): this action could not be recorded: {exc}", deny_style, who)
             out.stderr += extra
             return out
     finally:
@@ -484,6 +594,6 @@ def handle(
             except Exception as exc:
                 out.stderr += f"agentledger hook: closing the transport: {exc}\n"
     if verdict is not None and verdict.deny:
-        code, stdout, stderr = _deny_response(event, verdict.reason, deny_style)
+        code, stdout, stderr = _deny_response(event, verdict.reason, deny_style, who)
         out.exit_code, out.stdout, out.stderr = code, stdout, out.stderr + stderr
     return out

@@ -218,6 +218,19 @@ class ProducerState:
             info = {}
         return row[0], info
 
+    def open_call_by_key(self, session_id: str, key: str) -> str | None:
+        """The oldest open call of the session whose info has ``key`` (Gemini CLI's hooks name no
+        call: a BeforeTool and its AfterTool are paired by a digest of tool and arguments)."""
+        for call_id, info in self.con.execute(
+                "SELECT call_id, info FROM open_calls WHERE session_id = ? ORDER BY started_at, call_id",
+                (session_id,)).fetchall():
+            try:
+                if info and json.loads(info).get("key") == key:
+                    return str(call_id)
+            except (ValueError, AttributeError):
+                continue
+        return None
+
     # -- files ----------------------------------------------------------------------------
     def file_row(self, path: str) -> dict | None:
         cur = self.con.execute("SELECT * FROM files WHERE path = ?", (path,))

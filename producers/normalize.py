@@ -552,3 +552,59 @@ def first(d: dict, keys: Iterable[str], default: Any = None) -> Any:
         if k in d and d[k] not in (None, ""):
             return d[k]
     return default
+
+
+# -- MCP tool calls ---------------------------------------------------------------------------
+
+MCP_NAME_MAX = 200  # characters of a server or tool name kept (names come from the agent's config)
+MCP_ERROR_MAX = 2000
+_MCP_PREFIXED = re.compile(r"^mcp__(.+?)__(.+)$", re.S)
+
+
+_MCP_CANCELLED = re.compile(r"user cancell?ed (the )?MCP tool call", re.I)
+
+
+def mcp_refused(text: str) -> bool:
+    """An MCP call's answer saying it never ran because the user refused or cancelled its approval
+    (Codex: "user rejected MCP tool call", "user cancelled MCP tool call")."""
+    head = (text or "")[:300]
+    return looks_declined(head) or bool(_MCP_CANCELLED.search(head))
+
+
+def mcp_split(name: Any) -> tuple[str, str] | None:
+    """(server, tool) of a tool named ``mcp__<server>__<tool>`` (Claude Code, newer Codex), else None."""
+    m = _MCP_PREFIXED.match(name) if isinstance(name, str) else None
+    return (m[1], m[2]) if m and m[1].strip() and m[2].strip() else None
+
+
+def mcp_arguments_json(args: Any) -> str:
+    """The arguments as the command's second argv item (the form every importer and the hook record)."""
+    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def mcp_call(server: str, tool: str, args: Any) -> dict:
+    """The ``mcp`` record of a command_started: names (bounded) and the digest of the arguments as
+    canonical JSON (`canonical_json_utf8`). Arguments given as a JSON string are parsed first, so the
+    rollout's string and the hook's object of one call have one digest; a string that is no JSON
+    is digested as a JSON string."""
+    from agentledger.schemas.canonical import canonical_json_utf8
+
+    if isinstance(args, str):
+        try:
+            args = loads_bounded(args) if args.strip() else {}
+        except ValueError:
+            pass
+    try:
+        data = canonical_json_utf8(args)
+    except (TypeError, ValueError):  # NaN / Infinity / objects JSON has no form for
+        data = json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode(
+            "utf-8", "surrogateescape")
+    return {"server": str(server)[:MCP_NAME_MAX], "tool": str(tool)[:MCP_NAME_MAX],
+            "arguments_digest": "sha256:" + hashlib.sha256(data).hexdigest(), "arguments_size": len(data)}
+
+
+def mcp_result(server: str, tool: str, outcome: str, error: Any = None) -> dict:
+    """The ``mcp`` record of a command_finished: outcome ok / error / declined (else unknown)."""
+    text = None if error is None or outcome == "ok" else str(error).strip()[:MCP_ERROR_MAX] or None
+    return {"server": str(server)[:MCP_NAME_MAX], "tool": str(tool)[:MCP_NAME_MAX],
+            "outcome": outcome if outcome in ("ok", "error", "declined") else "unknown", "error": text}

@@ -15,6 +15,12 @@ event name in ``eventName``, the ``event.name`` attribute or the body. Mapping:
 * ``claude_code.tool_decision`` (accept|reject; source config|hook|user_permanent|
   user_temporary|user_abort|user_reject) -> approval_decided; ``claude_code.tool_result`` ->
   commands (Bash) and file writes (Edit/Write/MultiEdit/NotebookEdit); session id = ``session.id``.
+* ``gemini_cli.tool_call`` (Gemini CLI; ``function_name``, ``function_args``, ``duration_ms``,
+  ``success``, ``decision`` accept|reject|auto_accept|modify, ``error``, ``tool_type`` native|mcp,
+  ``mcp_server_name``) -> MCP tool calls (command_started with the ``mcp`` record +
+  command_finished: ok / error / declined) and shell commands (``run_shell_command``); a rejected
+  call also approval_decided(denied, by the user); other tools are counted, not recorded. The
+  records carry no call id: it is a digest of session, time, tool and arguments.
 
 Other event names (prompts, API requests, SSE/token events) are counted as ignored; names we do
 not know are counted as unknown types. Records without a session id are counted (``no_session``).
@@ -29,8 +35,8 @@ from .counts import FileCounts
 from .ledger import Observation, SessionInfo
 from .normalize import (approval_decision, approval_policy, as_bool, as_int, claude_decision, command_argv,
                         decision_source, first, infer_sandbox_denial, inside, loads_bounded, looks_declined,
-                        network_decision, network_protocol, parse_exec_output, parse_patch, parse_time_us, resolve_path,
-                        sandbox_mode, short_digest)
+                        mcp_arguments_json, mcp_call, mcp_result, network_decision, network_protocol, parse_exec_output,
+                        parse_patch, parse_time_us, resolve_path, sandbox_mode, short_digest)
 from .recorder import output_digest
 
 SOURCE = "otel"
@@ -44,7 +50,13 @@ IGNORED_NAMES = frozenset({
     "codex.user_prompt", "codex.api_request", "codex.sse_event", "codex.websocket_request", "codex.websocket_event",
     "codex.sandbox_outcome", "codex.tool_call", "codex.compaction", "codex.response_completed",
     "claude_code.user_prompt", "claude_code.api_request", "claude_code.api_error", "claude_code.api_refusal",
-    "claude_code.session", "claude_code.hook_execution", "claude_code.mcp_server_connection"})
+    "claude_code.session", "claude_code.hook_execution", "claude_code.mcp_server_connection",
+    "gemini_cli.config", "gemini_cli.user_prompt", "gemini_cli.api_request", "gemini_cli.api_response",
+    "gemini_cli.api_error", "gemini_cli.tool_output_truncated", "gemini_cli.file_operation",
+    "gemini_cli.slash_command", "gemini_cli.model_routing", "gemini_cli.chat_compression",
+    "gemini_cli.conversation_finished", "gemini_cli.next_speaker_check", "gemini_cli.flash_fallback",
+    "gemini_cli.extension_install", "gemini_cli.extension_enable", "gemini_cli.tool_call_decision"})
+GEMINI_SHELL = frozenset({"run_shell_command", "shell"})
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
 
@@ -93,7 +105,7 @@ def attrs_dict(attrs: Any) -> dict:
     return out
 
 
-_PREFIXED = re.compile(r"^(codex|claude_code)\.")
+_PREFIXED = re.compile(r"^(codex|claude_code|gemini_cli)\.")
 
 
 def _event_name(rec: dict, a: dict, body: Any, scope: str) -> str | None:
@@ -110,6 +122,8 @@ def _event_name(rec: dict, a: dict, body: Any, scope: str) -> str | None:
     bare = named[0].strip()
     if "." in bare:  # another namespace: counted as an unknown type under its own name
         return bare
+    if "gemini" in scope.lower():
+        return f"gemini_cli.{bare}"
     if "claude" in scope.lower() or ("session.id" in a and "conversation.id" not in a):
         return f"claude_code.{bare}"
     if "codex" in scope.lower() or "conversation.id" in a:
@@ -199,6 +213,7 @@ class OtelParser:
             "codex.network_proxy.policy_decision": self._network_decision,
             "claude_code.tool_decision": self._claude_decision,
             "claude_code.tool_result": self._claude_result,
+            "gemini_cli.tool_call": self._gemini_call,
         }.get(name)
         if handler is None:
             self.counts.bump("unknown_types", name)
@@ -208,7 +223,8 @@ class OtelParser:
             return
         sid = str(sid).strip()
         sid = sid.lower() if _UUID.match(sid) else sid
-        agent = "claude-code" if name.startswith("claude_code.") else "codex"
+        agent = "claude-code" if name.startswith("claude_code.") else "gemini-cli" if name.startswith("gemini_cli.") \
+            else "codex"
         version = first(a, ("app.version",)) or first(resource, ("service.version",))
         self.sessions.add(sid)
         self.activity[sid] = max(self.activity.get(sid, 0), at)
@@ -341,6 +357,70 @@ class OtelParser:
                    "reason": str(a["network.policy.reason"]) if a.get("network.policy.reason") else None,
                    "policy_source": str(a["network.policy.source"]) if a.get("network.policy.source") else None},
                   at, call_id=str(call_id) if call_id else None, priority=P_NET)
+
+    def _gemini_call(self, sid, agent, version, at, a, rec):
+        """A Gemini CLI tool call, reported once it ended (its args as a JSON string)."""
+        name = a.get("function_name")
+        if not isinstance(name, str) or not name.strip():
+            self.counts.bump("unknown_values", "gemini_cli.tool_call without function_name")
+            return
+        raw_args = a.get("function_args")
+        args: Any = raw_args if raw_args is not None else {}
+        if isinstance(args, str):
+            try:
+                args = loads_bounded(args) if args.strip() else {}
+            except ValueError:
+                pass  # kept (and digested) as the string it is
+        server = a.get("mcp_server_name")
+        is_mcp = str(a.get("tool_type") or "").lower() == "mcp" or (isinstance(server, str) and bool(server.strip()))
+        if not is_mcp and name not in GEMINI_SHELL:
+            self.counts.ignored += 1
+            return
+        call_id = "gemini:" + short_digest(sid, at, name, a.get("prompt_id"), raw_args, n=20)
+        dur = as_int(a.get("duration_ms")) or 0
+        start = parse_time_us(a.get("start_time")) if a.get("start_time") is not None else None
+        start = start if start is not None and start <= at else max(0, at - dur * 1000)
+        decision = str(a.get("decision") or "").lower()
+        declined = decision == "reject"
+        success = as_bool(a.get("success"))
+        error = str(a.get("error") or "")[:4000]
+        if is_mcp:
+            if not isinstance(server, str) or not server.strip():
+                self.counts.bump("unknown_values", "gemini_cli.tool_call of an MCP tool without mcp_server_name")
+                return
+            tool = name
+            for prefix in (f"mcp_{server}_", f"{server}__"):  # the names Gemini CLI gives MCP tools
+                if tool.startswith(prefix) and len(tool) > len(prefix):
+                    tool = tool[len(prefix):]
+            argv = [f"mcp__{server}__{tool}", mcp_arguments_json(args)[:64_000]]
+            started = {"command_id": call_id, "argv": argv, "shell": None, "cwd": "", "env_names": [],
+                       "sandbox_profile": "mcp", "escalated": False, "mcp": mcp_call(server, tool, args)}
+            outcome = "declined" if declined else "ok" if success is not False else "error"
+            finish_extra = {"mcp": mcp_result(server, tool, outcome, error or ("rejected by the user" if declined else None))}
+        else:
+            parsed = command_argv(args.get("command") if isinstance(args, dict) else None)
+            if parsed is None:
+                self.counts.bump("unknown_values", "gemini_cli.tool_call run_shell_command without command")
+                return
+            argv, shell = parsed
+            started = {"command_id": call_id, "argv": argv, "shell": shell,
+                       "cwd": str(args.get("directory") or "") if isinstance(args, dict) else "", "env_names": [],
+                       "sandbox_profile": None, "escalated": False}
+            finish_extra = {}
+        status = "declined" if declined else "completed" if success is not False else "failed"
+        self._obs(sid, agent, version, f"cmd:{call_id}:started", "command_started", started, start,
+                  call_id=call_id, priority=P_START)
+        self._obs(sid, agent, version, f"cmd:{call_id}:finished", "command_finished",
+                  {"command_id": call_id, "exit_code": None if declined else int(success is False), "duration_ms": dur,
+                   "status": status, "stdout": output_digest(""), "stderr": output_digest(error), **finish_extra},
+                  at, call_id=call_id, priority=P_FINISH)
+        if declined:
+            self._obs(sid, agent, version, f"approval:{call_id}:decided", "approval_decided",
+                      {"request_id": call_id, "decision": "denied", "decided_by": "user", "decider": None,
+                       "rule": f"tool {name}"[:300], "latency_ms": None, "action_digest": None},
+                      at, call_id=call_id, priority=P_DECIDED)
+        elif decision and decision not in ("accept", "auto_accept", "modify"):
+            self.counts.unknown_value("gemini_cli.tool_call.decision", decision)
 
     def _claude_id(self, sid, at, a) -> str:
         tid = first(a, ("tool_use_id", "tool.use_id", "tool_call_id", "call_id"))

@@ -96,7 +96,7 @@ TOKEN_RE = re.compile(r"\[SECRET:[a-z0-9_]+:[0-9a-f]{8}\]")
 # Payload fields that hold our own digests, signatures and enums, never user data.
 SKIP_FIELDS = frozenset({
     "sha256", "action_digest", "digest_before", "digest_after", "workspace_digest", "env_digest",
-    "stdin_digest", "response_digest", "policy_digest", "head_hash", "signature", "key_id", "checkpoint_key_id",
+    "stdin_digest", "response_digest", "policy_digest", "arguments_digest", "head_hash", "signature", "key_id", "checkpoint_key_id",
     "algorithm",
 })
 # Payload fields that hold ids (some from the agent): redacted as ids, like the envelope's.

@@ -39,11 +39,39 @@ def _parse(schema: dict[str, Any], where: str) -> avro.schema.Schema:
         raise SchemaError(f"{where}: not a valid Avro schema: {exc}") from exc
 
 
-def _check(reader: avro.schema.Schema, writer: avro.schema.Schema) -> tuple[bool, list[str]]:
+def _where(schemas: list[dict[str, Any]], location: str) -> str:
+    """A checker location (a JSON pointer such as ``/fields/9/type/13``) in words: the field path
+    and, for a union branch, the branch's record name -- read from the first schema it exists in."""
+    for schema in schemas:
+        node: Any = schema
+        words: list[str] = []
+        parts = [p for p in location.split("/") if p]
+        try:
+            for i, part in enumerate(parts):
+                if isinstance(node, list):
+                    node = node[int(part)]
+                    if isinstance(node, dict) and parts[i - 1] == "type":
+                        words.append(f"union branch {part}" + (f" ({node['name']})" if node.get("name") else ""))
+                elif part == "fields":
+                    continue
+                elif parts[i - 1] == "fields":
+                    node = node["fields"][int(part)]
+                    words.append(str(node["name"]))
+                else:
+                    node = node[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            continue
+        return " > ".join(words) or "the record"
+    return location
+
+
+def _check(reader: avro.schema.Schema, writer: avro.schema.Schema,
+           schemas: list[dict[str, Any]] | None = None) -> tuple[bool, list[str]]:
     r = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)  # type: ignore[no-untyped-call]
     ok = r.compatibility is SchemaCompatibilityType.compatible
     kinds = ", ".join(sorted(i.name for i in r.incompatibilities))
-    msgs = [] if ok else [f"{kinds}: {m}" for m in sorted(r.messages)] + [f"at {loc}" for loc in sorted(r.locations)]
+    msgs = [] if ok else [f"{kinds}: {m}" for m in sorted(r.messages)] + [
+        f"at {loc}" + (f" ({_where(schemas, loc)})" if schemas and loc != "/" else "") for loc in sorted(r.locations)]
     return ok, msgs
 
 
@@ -52,8 +80,8 @@ def check_full_transitive(candidate: dict[str, Any], released: list[SchemaVersio
     out = []
     for v in released:
         old = _parse(v.schema, str(v.path))
-        back, m1 = _check(cand, old)
-        fwd, m2 = _check(old, cand)
+        back, m1 = _check(cand, old, [candidate, v.schema])
+        fwd, m2 = _check(old, cand, [candidate, v.schema])
         out.append(CompatResult(v.label, back, fwd, tuple([*(f"backward: {m}" for m in m1), *(f"forward: {m}" for m in m2)])))
     return out
 

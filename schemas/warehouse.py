@@ -473,6 +473,30 @@ LEFT JOIN events c ON c.kind = 'network_completed' AND c.session_id = a.session_
  AND c.network_completed.attempt_id = a.network_attempted.attempt_id
 WHERE a.kind = 'network_attempted'
 """,
+    # MCP tool calls (v3 `mcp` records; earlier MCP commands by their `mcp__<server>__<tool>` argv)
+    "mcp_calls": """
+CREATE OR REPLACE VIEW mcp_calls AS
+SELECT
+  s.session_id, s.seq, s.occurred_at AS ts, s.command_started.command_id AS command_id,
+  s.tool_call_id, s.turn_id,
+  coalesce(s.command_started.mcp.server, regexp_extract(s.command_started.argv[1], '^mcp__(.+?)__(.+)$', 1)) AS server,
+  coalesce(s.command_started.mcp.tool, regexp_extract(s.command_started.argv[1], '^mcp__(.+?)__(.+)$', 2)) AS tool,
+  s.command_started.mcp.arguments_digest AS args_digest, s.command_started.mcp.arguments_size AS args_size,
+  s.command_started.argv[2] AS arguments,
+  coalesce(f.command_finished.mcp.outcome,
+           CASE f.command_finished.status WHEN 'completed' THEN 'ok' WHEN 'declined' THEN 'declined'
+                WHEN 'failed' THEN 'error' WHEN 'timed_out' THEN 'error' WHEN 'killed' THEN 'error' END,
+           'pending') AS outcome,
+  f.command_finished.mcp.error AS error, f.seq AS finished_seq, f.occurred_at AS finished_at,
+  f.command_finished.duration_ms AS duration_ms,
+  s.producer.agent_name AS agent, s.producer.source AS source, s.producer."user" AS "user", s.producer.host AS host
+FROM events s
+LEFT JOIN events f ON f.kind = 'command_finished' AND f.session_id = s.session_id
+ AND f.command_finished.command_id = s.command_started.command_id
+WHERE s.kind = 'command_started'
+  AND (s.command_started.mcp IS NOT NULL
+       OR (s.command_started.sandbox_profile = 'mcp' AND starts_with(s.command_started.argv[1], 'mcp__')))
+""",
     "sandbox_denials": """
 CREATE OR REPLACE VIEW sandbox_denials AS
 SELECT

@@ -65,7 +65,7 @@ def test_corpus_figure(run):
           f"{medium}/{n} with a model alert (the shipped model: no deployment baseline in this home)")
     for k, (c, m, _) in sorted(attacks.items()):
         print(f"  {k:24} {c}/{m}")
-    assert len(attacks) == 9 and total >= 30 and n >= total
+    assert len(attacks) == 10 and total >= 30 and n >= total
     assert caught == total and hi == 0
     # the same scenarios in both shapes: the labels and names do not depend on the shape
     assert sorted(r.name for r in sessions.values()) == sorted(r.name for r in _corpus()[0] + _corpus()[1])

@@ -256,3 +256,27 @@ def test_export_ocsf_cli_prints_counts_and_writes_the_file(tmp_path):
     assert f"wrote {doc['events']} events and 0 alerts of 3 sessions as OCSF" in text
     missing = run_cli("export", "ocsf", "--out", str(tmp_path / "no" / "x.jsonl"), env=env, check=False)
     assert missing.returncode == 1 and "is not a directory" in missing.stderr
+
+
+def test_mcp_tool_calls_export_as_process_activity_with_their_mcp_details(tmp_path):
+    """Issue 17: an MCP call is Process Activity (OCSF 1.8 has no tool-call class), its server,
+    tool, arguments digest, outcome and error in unmapped.agentledger.mcp; every record validates."""
+    s = al.settings(home=tmp_path / "home")
+    al.import_agent_logs(s, claude=[FIXTURES / "claude-code" / "projects"])
+    al.ingest(s)
+    out = tmp_path / "claude.jsonl"
+    al.export_ocsf(s, out)
+    recs = records(out)
+    errors = [e for r in recs for e in validate(r)]
+    assert not errors, errors[:5]
+    mcp = [r for r in recs if "mcp" in r["unmapped"]["agentledger"]]
+    started = {r["unmapped"]["agentledger"]["tool_call_id"]: r for r in mcp if r["activity_id"] == 1}
+    finished = {r["unmapped"]["agentledger"]["tool_call_id"]: r for r in mcp if r["activity_id"] == 2}
+    assert set(started) == set(finished) == {"toolu_01Mcp1", "toolu_02Mcp1"}
+    assert all(r["class_uid"] == 1007 for r in mcp)
+    m = started["toolu_01Mcp1"]["unmapped"]["agentledger"]["mcp"]
+    assert (m["server"], m["tool"]) == ("github", "create_pull_request") and m["arguments_digest"].startswith("sha256:")
+    assert started["toolu_01Mcp1"]["message"] == "called MCP tool create_pull_request of server github"
+    err = finished["toolu_02Mcp1"]["unmapped"]["agentledger"]["mcp"]
+    assert (err["outcome"], err["error"]) == ("error", "Sentry API error: 401 Unauthorized")
+    assert finished["toolu_01Mcp1"]["unmapped"]["agentledger"]["mcp"]["outcome"] == "ok"

@@ -128,3 +128,27 @@ def test_export_otel_cli(simulated, tmp_path):
         assert doc["sessions"] == 8 and doc["spans"] == len(r.spans())
         text = run_cli("export", "otel", "--endpoint", r.endpoint, env=env).stdout
     assert f"sent 8 sessions as {doc['spans']} spans" in text
+
+
+def test_mcp_tool_calls_become_execute_tool_spans_named_after_the_tool(tmp_path):
+    """Issue 17: an MCP call is ``execute_tool {tool}`` with gen_ai.tool.name, mcp.method.name
+    tools/call, the server and the arguments' digest; an error result sets status ERROR."""
+    s = al.settings(home=tmp_path / "home")
+    al.import_agent_logs(s, claude=[REPO / "tests" / "fixtures" / "claude-code" / "projects"])
+    al.ingest(s)
+    with Receiver() as r:
+        al.export_otel(s, r.endpoint)
+    spans = {attrs(sp).get("gen_ai.tool.call.id"): sp for _res, sp in r.spans()
+             if attrs(sp).get("mcp.method.name") == "tools/call"}
+    assert set(spans) == {"toolu_01Mcp1", "toolu_02Mcp1"}
+    ok, bad = spans["toolu_01Mcp1"], spans["toolu_02Mcp1"]
+    a = attrs(ok)
+    assert ok.name == "execute_tool create_pull_request" and a["gen_ai.operation.name"] == "execute_tool"
+    assert (a["gen_ai.tool.name"], a["agentledger.mcp.server"], a["agentledger.mcp.outcome"]) == (
+        "create_pull_request", "github", "ok")
+    assert a["agentledger.mcp.arguments_digest"].startswith("sha256:") and "process.command_line" not in a
+    assert json.loads(a["gen_ai.tool.call.arguments"])["title"] == "Fix login lockout status"
+    assert ok.status.code != 2  # not ERROR
+    b = attrs(bad)
+    assert bad.name == "execute_tool search_issues" and b["agentledger.mcp.outcome"] == "error"
+    assert b["error.type"] == "tool_error" and bad.status.code == 2 and "401" in bad.status.message

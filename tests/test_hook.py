@@ -421,8 +421,13 @@ def test_the_documented_hook_configurations_are_valid_and_complete():
     for groups in codex.values():
         assert [h["command"].split()[:2] for g in groups for h in g["hooks"]] == [["agentledger", "hook"]]
         assert all(h["type"] == "command" for g in groups for h in g["hooks"])
-    claude = json.loads(next(b for b in re.findall(r"```json\n(.*?)```", doc, re.S) if '"hooks"' in b))["hooks"]
+    blocks = [json.loads(b)["hooks"] for b in re.findall(r"```json\n(.*?)```", doc, re.S) if '"hooks"' in b]
+    claude = next(b for b in blocks if "PreToolUse" in b)
     assert {"SessionStart", "PreToolUse", "PermissionRequest", "PostToolUse", "SessionEnd"} <= set(claude)
+    gemini = next(b for b in blocks if "BeforeTool" in b)  # Gemini CLI's ~/.gemini/settings.json
+    assert {"SessionStart", "BeforeTool", "AfterTool", "SessionEnd"} == set(gemini)
+    for b in (claude, gemini):
+        assert {h["command"].split()[1] for groups in b.values() for g in groups for h in g["hooks"]} == {"hook"}
     readme = (REPO / "README.md").read_text()
     assert tomllib.loads(re.findall(r"```toml\n(.*?)```", readme, re.S)[0])["hooks"]["PreToolUse"]
     assert json.loads(re.findall(r"```json\n(.*?)```", readme, re.S)[0])["hooks"]["PreToolUse"]
@@ -473,3 +478,76 @@ def test_the_warm_server_records_each_call_with_its_clients_settings_not_its_own
     assert [r["session_id"] for r in rows] == ["env-1", "env-2"]
     assert secret not in json.dumps(rows)
     assert rows[0]["sh"] == rows[1]["sh"] and rows[0]["redactions"] == rows[1]["redactions"] != []
+
+
+def test_mcp_calls_are_recorded_and_a_shell_like_mcp_tool_is_judged_by_the_policy(tmp_path, policy):
+    """Issue 17: PreToolUse / PostToolUse of an MCP tool record the call with its mcp record and
+    outcome; a shell-like MCP tool (run_command, start_process, ...) running what the policy forbids
+    is denied as the shell tool would be: the MCP server is no back door."""
+    env = cli_env(tmp_path / "home", AGENTLEDGER_POLICY=str(policy))
+    base = {"session_id": "cc-mcp", "cwd": "/w", "permission_mode": "default", "transcript_path": "/h/.claude/x.jsonl"}
+    pre = {**base, "hook_event_name": "PreToolUse", "tool_name": "mcp__github__get_issue", "tool_use_id": "toolu_m1",
+           "tool_input": {"owner": "acme", "issue_number": 7}}
+    assert hook(env, pre, check_exit=0).stdout == b""
+    hook(env, {**pre, "hook_event_name": "PostToolUse",
+               "tool_response": [{"type": "text", "text": "Title: cart total wrong"}]}, check_exit=0)
+    ok = {**base, "hook_event_name": "PreToolUse", "tool_name": "mcp__shell__run_command", "tool_use_id": "toolu_m2",
+          "tool_input": {"command": "pytest -q"}}
+    assert hook(env, ok, check_exit=0).stdout == b""
+    hook(env, {**ok, "hook_event_name": "PostToolUse", "tool_response": {"content": [{"type": "text", "text": "boom"}],
+                                                                         "isError": True}}, check_exit=0)
+    bad = {**base, "hook_event_name": "PreToolUse", "tool_name": "mcp__desktop-commander__start_process",
+           "tool_use_id": "toolu_m3", "tool_input": {"command": "cd / && rm -rf /var/lib/app", "timeout_ms": 1000}}
+    out = json.loads(hook(env, bad, check_exit=0).stdout)["hookSpecificOutput"]
+    assert out["permissionDecision"] == "deny" and "through MCP tool mcp__desktop-commander__start_process" in \
+        out["permissionDecisionReason"] and "no-force-delete" in out["permissionDecisionReason"]
+    run_cli("ingest", env=env)
+    calls = q(env, "select tool_call_id, server, tool, outcome, error from mcp_calls order by seq")
+    assert [(c["tool_call_id"], c["server"], c["tool"], c["outcome"]) for c in calls] == [
+        ("toolu_m1", "github", "get_issue", "ok"), ("toolu_m2", "shell", "run_command", "error")]
+    assert calls[1]["error"] == "boom"
+    dec = q(env, "select approval_decided.decision d, approval_decided.rule r from events "
+                 "where kind = 'approval_decided' and tool_call_id = 'toolu_m3'")
+    assert dec == [{"d": "denied", "r": "no-force-delete"}]
+
+
+def test_gemini_cli_hooks_are_recorded_paired_and_answered_in_its_shape(tmp_path, policy):
+    """Gemini CLI's BeforeTool / AfterTool (docs/hooks/reference.md of google-gemini/gemini-cli):
+    no tool-call id, so a BeforeTool and its AfterTool are paired by tool and arguments; an MCP tool
+    (mcp_context) is recorded with its mcp record; a shell command the policy forbids is answered
+    {"decision": "deny", "reason": ...}, the shape Gemini CLI reads."""
+    env = cli_env(tmp_path / "home", AGENTLEDGER_POLICY=str(policy))
+    base = {"session_id": "gem-1", "cwd": "/w", "transcript_path": "/h/.gemini/tmp/abc/chats/session-1.json"}
+    hook(env, {**base, "hook_event_name": "SessionStart", "source": "startup",
+               "timestamp": "2026-12-06T10:00:00.000Z"}, check_exit=0)
+    mcp = {**base, "hook_event_name": "BeforeTool", "tool_name": "mcp_github_get_issue",
+           "tool_input": {"owner": "acme", "issue_number": 7}, "timestamp": "2026-12-06T10:00:01.000Z",
+           "mcp_context": {"server_name": "github", "tool_name": "get_issue", "command": "npx", "args": ["gh-mcp"]}}
+    assert hook(env, mcp, check_exit=0).stdout == b""
+    hook(env, {**mcp, "hook_event_name": "AfterTool", "timestamp": "2026-12-06T10:00:02.000Z",
+               "tool_response": {"llmContent": [{"text": "Title: cart total wrong"}], "returnDisplay": "ok"}},
+         check_exit=0)
+    sh = {**base, "hook_event_name": "BeforeTool", "tool_name": "run_shell_command",
+          "tool_input": {"command": "pytest -q", "description": "tests"}, "timestamp": "2026-12-06T10:00:03.000Z"}
+    hook(env, sh, check_exit=0)
+    hook(env, {**sh, "hook_event_name": "AfterTool", "timestamp": "2026-12-06T10:00:05.000Z",
+               "tool_response": {"llmContent": "3 failed", "error": {"message": "Command exited with code 1"}}},
+         check_exit=0)
+    denied = hook(env, {**base, "hook_event_name": "BeforeTool", "tool_name": "run_shell_command",
+                        "tool_input": {"command": "rm -rf /var/lib/app"}, "timestamp": "2026-12-06T10:00:06.000Z"},
+                  check_exit=0)
+    answer = json.loads(denied.stdout)
+    assert answer["decision"] == "deny" and "no-force-delete" in answer["reason"]
+    run_cli("ingest", env=env)
+    rows = q(env, "select kind, tool_call_id t, producer.agent_name a from events where session_id = 'gem-1' order by seq")
+    assert {r["a"] for r in rows} == {"gemini-cli"}
+    kinds = [(r["kind"], r["t"]) for r in rows[1:]]
+    mcp_id, sh_id, rm_id = kinds[0][1], kinds[2][1], kinds[4][1]
+    assert all(t.startswith("gemini-") for t in (mcp_id, sh_id, rm_id)) and len({mcp_id, sh_id, rm_id}) == 3
+    assert kinds == [("command_started", mcp_id), ("command_finished", mcp_id), ("command_started", sh_id),
+                     ("command_finished", sh_id), ("approval_requested", rm_id), ("approval_decided", rm_id)]
+    (call,) = q(env, "select server, tool, outcome from mcp_calls")
+    assert call == {"server": "github", "tool": "get_issue", "outcome": "ok"}
+    fin = q(env, "select command_finished.status s from events where kind = 'command_finished' "
+                 f"and tool_call_id = '{sh_id}'")
+    assert fin == [{"s": "failed"}]

@@ -410,3 +410,101 @@ def test_file_tools_are_recorded_as_the_patch_or_read_they_are():
     assert obs[("approval_decided", "t3")]["decided_by"] == "user"
     assert obs[("command_started", "t4")]["argv"] == ["Read", "/w/missing.txt"]
     assert obs[("command_finished", "t4")]["status"] == "failed" and ("file_accessed", "t4") not in obs
+
+
+def _digest(args) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(json.dumps(args, sort_keys=True, separators=(",", ":"),
+                                                 ensure_ascii=False).encode()).hexdigest()
+
+
+def test_mcp_calls_get_their_mcp_record_and_the_mcp_calls_view(tmp_path):
+    """Issue 17: an MCP tool_use is a command with an `mcp` record (server, tool, digest of the
+    arguments' canonical JSON) and its result an outcome: ok, error, declined (the user's refusal)."""
+    env = cli_env(tmp_path / "home")
+    imp_json(env, str(WEBAPP), str(HOOKED_FILE))
+    run_cli("ingest", env=env)
+    started = payloads(env, NORMAL, "command_started")
+    assert started["toolu_01Mcp1"]["mcp"] == {
+        "server": "github", "tool": "create_pull_request", "arguments_size": len(json.dumps(
+            {"base": "main", "head": "fix/login-401", "owner": "acme", "repo": "webapp", "title": "Fix login lockout status"},
+            separators=(",", ":"))),
+        "arguments_digest": _digest({"owner": "acme", "repo": "webapp", "title": "Fix login lockout status",
+                                     "head": "fix/login-401", "base": "main"})}
+    assert started["toolu_01Bash1"]["mcp"] is None and started["toolu_01Task1"]["mcp"] is None
+    finished = payloads(env, NORMAL, "command_finished")
+    assert finished["toolu_01Mcp1"]["mcp"] == {"server": "github", "tool": "create_pull_request", "outcome": "ok",
+                                               "error": None}
+    calls = q(env, "select session_id, server, tool, args_digest, outcome, error from mcp_calls order by ts")
+    assert [(c["server"], c["tool"], c["outcome"]) for c in calls] == [
+        ("github", "create_pull_request", "ok"), ("sentry", "search_issues", "error")]
+    assert calls[1]["error"] == "Sentry API error: 401 Unauthorized" and calls[1]["session_id"] == HOOKED
+    assert calls[1]["args_digest"] == _digest({"organization": "acme", "query": "is:unresolved health"})
+
+
+def test_a_declined_mcp_call_and_a_malformed_one(tmp_path):
+    """The user's refusal of an MCP call: outcome declined, approval denied by the user; an MCP
+    tool_use whose name has no tool is an unknown tool (counted), never a crash."""
+    sid = "6c1f0e2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b"
+    d = tmp_path / "projects" / "-w"
+    d.mkdir(parents=True)
+
+    def entry(typ, content, ts, **extra):
+        return {"type": typ, "sessionId": sid, "cwd": "/w", "version": "2.0.14", "uuid": f"u-{ts}", "parentUuid": None,
+                "isSidechain": False, "timestamp": f"2025-10-10T10:00:{ts:02d}.000Z",
+                "message": {"role": "assistant" if typ == "assistant" else "user", "content": content}, **extra}
+
+    lines = [
+        entry("assistant", [{"type": "tool_use", "id": "toolu_M1", "name": "mcp__github__delete_repository",
+                             "input": {"owner": "acme", "repo": "shop"}}], 1),
+        entry("user", [{"type": "tool_result", "tool_use_id": "toolu_M1", "is_error": True,
+                        "content": "The user doesn't want to proceed with this tool use. The tool use was rejected."}], 2),
+        entry("assistant", [{"type": "tool_use", "id": "toolu_M2", "name": "mcp__ __ ", "input": ["not", "an object"]}], 3),
+        entry("user", [{"type": "tool_result", "tool_use_id": "toolu_M2", "content": "?"}], 4),
+    ]
+    (d / f"{sid}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    env = cli_env(tmp_path / "home")
+    rep = imp_json(env, str(tmp_path / "projects"))
+    assert rep["totals"]["problems"] == 0
+    run_cli("ingest", env=env)
+    fin = payloads(env, sid, "command_finished")
+    assert fin["toolu_M1"]["status"] == "declined"
+    assert fin["toolu_M1"]["mcp"]["outcome"] == "declined" and fin["toolu_M1"]["mcp"]["error"].startswith("The user")
+    assert payloads(env, sid, "approval_decided")["toolu_M1"]["decided_by"] == "user"
+    assert "toolu_M2" not in payloads(env, sid, "command_started")
+    (row,) = q(env, "select server, tool, outcome from mcp_calls")
+    assert row == {"server": "github", "tool": "delete_repository", "outcome": "declined"}
+
+
+def test_a_hooked_mcp_call_and_its_transcript_entry_are_one_fact(tmp_path):
+    """The hook records an MCP call (PreToolUse / PostToolUseFailure) with the same `mcp` record the
+    importer states; importing the transcript afterwards adds nothing for that call."""
+    env = cli_env(tmp_path / "home", AGENTLEDGER_HOOK_DAEMON="0")
+    base = {"session_id": HOOKED, "cwd": "/home/dev/api", "permission_mode": "default",
+            "transcript_path": str(HOOKED_FILE)}
+    pre = {**base, "hook_event_name": "PreToolUse", "tool_name": "mcp__sentry__search_issues",
+           "tool_use_id": "toolu_02Mcp1", "tool_input": {"organization": "acme", "query": "is:unresolved health"}}
+    _hook(env, pre)
+    _hook(env, {**pre, "hook_event_name": "PostToolUseFailure", "error": "Sentry API error: 401 Unauthorized"})
+    run_cli("ingest", env=env)
+    hooked = q(env, f"select kind, command_started.mcp s, command_finished.mcp f, producer.source src from events "
+                    f"where session_id = '{HOOKED}' and tool_call_id = 'toolu_02Mcp1' order by seq")
+    assert [(r["kind"], r["src"]) for r in hooked] == [("command_started", "hook"), ("command_finished", "hook")]
+    assert hooked[0]["s"] == {"server": "sentry", "tool": "search_issues", "arguments_size": len(json.dumps(
+        {"organization": "acme", "query": "is:unresolved health"}, separators=(",", ":"))),
+                              "arguments_digest": _digest({"organization": "acme", "query": "is:unresolved health"})}
+    assert hooked[1]["f"] == {"server": "sentry", "tool": "search_issues", "outcome": "error",
+                              "error": "Sentry API error: 401 Unauthorized"}
+    imp_json(env, str(HOOKED_FILE))
+    run_cli("ingest", env=env)
+    rows = q(env, f"select kind from events where session_id = '{HOOKED}' and tool_call_id = 'toolu_02Mcp1'")
+    assert sorted(r["kind"] for r in rows) == ["command_finished", "command_started"]  # each fact once
+    # the importer alone (another home) states the same record
+    env2 = cli_env(tmp_path / "home2")
+    imp_json(env2, str(HOOKED_FILE))
+    run_cli("ingest", env=env2)
+    alone = q(env2, f"select command_started.mcp s from events where session_id = '{HOOKED}' "
+                    "and tool_call_id = 'toolu_02Mcp1' and kind = 'command_started'")
+    assert alone[0]["s"] == hooked[0]["s"]
+    assert imp_json(env, str(HOOKED_FILE))["totals"]["events_added"] == 0

@@ -8,6 +8,7 @@ here loudly rather than skipping the rest."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import stat
@@ -57,6 +58,14 @@ def _every_kind_session(n_rounds: int = 40, seed: int = 3) -> tuple[str, list[by
         s.command_finished(c, exit_code=None if i % 11 == 5 else i % 3, duration_ms=rng.randint(0, 10_000),
                            stdout="token ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8" if i == 4 else f"{i} passed ✓",
                            stderr="" if i % 2 else "warn")
+        if i % 3 == 1:  # an MCP tool call (v3): the nested mcp records, every outcome, an error text or none
+            outcome = ["ok", "error", "declined", "unknown"][i % 4]
+            m = s.command_started([f"mcp__srv{i % 2}__tool_ü", json.dumps({"q": i})], "/w", sandbox_profile="mcp",
+                                  mcp={"server": f"srv{i % 2}", "tool": "tool_ü", "arguments_digest": f"sha256:{i:064x}",
+                                       "arguments_size": 8 + i})
+            s.command_finished(m, exit_code=int(outcome != "ok"), duration_ms=i, status="completed",
+                               mcp={"server": f"srv{i % 2}", "tool": "tool_ü", "outcome": outcome,
+                                    "error": None if outcome == "ok" else f"error {i} ✗"})
         s.file_accessed(f"/w/src/m{i % 9}.py", ["read", "write", "create", "rename", "delete", "chmod"][i % 6],
                         new_path="/w/src/renamed.py" if i % 6 == 3 else None, digest_after=f"{i:064x}",
                         size_after=i * 10, mode=0o644 if i % 6 == 5 else None, inside_workspace=i % 5 != 0)

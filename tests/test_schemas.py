@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 
 import pytest
@@ -132,3 +133,81 @@ def test_alert_schema_is_released_and_compatible():
 def test_schemas_check_cli_passes_for_the_alert_subject(home):
     ok = run_cli("schemas", "check", "--subject", "alert", env=cli_env(home))
     assert "compatible" in ok.stdout + ok.stderr
+
+
+def _with_new_kind(schema):
+    """The payload union gains a branch: a new event kind."""
+    payload = next(f for f in schema["fields"] if f["name"] == "payload")
+    payload["type"].append({"type": "record", "name": "ToolInvoked", "agentledger.family": "sandbox",
+                            "agentledger.kind": "tool_invoked",
+                            "fields": [{"name": "tool", "type": "string"}]})
+
+
+def test_a_new_union_branch_fails_full_transitive_with_a_clear_reason():
+    """Why MCP calls are an optional record on command_started / command_finished (v3), not a kind
+    of their own: a released reader has no branch for a new kind, so it could not read such an
+    event at all -- FORWARD breaks against every released version, and the checker says where."""
+    store = load_store()
+    results = check_full_transitive(_mutated(_with_new_kind), store.released)
+    assert results and all(r.backward and not r.forward for r in results), results
+    for r in results:
+        text = " ".join(r.messages)
+        assert "forward:" in text and "missing_union_branch" in text, r.messages
+        assert "payload > union branch 13 (ToolInvoked)" in text, r.messages
+
+
+def test_v3_is_released_and_carries_mcp_records():
+    store = load_store()
+    assert store.is_current_released and store.current.fingerprint == store.released[-1].fingerprint
+    assert store.released[-1].version == 3
+    kinds = {k.kind: k for k in store.kinds}
+    for kind, record in (("command_started", "McpCall"), ("command_finished", "McpResult")):
+        payload = next(f for f in store.current.schema["fields"] if f["name"] == "payload")["type"]
+        fields = {f["name"]: f for f in payload[kinds[kind].index]["fields"]}
+        assert fields["mcp"]["default"] is None and fields["mcp"]["type"][1]["name"] == record
+
+
+def _mcp_event(store):
+    from agentledger.producers.normalize import mcp_call, mcp_result
+    from agentledger.producers.recorder import Recorder
+    from agentledger.schemas.transport.base import MemorySink
+
+    sink = MemorySink()
+    rec = Recorder(sink, store=store)
+    with rec.session(agent="claude-code", cwd="/w") as s:
+        cid = s.command_started(["mcp__github__get_issue", '{"issue_number": 7}'], "/w", sandbox_profile="mcp",
+                                mcp=mcp_call("github", "get_issue", {"issue_number": 7}))
+        s.command_finished(cid, exit_code=1, duration_ms=5, status="failed",
+                           mcp=mcp_result("github", "get_issue", "error", "404 Not Found"))
+    return [v for _, _, v in sink.sent]
+
+
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_older_readers_decode_v3_events(old_version):
+    """A reader of v1 or v2 (an older agentledger given v3 through AGENTLEDGER_SCHEMA_PATH) decodes
+    events written with v3: the mcp records are skipped, every other field is read, and the hash
+    (over the writer's bytes) still verifies."""
+
+    store = load_store()
+    values = _mcp_event(store)
+    old = next(v for v in store.released if v.version == old_version)
+    v3 = store.by_fingerprint(codec.soe_split(values[0])[0])
+    assert v3 is not None and v3.version == 3
+    seen = []
+    for value in values:
+        fp, body = codec.soe_split(value)
+        new = codec.decode(body, v3.parsed)
+        got = codec.decode(body, v3.parsed, old.parsed)
+        payload_new, payload_old = new["payload"], got["payload"]
+        kind = payload_new[0] if isinstance(payload_new, tuple) else None
+        p_new = payload_new[1] if kind else payload_new
+        p_old = payload_old[1] if isinstance(payload_old, tuple) else payload_old
+        assert "mcp" not in p_old
+        assert {k: v for k, v in p_new.items() if k != "mcp"} == p_old
+        assert {k: v for k, v in new.items() if k != "payload"} == {k: v for k, v in got.items() if k != "payload"}
+        mcp = p_new.get("mcp")
+        seen.append(mcp[1] if isinstance(mcp, tuple) else mcp)
+        # the chain hash covers the writer's bytes: an old reader checks it as a new one does
+        assert hashlib.sha256(value[:-66]).hexdigest() == got["hash"] == new["hash"]
+    assert {"server": "github", "tool": "get_issue", "outcome": "error", "error": "404 Not Found"} in seen
+    assert any(m and m.get("arguments_digest", "").startswith("sha256:") for m in seen)

@@ -165,7 +165,7 @@ def hook(
     ctx: typer.Context,
     policy: Optional[Path] = typer.Option(None, "--policy", envvar="AGENTLEDGER_POLICY",
                                           help="Policy (TOML, docs/policy.md) whose denials are answered to the agent."),
-    agent: str = typer.Option("auto", "--agent", help="auto, codex or claude-code (auto: Codex sends turn_id)."),
+    agent: str = typer.Option("auto", "--agent", help="auto, codex, claude-code or gemini-cli (auto: Codex sends turn_id, Gemini CLI BeforeTool/AfterTool)."),
     deny_style: str = typer.Option("json", "--deny-style",
                                    help="json: hookSpecificOutput on stdout, exit 0; exit-code: reason on stderr, exit 2."),
     fail_closed: bool = typer.Option(False, "--fail-closed",
@@ -175,7 +175,7 @@ def hook(
     serve: bool = typer.Option(False, "--serve", help="Run the warm hook server of this home (started automatically)."),
     stop_server: bool = typer.Option(False, "--stop-server", help="Stop the warm hook server of this home."),
 ) -> None:
-    """Record one Codex / Claude Code hook event read as JSON from stdin; answer policy denials.
+    """Record one Codex / Claude Code / Gemini CLI hook event read as JSON from stdin; answer policy denials.
 
     Register it for SessionStart, UserPromptSubmit, PreToolUse, PermissionRequest, PostToolUse
     and Stop (config snippets: docs/agents.md). Never blocks the agent unless --fail-closed.

@@ -133,6 +133,9 @@ def macro_sql(lists: dict[str, NamedList]) -> list[str]:
         "list_transform(regexp_extract_all(coalesce(t, ''), '(?i)\\b(?:nc|ncat|netcat|telnet)\\s+(?:-\\S+\\s+)*"
         "([a-z0-9][a-z0-9.-]*\\.[a-z]{2,}|\\d+\\.\\d+\\.\\d+\\.\\d+)', 1), lambda h: lower(h)), "
         "list_transform(regexp_extract_all(coalesce(t, ''), '(?i)\\btcp[46]?:([a-z0-9][a-z0-9.-]*):\\d+', 1), lambda h: lower(h))))",
+        # file paths a text names (absolute, ~/ or ./ relative), e.g. in a command line or an MCP call's arguments
+        "CREATE OR REPLACE TEMP MACRO path_tokens(t) AS list_distinct(list_filter(regexp_extract_all(coalesce(t, ''), "
+        "'(?:~|\\.{1,2})?/[A-Za-z0-9_.@%+~-]+(?:/[A-Za-z0-9_.@%+~-]+)*'), lambda p: length(p) >= 5))",
         "CREATE OR REPLACE TEMP MACRO normalize_action(s) AS "
         "trim(regexp_replace(regexp_replace(lower(coalesce(s, '')), '\\s#.*$', ''), '\\s+', ' ', 'g'))",
     ]
@@ -162,7 +165,8 @@ fin AS (
          any_value(command_finished.duration_ms) AS duration_ms,
          any_value(len(list_filter(redactions, lambda r: starts_with(r.field, 'payload.stdout')
                                                       OR starts_with(r.field, 'payload.stderr')))) AS output_secrets,
-         any_value(secret_ids(e.redactions)) AS output_secret_ids
+         any_value(secret_ids(e.redactions)) AS output_secret_ids,
+         any_value(command_finished.mcp.outcome) AS mcp_outcome_recorded
   FROM e WHERE kind = 'command_finished' GROUP BY ALL
 ),
 nd AS (
@@ -204,6 +208,13 @@ base AS (
            ELSE coalesce(e.command_started.shell, array_to_string(e.command_started.argv, ' ')) END
     END AS raw_cmdline,
     CASE WHEN starts_with(e.command_started.argv[1], 'mcp__') THEN e.command_started.argv[1] END AS tool,
+    -- MCP calls: the v3 `mcp` record, else (events of earlier schemas) the tool's mcp__<server>__<tool> name
+    CASE WHEN e.kind = 'command_started' THEN coalesce(e.command_started.mcp.server,
+      nullif(regexp_extract(e.command_started.argv[1], '^mcp__(.+?)__(.+)$', 1), '')) END AS mcp_server,
+    CASE WHEN e.kind = 'command_started' THEN coalesce(e.command_started.mcp.tool,
+      nullif(regexp_extract(e.command_started.argv[1], '^mcp__(.+?)__(.+)$', 2), '')) END AS mcp_tool,
+    CASE WHEN starts_with(e.command_started.argv[1], 'mcp__') THEN coalesce(e.command_started.argv[2], '') END AS mcp_args,
+    e.command_started.mcp.arguments_digest AS mcp_args_digest,
     e.command_started.cwd AS cwd, e.command_started.escalated AS escalated,
     e.file_accessed.path AS path, e.file_accessed.operation AS file_op, e.file_accessed.new_path AS new_path,
     e.file_accessed.mode AS mode, e.file_accessed.inside_workspace AS declared_inside,
@@ -228,6 +239,10 @@ j AS (
          b.raw_cmdline || coalesce(chr(10) || decoded, '') AS cmdline,
          f.exit_code, f.cmd_status, f.stdout, f.duration_ms, coalesce(f.output_secrets, 0) AS output_secrets,
          coalesce(f.output_secret_ids, []::VARCHAR[]) AS output_secret_ids,
+         CASE WHEN b.mcp_server IS NOT NULL THEN coalesce(f.mcp_outcome_recorded,
+           CASE f.cmd_status WHEN 'completed' THEN 'ok' WHEN 'declined' THEN 'declined'
+                WHEN 'failed' THEN 'error' WHEN 'timed_out' THEN 'error' WHEN 'killed' THEN 'error' END,
+           'pending') END AS mcp_outcome,
          (b.started_id IS NOT NULL AND (f.cmd_status = 'declined' OR dn.command_id IS NOT NULL)) AS cmd_refused,
          d.net_decision, c.net_outcome, c.bytes_out, c.bytes_in, a.decision, a.decided_by, a.decision_seq
   FROM base b

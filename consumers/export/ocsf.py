@@ -5,7 +5,8 @@ OCSF version 1.8.0 (the latest release). Classes (``class_uid = category_uid * 1
 ``type_uid = class_uid * 100 + activity_id``):
 
 * Process Activity (1007): command_started (Launch), command_finished (Terminate: exit code,
-  status), session_started / session_ended (the agent itself: Launch / Terminate), sandbox denials
+  status) -- MCP tool calls too (OCSF 1.8 has no tool-call class: AI Agent Activity 6009 is
+  unreleased), with server, tool, arguments digest, outcome and error in ``unmapped.agentledger.mcp``, session_started / session_ended (the agent itself: Launch / Terminate), sandbox denials
   of exec/process/permission (Launch, action Denied), approvals of exec/permission actions (Other).
 * File System Activity (1001): file_accessed (read, write, create, delete, chmod, rename ->
   Read, Update, Create, Delete, Set Attributes, Rename), sandbox denials of file_read/file_write
@@ -205,6 +206,12 @@ class Mapper:
                                        p.get("parent_command_id"))
         rec["launch_type_id"], rec["launch_type"] = 99, "Other"
         rec["message"] = f"ran {rec['process'].get('cmd_line') or '?'}"
+        if p.get("mcp"):
+            m = p["mcp"]
+            rec["unmapped"]["agentledger"]["mcp"] = {"server": m.get("server"), "tool": m.get("tool"),
+                                                     "arguments_digest": m.get("arguments_digest"),
+                                                     "arguments_size": m.get("arguments_size")}
+            rec["message"] = f"called MCP tool {m.get('tool')} of server {m.get('server')}"
         return rec
 
     def _command_finished(self, row: dict, p: dict) -> dict:
@@ -218,6 +225,11 @@ class Mapper:
         if status == "declined":
             self._control(rec, 2, 25)
         rec["message"] = f"command {status}" + (f", exit code {p['exit_code']}" if p.get("exit_code") is not None else "")
+        if p.get("mcp"):
+            m = p["mcp"]
+            rec["unmapped"]["agentledger"]["mcp"] = {"server": m.get("server"), "tool": m.get("tool"),
+                                                     "outcome": m.get("outcome"), "error": m.get("error")}
+            rec["message"] = f"MCP tool {m.get('tool')} of server {m.get('server')}: {m.get('outcome')}"
         return rec
 
     def _file_accessed(self, row: dict, p: dict) -> dict:

@@ -8,6 +8,11 @@ lands in the same trace):
   ``gen_ai.operation.name`` invoke_agent, ``gen_ai.agent.name``, ``gen_ai.conversation.id`` = session
   id, ``gen_ai.request.model``, ``gen_ai.provider.name`` (codex: openai, claude-code: anthropic);
   status ERROR when the session ended failed, aborted or crashed;
+* child span ``execute_tool {tool}`` per MCP tool call (command_started with an ``mcp`` record ..
+  command_finished): ``gen_ai.tool.name`` the MCP tool, ``gen_ai.tool.type`` extension,
+  ``mcp.method.name`` tools/call, ``gen_ai.tool.call.arguments`` (as recorded: redacted),
+  ``agentledger.mcp.server`` / ``.arguments_digest`` / ``.outcome``, ``error.type`` declined or
+  tool_error; status ERROR unless the outcome is ok;
 * child span ``execute_tool {tool}`` per command (command_started .. command_finished):
   ``gen_ai.operation.name`` execute_tool, ``gen_ai.tool.name`` (shell), ``gen_ai.tool.type``
   function, ``gen_ai.tool.call.id``, ``process.command_line`` / ``process.exit.code``; status ERROR
@@ -41,7 +46,8 @@ from agentledger.schemas.errors import AgentLedgerError
 
 from .ocsf_files import event_rows
 
-PROVIDERS = {"codex": "openai", "claude-code": "anthropic", "claude": "anthropic", "gemini": "gcp.gemini"}
+PROVIDERS = {"codex": "openai", "claude-code": "anthropic", "claude": "anthropic", "gemini": "gcp.gemini",
+             "gemini-cli": "gcp.gemini"}
 FAILED_ENDS = ("failed", "aborted", "crashed")
 CHUNK = 512
 
@@ -116,6 +122,31 @@ class _Session:
     def __init__(self, tracer, rows: list[dict], res: OtelExport):
         self.tracer, self.rows, self.res = tracer, rows, res
 
+    def _mcp_span(self, ctx, base: dict, t: int, cid: str, p: dict, fin: dict | None) -> list:
+        """An MCP tool call: ``execute_tool {tool}`` (GenAI) with the MCP method and server, the
+        arguments as recorded (already redacted) and their digest, the outcome; ERROR unless ok."""
+        m = p["mcp"]
+        fp = (fin or {}).get("command_finished") or {}
+        outcome = _mcp_outcome(fp)
+        argv = list(p.get("argv") or [])
+        span = self.tracer.start_span(
+            f"execute_tool {m.get('tool')}", context=ctx, kind=SpanKind.INTERNAL, start_time=t,
+            attributes=_attrs({**base, "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": m.get("tool"),
+                               "gen_ai.tool.type": "extension", "mcp.method.name": "tools/call",
+                               "gen_ai.tool.call.arguments": argv[1] if len(argv) > 1 else None,
+                               "agentledger.mcp.server": m.get("server"),
+                               "agentledger.mcp.arguments_digest": m.get("arguments_digest"),
+                               "agentledger.mcp.outcome": outcome,
+                               "error.type": None if outcome == "ok" else ("declined" if outcome == "declined"
+                                                                            else "tool_error" if fin else None),
+                               "agentledger.command_id": cid, "agentledger.command_status": fp.get("status"),
+                               "agentledger.duration_ms": fp.get("duration_ms")}))
+        if outcome != "ok":
+            err = (fp.get("mcp") or {}).get("error")
+            span.set_status(Status(StatusCode.ERROR, (err or outcome)[:200] if fin else "no command_finished recorded"))
+        end = max(ns(fin["occurred_at"]), t) if fin else t
+        return [span, t, end]
+
     def build(self) -> None:
         rows = self.rows
         first = rows[0]
@@ -145,7 +176,11 @@ class _Session:
             kind, p, t = r["kind"], r.get(r["kind"]) or {}, ns(r["occurred_at"])
             base = {"agentledger.seq": r["seq"], "agentledger.event_id": r["event_id"],
                     "gen_ai.tool.call.id": r.get("tool_call_id")}
-            if kind == "command_started":
+            if kind == "command_started" and p.get("mcp"):
+                cid = p.get("command_id") or r["event_id"]
+                fin = finishes.get(cid)
+                commands[cid] = self._mcp_span(ctx, base, t, cid, p, fin)
+            elif kind == "command_started":
                 cid = p.get("command_id") or r["event_id"]
                 fin = finishes.get(cid)
                 fp = (fin or {}).get("command_finished") or {}
@@ -200,6 +235,13 @@ class _Session:
                 root.set_status(Status(StatusCode.ERROR, e.get("reason") or e.get("status")))
         end = ns(rows[-1]["occurred_at"])
         root.end(end_time=max(end, ns(first["occurred_at"])))
+
+
+def _mcp_outcome(fp: dict) -> str:
+    m = fp.get("mcp") or {}
+    if m.get("outcome") not in (None, "unknown"):
+        return str(m["outcome"])
+    return {"completed": "ok", "declined": "declined"}.get(fp.get("status") or "", "error" if fp else "pending")
 
 
 def _event_name(kind: str) -> str:
