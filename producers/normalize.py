@@ -596,9 +596,8 @@ def mcp_call(server: str, tool: str, args: Any) -> dict:
             pass
     try:
         data = canonical_json_utf8(args)
-    except (TypeError, ValueError):  # NaN / Infinity / objects JSON has no form for
-        data = json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode(
-            "utf-8", "surrogateescape")
+    except (TypeError, ValueError):  # NaN / Infinity / objects JSON has no form for: digest their text
+        data = canonical_json_utf8(repr(args))
     return {"server": str(server)[:MCP_NAME_MAX], "tool": str(tool)[:MCP_NAME_MAX],
             "arguments_digest": "sha256:" + hashlib.sha256(data).hexdigest(), "arguments_size": len(data)}
 

@@ -313,6 +313,18 @@ def events_view_ddl(store: SchemaStore) -> str:
     return "CREATE OR REPLACE VIEW events AS\n" + "\nUNION ALL\n".join(branches)
 
 
+def views_ddl(store: SchemaStore) -> dict[str, str]:
+    """Every view for ``store``, ``events`` first (the others read it)."""
+    views = {"events": events_view_ddl(store), **VIEWS}
+    started = next((c.type for c in event_columns(store) if c.name == "command_started"), "")
+    if '"mcp" STRUCT' not in started:
+        # a store from before v3 (an older release's warehouse, rebuilt as that release made it): no
+        # `mcp` records yet, so mcp_calls finds MCP calls by their argv alone
+        views["mcp_calls"] = re.sub(r"\b[sf]\.command_(?:started|finished)\.mcp\.\w+", "NULL", views["mcp_calls"])
+        views["mcp_calls"] = views["mcp_calls"].replace("s.command_started.mcp IS NOT NULL", "false")
+    return views
+
+
 def _tables_ddl(store: SchemaStore, constraints: bool) -> dict[str, str]:
     return {
         **{kind_table(k): _kind_table_ddl(store, k, constraints) for k in store.kinds},
@@ -758,7 +770,7 @@ class Warehouse:
 
     def _views(self) -> dict[str, str]:
         """Every view, ``events`` first (the others read it)."""
-        return {"events": events_view_ddl(self.store), **VIEWS}
+        return views_ddl(self.store)
 
     def _migrate_wide_events(self) -> None:
         """Convert a warehouse made before the kind tables, in place and in one transaction: the
@@ -1015,8 +1027,7 @@ def _canonical(store: SchemaStore) -> tuple[dict[str, str], dict[str, dict[str, 
         try:
             for ddl in _tables_ddl(store, constraints=True).values():
                 con.execute(ddl)
-            con.execute(events_view_ddl(store))
-            for ddl in VIEWS.values():
+            for ddl in views_ddl(store).values():
                 con.execute(ddl)
             views = {n: sql for n, sql in con.execute(
                 "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall()}
