@@ -467,6 +467,10 @@ class SpoolingSink(ProducerSink):
                     break
                 if self._state == DIRECT:
                     self._wake.wait(0.5)
+                    if self._aborted:
+                        # abort() force-closed the producer: the failure that shows now is that close,
+                        # and what it held is for `unacknowledged` to hand back, not to spool
+                        break
                     if self._state == DIRECT and self._kafka is not None:
                         err = self._kafka.failure()
                         acked, waiting = self._kafka.acknowledged(), self._kafka.in_flight()
