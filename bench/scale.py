@@ -79,7 +79,7 @@ class Servers:
         t0 = time.time()
         jobs: dict[str, str] = {}
         g = self.given
-        if g is not None and g.cluster and g.lake_dir and (g.bootstrap or not self.want_single):
+        if g is not None and g.cluster:  # main() made sure the rest of the set was named too
             # servers someone else started and stops: use them as they are
             self.cluster, self.single = g.cluster, g.bootstrap or ""
             self.cluster_dir, self.lake_dir = Path(g.cluster_dir), Path(g.lake_dir)
@@ -339,8 +339,9 @@ def main() -> None:
     ap.add_argument("--cluster-dir", default=None, help="its scripts/kafka cluster --dir (e2e kills a broker in it)")
     ap.add_argument("--lake-dir", default=None, help="a running scripts/lakestack --dir to use, left running")
     args = ap.parse_args()
-    if args.cluster and not (args.cluster_dir and args.lake_dir):
-        ap.error("--cluster needs --cluster-dir and --lake-dir (the servers are used together)")
+    if args.cluster and not (args.cluster_dir and args.lake_dir and (args.bootstrap or args.e2e)):
+        ap.error("--cluster needs --cluster-dir, --lake-dir and (for the rates) --bootstrap: the servers are "
+                 "used together")
     args.members = sorted({int(m) for m in str(args.members).split(",")} | {1})
     with tempfile.TemporaryDirectory(prefix="agentledger-scale-", dir=args.workdir) as tmp:
         out = e2e(args, Path(tmp)) if args.e2e else rates(args, Path(tmp))
