@@ -8,6 +8,7 @@ adding a symbol never needs a migration.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.resources as ilr
 import json
@@ -751,6 +752,8 @@ class Warehouse:
 
     def _ensure_schema_once(self) -> None:
         have = self._relations()
+        if self._schema_is_current(have):
+            return
         if have.get("events") == "BASE TABLE":
             self._migrate_wide_events()
             have = self._relations()
@@ -767,6 +770,35 @@ class Warehouse:
             if _norm(current.get(name, "")) != _norm(wanted[name]):
                 self.con.execute(ddl)
         self.record_schema_versions()
+        self.con.execute(f"COMMENT ON TABLE schema_versions IS {literal(self._schema_marker())}")
+
+    # Whether the schema is current is answered from a few cheap catalog reads when nothing changed
+    # since the last write-open: every relation is there, and the comment of `schema_versions` holds
+    # the digest of this code's DDL (and DuckDB's version) and of the views and columns as stored
+    # then. A view or column changed or dropped since, other code or another DuckDB: the full check.
+    # (The full check builds the canonical forms in an in-memory database: ~0.3 CPU-s a process.)
+
+    def _schema_marker(self) -> str:
+        return f"{_code_schema_digest(self.store)}:{self._stored_catalog_digest()}"
+
+    def _stored_catalog_digest(self) -> str:
+        """Digest of the view definitions and the table columns (with their types) as stored."""
+        columns = self.con.execute("""
+            SELECT table_name, column_name, data_type FROM duckdb_columns()
+            WHERE database_name = current_database() AND schema_name = current_schema()
+            ORDER BY table_name, column_index""").fetchall()
+        # DuckDB re-serialises a view's SQL when it loads the catalog (other parentheses, spacing)
+        views = sorted((n, re.sub(r"[\s();\"]", "", sql).lower()) for n, sql in self._view_definitions().items())
+        rows = [views, [list(c) for c in columns]]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+    def _schema_is_current(self, have: dict[str, str]) -> bool:
+        if not _expected_relations(self.store) <= have.keys() or have.get("events") != "VIEW":
+            return False
+        row = self.con.execute("""
+            SELECT comment FROM duckdb_tables() WHERE table_name = 'schema_versions'
+              AND database_name = current_database() AND schema_name = current_schema()""").fetchone()
+        return row is not None and row[0] == self._schema_marker()
 
     def _views(self) -> dict[str, str]:
         """Every view, ``events`` first (the others read it)."""
@@ -1007,6 +1039,24 @@ def _norm(sql: str) -> str:
 
 
 _CANONICAL: dict[str, tuple[dict[str, str], dict[str, dict[str, str]]]] = {}
+_CODE_DIGEST: dict[str, str] = {}
+
+
+def _code_schema_digest(store: SchemaStore) -> str:
+    """Digest of everything `ensure_schema` creates for ``store`` with this code and this DuckDB."""
+    key = store.current.fingerprint_hex
+    if key not in _CODE_DIGEST:
+        parts = [duckdb.__version__, *sorted(_tables_ddl(store, constraints=True).items()),
+                 *sorted(TREE_TABLES.items()), *sorted(_detection_tables_ddl().items()),
+                 *sorted(DETECTION_VIEWS.items()), *sorted(views_ddl(store).items()), *alert_columns(),
+                 *(v.fingerprint_hex for v in [*store.released, store.current])]
+        _CODE_DIGEST[key] = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return _CODE_DIGEST[key]
+
+
+def _expected_relations(store: SchemaStore) -> set[str]:
+    return {*_tables_ddl(store, constraints=True), *TREE_TABLES, *_detection_tables_ddl(), *DETECTION_VIEWS,
+            *views_ddl(store), "schema_versions"}
 
 
 def _canonical_views(store: SchemaStore) -> dict[str, str]:

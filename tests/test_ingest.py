@@ -187,3 +187,32 @@ def test_a_warehouse_made_before_a_record_gained_a_field_gains_it_and_keeps_its_
         rows = wh.con.execute("SELECT session_id, network_decided.addresses FROM events "
                               "WHERE kind = 'network_decided' ORDER BY session_id").fetchall()
     assert sorted(rows, key=lambda r: r[0] != "old") == [("old", None), (sess.session_id, ["127.0.0.1"])]
+
+
+def test_opening_a_current_warehouse_skips_the_schema_work_and_repairs_what_changed_since(tmp_path, warehouse_url):
+    """A write-open of a warehouse this code made is a few catalog reads (the comment on
+    schema_versions holds the digest of the DDL and of the catalog as left), not the full check that
+    builds the canonical forms in memory; a view replaced or dropped, or a column dropped since, is
+    seen and repaired by the next write-open."""
+    from agentledger.schemas import warehouse as w
+
+    url = warehouse_url
+    open_warehouse(url).close()
+    w._CANONICAL.clear()
+    with open_warehouse(url) as wh:
+        assert w._CANONICAL == {}, "the full schema check ran on a current warehouse"
+        marker = wh.con.execute("SELECT comment FROM duckdb_tables() WHERE table_name = 'schema_versions' "
+                                "AND database_name = current_database()").fetchone()[0]
+        assert marker == wh._schema_marker()
+        wh.con.execute("CREATE OR REPLACE VIEW sessions AS SELECT 1 AS session_id")
+        wh.con.execute("DROP VIEW denied_actions")
+        wh.con.execute("ALTER TABLE events_gap DROP COLUMN gap")
+    with open_warehouse(url) as wh:
+        assert w._CANONICAL != {}, "the full check did not run after the catalog changed"
+        cols = [r[0] for r in wh.con.execute("DESCRIBE sessions").fetchall()]
+        assert "started_at" in cols and len(cols) > 5
+        assert wh.con.execute("SELECT count(*) FROM denied_actions").fetchone()[0] == 0
+        assert "gap" in [r[0] for r in wh.con.execute("DESCRIBE events_gap").fetchall()]
+    w._CANONICAL.clear()
+    open_warehouse(url).close()
+    assert w._CANONICAL == {}, "the repaired warehouse is current again"
