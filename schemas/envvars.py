@@ -254,6 +254,8 @@ VARIABLES: tuple[Var, ...] = (
        "scripts/test", "dev"),
     _V("AGENTLEDGER_TEST_SCALE", "str", None, "small", "`full`: the scaled-down tests run at the size their issues asked for",
        "tests/conftest.py", "dev"),
+    _V("AGENTLEDGER_TEST_FORK", "str", "1", "`1`", "`0`: the tests' CLI runs each start a new interpreter instead of forking "
+       "from a preloaded one (tests/forkcli.py)", "tests/conftest.py", "dev"),
     _V("AGENTLEDGER_OUTAGE_EVENTS", "int", 100_000, "`100000`", "events of the spool outage test (20000 unless set or full scale)",
        "tests/test_spool_outage.py", "dev"),
     _V("AGENTLEDGER_QUARANTINE_SCALE", "str", None, "small", "`full`: the quarantine scale test at full size",

@@ -4,10 +4,12 @@ test that needs it FAILS with the broker log -- it is never skipped."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -115,9 +117,52 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+_fork_server = None
+_fork_lock = threading.Lock()
+
+
+def _cli_fork_server():
+    """This process's CLI fork server (tests/forkcli.py), started at its first use; None when
+    AGENTLEDGER_TEST_FORK=0."""
+    global _fork_server
+    if os.environ.get("AGENTLEDGER_TEST_FORK", "1") == "0":
+        return None
+    with _fork_lock:
+        if _fork_server is None:
+            from forkcli import ForkServer
+
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLEDGER_")}
+            env.update({"PYTHONPATH": str(REPO), "COLUMNS": "200", "NO_COLOR": "1"})
+            _fork_server = ForkServer(env, cwd=str(REPO))
+            atexit.register(_fork_server.close)
+        return _fork_server
+
+
+def cli_shim(directory: Path) -> Path:
+    """An executable ``directory/agentledger`` for scripts that call `agentledger` by name: a run of
+    this process's fork server (tests/forkcli.py --client), else `python -m agentledger`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shim = directory / "agentledger"
+    server = _cli_fork_server()
+    if server is None:
+        shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m agentledger \"$@\"\n")
+    else:
+        shim.write_text(f"#!/bin/sh\nexec {sys.executable} -S {REPO / 'tests' / 'forkcli.py'} --client "
+                        f"{server.path} \"$@\"\n")
+    shim.chmod(0o755)
+    return shim
+
+
 def run_cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "agentledger", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
+    """`python -m agentledger ARGS` in its own process: forked from the fork server when it can
+    honour ``env`` and ``kw`` (tests/forkcli.py), else a new interpreter."""
+    server = _cli_fork_server()
+    proc = None
+    if server is not None and server.can_run(env, kw):
+        proc = server.run(list(args), env=env, cwd=str(kw.get("cwd", REPO)), input=kw.get("input"), timeout=timeout)
+    if proc is None:
+        proc = subprocess.run([sys.executable, "-m", "agentledger", *args], capture_output=True, text=True, env=env,
+                              timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"agentledger {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
                              f"stderr:\n{proc.stderr}")

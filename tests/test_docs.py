@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, cli_shim, run_cli
 from agentledger.schemas.contract import load_store
 from agentledger.schemas.warehouse import event_columns
 
@@ -156,10 +156,7 @@ def test_every_shell_example_runs_against_a_demo_home(doc, demo, tmp_path):
         return
     clone = _stand_in_clone(tmp_path)
     env = cli_env(_copy_of(demo[0], tmp_path))
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    (shim / "agentledger").write_text(f"#!/bin/sh\nexec {sys.executable} -m agentledger \"$@\"\n")
-    (shim / "agentledger").chmod(0o755)
+    shim = cli_shim(tmp_path / "bin").parent
     env["PATH"] = f"{shim}{os.pathsep}{_path_without_agentledger()}"
     _example_inputs(clone, Path(env["HOME"]))
     for line, body in tested:
