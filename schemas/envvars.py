@@ -250,7 +250,7 @@ VARIABLES: tuple[Var, ...] = (
        "PostgreSQL binaries of `scripts/lakestack`", "scripts/lakestack", "dev"),
     _V("AGENTLEDGER_LAKESTACK_START_TIMEOUT", "int", 90, "`90`", "seconds `scripts/lakestack` waits for each server",
        "scripts/lakestack", "dev"),
-    _V("AGENTLEDGER_TEST_WORKERS", "int", 3, "`3`", "pytest-xdist workers scripts/test starts (`-n 0` runs serially)",
+    _V("AGENTLEDGER_TEST_WORKERS", "int", 4, "`4`", "pytest-xdist workers scripts/test starts (`-n 0` runs serially)",
        "scripts/test", "dev"),
     _V("AGENTLEDGER_TEST_SCALE", "str", None, "small", "`full`: the scaled-down tests run at the size their issues asked for",
        "tests/conftest.py", "dev"),

@@ -391,7 +391,7 @@ def _assert_all_recorded_in_order(r: dict) -> None:
 # `python bench/hook.py --tool-uses 1000 --sessions 10` (bench/README.md). These three are its smokes,
 # sized to prove the behaviour (10 concurrent sessions, every event recorded in order), not the speed.
 def test_tool_uses_across_10_concurrent_sessions_are_all_recorded_in_order(tmp_path):
-    r = run_bench(tmp_path, "--tool-uses", "50", "--sessions", "10")
+    r = run_bench(tmp_path, "--tool-uses", "30", "--sessions", "10")
     _assert_all_recorded_in_order(r)
     assert r["mode"] == "server" and not (tmp_path / "bench" / "home" / "state" / "hookd.sock").exists()
     print(f"\nhook latency, local log: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms (bare python {r['baseline_p50_ms']} ms), "
@@ -399,13 +399,13 @@ def test_tool_uses_across_10_concurrent_sessions_are_all_recorded_in_order(tmp_p
 
 
 def test_tool_uses_with_every_call_in_process_are_all_recorded_in_order(tmp_path):
-    r = run_bench(tmp_path, "--tool-uses", "15", "--sessions", "10", "--mode", "inprocess")
+    r = run_bench(tmp_path, "--tool-uses", "8", "--sessions", "4", "--mode", "inprocess")
     _assert_all_recorded_in_order(r)
 
 
 @pytest.mark.kafka
 def test_hook_tool_uses_through_kafka_are_all_recorded_in_order(tmp_path, bootstrap):
-    r = run_bench(tmp_path, "--tool-uses", "50", "--sessions", "10", "--bootstrap", bootstrap)
+    r = run_bench(tmp_path, "--tool-uses", "20", "--sessions", "4", "--bootstrap", bootstrap)
     _assert_all_recorded_in_order(r)
     assert r["transport"] == "kafka"
 

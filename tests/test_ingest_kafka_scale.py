@@ -2,7 +2,7 @@
 while `ingest --follow` writes, and three group members (one SIGKILLed and restarted) = exact set.
 
 The tests run scaled down here (crafted input: 10,000 good events, 1,000 bad; follow: rounds of 10
-sessions; group: 40 + 25 + 15 sessions); the full size of the issue (100,000 + 10,000; rounds of 30;
+sessions; group: 20 + 12 + 8 sessions); the full size of the issue (100,000 + 10,000; rounds of 30;
 150 + 100 + 50) runs with AGENTLEDGER_TEST_SCALE=full (see bench/README or the closing note for its
 numbers)."""
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.kafka
 # Sessions per round: sized to prove the behaviour (several batches per round, a member killed while
 # the group still has work), not the throughput.
 FOLLOW_SESSIONS = 30 if FULL_SCALE else 10
-MEMBER_SESSIONS = (150, 100, 50) if FULL_SCALE else (40, 25, 15)  # before the kill, while the victim is down, after its restart
+MEMBER_SESSIONS = (150, 100, 50) if FULL_SCALE else (20, 12, 8)  # before the kill, while the victim is down, after its restart
 # Between two counts: each is an `agentledger sql` process (~0.5 CPU-s), which the ingest being
 # watched needs the cores for.
 POLL_S = 1.0

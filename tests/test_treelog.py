@@ -51,7 +51,7 @@ def test_every_path_that_accepts_events_appends_leaves_in_its_transaction(tmp_pa
 def test_two_writers_on_one_ducklake_never_share_a_leaf_index(tmp_path):
     url = f"ducklake:sqlite:{tmp_path / 'meta.sqlite'}"
     open_warehouse(url).close()
-    sessions = [record_session(n_commands=3, seed=100 + i) for i in range(8)]
+    sessions = [record_session(n_commands=3, seed=100 + i) for i in range(4)]
     errors = []
 
     def writer(k: int) -> None:
