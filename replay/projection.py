@@ -230,6 +230,22 @@ def _digest_rows(con, tbl: str, batch_size: int = 1_000_000) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
+SMALL_STATE_EVENTS = 20_000  # a state this small is projected one statement per section (`_small_section`)
+
+
+def _small_section(con, name: str, params: dict) -> tuple[dict, Table]:
+    """`_section` in one statement: the section's rows with each row's JSON (as `_digest_rows`
+    renders it from the temp table: the same columns, ``_ord`` included), hashed here. Building,
+    reading and dropping a temp table is four statements, most of a small session's state."""
+    cur = con.execute(f"WITH t AS ({_numbered(_SQL[name].format(ev=EV))}) "
+                      "SELECT to_json(t)::VARCHAR AS _j, t.* FROM t ORDER BY _ord", params)
+    names = [d[0] for d in cur.description]
+    rows = cur.fetchall()
+    keep = [i for i, n in enumerate(names) if n not in ("_j", "_ord")]
+    digest = hashlib.sha256("\n".join(r[0] for r in rows).encode()).hexdigest()
+    return {"rows": len(rows), "digest": digest}, Table([names[i] for i in keep], [[r[i] for i in keep] for r in rows])
+
+
 def _section(con, name: str, params: dict, materialize: bool) -> tuple[dict, Table | None]:
     """Build the section natively as a temp table; digest it there; fetch it when asked."""
     tbl = f"_state_{next(_counter)}_{name}"
@@ -297,6 +313,8 @@ def project(con, session_id: str, at: int | None = None, *, materialize: bool = 
         with ThreadPoolExecutor(2, thread_name_prefix="agentledger-project") as pool:
             done = {name: pool.submit(work, name) for name in sorted(SECTIONS, key=_SECTION_COST.get, reverse=True)}
             results = {name: f.result() for name, f in done.items()}
+    elif materialize and counts["events"] <= SMALL_STATE_EVENTS:
+        results = {name: _small_section(con, name, params) for name in SECTIONS}
     else:
         results = {name: _section(con, name, params, materialize) for name in SECTIONS}
     for name in SECTIONS:

@@ -55,9 +55,14 @@ class Workset:
         self.close()
 
 
-def new_warehouse(store: SchemaStore | None = None) -> Warehouse:
+def new_warehouse(store: SchemaStore | None = None, *, wide: bool = False) -> Warehouse:
+    """A private in-memory warehouse for one session: the kind tables and the ``events`` view, or
+    with ``wide`` one ``events`` table (`Warehouse.create_wide_events`: a small session's)."""
     wh = Warehouse(":memory:", store=store or load_store())
-    wh.ensure_schema()
+    if wide:
+        wh.create_wide_events()
+    else:
+        wh.create_event_schema()
     wh.load("avro")
     return wh
 
@@ -74,9 +79,11 @@ def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None
     """Decode ``raw`` into a fresh in-memory warehouse (or ``wh``). Raises `WorksetError` when a body
     cannot be decoded (the chain verifier names such events; replay stops at them)."""
     store = store or load_store()
-    wh = wh or new_warehouse(store)
-    cur = store.current
     b = raw.bundle
+    # a small session that DuckDB's Avro reader decodes (not the native decoder: it fills kind tables)
+    wide = len(raw.values) <= WIDE_MAX_EVENTS and (b is None or len(b.data) < NATIVE_MIN_BYTES)
+    wh = wh or new_warehouse(store, wide=wide)
+    cur = store.current
     decoder = "duckdb"
     try:
         if b is not None and b.framing_error is None and b.fingerprint == cur.fingerprint \
@@ -90,6 +97,13 @@ def load(raw: RawSession, store: SchemaStore | None = None, wh: Warehouse | None
         raise WorksetError(f"cannot decode the events of session {raw.session_id}: {str(exc).splitlines()[0]}") from exc
     n = wh.con.execute("SELECT count(*) FROM events").fetchone()[0]
     return Workset(wh, raw.session_id, n, decoder)
+
+
+# Up to this many events a session's workset holds them in one wide ``events`` table: the state of a
+# session is ~14 queries, and over the kind tables' view DuckDB plans the 13-branch UNION ALL of wide
+# STRUCT casts again for each (~10-20 ms), most of a small session's replay (the console's session
+# page); the wide table's rows for a session this size cost nothing to speak of.
+WIDE_MAX_EVENTS = 20_000
 
 
 CHUNK_EVENTS = 100_000

@@ -204,7 +204,18 @@ class Column:
     source: str  # SQL expression over a read_avro row aliased `s`
 
 
+_EVENT_COLUMNS: dict[tuple, tuple[Column, ...]] = {}
+
+
 def event_columns(store: SchemaStore) -> list[Column]:
+    """The columns of ``events`` (computed once per schema: DDL and row readers ask for them often)."""
+    key = (store.current.fingerprint_hex, tuple((k.index, k.kind, k.family, k.column) for k in store.kinds))
+    if key not in _EVENT_COLUMNS:
+        _EVENT_COLUMNS[key] = tuple(_event_columns(store))
+    return list(_EVENT_COLUMNS[key])
+
+
+def _event_columns(store: SchemaStore) -> list[Column]:
     schema = store.current.schema
     ns = schema.get("namespace", "")
     named: dict[str, Any] = {}
@@ -800,6 +811,23 @@ class Warehouse:
               AND database_name = current_database() AND schema_name = current_schema()""").fetchone()
         return row is not None and row[0] == self._schema_marker()
 
+    def create_wide_events(self) -> None:
+        """``events`` as one TABLE with the view's columns, in a new, empty database: a small replay
+        workset (`replay.workset`), where the kind tables and their UNION ALL view cost more than they
+        save -- DuckDB plans the 13-branch view again for every query (~10-20 ms each) and an insert
+        is one statement per kind. `insert_events` fills it in one statement."""
+        cols = ",\n  ".join(f"{ident(c.name)} {c.type}" for c in event_columns(self.store))
+        self.con.execute(f"CREATE TABLE events (\n  {cols}\n)")
+        self._wide_events = True
+
+    def create_event_schema(self) -> None:
+        """The kind tables and the ``events`` view in a new, empty database (a replay's private
+        in-memory warehouse, which reads nothing else): none of `ensure_schema`'s comparisons, other
+        views (each binds the 13-table ``events`` again: most of its cost), detection or tree tables."""
+        for k in self.store.kinds:
+            self.con.execute(_kind_table_ddl(self.store, k, constraints=True))
+        self.con.execute(events_view_ddl(self.store))
+
     def _views(self) -> dict[str, str]:
         """Every view, ``events`` first (the others read it)."""
         return views_ddl(self.store)
@@ -940,6 +968,11 @@ class Warehouse:
         is read once into a temporary table, unless it is one already (``materialize=False``: a
         table name). Returns the rows inserted."""
         con = self.con
+        if getattr(self, "_wide_events", False):
+            cols = event_columns(self.store)
+            names = ", ".join(ident(c.name) for c in cols)
+            return scalar(con.execute(f"INSERT INTO events ({names}) SELECT {', '.join(c.source for c in cols)} "
+                                      f"FROM {source_sql} s {where}"))
         if materialize:
             con.execute(f"CREATE OR REPLACE TEMP TABLE _insert_events AS SELECT * FROM {source_sql} s {where}")
             source_sql, where = "_insert_events", ""
