@@ -100,9 +100,10 @@ def warehouse_place(con: duckdb.DuckDBPyConnection, label: str) -> Place:
     unresolved = "dead_letters WHERE session_id = $1 AND resolved_at IS NULL"
 
     def exact(sid: str) -> bool:
-        return bool(scalar(con.execute(
-            "SELECT " + " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE session_id = $1)" for t in tables)
-            + f" OR EXISTS (SELECT 1 FROM {unresolved})", [sid])))
+        # one place at a time, the cheap one (a row per session) first: DuckDB evaluates every EXISTS
+        # of an OR, and the one over `events` plans and scans 13 kind tables (~30 ms at 1M events)
+        return any(bool(scalar(con.execute(f"SELECT EXISTS (SELECT 1 FROM {t})", [sid])))
+                   for t in [*(f"{t} WHERE session_id = $1" for t in tables), unresolved])
 
     def starting(prefix: str, n: int) -> list[str]:
         return [r[0] for r in con.execute(

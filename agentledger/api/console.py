@@ -263,22 +263,28 @@ class SessionViews:
 
         if at is not None and at < 0:
             raise ConfigError("at takes a seq of the session (0 or more)")
+        from agentledger.replay.session import warehouse_alerts
+        from agentledger.replay.sources import WarehouseSource
+
+        # one connection for the whole page: opening a warehouse of 1M events costs ~25 ms
         with _open(s) as wh:
             sid = in_warehouse(wh.con, session, s.warehouse)
             head = wh.con.execute("SELECT head_seq, head_hash FROM chain_heads WHERE session_id = ?", [sid]).fetchone()
-        key = (s.warehouse, sid, head)
-        entry = self._open.get(key)
-        if entry is None:
-            rec = read_session(s, sid, "warehouse")
-            r = run_replay(rec.raw, keyring=keyring(s), alerts=rec.alerts)
-            try:
-                entry = {"replay": r, "verification": r.verification.as_dict(), "timeline": r.timeline(), "states": {}}
-            except BaseException:
-                r.close()
-                raise
-            self._open[key] = entry
-            while len(self._open) > self.size:
-                self._open.popitem(last=False)[1]["replay"].close()
+            key = (s.warehouse, sid, head)
+            entry = self._open.get(key)
+            if entry is None:
+                raw = WarehouseSource(wh.con, label=s.warehouse).read(sid)  # as read_session(s, sid, "warehouse")
+                r = run_replay(raw, keyring=keyring(s), alerts=warehouse_alerts(wh.con, sid))
+                try:
+                    entry = {"replay": r, "verification": r.verification.as_dict(), "timeline": r.timeline(),
+                             "states": {}}
+                except BaseException:
+                    r.close()
+                    raise
+                self._open[key] = entry
+                while len(self._open) > self.size:
+                    self._open.popitem(last=False)[1]["replay"].close()
+            alerts = _alert_rows(wh.con, session=sid, limit=1000).as_dicts()
         self._open.move_to_end(key)
         states = entry["states"]
         if at not in states:
@@ -286,8 +292,7 @@ class SessionViews:
             if len(states) > 64:
                 states.pop(next(iter(states)))
         timeline = entry["timeline"]
-        return SessionView(sid, at, [e["seq"] for e in timeline], timeline, states[at], entry["verification"],
-                           alert_queue(s, session=sid, limit=1000).as_dicts())
+        return SessionView(sid, at, [e["seq"] for e in timeline], timeline, states[at], entry["verification"], alerts)
 
     def close(self) -> None:
         while self._open:
@@ -320,25 +325,31 @@ def alert_queue(s: Settings, *, severity: str | None = None, triage: str | None 
     if severity is not None and severity not in SEVERITIES:
         raise ConfigError(f"severity must be one of {', '.join(SEVERITIES)}")
     with _open(s) as wh:
-        rel = _alerts_relation(wh.con)
-        if rel is None:
-            return Rows(["alert_id"], [])
-        where, params = ["TRUE"], []
-        if severity is not None:
-            where.append(f"{_RANK_SQL} >= ?")
-            params.append(SEVERITIES.index(severity) + 1)
-        if triage:
-            where.append("triage = ?")
-            params.append(triage)
-        if session:
-            where.append("session_id = ?")
-            params.append(session)
-        cur = wh.con.execute(f"""
-            SELECT alert_id, session_id, rule_id, title, severity, mitre, first_seq, last_seq, evidence_seqs,
-                   explanation, agent, "user", host, created_at, triage, triage_note, labelled_by, labelled_at
-            FROM {rel} WHERE {' AND '.join(where)}
-            ORDER BY {_RANK_SQL} DESC, created_at DESC, session_id, first_seq LIMIT ?""", [*params, limit])
-        return Rows([d[0] for d in cur.description], cur.fetchall())
+        return _alert_rows(wh.con, severity=severity, triage=triage, session=session, limit=limit)
+
+
+def _alert_rows(con, *, severity: str | None = None, triage: str | None = None, session: str | None = None,
+                limit: int = 200) -> Rows:
+    """`alert_queue` on an open connection."""
+    rel = _alerts_relation(con)
+    if rel is None:
+        return Rows(["alert_id"], [])
+    where, params = ["TRUE"], []
+    if severity is not None:
+        where.append(f"{_RANK_SQL} >= ?")
+        params.append(SEVERITIES.index(severity) + 1)
+    if triage:
+        where.append("triage = ?")
+        params.append(triage)
+    if session:
+        where.append("session_id = ?")
+        params.append(session)
+    cur = con.execute(f"""
+        SELECT alert_id, session_id, rule_id, title, severity, mitre, first_seq, last_seq, evidence_seqs,
+               explanation, agent, "user", host, created_at, triage, triage_note, labelled_by, labelled_at
+        FROM {rel} WHERE {' AND '.join(where)}
+        ORDER BY {_RANK_SQL} DESC, created_at DESC, session_id, first_seq LIMIT ?""", [*params, limit])
+    return Rows([d[0] for d in cur.description], cur.fetchall())
 
 
 def label_alert(s: Settings, alert_id: str, label: str, *, note: str | None = None, by: str | None = None) -> dict:
