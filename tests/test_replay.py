@@ -283,3 +283,36 @@ def test_signatures_survive_a_ducklake_warehouse_written_in_small_batches(tmp_pa
     assert rows and all("CAST" not in str(r["s"]) for r in rows)
     out = json.loads(run_cli("verify", "--format", "json", env=env, check=False).stdout)
     assert out["ok"] and out["results"][0]["status"] == "ok", out
+
+
+def test_a_small_session_replays_to_the_same_states_on_the_wide_workset_and_the_kind_tables(tmp_path, monkeypatch):
+    """The console's fast path (one wide events table in the workset, one statement per section)
+    gives exactly the states, digests and timeline of the kind-table workset and the temp-table
+    sections, at every seq of every session."""
+    import agentledger.api as al
+    from agentledger.replay import projection, workset
+    from agentledger.replay.session import replay as run_replay
+
+    s = al.settings(home=tmp_path / "home", env={})
+    al.simulate(s, sessions=4, seed=5)
+    al.ingest(s)
+    ids = [r[0] for r in al.sql(s, "select session_id from chain_heads order by 1").rows]
+    assert len(ids) == 4
+
+    def states(sid):
+        rec = al.read_session(s, sid, "warehouse")
+        with run_replay(rec.raw) as r:
+            last = r.state().as_of_seq
+            return r.workset.con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
+                                         ).fetchone()[0], [r.state(at).as_dict() for at in [*range(last + 1), None]], \
+                r.timeline()
+
+    for sid in ids:
+        kind, fast, timeline = states(sid)
+        assert kind == "BASE TABLE"
+        with monkeypatch.context() as m:
+            m.setattr(workset, "WIDE_MAX_EVENTS", -1)
+            m.setattr(projection, "SMALL_STATE_EVENTS", -1)
+            kind_slow, slow, timeline_slow = states(sid)
+        assert kind_slow == "VIEW"
+        assert fast == slow and timeline == timeline_slow
