@@ -204,7 +204,7 @@ class Column:
     source: str  # SQL expression over a read_avro row aliased `s`
 
 
-_EVENT_COLUMNS: dict[tuple, tuple[Column, ...]] = {}
+_EVENT_COLUMNS: dict[tuple[Any, ...], tuple[Column, ...]] = {}
 
 
 def event_columns(store: SchemaStore) -> list[Column]:
@@ -971,8 +971,8 @@ class Warehouse:
         if getattr(self, "_wide_events", False):
             cols = event_columns(self.store)
             names = ", ".join(ident(c.name) for c in cols)
-            return scalar(con.execute(f"INSERT INTO events ({names}) SELECT {', '.join(c.source for c in cols)} "
-                                      f"FROM {source_sql} s {where}"))
+            return int(scalar(con.execute(f"INSERT INTO events ({names}) SELECT {', '.join(c.source for c in cols)} "
+                                          f"FROM {source_sql} s {where}")))
         if materialize:
             con.execute(f"CREATE OR REPLACE TEMP TABLE _insert_events AS SELECT * FROM {source_sql} s {where}")
             source_sql, where = "_insert_events", ""
