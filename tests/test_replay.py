@@ -288,24 +288,24 @@ def test_signatures_survive_a_ducklake_warehouse_written_in_small_batches(tmp_pa
 def test_a_small_session_replays_to_the_same_states_on_the_wide_workset_and_the_kind_tables(tmp_path, monkeypatch):
     """The console's fast path (one wide events table in the workset, one statement per section)
     gives exactly the states, digests and timeline of the kind-table workset and the temp-table
-    sections, at every seq of every session."""
+    sections, at seqs across each session and at its end."""
     import agentledger.api as al
     from agentledger.replay import projection, workset
     from agentledger.replay.session import replay as run_replay
 
     s = al.settings(home=tmp_path / "home", env={})
-    al.simulate(s, sessions=4, seed=5)
+    al.simulate(s, sessions=3, seed=5)
     al.ingest(s)
     ids = [r[0] for r in al.sql(s, "select session_id from chain_heads order by 1").rows]
-    assert len(ids) == 4
+    assert len(ids) == 3
 
     def states(sid):
         rec = al.read_session(s, sid, "warehouse")
         with run_replay(rec.raw) as r:
             last = r.state().as_of_seq
+            ats = sorted({0, 1, last // 3, last // 2, 2 * last // 3, last - 1, last}) + [None]
             return r.workset.con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'"
-                                         ).fetchone()[0], [r.state(at).as_dict() for at in [*range(last + 1), None]], \
-                r.timeline()
+                                         ).fetchone()[0], [r.state(at).as_dict() for at in ats], r.timeline()
 
     for sid in ids:
         kind, fast, timeline = states(sid)
