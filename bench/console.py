@@ -14,7 +14,7 @@ Baseline, same run, same warehouse: the obvious query for a page of the list,
 ``select * from sessions order by started_at desc limit 50 offset K`` (the `sessions` view
 aggregates every event; OFFSET scans past K rows), through `agentledger.api.sql`.
 
-The last line is JSON. Target: p95 <= 300 ms for the list and session pages.
+The last line is JSON. Target: p95 <= 300 ms for every kind of page (`meets_target`).
 
     .venv/bin/python bench/console.py --events 1000000
     .venv/bin/python bench/console.py --home /tmp/al-1m --events 1000000   # keeps the data for a re-run
@@ -157,10 +157,12 @@ def main() -> None:
     out["list_p95_ms"] = round(pct(lists_all, 95), 1)
     out["list_p50_ms"] = round(pct(lists_all, 50), 1)
     out["session_p95_ms"] = round(pct(times["session_first_view"] + times["session_step"], 95), 1)
+    out["session_first_view_p95_ms"] = round(pct(times["session_first_view"], 95), 1)
     out["session_step_p95_ms"] = round(pct(times["session_step"], 95), 1)
     out["list_speedup_vs_baseline_p50"] = round(pct(base_times, 50) / max(out["list_p50_ms"], 0.001), 2)
     out["target_ms"] = TARGET_MS
-    out["meets_target"] = out["list_p95_ms"] <= TARGET_MS and out["session_p95_ms"] <= TARGET_MS
+    # every kind of page on its own: a first view must not hide behind the many cheap steps
+    out["meets_target"] = all(v["p95_ms"] <= TARGET_MS for v in out["pages"].values())
     print(json.dumps(out))
     if tmp is not None:
         tmp.cleanup()

@@ -347,3 +347,16 @@ def test_a_non_loopback_address_needs_the_token_on_every_request(case):
         assert fetch(base + "/alerts", opener=opener)[0] == 200
     finally:
         stop(proc)
+
+
+def test_the_server_imports_what_a_first_session_page_needs_before_it_listens(tmp_path):
+    # the first session page anyone opened paid ~190 ms of imports and the Avro extension's load
+    code = ("import sys; from agentledger import api; from agentledger.console import make_app; "
+            "before = 'agentledger.replay.session' in sys.modules; "
+            f"make_app(api.settings(home={str(tmp_path / 'home')!r}, env={{}})); "
+            "print(before, all(m in sys.modules for m in ('agentledger.replay.session', "
+            "'agentledger.replay.projection', 'agentledger.replay.sources')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env=cli_env(tmp_path / "home"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]

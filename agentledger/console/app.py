@@ -105,6 +105,7 @@ class Console:
         self.csrf = secrets.token_urlsafe(24)
         self.lock = threading.Lock()
         self.views = api.SessionViews()
+        self.views.warm()  # the first session page a user opens would otherwise pay ~190 ms of imports
         self.env = jinja2.Environment(loader=jinja2.PackageLoader("agentledger.console", "templates"),
                                       autoescape=True)
         self.env.filters.update(redacted=_redacted, ts=_ts, duration=_duration, cell=_cell)
