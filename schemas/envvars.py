@@ -256,6 +256,9 @@ VARIABLES: tuple[Var, ...] = (
        "tests/conftest.py", "dev"),
     _V("AGENTLEDGER_TEST_FORK", "str", "1", "`1`", "`0`: the tests' CLI runs each start a new interpreter instead of forking "
        "from a preloaded one (tests/forkcli.py)", "tests/conftest.py", "dev"),
+    _V("AGENTLEDGER_BENCH_CLI", "path", None, "none", "an executable the chaos benchmarks run instead of "
+       "`python -m agentledger` (the tests' smokes give them the fork server's shim, conftest.cli_shim)",
+       "bench/chaos_scenarios", "dev"),
     _V("AGENTLEDGER_OUTAGE_EVENTS", "int", 100_000, "`100000`", "events of the spool outage test (20000 unless set or full scale)",
        "tests/test_spool_outage.py", "dev"),
     _V("AGENTLEDGER_QUARANTINE_SCALE", "str", None, "small", "`full`: the quarantine scale test at full size",

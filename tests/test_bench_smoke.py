@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_shim
+
+
+def chaos_env(tmp_path) -> dict:
+    """The chaos runner's environment: its CLI runs go through this worker's fork server
+    (AGENTLEDGER_BENCH_CLI, tests/forkcli.py), ~0.5 CPU-s less each (the secrets smoke makes 31)."""
+    import os
+
+    return {**os.environ, "AGENTLEDGER_BENCH_CLI": str(cli_shim(tmp_path / "bin"))}
 
 
 @pytest.mark.kafka
@@ -49,7 +57,7 @@ def test_bench_emit_smoke(bootstrap, tmp_path):
 def test_bench_chaos_tampering_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "tampering", "--mutations", "50",
                            "--sessions", "4", "--cli-runs", "2", "--seed", "3", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=chaos_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["scenario"] == "tampering" and result["tried"] >= 45
@@ -59,7 +67,7 @@ def test_bench_chaos_tampering_smoke(tmp_path):
 
 def test_bench_chaos_disk_full_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "disk_full", "--disk-runs", "3",
-                           "--seed", "2", "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                           "--seed", "2", "--workdir", str(tmp_path)], cwd=REPO, env=chaos_env(tmp_path), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -95,7 +103,7 @@ def test_bench_import_memory_smoke(tmp_path):
 def test_bench_chaos_bad_input_smoke(tmp_path, bootstrap):
     proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "bad_input", "--hostile", "120",
                            "--seed", "4", "--bootstrap", bootstrap, "--timeout", "300",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--workdir", str(tmp_path)], cwd=REPO, env=chaos_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["kinds"]) == {"random_bytes", "truncated", "unknown_fingerprint", "wrong_magic", "broken_chain",
@@ -113,7 +121,7 @@ def test_bench_chaos_readonly_sql_smoke(tmp_path):
     new catalog and CHECKPOINT wrote files before `check_query`), a few through the real CLI."""
     proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "readonly_sql", "--sql-warehouses", "lake",
                            "--sql-sample", "4", "--sql-cli-every", "40", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=chaos_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     lib, cli = result["lake_library"], result["lake_cli"]
@@ -137,7 +145,7 @@ def test_bench_chaos_secrets_smoke(tmp_path, bootstrap):
                            "--hook-samples", "3", "--sim-sessions", "3", "--sandbox-samples", "10", "--replays", "1",
                            "--bootstrap", bootstrap, "--kafka-hook-samples", "1", "--kafka-sandbox-samples", "5",
                            "--kafka-sim-sessions", "2", "--seed", "1", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=chaos_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     local, kafka, ds = result["local"], result["kafka"], result["detect_secrets"]
@@ -155,7 +163,7 @@ def test_bench_chaos_consumer_kill_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "consumer_kill", "--kills", "3",
                            "--kill-sessions", "6", "--kill-batch", "50", "--kill-min-s", "1.5", "--kill-max-s", "4",
                            "--kill-warehouses", "file", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=chaos_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     f = result["file"]
@@ -170,7 +178,7 @@ def test_bench_chaos_broker_kill_smoke(tmp_path):
     """Its own broker (scripts/kafka, random ports), SIGKILLed and restarted once under two producers."""
     proc = subprocess.run([sys.executable, "bench/chaos.py", "--scenario", "broker_kill", "--broker-sessions", "10",
                            "--producers", "2", "--broker-kills", "1", "--broker-up-min-s", "2", "--broker-down-s", "3",
-                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--workdir", str(tmp_path)], cwd=REPO, env=chaos_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["broker_kills"] == 1 and result["produced"] > 100 and result["sessions"] == 10, result

@@ -20,13 +20,12 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
-from chaos_scenarios import scenario
+from chaos_scenarios import agentledger_cmd, scenario
 
 REPO = Path(__file__).resolve().parents[2]
 TOPIC = "agentledger.events"
@@ -45,7 +44,7 @@ def cli_env(home: Path, **extra: str) -> dict:
 def run_cli(home: Path, *args: str, timeout: float = 600, **extra: str) -> tuple[subprocess.CompletedProcess | None, bool]:
     """(completed process, hung): the real CLI in a subprocess; a hang is killed at ``timeout``."""
     try:
-        return subprocess.run([sys.executable, "-m", "agentledger", *args], capture_output=True, text=True,
+        return subprocess.run([*agentledger_cmd(), *args], capture_output=True, text=True,
                               env=cli_env(home, **extra), cwd=REPO, timeout=timeout), False
     except subprocess.TimeoutExpired:
         return None, True

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from chaos_scenarios import scenario
+from chaos_scenarios import agentledger_cmd, scenario
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA = REPO / "scripts" / "kafka"
@@ -83,7 +83,7 @@ def _env(home: Path, bootstrap: str, topic: str, warehouse: Path | None = None) 
 
 
 def _cli(env: dict, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agentledger", *args], env=env, cwd=REPO, capture_output=True,
+    return subprocess.run([*agentledger_cmd(), *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from chaos_scenarios import scenario
+from chaos_scenarios import agentledger_cmd, scenario
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -188,7 +188,7 @@ def _one(args, work: Path, kind: str, rng: random.Random) -> dict:
     if later is not None:
         later.wait(timeout=900)
     before_final = _stored_count(env)
-    final = subprocess.run([sys.executable, "-m", "agentledger", "ingest"], env=env, cwd=REPO, capture_output=True,
+    final = subprocess.run([*agentledger_cmd(), "ingest"], env=env, cwd=REPO, capture_output=True,
                            text=True, timeout=1800)
     if final.returncode != 0:
         errors.append(final.stderr[-1000:])

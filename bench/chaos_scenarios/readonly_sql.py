@@ -15,10 +15,9 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from chaos_scenarios import scenario
+from chaos_scenarios import agentledger_cmd, scenario
 
 REPO = Path(__file__).resolve().parents[2]
 PLANTED = "chaos-planted-secret-8c1f2e"
@@ -213,7 +212,7 @@ class _Library:
 
 
 def _cli(home: Path, warehouse: str, stmt: str) -> tuple[bool, str]:
-    proc = subprocess.run([sys.executable, "-m", "agentledger", "sql", stmt, "--format", "csv"], cwd=REPO,
+    proc = subprocess.run([*agentledger_cmd(), "sql", stmt, "--format", "csv"], cwd=REPO,
                           env=_env(home, warehouse), capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
     if "Traceback" in proc.stderr:

@@ -44,7 +44,7 @@ import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from chaos_scenarios import scenario
+from chaos_scenarios import agentledger_cmd, scenario
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN_RE = re.compile(r"\[SECRET:[a-z0-9_]+:[0-9a-f]{8}\]")  # producers/redact.py's tokens
@@ -60,7 +60,7 @@ def _env(home: Path, extra: dict | None = None) -> dict:
 
 def _cli(home: Path, *args: str, stdin: bytes | None = None, extra: dict | None = None,
          cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agentledger", *args], input=stdin, capture_output=True,
+    return subprocess.run([*agentledger_cmd(), *args], input=stdin, capture_output=True,
                           env=_env(home, extra), cwd=cwd or REPO, timeout=600,
                           stdin=None if stdin is not None else subprocess.DEVNULL)
 

@@ -14,12 +14,11 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 import traceback
 from collections import Counter
 from pathlib import Path
 
-from chaos_scenarios import scenario
+from chaos_scenarios import agentledger_cmd, scenario
 
 REPO = Path(__file__).resolve().parents[2]
 WAREHOUSE_KINDS = ("field_edit", "delete_row", "tail_truncation", "session_deletion", "session_and_leaves_deletion",
@@ -38,7 +37,7 @@ def _env(home: Path) -> dict:
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agentledger", *args], capture_output=True, text=True,
+    return subprocess.run([*agentledger_cmd(), *args], capture_output=True, text=True,
                           env=_env(home), cwd=REPO, timeout=600)
 
 
