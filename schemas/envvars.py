@@ -242,6 +242,8 @@ VARIABLES: tuple[Var, ...] = (
        "dev"),
     _V("AGENTLEDGER_KAFKA_JAVA_OPTS", "str", None, "none", "extra JVM options for the broker", "scripts/kafka",
        "dev"),
+    _V("AGENTLEDGER_S3PROXY_JAVA_OPTS", "str", None, "none", "extra JVM options for S3Proxy", "scripts/lakestack",
+       "dev"),
     _V("AGENTLEDGER_KAFKA_CLUSTER_HEAP", "str", "384m", "`384m`", "JVM heap of each node of `scripts/kafka cluster`",
        "scripts/kafka", "dev"),
     _V("AGENTLEDGER_S3PROXY_LIBS", "path", None, "`<repo>/.s3proxy/libs-<version>`", "S3Proxy jar cache",
