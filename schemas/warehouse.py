@@ -768,19 +768,23 @@ class Warehouse:
         if have.get("events") == "BASE TABLE":
             self._migrate_wide_events()
             have = self._relations()
-        for name, ddl in _tables_ddl(self.store, constraints=True).items():
-            if name not in have:
-                self.con.execute(ddl)
-        self._add_missing_columns()
-        if "tree_state" not in have:
-            self._create_tree()
-        self._ensure_detection_schema(have)
-        current = self._view_definitions()
-        wanted = _canonical_views(self.store)
-        for name, ddl in self._views().items():
-            if _norm(current.get(name, "")) != _norm(wanted[name]):
-                self.con.execute(ddl)
-        self.record_schema_versions()
+        wanted = _canonical_views(self.store)  # (outside the transaction: it builds an in-memory database)
+        # One transaction: all or nothing, and on a DuckLake one commit (one snapshot) instead of one
+        # per statement: a new lake's schema took 2.1 s of ~70 commits, now ~0.4 s.
+        with transaction(self.con):
+            for name, ddl in _tables_ddl(self.store, constraints=True).items():
+                if name not in have:
+                    self.con.execute(ddl)
+            self._add_missing_columns()
+            if "tree_state" not in have:
+                self._create_tree_tables()
+            self._ensure_detection_schema(have)
+            current = self._view_definitions()
+            for name, ddl in self._views().items():
+                if _norm(current.get(name, "")) != _norm(wanted[name]):
+                    self.con.execute(ddl)
+            self.record_schema_versions()
+        # after the commit: a DuckLake shows the views' SQL as stored only then
         self.con.execute(f"COMMENT ON TABLE schema_versions IS {literal(self._schema_marker())}")
 
     # Whether the schema is current is answered from a few cheap catalog reads when nothing changed
@@ -871,13 +875,13 @@ class Warehouse:
                 if name not in present:
                     self.con.execute(f"ALTER TABLE events ADD COLUMN {ident(column)}.{ident(name)} {t}")
 
-    def _create_tree(self) -> None:
+    def _create_tree_tables(self) -> None:
+        """The tree's tables and its first state, inside the caller's transaction."""
         from .treelog import create_tree
 
-        with transaction(self.con):
-            for ddl in TREE_TABLES.values():
-                self.con.execute(ddl)
-            create_tree(self.con)
+        for ddl in TREE_TABLES.values():
+            self.con.execute(ddl)
+        create_tree(self.con)
 
     def _ensure_detection_schema(self, have: dict[str, str]) -> None:
         ensure_detection_schema(self.con, have)
