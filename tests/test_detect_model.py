@@ -101,7 +101,7 @@ def test_unfinished_sessions_are_not_anomalous_for_being_unfinished(tmp_path):
     passes = []
     source = open_source(s)
     try:
-        ing = Ingestor(wh, source, s.topic, batch_records=250,
+        ing = Ingestor(wh, source, s.topic, batch_records=400,
                        after_commit=lambda b: passes.append(det.detect(b.sessions)))
         ing.assign()
         ing.run()

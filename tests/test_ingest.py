@@ -40,11 +40,11 @@ def assert_exact(con, expected_events):
 
 def test_embedded_ingest_exactly_once_across_small_batches(home, warehouse_url):
     s = settings_for(home, warehouse_url)
-    res = sim(s, 30, seed=5)  # batches cut through sessions; each DuckLake commit is a snapshot: a few
+    res = sim(s, 14, seed=5)  # batches cut through sessions; each DuckLake commit is a snapshot: a few
     with open_warehouse(s.warehouse) as wh:
         stats = Ingestor(wh, open_source(s), s.topic, batch_records=97).run()
         assert stats.accepted == res.events and stats.dead_letters == 0
-        assert stats.batches > 5
+        assert stats.batches > 3
         assert_exact(wh.con, res.events)
         assert wh.con.execute("SELECT count(*) FROM chain_status WHERE status <> 'ok'").fetchone()[0] == 0
         # the same messages again (offsets reset) are refused by the chain guard, not duplicated
