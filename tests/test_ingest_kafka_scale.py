@@ -31,7 +31,7 @@ FOLLOW_SESSIONS = 30 if FULL_SCALE else 10
 MEMBER_SESSIONS = (150, 100, 50) if FULL_SCALE else (20, 12, 8)  # before the kill, while the victim is down, after its restart
 # Between two counts: each is an `agentledger sql` process (~0.5 CPU-s), which the ingest being
 # watched needs the cores for.
-POLL_S = 1.0
+POLL_S = 2.0
 
 
 def _simulate(env, sessions, seed):
