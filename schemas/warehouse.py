@@ -560,6 +560,11 @@ INGEST_SETTINGS = {"preserve_insertion_order": "false"}
 # (210k events: 28.8k -> 39.7k ev/s, same machine, same run). The WAL is replayed on the next open
 # after a crash, so the bound is also the most that replay has to read.
 FILE_INGEST_SETTINGS = {"checkpoint_threshold": "'512MB'"}
+# The ingest's own statements on a DuckDB file run on one DuckDB thread: the native decoder has the
+# other core, and DuckDB's parallel insert only contended with it (bench/ingest.py, same machine, one
+# run each: embedded 105.6k -> 124.2k ev/s, Kafka 48.5k -> 54.6k). Detection after a batch (its
+# catch-up can scan the whole warehouse) runs with every thread again (`Warehouse.all_threads`).
+INGEST_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -618,6 +623,7 @@ class Warehouse:
         self.store = store or load_store()
         self.snapshot = snapshot
         self.lake: LakeLocation | None = None
+        self._threads: int | None = None  # DuckDB's thread count before `tune_for_ingest`
         config: dict[str, str | bool | int | float | list[str]] = {
             "autoinstall_known_extensions": False, "autoload_known_extensions": False}
         if url.startswith(LAKE_PREFIX):
@@ -743,6 +749,22 @@ class Warehouse:
         settings = INGEST_SETTINGS if self.is_lake else {**INGEST_SETTINGS, **FILE_INGEST_SETTINGS}
         for k, v in settings.items():
             self.con.execute(f"SET {k} = {v}")
+        if not self.is_lake:
+            self._threads = int(scalar(self.con.execute("SELECT current_setting('threads')")))
+            self.con.execute(f"SET threads = {INGEST_THREADS}")
+
+    @contextmanager
+    def all_threads(self) -> Iterator[None]:
+        """The body runs with DuckDB's thread count as it was before `tune_for_ingest`."""
+        before = self._threads
+        if before is None:
+            yield
+            return
+        self.con.execute(f"SET threads = {int(before)}")
+        try:
+            yield
+        finally:
+            self.con.execute(f"SET threads = {INGEST_THREADS}")
 
     def _relations(self) -> dict[str, str]:
         """Tables and views of the warehouse database (not temp, not other attached ones)."""

@@ -216,3 +216,20 @@ def test_opening_a_current_warehouse_skips_the_schema_work_and_repairs_what_chan
     w._CANONICAL.clear()
     open_warehouse(url).close()
     assert w._CANONICAL == {}, "the repaired warehouse is current again"
+
+
+def test_ingest_statements_run_on_one_duckdb_thread_and_detection_after_a_batch_on_all(home):
+    """On a DuckDB file the decoder has the other core: the ingest's statements run on one DuckDB
+    thread, and what runs after each commit (detection, whose catch-up may scan everything) on as many
+    as before."""
+    s = settings_for(home)
+    sim(s, 4, seed=3)
+    seen = []
+    with open_warehouse(s.warehouse) as wh:
+        before = wh.con.execute("SELECT current_setting('threads')").fetchone()[0]
+        ing = Ingestor(wh, open_source(s), s.topic, batch_records=40,
+                       after_commit=lambda b: seen.append(wh.con.execute("SELECT current_setting('threads')").fetchone()[0]))
+        assert wh.con.execute("SELECT current_setting('threads')").fetchone()[0] == 1
+        stats = ing.run()
+        assert stats.batches >= 2 and seen == [before] * stats.batches
+        assert wh.con.execute("SELECT current_setting('threads')").fetchone()[0] == 1

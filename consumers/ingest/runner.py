@@ -213,7 +213,8 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
                 log.info("committed batch %d: %d messages, %d events, %d quarantined, %d healed",
                          stats.batches, r.messages, r.accepted, r.dead_letters, r.healed)
                 if self.after_commit:
-                    self.after_commit(r)
+                    with self.wh.all_threads():
+                        self.after_commit(r)
                 if on_batch:
                     on_batch(r, stats)
                 self._maybe_compact(follow)
