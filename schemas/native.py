@@ -107,6 +107,16 @@ def values_frame(values: list[bytes], partitions: list[int], offsets: list[int])
     (src/ingest.rs): the messages one after the other, and per message (offset i64, partition i32,
     length u32). Message ``k`` is numbered ``k``."""
     n = len(values)
+    aux = _values_table(values, partitions, offsets)
+    head = 16 + _CHUNK.size
+    data_off = head + len(aux)
+    hdr = FRAME_MAGIC + struct.pack("<I4x", 1) + _CHUNK.pack(0, 0, 0, data_off, sum(map(len, values)), head, len(aux), n, 0)
+    return [hdr, aux, *values]
+
+
+def _values_table(values: list[bytes], partitions: list[int], offsets: list[int]) -> bytes:
+    """A values chunk's table: per message (offset i64, partition i32, length u32), little-endian."""
+    n = len(values)
     # the table as 32-bit words: offset (low, high), partition, length -- filled column by column
     words = array("I", bytes(16 * n))
     off = array("q", offsets)
@@ -123,11 +133,44 @@ def values_frame(values: list[bytes], partitions: list[int], offsets: list[int])
     words[3::4] = lens
     if sys.byteorder != "little":
         words.byteswap()
-    aux = words.tobytes()
-    head = 16 + _CHUNK.size
-    data_off = head + len(aux)
-    hdr = FRAME_MAGIC + struct.pack("<I4x", 1) + _CHUNK.pack(0, 0, 0, data_off, sum(lens), head, len(aux), n, 0)
-    return [hdr, aux, *values]
+    return words.tobytes()
+
+
+def chunks_frame(chunks: "list[Any]") -> list[bytes]:
+    """An ingest frame (as its parts) of chunks in order: embedded-log ranges (`log_frame`), Kafka
+    fetches (``frame_kind`` 1: `schemas.transport.kafka.KafkaRaw`, a partition's record batches as
+    the broker sent them, read from ``fetch_offset`` on) and lists of messages (values chunks: what a
+    source parsed itself; every message must have a value). Message ``k`` of chunk ``c`` is numbered
+    ``c << 32 | k``."""
+    if all(not isinstance(c, list) and getattr(c, "frame_kind", 2) == 2 for c in chunks):
+        return log_frame(chunks)
+    head = 16 + _CHUNK.size * len(chunks)
+    hdrs, body = [], []
+    at = head
+    for c in chunks:
+        if isinstance(c, list):
+            values = [m.value for m in c]
+            aux = _values_table(values, [m.partition for m in c], [m.offset for m in c])
+            size = sum(map(len, values))
+            hdrs.append(_CHUNK.pack(0, 0, 0, at + len(aux), size, at, len(aux), len(c), 0))
+            body += [aux, *values]
+        elif getattr(c, "frame_kind", 2) == 1:
+            size = len(c.data)
+            hdrs.append(_CHUNK.pack(1, c.partition, c.fetch_offset, at, size, at, 0, c.count, 0))
+            body.append(c.data)
+            aux = b""
+        else:
+            if c.sync is None or c.prefix is None:
+                raise ValueError(f"chunks_frame: {c.name} has no readable segment header ({c.header_error})")
+            pos = array("Q", c.end_positions)
+            if sys.byteorder != "little":
+                pos.byteswap()
+            aux = pos.tobytes() + c.sync + c.prefix
+            size = len(c.data)
+            hdrs.append(_CHUNK.pack(2, c.partition, c.offset, at + len(aux), size, at, len(aux), c.count, c.lo))
+            body += [aux, c.data]
+        at += len(aux) + size
+    return [FRAME_MAGIC + struct.pack("<I4x", len(chunks)), *hdrs, *body]
 
 
 def log_frame(ranges: list[RawRange]) -> list[bytes]:

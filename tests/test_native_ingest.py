@@ -269,3 +269,107 @@ def test_the_decoders_chain_summary_finds_the_sessions_the_sql_chain_check_finds
             st.unstage(wh.con)
     assert by_decoder == by_sql
     assert st.dup_event_ids == (len(set(ids)) != len(ids))
+
+
+# --- from Kafka: each partition's fetch goes to the decoder as the broker sent it ------------------
+
+def _produce(bootstrap: str, topic: str, vals: list[bytes], partitions: int = 3, **overrides) -> None:
+    from agentledger.schemas.transport.kafka import ensure_topic
+    from agentledger.schemas.transport.kafka.clients import producer_client
+
+    ensure_topic(bootstrap, topic, partitions)
+    p = producer_client(bootstrap, **overrides)
+    for k, v in enumerate(vals):
+        p.send(topic, key=str(k % 5).encode(), value=v, partition=k % partitions)
+    p.flush()
+    p.close()
+
+
+def _ingest_kafka(tmp_path, name: str, bootstrap: str, topic: str, use_native: bool, monkeypatch,
+                  batch: int = 100_000) -> tuple[dict, list[str], list[str]]:
+    """Ingest the whole topic; also returns the types of chunks the source handed out."""
+    from agentledger.schemas.transport.kafka import KafkaSource
+
+    monkeypatch.setattr(I, "NATIVE_MIN_MESSAGES", 0)
+    if not use_native:
+        monkeypatch.setenv(native.ENV, "off")
+    kinds: list[str] = []
+    decoders: list[str] = []
+    src = KafkaSource(bootstrap)
+    poll_raw = src.poll_raw
+
+    def spy(n, t):
+        got = poll_raw(n, t)
+        kinds.extend(type(c).__name__ for c in got)
+        return got
+
+    src.poll_raw = spy
+    with open_warehouse(str(tmp_path / f"{name}.duckdb")) as wh:
+        Ingestor(wh, src, topic, batch_records=batch, after_commit=lambda b: decoders.append(b.decoder)).run()
+        got = {
+            "events": wh.con.execute("SELECT * EXCLUDE (ingested_at) FROM events ORDER BY source_partition, "
+                                     "source_offset").fetchall(),
+            "dead": wh.con.execute("""SELECT "partition", "offset", reason, detail, session_id, seq, event_id, raw,
+                                             resolved_at IS NULL, resolution
+                                      FROM dead_letters ORDER BY "partition", "offset", reason""").fetchall(),
+            "heads": wh.con.execute("SELECT * EXCLUDE (updated_at) FROM chain_heads ORDER BY ALL").fetchall(),
+            "offsets": wh.con.execute('SELECT topic, "partition", next_offset FROM ingest_offsets ORDER BY ALL').fetchall(),
+        }
+    src.close()
+    monkeypatch.undo()
+    return got, decoders, kinds
+
+
+def test_kafka_fetches_go_to_the_decoder_as_sent_and_land_as_the_python_path_lands_them(
+        tmp_path, values, monkeypatch, bootstrap, topic):
+    _produce(bootstrap, topic, values)
+    py, d_py, k_py = _ingest_kafka(tmp_path, "py", bootstrap, topic, False, monkeypatch)
+    nat, d_nat, k_nat = _ingest_kafka(tmp_path, "nat", bootstrap, topic, True, monkeypatch)
+    assert set(d_py) == {"python"} and set(d_nat) == {"native"}
+    assert "KafkaRaw" in k_nat and "KafkaRaw" not in k_py
+    assert len(nat["events"]) == len(values) and not nat["dead"]
+    assert nat == py
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_tamperings_through_kafka_get_the_python_paths_verdicts(tmp_path, values, monkeypatch, bootstrap,
+                                                                        topic, seed):
+    _produce(bootstrap, topic, _tamper(random.Random(100 + seed), values))
+    py, _, _ = _ingest_kafka(tmp_path, "py", bootstrap, topic, False, monkeypatch)
+    nat, _, k_nat = _ingest_kafka(tmp_path, "nat", bootstrap, topic, True, monkeypatch)
+    assert "KafkaRaw" in k_nat
+    assert nat == py
+
+
+def test_raw_polls_return_what_polls_return_whole_or_cut_at_the_bound(bootstrap, topic):
+    """poll_raw's chunks hold exactly poll's messages, uncompressed or LZ4; a small bound is exact
+    (a fetch bigger than it is read record by record, the rest at the next poll)."""
+    from agentledger.schemas.transport.kafka import KafkaSource
+    from agentledger.schemas.transport.kafka.source import KafkaRaw
+
+    vals = [bytes([k % 251]) * (50 + k % 300) for k in range(3000)]
+    _produce(bootstrap, topic, vals[:1500], partitions=2, compression_type=None)
+    _produce(bootstrap, topic, vals[1500:], partitions=2)  # lz4 (the producers' setting)
+
+    def read(raw: bool, bound: int) -> tuple[list[tuple], list[int], list[str]]:
+        src = KafkaSource(bootstrap)
+        src.assign(topic, {})
+        out, sizes, kinds = [], [], []
+        for _ in range(200):
+            if len(out) >= len(vals):
+                break
+            chunks = src.poll_raw(bound, 0.5) if raw else [src.poll(bound, 0.5)]
+            msgs = [m for c in chunks for m in (c.messages() if isinstance(c, KafkaRaw) else c)]
+            kinds += [type(c).__name__ for c in chunks]
+            if msgs:
+                sizes.append(len(msgs))
+            out += [(m.partition, m.offset, m.key, m.value, m.timestamp_ms) for m in msgs]
+        src.close()
+        return sorted(out), sizes, kinds
+
+    want, _, _ = read(False, 100_000)
+    assert len(want) == len(vals) and sorted(v for *_, v, _ in want) == sorted(vals)
+    whole, _, kinds = read(True, 100_000)
+    assert whole == want and "KafkaRaw" in kinds
+    cut, sizes, _ = read(True, 70)
+    assert cut == want and max(sizes) <= 70

@@ -39,13 +39,21 @@ class NativeDecoder:
         make: Callable[[], list[bytes]]
         if batch.chunks is not None:
             ranges = batch.chunks
-            if (any(isinstance(c, list) or c.sync is None for c in ranges) or len({c.topic for c in ranges}) != 1
-                    or any(c.prefix[2:] != cur.fingerprint for c in ranges)):
+            topics = {m.topic for c in ranges if isinstance(c, list) for m in c}
+            topics |= {c.topic for c in ranges if not isinstance(c, list)}
+            if len(topics) != 1 or any(m.damaged is not None or m.value is None
+                                       for c in ranges if isinstance(c, list) for m in c):
+                return None
+            topic = topics.pop()
+            # an embedded-log range says its writer schema once (a Kafka fetch: the decoder checks each message)
+            if any(not isinstance(c, list) and getattr(c, "frame_kind", 2) == 2
+                   and (c.sync is None or c.prefix[2:] != cur.fingerprint) for c in ranges):
                 return None  # damage, or an older writer schema: the Python path says what and upcasts
-            counts, topic, need = [c.count for c in ranges], ranges[0].topic, sum(len(c.data) for c in ranges)
+            counts = [len(c) if isinstance(c, list) else c.count for c in ranges]
+            need = sum(sum(len(m.value) for m in c) if isinstance(c, list) else len(c.data) for c in ranges)
 
             def make() -> list[bytes]:
-                return native.log_frame(ranges)
+                return native.chunks_frame(ranges)
         else:
             msgs = batch.messages
             if (any(m.damaged is not None or m.value is None for m in msgs)

@@ -7,11 +7,111 @@ from collections.abc import Iterable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.consumer.fetcher import Fetcher
+from kafka.protocol.consumer import IsolationLevel
 from kafka.errors import KafkaError
+from kafka.record import MemoryRecords
 
 from ...errors import TransportError
 from ..base import Message, PartitionCallback, Scan, Source
 from .clients import consumer_client, partition_for_key
+
+
+# A poll that may still return at least this many messages takes a plain fetch whole even when it
+# holds more (at most one fetch, max_partition_fetch_bytes, beyond the poll's bound): cutting it would
+# parse the rest record by record (measured: ~40 % of a 100,000-message batch's messages). Smaller
+# polls (small --batch) stay exact.
+RAW_OVERSHOOT_FROM = 10_000
+
+
+class KafkaRaw:
+    """One partition's fetch as kafka-python received it, not parsed into records: its record batches'
+    bytes (message format v2, uncompressed or LZ4; batches before ``fetch_offset`` and a trailing
+    partial batch included, as the broker sent them), of which the ``count`` messages at offsets
+    ``offset`` .. ``offset + count - 1`` are the ones `KafkaSource.poll` would return. The native
+    decoder reads ``data`` as it is (chunk kind 1, native/avro2arrow/src/ingest.rs); `messages()` are
+    exactly those `poll` returns, parsed by kafka-python itself."""
+
+    frame_kind = 1  # schemas.native.chunks_frame
+    __slots__ = ("topic", "partition", "fetch_offset", "offset", "count", "data")
+
+    def __init__(self, topic: str, partition: int, fetch_offset: int, offset: int, count: int, data: bytes):
+        self.topic, self.partition, self.fetch_offset = topic, partition, fetch_offset
+        self.offset, self.count, self.data = offset, count, data
+
+    def messages(self) -> list[Message]:
+        part = Fetcher.PartitionRecords(self.fetch_offset, TopicPartition(self.topic, self.partition),
+                                        MemoryRecords(self.data), check_crcs=True)
+        return [Message(self.topic, self.partition, r.offset, r.key, r.value, r.timestamp) for r in part.take()]
+
+
+class _RawPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
+    """kafka-python's parsed fetch (`Fetcher.PartitionRecords`), handing out the whole fetch as one
+    `KafkaRaw` when it is plain (message format v2, CRCs right, uncompressed or LZ4, offsets without
+    gaps, read uncommitted); anything else is parsed record by record as kafka-python always does
+    (and raises what it raises). Installed on a `KafkaSource`'s consumer by `poll_raw`."""
+
+    def __init__(self, fetch_offset: int, tp: TopicPartition, records: MemoryRecords, **kw: Any):
+        super().__init__(fetch_offset, tp, records, **kw)
+        self._raw_bytes = getattr(records, "_buffer", None)  # kafka-python 3.0: the fetch's bytes
+        self._plain_isolation = kw.get("isolation_level", IsolationLevel.READ_UNCOMMITTED) == IsolationLevel.READ_UNCOMMITTED
+
+    def take(self, n: int | None = None) -> list[Any]:
+        """Up to ``n`` messages (the fetcher's count of what this poll may still return): the whole
+        fetch as one `KafkaRaw` followed by ``count - 1`` Nones (so that the fetcher counts its
+        messages; `KafkaSource._poll` drops the Nones), else record by record as kafka-python does --
+        what is not plain, and a fetch bigger than a small ``n`` (the rest stays for the next poll;
+        `RAW_OVERSHOOT_FROM`)."""
+        if self.record_iterator is not None and self.records_read == 0 and self._next_inline_exception is None:
+            raw = self._whole(n)
+            if raw is not None:
+                return raw
+        return list(super().take(n))
+
+    def _whole(self, budget: int | None) -> list[Any] | None:
+        data = self._raw_bytes
+        if data is None or not self._plain_isolation:
+            return None
+        data = bytes(data)
+        recs = MemoryRecords(data)
+        first: int | None = None
+        expected: int | None = None
+        next_offset: int | None = None
+        count, epoch = 0, getattr(self, "leader_epoch", -1)
+        try:
+            while (b := recs.next_batch()) is not None:
+                if (b.magic != 2 or b.compression_type not in (0, 3) or not b.validate_crc()
+                        or b.records_count < 0):
+                    return None
+                next_offset = b.next_offset
+                epoch = b.leader_epoch
+                if b.is_control_batch:
+                    continue
+                if b.records_count != b.last_offset_delta + 1:
+                    return None  # offsets with gaps (a compacted topic): record by record
+                lo, hi = max(b.base_offset, self.fetch_offset), b.last_offset
+                if hi < lo:
+                    continue
+                if expected is not None and lo != expected:
+                    return None
+                first = lo if first is None else first
+                count += hi - lo + 1
+                expected = hi + 1
+        except Exception:  # kafka-python's own parse says what is wrong
+            return None
+        if next_offset is None:
+            return None  # no whole batch: kafka-python says why
+        if budget is not None and count > budget and budget < RAW_OVERSHOOT_FROM:
+            return None  # more than a small poll may return: record by record, exactly up to it
+        tp = self.topic_partition
+        self.next_fetch_offset, self.leader_epoch = next_offset, epoch
+        self.records_read, self.bytes_read = count, len(data)
+        self.drain()
+        if count == 0 or first is None:
+            return []
+        # (at most ``budget`` entries: the fetcher counts them, and stops at its bound)
+        pad = count - 1 if budget is None else min(count, budget) - 1
+        return [KafkaRaw(tp.topic, tp.partition, self.fetch_offset, first, count, data), *[None] * pad]
 
 
 class KafkaSource(Source):
@@ -84,14 +184,39 @@ class KafkaSource(Source):
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
 
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
+        return [m for c in self._poll(max_records, timeout_s)
+                for m in (c.messages() if isinstance(c, KafkaRaw) else c)]
+
+    def poll_raw(self, max_records: int, timeout_s: float) -> list[KafkaRaw | list[Message]]:
+        """What `poll` returns, with each plain fetch of a partition as one `KafkaRaw` (its bytes as
+        the broker sent them, no Python object per record: the native decoder parses them) and the
+        rest as messages; at most ``max_records`` messages, as `poll`."""
+        fetcher = self._consumer._fetcher
+        if fetcher.__dict__.get("PartitionRecords") is not _RawPartitionRecords:
+            fetcher.PartitionRecords = _RawPartitionRecords  # this consumer's fetches only
+        return self._poll(max_records, timeout_s)
+
+    def _poll(self, max_records: int, timeout_s: float) -> list[KafkaRaw | list[Message]]:
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as exc:
             raise TransportError(f"Kafka poll failed: {exc}") from exc
-        out: list[Message] = []
+        out: list[KafkaRaw | list[Message]] = []
         for tp, records in batches.items():
             topic, partition = tp.topic, tp.partition
-            out.extend(Message(topic, partition, r.offset, r.key, r.value, r.timestamp) for r in records)
+            plain: list[Message] = []
+            for r in records:
+                if r is None:
+                    continue  # the rest of a KafkaRaw's count (_RawPartitionRecords.take)
+                if isinstance(r, KafkaRaw):
+                    if plain:
+                        out.append(plain)
+                        plain = []
+                    out.append(r)
+                else:
+                    plain.append(Message(topic, partition, r.offset, r.key, r.value, r.timestamp))
+            if plain:
+                out.append(plain)
         return out
 
     def end_offsets(self, topic: str) -> dict[int, int]:
