@@ -22,20 +22,6 @@ FULL_SCALE = os.environ.get("AGENTLEDGER_TEST_SCALE") == "full"
 KAFKA_SCRIPT = REPO / "scripts" / "kafka"
 
 
-# The files whose tests take longest (wall seconds with 4 workers, measured: bench smokes 203,
-# scale-out 184, Kafka scale 134, spool outage 111, hook 107, docs 86, ...) go first: pytest-xdist
-# (--dist loadfile) hands files out in collection order, and one of these started last held the run
-# open while the other workers idled. The rest keep their order.
-SLOW_FIRST = ("test_scale_out.py", "test_bench_smoke.py", "test_ingest_kafka_scale.py", "test_spool_outage.py",
-              "test_hook.py", "test_docs.py", "test_native_ingest.py", "test_ingest.py", "test_replay.py",
-              "test_detect_pipeline.py", "test_notebooks.py", "test_agents_import.py")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
