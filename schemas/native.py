@@ -21,13 +21,11 @@ from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, cast
+from typing import Any, Iterator, cast
 
 from . import envvars
 from .errors import AgentLedgerError
 
-if TYPE_CHECKING:
-    from .transport.local import RawRange
 
 BINARY = "agentledger-avro2arrow"
 ENV = "AGENTLEDGER_AVRO2ARROW"  # a path to the binary, or "off"
@@ -137,13 +135,13 @@ def _values_table(values: list[bytes], partitions: list[int], offsets: list[int]
 
 
 def chunks_frame(chunks: "list[Any]") -> list[bytes]:
-    """An ingest frame (as its parts) of chunks in order: embedded-log ranges (`log_frame`), Kafka
-    fetches (``frame_kind`` 1: `schemas.transport.kafka.KafkaRaw`, a partition's record batches as
-    the broker sent them, read from ``fetch_offset`` on) and lists of messages (values chunks: what a
-    source parsed itself; every message must have a value). Message ``k`` of chunk ``c`` is numbered
-    ``c << 32 | k``."""
-    if all(not isinstance(c, list) and getattr(c, "frame_kind", 2) == 2 for c in chunks):
-        return log_frame(chunks)
+    """An ingest frame (as its parts) of chunks in order (src/ingest.rs): lists of messages (values
+    chunks: what a source parsed itself; every message must have a value), Kafka fetches
+    (``frame_kind`` 1: `schemas.transport.kafka.KafkaRaw`, a partition's record batches as the broker
+    sent them, read from ``fetch_offset`` on) and embedded-log ranges (``frame_kind`` 2:
+    `schemas.transport.local.RawRange` with a readable segment header: its bytes from ``lo`` on, the
+    file positions of its records and of the end of the last, its sync marker and the single-object
+    prefix of its writer schema). Message ``k`` of chunk ``c`` is numbered ``c << 32 | k``."""
     head = 16 + _CHUNK.size * len(chunks)
     hdrs, body = [], []
     at = head
@@ -154,49 +152,21 @@ def chunks_frame(chunks: "list[Any]") -> list[bytes]:
             size = sum(map(len, values))
             hdrs.append(_CHUNK.pack(0, 0, 0, at + len(aux), size, at, len(aux), len(c), 0))
             body += [aux, *values]
-        elif getattr(c, "frame_kind", 2) == 1:
-            size = len(c.data)
+        elif c.frame_kind == 1:
+            aux, size = b"", len(c.data)
             hdrs.append(_CHUNK.pack(1, c.partition, c.fetch_offset, at, size, at, 0, c.count, 0))
             body.append(c.data)
-            aux = b""
         else:
             if c.sync is None or c.prefix is None:
                 raise ValueError(f"chunks_frame: {c.name} has no readable segment header ({c.header_error})")
             pos = array("Q", c.end_positions)
             if sys.byteorder != "little":
                 pos.byteswap()
-            aux = pos.tobytes() + c.sync + c.prefix
-            size = len(c.data)
+            aux, size = pos.tobytes() + c.sync + c.prefix, len(c.data)
             hdrs.append(_CHUNK.pack(2, c.partition, c.offset, at + len(aux), size, at, len(aux), c.count, c.lo))
             body += [aux, c.data]
         at += len(aux) + size
     return [FRAME_MAGIC + struct.pack("<I4x", len(chunks)), *hdrs, *body]
-
-
-def log_frame(ranges: list[RawRange]) -> list[bytes]:
-    """An ingest frame (as its parts) of one *embedded log* chunk per range (src/ingest.rs): each a
-    `schemas.transport.local.RawRange` with a readable segment header: its bytes from ``lo`` on,
-    the file positions of its records and of the end of the last, its sync marker and the
-    single-object prefix (magic and fingerprint) of its writer schema. Message ``k`` of range ``c``
-    is numbered ``c << 32 | k``."""
-    head = 16 + _CHUNK.size * len(ranges)
-    auxes = []
-    for r in ranges:
-        if r.sync is None or r.prefix is None:
-            raise ValueError(f"log_frame: {r.name} has no readable segment header ({r.header_error})")
-        pos = array("Q", r.end_positions)
-        if sys.byteorder != "little":
-            pos.byteswap()
-        auxes.append(pos.tobytes() + r.sync + r.prefix)
-    hdrs = []
-    at = head
-    for r, aux in zip(ranges, auxes):
-        hdrs.append(_CHUNK.pack(2, r.partition, r.offset, at + len(aux), len(r.data), at, len(aux), r.count, r.lo))
-        at += len(aux) + len(r.data)
-    parts = [FRAME_MAGIC + struct.pack("<I4x", len(ranges)), *hdrs]
-    for r, aux in zip(ranges, auxes):
-        parts += [aux, r.data]
-    return parts
 
 
 @dataclass
@@ -227,7 +197,7 @@ class IngestDecoded:
 def decode_ingest(frame: bytes | list[bytes], schema: dict[str, Any], fingerprint: bytes, workdir: Path, *,
                   max_message_bytes: int,
                   ended_branch: int, timeout: float | None = None) -> IngestDecoded:
-    """Run ``agentledger-avro2arrow --ingest`` over ``frame`` (`values_frame`, `log_frame`: its
+    """Run ``agentledger-avro2arrow --ingest`` over ``frame`` (`values_frame`, `chunks_frame`: its
     parts) in ``workdir``.
     Raises `NativeDecodeError` when the decoder is missing, fails, or says something that does not
     add up (then the caller takes its Python path)."""

@@ -760,7 +760,7 @@ class Warehouse:
         if before is None:
             yield
             return
-        self.con.execute(f"SET threads = {int(before)}")
+        self.con.execute(f"SET threads = {before}")
         try:
             yield
         finally:

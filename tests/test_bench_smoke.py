@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,8 +15,6 @@ from conftest import REPO, cli_shim
 def chaos_env(tmp_path) -> dict:
     """The chaos runner's environment: its CLI runs go through this worker's fork server
     (AGENTLEDGER_BENCH_CLI, tests/forkcli.py), ~0.5 CPU-s less each (the secrets smoke makes 31)."""
-    import os
-
     return {**os.environ, "AGENTLEDGER_BENCH_CLI": str(cli_shim(tmp_path / "bin"))}
 
 

@@ -133,7 +133,7 @@ def test_a_broken_or_lying_decoder_changes_nothing_but_the_path(tmp_path, values
     assert d == ["python"] and got == py
 
 
-# --- the embedded log: raw segment ranges handed to the decoder (LocalSource.poll_raw, native.log_frame)
+# --- the embedded log: raw segment ranges handed to the decoder (LocalSource.poll_raw, native.chunks_frame)
 
 def _log_with(tmp_path, name: str, values: list[bytes], segment_bytes: int):
     from agentledger.schemas.transport.local import LocalLog

@@ -31,7 +31,7 @@ class NativeDecoder:
         """The batch decoded by the native decoder (`_NativeStage`), when it vouches for every
         message of it; else None, and the whole batch takes the Python path (`_precheck`, `_stage`),
         which quarantines what is wrong with a reason -- so the verdicts never depend on the decoder.
-        Embedded-log batches go as the raw segment ranges they were read as (`native.log_frame`)."""
+        Embedded-log batches go as the raw segment ranges they were read as (`native.chunks_frame`)."""
         n = len(batch)
         if n < NATIVE_MIN_MESSAGES or self._native_off:
             return None
@@ -46,7 +46,7 @@ class NativeDecoder:
                 return None
             topic = topics.pop()
             # an embedded-log range says its writer schema once (a Kafka fetch: the decoder checks each message)
-            if any(not isinstance(c, list) and getattr(c, "frame_kind", 2) == 2
+            if any(not isinstance(c, list) and c.frame_kind == 2
                    and (c.sync is None or c.prefix[2:] != cur.fingerprint) for c in ranges):
                 return None  # damage, or an older writer schema: the Python path says what and upcasts
             counts = [len(c) if isinstance(c, list) else c.count for c in ranges]

@@ -83,7 +83,7 @@ from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 from .. import codec
 from ..errors import DecodeError, NotDurableError, TransportError
@@ -736,6 +736,7 @@ class RawRange:
     prefix: bytes | None
     header_error: str | None
     name: str
+    frame_kind: ClassVar[int] = 2  # schemas.native.chunks_frame: an embedded-log chunk
 
     def span(self, k: int) -> tuple[int, int]:
         """Record k's bytes, as file positions."""
