@@ -48,19 +48,23 @@ def _legacy(tmp_path: Path, lake: bool) -> tuple[str, Path]:
 
 
 # What the contract added after the fixture was made: schema v3's `mcp` records of command_started /
-# command_finished (the migration adds them, NULL on the old rows) and the view over them.
+# command_finished and v4's provenance fields (the migration adds them, NULL or empty on the old rows),
+# and the views over them.
 NEWER_VIEWS = {"mcp_calls"}
-_V3_TYPE = re.compile(r", mcp STRUCT\((?:[^()]|\([^()]*\))*\)")
+NEWER_FIELDS = {"mcp", "control_surface", "workspace_trusted", "observed_by", "mcp_tools", "scope", "rule_source",
+                "grant_request_id", "reported_as"}
+_NESTED = r"(?:[^()]|\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\))*"
+_NEWER_TYPE = re.compile(r', "?(?:' + "|".join(sorted(NEWER_FIELDS)) + r')"? (?:STRUCT\(' + _NESTED + r'\)|[A-Z]+)(?:\[\])?')
 
 
-def _without_v3(x):
-    """A value as the warehouse read it before v3: without the (NULL) mcp fields the migration added."""
+def _without_newer(x):
+    """A value as the warehouse read it before v3: without the (NULL or empty) fields the migration added."""
     if isinstance(x, dict):
-        return {k: _without_v3(v) for k, v in x.items() if not (k == "mcp" and v is None)}
+        return {k: _without_newer(v) for k, v in x.items() if not (k in NEWER_FIELDS and v in (None, []))}
     if isinstance(x, (list, tuple)):
-        return type(x)(_without_v3(v) for v in x)
+        return type(x)(_without_newer(v) for v in x)
     if isinstance(x, str):
-        return _V3_TYPE.sub("", x)
+        return _NEWER_TYPE.sub("", x)
     return x
 
 
@@ -68,7 +72,7 @@ def _read(url: str) -> dict:
     with Warehouse(url, read_only=True) as wh:
         have = {r[0] for r in wh.con.execute("SELECT table_name FROM information_schema.tables "
                                                "WHERE table_catalog = current_database()").fetchall()}
-        return {name: _without_v3(wh.con.execute(q).fetchall()) for name, q in QUERIES.items()
+        return {name: _without_newer(wh.con.execute(q).fetchall()) for name, q in QUERIES.items()
                 if name not in NEWER_VIEWS or name in have}
 
 
@@ -102,7 +106,8 @@ def test_a_warehouse_made_before_the_kind_tables_is_migrated_in_place_and_reads_
         if name in NEWER_VIEWS:
             assert name not in before and after[name] == [], name  # made by the migration; no MCP call in the fixture
         elif name == "schema_versions":  # the newer schema is recorded next to the older ones
-            assert [r for r in after[name] if r[2] != "v3"] == before[name] and {r[2] for r in after[name]} >= {"v3"}
+            assert [r for r in after[name] if r[2] not in ("v3", "v4")] == before[name]
+            assert {r[2] for r in after[name]} >= {"v3", "v4"}
         else:
             assert after[name] == before[name], name
     with Warehouse(url, read_only=True) as wh:  # the v3 fields exist, NULL on the old rows

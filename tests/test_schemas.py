@@ -156,10 +156,32 @@ def test_a_new_union_branch_fails_full_transitive_with_a_clear_reason():
         assert "payload > union branch 13 (ToolInvoked)" in text, r.messages
 
 
-def test_v3_is_released_and_carries_mcp_records():
+def test_v4_is_released_and_carries_provenance_fields():
+    """v4: the control surface, trust and MCP tool definitions of session_started, the definition in
+    force on an MCP call, the decider chain's fields of approval_decided, coverage statements."""
     store = load_store()
     assert store.is_current_released and store.current.fingerprint == store.released[-1].fingerprint
-    assert store.released[-1].version == 3
+    assert store.released[-1].version == 4
+    kinds = {k.kind: k for k in store.kinds}
+    payload = next(f for f in store.current.schema["fields"] if f["name"] == "payload")["type"]
+
+    def fields(kind):
+        return {f["name"]: f for f in payload[kinds[kind].index]["fields"]}
+
+    started = fields("session_started")
+    assert started["control_surface"]["default"] == [] and started["mcp_tools"]["default"] == []
+    assert started["workspace_trusted"]["default"] is None
+    decided = fields("approval_decided")
+    assert {"hook", "grant"} <= set(decided["decided_by"]["type"]["symbols"])
+    assert all(decided[f]["default"] is None for f in ("scope", "rule_source", "grant_request_id", "reported_as"))
+    assert "not_observable" in fields("gap")["gap_kind"]["type"]["symbols"]
+    mcp = fields("command_started")["mcp"]["type"][1]
+    assert {f["name"] for f in mcp["fields"]} >= {"definition_digest"}
+
+
+def test_v3_is_released_and_carries_mcp_records():
+    store = load_store()
+    assert [v.version for v in store.released][:3] == [1, 2, 3]
     kinds = {k.kind: k for k in store.kinds}
     for kind, record in (("command_started", "McpCall"), ("command_finished", "McpResult")):
         payload = next(f for f in store.current.schema["fields"] if f["name"] == "payload")["type"]
@@ -182,6 +204,67 @@ def _mcp_event(store):
     return [v for _, _, v in sink.sent]
 
 
+def _v4_events(store):
+    """Events using every v4 addition: a control surface and MCP tool definitions at the start, an MCP
+    call naming its definition, a decision by a session grant, a coverage statement."""
+    from agentledger.producers.recorder import Recorder
+    from agentledger.schemas.transport.base import MemorySink
+
+    sink = MemorySink()
+    rec = Recorder(sink, store=store)
+    surface = [{"path": "/w/.claude/settings.json", "role": "permissions", "digest": "sha256:" + "ab" * 32,
+                "size": 40, "content": '{"permissions": {"allow": ["Bash(ls:*)"]}}', "truncated": False}]
+    tools = [{"server": "github", "tool": "get_issue", "definition_digest": "sha256:" + "01" * 32,
+              "description_digest": "sha256:" + "02" * 32, "input_schema_digest": "sha256:" + "03" * 32,
+              "description": "Get an issue", "listed_at": None}]
+    with rec.session(agent="claude-code", cwd="/w", control_surface=surface, workspace_trusted=True,
+                     observed_by="hook", mcp_tools=tools) as s:
+        s.command_started(["mcp__github__get_issue", "{}"], "/w", sandbox_profile="mcp",
+                          mcp={"server": "github", "tool": "get_issue", "arguments_digest": "sha256:" + "04" * 32,
+                               "arguments_size": 2, "definition_digest": "sha256:" + "01" * 32})
+        s.approval_requested("exec", "ls", "sha256:" + "05" * 32, request_id="r1")
+        s.approval_decided("r1", "approved", "grant", grant_request_id="r0", scope="session",
+                           rule="Bash(ls:*)", rule_source="/w/.claude/settings.json", reported_as="config")
+        s.gap("not_observable", "a transcript never holds a manual approval", field="approval_decided:user")
+    return [v for _, _, v in sink.sent]
+
+
+V4_ONLY = {"control_surface", "workspace_trusted", "observed_by", "mcp_tools", "scope", "rule_source",
+           "grant_request_id", "reported_as"}
+
+
+@pytest.mark.parametrize("old_version", [1, 2, 3])
+def test_older_readers_decode_v4_events(old_version):
+    """A reader of v1, v2 or v3 decodes events written with v4: the new fields are skipped, the new
+    enum symbols read as `unknown`, everything else is read as written, and the hash still verifies."""
+    store = load_store()
+    old = next(v for v in store.released if v.version == old_version)
+    kinds = set()
+    for value in _v4_events(store):
+        fp, body = codec.soe_split(value)
+        writer = store.by_fingerprint(fp)
+        assert writer is not None and writer.version == 4
+        new = codec.decode(body, writer.parsed)
+        got = codec.decode(body, writer.parsed, old.parsed)
+        kind, p_new = new["payload"] if isinstance(new["payload"], tuple) else (None, new["payload"])
+        p_old = got["payload"][1] if isinstance(got["payload"], tuple) else got["payload"]
+        kinds.add(kind)
+        for k, v in p_new.items():
+            if k in V4_ONLY:
+                assert k not in p_old
+            elif k == "mcp" and v is not None:
+                m = v[1] if isinstance(v, tuple) else v
+                o = p_old.get("mcp")
+                o = o[1] if isinstance(o, tuple) else o
+                assert o is None if old_version < 3 else o == {a: b for a, b in m.items() if a != "definition_digest"}
+            elif v in ("grant", "not_observable"):
+                assert p_old[k] == "unknown"
+            else:
+                assert p_old[k] == v, k
+        assert hashlib.sha256(value[:-66]).hexdigest() == got["hash"] == new["hash"]
+    assert len(kinds) >= 5
+
+
 @pytest.mark.parametrize("old_version", [1, 2])
 def test_older_readers_decode_v3_events(old_version):
     """A reader of v1 or v2 (an older agentledger given v3 through AGENTLEDGER_SCHEMA_PATH) decodes
@@ -192,7 +275,7 @@ def test_older_readers_decode_v3_events(old_version):
     values = _mcp_event(store)
     old = next(v for v in store.released if v.version == old_version)
     v3 = store.by_fingerprint(codec.soe_split(values[0])[0])
-    assert v3 is not None and v3.version == 3
+    assert v3 is not None and v3.version >= 3  # the current writer
     seen = []
     for value in values:
         fp, body = codec.soe_split(value)
@@ -203,7 +286,7 @@ def test_older_readers_decode_v3_events(old_version):
         p_new = payload_new[1] if kind else payload_new
         p_old = payload_old[1] if isinstance(payload_old, tuple) else payload_old
         assert "mcp" not in p_old
-        assert {k: v for k, v in p_new.items() if k != "mcp"} == p_old
+        assert {k: v for k, v in p_new.items() if k != "mcp" and k not in V4_ONLY} == p_old
         assert {k: v for k, v in new.items() if k != "payload"} == {k: v for k, v in got.items() if k != "payload"}
         mcp = p_new.get("mcp")
         seen.append(mcp[1] if isinstance(mcp, tuple) else mcp)
