@@ -86,6 +86,7 @@ def release(subject: str = typer.Option("event")) -> None:
     n = max((v.version for v in store.released), default=0) + 1
     dest = RELEASED_DIR / f"{subject}.v{n}.avsc"
     shutil.copyfile(store.current.path, dest)
+    dest.chmod(0o644)  # repository content every user reads (the CLI's umask keeps its own files private)
     # released files are immutable history: pin the new one (tests/test_schemas.py checks every pin)
     pins_path = RELEASED_DIR / "FINGERPRINTS.json"
     pins = json.loads(pins_path.read_text()) if pins_path.exists() else {}
