@@ -19,8 +19,8 @@ from agentledger.schemas.keys import git_work_tree
 
 from . import api
 from .commands import (agents, config_cmd, console_cmd, core, detect_cmd, doctor_cmd, export_cmd, groups, ledger_cmd,
-                       model_cmd, producers_cmd,
-                       replay_cmd, sandbox_cmd, schemas_cmd)
+                       mcp_cmd, model_cmd, producers_cmd,
+                       replay_cmd, sandbox_cmd, schemas_cmd, why_cmd)
 from .output import err_console
 
 app = typer.Typer(
@@ -70,12 +70,12 @@ def _global(
 
 # Top-level commands, in the order `agentledger --help` lists them, then the command groups.
 for commands in (core.app, ledger_cmd.app, agents.app, detect_cmd.app, replay_cmd.app, doctor_cmd.app,
-                 config_cmd.app, console_cmd.app):
+                 config_cmd.app, console_cmd.app, why_cmd.app):
     app.add_typer(commands)
 for name, group in (("schemas", schemas_cmd.schemas_app), ("import", groups.import_app), ("export", export_cmd.export_app),
                     ("deadletters", ledger_cmd.deadletters_app), ("keys", producers_cmd.keys_app),
                     ("spool", producers_cmd.spool_app), ("rules", detect_cmd.rules_app), ("model", model_cmd.model_app),
-                    ("sandbox", sandbox_cmd.sandbox_app)):
+                    ("sandbox", sandbox_cmd.sandbox_app), ("mcp", mcp_cmd.mcp_app)):
     app.add_typer(group, name=name)
 
 

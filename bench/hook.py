@@ -72,7 +72,8 @@ def session_inputs(sid: str, agent: str, uses: int, rng: random.Random, cwd: str
             d["turn_id"] = f"turn-{turn}"
         return d
 
-    calls.append((ev("SessionStart", source="startup"), [("session_started", None)]))
+    # the session's start, and what hooks cannot see (two coverage statements, issue 24)
+    calls.append((ev("SessionStart", source="startup"), [("session_started", None), ("gap", None), ("gap", None)]))
     for i in range(uses):
         if i % 25 == 0:
             turn += 1

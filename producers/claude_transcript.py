@@ -43,7 +43,8 @@ and ``message{role, content}``; other entry types (``summary``, ``file-history-s
   "The user doesn't want to proceed with this tool use…" -> approval_requested +
   approval_decided(denied, by the user, latency = time to the answer); "Permission to use <Tool>
   … has been denied" / "… but you haven't granted it yet" -> the same, decided by policy (Claude
-  Code's permission rules); a denial by our own hook (its reason names ``agentledger policy``) ->
+  Code's permission rules; ``decider`` = "claude-code permissions"); another PreToolUse hook's
+  denial -> decided by ``hook``; a denial by our own hook (its reason names ``agentledger policy``) ->
   the same facts the hook records (and no command, as the hook records none). A denied command
   also gets command_finished(declined), as in the Codex importer; a denied WebFetch a
   network_decided(deny).
@@ -515,7 +516,8 @@ class ClaudeTranscriptParser:
             return
         self._started(tid, call)  # (if an earlier import announced it: the same fact, recorded once)
         if denial is not None:
-            by, decider = ("user", None) if denial == "user" else ("policy", "claude-code permissions")
+            by, decider = {"user": ("user", None), "other_hook": ("hook", "PreToolUse hook")}.get(
+                denial, ("policy", "claude-code permissions"))
             self._decision(tid, call, by, decider, text, at, dur)
             if tool in SHELL_TOOLS | READ_TOOLS | WRITE_TOOLS or "args" in call:
                 self._finished(sid, tid, None, dur, "declined", "", text, at, mcp=self._mcp_result(call, "declined", text))
@@ -578,8 +580,10 @@ class ClaudeTranscriptParser:
             return "hook"
         if _USER_DENIED.search(head):
             return "user"
-        if _RULE_DENIED.search(head) or _OTHER_HOOK.search(head):
+        if _RULE_DENIED.search(head):
             return "policy"
+        if _OTHER_HOOK.search(head):
+            return "other_hook"
         return None
 
     def _decision(self, tid: str, call: dict, by: str, decider: str | None, text: str, at: int, dur: int) -> None:
@@ -591,10 +595,13 @@ class ClaudeTranscriptParser:
                    "risk": "unknown", "justification": call.get("description"),
                    "command_id": tid if kind == "exec" else None}, call["at"], call_id=tid)
         rule = text.strip().splitlines()[0][:300] if text.strip() else None
+        said = {"user": "user rejected", "hook": "PreToolUse hook"}.get(by) or (
+            "agentledger hook" if decider == "agentledger-hook" else "permission rules")
         self._obs(sid, f"approval:{tid}:decided", "approval_decided",
                   {"request_id": tid, "decision": "denied", "decided_by": by, "decider": decider,
                    "rule": "rejected by the user" if by == "user" else rule,
-                   "latency_ms": dur if by == "user" else None, "action_digest": digest}, at, call_id=tid)
+                   "latency_ms": dur if by == "user" else None, "action_digest": digest,
+                   "scope": "once" if by == "user" else None, "reported_as": said}, at, call_id=tid)
 
     def _subject(self, call: dict) -> tuple[str, str, str]:
         """(action kind, subject, digest) of a call as an approver sees it (as the hook states them)."""

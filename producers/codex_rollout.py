@@ -104,6 +104,9 @@ IGNORED_EVENTS = frozenset({
     "thread_name_updated", "request_user_input", "elicitation_request", "dynamic_tool_call_request",
     "dynamic_tool_call_response", "patch_apply_begin_delta", "plan_delta"})
 IGNORED_TOP = frozenset({"compacted", "state"})
+# event_msg types Codex writes only in its extended persistence mode (the default, limited mode writes
+# no *_begin events and no exec_command_end): they tell the two apart (coverage statements).
+EXTENDED_EVENTS = frozenset({"exec_command_begin", "exec_command_end", "patch_apply_begin", "mcp_tool_call_begin"})
 
 
 _HEREDOC_PATCH = re.compile(r"(?:^|[;&|]\s*|\s)apply_patch\s*<<-?\s*['\"]?(\w+)['\"]?\s*\n(.*?)\n\1\s*$", re.S)
@@ -257,9 +260,19 @@ class RolloutParser:
                    "first_lost_at": None,
                    "last_lost_at": None, "related_seq": None}, at)
 
+    def coverage_mode(self) -> str | None:
+        """The persistence mode this rollout was written in, from what it holds (producers/coverage.py):
+        "extended" once any exec_command_end / *_begin line was read, "limited" once a tool
+        output or the file's end was read without one, None while it cannot be told yet."""
+        if self.ctx.get("extended"):
+            return "extended"
+        return "limited" if self.ctx.get("outputs_seen") or self.ctx.get("idle_seen") else None
+
     def finish(self, idle: bool) -> None:
         """End of the bytes available now. ``idle``: the source looks finished, so a session start
         held back for lack of a turn context is released with what is known."""
+        if idle:
+            self.ctx["idle_seen"] = True
         if not self.session_id:
             sid = session_id_from_path(self.path)
             if sid and (self._unattributed or self.ctx.get("meta")):
@@ -570,6 +583,7 @@ class RolloutParser:
                       at, call_id=call_id, priority=priority, turn_id=turn_id)
 
     def _call_output(self, call_id: str, output: Any, at: int) -> None:
+        self.ctx["outputs_seen"] = True
         call = self.ctx["calls"].get(call_id)
         if call is None:
             self.counts.orphans += 1
@@ -620,7 +634,8 @@ class RolloutParser:
         if status == "declined":
             self._obs(f"approval:{call_id}:decided", "approval_decided",
                       {"request_id": call_id, "decision": "denied", "decided_by": "user", "decider": None,
-                       "rule": "command declined", "latency_ms": None, "action_digest": None},
+                       "rule": "command declined", "latency_ms": None, "action_digest": None,
+                       "scope": "once", "reported_as": "declined"},
                       at, call_id=call_id, priority=P_DECIDED_DECLINED, turn_id=turn_id)
             if (call or {}).get("patch"):
                 self.ctx.setdefault("declined_patches", []).append(call_id)
@@ -637,6 +652,8 @@ class RolloutParser:
     def _event_msg(self, p: dict, at: int) -> None:
         t = p.get("type")
         turn = str(p["turn_id"]) if p.get("turn_id") else None
+        if t in EXTENDED_EVENTS:
+            self.ctx["extended"] = True  # written only in extended persistence mode (coverage statements)
         if t == "exec_command_end":
             self._exec_end(p, at, turn)
         elif t == "exec_command_begin":
@@ -657,7 +674,8 @@ class RolloutParser:
             if status == "declined":
                 self._obs(f"approval:{call_id}:decided", "approval_decided",
                           {"request_id": call_id, "decision": "denied", "decided_by": "user", "decider": None,
-                           "rule": "patch declined", "latency_ms": None, "action_digest": None},
+                           "rule": "patch declined", "latency_ms": None, "action_digest": None,
+                           "scope": "once", "reported_as": "declined"},
                           at, call_id=call_id, priority=P_DECIDED_DECLINED, turn_id=turn)
                 self.ctx.setdefault("declined_patches", []).append(call_id)
             elif call_id:
@@ -797,6 +815,7 @@ class RolloutParser:
         self._obs(f"approval:{call_id}:decided", "approval_decided",
                   {"request_id": call_id, "decision": decision, "decided_by": "reviewer", "decider": "guardian",
                    "rule": (f"guardian: {rationale}"[:500] if rationale else None),
-                   "latency_ms": max(0, (at - g["at"]) // 1000) if g["at"] < at else None, "action_digest": digest},
+                   "latency_ms": max(0, (at - g["at"]) // 1000) if g["at"] < at else None, "action_digest": digest,
+                   "scope": "once", "reported_as": "guardian_assessment"},
                   at, call_id=call_id, priority=P_DECIDED_GUARDIAN, turn_id=turn)
         self.ctx["guardian"].pop(call_id, None)

@@ -6,7 +6,8 @@ Input: one JSON object on stdin (``session_id``, ``hook_event_name``, ``cwd``, `
 
 ===================  ==================================================================
 SessionStart         session_started (cwd, model, approval policy from permission_mode,
-                     policy digest) -- also on the first event of a session we never saw
+                     policy digest, the control surface read now: producers/controlsurface.py,
+                     observed_by "hook") -- also on the first event of a session we never saw
 PreToolUse           shell tools and MCP tools (``mcp__<server>__<tool>``): command_started (an
                      MCP call with its ``mcp`` record, as the importers state it; a shell-like
                      MCP tool's command is judged by the policy as the shell tool's); WebFetch:
@@ -53,6 +54,8 @@ from typing import Any
 
 from agentledger.schemas.config import Settings
 
+from .coverage import observation as coverage_observation
+from .coverage import statements as coverage_statements
 from .ledger import Observation, SessionAppender, SessionInfo
 from .sinks import recording_mode_from_env
 from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, loads_bounded, mcp_arguments_json, mcp_call,
@@ -268,6 +271,7 @@ class HookEvent:
         self.version = str(data["agent_version"]) if data.get("agent_version") else None
         self._n = 0
         self.home: str | None = None  # the agent's HOME (the warm server's own may differ): `~` of its paths
+        self.ledger_home: Path | None = None  # agentledger's home: its MCP tool-definition store (producers/mcpdefs.py)
         self.open_call: tuple[int, dict] | None = None
         self.call_change: tuple[str, Any] | None = None  # ("open", info) | ("close", None)
 
@@ -291,8 +295,31 @@ class HookEvent:
             fields["policy_digest"] = self.policy.digest
             fields["network_policy"] = self.policy.network_summary()
             fields["writable_roots"] = self.policy.roots(self.cwd or None, self.home)
+        if self.event == "SessionStart" and self.ledger_home is not None:  # the MCP tool definitions in force
+            from .mcpdefs import current_definitions
+            fields["mcp_tools"] = current_definitions(self.ledger_home, self.now)
         return SessionInfo(self.sid, self.now, self.agent, SOURCE, fields, self.version,
                            priority=20 if self.event == "SessionStart" else 10)
+
+    def coverage(self, head) -> list[Observation]:
+        """What hooks cannot see (producers/coverage.py), stated at SessionStart or the first event of
+        a session never seen: not on every call (each fact is recorded once anyway)."""
+        if self.event != "SessionStart" and head.next_seq > 0:
+            return []
+        return [coverage_observation(self.sid, SOURCE, f, reason, self.now, source=SOURCE, agent=self.agent,
+                                     agent_version=self.version, order=(0, self.now, -1))
+                for f, reason in coverage_statements(SOURCE)]
+
+    def control_surface(self, head) -> list[SessionInfo]:
+        """The control surface (producers/controlsurface.py) when this call opens the session
+        (SessionStart, or the first event of a session never seen): read once, not on every call."""
+        if head.next_seq > 0 or not self.cwd:
+            return []
+        from .controlsurface import snapshot
+
+        snap = snapshot(self.cwd, self.home, self.agent)
+        return [SessionInfo(self.sid, self.now, self.agent, SOURCE, {**snap, "observed_by": "hook"}, self.version,
+                            priority=30)]
 
     def request_id(self) -> str:
         if self.tid:
@@ -350,7 +377,10 @@ class HookEvent:
         return [req, self.obs(f"approval:{rid}:decided", "approval_decided",
                               {"request_id": rid, "decision": "denied", "decided_by": "policy",
                                "decider": (self.policy.source or self.policy.name) if self.policy else None,
-                               "rule": v.rule or v.reason[:300], "latency_ms": 0, "action_digest": digest})]
+                               "rule": v.rule or v.reason[:300], "latency_ms": 0, "action_digest": digest,
+                               "scope": "once", "reported_as": "agentledger-hook",
+                               "rule_source": (str(self.policy.source)[:1000] if self.policy and self.policy.source
+                                               else None)})]
 
     def _network_pre(self) -> list[Observation]:
         urls = urls_in(str(self.tool_input.get("url") or ""))
@@ -394,7 +424,14 @@ class HookEvent:
         return [self.obs(f"cmd:{self.tid}:started", "command_started",
                          {"command_id": self.tid, "argv": [self.tool, mcp_arguments_json(args)[:MAX_TOOL_TEXT]],
                           "shell": None, "cwd": self.cwd, "env_names": [], "sandbox_profile": "mcp",
-                          "escalated": False, "mcp": mcp_call(server, tool, args)}, at)]
+                          "escalated": False, "mcp": self._mcp_definition(mcp_call(server, tool, args), at)}, at)]
+
+    def _mcp_definition(self, rec: dict, at: int) -> dict:
+        """``rec`` with the definition of its tool in force at ``at`` (the MCP proxy's store), if known."""
+        if self.ledger_home is not None:
+            from .mcpdefs import definition_at
+            rec["definition_digest"] = definition_at(self.ledger_home, rec["server"], rec["tool"], at)
+        return rec
 
     def _command_started(self, at: int) -> list[Observation]:
         parsed = _tool_command(self.tool_input)
@@ -566,6 +603,7 @@ def handle(
             return out
     hev.policy = policy
     hev.home = (os.environ if env is None else env).get("HOME") or None
+    hev.ledger_home = settings.home
     if policy is not None and event in DECISION_EVENTS:
         hev.verdict = evaluate(policy, hev.tool, hev.tool_input, hev.cwd, home=hev.home)
     verdict = hev.verdict
@@ -577,7 +615,8 @@ def handle(
                                        flush_timeout_s=budget_s, env=env, key_fallback=True)
         out.stderr += "".join(appender.notices)  # a refused key file: what the call used instead, every call
         hev.redact_ids(appender.redact_id)
-        appender.append(hev.sid, [], [hev.info()], prepare=lambda head: (hev.build(appender.state), []),
+        appender.append(hev.sid, [], [hev.info()], prepare=lambda head: (hev.build(appender.state) + hev.coverage(head),
+                                                                         hev.control_surface(head)),
                         extra=hev.state_change, start_if_new=True)
     except Exception as exc:  # recording failed: never silently; the outbox keeps what was sealed
         out.exit_code = 1

@@ -37,7 +37,9 @@ from agentledger.schemas.config import Settings
 from .claude_transcript import ClaudeTranscriptParser
 from .claude_transcript import SOURCE as CLAUDE_SOURCE
 from .codex_rollout import RolloutParser
+from .codex_rollout import SOURCE as CODEX_SOURCE
 from .counts import FileCounts
+from .coverage import for_parser as coverage_for
 from .importstate import ProducerState
 from .ledger import AppendResult, EndRule, Observation, SessionAppender, SessionInfo, producer_transforms
 from .normalize import JSONTooDeep, loads_bounded
@@ -484,6 +486,29 @@ def _redacted_rejects(red, rejects: list[tuple]) -> list[tuple]:
     return out
 
 
+def _control_surface(infos: list[SessionInfo]):
+    """``prepare`` for `SessionAppender.append`: a session of a rollout or transcript that is not
+    recorded yet gets the control surface of its cwd (producers/controlsurface.py) *as it is at
+    import time*, which may be long after the session (observed_by "import"); only when that cwd
+    exists on this machine, and under the importing user's home."""
+    mine = [i for i in infos if i.source in (CODEX_SOURCE, CLAUDE_SOURCE)]
+    cwd = next((str(i.fields["cwd"]) for i in sorted(mine, key=lambda i: -i.priority) if i.fields.get("cwd")), "")
+    if not cwd:
+        return None
+
+    def prepare(head) -> tuple[list, list[SessionInfo]]:
+        if head.next_seq > 0 or not os.path.isabs(cwd) or not os.path.isdir(cwd):
+            return [], []
+        from .controlsurface import snapshot
+
+        ref = mine[0]
+        snap = snapshot(cwd, os.environ.get("HOME"), ref.agent)
+        return [], [SessionInfo(ref.session_id, min(i.at_us for i in mine), ref.agent, ref.source,
+                                {**snap, "observed_by": "import"}, ref.agent_version, priority=-1)]
+
+    return prepare
+
+
 def run_import(
     settings: Settings,
     rollouts: Iterable[str | Path] = (),
@@ -541,6 +566,9 @@ def run_import(
             rejects += file_rejects
         if on_file:
             on_file(fr)
+    # What each source cannot contain, stated once per session it contributed to (producers/coverage.py).
+    for _fr, parser, _ in parsed:
+        parser.observations += coverage_for(parser, parser.file_index)
     # -- merge per session, in time order ------------------------------------------------------
     obs: dict[str, list[Observation]] = {}
     infos: dict[str, list[SessionInfo]] = {}
@@ -570,6 +598,9 @@ def run_import(
         for o in lst:
             if o.turn_id is None and o.tool_call_id:
                 o.turn_id = turns.get((sid, o.tool_call_id))
+    # MCP calls: the tool definition in force at each call (the MCP proxy's store, producers/mcpdefs.py)
+    from .mcpdefs import link_calls as link_mcp_definitions
+    link_mcp_definitions(settings.home, (o for lst in obs.values() for o in lst))
     rejects = _redacted_rejects(red, rejects)
     report.rejects = [{"path": r[0], "offset": r[1], "line": r[2], "reason": r[3],
                        "excerpt": bytes(r[4]).decode("utf-8", "replace")} for r in rejects]
@@ -593,7 +624,8 @@ def run_import(
         for sid in sorted(every, key=lambda s: (first_at(s), s)):
             res = appender.append(sid, obs.get(sid, []), infos.get(sid, []), end=end,
                                   end_hint=hints.get(sid, (0, None))[1], activity_us=activity.get(sid),
-                                  default_agent=agents.get(sid, ("unknown", None, "unknown")), start_if_new=True)
+                                  default_agent=agents.get(sid, ("unknown", None, "unknown")), start_if_new=True,
+                                  prepare=_control_surface(infos.get(sid, [])))
             report.sessions.append(res)
             if on_session:
                 on_session(res)

@@ -320,18 +320,47 @@ def approval_decision(value: Any) -> str:
 
 
 def decision_source(value: Any) -> str:
-    """Who decided: Config / config / hook -> policy, User / user_* -> user, AutomatedReviewer /
-    guardian -> reviewer."""
+    """Who decided: Config / config -> policy, hook -> hook, User / user_* -> user,
+    AutomatedReviewer / guardian -> reviewer."""
     a = _alpha(value)
     if not a:
         return "unknown"
-    if a.startswith(("config", "policy", "hook", "execpolicy", "rule", "settings", "managed")):
+    if a.startswith("hook"):
+        return "hook"
+    if a.startswith(("config", "policy", "execpolicy", "rule", "settings", "managed")):
         return "policy"
     if a.startswith(("automatedreviewer", "reviewer", "guardian", "autoreviewer", "classifier", "auto")):
         return "reviewer"
     if a.startswith("user"):
         return "user"
     return "unknown"
+
+
+def decision_scope(decision: Any, source: Any = None) -> str | None:
+    """How far a decision reaches, where the source says it (else None): Codex ``approved`` ->
+    once, ``approved_for_session`` -> session, ``approved_execpolicy_amendment`` (a rule written to
+    the exec policy) -> persistent; Claude Code ``user_permanent`` -> persistent,
+    ``user_temporary`` -> once."""
+    s = _alpha(source)
+    if s == "userpermanent":
+        return "persistent"
+    if s == "usertemporary":
+        return "once"
+    raw = decision
+    for _ in range(4):  # {"decision": {"approved_execpolicy_amendment": {...}}}: bounded
+        if not isinstance(raw, dict):
+            break
+        raw = next((raw[k] for k in ("decision", "type", "value") if k in raw), None) or " ".join(map(str, raw))
+    a = _alpha(raw) if raw is not None else ""
+    if not a:
+        return None
+    if "execpolicyamendment" in a or "always" in a or "permanent" in a:
+        return "persistent"
+    if "forsession" in a:
+        return "session"
+    if a in ("approved", "approve", "accept", "allow", "yes"):
+        return "once"
+    return None
 
 
 def claude_decision(decision: Any, source: Any) -> str:

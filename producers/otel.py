@@ -6,14 +6,17 @@ event name in ``eventName``, the ``event.name`` attribute or the body. Mapping:
 
 * ``codex.conversation_starts`` -> session info (approval policy, sandbox mode, model, version).
 * ``codex.tool_decision`` -> approval_decided (every spelling of the decision normalised; source
-  Config -> policy, User -> user, AutomatedReviewer -> reviewer), request id = ``call_id``, so it
+  Config -> policy, User -> user, AutomatedReviewer -> reviewer; scope once / session /
+  persistent from approved / approved_for_session / approved_execpolicy_amendment; the source as
+  read in ``reported_as``), request id = ``call_id``, so it
   meets the rollout's facts for the same call (a declined command and its denial become one
   decision).
 * ``codex.tool_result`` -> command_started/finished for shell tools (start = end - duration),
   file_accessed for apply_patch; other tools are counted, not recorded.
 * ``codex.network_proxy.policy_decision`` -> network_attempted + network_decided.
-* ``claude_code.tool_decision`` (accept|reject; source config|hook|user_permanent|
-  user_temporary|user_abort|user_reject) -> approval_decided; ``claude_code.tool_result`` ->
+* ``claude_code.tool_decision`` (accept|reject; source config -> policy, hook -> hook,
+  user_permanent -> user with scope persistent, user_temporary -> user with scope once,
+  user_abort|user_reject -> user) -> approval_decided; ``claude_code.tool_result`` ->
   commands (Bash) and file writes (Edit/Write/MultiEdit/NotebookEdit); session id = ``session.id``.
 * ``gemini_cli.tool_call`` (Gemini CLI; ``function_name``, ``function_args``, ``duration_ms``,
   ``success``, ``decision`` accept|reject|auto_accept|modify, ``error``, ``tool_type`` native|mcp,
@@ -34,7 +37,7 @@ from typing import Any
 from .counts import FileCounts
 from .ledger import Observation, SessionInfo
 from .normalize import (approval_decision, approval_policy, as_bool, as_int, claude_decision, command_argv,
-                        decision_source, first, infer_sandbox_denial, inside, loads_bounded, looks_declined,
+                        decision_scope, decision_source, first, infer_sandbox_denial, inside, loads_bounded, looks_declined,
                         mcp_arguments_json, mcp_call, mcp_result, network_decision, network_protocol, parse_exec_output,
                         parse_patch, parse_time_us, resolve_path, sandbox_mode, short_digest)
 from .recorder import output_digest
@@ -259,11 +262,11 @@ class OtelParser:
         if by == "unknown" and a.get("source") is not None:
             self.counts.unknown_value("codex.tool_decision.source", a.get("source"))
         request = call_id or "otel:" + short_digest(sid, at, a.get("tool_name"), raw)
+        src = str(a.get("source"))[:200] if a.get("source") is not None else None
         self._obs(sid, agent, version, f"approval:{request}:decided", "approval_decided",
-                  {"request_id": request, "decision": decision, "decided_by": by,
-                   "decider": str(a.get("source")) if a.get("source") is not None else None,
-                   "rule": f"tool {a.get('tool_name')}" if a.get("tool_name") else None, "latency_ms": None,
-                   "action_digest": None},
+                  {"request_id": request, "decision": decision, "decided_by": by, "decider": src,
+                   "rule": f"tool {a.get('tool_name')}"[:300] if a.get("tool_name") else None, "latency_ms": None,
+                   "action_digest": None, "scope": decision_scope(raw), "reported_as": src},
                   at, call_id=call_id or None, turn_id=a.get("turn_id") or a.get("turn.id"), priority=P_DECIDED)
 
     def _codex_result(self, sid, agent, version, at, a, rec):
@@ -435,11 +438,11 @@ class OtelParser:
         by = decision_source(src)
         if by == "unknown" and src is not None:
             self.counts.unknown_value("claude_code.tool_decision.source", src)
+        said = str(src)[:200] if src is not None else None
         self._obs(sid, agent, version, f"approval:{request}:decided", "approval_decided",
-                  {"request_id": request, "decision": decision, "decided_by": by,
-                   "decider": str(src) if src is not None else None,
-                   "rule": f"tool {a.get('tool_name')}" if a.get("tool_name") else None, "latency_ms": None,
-                   "action_digest": None},
+                  {"request_id": request, "decision": decision, "decided_by": by, "decider": said,
+                   "rule": f"tool {a.get('tool_name')}"[:300] if a.get("tool_name") else None, "latency_ms": None,
+                   "action_digest": None, "scope": decision_scope(raw, src), "reported_as": said},
                   at, call_id=request if not request.startswith("cc:") else None, priority=P_DECIDED)
 
     def _claude_result(self, sid, agent, version, at, a, rec):

@@ -100,7 +100,7 @@ SKIP_FIELDS = frozenset({
     "algorithm",
 })
 # Payload fields that hold ids (some from the agent): redacted as ids, like the envelope's.
-ID_FIELDS = frozenset({"command_id", "request_id", "attempt_id", "parent_command_id"})
+ID_FIELDS = frozenset({"command_id", "request_id", "attempt_id", "parent_command_id", "grant_request_id"})
 # Keys under which agent records (hook input, rollout lines, OTel attributes) carry ids.
 ID_KEYS = frozenset({
     "id", "session_id", "sessionId", "conversation_id", "conversationId", "thread_id", "threadId", "call_id", "callId",

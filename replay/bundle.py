@@ -32,6 +32,14 @@ Format 2 adds *provenance* from the exporting warehouse's log operator (schemas/
 So the head and count of a bundle are signed: a bundle cut after a signed checkpoint, with its header
 rewritten and its digest recomputed, no longer matches its signed header (`check_provenance`).
 Format 1 bundles (no provenance) still verify as before; they cannot pass ``--require-signature``.
+
+Format 3 adds ``agentledger.coverage`` (issue 24): per source of the session, what it recorded (event
+counts), what it cannot contain at all (its coverage statements, ``gap`` events of kind
+``not_observable``) and what it lost (the other gaps) -- so a reader knows what the evidence does not
+prove. The header digest covers it; the operator's signature covers its SHA-256 (the v2 header
+message); and since the statements are chained events of the bundle, verification recomputes the
+summary from them and fails when the header says otherwise. Format 1 and 2 bundles carry none and
+verify as before (the summary is then shown from their events, unsigned).
 """
 
 from __future__ import annotations
@@ -54,9 +62,13 @@ from agentledger.schemas.signing import ALGORITHM, Keyring, Signer, bundle_heade
 from .chain import ChainResult, RawChainVerifier, envelope_head, schema_has_envelope_head, verify_spans
 
 BUNDLE_FORMAT = "2"
-READABLE_FORMATS = ("1", "2")
+COVERAGE_FORMAT = "3"  # format 2 + agentledger.coverage, signed in the operator's v2 header message
+READABLE_FORMATS = ("1", "2", "3")
 META_PREFIX = "agentledger."
 HEADER_DIGEST_KEY = "agentledger.header_digest"
+# What the session's sources could not contain (issue 24): a summary of its coverage statements
+# (gap_kind not_observable) and losses, per source; see `replay.session.coverage_of`.
+COVERAGE_KEY = "agentledger.coverage"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
@@ -65,6 +77,21 @@ class BundleError(AgentLedgerError):
 
 
 # --- writing ------------------------------------------------------------------------------------
+
+
+def coverage_digest(raw: bytes | None) -> str | None:
+    """SHA-256 hex of the header's coverage bytes as written (None: the header has none)."""
+    return None if raw is None else hashlib.sha256(raw).hexdigest()
+
+
+def header_coverage(b: "Bundle") -> dict | None:
+    """The coverage summary in a bundle's header, or None (bundles written before issue 24)."""
+    if COVERAGE_KEY not in b.header.metadata:
+        return None
+    cov = b.header.meta_json("coverage")
+    if not isinstance(cov, dict):
+        raise BundleError("the header's agentledger.coverage is not an object")
+    return cov
 
 
 def header_digest(metadata: dict[str, bytes], sync: bytes) -> str:
@@ -116,12 +143,15 @@ def write_bundle(
     chain: ChainResult | None = None,
     allow_broken: bool = False,
     provenance: "Provenance | None" = None,
+    coverage: dict | None = None,
 ) -> ExportResult:
     """Write ``values`` (the session's wire values, in seq order) as a bundle at ``path``.
 
     The file is written to a temporary name, fsync-ed and renamed, so ``path`` is either the
     complete bundle or untouched. Refuses an empty session, values of another session, several
-    writer schemas, and (unless ``allow_broken``) a chain that does not verify.
+    writer schemas, and (unless ``allow_broken``) a chain that does not verify. ``coverage``: the
+    session's coverage summary (`replay.session.coverage_of`), written as ``agentledger.coverage``:
+    covered by the header digest and, with provenance, by the operator's signature.
     """
     if not values:
         raise BundleError(f"session {session_id} has no events to export")
@@ -149,7 +179,7 @@ def write_bundle(
     last_seq = envelope_head(values[-1])[2]
     sync = hashlib.sha256(f"agentledger-bundle/{session_id}/{last_hash}".encode()).digest()[:16]
     meta: dict[str, bytes] = {
-        "agentledger.bundle": BUNDLE_FORMAT.encode(),
+        "agentledger.bundle": (BUNDLE_FORMAT if coverage is None else COVERAGE_FORMAT).encode(),
         "agentledger.session_id": session_id.encode(),
         "agentledger.writer_fingerprint": fp.hex().encode(),
         "agentledger.first_seq": str(first_seq).encode(),
@@ -166,10 +196,12 @@ def write_bundle(
     finals = [int(c["seq"]) for c in checkpoints if c.get("final")]
     final_seq = max(finals) if finals else None
     meta["agentledger.final_checkpoint_seq"] = ("none" if final_seq is None else str(final_seq)).encode()
+    if coverage is not None:
+        meta[COVERAGE_KEY] = canonical_json(coverage)
     if provenance is not None:
         th = provenance.tree_head
         msg = bundle_header_message(session_id, first_seq, last_seq, last_hash, len(values), final_seq, th.log_id,
-                                    th.tree_size, th.root_hash)
+                                    th.tree_size, th.root_hash, coverage_digest(meta.get(COVERAGE_KEY)))
         meta["agentledger.log_id"] = th.log_id.encode()
         meta["agentledger.tree_head"] = canonical_json(th.as_dict())
         meta["agentledger.inclusion"] = canonical_json({"leaf_index": provenance.leaf_index, "tree_size": th.tree_size,
@@ -568,7 +600,7 @@ def check_provenance(b: Bundle, operators: Keyring) -> ProvenanceCheck:
         return ProvenanceCheck("malformed", f"the bundle's provenance is malformed: {exc}")
     out = ProvenanceCheck("valid", "", th.log_id, th.tree_size, th.root_hash, leaf_index, kid)
     msg = bundle_header_message(session_id, first_seq, head_seq, head_hash, count, final_seq, log_id, th.tree_size,
-                                th.root_hash)
+                                th.root_hash, coverage_digest(h.metadata.get(COVERAGE_KEY)))
     if alg != ALGORITHM:
         out.status, out.detail = "bad_header_signature", f"the header signature uses algorithm {alg!r}"
     elif kid not in operators:
@@ -576,8 +608,8 @@ def check_provenance(b: Bundle, operators: Keyring) -> ProvenanceCheck:
                                                  "(pass --operator-key)")
     elif not operators.verify(kid, signature, msg):
         out.status, out.detail = "bad_header_signature", ("the header signature does not verify: the session id, "
-                                                          "head seq, head hash, count, final checkpoint or tree head "
-                                                          "were changed after export")
+                                                          "head seq, head hash, count, final checkpoint, coverage or "
+                                                          "tree head were changed after export")
     elif log_id != th.log_id or tree_size != th.tree_size:
         out.status, out.detail = "bad_tree_head", "the inclusion proof or the log id names another tree head"
     elif th.check(operators) != "valid":

@@ -54,6 +54,9 @@ class Replay:
     def checkpoint_rows(self) -> list[dict]:
         return checkpoint_rows(self.con, self.session_id)
 
+    def coverage(self) -> dict:
+        return coverage_of(self.con, self.session_id)
+
     def close(self) -> None:
         self.workset.close()
 
@@ -184,6 +187,30 @@ def _chain_of(bcheck: BundleCheck, raw: RawSession) -> ChainResult:
     return bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
 
 
+COVERAGE_SQL = """
+SELECT producer.source AS source, min(producer.agent_name) AS agent, count(*) AS events,
+       list({'field': gap.field, 'reason': gap.reason} ORDER BY gap.field, gap.reason)
+         FILTER (WHERE kind = 'gap' AND gap.gap_kind = 'not_observable') AS statements,
+       count(*) FILTER (WHERE kind = 'gap' AND gap.gap_kind IS DISTINCT FROM 'not_observable') AS losses
+FROM events WHERE session_id = ? GROUP BY 1 ORDER BY 1
+"""
+
+
+def coverage_of(con, session_id: str) -> dict:
+    """The session's coverage summary (issue 24), from its events: per source (``producer.source``)
+    the events it recorded, what it cannot contain at all (its ``gap`` events of kind
+    ``not_observable``: ``field`` and ``reason``) and how many losses (other gaps) it has; and
+    ``cannot_prove``, one line per statement. Deterministic (sorted), so the summary written into a
+    bundle's header can be recomputed from the bundle's events and compared."""
+    sources, lines = [], []
+    for source, agent, events, statements, losses in con.execute(COVERAGE_SQL, [session_id]).fetchall():
+        stmts = [{"field": st["field"], "reason": st["reason"]} for st in (statements or [])]
+        sources.append({"source": source, "agent": agent, "events": int(events), "not_observable": stmts,
+                        "losses": int(losses)})
+        lines += [f"{source} ({agent}): {st['field']} -- {st['reason']}" for st in stmts]
+    return {"format": 1, "sources": sources, "cannot_prove": lines}
+
+
 def checkpoint_rows(con, session_id: str) -> list[dict]:
     cur = con.execute("SELECT seq, checkpoint FROM events WHERE session_id = ? AND kind = 'checkpoint' ORDER BY seq",
                       [session_id])
@@ -244,7 +271,8 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
     ended = con.execute("SELECT count(*) FROM events WHERE session_id = ? AND kind = 'session_ended'",
                         [raw.session_id]).fetchone()[0] > 0
     gaps, lost = con.execute("SELECT count(*), coalesce(sum(gap.lost_events), 0) FROM events "
-                             "WHERE session_id = ? AND kind = 'gap'", [raw.session_id]).fetchone()
+                             "WHERE session_id = ? AND kind = 'gap' AND gap.gap_kind IS DISTINCT FROM 'not_observable'",
+                             [raw.session_id]).fetchone()  # coverage statements are not losses
     embedded = None
     if raw.bundle is not None:
         embedded = Keyring()
@@ -313,6 +341,8 @@ class BundleVerification:
     verification: _verify.Verification | None
     problem: str | None = None  # what failed, in one sentence
     provenance: "ProvenanceCheck | None" = None  # the operator's signed header, tree head and inclusion proof
+    coverage: dict | None = None  # what the sources cannot contain (issue 24), see `coverage_of`
+    coverage_in_header: bool = False  # from the (digested, operator-signed) header; else from the events only
 
     @property
     def first_bad_seq(self) -> int | None:
@@ -324,7 +354,8 @@ class BundleVerification:
         return {"path": self.path, "ok": self.ok, "problem": self.problem, "first_bad_seq": self.first_bad_seq,
                 "structure": self.check.as_dict(),
                 "verification": self.verification.as_dict() if self.verification else None,
-                "provenance": self.provenance.as_dict() if self.provenance else None}
+                "provenance": self.provenance.as_dict() if self.provenance else None,
+                "coverage": self.coverage, "coverage_in_header": self.coverage_in_header}
 
 
 def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bool = False,
@@ -363,13 +394,23 @@ def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bo
         from .bundle import checkpoint_entry
 
         actual = sorted((e["seq"], e["signature"]) for e in (checkpoint_entry(c["seq"], c) for c in r.checkpoint_rows()))
-    from .bundle import check_provenance
+        coverage = r.coverage()
+    from .bundle import check_provenance, header_coverage
+
+    try:
+        stated = header_coverage(b)
+    except BundleError as exc:
+        stated = {"malformed": str(exc)}
 
     prov = check_provenance(b, operators or Keyring())
     problem = None
     if listed != actual:
         problem = "the header's checkpoint list does not match the checkpoint events in the bundle"
         v.status, v.reason, v.detail = "broken", "header_checkpoints", problem
+    elif stated is not None and stated != coverage:
+        problem = ("the header's coverage summary does not match the coverage statements and gaps of the bundle's "
+                   "events")
+        v.status, v.reason, v.detail = "broken", "header_coverage", problem
     elif v.status == "broken":
         problem = f"first bad seq {v.first_bad_seq}: {v.reason}: {v.detail}"
     elif prov.failed:
@@ -383,4 +424,4 @@ def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bo
                    "are unsigned")
     elif require_signature and not prov.ok:
         problem = f"provenance {prov.status}: {prov.detail}"
-    return BundleVerification(str(path), problem is None, chk, v, problem, prov)
+    return BundleVerification(str(path), problem is None, chk, v, problem, prov, coverage, stated is not None)

@@ -64,6 +64,8 @@ def summarize(kind: str, p: dict) -> str:
     if kind == "checkpoint":
         return (f"checkpoint: events 0..{g('head_seq')} ({g('event_count')}) signed by key {g('key_id')}"
                 + (" [final]" if g("final") else ""))
+    if kind == "gap" and g("gap_kind") == "not_observable":  # a coverage statement, not a loss (issue 24)
+        return f"this source cannot contain {g('field')}: {g('reason')}"
     if kind == "gap":
         lost = f", {g('lost_events')} events lost" if g("lost_events") else ""
         return f"GAP {g('gap_kind')}: {g('reason')}{lost}"

@@ -69,10 +69,19 @@ def tree_head_message(log_id: str, tree_size: int, root_hex: str, timestamp_ms: 
 
 
 def bundle_header_message(session_id: str, first_seq: int, head_seq: int, head_hash: str, event_count: int,
-                          final_checkpoint_seq: int | None, log_id: str, tree_size: int, root_hex: str) -> bytes:
+                          final_checkpoint_seq: int | None, log_id: str, tree_size: int, root_hex: str,
+                          coverage_digest: str | None = None) -> bytes:
+    """What the log operator signs of a bundle's header. ``coverage_digest`` (SHA-256 hex of the
+    header's ``agentledger.coverage`` bytes, issue 24): when the header has a coverage summary the
+    message is v2 and ends with it, so the summary cannot be changed, added or removed unseen; headers
+    without one keep the v1 message (older bundles verify as before)."""
     final = "none" if final_checkpoint_seq is None else str(int(final_checkpoint_seq))
-    return (f"agentledger-bundle-header-v1\n{session_id}\n{int(first_seq)}\n{int(head_seq)}\n{head_hash}\n"
-            f"{int(event_count)}\n{final}\n{log_id}\n{int(tree_size)}\n{root_hex}").encode()
+    version = "v1" if coverage_digest is None else "v2"
+    msg = (f"agentledger-bundle-header-{version}\n{session_id}\n{int(first_seq)}\n{int(head_seq)}\n{head_hash}\n"
+           f"{int(event_count)}\n{final}\n{log_id}\n{int(tree_size)}\n{root_hex}")
+    if coverage_digest is not None:
+        msg += f"\n{coverage_digest}"
+    return msg.encode()
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:

@@ -324,6 +324,25 @@ def events_view_ddl(store: SchemaStore) -> str:
         branches.append(f"SELECT {', '.join(sel)} FROM {ident(kind_table(k))}")
     return "CREATE OR REPLACE VIEW events AS\n" + "\nUNION ALL\n".join(branches)
 
+MCP_TOOL_DEFINITIONS_EMPTY = """
+CREATE OR REPLACE VIEW mcp_tool_definitions AS
+SELECT session_id, seq, occurred_at AS session_started_at, NULL::VARCHAR AS server, NULL::VARCHAR AS tool,
+  NULL::VARCHAR AS definition_digest, NULL::VARCHAR AS description_digest, NULL::VARCHAR AS input_schema_digest,
+  NULL::VARCHAR AS description, NULL::TIMESTAMP AS listed_at, producer.agent_name AS agent
+FROM events WHERE false
+"""
+
+CONTROL_SURFACE_EMPTY = """
+CREATE OR REPLACE VIEW control_surface AS
+SELECT session_id, seq, occurred_at, occurred_at AS started_at, producer.agent_name AS agent, producer."user" AS "user",
+  producer.host AS host, NULL::VARCHAR AS cwd, NULL::VARCHAR AS row_kind, NULL::VARCHAR AS observed_by,
+  NULL::BOOLEAN AS workspace_trusted, NULL::VARCHAR AS path, NULL::VARCHAR AS role, NULL::VARCHAR AS digest,
+  NULL::BIGINT AS size, NULL::BOOLEAN AS truncated, NULL::VARCHAR AS content, NULL::VARCHAR AS operation,
+  NULL::VARCHAR AS command_id, NULL::VARCHAR AS previous_digest, NULL::VARCHAR AS previous_session_id,
+  NULL::BOOLEAN AS changed
+FROM events WHERE false
+"""
+
 
 def views_ddl(store: SchemaStore) -> dict[str, str]:
     """Every view for ``store``, ``events`` first (the others read it)."""
@@ -334,7 +353,31 @@ def views_ddl(store: SchemaStore) -> dict[str, str]:
         # `mcp` records yet, so mcp_calls finds MCP calls by their argv alone
         views["mcp_calls"] = re.sub(r"\b[sf]\.command_(?:started|finished)\.mcp\.\w+", "NULL", views["mcp_calls"])
         views["mcp_calls"] = views["mcp_calls"].replace("s.command_started.mcp IS NOT NULL", "false")
+        views["decisions"] = views["decisions"].replace("command_started.mcp IS NOT NULL", "false")
+    elif '"definition_digest"' not in started:  # a v3 store: `mcp` records without the definition (v4)
+        views["mcp_calls"] = views["mcp_calls"].replace("s.command_started.mcp.definition_digest", "NULL::VARCHAR")
+    decided = next((c.type for c in event_columns(store) if c.name == "approval_decided"), "")
+    if '"scope"' not in decided:  # before v4: no scope / rule_source / grant_request_id / reported_as
+        views["decisions"] = re.sub(r"\bd\.approval_decided\.(?:scope|rule_source|grant_request_id|reported_as)\b",
+                                    "NULL::VARCHAR", views["decisions"])
+    session = next((c.type for c in event_columns(store) if c.name == "session_started"), "")
+    if '"mcp_tools"' not in session:  # before v4: no tool definitions, an empty view of the same columns
+        views["mcp_tool_definitions"] = MCP_TOOL_DEFINITIONS_EMPTY
+    if '"control_surface"' not in session:  # before v4: no snapshots, an empty view of the same columns
+        views["control_surface"] = CONTROL_SURFACE_EMPTY
     return views
+
+
+def session_decisions_sql(store: SchemaStore) -> str:
+    """The `decisions` view's query for one session (parameter ``$session_id``): the session's events
+    are read once (a materialized CTE) instead of the whole warehouse, for the console and `why`."""
+    body = views_ddl(store)["decisions"].split(" AS\n", 1)[1]
+    head = "WITH acts AS ("
+    if not body.lstrip().startswith(head):
+        raise AssertionError("the decisions view no longer starts with its acts CTE")
+    body = re.sub(r"\bevents\b", "session_events", body)
+    return body.replace(head, "WITH session_events AS MATERIALIZED (SELECT * FROM events WHERE session_id = "
+                              "$session_id),\nacts AS (", 1)
 
 
 def _tables_ddl(store: SchemaStore, constraints: bool) -> dict[str, str]:
@@ -402,7 +445,7 @@ SELECT
   count(*) FILTER (WHERE e.kind = 'approval_decided'
                    AND e.approval_decided.decision IN ('denied', 'timed_out', 'aborted')) AS approvals_denied,
   count(*) FILTER (WHERE e.kind = 'network_decided' AND e.network_decided.decision = 'deny') AS network_denied,
-  count(*) FILTER (WHERE e.kind = 'gap') AS gaps
+  count(*) FILTER (WHERE e.kind = 'gap' AND e.gap.gap_kind IS DISTINCT FROM 'not_observable') AS gaps
 FROM events e
 GROUP BY e.session_id
 """,
@@ -507,6 +550,7 @@ SELECT
   coalesce(s.command_started.mcp.tool, regexp_extract(s.command_started.argv[1], '^mcp__(.+?)__(.+)$', 2)) AS tool,
   s.command_started.mcp.arguments_digest AS args_digest, s.command_started.mcp.arguments_size AS args_size,
   s.command_started.argv[2] AS arguments,
+  s.command_started.mcp.definition_digest AS definition_digest,
   coalesce(f.command_finished.mcp.outcome,
            CASE f.command_finished.status WHEN 'completed' THEN 'ok' WHEN 'declined' THEN 'declined'
                 WHEN 'failed' THEN 'error' WHEN 'timed_out' THEN 'error' WHEN 'killed' THEN 'error' END,
@@ -521,6 +565,18 @@ WHERE s.kind = 'command_started'
   AND (s.command_started.mcp IS NOT NULL
        OR (s.command_started.sandbox_profile = 'mcp' AND starts_with(s.command_started.argv[1], 'mcp__')))
 """,
+    # MCP tool definitions in force when each session started (v4 session_started.mcp_tools, as
+    # agentledger's MCP proxy recorded them)
+    "mcp_tool_definitions": """
+CREATE OR REPLACE VIEW mcp_tool_definitions AS
+SELECT
+  e.session_id, e.seq, e.occurred_at AS session_started_at, t.d.server AS server, t.d.tool AS tool,
+  t.d.definition_digest AS definition_digest, t.d.description_digest AS description_digest,
+  t.d.input_schema_digest AS input_schema_digest, t.d.description AS description, t.d.listed_at AS listed_at,
+  e.producer.agent_name AS agent
+FROM events e, (SELECT unnest(e.session_started.mcp_tools) AS d) t
+WHERE e.kind = 'session_started'
+""",
     "sandbox_denials": """
 CREATE OR REPLACE VIEW sandbox_denials AS
 SELECT
@@ -532,6 +588,295 @@ FROM events d
 LEFT JOIN events c ON c.kind = 'command_started' AND c.session_id = d.session_id
  AND c.command_started.command_id = d.sandbox_denied.command_id
 WHERE d.kind = 'sandbox_denied'
+""",
+    # What each source recorded of a session, and what it says it cannot contain (issue 24: coverage
+    # statements, gap_kind not_observable) next to what it lost (the other gap kinds).
+    "coverage": """
+CREATE OR REPLACE VIEW coverage AS
+WITH per_kind AS (
+  SELECT session_id, producer.source AS source, kind, count(*) AS n
+  FROM events GROUP BY ALL
+),
+kinds AS (
+  SELECT session_id, source, map_from_entries(list({'k': kind, 'v': n} ORDER BY kind)) AS kinds
+  FROM per_kind GROUP BY ALL
+)
+SELECT
+  e.session_id, e.producer.source AS source, any_value(e.producer.agent_name) AS agent,
+  count(*) AS events, any_value(k.kinds) AS kinds,
+  count(*) FILTER (WHERE e.kind = 'command_started') AS commands,
+  count(*) FILTER (WHERE e.kind = 'command_finished') AS command_outcomes,
+  count(*) FILTER (WHERE e.kind = 'approval_requested') AS approvals_requested,
+  count(*) FILTER (WHERE e.kind = 'approval_decided') AS approvals_decided,
+  count(*) FILTER (WHERE e.kind = 'file_accessed') AS file_events,
+  count(*) FILTER (WHERE e.kind LIKE 'network_%') AS network_events,
+  coalesce(list({'field': e.gap.field, 'reason': e.gap.reason} ORDER BY e.gap.field)
+           FILTER (WHERE e.kind = 'gap' AND e.gap.gap_kind = 'not_observable'), []) AS not_observable,
+  coalesce(list(e.gap.field ORDER BY e.gap.field)
+           FILTER (WHERE e.kind = 'gap' AND e.gap.gap_kind = 'not_observable'), []) AS cannot_show,
+  count(*) FILTER (WHERE e.kind = 'gap' AND e.gap.gap_kind IS DISTINCT FROM 'not_observable') AS losses,
+  coalesce(list({'seq': e.seq, 'gap_kind': e.gap.gap_kind, 'reason': e.gap.reason, 'field': e.gap.field,
+                 'lost_events': e.gap.lost_events, 'lost_bytes': e.gap.lost_bytes} ORDER BY e.seq)
+           FILTER (WHERE e.kind = 'gap' AND e.gap.gap_kind IS DISTINCT FROM 'not_observable'), []) AS gaps,
+  min(e.occurred_at) AS first_at, max(e.occurred_at) AS last_at
+FROM events e
+JOIN kinds k ON k.session_id = e.session_id AND k.source = e.producer.source
+GROUP BY e.session_id, e.producer.source
+""",
+    # Decision provenance (issue 24): per action, the chain of deciders that allowed or denied it,
+    # joined by call id, request id, command id and attempt id; derived steps where no source states one
+    "decisions": """
+CREATE OR REPLACE VIEW decisions AS
+WITH acts AS (
+  SELECT session_id, seq, occurred_at,
+         CASE WHEN command_started.mcp IS NOT NULL
+                OR (command_started.sandbox_profile = 'mcp' AND starts_with(command_started.argv[1], 'mcp__'))
+              THEN 'mcp_call' ELSE 'command' END AS action_kind,
+         coalesce(command_started.shell, array_to_string(command_started.argv, ' ')) AS subject,
+         tool_call_id, command_started.command_id AS command_id, NULL::VARCHAR AS attempt_id
+  FROM events WHERE kind = 'command_started'
+  UNION ALL
+  SELECT session_id, seq, occurred_at, 'file_' || file_accessed.operation,
+         file_accessed.path || coalesce(' -> ' || file_accessed.new_path, ''),
+         tool_call_id, file_accessed.command_id, NULL
+  FROM events WHERE kind = 'file_accessed' AND file_accessed.operation IN ('write', 'create', 'delete', 'rename')
+  UNION ALL
+  SELECT session_id, seq, occurred_at, 'network',
+         network_attempted.host || ':' || network_attempted.port::VARCHAR,
+         tool_call_id, network_attempted.command_id, network_attempted.attempt_id
+  FROM events WHERE kind = 'network_attempted'
+),
+act_keys AS (
+  SELECT DISTINCT session_id, seq, k AS key FROM (
+    SELECT session_id, seq, tool_call_id AS k FROM acts UNION ALL SELECT session_id, seq, command_id FROM acts
+  ) WHERE k IS NOT NULL AND k <> ''
+),
+decided AS (
+  SELECT d.session_id, d.seq, d.occurred_at, d.tool_call_id, d.approval_decided.request_id AS request_id,
+         d.approval_decided.decided_by AS decided_by, d.approval_decided.decision AS decision,
+         d.approval_decided.decider AS decider, d.approval_decided.rule AS rule,
+         d.approval_decided.rule_source AS rule_source, d.approval_decided.scope AS scope,
+         d.approval_decided.latency_ms AS latency_ms, d.approval_decided.grant_request_id AS grant_request_id,
+         d.approval_decided.reported_as AS reported_as, d.producer.source AS source,
+         any_value(r.seq) AS request_seq, any_value(r.approval_requested.command_id) AS req_command_id,
+         any_value(r.approval_requested.subject) AS req_subject,
+         any_value(r.approval_requested.action_kind) AS req_kind
+  FROM events d
+  LEFT JOIN events r ON r.kind = 'approval_requested' AND r.session_id = d.session_id
+   AND r.approval_requested.request_id = d.approval_decided.request_id
+  WHERE d.kind = 'approval_decided'
+  GROUP BY ALL
+),
+dec_keys AS (
+  SELECT DISTINCT session_id, seq, k AS key FROM (
+    SELECT session_id, seq, tool_call_id AS k FROM decided UNION ALL SELECT session_id, seq, request_id FROM decided
+    UNION ALL SELECT session_id, seq, req_command_id FROM decided
+  ) WHERE k IS NOT NULL AND k <> ''
+),
+-- requests and decisions of calls that never ran (a denied call has no command, file or network event)
+orphan_requests AS (
+  SELECT r.session_id, r.seq, r.occurred_at,
+         CASE r.approval_requested.action_kind WHEN 'exec' THEN 'command' WHEN 'patch' THEN 'file_write'
+              WHEN 'network' THEN 'network' ELSE 'permission' END AS action_kind,
+         r.approval_requested.subject AS subject, r.tool_call_id, r.approval_requested.command_id AS command_id,
+         NULL::VARCHAR AS attempt_id, r.approval_requested.request_id AS request_id
+  FROM events r
+  WHERE r.kind = 'approval_requested' AND NOT starts_with(r.approval_requested.request_id, 'policy:')
+    AND NOT EXISTS (SELECT 1 FROM act_keys k WHERE k.session_id = r.session_id
+                    AND k.key IN (r.tool_call_id, r.approval_requested.request_id, r.approval_requested.command_id))
+),
+orphan_decisions AS (
+  SELECT d.session_id, d.seq, d.occurred_at, 'tool_call' AS action_kind, coalesce(d.rule, d.request_id) AS subject,
+         d.tool_call_id, NULL::VARCHAR AS command_id, NULL::VARCHAR AS attempt_id, d.request_id
+  FROM decided d
+  WHERE d.request_seq IS NULL AND NOT starts_with(d.request_id, 'policy:')
+    AND NOT EXISTS (SELECT 1 FROM act_keys k WHERE k.session_id = d.session_id
+                    AND k.key IN (d.tool_call_id, d.request_id))
+),
+actions AS (
+  SELECT * FROM acts
+  UNION ALL SELECT * EXCLUDE (request_id) FROM orphan_requests
+  UNION ALL SELECT * EXCLUDE (request_id) FROM orphan_decisions
+),
+keys AS (
+  SELECT * FROM act_keys
+  UNION ALL SELECT session_id, seq, request_id FROM orphan_requests
+  UNION ALL SELECT session_id, seq, tool_call_id FROM orphan_requests WHERE tool_call_id IS NOT NULL
+  UNION ALL SELECT session_id, seq, command_id FROM orphan_requests WHERE command_id IS NOT NULL
+  UNION ALL SELECT session_id, seq, tool_call_id FROM orphan_decisions WHERE tool_call_id IS NOT NULL
+  UNION ALL SELECT session_id, seq, request_id FROM orphan_decisions
+),
+explicit AS (
+  SELECT DISTINCT k.session_id, k.seq AS action_seq, d.seq, d.decided_by, d.decision, d.decider, d.rule,
+         d.rule_source, d.scope, d.latency_ms, d.grant_request_id, d.reported_as, d.source, 1 AS ord
+  FROM keys k JOIN dec_keys dk ON dk.session_id = k.session_id AND dk.key = k.key
+  JOIN decided d ON d.session_id = dk.session_id AND d.seq = dk.seq
+  UNION ALL
+  SELECT a.session_id, a.seq, n.seq, 'policy',
+         CASE n.network_decided.decision WHEN 'allow' THEN 'approved' WHEN 'deny' THEN 'denied'
+              ELSE n.network_decided.decision END,
+         coalesce(n.network_decided.policy_source, 'network policy'),
+         coalesce(n.network_decided.rule || coalesce(': ' || n.network_decided.reason, ''), n.network_decided.reason),
+         n.network_decided.policy_source, NULL, NULL, NULL, n.network_decided.decision, n.producer.source, 2
+  FROM acts a JOIN events n ON n.kind = 'network_decided' AND n.session_id = a.session_id
+   AND n.network_decided.attempt_id = a.attempt_id
+),
+sandbox AS (
+  SELECT DISTINCT k.session_id, k.seq AS action_seq, s.seq, 'sandbox' AS decided_by, 'denied' AS decision,
+         'sandbox' AS decider, coalesce(s.sandbox_denied.rule, s.sandbox_denied.reason) AS rule, NULL AS rule_source,
+         NULL AS scope, NULL::BIGINT AS latency_ms, NULL AS grant_request_id,
+         CASE WHEN s.sandbox_denied.inferred THEN 'inferred: ' ELSE '' END || s.sandbox_denied.operation
+           || ' ' || s.sandbox_denied.target AS reported_as, s.producer.source AS source, 3 AS ord
+  FROM keys k JOIN events s ON s.kind = 'sandbox_denied' AND s.session_id = k.session_id
+   AND s.sandbox_denied.command_id = k.key
+),
+grants AS (  -- session-wide or permanent approvals, with the subject they were given for
+  SELECT DISTINCT d.session_id, d.seq, d.request_id, d.decider, d.scope, coalesce(a.subject, d.req_subject) AS subject,
+         a.action_kind
+  FROM decided d
+  LEFT JOIN dec_keys dk ON dk.session_id = d.session_id AND dk.seq = d.seq
+  LEFT JOIN act_keys ak ON ak.session_id = dk.session_id AND ak.key = dk.key
+  LEFT JOIN acts a ON a.session_id = ak.session_id AND a.seq = ak.seq
+  WHERE (d.decision = 'approved_for_session' OR d.scope IN ('session', 'persistent'))
+    AND d.decision NOT IN ('denied', 'timed_out', 'aborted')
+),
+undecided AS (
+  SELECT a.* FROM actions a
+  WHERE NOT EXISTS (SELECT 1 FROM explicit e WHERE e.session_id = a.session_id AND e.action_seq = a.seq)
+),
+granted AS (
+  SELECT u.session_id, u.seq AS action_seq, max(g.seq) AS seq, arg_max(g.request_id, g.seq) AS grant_request_id,
+         arg_max(g.decider, g.seq) AS decider, arg_max(g.scope, g.seq) AS scope
+  FROM undecided u JOIN grants g ON g.session_id = u.session_id AND g.subject = u.subject AND g.seq < u.seq
+   AND (g.action_kind IS NULL OR g.action_kind = u.action_kind)
+  GROUP BY ALL
+),
+modes AS (
+  SELECT session_id, arg_min(session_started.approval_policy, seq) AS approval_policy, min(seq) AS seq,
+         arg_min(producer.source, seq) AS source
+  FROM events WHERE kind = 'session_started' GROUP BY session_id
+),
+derived AS (
+  SELECT session_id, action_seq, seq, 'grant' AS decided_by, 'approved' AS decision, decider,
+         'approved earlier for the ' || coalesce(scope, 'session') || ' (request ' || grant_request_id || ')' AS rule,
+         NULL AS rule_source, coalesce(scope, 'session') AS scope, NULL::BIGINT AS latency_ms, grant_request_id,
+         NULL AS reported_as, 'derived' AS source, 0 AS ord
+  FROM granted
+  UNION ALL
+  SELECT u.session_id, u.seq, CASE WHEN m.approval_policy NOT IN ('unknown') THEN m.seq END,
+         CASE WHEN m.approval_policy NOT IN ('unknown') THEN 'policy' ELSE 'unknown' END,
+         CASE WHEN m.approval_policy NOT IN ('unknown') THEN 'approved' ELSE 'unknown' END,
+         CASE WHEN m.approval_policy NOT IN ('unknown') THEN 'approval_policy ' || m.approval_policy END,
+         CASE WHEN m.approval_policy = 'never' THEN 'approval_policy = never: auto-approved by mode'
+              WHEN m.approval_policy NOT IN ('unknown') THEN 'approval_policy = ' || m.approval_policy
+                   || ': no decision on record; the mode lets it run unasked where the sandbox or a rule allows,'
+                   || ' and an approval may be one its sources cannot record (see coverage)'
+              ELSE 'not recorded by any source' END,
+         NULL, NULL, NULL, NULL, NULL, 'derived', 0
+  FROM undecided u LEFT JOIN modes m ON m.session_id = u.session_id
+  WHERE NOT EXISTS (SELECT 1 FROM granted g WHERE g.session_id = u.session_id AND g.action_seq = u.seq)
+),
+steps AS (
+  SELECT *, row_number() OVER (PARTITION BY session_id, action_seq ORDER BY coalesce(seq, -1), ord) AS step
+  FROM (SELECT * FROM explicit UNION ALL SELECT * FROM sandbox UNION ALL SELECT * FROM derived)
+),
+chains AS (
+  SELECT session_id, action_seq,
+         list(struct_pack(step := step, decided_by := decided_by::VARCHAR, decision := decision::VARCHAR,
+                          decider := decider::VARCHAR, rule := rule::VARCHAR, rule_source := rule_source::VARCHAR,
+                          "scope" := scope::VARCHAR, latency_ms := latency_ms::BIGINT,
+                          grant_request_id := grant_request_id::VARCHAR, reported_as := reported_as::VARCHAR,
+                          seq := seq::BIGINT, source := source::VARCHAR) ORDER BY step) AS deciders,
+         arg_max(decision, step) AS last_decision
+  FROM steps GROUP BY session_id, action_seq
+)
+SELECT a.session_id, a.seq, a.occurred_at, a.action_kind, a.subject, a.tool_call_id, a.command_id, a.attempt_id,
+       c.deciders,
+       CASE WHEN c.last_decision IN ('approved', 'approved_for_session', 'allow') THEN 'allowed'
+            WHEN c.last_decision IN ('denied', 'timed_out', 'aborted', 'deny') THEN 'denied'
+            ELSE 'unknown' END AS outcome
+FROM actions a JOIN chains c ON c.session_id = a.session_id AND c.action_seq = a.seq
+""",
+    # The control-surface timeline (issue 24): each session's snapshot of the agent's configuration,
+    # permission rules, instructions, MCP servers, hooks and git hooks (v4 session_started.control_surface,
+    # producers/controlsurface.py), each file against the same file in the previous session that
+    # observed it, plus the recorded writes to such files (docs/warehouse.md)
+    "control_surface": """
+CREATE OR REPLACE VIEW control_surface AS
+WITH starts AS (
+  SELECT e.session_id, e.seq, e.occurred_at AS started_at, e.session_started.cwd AS cwd,
+         e.session_started.observed_by AS observed_by, e.session_started.workspace_trusted AS workspace_trusted,
+         e.producer."user" AS "user", e.producer.host AS host, e.producer.agent_name AS agent,
+         e.session_started.control_surface AS files,
+         -- the user's home, from the repository root's .mcp.json (always listed) written under ~
+         (SELECT CASE WHEN starts_with(p, '~/') AND p <> '~/.mcp.json'
+                      AND strpos(e.session_started.cwd || '/', substr(p, 2, length(p) - 11) || '/') > 1
+                      THEN left(e.session_started.cwd,
+                                strpos(e.session_started.cwd || '/', substr(p, 2, length(p) - 11) || '/') - 1) END
+          FROM (SELECT list_filter(e.session_started.control_surface,
+                                   c -> ends_with(c.path, '/.mcp.json') AND CAST(c.role AS VARCHAR) = 'mcp_config')[1].path
+                       AS p)) AS home
+  FROM events e WHERE e.kind = 'session_started'
+),
+snaps AS (
+  SELECT s.session_id, s.seq, s.started_at AS occurred_at, s.started_at, s.agent, s."user", s.host, s.cwd,
+         'snapshot' AS row_kind, s.observed_by, s.workspace_trusted, f.c.path AS path,
+         CAST(f.c.role AS VARCHAR) AS role, f.c.digest AS digest, f.c.size AS size, f.c.truncated AS truncated,
+         f.c.content AS content, NULL::VARCHAR AS operation, NULL::VARCHAR AS command_id
+  FROM starts s, (SELECT unnest(s.files) AS c) f
+),
+timeline AS (
+  SELECT *, lag(digest) OVER w AS previous_digest, lag(session_id) OVER w AS previous_session_id,
+         min(started_at) OVER (PARTITION BY host, "user", cwd) < started_at AS workspace_seen
+  FROM snaps
+  WINDOW w AS (PARTITION BY host, "user", path ORDER BY started_at, session_id)
+),
+raw_writes AS (
+  SELECT w.session_id, w.seq, w.occurred_at, w.producer."user" AS "user", w.producer.host AS host,
+         w.producer.agent_name AS agent, CAST(w.file_accessed.operation AS VARCHAR) AS operation,
+         w.file_accessed.command_id AS command_id, w.file_accessed.size_after AS size,
+         CASE WHEN w.file_accessed.digest_after IS NULL OR starts_with(w.file_accessed.digest_after, 'sha256:')
+              THEN w.file_accessed.digest_after ELSE 'sha256:' || w.file_accessed.digest_after END AS digest,
+         unnest(list_filter([w.file_accessed.path, w.file_accessed.new_path],
+                            p -> p IS NOT NULL AND NOT ends_with(p, '.sample') AND regexp_matches(p,
+           '(^|/)(\\.codex/(config\\.toml|AGENTS\\.md|rules/[^/]+)|\\.claude/(settings(\\.local)?\\.json|CLAUDE\\.md|hooks/[^/]+)|\\.mcp\\.json|(AGENTS|AGENTS\\.override|CLAUDE|CLAUDE\\.local)\\.md|\\.git/hooks/[^/]+|\\.git/config)$'
+                            ))) AS wpath,
+         w.file_accessed.new_path AS new_path
+  FROM events w
+  WHERE w.kind = 'file_accessed' AND CAST(w.file_accessed.operation AS VARCHAR) IN ('write', 'create', 'delete', 'rename')
+),
+writes AS (
+  SELECT r.session_id, r.seq, r.occurred_at, s.started_at, coalesce(s.agent, r.agent) AS agent, r."user", r.host,
+         s.cwd, 'write' AS row_kind, s.observed_by, s.workspace_trusted,
+         CASE WHEN s.home IS NOT NULL AND starts_with(r.wpath, s.home || '/')
+              THEN '~' || substr(r.wpath, length(s.home) + 1) ELSE r.wpath END AS path,
+         CASE WHEN regexp_matches(r.wpath, '(^|/)\\.mcp\\.json$') THEN 'mcp_config'
+              WHEN regexp_matches(r.wpath, '(^|/)\\.claude/settings\\.local\\.json$') THEN 'permissions'
+              WHEN regexp_matches(r.wpath, '(^|/)(\\.claude/settings\\.json|\\.codex/config\\.toml)$') THEN 'agent_config'
+              WHEN regexp_matches(r.wpath, '(^|/)\\.codex/rules/') THEN 'exec_rules'
+              WHEN regexp_matches(r.wpath, '(^|/)\\.claude/hooks/') THEN 'hooks'
+              WHEN regexp_matches(r.wpath, '(^|/)\\.git/(hooks/|config$)') THEN 'git_hooks'
+              ELSE 'instructions' END AS role,
+         CASE WHEN r.operation = 'delete' OR (r.operation = 'rename' AND r.wpath IS DISTINCT FROM r.new_path)
+              THEN NULL ELSE r.digest END AS digest,
+         CASE WHEN r.operation = 'delete' OR (r.operation = 'rename' AND r.wpath IS DISTINCT FROM r.new_path)
+              THEN NULL ELSE r.size END AS size,
+         false AS truncated, NULL::VARCHAR AS content, r.operation, r.command_id
+  FROM raw_writes r LEFT JOIN starts s ON s.session_id = r.session_id
+)
+SELECT t.session_id, t.seq, t.occurred_at, t.started_at, t.agent, t."user", t.host, t.cwd, t.row_kind,
+       t.observed_by, t.workspace_trusted, t.path, t.role, t.digest, t.size, t.truncated, t.content, t.operation,
+       t.command_id, t.previous_digest, t.previous_session_id,
+       CASE WHEN t.previous_session_id IS NOT NULL THEN t.digest IS DISTINCT FROM t.previous_digest
+            WHEN t.workspace_seen AND t.digest IS NOT NULL THEN true END AS changed
+FROM timeline t
+UNION ALL
+SELECT w.session_id, w.seq, w.occurred_at, w.started_at, w.agent, w."user", w.host, w.cwd, w.row_kind,
+       w.observed_by, w.workspace_trusted, w.path, w.role, w.digest, w.size, w.truncated, w.content, w.operation,
+       w.command_id, s.digest AS previous_digest, s.session_id AS previous_session_id, true AS changed
+FROM writes w
+ASOF LEFT JOIN timeline s ON s.host IS NOT DISTINCT FROM w.host AND s."user" IS NOT DISTINCT FROM w."user"
+ AND s.path = w.path AND w.occurred_at >= s.started_at
 """,
     "sessions_without_end": """
 CREATE OR REPLACE VIEW sessions_without_end AS

@@ -339,9 +339,9 @@ def test_sandbox_spellings(raw, want):
 
 @pytest.mark.parametrize("decision,source,want", [
     ("accept", "user_permanent", ("approved_for_session", "user")), ("accept", "user_temporary", ("approved", "user")),
-    ("accept", "config", ("approved", "policy")), ("accept", "hook", ("approved", "policy")),
+    ("accept", "config", ("approved", "policy")), ("accept", "hook", ("approved", "hook")),
     ("reject", "user_reject", ("denied", "user")), ("reject", "user_abort", ("aborted", "user")),
-    ("reject", "hook", ("denied", "policy")),
+    ("reject", "hook", ("denied", "hook")),
 ])
 def test_claude_decisions(decision, source, want):
     assert (N.claude_decision(decision, source), N.decision_source(source)) == want

@@ -96,7 +96,8 @@ def test_a_claude_code_session_is_recorded_and_policy_denials_are_answered(tmp_p
     rows = q(env, "select seq, kind, tool_call_id, producer.source src, producer.agent_name agent from events "
                   "where session_id = 'cc-1' order by seq")
     assert [(r["kind"], r["tool_call_id"]) for r in rows] == [
-        ("session_started", None), ("command_started", "toolu_1"), ("command_finished", "toolu_1"),
+        ("session_started", None), ("gap", None), ("gap", None),  # what hooks cannot see (issue 24)
+        ("command_started", "toolu_1"), ("command_finished", "toolu_1"),
         ("approval_requested", "toolu_2"), ("approval_decided", "toolu_2"),
         ("approval_requested", "toolu_3"), ("approval_decided", "toolu_3"),
         ("approval_requested", None), ("approval_decided", None),
@@ -161,7 +162,8 @@ def test_codex_hook_events_and_the_later_rollout_import_make_one_session(tmp_pat
     rows = q(env, f"select seq, kind, tool_call_id, producer.source src from events where session_id = '{sid}' order by seq")
     assert [r["seq"] for r in rows] == list(range(len(rows)))
     assert sum(1 for r in rows if r["kind"] == "command_started" and r["tool_call_id"] == "call_B1") == 1
-    assert [r["src"] for r in rows[:3]] == ["hook", "hook", "hook"] and rows[3]["src"] == "codex_rollout"
+    # (the hook's start, its 2 coverage statements, the command's start and finish; then the rollout's)
+    assert [r["src"] for r in rows[:5]] == ["hook"] * 5 and rows[5]["src"] == "codex_rollout"
     assert sum(1 for r in rows if r["kind"] == "session_started") == 1
     # the hook saw activity just now, so the import does not end the session as idle
     assert q(env, "select status from chain_status") == [{"status": "open"}]
@@ -189,14 +191,15 @@ def test_kafka_down_the_hook_spools_and_the_events_reach_kafka_later(tmp_path, b
     hook(env, {**base, "hook_event_name": "PostToolUse", "tool_response": {"stdout": "ok", "exit_code": 0}},
          "--budget", "1", check_exit=0)
     st = json.loads(run_cli("spool", "status", "--format", "json", env=env).stdout)
-    assert st["undrained_events"] == 3  # session_started, command_started, command_finished
+    # session_started, the hook's 2 coverage statements (issue 24), command_started, command_finished
+    assert st["undrained_events"] == 5
     up = cli_env(tmp_path / "home", AGENTLEDGER_BOOTSTRAP_SERVERS=bootstrap, AGENTLEDGER_TOPIC=topic)
     drained = json.loads(run_cli("spool", "drain", "--format", "json", env=up).stdout)
-    assert drained == {"drained": 3, "remaining": 0}
+    assert drained == {"drained": 5, "remaining": 0}
     run_cli("ingest", env=up)
     rows = q(up, "select seq, kind, tool_call_id from events order by seq")
     assert [(r["kind"], r["tool_call_id"]) for r in rows] == [
-        ("session_started", None), ("command_started", "t1"), ("command_finished", "t1")]
+        ("session_started", None), ("gap", None), ("gap", None), ("command_started", "t1"), ("command_finished", "t1")]
 
 
 def test_neither_kafka_nor_spool_exit_1_or_fail_closed_and_the_outbox_is_sent_later(tmp_path):
@@ -216,13 +219,14 @@ def test_neither_kafka_nor_spool_exit_1_or_fail_closed_and_the_outbox_is_sent_la
     assert json.loads(mode.stdout)["hookSpecificOutput"]["permissionDecision"] == "deny"
     local = cli_env(tmp_path / "home")
     drained = hook(local, b"", "--drain", check_exit=0)
-    assert b"re-sent 4 events" in drained.stderr  # session_started, then t1, t2, t3 in the order they came
+    # session_started and its 2 coverage statements (issue 24), then t1, t2, t3 in the order they came
+    assert b"re-sent 6 events" in drained.stderr
     hook(local, {**pre, "hook_event_name": "PostToolUse", "tool_response": {"stdout": "", "exit_code": 0}}, check_exit=0)
     run_cli("ingest", env=local)
     rows = q(local, "select seq, kind, tool_call_id from events order by seq")
     assert [(r["kind"], r["tool_call_id"]) for r in rows] == [
-        ("session_started", None), ("command_started", "t1"), ("command_started", "t2"), ("command_started", "t3"),
-        ("command_finished", "t1")]
+        ("session_started", None), ("gap", None), ("gap", None),
+        ("command_started", "t1"), ("command_started", "t2"), ("command_started", "t3"), ("command_finished", "t1")]
     assert q(local, "select status from chain_status") == [{"status": "open"}]
 
 
@@ -249,11 +253,12 @@ def test_concurrent_hook_processes_of_one_session_get_one_gapless_chain(tmp_path
             stop_server(env, tmp_path / "home")
     run_cli("ingest", env=env)
     rows = q(env, "select seq, kind, tool_call_id from events where session_id = 'par-1' order by seq")
-    assert [r["seq"] for r in rows] == list(range(n + 1))
-    assert rows[0]["kind"] == "session_started"
-    assert sorted(r["tool_call_id"] for r in rows[1:]) == [f"t{i:02d}" for i in range(n)]
+    # the start, the hook's 2 coverage statements (issue 24, once though every call was a first event), n calls
+    assert [r["seq"] for r in rows] == list(range(n + 3))
+    assert rows[0]["kind"] == "session_started" and [r["kind"] for r in rows].count("gap") == 2
+    assert sorted(r["tool_call_id"] for r in rows[1:] if r["kind"] != "gap") == [f"t{i:02d}" for i in range(n)]
     assert q(env, "select count(*) n from dead_letters") == [{"n": 0}]
-    assert q(env, "select status, head_seq from chain_status") == [{"status": "open", "head_seq": n}]
+    assert q(env, "select status, head_seq from chain_status") == [{"status": "open", "head_seq": n + 2}]
 
 
 def test_the_hook_path_imports_no_heavy_library(tmp_path):
@@ -541,7 +546,7 @@ def test_gemini_cli_hooks_are_recorded_paired_and_answered_in_its_shape(tmp_path
     run_cli("ingest", env=env)
     rows = q(env, "select kind, tool_call_id t, producer.agent_name a from events where session_id = 'gem-1' order by seq")
     assert {r["a"] for r in rows} == {"gemini-cli"}
-    kinds = [(r["kind"], r["t"]) for r in rows[1:]]
+    kinds = [(r["kind"], r["t"]) for r in rows[1:] if r["kind"] != "gap"]  # (not the coverage statements)
     mcp_id, sh_id, rm_id = kinds[0][1], kinds[2][1], kinds[4][1]
     assert all(t.startswith("gemini-") for t in (mcp_id, sh_id, rm_id)) and len({mcp_id, sh_id, rm_id}) == 3
     assert kinds == [("command_started", mcp_id), ("command_finished", mcp_id), ("command_started", sh_id),

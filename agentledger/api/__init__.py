@@ -19,10 +19,12 @@ from agentledger.schemas.errors import AgentLedgerError
 from .console import (SessionsPage, SessionView, SessionViews, alert_queue, export_to_temp, label_alert, policy_files,
                       session_view, sessions_page, sql_limited, whatif_text)
 from .common import ProgressCallback, ProgressUpdate, Rows, settings
+from .decisions import NoSuchAction, Why, decider_text, why, why_line
 from .health import Doctor, doctor
 from .export import export_ocsf, export_otel, ocsf_sink, otel_install_hint
 from .evidence import (Exported, Imported, Replayed, SessionRecord, export_bundle, file_sha256, import_bundle,
                        keyring, operator_keyring, read_session, replay, verify_bundle, whatif, whatif_summary)
+from .mcp import McpDrift, mcp_drift, mcp_proxy
 from .ledger import (GeneratedKey, Retried, Verification, compact, dead_letters, generate_key, list_keys,
                      retry_dead_letters, snapshots, spool_drain, spool_status, verify)
 from .models import (ModelInfo, ModelStatus, deployment_model_path, model_status, resolve_model, train_model)
@@ -44,4 +46,6 @@ __all__ = [
     "session_overview", "settings", "simulate", "simulator_policy_path", "snapshots", "spool_drain", "spool_status",
     "sql", "train_model", "SessionsPage", "SessionView", "SessionViews", "alert_queue", "export_to_temp", "label_alert",
     "policy_files", "session_view", "sessions_page", "sql_limited", "whatif_text", "verify", "verify_bundle", "whatif", "whatif_summary",
+    "McpDrift", "mcp_drift", "mcp_proxy",
+    "NoSuchAction", "Why", "decider_text", "why", "why_line",
 ]

@@ -222,6 +222,7 @@ class SessionView:
     state: dict
     verification: dict
     alerts: list[dict]
+    decisions: dict = field(default_factory=dict)  # action seq -> {outcome, deciders, line} (the `decisions` view)
 
     @property
     def position(self) -> int:
@@ -297,6 +298,7 @@ class SessionViews:
                 while len(self._open) > self.size:
                     self._open.popitem(last=False)[1]["replay"].close()
             alerts = _alert_rows(wh.con, session=sid, limit=1000).as_dicts()
+            decisions = _decisions(wh, sid)  # one query for every action of the page
         self._open.move_to_end(key)
         states = entry["states"]
         if at not in states:
@@ -304,7 +306,8 @@ class SessionViews:
             if len(states) > 64:
                 states.pop(next(iter(states)))
         timeline = entry["timeline"]
-        return SessionView(sid, at, [e["seq"] for e in timeline], timeline, states[at], entry["verification"], alerts)
+        return SessionView(sid, at, [e["seq"] for e in timeline], timeline, states[at], entry["verification"], alerts,
+                           decisions)
 
     def close(self) -> None:
         while self._open:
@@ -324,8 +327,20 @@ def session_view(s: Settings, session: str, at: int | None = None) -> SessionVie
         timeline = r.timeline()
         state = r.state(at).as_dict()
     sid = rec.raw.session_id
+    with _open(s) as wh:
+        decisions = _decisions(wh, sid)
     return SessionView(sid, at, [e["seq"] for e in timeline], timeline, state, v,
-                       alert_queue(s, session=sid, limit=1000).as_dicts())
+                       alert_queue(s, session=sid, limit=1000).as_dicts(), decisions)
+
+
+def _decisions(wh, sid: str) -> dict[int, dict]:
+    """Each action's decider chain with its one-line "why: ..." (agentledger/api/decisions.py)."""
+    from .decisions import session_decisions, why_line
+
+    found = session_decisions(wh.con, sid, wh.store)
+    for d in found.values():
+        d["line"] = why_line(d["deciders"], d["outcome"])
+    return found
 
 
 # --- alerts and their triage ------------------------------------------------------------------------

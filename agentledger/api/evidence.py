@@ -118,6 +118,7 @@ class Replayed:
     whatif: dict | None = None
     notice: str | None = None
     notes: list[str] = field(default_factory=list)
+    coverage: dict | None = None  # what the session's sources cannot contain (issue 24)
 
     @property
     def verifies(self) -> bool:
@@ -129,7 +130,7 @@ class Replayed:
                 "source": self.verification["source"], "verification": self.verification,
                 "state_digest": self.state["state_digest"], "state": self.state,
                 "timeline": self.timeline[:limit] if limit else self.timeline, "alerts": self.alerts,
-                "whatif": self.whatif, **({"notice": self.notice} if self.notice else {})}
+                "whatif": self.whatif, "coverage": self.coverage, **({"notice": self.notice} if self.notice else {})}
 
     def html(self) -> str:
         """A self-contained HTML timeline."""
@@ -160,12 +161,14 @@ def replay(s: Settings, session: str, *, at: int | None = None, policy: str | Pa
         notice = _past_the_end(r, at)
         state = r.state(at).as_dict()
         timeline = r.timeline(at)
+        coverage = r.coverage()
         rep = None
         if policy is not None:
             rep = what_if(r.con, _load_policy(Path(policy)), [r.session_id]).as_dict()
             if at is not None:
                 rep["divergences"] = [d for d in rep["divergences"] if d["seq"] <= at]
-    return Replayed(rec.raw.session_id, rec.raw.where, at, v, state, timeline, rec.alerts, rep, notice, rec.notes)
+    return Replayed(rec.raw.session_id, rec.raw.where, at, v, state, timeline, rec.alerts, rep, notice, rec.notes,
+                    coverage)
 
 
 def _past_the_end(r, at: int | None) -> str | None:
@@ -287,15 +290,17 @@ def export_bundle(s: Settings, session: str, out: str | Path, *, source: str = "
         if embed_public_key:  # (a simulator key keeps its marker: verifiers recognise it, never trust it)
             have = keyring(s, public_keys).pems()
             pems = {k: have[k] for k in {c["key_id"] for c in cps} if k in have}
+        coverage = r.coverage()  # what the session's sources cannot contain: in the signed header (issue 24)
         res = write_bundle(out, session_id=raw.session_id, values=raw.values, writer_schema=version.schema,
                            checkpoints=cps, public_keys=pems, source=f"{raw.source}: {raw.where}", chain=r.chain,
-                           allow_broken=allow_broken, provenance=prov,
+                           allow_broken=allow_broken, provenance=prov, coverage=coverage,
                            extra={"signatures": v.as_dict()["signatures"], "gaps": str(v.gaps)})
     doc = {"path": str(res.path), "session_id": res.session_id, "events": res.events, "head_seq": res.head_seq,
            "head_hash": res.head_hash, "writer_fingerprint": res.writer_fingerprint, "checkpoints": res.checkpoints,
            "embedded_keys": sorted(pems), "bytes": res.bytes, "sha256": file_sha256(res.path),
            "chain": v.status, "tree_head": prov.tree_head.as_dict() if prov else None,
-           "leaf_index": prov.leaf_index if prov else None, "provenance_missing": why_not}
+           "leaf_index": prov.leaf_index if prov else None, "provenance_missing": why_not,
+           "coverage": coverage}
     return Exported(doc, rec.notes)
 
 
@@ -329,6 +334,7 @@ class Imported:
     quarantined: int
     topic: str
     warehouse: str
+    cannot_prove: list = field(default_factory=list)  # the bundle's coverage statements (issue 24)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -360,4 +366,5 @@ def import_bundle(s: Settings, bundle: str | Path, *, public_keys: Sequence[Path
             dead += r.dead_letters
         ing.finish_tree()
         ing.tree_heads.publisher.close()
-    return Imported(str(bundle), b.session_id, len(msgs), accepted, len(msgs) - len(todo), dead, topic, s.warehouse)
+    return Imported(str(bundle), b.session_id, len(msgs), accepted, len(msgs) - len(todo), dead, topic, s.warehouse,
+                    list((res.coverage or {}).get("cannot_prove", [])))

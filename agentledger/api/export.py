@@ -18,16 +18,20 @@ def _version() -> str:
     return __version__
 
 
-def export_ocsf(s: Settings, out: str | Path, *, sessions: Sequence[str] | None = None, since: str | None = None):
+def export_ocsf(s: Settings, out: str | Path, *, sessions: Sequence[str] | None = None, since: str | None = None,
+                ai_agent_activity: bool = False):
     """Write the warehouse's events and alerts (of ``sessions``: ids or unique prefixes; at or after
     ``since``, UTC) as OCSF 1.8.0 JSON lines to ``out`` (a file, or a directory: one file per OCSF
-    class). Returns the counts (`OcsfExport`: paths, events, alerts, classes, skipped kinds)."""
+    class). Returns the counts (`OcsfExport`: paths, events, alerts, classes, skipped kinds).
+    ``ai_agent_activity``: also AI Agent Activity (6009, an OCSF draft class) records of permission
+    requests and tool uses, in addition to their 1.8.0 records (docs/export.md)."""
     from agentledger.consumers.export.ocsf_files import export_ocsf as run
     from agentledger.schemas.warehouse import open_for_query
 
     with open_for_query(s) as wh:
         ids = [in_warehouse(wh.con, x, s.warehouse) for x in sessions] if sessions else None
-        return run(wh, Path(out), product_version=_version(), sessions=ids, since=since)
+        return run(wh, Path(out), product_version=_version(), sessions=ids, since=since,
+                   ai_agent_activity=ai_agent_activity)
 
 
 def ocsf_sink(wh, path: str | Path):

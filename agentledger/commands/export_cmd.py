@@ -24,6 +24,10 @@ def ocsf_cmd(
                                                                         "repeatable). Default: every session."),
     since: Optional[str] = typer.Option(None, "--since", help="Only events and alert revisions at or after this "
                                                               "UTC time (e.g. 2026-01-01 or 2026-01-01T12:00)."),
+    ai_agent_activity: bool = typer.Option(False, "--ai-agent-activity",
+                                           help="Also write AI Agent Activity (6009, an OCSF draft class) records: "
+                                                "permission requests (600906) and tool uses (600907), in addition "
+                                                "to their 1.8.0 records."),
     fmt: TableOrJson = Format.table,
 ) -> None:
     """Write events and alerts as OCSF 1.8.0 records (JSON lines) for SIEMs and security lakes.
@@ -35,13 +39,15 @@ def ocsf_cmd(
     Example:  agentledger export ocsf --out agentledger.ocsf.jsonl
     Example:  agentledger export ocsf --session 019b76db-346b --since 2026-01-01 --out ocsf/
     """
-    res = api.export_ocsf(settings(ctx), out, sessions=session or None, since=since)
+    res = api.export_ocsf(settings(ctx), out, sessions=session or None, since=since,
+                          ai_agent_activity=ai_agent_activity)
     if fmt is Format.json:
         print_json(res.as_dict())
         return
     classes = ", ".join(f"{n} {k}" for k, n in sorted(res.classes.items())) or "nothing"
     skipped = ", ".join(f"{n} {k}" for k, n in sorted(res.skipped.items()))
-    console.print(f"wrote {res.events} events and {res.alerts} alerts of {res.sessions} sessions as OCSF "
+    ai = f" (+ {res.ai_records} AI Agent Activity records)" if ai_agent_activity else ""
+    console.print(f"wrote {res.events} events{ai} and {res.alerts} alerts of {res.sessions} sessions as OCSF "
                   f"({classes}) to {', '.join(res.paths)}" + (f"; not exported: {skipped}" if skipped else ""),
                   highlight=False, soft_wrap=True)
 

@@ -54,6 +54,16 @@ def _verification_line(v: dict) -> Text:
     return t
 
 
+def _print_cannot_prove(coverage: dict | None, where: str = "") -> None:
+    """What the evidence does not prove: the coverage statements of the session's sources (issue 24)."""
+    lines = (coverage or {}).get("cannot_prove") or []
+    if not lines:
+        return
+    console.print(f"this evidence cannot prove{where}:", markup=False, highlight=False)
+    for line in lines:
+        console.print(f"  - {line}", markup=False, highlight=False)
+
+
 def _alert_names(alerts: list[dict]) -> dict[str, str]:
     """How the terminal names an alert: its rule (or model) and severity, not its id."""
     return {a["alert_id"]: f"{a.get('source') or '?'}" + (f" ({a['severity']})" if a.get("severity") else "")
@@ -76,7 +86,8 @@ def _print_timeline(entries: list[dict], total: int, limit: int | None, names: d
         chain = {"ok": Text("✔", "green"), "bad": Text("✘" if narrow else "✘ first bad", "bold red"),
                  "unverified": Text("?", "yellow")}[e["chain"]]
         summary = Text(e["summary"])
-        if e["kind"] in ("sandbox_denied", "gap") or e["payload"].get("decision") in ("deny", "denied"):
+        if (e["kind"] in ("sandbox_denied", "gap") and e["payload"].get("gap_kind") != "not_observable") \
+                or e["payload"].get("decision") in ("deny", "denied"):  # (a coverage statement is no loss)
             summary.stylize("bold red")
         for a in e["alerts"]:
             summary.append(f"  ⚑ {(names or {}).get(a, a)}", "bold red")
@@ -195,6 +206,7 @@ def replay_cmd(
                          for a in r.alerts], Format.table, title="alerts")
         console.print(f"state digest [bold]{r.state['state_digest']}[/]"
                       + (f" (after seq {r.state['as_of_seq']})" if at is not None else ""))
+        _print_cannot_prove(r.coverage)
         if html_out is not None:
             console.print(f"HTML timeline written to {html_out}")
     if strict and not r.verifies:
@@ -300,6 +312,10 @@ def verify_bundle_cmd(
             if v.status == "open":
                 console.print("[yellow]the session has no session_ended event: it was exported while open, or "
                               "its end was lost[/]")
+            _print_cannot_prove(res.coverage, (" (from the header, signed by the log operator)" if res.coverage_in_header
+                                               and p is not None and p.ok else " (from the header)"
+                                               if res.coverage_in_header else
+                                               " (from the events: the header has no coverage summary)"))
         else:
             err_console.print(f"[bold red]FAILED[/] {bundle}: {res.problem}")
     if not res.ok:
@@ -327,5 +343,6 @@ def import_bundle_cmd(
     else:
         console.print(f"imported {res.imported} events of session {res.session_id} into {res.warehouse} "
                       f"({res.already_present} already present, {res.quarantined} quarantined)")
+        _print_cannot_prove({"cannot_prove": res.cannot_prove})
     if res.quarantined:
         raise typer.Exit(1)

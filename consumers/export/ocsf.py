@@ -19,9 +19,10 @@ OCSF version 1.8.0 (the latest release). Classes (``class_uid = category_uid * 1
 Approvals and sandbox denials are not activities of their own in OCSF 1.8: they are the outcome
 of a security control over an action, which the ``security_control`` profile expresses on the
 action's own class (``action_id`` Allowed/Denied, ``disposition_id`` Approved/Blocked/Rejected...).
-So each lands in the class of the action it is about. (The schema's development branch names an
-AI Agent Activity class 6009 in discussions; no release has it, nor the snapshot this was built
-from, so nothing here uses it.) Checkpoints (signatures over the chain) and gaps are not activity:
+So each lands in the class of the action it is about. (The schema's draft pull request #1754 adds an
+AI Agent Activity class 6009; no release has it. On request only -- `Mapper(ai_agent_activity=True)`
+-- `Mapper.ai_records` also writes its Permission Request (600906) and Tool Use (600907) records of
+approvals and commands, in addition to their 1.8.0 records.) Checkpoints (signatures over the chain) and gaps are not activity:
 they are counted, not exported; every record carries its event's chain hash instead.
 
 Every record: ``metadata`` (product agentledger and its version, OCSF ``version``, ``uid`` = the
@@ -45,19 +46,30 @@ from typing import Any, Iterable
 OCSF_VERSION = "1.8.0"
 PROFILES = ["host", "security_control"]
 
-SYSTEM, FINDINGS, NETWORK = 1, 2, 4
+SYSTEM, FINDINGS, NETWORK, APPLICATION = 1, 2, 4, 6
 FILE_ACTIVITY, PROCESS_ACTIVITY, DETECTION_FINDING, NETWORK_ACTIVITY = 1001, 1007, 2004, 4001
+# AI Agent Activity (category 6 Application Activity, class 9): in the OCSF schema's draft pull request
+# #1754 (events/application/ai_agent_activity.json), in no release. Written only when asked for
+# (`Mapper(ai_agent_activity=True)`, `export ocsf --ai-agent-activity`), *in addition to* the 1.8.0
+# record of the same event: permission requests (approval_requested / approval_decided -> 600906)
+# and tool uses (command_started / command_finished, MCP calls included -> 600907).
+AI_AGENT_ACTIVITY = 6009
+PERMISSION_REQUEST, TOOL_USE = 6, 7
 CLASSES = {
     FILE_ACTIVITY: ("File System Activity", SYSTEM, "System Activity"),
     PROCESS_ACTIVITY: ("Process Activity", SYSTEM, "System Activity"),
     DETECTION_FINDING: ("Detection Finding", FINDINGS, "Findings"),
     NETWORK_ACTIVITY: ("Network Activity", NETWORK, "Network Activity"),
+    AI_AGENT_ACTIVITY: ("AI Agent Activity", APPLICATION, "Application Activity"),
 }
 ACTIVITIES = {
     FILE_ACTIVITY: {1: "Create", 2: "Read", 3: "Update", 4: "Delete", 5: "Rename", 6: "Set Attributes", 99: "Other"},
     PROCESS_ACTIVITY: {1: "Launch", 2: "Terminate", 99: "Other"},
     NETWORK_ACTIVITY: {1: "Open", 2: "Close", 4: "Fail", 5: "Refuse", 6: "Traffic", 99: "Other"},
     DETECTION_FINDING: {1: "Create", 2: "Update", 3: "Close"},
+    AI_AGENT_ACTIVITY: {1: "Session Start", 2: "Session End", 3: "Subagent Start", 4: "Subagent Stop",
+                        5: "User Prompt Submit", 6: "Permission Request", 7: "Tool Use", 8: "Stop", 9: "Compact",
+                        99: "Other"},
 }
 SEVERITY = {0: "Unknown", 1: "Informational", 2: "Low", 3: "Medium", 4: "High", 5: "Critical"}
 ALERT_SEVERITY = {"low": 2, "medium": 3, "high": 4, "critical": 5}
@@ -96,8 +108,9 @@ def _clean(x: Any) -> Any:
 class Mapper:
     """Maps warehouse rows (the ``events`` view, the ``alerts`` table) to OCSF records."""
 
-    def __init__(self, product_version: str):
+    def __init__(self, product_version: str, *, ai_agent_activity: bool = False):
         self.product_version = product_version
+        self.ai_agent_activity = ai_agent_activity
         self.skipped: dict[str, int] = {}
 
     # --- common parts --------------------------------------------------------------------------
@@ -362,6 +375,106 @@ class Mapper:
         rec["message"] = f"network {outcome}" + (f", status {p['status']}" if p.get("status") is not None else "")
         return rec
 
+    # --- AI Agent Activity (6009, draft) --------------------------------------------------------
+
+    def ai_records(self, row: dict) -> list[dict]:
+        """The AI Agent Activity records of one ``events`` row (with ``ai_agent_activity``; else none):
+        a permission request (600906) for approval_requested / approval_decided, a tool use (600907)
+        for command_started / command_finished. ``row`` went through `join_context` (the request of a
+        decision, the command of a finish)."""
+        if not self.ai_agent_activity:
+            return []
+        kind = row["kind"]
+        p = row.get(kind) or {}
+        if kind in ("approval_requested", "approval_decided"):
+            return [_clean(self._permission_request(row, p))]
+        if kind in ("command_started", "command_finished"):
+            return [_clean(self._tool_use(row, p))]
+        return []
+
+    def _ai_base(self, row: dict, activity_id: int, **kw) -> dict:
+        rec = self._event_base(row, AI_AGENT_ACTIVITY, activity_id, **kw)
+        rec["metadata"]["uid"] = f"{row['event_id']}/ai"  # the 1.8.0 record of the same event has the event id
+        rec["metadata"]["profiles"] = ["security_control"]
+        producer = row.get("producer") or {}
+        rec["ai_agent"] = {"name": producer.get("agent_name"), "version": producer.get("agent_version")}
+        return rec
+
+    @staticmethod
+    def tool_name(started: dict | None) -> str | None:
+        """The tool a command_started payload is a call of: the MCP tool (``mcp__<server>__<tool>``),
+        a file or sub-agent tool (``Read``, ``apply_patch``, ``Task``), else ``shell``."""
+        if not started:
+            return None
+        argv = started.get("argv") or []
+        first = str(argv[0]) if argv else ""
+        if started.get("mcp") or started.get("sandbox_profile") in ("mcp", "tool", "subagent") or first == "apply_patch":
+            return first or None
+        return "shell"
+
+    def _permission_request(self, row: dict, p: dict) -> dict:
+        kind = row["kind"]
+        req = p if kind == "approval_requested" else (row.get("_request") or {})
+        info = {"request_uid": p.get("request_id"), "action_kind": req.get("action_kind"), "subject": req.get("subject"),
+                "action_digest": p.get("action_digest") or req.get("action_digest"), "risk": req.get("risk"),
+                "justification": req.get("justification"), "tool_call_uid": row.get("tool_call_id"),
+                "name": self.tool_name(row.get("_command")) or req.get("action_kind")}
+        if kind == "approval_requested":
+            rec = self._ai_base(row, PERMISSION_REQUEST)
+            self._control(rec, 3, 14)  # observed, delayed: waiting for a decision
+            info["is_decided"] = False
+            rec["message"] = f"permission requested for {req.get('action_kind')}: {req.get('subject')}"
+        else:
+            d = p.get("decision")
+            approved = d in ("approved", "approved_for_session")
+            rec = self._ai_base(row, PERMISSION_REQUEST, status_id=1 if approved else 2, severity_id=1 if approved else 2)
+            self._control(rec, 1 if approved else 2, 8 if approved else 25)
+            info.update(is_decided=True, decision=d, decided_by=p.get("decided_by"), decider=p.get("decider"),
+                        scope=p.get("scope"), rule=p.get("rule"), rule_source=p.get("rule_source"),
+                        grant_request_uid=p.get("grant_request_id"), reported_as=p.get("reported_as"),
+                        latency_ms=p.get("latency_ms"))
+            rec["status_detail"] = d
+            rec["duration"] = p.get("latency_ms")
+            if p.get("rule"):
+                rec["policy"] = {"name": p["rule"], "desc": p.get("rule_source")}
+            rec["message"] = f"permission {d} by {p.get('decided_by') or '?'}" + \
+                (f" ({p['decider']})" if p.get("decider") else "") + (f", scope {p['scope']}" if p.get("scope") else "")
+        rec["ai_agent_permission_request_info"] = info
+        return rec
+
+    def _tool_use(self, row: dict, p: dict) -> dict:
+        started = p if row["kind"] == "command_started" else (row.get("_command") or {})
+        name = self.tool_name(started) or "unknown"
+        m = started.get("mcp") or {}
+        launch = row["kind"] == "command_started" and not m  # (a finish's command line is on its start)
+        tool_input = {"uid": p.get("command_id"), "cmd_line": None if not launch else (started.get("shell") or (
+            shlex.join(map(str, started.get("argv") or [])) if started.get("argv") else None)),
+            "arguments_digest": m.get("arguments_digest"), "arguments_size": m.get("arguments_size"),
+            "working_directory": started.get("cwd")}
+        info: dict = {"name": name, "tool_call_uid": row.get("tool_call_id"), "ai_tool_input": tool_input,
+                      "mcp_server": m.get("server"), "mcp_tool": m.get("tool")}
+        if row["kind"] == "command_started":
+            rec = self._ai_base(row, TOOL_USE)
+            info["is_pre_occurrence"] = True
+            rec["message"] = f"tool use {name}" + (f" of MCP server {m['server']}" if m.get("server") else "")
+        else:
+            status = p.get("status")
+            fm = p.get("mcp") or {}
+            outcome = fm.get("outcome") or {"completed": "ok", "declined": "declined"}.get(status, "error")
+            rec = self._ai_base(row, TOOL_USE, status_id=1 if status == "completed" else 2,
+                                severity_id=2 if status == "declined" else 1)
+            if status == "declined":
+                self._control(rec, 2, 25)
+            info["is_pre_occurrence"] = False
+            info["ai_tool_response"] = {"outcome": outcome, "status": status, "exit_code": p.get("exit_code"),
+                                        "error": fm.get("error"), "duration_ms": p.get("duration_ms"),
+                                        "stdout_digest": (p.get("stdout") or {}).get("sha256")}
+            rec["status_detail"] = status
+            rec["duration"] = p.get("duration_ms")
+            rec["message"] = f"tool use {name}: {outcome}"
+        rec["ai_agent_tool_use_info"] = info
+        return rec
+
     # --- alerts --------------------------------------------------------------------------------
 
     def alert(self, a: dict, evidence: dict[int, str] | None = None) -> dict:
@@ -404,6 +517,8 @@ def join_context(rows: Iterable[dict]) -> Iterable[dict]:
     and each approval decision its request's action kind, as ``_attempt`` / ``_action_kind``."""
     attempts: dict[tuple[str, str], dict] = {}
     requests: dict[tuple[str, str], str] = {}
+    request_payloads: dict[tuple[str, str], dict] = {}  # (AI Agent Activity: a decision's request)
+    commands: dict[tuple[str, str], dict] = {}  # (AI Agent Activity: the tool of a finish or an approval)
     for row in rows:
         sid, kind = row["session_id"], row["kind"]
         p = row.get(kind) or {}
@@ -411,8 +526,17 @@ def join_context(rows: Iterable[dict]) -> Iterable[dict]:
             attempts[(sid, p["attempt_id"])] = p
         elif kind == "approval_requested" and p.get("request_id"):
             requests[(sid, p["request_id"])] = p.get("action_kind")
+            request_payloads[(sid, p["request_id"])] = p
+            row = {**row, "_command": commands.get((sid, p.get("command_id") or row.get("tool_call_id") or ""))}
+        elif kind == "command_started" and p.get("command_id"):
+            commands[(sid, p["command_id"])] = {"argv": (p.get("argv") or [])[:1], "mcp": p.get("mcp"),
+                                                "sandbox_profile": p.get("sandbox_profile"), "cwd": p.get("cwd")}
+        elif kind == "command_finished" and p.get("command_id"):
+            row = {**row, "_command": commands.get((sid, p["command_id"]))}
         elif kind in ("network_decided", "network_completed") and p.get("attempt_id"):
             row = {**row, "_attempt": attempts.get((sid, p["attempt_id"]))}
         elif kind == "approval_decided" and p.get("request_id"):
-            row = {**row, "_action_kind": requests.get((sid, p["request_id"]))}
+            req = request_payloads.get((sid, p["request_id"]))
+            row = {**row, "_action_kind": requests.get((sid, p["request_id"])), "_request": req,
+                   "_command": commands.get((sid, (req or {}).get("command_id") or row.get("tool_call_id") or ""))}
         yield row

@@ -15,7 +15,8 @@ from agentledger.schemas.errors import AgentLedgerError
 
 from .ocsf import CLASSES, Mapper, join_context
 
-CLASS_FILES = {1001: "file_activity", 1007: "process_activity", 2004: "detection_finding", 4001: "network_activity"}
+CLASS_FILES = {1001: "file_activity", 1007: "process_activity", 2004: "detection_finding", 4001: "network_activity",
+               6009: "ai_agent_activity"}
 FETCH = 2000
 
 
@@ -29,6 +30,7 @@ class OcsfExport:
     classes: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
+    ai_records: int = 0  # AI Agent Activity (6009) records, written in addition to the events' own
 
     def count(self, rec: dict) -> None:
         name = CLASSES[rec["class_uid"]][0]
@@ -36,7 +38,7 @@ class OcsfExport:
 
     def as_dict(self) -> dict:
         return {"paths": self.paths, "events": self.events, "alerts": self.alerts, "sessions": self.sessions,
-                "classes": self.classes, "skipped": self.skipped}
+                "classes": self.classes, "skipped": self.skipped, "ai_records": self.ai_records}
 
 
 def _dicts(cur) -> Iterator[dict]:
@@ -128,17 +130,18 @@ def _line(rec: dict) -> str:
 
 
 def export_ocsf(wh, out: Path, *, product_version: str, sessions: Sequence[str] | None = None,
-                since: str | None = None) -> OcsfExport:
+                since: str | None = None, ai_agent_activity: bool = False) -> OcsfExport:
     """Write events and alerts as OCSF JSON lines: to ``out``, or, when ``out`` is a directory (exists
     or ends with a slash), to ``out/<class>.jsonl`` per OCSF class (file_activity, process_activity,
     network_activity, detection_finding), as security lakes partition them. Files are written whole
-    (a temporary file renamed into place)."""
+    (a temporary file renamed into place). ``ai_agent_activity``: also an AI Agent Activity (6009,
+    draft class) record for each permission request and tool use (`Mapper.ai_records`)."""
     as_dir = out.is_dir() or str(out).endswith(os.sep)
     if as_dir:
         out.mkdir(parents=True, exist_ok=True)
     elif not out.parent.is_dir():
         raise AgentLedgerError(f"cannot write {out}: {out.parent} is not a directory")
-    mapper = Mapper(product_version)
+    mapper = Mapper(product_version, ai_agent_activity=ai_agent_activity)
     res = OcsfExport()
     files: dict[str, IO[str]] = {}
     temps: dict[str, Path] = {}
@@ -158,6 +161,10 @@ def export_ocsf(wh, out: Path, *, product_version: str, sessions: Sequence[str] 
             sink({"class_uid": 1007})  # the file exists even when nothing matched
         for row in event_rows(wh, sessions, since):
             seen.add(row["session_id"])
+            for ai in mapper.ai_records(row):  # (only when asked for: AI Agent Activity 6009)
+                sink(ai).write(_line(ai))
+                res.ai_records += 1
+                res.count(ai)
             rec = mapper.event(row)
             if rec is None:
                 continue

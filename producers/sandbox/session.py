@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from agentledger.producers.controlsurface import snapshot as control_snapshot
 from agentledger.producers.recorder import ProducerIdentity, Recorder, SessionRecorder, action_digest
 from agentledger.producers.redact import env_secrets, redactor_of
 from agentledger.producers.sinks import open_producer_sink
@@ -200,7 +201,8 @@ class SandboxSession:
                                        sandbox_mode=policy.sandbox_mode, writable_roots=policy.roots(ws),
                                        approval_policy=approval_policy_label(policy),
                                        network_policy=policy.network_summary(), policy_digest=policy.digest,
-                                       originator="cli", recording_mode="spool")
+                                       originator="cli", recording_mode="spool", observed_by="sandbox",
+                                       **control_snapshot(ws, host_env.get("HOME")))
                 state = {"format": 1, "session_id": sid, "workspace": ws, "policy_digest": policy.digest,
                          "ended": False, "in_flight": None, "grants": [], "topic": settings.topic}
             approver = Approver(policy, interactive=interactive, grants=state.get("grants", []))
