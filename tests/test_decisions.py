@@ -7,26 +7,19 @@ states it), a Codex Guardian review, and actions no source decided (unknown)."""
 from __future__ import annotations
 
 import json
-import queue
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, cli_env, run_cli
+from test_agents_import import FIXTURES, OTEL_A, OTEL_B, ROLLOUT_A, ROLLOUT_B, ROLLOUT_C
+from test_console import start_server
 
-FIXTURES = REPO / "tests" / "fixtures" / "codex"
-ROLLOUT_A = next(FIXTURES.glob("rollout-*0199a1b2*.jsonl"))
-ROLLOUT_B = next(FIXTURES.glob("rollout-*019c2d3e*.jsonl"))
-ROLLOUT_C = next(FIXTURES.glob("rollout-*5973b6c0*.jsonl"))
-OTEL_A = next(FIXTURES.glob("otel-codex-0.46-*"))
-OTEL_B = next(FIXTURES.glob("otel-codex-0.98-*"))
 OTEL_CLAUDE = FIXTURES / "otel-claude-code-4c7b2e1a.json"
 SID_A, SID_B, SID_C = "0199a1b2-3c4d-7e8f-9a0b-1c2d3e4f5a6b", "019c2d3e-4f50-7a6b-8c9d-0e1f2a3b4c5d", \
     "5973b6c0-94b8-487b-a530-2aeb6098ae0e"
@@ -220,26 +213,9 @@ def test_our_hook_denial_names_its_rule_and_policy_file(tmp_path):
     assert "no-force-delete" in text and "policy.toml" in text and "outcome: denied" in text
 
 
-def _serve(home: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "agentledger", "serve", "--port", "0"], env=cli_env(home), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            m = re.search(r"(http://\S+)", lines.get(timeout=1))
-        except queue.Empty:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            continue
-        if m:
-            return proc, m.group(1).split("?")[0].rstrip("/")
-    proc.kill()
-    raise AssertionError("serve printed no address")
-
-
 def test_the_console_shows_why_next_to_each_action(codex):
-    proc, base = _serve(codex["home"])
+    proc, url = start_server(codex["home"])
+    base = url.split("?")[0].rstrip("/")
     try:
         deadline, page = time.monotonic() + 60, None
         while page is None:
@@ -293,3 +269,86 @@ def test_claude_transcript_denials_by_another_hook_and_by_permission_rules(tmp_p
     assert (step["decided_by"], step["decider"], step["reported_as"]) == (
         "policy", "claude-code permissions", "permission rules")
     assert rows["toolu_rule"]["subject"] == "curl https://example.net/install.sh"
+
+
+# --- which configured rule: matched against the settings the session recorded (producers/permrules.py) ---
+
+def test_permission_rules_match_as_the_agents_match_them():
+    from agentledger.producers.permrules import Call, decide, rules_from_surface
+
+    settings = json.dumps({"permissions": {
+        "allow": ["Bash(npm test:*)", "Bash(git status)", "Read(./src/**)", "Edit(/docs/*.md)", "WebFetch(domain:*.python.org)",
+                  "mcp__github__get_issue", "mcp__docs"],
+        "ask": ["Bash(git push:*)"],
+        "deny": ["Bash(curl:*)", "Read(~/.ssh/**)", "mcp__github__delete_repo"]}})
+    codex = 'prefix_rule(pattern = ["cargo", ["build", "test"]], decision = "allow")\n' \
+            'prefix_rule(pattern = ["rm"], decision = "forbidden")\n'
+    rules = rules_from_surface([
+        {"path": "/w/.claude/settings.json", "role": "agent_config", "content": settings},
+        {"path": "~/.codex/rules/default.rules", "role": "exec_rules", "content": codex},
+        {"path": "/w/CLAUDE.md", "role": "instructions", "content": '{"permissions": {"allow": ["Bash"]}}'}])
+
+    def rule(call):
+        r = decide(rules, call)
+        return (r.behaviour, r.text) if r else None
+
+    bash = lambda c: Call("Bash", command=c, argv=tuple(c.split()), cwd="/w")  # noqa: E731
+    assert rule(bash("npm test -- -q")) == ("allow", "Bash(npm test:*)")
+    assert rule(bash("git status")) == ("allow", "Bash(git status)")
+    assert rule(bash("git status --short")) is None  # exact rules match exactly
+    assert rule(bash("npm test && curl http://x")) == ("deny", "Bash(curl:*)")  # any part denied: denied
+    assert rule(bash("npm test && git status")) == ("allow", "Bash(npm test:*)")  # every part allowed
+    assert rule(bash("npm test && make")) is None  # one part no rule allows: the agent asks
+    assert rule(bash("git push origin main")) == ("ask", "Bash(git push:*)")
+    assert rule(Call("Read", path="src/app/main.py", cwd="/w")) == ("allow", "Read(./src/**)")
+    assert rule(Call("Read", path="/w/secrets.txt", cwd="/w")) is None
+    assert rule(Call("Read", path="/home/u/.ssh/id_rsa", cwd="/w", home="/home/u")) == ("deny", "Read(~/.ssh/**)")
+    assert rule(Call("Edit", path="/w/docs/guide.md", cwd="/w/src")) == ("allow", "Edit(/docs/*.md)")
+    assert rule(Call("Edit", path="/w/docs/deep/guide.md", cwd="/w")) is None
+    assert rule(Call("WebFetch", host="docs.python.org")) == ("allow", "WebFetch(domain:*.python.org)")
+    assert rule(Call("WebFetch", host="python.org.evil.example")) is None
+    assert rule(Call("mcp__github__get_issue")) == ("allow", "mcp__github__get_issue")
+    assert rule(Call("mcp__github__delete_repo")) == ("deny", "mcp__github__delete_repo")
+    assert rule(Call("mcp__docs__search")) == ("allow", "mcp__docs")
+    assert rule(Call("mcp__other__x")) is None
+    # Codex exec rules, against the argv (a [bash, -lc, cmd] wrapper is split first)
+    assert rule(Call("Bash", argv=("cargo", "test"))) == ("allow", rules[-2].text)
+    assert rule(Call("Bash", command="rm -rf target", argv=("bash", "-lc", "rm -rf target")))[0] == "deny"
+    assert rule(Call("Bash", argv=("cargo", "publish"))) is None
+    # hostile text never raises
+    assert rules_from_surface([{"path": "/w/.claude/settings.json", "content": "{" * 100000},
+                               {"path": "/w/.codex/rules/x.rules", "content": "prefix_rule(pattern = [[[" * 1000}]) == []
+
+
+def test_why_names_the_settings_rule_that_allowed_a_call_no_source_decided(tmp_path):
+    """A Claude Code session through the hook: the repository's settings allow `npm test`; Claude
+    Code runs it without asking and tells nobody why. `why` finds the rule in the settings the
+    session recorded at its start, and says it is an inference."""
+    env = cli_env(tmp_path / "home")
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".claude").mkdir()
+    (repo / ".claude" / "settings.json").write_text(json.dumps(
+        {"permissions": {"allow": ["Bash(npm test:*)"], "deny": ["Bash(curl:*)"]}}))
+    base = {"session_id": "cc-rule", "cwd": str(repo), "permission_mode": "default",
+            "transcript_path": str(tmp_path / "t.jsonl")}
+    hook(env, {**base, "hook_event_name": "SessionStart", "source": "startup"})
+    for tid, cmd in (("toolu_t", "npm test -- -q"), ("toolu_m", "make lint")):
+        pre = {**base, "hook_event_name": "PreToolUse", "tool_name": "Bash", "tool_use_id": tid,
+               "tool_input": {"command": cmd}}
+        assert hook(env, pre).returncode == 0
+        hook(env, {**pre, "hook_event_name": "PostToolUse", "tool_response": {"stdout": "ok", "stderr": ""}})
+    run_cli("ingest", env=env)
+    rows = {r["tool_call_id"]: r for r in sql(env, "select seq, tool_call_id from decisions where session_id = 'cc-rule'")}
+
+    got = json.loads(run_cli("why", "cc-rule", str(rows["toolu_t"]["seq"]), "--format", "json", env=env).stdout)
+    (step,) = got["deciders"]
+    assert (step["decided_by"], step["decision"], step["rule"], step["source"]) == (
+        "policy", "approved", "Bash(npm test:*)", "derived")
+    assert step["rule_source"] == f"{repo}/.claude/settings.json" and "inferred" in step["inferred"]
+    assert got["outcome"] == "allowed"
+    text = run_cli("why", "cc-rule", str(rows["toolu_t"]["seq"]), env=env).stdout
+    assert "Bash(npm test:*)" in text and "inferred from the recorded settings" in text
+    # no rule allows `make lint`: the derived step stays the mode's, with no rule named
+    other = json.loads(run_cli("why", "cc-rule", str(rows["toolu_m"]["seq"]), "--format", "json", env=env).stdout)
+    assert not any(d.get("inferred") for d in other["deciders"]) and "on_request" in other["deciders"][0]["rule"]

@@ -7,6 +7,7 @@ denial, network decision, ...) to the action, through the ids events share (``to
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,84 @@ def why(s: Settings, session: str, seq: int) -> Why:
                                "write, network request or MCP call")
         row = _row(cur, found)
         deciders = [dict(d) for d in (row.pop("deciders") or [])]
+        _name_config_rules(wh.con, sid, row, deciders)
         return Why(sid, seq, row, deciders)
+
+
+_ACTION_EVENT = """
+SELECT kind, command_started.argv, command_started.shell, command_started.cwd, command_started.sandbox_profile,
+       file_accessed.path, network_attempted.host
+FROM events WHERE session_id = ? AND seq = ?
+"""
+_PATCH_TARGET = re.compile(r"^\*\*\* (?:Add|Update|Delete) File: (.+)$", re.M)
+_ALLOWING = ("approved", "approved_for_session")
+
+
+def _call(con, sid: str, action: dict, cwd: str):
+    """The action as the agent's permission rules see it (producers/permrules.py `Call`)."""
+    from agentledger.producers.permrules import Call
+
+    ev = con.execute(_ACTION_EVENT, [sid, action["seq"]]).fetchone()
+    kind, argv, shell, ccwd, profile, path, host = ev or (None,) * 7
+    argv = list(argv or [])
+    if kind == "command_started":
+        cwd = ccwd or cwd
+        if argv and (profile == "mcp" or argv[0].startswith("mcp__")):
+            return Call(argv[0], cwd=cwd)
+        if profile == "tool" and argv:
+            if argv[0] == "apply_patch" and len(argv) > 1:
+                m = _PATCH_TARGET.search(argv[1])
+                return Call("Edit", path=m.group(1).strip() if m else None, cwd=cwd)
+            return Call(argv[0], path=argv[1] if len(argv) > 1 else None, cwd=cwd)
+        return Call("Bash", command=shell or " ".join(argv), argv=tuple(argv), cwd=cwd)
+    if kind == "file_accessed":
+        return Call("Edit", path=path, cwd=cwd)
+    if kind == "network_attempted":
+        return Call("WebFetch", host=host, cwd=cwd)
+    if action.get("action_kind") == "command" and action.get("subject"):
+        return Call("Bash", command=action["subject"], cwd=cwd)
+    return None
+
+
+def _name_config_rules(con, sid: str, action: dict, deciders: list[dict]) -> None:
+    """Name the configured rule behind a decision its source only attributes to "the config", or
+    behind an action no source decided: the rule of the settings the session recorded at its start
+    (session_started.control_surface) that matches the call, as the agent matches it. Marked
+    ``inferred`` with the seq of that session_started: it is an inference from recorded evidence."""
+    from agentledger.producers.permrules import decide, rules_from_surface
+
+    needs = [d for d in deciders
+             if (d.get("decided_by") == "policy" and not d.get("rule")
+                 and (d.get("reported_as") or "").lower() == "config")
+             or (d.get("source") == "derived" and d.get("decided_by") in ("policy", "unknown"))]
+    if not needs:
+        return
+    try:
+        start = con.execute("SELECT seq, session_started.cwd, session_started.control_surface FROM events "
+                            "WHERE session_id = ? AND kind = 'session_started' ORDER BY seq LIMIT 1", [sid]).fetchone()
+    except Exception:  # noqa: BLE001 - a store before v4 has no control surface: nothing to name
+        return
+    if not start or not start[2]:
+        return
+    rules = rules_from_surface([dict(f) for f in start[2]])
+    call = _call(con, sid, action, start[1] or "") if rules else None
+    rule = decide(rules, call) if call else None
+    if rule is None:
+        return
+    why = f"inferred: the rule of the settings recorded at session start (#{start[0]}) that matches"
+    for d in needs:
+        if d.get("source") == "derived":
+            if rule.behaviour != "allow":
+                said = ("asks before this runs: the approval is not on record" if rule.behaviour == "ask" else
+                        "denies this, yet no denial is on record (the settings changed, or the rule did not apply)")
+                d.update(rule=f"{rule.text} {said}", rule_source=rule.source, inferred=why)
+                continue
+            d.update(decided_by="policy", decision="approved", decider="settings rule", rule=rule.text,
+                     rule_source=rule.source, inferred=why)
+            if action.get("outcome") in (None, "unknown") and d is deciders[-1]:
+                action["outcome"] = "allowed"
+        elif (rule.behaviour == "allow") == (d.get("decision") in _ALLOWING):
+            d.update(rule=rule.text, rule_source=rule.source, inferred=why)
 
 
 def decider_text(d: dict) -> str:
@@ -109,6 +187,8 @@ def decider_text(d: dict) -> str:
         parts.append(f"#{d['seq']}")
     if d.get("source") == "derived":
         parts.append("(derived)")
+    if d.get("inferred"):
+        parts.append("(rule inferred from the recorded settings)")
     return " ".join(parts)
 
 
