@@ -232,6 +232,9 @@ def test_the_console_shows_why_next_to_each_action(codex):
     whys = re.findall(r'<div class="why[^"]*">(.*?)</div>', page, re.S)
     assert any("grant" in w and "call_A2" in w for w in whys), whys
     assert any("policy (config) approved" in w for w in whys) and any("sandbox denied" in w for w in whys)
+    # and what the evidence cannot prove: the coverage statements of the session's sources
+    cov = re.search(r'<details id="coverage">(.*?)</details>', page, re.S)
+    assert cov and "cannot prove" in cov.group(1) and "approval_requested" in cov.group(1), page[:3000]
 
 
 def _entry(sid: str, n: int, at: str, kind: str, content: list) -> dict:

@@ -223,6 +223,7 @@ class SessionView:
     verification: dict
     alerts: list[dict]
     decisions: dict = field(default_factory=dict)  # action seq -> {outcome, deciders, line} (the `decisions` view)
+    coverage: dict = field(default_factory=dict)  # what the session's sources cannot contain (replay.session.coverage_of)
 
     @property
     def position(self) -> int:
@@ -290,7 +291,7 @@ class SessionViews:
                 r = run_replay(raw, keyring=keyring(s), alerts=warehouse_alerts(wh.con, sid))
                 try:
                     entry = {"replay": r, "verification": r.verification.as_dict(), "timeline": r.timeline(),
-                             "states": {}, "decisions": _workset_decisions(r, wh, sid)}
+                             "states": {}, "decisions": _workset_decisions(r, wh, sid), "coverage": r.coverage()}
                 except BaseException:
                     r.close()
                     raise
@@ -306,7 +307,7 @@ class SessionViews:
                 states.pop(next(iter(states)))
         timeline = entry["timeline"]
         return SessionView(sid, at, [e["seq"] for e in timeline], timeline, states[at], entry["verification"], alerts,
-                           entry["decisions"])
+                           entry["decisions"], entry["coverage"])
 
     def close(self) -> None:
         while self._open:
@@ -325,11 +326,12 @@ def session_view(s: Settings, session: str, at: int | None = None) -> SessionVie
         v = r.verification.as_dict()
         timeline = r.timeline()
         state = r.state(at).as_dict()
+        coverage = r.coverage()
     sid = rec.raw.session_id
     with _open(s) as wh:
         decisions = _decisions(wh, sid)
     return SessionView(sid, at, [e["seq"] for e in timeline], timeline, state, v,
-                       alert_queue(s, session=sid, limit=1000).as_dicts(), decisions)
+                       alert_queue(s, session=sid, limit=1000).as_dicts(), decisions, coverage)
 
 
 def _workset_decisions(r, wh, sid: str) -> dict[int, dict]:
