@@ -291,7 +291,7 @@ class SessionViews:
                 r = run_replay(raw, keyring=keyring(s), alerts=warehouse_alerts(wh.con, sid))
                 try:
                     entry = {"replay": r, "verification": r.verification.as_dict(), "timeline": r.timeline(),
-                             "states": {}, "decisions": _workset_decisions(r, wh, sid), "coverage": r.coverage()}
+                             "states": {}, "extras": _workset_extras(r, sid)}
                 except BaseException:
                     r.close()
                     raise
@@ -299,12 +299,14 @@ class SessionViews:
                 while len(self._open) > self.size:
                     self._open.popitem(last=False)[1]["replay"].close()
             alerts = _alert_rows(wh.con, session=sid, limit=1000).as_dicts()
-        self._open.move_to_end(key)
-        states = entry["states"]
-        if at not in states:
-            states[at] = entry["replay"].state(at).as_dict()
-            if len(states) > 64:
-                states.pop(next(iter(states)))
+            self._open.move_to_end(key)
+            states = entry["states"]
+            if at not in states:
+                states[at] = entry["replay"].state(at).as_dict()
+                if len(states) > 64:
+                    states.pop(next(iter(states)))
+            if "extras" in entry:  # the decider chains and the coverage, computed beside the above
+                entry.update(_settle_extras(entry.pop("extras"), wh, sid))
         timeline = entry["timeline"]
         return SessionView(sid, at, [e["seq"] for e in timeline], timeline, states[at], entry["verification"], alerts,
                            entry["decisions"], entry["coverage"])
@@ -334,21 +336,48 @@ def session_view(s: Settings, session: str, at: int | None = None) -> SessionVie
                        alert_queue(s, session=sid, limit=1000).as_dicts(), decisions, coverage)
 
 
-def _workset_decisions(r, wh, sid: str) -> dict[int, dict]:
-    """The decider chains of the session being shown, computed on its replay workset (the session's
-    own events, in memory: ~5 ms) rather than on the warehouse (~90 ms at 1M events: the `events`
-    view's kind tables scanned for one session); the warehouse when the workset cannot answer."""
+_EXTRAS = None
+
+
+def _workset_extras(r, sid: str):
+    """Start computing the decider chains and the coverage of the session being shown, on its replay
+    workset (the session's own events, in memory) rather than on the warehouse (~90 ms at 1M events:
+    the `events` view's kind tables scanned for one session), on a cursor of its own in a worker
+    thread: the chains' query is mostly planning (~30 ms), which DuckDB does without the GIL, beside
+    the page's other statements. `_settle_extras` waits for it."""
+    global _EXTRAS
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentledger.replay.session import coverage_of
+
+    if _EXTRAS is None:
+        _EXTRAS = ThreadPoolExecutor(1, thread_name_prefix="console-extras")
+    cur = r.workset.wh.con.cursor()
+
+    def work() -> dict:
+        try:
+            return {"decisions": _decisions(r.workset.wh, sid, cur), "coverage": coverage_of(cur, sid)}
+        finally:
+            cur.close()
+
+    return _EXTRAS.submit(work)
+
+
+def _settle_extras(future, wh, sid: str) -> dict:
+    """`_workset_extras`' answer; the warehouse's when the workset could not give it."""
     try:
-        return _decisions(r.workset.wh, sid)
-    except Exception:  # noqa: BLE001 - an odd workset: the warehouse's answer is the same
-        return _decisions(wh, sid)
+        return future.result()
+    except Exception:  # noqa: BLE001 - an odd workset: the warehouse answers the same
+        from agentledger.replay.session import coverage_of
+
+        return {"decisions": _decisions(wh, sid), "coverage": coverage_of(wh.con, sid)}
 
 
-def _decisions(wh, sid: str) -> dict[int, dict]:
+def _decisions(wh, sid: str, con=None) -> dict[int, dict]:
     """Each action's decider chain with its one-line "why: ..." (agentledger/api/decisions.py)."""
     from .decisions import session_decisions, why_line
 
-    found = session_decisions(wh.con, sid, wh.store)
+    found = session_decisions(con if con is not None else wh.con, sid, wh.store)
     for d in found.values():
         d["line"] = why_line(d["deciders"], d["outcome"])
     return found
