@@ -53,7 +53,7 @@ def _seq_link(s: Any) -> str:
 
 
 def render(*, session_id: str, verification: dict, state: dict, timeline: list[dict], alerts: list[dict],
-           whatif: dict | None = None, title: str | None = None) -> str:
+           whatif: dict | None = None, title: str | None = None, coverage: dict | None = None) -> str:
     v = verification
     status = v.get("status", "?")
     sig = v.get("signatures", "none")
@@ -78,6 +78,10 @@ def render(*, session_id: str, verification: dict, state: dict, timeline: list[d
     ]
     if v.get("detail"):
         parts.append(f"<section><h2>Verification</h2><p>{_e(v.get('detail'))}</p></section>")
+    cannot = (coverage or {}).get("cannot_prove") or []
+    if cannot:  # what the sources that recorded the session cannot contain (issue 24)
+        parts.append("<section id='coverage'><h2>This evidence cannot prove</h2><ul>"
+                     + "".join(f"<li>{_e(line)}</li>" for line in cannot) + "</ul></section>")
     # overview
     parts.append("<section><h2>Overview</h2><div class='grid'>")
     for label, n in (("commands", len(state.get("processes", []))), ("files", len(state.get("files", []))),

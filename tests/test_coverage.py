@@ -193,7 +193,11 @@ def test_a_bundle_carries_the_coverage_in_its_signed_header(bundle):
     assert "this evidence cannot prove (from the header, signed by the log operator):" in text
     assert "approval_requested" in " ".join(text.split())
     # replay and import show it too
-    assert "this evidence cannot prove" in run_cli("replay", str(out), "--source", "bundle", env=env).stdout
+    html = out.parent / "session.html"
+    assert "this evidence cannot prove" in run_cli("replay", str(out), "--source", "bundle", "--html", str(html),
+                                                   env=env).stdout
+    section = html.read_text().split("id='coverage'>", 1)[1].split("</section>", 1)[0]  # the static page too
+    assert "This evidence cannot prove" in section and "approval_requested" in section
     other = cli_env(out.parent / "other-home")
     imported = run_cli("import", "bundle", str(out), env=other).stdout
     assert "this evidence cannot prove" in imported

@@ -137,7 +137,7 @@ class Replayed:
         from agentledger.replay.html import render
 
         return render(session_id=self.session_id, verification=self.verification, state=self.state,
-                      timeline=self.timeline, alerts=self.alerts, whatif=self.whatif)
+                      timeline=self.timeline, alerts=self.alerts, whatif=self.whatif, coverage=self.coverage)
 
 
 def _load_policy(path: Path):
