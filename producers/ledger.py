@@ -138,11 +138,10 @@ def build_session_started(infos: list[SessionInfo], default_agent: str, default_
         "approval_policy": "unknown",
         "network_policy": {"mode": "unknown", "allowed_domains": [], "denied_domains": []},
         "recording_mode": "spool", "policy_digest": None, "originator": None, "git": None,
+        # v4: the control surface when the session started (producers/controlsurface.py), who read it, and
+        # the MCP tool definitions in force (producers/mcpdefs.py)
+        "control_surface": [], "workspace_trusted": None, "observed_by": None, "mcp_tools": [],
     }
-    payload.setdefault("mcp_tools", [])  # v4: the MCP tool definitions in force (the hook, producers/mcpdefs.py)
-    # v4: the control surface when the session started (producers/controlsurface.py), who read it
-    payload.update({k: v for k, v in (("control_surface", []), ("workspace_trusted", None), ("observed_by", None))
-                    if k not in payload})
     filled: set[str] = set()
     for info in ordered:
         fields = dict(info.fields)

@@ -347,7 +347,8 @@ FROM events WHERE false
 def views_ddl(store: SchemaStore) -> dict[str, str]:
     """Every view for ``store``, ``events`` first (the others read it)."""
     views = {"events": events_view_ddl(store), **VIEWS}
-    started = next((c.type for c in event_columns(store) if c.name == "command_started"), "")
+    types = {c.name: c.type for c in event_columns(store)}
+    started = types.get("command_started", "")
     if '"mcp" STRUCT' not in started:
         # a store from before v3 (an older release's warehouse, rebuilt as that release made it): no
         # `mcp` records yet, so mcp_calls finds MCP calls by their argv alone
@@ -356,11 +357,10 @@ def views_ddl(store: SchemaStore) -> dict[str, str]:
         views["decisions"] = views["decisions"].replace("command_started.mcp IS NOT NULL", "false")
     elif '"definition_digest"' not in started:  # a v3 store: `mcp` records without the definition (v4)
         views["mcp_calls"] = views["mcp_calls"].replace("s.command_started.mcp.definition_digest", "NULL::VARCHAR")
-    decided = next((c.type for c in event_columns(store) if c.name == "approval_decided"), "")
-    if '"scope"' not in decided:  # before v4: no scope / rule_source / grant_request_id / reported_as
+    if '"scope"' not in types.get("approval_decided", ""):  # before v4: no scope / rule_source / grant_request_id / reported_as
         views["decisions"] = re.sub(r"\bd\.approval_decided\.(?:scope|rule_source|grant_request_id|reported_as)\b",
                                     "NULL::VARCHAR", views["decisions"])
-    session = next((c.type for c in event_columns(store) if c.name == "session_started"), "")
+    session = types.get("session_started", "")
     if '"mcp_tools"' not in session:  # before v4: no tool definitions, an empty view of the same columns
         views["mcp_tool_definitions"] = MCP_TOOL_DEFINITIONS_EMPTY
     if '"control_surface"' not in session:  # before v4: no snapshots, an empty view of the same columns
