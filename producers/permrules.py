@@ -94,15 +94,25 @@ def _settings_rules(path: str, text: str) -> list[Rule]:
     return out
 
 
-_PREFIX_RULE = re.compile(r"prefix_rule\s*\((?P<body>.*?)\)\s*(?:$|\n|#)", re.S | re.M)
+_PREFIX_RULE = re.compile(r"prefix_rule\s*\(")
+_RULE_END = re.compile(r"\)[ \t]*(?:$|#)", re.M)
+MAX_RULE_BODY = 4096  # characters of one prefix_rule(...) looked at
+MAX_WILDCARDS = 16    # `*` in one rule: a rule with more matches nothing (no pattern is worth a slow match)
 _PATTERN = re.compile(r"pattern\s*=\s*(\[.*\])", re.S)
 _DECISION = re.compile(r"decision\s*=\s*[\"'](\w+)[\"']")
 
 
 def _codex_rules(path: str, text: str) -> list[Rule]:
-    out = []
-    for m in list(_PREFIX_RULE.finditer(text[:MAX_TEXT]))[:MAX_RULES]:
-        body = m.group("body")
+    out: list[Rule] = []
+    text = text[:MAX_TEXT]
+    for m in _PREFIX_RULE.finditer(text):
+        if len(out) >= MAX_RULES:
+            break
+        window = text[m.end():m.end() + MAX_RULE_BODY]
+        end = _RULE_END.search(window)
+        if end is None:
+            continue
+        body = window[:end.start()]
         pat, dec = _PATTERN.search(body), _DECISION.search(body)
         if not pat:
             continue
@@ -155,13 +165,31 @@ def _glob(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z", re.S)
 
 
+def _wildcard(spec: str, text: str) -> bool:
+    """``text`` matches ``spec``, whose ``*`` match any text: the pieces between them found leftmost,
+    in order (linear; a regular expression of many ``.*`` backtracks without bound on a hostile rule)."""
+    parts = spec.split("*")
+    if len(parts) == 1:
+        return text == spec
+    first, last = parts[0], parts[-1]
+    if len(parts) > MAX_WILDCARDS + 1 or not text.startswith(first) or not text.endswith(last):
+        return False
+    pos, end = len(first), len(text) - len(last)
+    if end < pos:
+        return False
+    for piece in parts[1:-1]:
+        i = text.find(piece, pos, end)
+        if i < 0:
+            return False
+        pos = i + len(piece)
+    return True
+
+
 def _command_matches(spec: str, command: str) -> bool:
     command = command.strip()
     if spec.endswith(":*"):
         return command.startswith(spec[:-2])  # literally a prefix, as the agent matches it
-    if "*" in spec:
-        return re.fullmatch(".*".join(re.escape(p) for p in spec.split("*")), command, re.S) is not None
-    return command == spec
+    return _wildcard(spec, command)
 
 
 def _project_of(source: str, home: str | None) -> str:
@@ -189,6 +217,8 @@ def _path_matches(spec: str, rule: Rule, call: Call) -> bool:
         pattern = posixpath.join(call.cwd or "/", spec[2:] if spec.startswith("./") else spec)
     if pattern.endswith("/"):
         pattern += "**"
+    if pattern.count("*") > MAX_WILDCARDS:
+        return False
     return _glob(pattern).match(path) is not None
 
 

@@ -318,6 +318,16 @@ def test_permission_rules_match_as_the_agents_match_them():
     assert rule(Call("Bash", argv=("cargo", "test"))) == ("allow", rules[-2].text)
     assert rule(Call("Bash", command="rm -rf target", argv=("bash", "-lc", "rm -rf target")))[0] == "deny"
     assert rule(Call("Bash", argv=("cargo", "publish"))) is None
+    # a hostile rule costs what any rule does: a regular expression of many `.*` would backtrack for ages here
+    import time as _time
+
+    evil = rules_from_surface([{"path": "/w/.claude/settings.json", "content": json.dumps({"permissions": {
+        "deny": ["Bash(" + "a*" * 15 + "b)", "Read(" + "*a" * 15 + "/b)"]}})},
+        {"path": "/w/.codex/rules/x.rules", "content": "prefix_rule(" * 30000}])
+    t0 = _time.monotonic()
+    assert decide(evil, Call("Bash", command="a" * 5000, argv=("a" * 5000,), cwd="/w")) is None
+    assert decide(evil, Call("Read", path="/" + "a" * 5000, cwd="/w")) is None
+    assert _time.monotonic() - t0 < 5
     # hostile text never raises
     assert rules_from_surface([{"path": "/w/.claude/settings.json", "content": "{" * 100000},
                                {"path": "/w/.codex/rules/x.rules", "content": "prefix_rule(pattern = [[[" * 1000}]) == []
@@ -355,3 +365,27 @@ def test_why_names_the_settings_rule_that_allowed_a_call_no_source_decided(tmp_p
     # no rule allows `make lint`: the derived step stays the mode's, with no rule named
     other = json.loads(run_cli("why", "cc-rule", str(rows["toolu_m"]["seq"]), "--format", "json", env=env).stdout)
     assert not any(d.get("inferred") for d in other["deciders"]) and "on_request" in other["deciders"][0]["rule"]
+
+
+def test_a_config_decision_from_otel_gets_the_settings_rule_named():
+    """OTel's `claude_code.tool_decision source=config` says only "tool Bash" of its rule: `why` names
+    the settings rule behind it, from the session's recorded control surface."""
+    import duckdb
+
+    from agentledger.api.decisions import _name_config_rules
+
+    con = duckdb.connect()
+    settings = json.dumps({"permissions": {"allow": ["Bash(npm test:*)"]}})
+    con.execute("""CREATE TABLE events AS SELECT * FROM (VALUES
+        ('s', 0, 'session_started', {'cwd': '/w', 'control_surface': [{'path': '/w/.claude/settings.json',
+            'role': 'agent_config', 'content': ?}]},
+         NULL::STRUCT(argv VARCHAR[], shell VARCHAR, cwd VARCHAR, sandbox_profile VARCHAR)),
+        ('s', 1, 'command_started', NULL, {'argv': ['npm', 'test'], 'shell': 'npm test', 'cwd': '/w',
+            'sandbox_profile': NULL})
+        ) t(session_id, seq, kind, session_started, command_started)""", [settings])
+    con.execute("ALTER TABLE events ADD COLUMN file_accessed STRUCT(path VARCHAR)")
+    con.execute("ALTER TABLE events ADD COLUMN network_attempted STRUCT(host VARCHAR)")
+    step = {"decided_by": "policy", "decision": "approved", "rule": "tool Bash", "rule_source": None,
+            "reported_as": "config", "source": "otel"}
+    _name_config_rules(con, "s", {"seq": 1, "action_kind": "command", "subject": "npm test"}, [step])
+    assert (step["rule"], step["rule_source"]) == ("Bash(npm test:*)", "/w/.claude/settings.json") and step["inferred"]

@@ -135,7 +135,7 @@ def _name_config_rules(con, sid: str, action: dict, deciders: list[dict]) -> Non
     from agentledger.producers.permrules import decide, rules_from_surface
 
     needs = [d for d in deciders
-             if (d.get("decided_by") == "policy" and not d.get("rule")
+             if (d.get("decided_by") == "policy" and not d.get("rule_source")  # OTel's rule is only "tool <name>"
                  and (d.get("reported_as") or "").lower() == "config")
              or (d.get("source") == "derived" and d.get("decided_by") in ("policy", "unknown"))]
     if not needs:
