@@ -111,6 +111,9 @@ VARIABLES: tuple[Var, ...] = (
        "schemas/config.py", "main"),
     _V("AGENTLEDGER_PARTITIONS", "int", 6, "`6`", "partitions of the topics agentledger creates",
        "schemas/config.py", "main"),
+    _V("AGENTLEDGER_DUCKDB_THREADS", "int", None, "all cores",
+       "DuckDB worker threads per warehouse connection (fewer on a machine shared with other jobs)",
+       "schemas/warehouse.py", "main"),
     _V("AGENTLEDGER_SCHEMA_PATH", "str", None, "none",
        "more writer schema directories (`:`-separated) the decoder knows", "schemas/contract.py", "main"),
     # -- Kafka security ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import duckdb
 
 from . import envvars
 from .contract import PayloadKind, SchemaStore, load_store
-from .errors import WarehouseError
+from .errors import ConfigError, WarehouseError
 from .retry import is_transient, retry_transaction
 from .sql import ident, literal
 
@@ -971,6 +971,11 @@ class Warehouse:
         self._threads: int | None = None  # DuckDB's thread count before `tune_for_ingest`
         config: dict[str, str | bool | int | float | list[str]] = {
             "autoinstall_known_extensions": False, "autoload_known_extensions": False}
+        threads = envvars.get("AGENTLEDGER_DUCKDB_THREADS")
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"AGENTLEDGER_DUCKDB_THREADS must be at least 1, not {threads}")
+            config["threads"] = threads
         if url.startswith(LAKE_PREFIX):
             self.lake = parse_lake(url, data_path or envvars.get("AGENTLEDGER_LAKE_DATA_PATH"), read_only=read_only)
             self.con = duckdb.connect(":memory:", config=config)

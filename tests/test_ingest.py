@@ -218,18 +218,37 @@ def test_opening_a_current_warehouse_skips_the_schema_work_and_repairs_what_chan
     assert w._CANONICAL == {}, "the repaired warehouse is current again"
 
 
-def test_ingest_statements_run_on_one_duckdb_thread_and_detection_after_a_batch_on_all(home):
+def test_ingest_statements_run_on_one_duckdb_thread_and_detection_after_a_batch_on_all(home, monkeypatch):
     """On a DuckDB file the decoder has the other core: the ingest's statements run on one DuckDB
     thread, and what runs after each commit (detection, whose catch-up may scan everything) on as many
-    as before."""
+    as before (AGENTLEDGER_DUCKDB_THREADS, which scripts/test sets to 1, here 3)."""
+    monkeypatch.setenv("AGENTLEDGER_DUCKDB_THREADS", "3")
     s = settings_for(home)
     sim(s, 4, seed=3)
     seen = []
     with open_warehouse(s.warehouse) as wh:
         before = wh.con.execute("SELECT current_setting('threads')").fetchone()[0]
+        assert before == 3
         ing = Ingestor(wh, open_source(s), s.topic, batch_records=40,
                        after_commit=lambda b: seen.append(wh.con.execute("SELECT current_setting('threads')").fetchone()[0]))
         assert wh.con.execute("SELECT current_setting('threads')").fetchone()[0] == 1
         stats = ing.run()
         assert stats.batches >= 2 and seen == [before] * stats.batches
         assert wh.con.execute("SELECT current_setting('threads')").fetchone()[0] == 1
+
+
+def test_duckdb_threads_are_configurable_and_checked(tmp_path, monkeypatch):
+    from agentledger.schemas.errors import ConfigError
+    from agentledger.schemas.warehouse import Warehouse
+
+    monkeypatch.setenv("AGENTLEDGER_DUCKDB_THREADS", "1")
+    for url in (str(tmp_path / "w.duckdb"), f"ducklake:sqlite:{tmp_path}/lake/meta.sqlite"):
+        wh = Warehouse(url)
+        try:
+            assert wh.con.execute("SELECT current_setting('threads')").fetchone()[0] == 1
+        finally:
+            wh.close()
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv("AGENTLEDGER_DUCKDB_THREADS", bad)
+        with pytest.raises(ConfigError, match="AGENTLEDGER_DUCKDB_THREADS"):
+            Warehouse(str(tmp_path / "w.duckdb"))
