@@ -5,6 +5,7 @@ consistent; no secret in clear; the ingest sink appends each event and alert rev
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -23,7 +24,10 @@ CLASS_FILES = {1001: "file_activity", 1007: "process_activity", 2004: "detection
 CATEGORY = {1001: 1, 1007: 1, 2004: 2, 4001: 4}
 
 
-def _validators() -> dict[tuple[str, int], jsonschema.Draft202012Validator]:
+@functools.cache
+def validators() -> dict[tuple[str, int], jsonschema.Draft202012Validator]:
+    """Built when a test first needs them (checking the schemas takes ~2.5 s, which every xdist worker
+    would otherwise spend collecting this file)."""
     out = {}
     for where in ("repo", "server"):
         for uid, name in CLASS_FILES.items():
@@ -33,8 +37,6 @@ def _validators() -> dict[tuple[str, int], jsonschema.Draft202012Validator]:
     return out
 
 
-VALIDATORS = _validators()
-
 
 def validate(rec: dict) -> list[str]:
     """Every schema error of one record, against both compiled sets, plus the id arithmetic."""
@@ -43,7 +45,7 @@ def validate(rec: dict) -> list[str]:
     if uid not in CLASS_FILES:
         return [f"class_uid {uid} is none of ours"]
     for where in ("repo", "server"):
-        errors += [f"{where}: {e.json_path}: {e.message[:200]}" for e in VALIDATORS[(where, uid)].iter_errors(rec)]
+        errors += [f"{where}: {e.json_path}: {e.message[:200]}" for e in validators()[(where, uid)].iter_errors(rec)]
     if rec.get("type_uid") != uid * 100 + rec.get("activity_id", -1):
         errors.append(f"type_uid {rec.get('type_uid')} != class_uid*100 + activity_id")
     if rec.get("category_uid") != CATEGORY[uid] or uid // 1000 != rec.get("category_uid"):
