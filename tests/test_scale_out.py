@@ -156,7 +156,7 @@ class Auditor(threading.Thread):
                 self.seen.append(json.loads(proc.stdout)[0])
             elif "no DuckLake catalog" not in proc.stderr and "does not exist" not in proc.stderr:
                 self.errors.append(proc.stderr[-800:])
-            self.stop.wait(2.5)  # each query is a new process (~0.6 CPU-s): a few dozen prove the point
+            self.stop.wait(4.0)  # each query is a new process (~0.6 CPU-s): a dozen or two prove the point
 
 
 def _produced(bootstrap: str, topic: str, expected: int) -> list[dict]:
