@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from conftest import new_warehouse
 from agentledger.consumers.ingest import Ingestor
 from agentledger.producers.recorder import Recorder
 from agentledger.producers.simulate import simulate
@@ -20,6 +21,8 @@ from test_envelope import record_session
 
 
 def settings_for(home, warehouse: str | None = None):
+    if warehouse is None:
+        new_warehouse(home / "warehouse.duckdb")
     return from_env({"AGENTLEDGER_HOME": str(home), **({"AGENTLEDGER_WAREHOUSE": warehouse} if warehouse else {})})
 
 

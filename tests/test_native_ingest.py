@@ -14,6 +14,7 @@ from agentledger.consumers.ingest import Batch, Ingestor
 from agentledger.schemas import native
 from agentledger.schemas.transport.base import Message
 from agentledger.schemas.warehouse import open_warehouse
+from conftest import new_warehouse
 from test_native import _every_kind_session
 
 TOPIC = "agentledger.events"
@@ -67,7 +68,7 @@ def _ingest(tmp_path, name: str, batches: list[list[bytes]], use_native: bool, m
         monkeypatch.setenv(native.ENV, "off")
     decoders = []
     off = 0
-    with open_warehouse(str(tmp_path / f"{name}.duckdb")) as wh:
+    with open_warehouse(new_warehouse(tmp_path / f"{name}.duckdb")) as wh:
         ing = Ingestor(wh, None, TOPIC)
         for vals in batches:
             r = ing.ingest_batch([Message(TOPIC, 0, off + k, None, v) for k, v in enumerate(vals)])
@@ -191,7 +192,7 @@ def _ingest_log(tmp_path, name: str, log_root, use_native: bool, monkeypatch, ba
     if not use_native:
         monkeypatch.setenv(native.ENV, "off")
     decoders: list[str] = []
-    with open_warehouse(str(tmp_path / f"{name}.duckdb")) as wh:
+    with open_warehouse(new_warehouse(tmp_path / f"{name}.duckdb")) as wh:
         src = LocalSource(LocalLog(log_root, fsync=False))
         Ingestor(wh, src, TOPIC, batch_records=batch).run(on_batch=lambda r, _s: decoders.append(r.decoder))
         src.close()
@@ -304,7 +305,7 @@ def _ingest_kafka(tmp_path, name: str, bootstrap: str, topic: str, use_native: b
         return got
 
     src.poll_raw = spy
-    with open_warehouse(str(tmp_path / f"{name}.duckdb")) as wh:
+    with open_warehouse(new_warehouse(tmp_path / f"{name}.duckdb")) as wh:
         Ingestor(wh, src, topic, batch_records=batch, after_commit=lambda b: decoders.append(b.decoder)).run()
         got = {
             "events": wh.con.execute("SELECT * EXCLUDE (ingested_at) FROM events ORDER BY source_partition, "

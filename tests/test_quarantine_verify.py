@@ -7,7 +7,7 @@ import random
 import re
 
 
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, new_warehouse, run_cli
 from agentledger.consumers.ingest import Ingestor
 from agentledger.consumers.verify import verify, verify_session
 from agentledger.producers.recorder import Recorder
@@ -28,7 +28,7 @@ def _msgs(values, partition=0, start=0, topic="t"):
 
 
 def _wh(tmp_path, name="w.duckdb"):
-    return open_warehouse(str(tmp_path / name))
+    return open_warehouse(new_warehouse(tmp_path / name))
 
 
 def test_reordered_events_are_parked_then_healed_when_the_predecessor_arrives(warehouse_url):

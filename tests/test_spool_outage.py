@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import FULL_SCALE, assert_no_send_waited_for_the_broker, free_port, start_broker, stop_broker
+from conftest import FULL_SCALE, assert_no_send_waited_for_the_broker, free_port, new_warehouse, start_broker, stop_broker
 from agentledger.consumers.ingest import Ingestor
 from agentledger.producers.recorder import Recorder
 from agentledger.producers.redact import Redactor
@@ -110,7 +110,7 @@ def test_broker_down_then_up_every_event_exactly_once_in_order(tmp_path, kafka, 
         assert rec.events_lost == 0 and stats["refused"] == 0
         assert total >= EVENTS + 2 * SESSIONS  # + session end + final checkpoints (+ periodic checkpoints)
 
-        wh = open_warehouse(str(tmp_path / "warehouse.duckdb"))
+        wh = open_warehouse(new_warehouse(tmp_path / "warehouse.duckdb"))
         source = open_source(settings)
         try:
             ingest = Ingestor(wh, source, settings.topic, batch_records=50_000).run()
@@ -190,7 +190,7 @@ def test_broker_dies_while_direct_then_returns_nothing_lost(tmp_path, kafka, kaf
         sink.close(timeout=30)
         assert stats["switches"] >= 1 and stats["spooled"] > 0 and stats["drained"] == stats["spooled"]
         assert_no_send_waited_for_the_broker(times, BOUND_MS, 2000)
-        wh = open_warehouse(str(tmp_path / "wh.duckdb"))
+        wh = open_warehouse(new_warehouse(tmp_path / "wh.duckdb"))
         source = open_source(settings)
         try:
             Ingestor(wh, source, settings.topic).run()

@@ -8,6 +8,7 @@ import json
 import threading
 from pathlib import Path
 
+from conftest import new_warehouse
 from agentledger.consumers.ingest import Ingestor
 from agentledger.schemas import merkle, signing, treelog
 from agentledger.schemas.transport.base import Message
@@ -31,7 +32,7 @@ def _leaves(con) -> list[tuple]:
 
 def test_every_path_that_accepts_events_appends_leaves_in_its_transaction(tmp_path):
     sid, good = record_session(n_commands=4, seed=31)
-    with open_warehouse(str(tmp_path / "w.duckdb")) as wh:
+    with open_warehouse(new_warehouse(tmp_path / "w.duckdb")) as wh:
         ing = Ingestor(wh, None, "t")
         ing.ingest_batch(_msgs(good[:3] + good[5:7]))  # 3, 4 late: 5, 6 parked
         assert [(r[2], r[3]) for r in _leaves(wh.con)] == [(2, 3)]
@@ -106,7 +107,7 @@ def test_signed_heads_are_rate_limited_while_following_and_a_failed_publish_is_r
     keyring = signing.Keyring([signer.public_key])
     dest = _Flaky(tmp_path / "heads.jsonl")
     sessions = [record_session(n_commands=2, seed=200 + i) for i in range(4)]
-    with open_warehouse(str(tmp_path / "w.duckdb")) as wh:
+    with open_warehouse(new_warehouse(tmp_path / "w.duckdb")) as wh:
         pub = treelog.HeadsPublisher([dest])
         ing = Ingestor(wh, None, "t", tree_heads=treelog.TreeHeads(signer, pub, every_s=3600))
         ing.ingest_batch(_msgs(sessions[0][1]))  # not following: every commit is signed and published
