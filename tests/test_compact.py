@@ -19,7 +19,7 @@ def test_compact_expires_by_default_and_merges_only_when_asked(home, tmp_path):
     url = f"ducklake:sqlite:{tmp_path / 'lake' / 'meta.sqlite'}"
     env = cli_env(home, AGENTLEDGER_WAREHOUSE=url)
     run_cli("simulate", "--sessions", "6", "--seed", "3", env=env)
-    run_cli("ingest", "--batch", "20", env=env)  # many small commits: many small files
+    run_cli("ingest", "--batch", "60", env=env)  # four small commits: a small file per kind table each
     before = json.loads(run_cli("sql", Q, "--format", "json", env=env).stdout)
 
     def files() -> int:
