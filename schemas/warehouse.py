@@ -305,7 +305,12 @@ def _kind_table_ddl(store: SchemaStore, kind: PayloadKind, constraints: bool) ->
 
 
 def events_view_ddl(store: SchemaStore) -> str:
-    """``events``: every kind table, with the columns (names, order, types) of the wide table."""
+    """``events``: every kind table, with the columns (names, order, types) of the wide table.
+
+    Another kind's payload column is an untyped NULL: the UNION takes each column's type from the
+    one branch that has it. ``NULL::STRUCT(...)`` casts gave the same types but cost DuckDB ~5x more
+    to bind, at every query that reads ``events`` and at every view made over it: a new
+    warehouse's views 0.28 -> 0.05 CPU-s, a query of ``decisions`` 93 -> 16 ms of binding."""
     cols = event_columns(store)
     payload = {k.column for k in store.kinds}
     branches = []
@@ -317,7 +322,7 @@ def events_view_ddl(store: SchemaStore) -> str:
             elif c.name == "kind":
                 e = f"'{k.kind}'"
             elif c.name in payload and c.name != k.column:
-                e = f"NULL::{c.type}"
+                e = "NULL"
             else:
                 e = ident(c.name)
             sel.append(e if e == ident(c.name) else f"{e} AS {ident(c.name)}")
