@@ -111,8 +111,8 @@ _warehouse_template: Path | None = None
 
 def new_warehouse(path: Path) -> str:
     """A new, empty DuckDB-file warehouse at ``path``, for a test whose subject is not the schema's
-    creation: a copy of one this worker made once with `open_warehouse` (creating the schema costs
-    ~0.45 CPU-s a warehouse, mostly DuckDB binding the views; opening the copy finds it current)."""
+    creation: a copy of one this worker made once with `open_warehouse` (creating the schema is
+    mostly DuckDB binding the views, ~0.12 CPU-s a warehouse; opening the copy finds it current)."""
     global _warehouse_template
     if _warehouse_template is None:
         from agentledger.schemas.warehouse import open_warehouse
