@@ -1145,10 +1145,10 @@ class Warehouse:
         if have.get("events") == "BASE TABLE":
             self._migrate_wide_events()
             have = self._relations()
-        tables = _tables_ddl(self.store, constraints=True)
+        tables, views = _tables_ddl(self.store, constraints=True), self._views()
         # A new database has nothing to compare with what DuckDB would store: it skips building the
         # canonical forms (the whole schema again, in memory: half the CPU of creating a warehouse).
-        fresh = not (have.keys() & (tables.keys() | self._views().keys()))
+        fresh = not (have.keys() & (tables.keys() | views.keys()))
         # (outside the transaction: it builds an in-memory database)
         wanted = {} if fresh else _canonical_views(self.store)
         # One transaction: all or nothing, and on a DuckLake one commit (one snapshot) instead of one
@@ -1163,7 +1163,7 @@ class Warehouse:
                 self._create_tree_tables()
             self._ensure_detection_schema(have)
             current = {} if fresh else self._view_definitions()
-            for name, ddl in self._views().items():
+            for name, ddl in views.items():
                 if fresh or _norm(current.get(name, "")) != _norm(wanted[name]):
                     self.con.execute(ddl)
             self.record_schema_versions()
