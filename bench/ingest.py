@@ -7,17 +7,26 @@ whole topic (values touched, nothing decoded or stored), (2) `agentledger ingest
 DuckDB warehouse (committed, exactly once), (3) the embedded-log ingest of the same events, and
 (4) the Kafka ingest again into a warehouse that already holds --base-rows events (20M by default),
 right after the same ingest into an empty warehouse again (``ingest_again``; ``at_20m_vs_ingest_again``
-compares the two, measured minutes apart rather than a quarter of an hour).
+compares the two, measured seconds apart rather than a quarter of an hour).
+
+Rounds: on these shared two cores one measurement of a few seconds drifts by 20-30 % (the first
+read of a topic also pays for the broker's and the page cache's warm-up), so the compared rates are
+measured in --rounds rounds (3 by default) after one warm-up poll that is not counted, each round
+the baseline and then ours, back to back: (1) then (2); (2) into an empty warehouse then (4) into a
+fresh copy of the base. A rate is the median of its rounds, a ratio the median of the rounds'
+ratios, and every round is in the JSON (``rounds``). Each ingest's CPU seconds per 100,000 events
+(its process and the decoder processes it ran; ``cpu_s_per_100k``, every round in
+``cpu_s_per_100k_rounds``) is its own cost, which the load of other jobs does not move:
+``at_20m_cpu_vs_ingest_again`` compares it at 20M rows and at 0.
 
 The base rows are built fast inside DuckDB: the ingested rows are copied with INSERT ... SELECT,
 each copy with rewritten ids (event_id, session_id get a per-copy prefix) and timestamps moved
 back by whole days, so the event_ids stay UUIDv7-ordered *older* than the new events (as in real
 life: the warehouse holds the past) and chain_heads gets one row per copied session.
 
-(2) and (3) run twice: with the native decoder (agentledger-avro2arrow, when installed) and without
-it (``*_without_native``, the Python path), the baseline from the same run. The raw poll also runs
-with kafka-python's default fetch sizes and with larger ones (``raw_poll_fetch``), to decide
-KafkaSource's settings from numbers.
+(2) and (3) also run once without the native decoder (``*_without_native``, the Python path), the
+decoder's baseline from the same run. The raw poll also runs once with kafka-python's default fetch
+sizes and with larger ones (``raw_poll_fetch``), to decide KafkaSource's settings from numbers.
 
 Peak memory: each ingest and the base building run in a child process of their own, so that each
 phase's peak is its own: ``peak_ingest_rss_mb`` (the largest ingest process, the committing one),
@@ -36,6 +45,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -82,6 +92,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--base-rows", type=int, default=20_000_000, help="rows already in the warehouse for ingest_at_20m")
     ap.add_argument("--skip-embedded", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of each compared pair (the median is reported)")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-bench-"))
     try:
@@ -100,9 +111,27 @@ def _run(args, work: Path) -> dict:
     produce_s = time.perf_counter() - t0
     print(f"produced {n} events to {topic} in {produce_s:.1f}s", file=sys.stderr)
 
-    got, raw_s = raw_poll(args.bootstrap, topic, n)
+    rounds = max(1, args.rounds)
+    got, warm_s = raw_poll(args.bootstrap, topic, n)  # warm-up: the broker's first read of the topic
     assert got == n, f"raw poll saw {got} of {n}"
-    print(f"raw kafka-python poll: {n / raw_s:,.0f} msg/s", file=sys.stderr)
+    print(f"warm-up raw poll (not counted): {n / warm_s:,.0f} msg/s", file=sys.stderr)
+
+    peaks: dict[str, dict[str, int]] = {}
+    kafka_rounds = []
+    for r in range(rounds):
+        got, raw_s = raw_poll(args.bootstrap, topic, n)
+        assert got == n, f"raw poll saw {got} of {n}"
+        # the first round's warehouse is kept: the base is built from it
+        url = str(work / ("warehouse.duckdb" if r == 0 else f"warehouse-{r}.duckdb"))
+        rate = _phase(peaks, "ingest", _kafka_ingest, s, topic, url, n, args.batch)
+        if r:
+            _remove_db(url)
+        kafka_rounds.append({"raw_poll": round(n / raw_s), "ingest": round(rate), "ratio": round(rate / (n / raw_s), 3)})
+        print(f"round {r + 1}: raw kafka-python poll {n / raw_s:,.0f} msg/s, agentledger ingest {rate:,.0f} "
+              f"events/s (ratio {rate / (n / raw_s):.3f})", file=sys.stderr)
+    raw_rate = _median(x["raw_poll"] for x in kafka_rounds)
+    ingest_rate = _median(x["ingest"] for x in kafka_rounds)
+    ratio = _median(x["ratio"] for x in kafka_rounds)
     # fetch sizes (docs/warehouse.md): kafka-python's defaults, and larger than ours
     fetch = {}
     for name, cfg in FETCH_VARIANTS.items():
@@ -110,50 +139,68 @@ def _run(args, work: Path) -> dict:
         assert got == n, f"raw poll ({name}) saw {got} of {n}"
         fetch[name] = round(n / secs)
         print(f"raw poll, {name} fetch sizes: {n / secs:,.0f} msg/s", file=sys.stderr)
-
-    peaks: dict[str, dict[str, int]] = {}
-    ingest_rate = _phase(peaks, "ingest", _kafka_ingest, s, topic, str(work / "warehouse.duckdb"), n, args.batch)
-    print(f"agentledger ingest: {ingest_rate:,.0f} events/s", file=sys.stderr)
     # the same ingest on the Python path: the baseline of the decoder
     ingest_py = _phase(peaks, "ingest_without_native", _kafka_ingest, s, topic, str(work / "warehouse-python.duckdb"),
                        n, args.batch, native_off=True)
+    _remove_db(str(work / "warehouse-python.duckdb"))
     print(f"agentledger ingest without the native decoder: {ingest_py:,.0f} events/s", file=sys.stderr)
 
     embedded = embedded_py = None
+    embedded_rounds: list[int] = []
     if not args.skip_embedded:
         local = from_env({"AGENTLEDGER_HOME": str(work / "embedded"), "AGENTLEDGER_TOPIC": topic})
         _copy_to_local(args.bootstrap, topic, local, n)
-        embedded = _phase(peaks, "embedded", _embedded_ingest, local, topic, str(work / "embedded.duckdb"), n, args.batch)
-        print(f"embedded-log ingest: {embedded:,.0f} events/s", file=sys.stderr)
+        for r in range(rounds):
+            url = str(work / f"embedded-{r}.duckdb")
+            embedded_rounds.append(round(_phase(peaks, "embedded", _embedded_ingest, local, topic, url, n, args.batch)))
+            _remove_db(url)
+            print(f"round {r + 1}: embedded-log ingest {embedded_rounds[-1]:,} events/s", file=sys.stderr)
+        embedded = _median(embedded_rounds)
         embedded_py = _phase(peaks, "embedded_without_native", _embedded_ingest, local, topic,
                              str(work / "embedded-python.duckdb"), n, args.batch, native_off=True)
+        _remove_db(str(work / "embedded-python.duckdb"))
         print(f"embedded-log ingest without the native decoder: {embedded_py:,.0f} events/s", file=sys.stderr)
 
     big = str(work / "big.duckdb")
     t0 = time.perf_counter()
     base = _phase(peaks, "base_build", _build_base, str(work / "warehouse.duckdb"), big, args.base_rows)
+    os.sync()
     print(f"built a warehouse of {base:,} rows in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    # the rate at 0 again, next to the rate at 20M: on shared cores the load drifts over the
-    # minutes the base takes to build, and the first rate was measured before it
-    ingest_again = _phase(peaks, "ingest_again", _kafka_ingest, s, topic, str(work / "warehouse-again.duckdb"), n,
-                          args.batch)
-    print(f"agentledger ingest again, just before the big warehouse: {ingest_again:,.0f} events/s", file=sys.stderr)
-    at_base = _phase(peaks, "ingest_at_20m", _kafka_ingest, s, topic, big, n, args.batch, base=base)
-    print(f"ingest into {base:,} rows: {at_base:,.0f} events/s", file=sys.stderr)
+    # each round: the rate at 0, then the rate at 20M right after it (on shared cores the load drifts
+    # over the minutes the base takes to build), into a fresh copy of the base
+    big_rounds = []
+    for r in range(rounds):
+        url = str(work / "warehouse-again.duckdb")
+        again = _phase(peaks, "ingest_again", _kafka_ingest, s, topic, url, n, args.batch)
+        _remove_db(url)
+        copy = str(work / "big-round.duckdb")
+        shutil.copy(big, copy)
+        os.sync()  # the copy's gigabytes of dirty pages written back now, not during the measured ingest
+        at = _phase(peaks, "ingest_at_20m", _kafka_ingest, s, topic, copy, n, args.batch, base=base)
+        _remove_db(copy)
+        big_rounds.append({"ingest_again": round(again), "ingest_at_20m": round(at), "ratio": round(at / again, 3)})
+        print(f"round {r + 1}: ingest into an empty warehouse {again:,.0f} events/s, into {base:,} rows "
+              f"{at:,.0f} events/s ({at / again:.3f})", file=sys.stderr)
     ingest_phases = [p for p in peaks if p != "base_build"]
     print(f"peak RSS per phase (MB): {peaks}", file=sys.stderr)
 
-    result = {"events": n, "raw_poll": round(n / raw_s), "ingest": round(ingest_rate),
-              "ratio": round(ingest_rate / (n / raw_s), 3),
-              "embedded": round(embedded) if embedded else None,
-              "ingest_at_20m": round(at_base), "base_rows": base,
+    at_base = _median(x["ingest_at_20m"] for x in big_rounds)
+    result = {"events": n, "raw_poll": raw_rate, "ingest": ingest_rate, "ratio": ratio,
+              "embedded": embedded,
+              "ingest_at_20m": at_base, "base_rows": base,
               "at_20m_vs_ingest": round(at_base / ingest_rate, 3),
-              "ingest_again": round(ingest_again), "at_20m_vs_ingest_again": round(at_base / ingest_again, 3),
+              "ingest_again": _median(x["ingest_again"] for x in big_rounds),
+              "at_20m_vs_ingest_again": _median(x["ratio"] for x in big_rounds),
               "produce": round(n / produce_s),
               "decoder": "native" if native.decoder() is not None else "python",
-              "ingest_without_native": round(ingest_py), "ratio_without_native": round(ingest_py / (n / raw_s), 3),
+              "ingest_without_native": round(ingest_py), "ratio_without_native": round(ingest_py / raw_rate, 3),
               "embedded_without_native": round(embedded_py) if embedded_py else None,
-              "raw_poll_fetch": fetch,
+              "raw_poll_fetch": fetch, "warm_up_raw_poll": round(n / warm_s),
+              "rounds": {"kafka": kafka_rounds, "embedded": embedded_rounds, "at_20m": big_rounds},
+              "cpu_s_per_100k": {k: _median(v) for k, v in CPU_BY_PHASE.items()},
+              "cpu_s_per_100k_rounds": CPU_BY_PHASE,
+              "at_20m_cpu_vs_ingest_again": round(_median(CPU_BY_PHASE["ingest_at_20m"])
+                                                  / _median(CPU_BY_PHASE["ingest_again"]), 3),
               "peak_rss_mb": max(_rss_mb(resource.RUSAGE_SELF), *(v["self"] for v in peaks.values())),
               "peak_decoder_rss_mb": max(peaks[p]["children"] for p in ingest_phases),
               "peak_ingest_rss_mb": max(peaks[p]["self"] for p in ingest_phases),
@@ -169,6 +216,17 @@ FETCH_VARIANTS = {
                               "max_poll_records": 500},
     "larger": {"fetch_max_bytes": 128 * 1024 * 1024, "max_partition_fetch_bytes": 64 * 1024 * 1024},
 }
+
+
+def _median(values) -> float:
+    return statistics.median(list(values))
+
+
+def _remove_db(url: str) -> None:
+    """A phase's warehouse file (and its WAL), once measured: 3 rounds of 20M-row copies add up."""
+    for p in (url, url + ".wal"):
+        if os.path.exists(p):
+            os.remove(p)
 
 
 def _rss_mb(who: int) -> int:
@@ -210,11 +268,21 @@ class _ChildPeak:
 
 
 _PEAK_MB: list[int] = []
+_CPU_S: list[float] = []
+# per phase, each round's CPU seconds per 100,000 events (the ingest process and the decoder
+# processes it ran): the ingest's own cost, which the load of other jobs on shared cores does not change
+CPU_BY_PHASE: dict[str, list[float]] = {}
 
 
 def _mark_peak() -> None:
     """The phase's peak so far is the one reported: what the bench checks afterwards is not ingest."""
     _PEAK_MB.append(_rss_mb(resource.RUSAGE_SELF))
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of the child processes it has waited for (the decoder's)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _in_child(fn, args, kwargs, native_off: bool):
@@ -223,17 +291,22 @@ def _in_child(fn, args, kwargs, native_off: bool):
     with _ChildPeak() as children:
         result = fn(*args, **kwargs)
     # this process's peak, and that of the largest process it ran (the decoder's)
-    return result, (_PEAK_MB or [_rss_mb(resource.RUSAGE_SELF)])[0], round(children.peak_kb / 1024)
+    return (result, (_PEAK_MB or [_rss_mb(resource.RUSAGE_SELF)])[0], round(children.peak_kb / 1024),
+            _CPU_S[0] if _CPU_S else None)
 
 
 def _phase(peaks: dict, name: str, fn, *args, native_off: bool = False, **kwargs):
     """``fn(*args, **kwargs)`` in a fresh child process (spawned: nothing inherited but the
     arguments), so that its peak memory is its own; ``peaks[name]`` gets it (``self``) and the
-    largest process it ran (``children``: the decoder, sampled), in MB."""
+    largest process it ran (``children``: the decoder, sampled), in MB; a phase run in several
+    rounds keeps its largest."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        result, rss_self, rss_children = pool.apply(_in_child, (fn, args, kwargs, native_off))
-    peaks[name] = {"self": rss_self, "children": rss_children}
+        result, rss_self, rss_children, cpu = pool.apply(_in_child, (fn, args, kwargs, native_off))
+    if cpu is not None:
+        CPU_BY_PHASE.setdefault(name, []).append(round(cpu, 3))
+    old = peaks.get(name, {"self": 0, "children": 0})
+    peaks[name] = {"self": max(old["self"], rss_self), "children": max(old["children"], rss_children)}
     return result
 
 
@@ -241,8 +314,10 @@ def _embedded_ingest(local, topic, url, n, batch) -> float:
     with open_warehouse(url) as wh:
         src = open_source(local)
         t0 = time.perf_counter()
+        c0 = _cpu_s()
         st = Ingestor(wh, src, topic, batch_records=batch).run()
         rate = n / (time.perf_counter() - t0)
+        _CPU_S.append((_cpu_s() - c0) / n * 100_000)
         _mark_peak()
         src.close()
         assert st.accepted == n, st.as_dict()
@@ -254,8 +329,10 @@ def _kafka_ingest(s, topic, url, n, batch, base=0) -> float:
         wh.con.execute("DELETE FROM ingest_offsets WHERE topic = ?", [topic])
         src = open_source(s)
         t0 = time.perf_counter()
+        c0 = _cpu_s()
         stats = Ingestor(wh, src, topic, batch_records=batch).run()
         secs = time.perf_counter() - t0
+        _CPU_S.append((_cpu_s() - c0) / n * 100_000)
         _mark_peak()
         src.close()
         # (counting the events view of a 20M-row warehouse costs ~400 MB more than the ingest did)

@@ -21,12 +21,21 @@ def chaos_env(tmp_path) -> dict:
 @pytest.mark.kafka
 def test_bench_ingest_smoke(bootstrap, tmp_path):
     proc = subprocess.run([sys.executable, "bench/ingest.py", "--bootstrap", bootstrap, "--events", "1500",
-                           "--workdir", str(tmp_path), "--base-rows", "10000", "--batch", "500"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--workdir", str(tmp_path), "--base-rows", "10000", "--batch", "500", "--rounds", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["events"] >= 1500
     assert result["raw_poll"] > 0 and result["ingest"] > 0 and 0 < result["ratio"]
     assert result["embedded"] > 0 and result["ingest_at_20m"] > 0 and result["base_rows"] >= result["events"]
+    # the compared rates in rounds: each round's pair, and the median of the rounds reported
+    rounds = result["rounds"]
+    assert len(rounds["kafka"]) == 2 and len(rounds["embedded"]) == 2 and len(rounds["at_20m"]) == 2
+    assert sorted([result["ratio"], *(r["ratio"] for r in rounds["kafka"])])[1] == result["ratio"]
+    assert min(r["ingest_at_20m"] for r in rounds["at_20m"]) <= result["ingest_at_20m"] <= max(
+        r["ingest_at_20m"] for r in rounds["at_20m"])
+    # the ingest's own CPU per 100,000 events, per phase and round
+    assert len(result["cpu_s_per_100k_rounds"]["ingest_at_20m"]) == 2 and result["cpu_s_per_100k"]["embedded"] > 0
+    assert result["at_20m_cpu_vs_ingest_again"] > 0
 
 
 def test_bench_replay_smoke(tmp_path):
