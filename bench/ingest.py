@@ -11,7 +11,7 @@ compares the two, measured seconds apart rather than a quarter of an hour).
 
 Rounds: on these shared two cores one measurement of a few seconds drifts by 20-30 % (the first
 read of a topic also pays for the broker's and the page cache's warm-up), so the compared rates are
-measured in --rounds rounds (3 by default) after one warm-up poll that is not counted, each round
+measured in --rounds rounds (5 by default) after one warm-up poll that is not counted, each round
 the baseline and then ours, back to back: (1) then (2); (2) into an empty warehouse then (4) into a
 fresh copy of the base. A rate is the median of its rounds, a ratio the median of the rounds'
 ratios, and every round is in the JSON (``rounds``). Each ingest's CPU seconds per 100,000 events
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--base-rows", type=int, default=20_000_000, help="rows already in the warehouse for ingest_at_20m")
     ap.add_argument("--skip-embedded", action="store_true")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of each compared pair (the median is reported)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of each compared pair (the median is reported)")
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="agentledger-bench-"))
     try:
