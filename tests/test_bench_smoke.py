@@ -36,6 +36,11 @@ def test_bench_ingest_smoke(bootstrap, tmp_path):
     # the ingest's own CPU per 100,000 events, per phase and round
     assert len(result["cpu_s_per_100k_rounds"]["ingest_at_20m"]) == 2 and result["cpu_s_per_100k"]["embedded"] > 0
     assert result["at_20m_cpu_vs_ingest_again"] > 0
+    # the same rates counting the checkpoint that writes the committed rows
+    wc = result["with_checkpoint"]
+    assert wc["ratio"] > 0 and wc["embedded"] > 0
+    assert all(0 < w <= k["ingest"] for w, k in zip(wc["rounds"]["ingest"], rounds["kafka"], strict=True))
+    assert len(wc["rounds"]["ingest_at_20m"]) == 2 and wc["at_20m_vs_ingest_again"] > 0
 
 
 def test_bench_replay_smoke(tmp_path):
