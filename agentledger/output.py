@@ -17,8 +17,19 @@ from typing import Any, Iterable, Sequence
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+from agentledger.schemas.terminal import printable
+
+class _Console(Console):
+    """A rich console that shows recorded text's control characters instead of sending them to the
+    terminal (`printable`): every string printed, or put in a table cell, is rendered through
+    `render_str`. Rich's own styling is added after, so colours still work."""
+
+    def render_str(self, text: str, **kwargs: Any):
+        return super().render_str(printable(text), **kwargs)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 
 class Format(str, Enum):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import pytest
-from rich.console import Console
 
 from agentledger import output
 from agentledger.output import Format, render_rows
@@ -18,7 +17,7 @@ HASH = "677b1ec149526033" + "ab" * 24
 def screen(monkeypatch):
     def make(width: int) -> io.StringIO:
         buf = io.StringIO()
-        monkeypatch.setattr(output, "console", Console(file=buf, width=width, color_system=None))
+        monkeypatch.setattr(output, "console", output._Console(file=buf, width=width, color_system=None))
         return buf
     return make
 
@@ -57,3 +56,15 @@ def test_json_and_csv_are_never_shortened(screen, capsys):
     render_rows(["session_id", "head_hash"], [(SID, HASH)], Format.csv)
     out = capsys.readouterr().out
     assert out.count(SID) == 2 and out.count(HASH) == 2
+
+
+def test_recorded_control_characters_are_shown_not_sent_to_the_terminal(screen):
+    """A recorded command is the agent's text: an escape sequence in it must not erase or rewrite
+    the auditor's screen (nor a bidi override reorder it)."""
+    buf = screen(200)
+    evil = "rm -rf /\x1b[2K\x1b[1Gecho harmless\r\u202eexe.txt\x07"
+    render_rows(["session_id", "command"], [(SID, evil)], Format.table)
+    output.console.print(f"command: {evil}", markup=False)
+    text = buf.getvalue()
+    assert not any(c in text for c in "\x1b\r\u202e\x07")
+    assert text.count("rm -rf /\\x1b[2K\\x1b[1Gecho harmless\\x0d\\u202eexe.txt\\x07") == 2
