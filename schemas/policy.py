@@ -323,8 +323,10 @@ class Policy:
         return Decision(worst.action, worst.id, f"{where} matched rule {worst.id} ({worst.action})")
 
     def resolves_names(self) -> bool:
-        """Whether a host name's addresses can change a decision: the policy has address rules."""
-        return any(r.cidrs for r in self.network_rules)
+        """Whether a host name's addresses can lift a deny decided on the name alone: the policy has
+        an address rule that allows or asks. (Address rules that deny cannot, so a name the policy
+        denies anyway is never handed to a resolver: a lookup alone can carry data out over DNS.)"""
+        return any(r.cidrs and r.action != "deny" for r in self.network_rules)
 
     # -- commands -------------------------------------------------------------------------
     def evaluate_command(self, argv: list[str], *, escalated: bool = False) -> Decision:

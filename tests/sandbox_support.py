@@ -20,11 +20,13 @@ class Server:
     def __init__(self, pages: dict[str, bytes]):
         self.pages = dict(pages)
         self.hits: list[str] = []
+        self.hosts: list[str | None] = []  # the Host header of each hit
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 outer.hits.append(self.path)
+                outer.hosts.append(self.headers.get("Host"))
                 body = outer.pages.get(self.path.split("?")[0])
                 if body is None:
                     self.send_response(404)

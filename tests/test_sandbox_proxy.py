@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import socket
+import time
 import uuid
 
 import pytest
@@ -356,3 +357,144 @@ def test_dns_rebinding_between_the_decision_and_the_connection_does_not_reach_th
     assert (r["decided"][0]["decision"], r["decided"][0]["addresses"]) == ("ask", ["127.0.0.2"])
     # the next request is decided (and asked) at the new address
     assert r["second"][0] == 403 and r["decided"][1]["addresses"] == ["127.0.0.3"]
+
+
+def raw(proxy: EgressProxy, request: bytes, *, hang_up: bool = False) -> bytes:
+    """``request`` as bytes on the proxy's socket; its answer (nothing when the client hangs up
+    right after sending)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(proxy.socket_path)
+    s.sendall(request)
+    if hang_up:
+        s.close()
+        return b""
+    f = s.makefile("rb")
+    data = f.read()
+    f.close()
+    s.close()
+    return data
+
+
+def test_a_connect_port_outside_1_to_65535_is_refused_not_wrapped_past_a_port_rule(tmp_path, servers):
+    """Found by an audit: ``CONNECT 127.0.0.1:P+65536`` was decided at P+65536 (no port rule matched)
+    and the resolver cut it to 16 bits, so it reached port P, which a rule denies."""
+    a, _, _ = servers
+    pol = Policy.from_toml(f"""
+[network]
+default = "deny"
+[[network.rules]]
+id = "local"
+action = "allow"
+hosts = ["127.0.0.1"]
+[[network.rules]]
+id = "not-this-port"
+action = "deny"
+ports = [{a.port}]
+""")
+    proxy, seen = make(tmp_path, pol)
+    try:
+        assert raw(proxy, f"CONNECT 127.0.0.1:{a.port} HTTP/1.1\r\n\r\n".encode()).startswith(b"HTTP/1.1 403")
+        for port in (a.port + 65536, f"+{a.port}", "0", "65536", "", f"{a.port}_0", f"0{a.port}00", "٤٤٣"):
+            answer = raw(proxy, f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 400"), (port, answer[:80])
+        answer = raw(proxy, f"GET http://127.0.0.1:{a.port + 65536}/ok.txt HTTP/1.1\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 400") and b"not a TCP port" in answer
+        assert proxy.wait_idle(10) and a.hits == []
+        assert [p["decision"] for k, p in seen if k == "network_decided"] == ["deny"]
+    finally:
+        proxy.stop()
+
+
+def test_the_upstream_gets_the_host_the_policy_decided_on_not_the_clients_host_header(tmp_path, servers):
+    """Found by an audit: the client's ``Host: admin.internal`` was forwarded to an allowed address,
+    so a server choosing its site by name served one the policy denies by name."""
+    a, _, _ = servers
+    pol = Policy.from_toml(policy(allowed=a.port) + '\n[[network.rules]]\nid = "no-admin"\naction = "deny"\n'
+                           'hosts = ["admin.internal"]\n')
+    proxy, _ = make(tmp_path, pol)
+    try:
+        status, _, _ = get(proxy, a.url("/ok.txt"), headers={"Host": "admin.internal"})
+        assert status == 200 and a.hosts == [f"127.0.0.1:{a.port}"]
+        status, headers, _ = get(proxy, f"http://admin.internal:{a.port}/ok.txt")
+        assert (status, headers["X-Agentledger-Rule"]) == (403, "no-admin") and len(a.hits) == 1
+    finally:
+        proxy.stop()
+
+
+def test_a_name_denied_anyway_is_never_resolved_when_address_rules_only_deny(tmp_path, monkeypatch):
+    """Found by an audit: one deny-only address rule (the docs' metadata example) made every name go to
+    the host's resolver before its 403: a DNS channel out of the sandbox (the name carries the data)."""
+    looked_up = []
+    real = socket.getaddrinfo
+
+    def spy(host, *args, **kwargs):
+        looked_up.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    base = '[network]\ndefault = "deny"\n[[network.rules]]\nid = "metadata"\naction = "deny"\ncidrs = ["169.254.169.254/32"]\n'
+    for text, resolved in ((base, []),
+                           (base + '[[network.rules]]\nid = "lan"\naction = "allow"\ncidrs = ["10.0.0.0/8"]\n',
+                            ["data-in-the-name.localhost"])):
+        looked_up.clear()
+        proxy, seen = make(tmp_path, Policy.from_toml(text))
+        try:
+            assert raw(proxy, b"CONNECT data-in-the-name.localhost:443 HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 403")
+            assert proxy.wait_idle(10)
+        finally:
+            proxy.stop()
+        assert looked_up == resolved  # an allowing address rule could lift the deny: only then resolved
+        assert [p["rule"] for k, p in seen if k == "network_decided"] == ["network.default"]
+
+
+def test_a_client_that_hangs_up_at_once_still_leaves_the_requests_record(tmp_path, servers):
+    """Found by an audit: a request sent and the socket closed at once reached the server, but the
+    reply to the gone client raised before ``network_completed`` (and the manifest entry) was written."""
+    a, d, _ = servers
+    proxy, seen = make(tmp_path, Policy.from_toml(policy(allowed=a.port, denied=d.port)))
+    try:
+        def completed_count() -> int:
+            return sum(k == "network_completed" for k, _ in seen)
+
+        for n, request in enumerate([f"GET {a.url('/ok.txt')} HTTP/1.1\r\nHost: x\r\n\r\n",
+                                     f"GET {a.url('/ok.txt?again=1')} HTTP/1.1\r\n\r\n",
+                                     f"GET {d.url('/no.txt')} HTTP/1.1\r\n\r\n",
+                                     f"CONNECT 127.0.0.1:{a.port} HTTP/1.1\r\n\r\n"], 1):
+            raw(proxy, request.encode(), hang_up=True)
+            deadline = time.monotonic() + 20
+            while completed_count() < n and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert proxy.wait_idle(10)
+        attempts = [p["attempt_id"] for k, p in seen if k == "network_attempted"]
+        completed = {p["attempt_id"]: p for k, p in seen if k == "network_completed"}
+        assert len(attempts) == 4 and set(completed) == set(attempts)
+        assert completed[attempts[2]]["outcome"] == "blocked"
+        assert len(a.hits) == 2 and len(proxy.exchanges) == 4
+    finally:
+        proxy.stop()
+
+
+def test_recorded_urls_and_the_approval_prompt_show_control_characters_instead_of_sending_them(tmp_path):
+    """Found by an audit: a path with escape sequences could erase the prompt's destination line and
+    draw another one in its place."""
+    import os
+
+    from agentledger.producers.sandbox.approvals import Ask
+
+    url = redact_url("http://127.0.0.2/x\x1b[2K\x1b[1Gdestination: GET https://pypi.org/\u202e")
+    assert "\x1b" not in url and "%1B%5B2K" in url and "%E2%80%AE" in url
+    master, slave = os.openpty()
+    try:
+        os.write(master, b"n\n")
+        pol = Policy.from_toml('[approvals]\ntimeout_s = 5\n')
+        answer = Approver(pol, interactive=True, tty=os.ttyname(slave)).decide(
+            Ask("network", "GET http://127.0.0.2/\x1b[2K\rGET https://pypi.org/", "d" * 64, "ask", "because\x07",
+                details=(("attempt", "a\x9b1"),)))
+        shown = os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert answer.decision == "denied"
+    assert b"\x1b" not in shown and b"\x07" not in shown and "\x9b".encode() not in shown
+    assert b"\\x1b[2K\\x0dGET https://pypi.org/" in shown and b"because\\x07" in shown

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from agentledger.schemas.policy import Policy
+from agentledger.schemas.terminal import printable
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class Approver:
             timeout = max(0.0, float(self.policy.approval_timeout_s))
             lines.append(f"Allow? [y]es once / [a]lways this session / [N]o  (no answer in {timeout:g}s: "
                          f"{'allow' if self.policy.noninteractive == 'allow' else 'refuse'}) ")
-            os.write(fd, "\r\n".join(lines).encode())
+            # what the command chose (its URL, its argv) is shown, never acted on by the terminal
+            os.write(fd, "\r\n".join(printable(line) for line in lines).encode())
             deadline = self.clock() + timeout
             buf = b""
             while b"\n" not in buf and b"\r" not in buf:

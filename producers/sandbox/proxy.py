@@ -55,8 +55,21 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+def tcp_port(text: str) -> int | None:
+    """A port as a request spells it: 1-5 ASCII digits naming 1..65535, else None."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5):
+        return None
+    port = int(text)
+    return port if 1 <= port <= 65535 else None
+
+
+# a path as recorded and shown: control characters (which could rewrite an approval prompt on a
+# terminal), spaces and non-ASCII percent-encoded; what is already percent-encoded is kept
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+
+
 def redact_url(url: str) -> str:
-    """The URL as recorded: no user info, query values replaced, no fragment."""
+    """The URL as recorded: no user info, query values replaced, no fragment, no control characters."""
     p = urlsplit(url)
     host = p.hostname or ""
     if ":" in host:
@@ -64,7 +77,7 @@ def redact_url(url: str) -> str:
     netloc = host + (f":{p.port}" if p.port else "")
     query = urlencode([(k, "REDACTED") for k, _ in parse_qsl(p.query, keep_blank_values=True)], quote_via=quote,
                       safe="REDACTED")
-    return urlunsplit((p.scheme, netloc, p.path or "/", query, ""))
+    return urlunsplit((p.scheme, netloc, quote(p.path or "/", safe=_PATH_SAFE), query, ""))
 
 
 def request_key(method: str, url: str, body: bytes) -> str:
@@ -353,17 +366,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.proxy._end(id(self))
 
     def _reply(self, status: int, text: str, extra: dict | None = None) -> int:
+        """Answer with a short text (a client that has hung up is no error here: what the proxy
+        decided and did is recorded after this either way)."""
         body = (text + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
         self.close_connection = True
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except OSError:
+            pass
         return len(body)
 
     def _read_body(self) -> bytes:
@@ -386,9 +404,9 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         host, _, port_s = self.path.rpartition(":")
         host = host.strip("[]")
-        try:
-            port = int(port_s)
-        except ValueError:
+        port = tcp_port(port_s)
+        if not host or port is None:
+            # (int() would take "+443", "4_43" and 108081, which the resolver wraps to 42545)
             self._reply(400, f"agentledger egress proxy: bad CONNECT target {self.path!r}")
             return
         attempt_id = px.attempt(host, port, "https", "CONNECT", None)
@@ -417,8 +435,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         upstream.settimeout(None)
         px._track(id(self), upstream)
-        self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        self.wfile.flush()
+        try:
+            self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.wfile.flush()
+        except OSError as exc:
+            upstream.close()
+            self.close_connection = True
+            px.completed(attempt_id, "error", started=started, error=f"client closed: {exc}"[:300])
+            px.remember(Exchange(attempt_id, None, None, None, False, addresses))
+            return
         counts = {"in": 0, "out": 0}
 
         def up_to_client():
@@ -461,7 +486,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, "agentledger egress proxy: send absolute-form requests (this is an HTTP proxy)")
             return
         host = parts.hostname
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            self._reply(400, "agentledger egress proxy: the request's port is not a TCP port (1-65535)")
+            return
         method = self.command.upper()
         body = self._read_body()
         attempt_id = px.attempt(host, port, parts.scheme, method, redact_url(url))
@@ -518,10 +547,11 @@ class _Handler(BaseHTTPRequestHandler):
             target = urlunsplit(("", "", parts.path or "/", parts.query, ""))
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
             for k, v in self.headers.items():
-                if k.lower() not in drop and k.lower() != "content-length":
+                if k.lower() not in drop and k.lower() not in ("content-length", "host"):
                     conn.putheader(k, v)
-            if "host" not in {k.lower() for k in self.headers.keys()}:
-                conn.putheader("Host", parts.netloc.rsplit("@", 1)[-1])
+            # the Host the policy decided on: a client's own Host header would pick another site
+            # on the same server (a name the policy denies, behind an address or name it allows)
+            conn.putheader("Host", parts.netloc.rsplit("@", 1)[-1])
             if body or method in ("POST", "PUT", "PATCH"):
                 conn.putheader("Content-Length", str(len(body)))
             conn.putheader("Connection", "close")
@@ -536,22 +566,24 @@ class _Handler(BaseHTTPRequestHandler):
             px.remember(Exchange(attempt_id, key, None, None, False, addresses))
             return
         headers = [(k, v) for k, v in resp.getheaders()]
-        self.send_response_only(resp.status, resp.reason)
         length = resp.getheader("Content-Length")
-        for k, v in headers:
-            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
-                self.send_header(k, v)
-        if length is not None and method != "HEAD":
-            self.send_header("Content-Length", length)
-        self.send_header("Connection", "close")
-        handed = now_us()
-        self.end_headers()
         h = hashlib.sha256()
         kept = bytearray()
         keep = True
         n = 0
         error = None
+        handed = now_us()
         try:
+            # the request went out: from here on, a client that hangs up still leaves its record
+            self.send_response_only(resp.status, resp.reason)
+            for k, v in headers:
+                if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                    self.send_header(k, v)
+            if length is not None and method != "HEAD":
+                self.send_header("Content-Length", length)
+            self.send_header("Connection", "close")
+            handed = now_us()
+            self.end_headers()
             if method != "HEAD":
                 while chunk := resp.read(65536):
                     handed = now_us()
