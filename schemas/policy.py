@@ -380,6 +380,12 @@ class Policy:
         else:
             candidates.append(Decision(self.command_default, None, f"no rule matches; default {self.command_default}",
                                        subject))
+        for inner in wrapped_suffixes(argv):  # what a wrapper runs answers to the rules written for it
+            ruled = [r for r in self.command_rules if r.matches(inner)]
+            if ruled:
+                worst = max(ruled, key=lambda r: COMMAND_DECISIONS.index(r.decision))
+                candidates.append(Decision(worst.decision, worst.id, f"matched rule {worst.id} ({worst.decision})",
+                                           " ".join(inner)[:200]))
         if escalated:
             candidates.append(Decision(self.escalation, "escalation", f"runs outside the sandbox; escalation {self.escalation}",
                                        subject))
@@ -500,13 +506,31 @@ def _check(value: Any, allowed: Iterable[str], what: str) -> str:
 # --- how commands and URLs are read (shared by the producers and replay) ---------------------
 
 SHELLS = {"bash", "sh", "zsh", "dash", "fish", "ksh", "pwsh", "powershell", "powershell.exe", "cmd.exe"}
+# words that run the rest of their line as a command (``sudo -u root rm ...``, ``timeout 5 rm ...``)
+WRAPPERS = {"command", "builtin", "exec", "nohup", "env", "sudo", "doas", "nice", "ionice", "timeout", "stdbuf",
+            "xargs", "time", "setsid", "unbuffer", "watch", "chronic", "flock", "caffeinate", "busybox", "eval"}
+# shell words that precede a command without being one (``if``, ``then``, ``do``, ``{``, ``!``...)
+_LEADING = {"{", "}", "!", "if", "then", "else", "elif", "fi", "do", "done", "while", "until", "time", "esac", "(", ")"}
+# words that start a clause whose words are not a command (``for x in a b``, ``case $x in``)
+_CLAUSES = {"for", "select", "case", "function"}
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^]]*\])?\+?=")
+_OPERATORS = ";&|()\n"
 
 
 def wrapped_command(argv: list[str]) -> str | None:
-    """The command string of a shell wrapper argv (``bash -lc "..."``), else None."""
-    if len(argv) >= 3 and os.path.basename(argv[0]) in SHELLS and argv[1] in ("-c", "-lc", "-ic"):
-        return argv[2]
-    return None
+    """The command string of a shell wrapper argv (``bash -lc "..."``, ``bash -l -c "..."``,
+    ``sh -ec "..."``, ``bash --login -c "..."``), else None."""
+    if len(argv) < 3 or os.path.basename(argv[0]) not in SHELLS:
+        return None
+    i, has_c = 1, False
+    while i < len(argv) and argv[i][:1] in ("-", "+") and argv[i] not in ("-", "--"):
+        opt = argv[i]
+        if not opt.startswith("--") and "c" in opt[1:]:
+            has_c = True
+        i += 2 if opt in ("-o", "+o", "-O", "+O", "--rcfile", "--init-file") else 1
+    if i < len(argv) and argv[i] == "--":
+        i += 1
+    return argv[i] if has_c and i < len(argv) else None
 
 
 def simple_commands(argv: list[str]) -> list[list[str]]:
@@ -516,28 +540,92 @@ def simple_commands(argv: list[str]) -> list[list[str]]:
     return shell_segments(inner) if inner is not None else [argv]
 
 
+def _substitutions(command: str) -> list[str]:
+    """The command strings of the backquote and ``$( )`` substitutions in ``command`` (not inside
+    single quotes, where the shell runs nothing)."""
+    out, i, quote = [], 0, None
+    while i < len(command):
+        c = command[i]
+        if c == "\\" and quote != "'":
+            i += 2
+            continue
+        if quote == "'":
+            quote = None if c == "'" else quote
+        elif c == "'" and quote is None:
+            quote = "'"
+        elif c == '"':
+            quote = None if quote == '"' else '"'
+        elif c == "`":
+            j = command.find("`", i + 1)
+            j = len(command) if j < 0 else j
+            out.append(command[i + 1:j])
+            i = j
+        elif command.startswith("$(", i) and not command.startswith("$((", i):
+            depth, j = 1, i + 2
+            while j < len(command) and depth:
+                depth += {"(": 1, ")": -1}.get(command[j], 0)
+                j += 1
+            out.append(command[i + 2:j - 1 if depth == 0 else j])
+            i = j - 1
+        i += 1
+    return out
+
+
 def shell_segments(command: str) -> list[list[str]]:
+    """The simple commands of a shell string: split on ``; & | ( )`` and newlines, without the words
+    that only lead a command (``if``, ``then``, ``do``, ``{``, ``!``, ``VAR=value``), with every
+    backquote and ``$( )`` substitution's commands, and shell wrappers unwrapped. A comment's words
+    are left out; a ``for``/``case`` clause's words are no command."""
     try:
-        lex = shlex.shlex(command, posix=True, punctuation_chars=";&|()")
+        lex = shlex.shlex(command, posix=True, punctuation_chars=_OPERATORS)
         lex.whitespace_split = True
+        lex.whitespace = " \t\r"
+        lex.commenters = ""  # a comment ends at its newline, which must still separate commands
         tokens = list(lex)
     except ValueError:
         tokens = command.split()
     out: list[list[str]] = []
     cur: list[str] = []
-    for t in tokens:
-        if t and set(t) <= set(";&|()"):
-            if cur:
+    for t in [*tokens, ";"]:
+        if t and set(t) <= set(_OPERATORS):
+            comment = next((i for i, w in enumerate(cur) if w.startswith("#")), None)
+            cur = cur[:comment]
+            while cur and (cur[0] in _LEADING or _ASSIGNMENT.match(cur[0])):
+                cur = cur[1:]
+            if cur and cur[0] not in _CLAUSES:
                 out.append(cur)
             cur = []
         else:
             cur.append(t)
-    if cur:
-        out.append(cur)
+    for inner in _substitutions(command):
+        out.extend(shell_segments(inner))
     result: list[list[str]] = []
     for seg in out:
         result.extend(simple_commands(seg) if len(seg) >= 3 else [seg])
     return result or [[command]]
+
+
+def wrapped_suffixes(argv: list[str]) -> list[list[str]]:
+    """What a wrapper (``sudo``, ``env``, ``timeout``, `WRAPPERS`) may run: every suffix of its argv
+    that starts at a word that is not an option, an assignment or a number. A policy matches its rules
+    on each (the rule for ``rm`` holds under ``sudo -u root rm``); which suffix the wrapper really runs
+    depends on its options, so none of them counts as a command of its own when no rule matches it."""
+    if not argv or os.path.basename(argv[0]) not in WRAPPERS:
+        return []
+    out = []
+    for i in range(1, len(argv)):
+        w = argv[i]
+        if w[:1] in ("-", "+") or _ASSIGNMENT.match(w) or w.replace(".", "").isdigit():
+            continue
+        inner = argv[i:]
+        out.append(inner)
+        out.extend(s for s in wrapped_suffixes(inner) if s not in out)
+        nested = wrapped_command(inner)
+        if nested is not None:
+            out.extend(s for s in shell_segments(nested) if s not in out)
+    if os.path.basename(argv[0]) == "eval" and len(argv) > 1:
+        out.extend(shell_segments(" ".join(argv[1:])))
+    return out
 
 
 _URL = re.compile(r"\b(https?|ftp|ssh|git|wss?)://([^\s/?#'\"<>`]*)", re.IGNORECASE)

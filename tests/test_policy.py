@@ -100,6 +100,31 @@ def test_compound_commands_are_decided_by_every_simple_command_and_by_rules_on_t
     assert p.evaluate_command(["curl", "https://evil.example/x"]).action == "prompt"  # (commands alone: no URLs)
 
 
+@pytest.mark.parametrize("command", [
+    "echo ok\nrm -rf /", "{ rm -rf /; }", "if true; then rm -rf /; fi", "for i in 1; do rm -rf /; done",
+    "while true; do rm -rf /; done", "! rm -rf /", "FOO=1 rm -rf /", "A=1 B[2]=x rm -rf /", "echo `rm -rf /`",
+    'echo "$(rm -rf /)"', "echo $(echo $(rm -rf /))", "bash -l -c 'rm -rf /'", "sh -ec 'rm -rf /'",
+    "bash --login -c 'rm -rf /'", "sudo -u root rm -rf /", "timeout 5 rm -rf /", "env -i A=1 rm -rf /",
+    "nice -n 10 rm -rf /", "eval 'rm -rf /'", "xargs -n1 sh -c 'rm -rf /'", "true # comment\nrm -rf /",
+])
+def test_shell_syntax_does_not_hide_a_forbidden_command(p, command):
+    """Found by an audit: a newline, ``{ }``, ``then``/``do``, ``VAR=value``, backquotes, ``bash -l -c``
+    and wrappers such as ``sudo`` got ``rm -rf /`` past its forbidden rule, in the hook and the sandbox."""
+    d = p.evaluate_shell_string(command)
+    assert (d.action, d.rule, d.subject) == ("forbidden", "no-rm-rf", "rm -rf /"), command
+    assert p.evaluate_command(["bash", "-c", command]).rule == "no-rm-rf"
+
+
+def test_shell_words_that_run_nothing_are_no_commands(p):
+    assert p.evaluate_shell_string("echo 'rm -rf /'").action == "prompt"  # echo: the default, not the rule
+    assert p.evaluate_shell_string("echo '$(rm -rf /)' \"a\nb\"").rule is None  # quoted: nothing runs
+    assert p.evaluate_shell_string("git status # rm -rf /").action == "allow"
+    assert p.evaluate_shell_string("if git status; then pytest -q; fi").action == "allow"
+    assert p.evaluate_shell_string("LANG=C git status").action == "allow"
+    # a wrapper's inner command answers only to rules: allowing it does not allow the wrapper
+    assert p.evaluate_shell_string("sudo git status").action == "prompt"
+
+
 def test_files_and_env(p):
     assert p.evaluate_write("/w/src/a.py", workspace="/w").allowed
     assert not p.evaluate_write("/w2/a.py", workspace="/w").allowed
