@@ -160,6 +160,27 @@ def _tool_command(tool_input: dict) -> tuple[list[str], str | None] | None:
     return command_argv(tool_input.get("command") if "command" in tool_input else tool_input.get("cmd"))
 
 
+def _as_named_and_as_linked(path: str) -> list[str]:
+    """The path a tool names and, when links lead elsewhere, where they lead on this machine (the
+    hook runs where the agent does): a link the agent made in its workspace to a file the policy
+    denies is denied as that file. A file not made yet is where its existing parent leads."""
+    if not os.path.isabs(path):
+        return [path]
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        return [path]
+    return [path] if real == path else [path, real]
+
+
+def _write(policy, path: str, cwd: str, home: str | None, *, linked: bool):
+    if not linked:
+        return policy.evaluate_write(path, workspace=cwd or None, home=home)
+    # where links lead is held against where the roots lead (a workspace under a linked home)
+    return policy.evaluate_write(path, workspace=os.path.realpath(cwd) if cwd else None, home=home,
+                                 resolve=os.path.realpath)
+
+
 def evaluate(policy, tool: str, tool_input: dict, cwd: str, home: str | None = None) -> Verdict | None:
     """The policy's verdict on a tool call; only denials are acted on. ``home``: the agent's home
     directory (its HOME: the hook runs as the session's user), `~` of the policy and of paths."""
@@ -191,19 +212,23 @@ def evaluate(policy, tool: str, tool_input: dict, cwd: str, home: str | None = N
         patch = str(tool_input.get("command") or tool_input.get("input") or "")
         for op in parse_patch(patch):
             for p in filter(None, (op["path"], op.get("new_path"))):
-                d = policy.evaluate_write(resolve_path(p, cwd, home), workspace=cwd or None, home=home)
-                if d.action == "deny":
-                    return Verdict(True, f"agentledger policy {name}: write {p}: {d.reason}", d.rule)
+                named = resolve_path(p, cwd, home)
+                for at in _as_named_and_as_linked(named):
+                    d = _write(policy, at, cwd, home, linked=at != named)
+                    if d.action == "deny":
+                        return Verdict(True, f"agentledger policy {name}: write {p}: {d.reason}", d.rule)
         return None
     if tool in WRITE_TOOLS | READ_TOOLS:
         path = tool_input.get("file_path") or tool_input.get("notebook_path")
         if not path:
             return None
         path = resolve_path(str(path), cwd, home)
-        d = (policy.evaluate_read(path, home=home) if tool in READ_TOOLS
-             else policy.evaluate_write(path, workspace=cwd or None, home=home))
-        if d.action == "deny":
-            return Verdict(True, f"agentledger policy {name}: {'read' if tool in READ_TOOLS else 'write'} {path}: {d.reason}", d.rule)
+        for at in _as_named_and_as_linked(path):
+            d = (policy.evaluate_read(at, home=home) if tool in READ_TOOLS
+                 else _write(policy, at, cwd, home, linked=at != path))
+            if d.action == "deny":
+                return Verdict(True, f"agentledger policy {name}: {'read' if tool in READ_TOOLS else 'write'} {path}"
+                               + (f" (a link to {at})" if at != path else "") + f": {d.reason}", d.rule)
         return None
     if tool in NET_TOOLS:
         urls = urls_in(str(tool_input.get("url") or ""))

@@ -57,7 +57,7 @@ import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import ConfigError
 from .netaddr import Host, HostError, IPAddress, aliases, canonical_network, idna_ascii, parse_address, parse_host
@@ -408,13 +408,16 @@ class Policy:
         return out
 
     def evaluate_write(self, path: str, workspace: str | None = None,
-                       home: "str | _AnyHome | None" = None) -> Decision:
+                       home: "str | _AnyHome | None" = None, resolve: Callable[[str], str] | None = None) -> Decision:
+        """``resolve``: how the roots are read when ``path`` is where links lead (``os.path.realpath``
+        on the machine the path is on), so a root reached through a link still holds it."""
         if self.sandbox_mode == "danger_full_access":
             return Decision("allow", "sandbox.mode", "danger_full_access allows every write")
         if self.sandbox_mode == "read_only":
             return Decision("deny", "sandbox.mode", "read_only sandbox: no writes")
         p = os.path.normpath(_expand_path(path, home))
-        for root in self.roots(workspace, home):
+        roots = self.roots(workspace, home)
+        for root in [*roots, *(resolve(r) for r in roots)] if resolve else roots:
             if p == root or p.startswith(root.rstrip("/") + "/"):
                 return Decision("allow", "sandbox.writable_roots", f"inside writable root {root}")
         return Decision("deny", "sandbox.writable_roots", f"{path} is outside the writable roots")

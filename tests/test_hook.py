@@ -556,3 +556,35 @@ def test_gemini_cli_hooks_are_recorded_paired_and_answered_in_its_shape(tmp_path
     fin = q(env, "select command_finished.status s from events where kind = 'command_finished' "
                  f"and tool_call_id = '{sh_id}'")
     assert fin == [{"s": "failed"}]
+
+
+def test_a_link_in_the_workspace_is_decided_as_the_file_it_leads_to(tmp_path):
+    """Found by an audit: Read of a workspace link to a deny_read file, and Write through a link to a
+    file outside the writable roots, were decided on the link's own path and let through."""
+    from agentledger.producers.hook import evaluate
+    from agentledger.schemas.policy import Policy
+
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key").write_text("k\n")
+    (tmp_path / "outside.rc").write_text("x\n")
+    ws = tmp_path / "real-ws"
+    ws.mkdir()
+    (ws / "notes.txt").symlink_to("../secret/key")
+    (ws / "config.txt").symlink_to("../outside.rc")
+    (ws / "out").symlink_to(tmp_path)
+    (tmp_path / "ws").symlink_to(ws)  # the agent's cwd reaches its workspace through a link
+    pol = Policy.from_toml(f'[sandbox]\nmode = "workspace_write"\nwritable_roots = ["$WORKSPACE"]\n'
+                           f'deny_read = ["{tmp_path}/secret/**"]\n')
+    cwd = str(tmp_path / "ws")
+    v = evaluate(pol, "Read", {"file_path": "notes.txt"}, cwd)
+    assert v and v.deny and v.rule == "sandbox.deny_read" and f"a link to {tmp_path}/secret/key" in v.reason
+    v = evaluate(pol, "Write", {"file_path": "config.txt", "content": "evil"}, cwd)
+    assert v and v.deny and v.rule == "sandbox.writable_roots"
+    v = evaluate(pol, "Write", {"file_path": "out/new-file", "content": "evil"}, cwd)  # not made yet
+    assert v and v.deny and f"a link to {tmp_path}/new-file" in v.reason
+    patch = "*** Begin Patch\n*** Add File: config.txt\n+evil\n*** End Patch\n"
+    v = evaluate(pol, "apply_patch", {"command": patch}, cwd)
+    assert v and v.deny
+    # what the policy allows stays allowed, through the linked workspace too
+    assert evaluate(pol, "Write", {"file_path": "src/new.py", "content": "ok"}, cwd) is None
+    assert evaluate(pol, "Read", {"file_path": str(tmp_path / "outside.rc")}, cwd) is None
