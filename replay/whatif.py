@@ -391,9 +391,14 @@ def what_if(con, policy: Policy, sessions: Iterable[str] | None = None) -> WhatI
 
 
 def session_ids(con, query: str | None) -> list[str] | None:
-    """Session ids selected by a user query (its column ``session_id``, else its first column)."""
+    """Session ids selected by a user query (its column ``session_id``, else its first column): user
+    SQL, so through the read-only guard of `agentledger sql` first (`check_read_only`, which raises
+    WarehouseError for what it refuses)."""
+    from agentledger.schemas.warehouse import check_read_only
+
     if not query:
         return None
+    check_read_only(con, query)
     cur = con.execute(query)
     cols = [d[0] for d in cur.description or []]
     if not cols:

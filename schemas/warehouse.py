@@ -1070,27 +1070,11 @@ class Warehouse:
     def check_query(self, sql: str) -> None:
         """Refuse what read-only SQL must not run (raises WarehouseError naming it): any statement but
         SELECT and EXPLAIN (writes, COPY, EXPORT, ATTACH, INSTALL/LOAD, SET/PRAGMA settings, CALL,
-        CHECKPOINT, transactions ...), and functions that change state from inside a SELECT. Meant with
-        `lock_down`, which blocks the file and network access of what remains; see `open_for_query`."""
-        try:
-            statements = self.con.extract_statements(sql)
-        except duckdb.Error as exc:
-            raise WarehouseError(str(exc).strip()) from exc
-        for st in statements:
-            text, kind = st.query, st.type.name
-            while kind == "EXPLAIN":
-                text = re.sub(r"^\s*EXPLAIN(\s+ANALY[SZ]E)?", "", text, count=1, flags=re.I)
-                inner = self.con.extract_statements(text)
-                if len(inner) != 1:
-                    break
-                kind = inner[0].type.name
-            if kind != "SELECT":
-                raise WarehouseError(f"refused: {st.type.name} statements are not allowed here (read-only SQL: "
-                                     "SELECT and EXPLAIN only)")
-            tree = scalar(self.con.execute("SELECT json_serialize_sql(?)", [text]))
-            bad = sorted({f for f in re.findall(r'"function_name":"([^"]+)"', tree) if _STATEFUL.match(f)})
-            if bad:
-                raise WarehouseError(f"refused: {', '.join(bad)} changes state; read-only SQL may not call it")
+        CHECKPOINT, transactions ...), table functions not in `READ_ONLY_TABLE_FUNCTIONS` (those that
+        run SQL given as text, such as query(), or read files), and functions that change state from
+        inside a SELECT. Meant with `lock_down`, which blocks the file and network access of what
+        remains; see `open_for_query`. `check_read_only` on this connection."""
+        check_read_only(self.con, sql)
 
     def query(self, sql: str, params: Any = None) -> duckdb.DuckDBPyConnection:
         """Run user-supplied read-only SQL after `check_query` (the cursor, to fetch from)."""
@@ -1584,6 +1568,79 @@ _STATEFUL = re.compile(r"^(checkpoint|force_checkpoint|enable_logging|disable_lo
                        r"enable_profiling|disable_profiling|duckdb_secrets|which_secret|"
                        r"ducklake_(?!(snapshots|table_info|list_files|table_changes|table_insertions|"
                        r"table_deletions|current_snapshot|last_committed_snapshot|settings|options)$).*)$", re.I)
+
+
+# Table functions read-only SQL (`check_read_only`) may call: generators, the catalog's and DuckLake's
+# descriptions. Not: query() / query_table() / json_execute_serialized_sql() (they run SQL given as a
+# string, which the check would not see: `query('select * from enable_logging(...)')` aborted the
+# process), file readers (read_*, glob, parquet_*: `lock_down` blocks them too), logs, secrets, and
+# whatever changes state (checkpoint, enable_logging, ducklake_expire_snapshots, ...).
+READ_ONLY_TABLE_FUNCTIONS = SAFE_TABLE_FUNCTIONS | frozenset({
+    "repeat", "repeat_row", "json_each", "json_tree", "histogram", "histogram_values", "summary",
+    "pg_timezone_names", "icu_calendar_names",
+    "duckdb_approx_database_count", "duckdb_columns", "duckdb_connection_count", "duckdb_constraints",
+    "duckdb_databases", "duckdb_dependencies", "duckdb_extensions", "duckdb_functions", "duckdb_indexes",
+    "duckdb_keywords", "duckdb_memory", "duckdb_optimizers", "duckdb_schemas", "duckdb_sequences",
+    "duckdb_settings", "duckdb_tables", "duckdb_types", "duckdb_views", "duckdb_secret_types",
+    "pragma_collations", "pragma_database_size", "pragma_metadata_info", "pragma_platform", "pragma_show",
+    "pragma_storage_info", "pragma_table_info", "pragma_user_agent", "pragma_version",
+    "ducklake_snapshots", "ducklake_table_info", "ducklake_list_files", "ducklake_table_changes",
+    "ducklake_table_insertions", "ducklake_table_deletions", "ducklake_current_snapshot",
+    "ducklake_last_committed_snapshot", "ducklake_settings", "ducklake_options",
+})
+
+
+def _table_functions(node: Any) -> set[str]:
+    """The names of the table functions a serialized statement (json_serialize_sql) calls."""
+    found: set[str] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            stack.extend(n)
+        elif isinstance(n, dict):
+            if n.get("type") == "TABLE_FUNCTION":
+                found.add(str((n.get("function") or {}).get("function_name") or "?").lower())
+            stack.extend(n.values())
+    return found
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse what read-only SQL must not run on ``con`` (`Warehouse.check_query`; also the what-if's
+    session query): raises WarehouseError naming it. Nothing to run (empty, only comments) is refused
+    too, with its own message."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise WarehouseError(str(exc).strip()) from exc
+    if not statements:
+        raise WarehouseError("nothing to run: the query is empty (or only comments)")
+    for st in statements:
+        text, kind = st.query, st.type.name
+        while kind == "EXPLAIN":
+            text = re.sub(r"^\s*EXPLAIN(\s+ANALY[SZ]E)?", "", text, count=1, flags=re.I)
+            try:
+                inner = con.extract_statements(text)
+            except duckdb.Error as exc:
+                raise WarehouseError(str(exc).strip()) from exc
+            if len(inner) != 1:
+                break
+            text, kind = inner[0].query, inner[0].type.name
+        if kind != "SELECT":
+            raise WarehouseError(f"refused: {st.type.name} statements are not allowed here (read-only SQL: "
+                                 "SELECT and EXPLAIN only)")
+        tree = scalar(con.execute("SELECT json_serialize_sql(?)", [text]))
+        doc = json.loads(tree)
+        if doc.get("error"):  # nothing unchecked runs
+            raise WarehouseError(f"refused: this statement cannot be checked as read-only "
+                                 f"({doc.get('error_message') or 'unparsable'})")
+        bad = sorted({f for f in re.findall(r'"function_name":"([^"]+)"', tree) if _STATEFUL.match(f)})
+        if bad:
+            raise WarehouseError(f"refused: {', '.join(bad)} changes state; read-only SQL may not call it")
+        other = sorted(_table_functions(doc.get("statements")) - READ_ONLY_TABLE_FUNCTIONS)
+        if other:
+            raise WarehouseError(f"refused: the table function {', '.join(f + '()' for f in other)} is not allowed "
+                                 "in read-only SQL (it runs SQL given as text, reads files or changes state)")
 
 
 def open_for_query(settings: Settings, *, snapshot: int | None = None) -> Warehouse:
