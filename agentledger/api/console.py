@@ -458,40 +458,70 @@ def whatif_text(s: Settings, policy_toml: str, sessions_sql: str | None = None) 
         return whatif(s, p, sessions_sql)
 
 
-def sql_limited(s: Settings, query: str, *, limit: int | None = None) -> tuple[Rows | None, bool]:
-    """`sql` (the same read-only guard) keeping at most ``limit`` rows: (rows, whether more were cut)."""
+def sql_limited(s: Settings, query: str, *, limit: int | None = None,
+                timeout_s: float | None = None) -> tuple[Rows | None, bool]:
+    """`sql` (the same read-only guard) keeping at most ``limit`` rows: (rows, whether more were cut).
+    ``timeout_s``: interrupt the query (its connection) after that many seconds, a WarehouseError
+    saying so."""
+    import threading
+
     import duckdb
 
     from agentledger.schemas.warehouse import open_for_query
 
     with open_for_query(s) as wh:
+        done = threading.Event()
+
+        def interrupt() -> None:
+            if not done.is_set():
+                try:
+                    wh.con.interrupt()
+                except duckdb.Error:
+                    pass
+
+        timer = threading.Timer(timeout_s, interrupt) if timeout_s else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         try:
             cur = wh.query(query)
-            if cur.description is None:
+            if cur is None or cur.description is None:
                 return None, False
             rows = cur.fetchmany(limit + 1) if limit is not None else cur.fetchall()
+        except duckdb.InterruptException as exc:
+            if not timeout_s:
+                raise WarehouseError("query interrupted") from exc
+            raise WarehouseError(f"query interrupted after {timeout_s:g} s (the time limit of a query here)") from exc
         except duckdb.Error as exc:
             raise WarehouseError(str(exc).strip()) from exc
+        finally:
+            done.set()
+            if timer is not None:
+                timer.cancel()
+                timer.join()
         cut = limit is not None and len(rows) > limit
         return Rows([d[0] for d in cur.description], rows[:limit] if cut else rows), cut
 
 
-def export_to_temp(s: Settings, session: str) -> tuple[Path, dict]:
-    """Export a session's evidence bundle into a new private temporary directory: (path, document).
-    The caller removes the directory."""
+def export_to_temp(s: Settings, session: str) -> tuple[Path, Path, dict]:
+    """Export a session's evidence bundle into a new private temporary directory: (that directory,
+    the bundle's path, document). The bundle has a fixed name in it (never one made of the session id,
+    which the recorded agent chose). The caller removes the directory, and only it."""
+    import shutil
+
     from .evidence import export_bundle
 
-    d = Path(tempfile.mkdtemp(prefix="agentledger-export-"))
-    sid = read_session_id(s, session)
-    out = d / f"{sid}.avro"
+    d = Path(tempfile.mkdtemp(prefix="agentledger-export-")).resolve()
     try:
+        sid = read_session_id(s, session)
+        out = d / "bundle.avro"
         doc = export_bundle(s, sid, out, source="warehouse").as_dict()
+        if out.resolve().parent != d:
+            raise WarehouseError(f"the bundle was not written inside {d}")
     except BaseException:
-        import shutil
-
         shutil.rmtree(d, ignore_errors=True)
         raise
-    return out, doc
+    return d, out, doc
 
 
 def read_session_id(s: Settings, session: str) -> str:

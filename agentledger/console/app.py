@@ -7,7 +7,10 @@ and a Content-Security-Policy that allows none, nor any resource from elsewhere.
 Auth: on a loopback address none is needed, but the Host header must name a loopback host (no DNS
 rebinding). Bound elsewhere, every request needs the token (``?token=`` once, which sets an
 HttpOnly SameSite=Strict cookie, or ``Authorization: Bearer``). Every POST carries the per-process
-CSRF token of the form and, when the browser sends one, an Origin of this server.
+CSRF token of the form and, when the browser sends one, an Origin of this server. A POST, and a GET
+that runs SQL (/sql, /sql.csv), is refused when the browser says it comes from another site
+(``Sec-Fetch-Site`` other than same-origin or none), and a query is interrupted after
+``sql_timeout_s`` seconds (it holds the one lock every page waits for).
 
 The warehouse is opened per request and closed before the answer (one request at a time holds it:
 DuckDB connections to one file in one process must agree on their configuration).
@@ -26,7 +29,7 @@ import shutil
 import threading
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import jinja2
 from markupsafe import Markup, escape
@@ -42,6 +45,9 @@ COOKIE = "agentledger_console"
 SQL_ROW_LIMIT = 1000
 CSV_ROW_LIMIT = 1_000_000
 PAGE_SIZE = 50
+SQL_TIMEOUT_S = 30.0  # a query of /sql or /sql.csv is interrupted after this many seconds
+SQL_PATHS = ("/sql", "/sql.csv")  # the GETs that run the user's SQL
+SAME_SITE = ("same-origin", "none")  # the Sec-Fetch-Site values of a request this console's pages (or a user) made
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 _SECRET_TOKEN = re.compile(r"\[SECRET:[a-z0-9_]+:[0-9a-f]{8}\]")
@@ -95,11 +101,28 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _csv_cell(value: Any) -> str:
+    """A CSV cell: a text starting with = + - @ tab or CR gets a leading ' (OWASP's CSV injection
+    advice), so a spreadsheet shows it as text rather than run it as a formula; numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return _cell(value)
+
+
+def _url_part(value: Any) -> str:
+    """A value (a session id, an alert id: recorded, attacker-chosen) as one URL path segment or query
+    value: every character but letters, digits and _.-~ percent-encoded, so '/', '..', '?', '#' or
+    '&' in it cannot make its link go elsewhere."""
+    return quote(str(value), safe="")
+
+
 class Console:
     """The app and its per-process secrets."""
 
-    def __init__(self, settings, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None):
+    def __init__(self, settings, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+                 sql_timeout_s: float = SQL_TIMEOUT_S):
         self.settings = settings
+        self.sql_timeout_s = sql_timeout_s
         self.host, self.port = host, port
         self.token = token if token is not None else (secrets.token_urlsafe(24) if needs_token(host) else None)
         self.csrf = secrets.token_urlsafe(24)
@@ -108,12 +131,14 @@ class Console:
         self.views.warm()  # the first session page a user opens would otherwise pay ~190 ms of imports
         self.env = jinja2.Environment(loader=jinja2.PackageLoader("agentledger.console", "templates"),
                                       autoescape=True)
-        self.env.filters.update(redacted=_redacted, ts=_ts, duration=_duration, cell=_cell)
+        self.env.filters.update(redacted=_redacted, ts=_ts, duration=_duration, cell=_cell, urlpart=_url_part)
         self.env.globals.update(csrf=self.csrf, severities=api.SEVERITIES)
         routes = [
             Route("/", self.sessions), Route("/sessions", self.sessions),
-            Route("/sessions/{sid}", self.session), Route("/sessions/{sid}/verify", self.verify, methods=["POST"]),
-            Route("/sessions/{sid}/export", self.export, methods=["POST"]),
+            # {sid:path}: an id may hold '/' (its links percent-encode it; the server gets it decoded)
+            Route("/sessions/{sid:path}/verify", self.verify, methods=["POST"]),
+            Route("/sessions/{sid:path}/export", self.export, methods=["POST"]),
+            Route("/sessions/{sid:path}", self.session),
             Route("/alerts", self.alerts), Route("/alerts/{alert_id}/label", self.label, methods=["POST"]),
             Route("/whatif", self.whatif, methods=["GET", "POST"]),
             Route("/sql", self.sql), Route("/sql.csv", self.sql_csv),
@@ -169,6 +194,12 @@ class Console:
                 return self._secure(PlainTextResponse(
                     "401: this console needs its token: open the URL `agentledger serve` printed (…?token=…)\n",
                     status_code=401))
+        if request.method == "POST" or request.url.path in SQL_PATHS:
+            # what another site's page can make a browser send (a form, an <img>) must not change or run anything
+            fetch_site = request.headers.get("sec-fetch-site")
+            if fetch_site is not None and fetch_site.strip().lower() not in SAME_SITE:
+                return self._secure(PlainTextResponse(f"refused: a {request.method} from another site "
+                                                      f"(Sec-Fetch-Site: {fetch_site[:20]})\n", status_code=403))
         if request.method == "POST":
             origin = request.headers.get("origin")
             if origin and origin != "null":
@@ -231,10 +262,17 @@ class Console:
 
     async def export(self, request: Request) -> Response:
         await self._form(request)
-        path, doc = self.call(api.export_to_temp, self.settings, request.path_params["sid"])
-        return FileResponse(path, media_type="application/octet-stream", filename=path.name,
+        directory, path, doc = self.call(api.export_to_temp, self.settings, request.path_params["sid"])
+        try:
+            # the one directory export_to_temp made, and the bundle inside it (never a path made of the id)
+            if path.resolve().parent != directory.resolve() or not directory.name.startswith("agentledger-export-"):
+                raise api.AgentLedgerError("refused: the bundle was not written in its own temporary directory")
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return FileResponse(path, media_type="application/octet-stream", filename=download_name(doc["session_id"]),
                             headers={"x-bundle-sha256": doc["sha256"]},
-                            background=BackgroundTask(shutil.rmtree, path.parent, ignore_errors=True))
+                            background=BackgroundTask(shutil.rmtree, directory, ignore_errors=True))
 
     def alerts(self, request: Request) -> Response:
         q = request.query_params
@@ -275,7 +313,8 @@ class Console:
         rows, cut, error = None, False, None
         if query.strip():
             try:
-                rows, cut = self.call(api.sql_limited, self.settings, query, limit=SQL_ROW_LIMIT)
+                rows, cut = self.call(api.sql_limited, self.settings, query, limit=SQL_ROW_LIMIT,
+                                      timeout_s=self.sql_timeout_s)
             except api.AgentLedgerError as exc:
                 error = str(exc)
         return self.render("sql.html", page="sql", query=query, rows=rows, cut=cut, error=error,
@@ -283,15 +322,22 @@ class Console:
 
     def sql_csv(self, request: Request) -> Response:
         query = request.query_params.get("q", "")
-        rows, cut = self.call(api.sql_limited, self.settings, query, limit=CSV_ROW_LIMIT)
+        rows, cut = self.call(api.sql_limited, self.settings, query, limit=CSV_ROW_LIMIT, timeout_s=self.sql_timeout_s)
         buf = io.StringIO()
         w = csv.writer(buf)
         if rows is not None:
-            w.writerow(rows.columns)
-            w.writerows([[_cell(v) for v in r] for r in rows.rows])
+            w.writerow([_csv_cell(c) for c in rows.columns])
+            w.writerows([[_csv_cell(v) for v in r] for r in rows.rows])
         return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
                         headers={"content-disposition": 'attachment; filename="query.csv"',
                                  **({"x-rows-cut": str(CSV_ROW_LIMIT)} if cut else {})})
+
+
+def download_name(session_id: str, suffix: str = ".avro") -> str:
+    """A file name for a session's download: only [A-Za-z0-9._-] of its id (the recorded agent chose
+    it), other characters as '_', no leading dot."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", session_id)[:100].lstrip(".")
+    return (name or "session") + suffix
 
 
 def group_timeline(timeline: list[dict]) -> list[dict]:
@@ -308,8 +354,9 @@ def group_timeline(timeline: list[dict]) -> list[dict]:
     return turns
 
 
-def make_app(settings, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> Console:
-    return Console(settings, host=host, port=port, token=token)
+def make_app(settings, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+             sql_timeout_s: float = SQL_TIMEOUT_S) -> Console:
+    return Console(settings, host=host, port=port, token=token, sql_timeout_s=sql_timeout_s)
 
 
 def serve(console: Console, *, log_level: str = "warning") -> None:
