@@ -479,6 +479,7 @@ def test_recorded_urls_and_the_approval_prompt_show_control_characters_instead_o
     """Found by an audit: a path with escape sequences could erase the prompt's destination line and
     draw another one in its place."""
     import os
+    import select
 
     from agentledger.producers.sandbox.approvals import Ask
 
@@ -491,7 +492,9 @@ def test_recorded_urls_and_the_approval_prompt_show_control_characters_instead_o
         answer = Approver(pol, interactive=True, tty=os.ttyname(slave)).decide(
             Ask("network", "GET http://127.0.0.2/\x1b[2K\rGET https://pypi.org/", "d" * 64, "ask", "because\x07",
                 details=(("attempt", "a\x9b1"),)))
-        shown = os.read(master, 65536)
+        shown = b""
+        while select.select([master], [], [], 1)[0]:  # everything the prompt wrote (a read may get part)
+            shown += os.read(master, 65536)
     finally:
         os.close(master)
         os.close(slave)

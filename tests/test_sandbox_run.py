@@ -451,3 +451,38 @@ def test_network_ask_rule_prompts_with_the_destination_and_its_digest(box):
     evs = box.events("na")
     assert decided(evs) == [("approved", "user", "ask-server")]
     assert of_kind(evs, "approval_requested")[0].payload["action_digest"] == digest
+
+
+def test_a_unix_socket_the_command_reaches_is_recorded_and_an_absent_one_is_not(box):
+    """Found by an audit: a host daemon's unix socket in a path the sandbox shows was reachable
+    (a network namespace does not confine AF_UNIX) and its connect left no event."""
+    import socket
+    import threading
+
+    path = box.ws / "daemon.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen()
+
+    def serve():
+        conn, _ = srv.accept()
+        conn.sendall(b"hello from the host\n")
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    code = ("import socket\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect('daemon.sock'); print(s.recv(100).decode())\n"
+            "try:\n    socket.socket(socket.AF_UNIX).connect('/nowhere/at/all.sock')\nexcept OSError: pass\n")
+    try:
+        p = box.run(PY, "-c", code, pol=box.policy(mode="read_only"))
+    finally:
+        srv.close()
+    assert p.returncode == 0 and "hello from the host" in p.stdout
+    evs = box.events()
+    attempted = of_kind(evs, "network_attempted")
+    assert [(a.payload["host"], a.payload["port"], a.payload["method"]) for a in attempted] == \
+        [(str(path), 0, "connect(AF_UNIX)")]
+    dec = of_kind(evs, "network_decided")[0].payload
+    assert (dec["decision"], dec["rule"]) == ("allow", "sandbox.unix_socket")
+    assert of_kind(evs, "network_completed")[0].payload["outcome"] == "ok"

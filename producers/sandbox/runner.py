@@ -567,6 +567,9 @@ def build_observations(spec: CommandSpec, ex: Execution, before: Snapshot, after
     # records the requests that went through it)
     net_seen: set[tuple] = set()
     for c in tr.network:
+        if c.family == "unix":
+            _unix_socket(emit, new_id, owner, spec, escalated, c, net_seen)
+            continue
         address = _address(c.host)
         loopback = address is not None and is_loopback(address)
         if spec.sandboxed and loopback and c.port == proxy_port and c.call == "connect":
@@ -609,6 +612,38 @@ def build_observations(spec: CommandSpec, ex: Execution, before: Snapshot, after
              c.ts)
     obs.events.sort(key=lambda o: o.at_us)
     return obs
+
+
+def _unix_socket(emit, new_id, owner, spec: CommandSpec, escalated: bool, c: st.NetAttempt, seen: set) -> None:
+    """A connect (or datagram) to a unix socket: IPC that no network namespace confines. The sandbox
+    hides /run, /tmp and /var/tmp (the usual daemons' sockets), so what a command reaches is a
+    socket in a path it can see (in its workspace, its home, ...): recorded as a network attempt to
+    that path (port 0), allowed (the sandbox has no means to refuse it), with what became of it. A
+    socket that is not there (ENOENT: the name service's probes) reached nothing and is left out;
+    the launcher's own connection to the egress proxy is the proxy's to record."""
+    if c.errno == "ENOENT" or (spec.sandboxed and c.host == PROXY_SOCKET_IN_SANDBOX):
+        return
+    outcome = _outcome(c.errno)
+    key = (c.host, c.call, outcome, c.image)
+    if key in seen:
+        return
+    seen.add(key)
+    if not spec.sandboxed:
+        rule, reason = ("escalation" if escalated else "sandbox.mode"), "ran outside the sandbox"
+    elif c.host.startswith("@"):
+        rule, reason = "sandbox.loopback", "an abstract unix socket: the sandbox's own network namespace"
+    else:
+        rule, reason = "sandbox.unix_socket", ("a unix socket the sandbox's filesystem shows: a network "
+                                               "namespace does not confine it")
+    attempt_id = new_id()
+    emit("network_attempted", {"attempt_id": attempt_id, "host": c.host, "port": 0, "protocol": "unknown",
+                               "method": f"{c.call}(AF_UNIX)", "url": None, "command_id": owner(c.image)}, c.ts)
+    emit("network_decided", {"attempt_id": attempt_id, "decision": "allow", "rule": rule, "reason": reason,
+                             "policy_source": "sandbox", "addresses": []}, c.ts)
+    emit("network_completed", {"attempt_id": attempt_id, "outcome": outcome, "status": None, "bytes_in": 0,
+                               "bytes_out": 0, "duration_ms": 0, "response_digest": None,
+                               "error": None if c.errno is None else f"{c.errno} ({_ERRNO_TEXT.get(c.errno, c.errno)})"},
+         c.ts)
 
 
 def _address(host: str):

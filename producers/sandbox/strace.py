@@ -370,7 +370,7 @@ class NetAttempt:
     ts: float
     pid: int
     image: int | None
-    family: str  # inet | inet6 | packet
+    family: str  # inet | inet6 | packet | unix (host: the socket's path, or @name when abstract; port 0)
     host: str
     port: int
     sock: str | None  # TCP, UDP, TCPv6, UDPv6, ... (None: not known); for socket(): its type (SOCK_RAW, ...)
@@ -437,7 +437,19 @@ def _sockaddr(arg: str) -> tuple[str, str, int] | None:
         addr = re.search(r'inet_pton\(AF_INET6, "([^"]+)"', arg)
         if addr and port:
             return "inet6", addr.group(1), int(port.group(1))
+    elif fam.group(1) == "AF_UNIX":
+        # a path (as the command gave it: relative to its cwd), or @name in the abstract namespace
+        path = re.search(r'sun_path=(@?)"((?:[^"\\]|\\.)*)"', arg)
+        if path:
+            return "unix", path.group(1) + unescape(path.group(2)), 0
     return None
+
+
+def _unix_at(sa: tuple[str, str, int] | None, p: "_Proc") -> tuple[str, str, int] | None:
+    """A unix socket's path made absolute against the process's cwd (an abstract name stays)."""
+    if sa is None or sa[0] != "unix" or sa[1].startswith(("/", "@")):
+        return sa
+    return "unix", _join(p.fs.cwd, sa[1]) or sa[1], 0
 
 
 def _field(struct: str, name: str) -> str | None:
@@ -660,14 +672,14 @@ def _file_or_net(out: TraceAnalysis, p: _Proc, c: Call) -> None:
                 p.fs.cwd = new
         return
     elif name == "connect":
-        sa = _sockaddr(arg(1) or "")
+        sa = _unix_at(_sockaddr(arg(1) or ""), p)
         if sa:
             out.network.append(NetAttempt(c.ts, c.pid, p.image, sa[0], sa[1], sa[2],
                                           socket_kind(arg(0) or "", out.socket_kinds), c.errno))
         return
     elif name in ("sendto", "sendmsg", "sendmmsg"):
         for dest in _destinations(name, a):
-            sa = _sockaddr(dest)
+            sa = _unix_at(_sockaddr(dest), p)
             if sa:
                 out.network.append(NetAttempt(c.ts, c.pid, p.image, sa[0], sa[1], sa[2],
                                               socket_kind(arg(0) or "", out.socket_kinds), c.errno, name))
