@@ -16,7 +16,7 @@ _KEEP = "\n\t"
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def _shown(m: re.Match) -> str:
+def _shown(m: re.Match[str]) -> str:
     c = ord(m.group())
     return f"\\x{c:02x}" if c <= 0xFF else f"\\u{c:04x}"
 
