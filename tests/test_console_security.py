@@ -239,9 +239,8 @@ def test_sql_and_posts_from_another_site_are_refused(case):
 def test_a_query_is_interrupted_after_the_time_limit(case):
     """One query held the console's one lock as long as it ran (every page waited for it)."""
     port = free_port()
-    code = ("import sys; from agentledger import api; from agentledger.console import make_app, serve; "
-            f"serve(make_app(api.settings(), host='127.0.0.1', port={port}, sql_timeout_s=1.5))")
-    proc, base = start([sys.executable, "-c", code], case["env"], port)
+    proc, base = start([sys.executable, "-m", "agentledger", "serve", "--port", str(port), "--sql-timeout", "1.5"],
+                       case["env"], port)
     try:
         t0 = time.monotonic()
         status, body = page(base + "/sql?" + urllib.parse.urlencode(

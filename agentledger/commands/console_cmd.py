@@ -22,6 +22,9 @@ def serve(
                                                          "requires the printed token on every request."),
     token: Optional[str] = typer.Option(None, "--token", envvar=None, hidden=True,
                                         help="Use this token instead of a random one (tests)."),
+    sql_timeout: float = typer.Option(30.0, "--sql-timeout", min=0.1,
+                                      help="Seconds a query of the SQL page may run before it is interrupted "
+                                           "(every page waits for it meanwhile)."),
 ) -> None:
     """Serve the read-only web console: sessions, timelines step by step, alerts triage, what-if, SQL.
 
@@ -44,7 +47,7 @@ def serve(
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.bind((host, 0))
             port = probe.getsockname()[1]
-    app_ = web.make_app(s, host=host, port=port, token=token)
+    app_ = web.make_app(s, host=host, port=port, token=token, sql_timeout_s=sql_timeout)
     console.print(f"agentledger console on {web.url(app_)}  (warehouse {s.warehouse}; Ctrl-C stops it)",
                   soft_wrap=True, highlight=False)
     if app_.token:
