@@ -108,10 +108,30 @@ ID_KEYS = frozenset({
     "parent_id", "conversation.id", "session.id", "thread.id", "turn.id", "tool.use_id", "tool.call_id", "call.id",
 })
 
+# A placeholder is a whole value that stands for a secret without being one: a variable or template
+# reference, a redaction mask, or words that say "put the secret here" (``your-api-key``,
+# ``changeme``, ``YOUR_TOKEN_HERE``). The words form the whole value, in one case, with no digit:
+# ``test_Sup3rS3cretPw`` or ``token_9f8a7b6c`` begins with such a word but is a secret. One of our
+# tokens is a placeholder only whole: text glued to a (forged) token is still read.
+_PLACEHOLDER_START = ("your|my|example|sample|dummy|placeholder|changeme|change|redacted|none|null|nil|true|false|test|"
+                      "secret|password|passwd|token|xxx|fake|insert|enter|put|replace")
+_PLACEHOLDER_WORD = (_PLACEHOLDER_START + "|me|here|goes|value|api|key|access|auth|client|id|app|user|username|name|"
+                     "pass|pwd|string|the|a|an|to|be|replaced|with|real|own|actual|default|foo|bar|demo|personal|private|"
+                     "new|this|of|for|x+")
+
+
+def _placeholder_words(start: str, word: str) -> str:
+    """Placeholder words joined by ``-`` or ``_``, the first of them one of ``start``."""
+    return rf"(?:{start})(?=[-_]|\Z)(?:[-_]++(?:{word})(?=[-_]|\Z))*+[-_]*+"
+
+
 _PLACEHOLDER = re.compile(
-    r"^(?:\$\{?[A-Za-z_][A-Za-z0-9_]*\}?|\$\(.*\)|<[^>]*>|\{\{.*\}\}|\$\{\{.*\}\}|%\(?\w+\)?s?|%[A-Za-z_]+%|\*+|x{3,}|X{3,}|"
-    r"\.{3,}|-|(?:your|my|example|sample|dummy|placeholder|changeme|change_me|redacted|none|null|nil|true|false|test|"
-    r"secret|password|token|xxx)(?:[-_][A-Za-z0-9_-]*)?|\[SECRET:.*)$", re.IGNORECASE)
+    r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?|\$\((?:[^()\n]|\([^()\n]*\))*\)|<[^<>\n]*>|\$?\{\{(?:[^{}\n]|\{[^{}\n]*\})*\}\}|"
+    r"%\(\w+\)[sdr]|%[sdr]|%[A-Za-z_][A-Za-z0-9_]*%|\*+|x{3,}|X{3,}|\.{3,}|-|"
+    + _placeholder_words(_PLACEHOLDER_START, _PLACEHOLDER_WORD) + "|"
+    + _placeholder_words(_PLACEHOLDER_START.upper(), _PLACEHOLDER_WORD.upper()) + "|"
+    rf"(?i:{_PLACEHOLDER_START}|undefined|empty)|"  # None, True, Changeme: one word, any case
+    r"\[SECRET:[a-z0-9_]+:[0-9a-f]{8}\]")
 _DIGEST_NAMES = re.compile(r"(?i)(?:sha\d*|md5|h1|blake\w*|xxh\w*|crc\d*|hash|digest|commit|rev|etag|checksum|integrity|"
                            r"uuid|id)$")
 # hex digests, git SHAs, UUIDs, W3C trace ids: hex, maybe in dash- or colon-separated groups
@@ -126,7 +146,7 @@ _PATHLIKE = re.compile(r"^(?:~|\.{1,2})?/[^\s:]*$|^[A-Za-z]:\\")
 
 
 def _not_placeholder(value: str, m: re.Match | None = None) -> bool:
-    return not _PLACEHOLDER.match(value) and not value.startswith(TOKEN_PREFIX)
+    return _PLACEHOLDER.fullmatch(value) is None
 
 
 # -- own rules ----------------------------------------------------------------------------------
