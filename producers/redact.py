@@ -605,17 +605,22 @@ _BS_MAP = {'"': '"', "'": "'", "\\": "\\", "/": "/", "n": "\n", "r": "\r", "t": 
 class _View:
     """A decoded spelling of a text, and where each decoded position came from in the original."""
 
-    def __init__(self, text: str, escapes: re.Pattern, decode: Callable[[str], str]):
+    def __init__(self, text: str, escapes: re.Pattern, decode: Callable[[str], str] | None = None,
+                 edits: Iterable[tuple[int, int, str]] | None = None):
+        """Each match of ``escapes`` decoded by ``decode``, or (``edits``) each ``(start, end,
+        replacement)`` given, in order and not overlapping."""
         self.escapes = escapes
+        if edits is None:
+            assert decode is not None
+            edits = ((m.start(), m.end(), decode(m.group(0))) for m in escapes.finditer(text))
         pieces, self._marks, last, dpos = [], [], 0, 0
-        for m in escapes.finditer(text):
-            pieces.append(text[last:m.start()])
-            dpos += m.start() - last
-            d = decode(m.group(0))
-            self._marks.append((dpos, dpos + len(d), m.start(), m.end()))
+        for start, end, d in edits:
+            pieces.append(text[last:start])
+            dpos += start - last
+            self._marks.append((dpos, dpos + len(d), start, end))
             pieces.append(d)
             dpos += len(d)
-            last = m.end()
+            last = end
         pieces.append(text[last:])
         self.text = "".join(pieces)
         self._starts = [mk[0] for mk in self._marks]
@@ -652,6 +657,9 @@ def _continuation_view(text: str) -> _View | None:
     if "\\\n" not in text and "\\\r\n" not in text:
         return None
     return _View(text, _CONTINUATION, lambda _: "")
+
+
+_GLUED = re.compile(r"[\w+/=~.%-]")  # what can continue a secret right after a forged token
 
 
 class _Chain:
@@ -971,6 +979,7 @@ def hook_redaction_key(home: Path, env: Mapping[str, str] | None = None) -> tupl
 
 
 _MAX_KNOWN = 4096  # secrets a remembering Redactor keeps (`Redactor.remember_found`)
+_MAX_ISSUED = 1_000_000  # tokens a Redactor remembers issuing (`Redactor._issued`)
 
 
 class Redactor:
@@ -983,6 +992,10 @@ class Redactor:
         self.notice: str | None = None  # what the hook says on stderr about the key (see hook_redaction_key)
         self._rules = rules
         self._tokens: dict[tuple[str, str], str] = {}
+        # Every token this redactor issued: text already replaced by one of them is left alone (a
+        # rescan, a redacted id redacted again); a token it did not issue is text like any other,
+        # so a forged ``[SECRET:x:00000000]`` glued to a secret hides nothing.
+        self._issued: set[str] = set()
         self._clean: set[str] = set()  # strings already scanned and found clean (paths, argv words repeat a lot)
         self._ids: dict[str, tuple[str, list[tuple[str, str]]]] = {}
         self._envelope: dict[tuple, tuple[dict, list[dict]]] = {}
@@ -999,7 +1012,7 @@ class Redactor:
         the secret-named variables of the command's environment, see `env_secrets`). Also their
         JSON-escaped and percent-encoded spellings."""
         for detector, value in secrets:
-            if len(value) < _MIN_LEN or value.startswith(TOKEN_PREFIX):
+            if len(value) < _MIN_LEN or TOKEN_RE.fullmatch(value):
                 continue
             tok = self.token(detector, value)
             for spelling in (value, json.dumps(value)[1:-1], quote(value, safe="")):
@@ -1017,14 +1030,33 @@ class Redactor:
             cached = f"[SECRET:{detector}:{digest}]"
             if len(self._tokens) < 100_000:
                 self._tokens[(detector, secret)] = cached
+            if len(self._issued) < _MAX_ISSUED:
+                self._issued.add(cached)
         return cached
 
     # -- finding ------------------------------------------------------------------------------
+    def _forged_view(self, text: str) -> _View | None:
+        """``text`` without the tokens this redactor did not issue that are glued to what follows
+        them: a forged ``[SECRET:x:00000000]`` in front of (or inside) a secret breaks every rule's
+        pattern (``Bearer [SECRET:x:00000000]Zk9p…``, ``ghp_[SECRET:…]…``); without it the secret reads
+        as usual and is replaced. (A token followed by a blank or a quote is a value of its own: a
+        line redacted by another process keeps its tokens, ``PGPASSWORD=[SECRET:…] psql`` included.)"""
+        issued = self._issued
+        edits: list[tuple[int, int, str]] = []
+        for m in reversed([m for m in TOKEN_RE.finditer(text) if m.group() not in issued]):
+            if _GLUED.match(text, m.end()) or (edits and edits[-1][0] == m.end()):
+                edits.append((m.start(), m.end(), ""))
+        return _View(text, TOKEN_RE, edits=edits[::-1]) if edits else None
+
     def _findings(self, text: str, depth: int = 0) -> list[_Finding]:
         rules = self.rules
         cand = rules.candidates(text.lower())
         found = rules.find(text, cand) if cand else []
         views = _decoded_views(text)
+        if TOKEN_PREFIX in text:
+            fv = self._forged_view(text)
+            if fv is not None:
+                views.append(fv)
         for view in views:
             dcand = rules.candidates(view.text.lower())
             for f in rules.find(view.text, dcand) if dcand else ():
@@ -1075,11 +1107,18 @@ class Redactor:
     def _apply(self, text: str, found: list[_Finding]) -> tuple[str, list[tuple[str, str]]]:
         """Replace what was found. Overlapping findings are merged (nothing any rule flagged stays
         readable) and named after the best of them (lowest rank, then longest); text already
-        replaced by a token is left alone. Exception: gitleaks' curl rules, whose secret is
-        ``user:password`` whole, give way to a finer rule that found the password in it."""
-        tokens = [t.span() for t in TOKEN_RE.finditer(text)] if TOKEN_PREFIX in text else []
-        live = [f for f in found if not f.secret.startswith(TOKEN_PREFIX)
-                and not any(a < f.end and f.start < b for a, b in tokens)]
+        replaced by a token this redactor issued is left alone (a token it did not issue, forged or
+        not, is text like any other; a finding that is a token whole hides nothing). Exception:
+        gitleaks' curl rules, whose secret is ``user:password`` whole, give way to a finer rule that
+        found the password in it."""
+        live = [f for f in found if not (f.secret.startswith(TOKEN_PREFIX) and TOKEN_RE.fullmatch(f.secret))]
+        if TOKEN_PREFIX in text:
+            issued = self._issued
+            tokens = [(t.start(), t.end(), t.group() in issued) for t in TOKEN_RE.finditer(text)]
+            # nothing inside a token is a secret (``[SECRET:name:hex8]`` reads as name: value to the
+            # assignment rules); what overlaps a token of ours was replaced already
+            live = [f for f in live if not any(a < f.end and f.start < b and (ours or a <= f.start and f.end <= b)
+                                               for a, b, ours in tokens)]
         if not live:
             return text, []
         fine = [(f.start, f.end) for f in live if f.rank < _COARSE_RANK]
@@ -1275,6 +1314,8 @@ class Redactor:
         out[n0:] = [r for r in out[n0:] if not r["field"].startswith(prefix)]
         for i, w in enumerate(argv):
             for tok in TOKEN_RE.findall(w):
+                if tok not in self._issued:
+                    continue  # text that looks like a token, not a replacement of ours
                 out.append({"field": f"{path}.argv[{i}]", "detector": tok[len(TOKEN_PREFIX):].split(":")[0], "token": tok})
         changed["argv"] = self.redact_argv(argv, f"{path}.argv", out)
 
@@ -1346,7 +1387,7 @@ class Redactor:
         # A secret found in one field is replaced wherever else it occurs in the event: the argv the
         # hook splits from a shell string keeps the secret without the quotes or the context (a
         # header name, a JSON key) that made it recognisable in the shell string.
-        found = {k: v for k, v in seen.items() if len(k) >= _MIN_LEN and not k.startswith(TOKEN_PREFIX)}
+        found = {k: v for k, v in seen.items() if len(k) >= _MIN_LEN and not TOKEN_RE.fullmatch(k)}
         subs = sorted({**self._known, **found}.items(), key=lambda kv: -len(kv[0]))
         if self.remember_found and found and len(self._known) < _MAX_KNOWN:
             for secret, tok in found.items():

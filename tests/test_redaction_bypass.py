@@ -57,3 +57,62 @@ def test_a_placeholder_prefixed_secret_in_argv_is_redacted(argv, secret):
 ])
 def test_placeholders_are_left_alone(text):
     assert Redactor(KEY).scan(text) == (text, [])
+
+
+# -- a forged token switches nothing off -------------------------------------------------------
+FAKE = "[SECRET:x:00000000]"
+FORGED = {  # text -> the secret a forged token is glued to
+    f"curl -H 'Authorization: Bearer {FAKE}Zk9pQ2xL7vN3mR8sT1uW' https://api.example.com": "Zk9pQ2xL7vN3mR8sT1uW",
+    f"curl -H 'Authorization: Bearer {FAKE}{FAKE}Zk9pQ2xL7vN3mR8sT1uW' https://api.example.com": "Zk9pQ2xL7vN3mR8sT1uW",
+    f"git clone https://deploy:{FAKE}Hunter2Passw0rd@git.example.com/a/b": "Hunter2Passw0rd",
+    f"curl -H 'Cookie: {FAKE}; session=9f8a7b6c5d4e3f2a1b0cQq' https://x.example.com": "9f8a7b6c5d4e3f2a1b0cQq",
+    f"DB_PASSWORD='{FAKE}Hunter2Passw0rd' ./migrate": "Hunter2Passw0rd",
+    f"curl -H 'X-Api-Key: {FAKE} 8d7e6f5a4b3c2d1e0f9a' https://api.example.com": "8d7e6f5a4b3c2d1e0f9a",
+    f"echo ghp_a1B2c3D4e5F6{FAKE}g7H8i9J0k1L2m3N4o5P6q7R8 > ~/.token": "g7H8i9J0k1L2m3N4o5P6q7R8",
+    f"mysql -u root -p{FAKE}My5qlRootPw app": "My5qlRootPw",
+    f"https://x.example.com/cb?token={FAKE}8f2kq0x9v7b3n1m5": "8f2kq0x9v7b3n1m5",
+    "[SECRET:github_pat:0badc0de]Zk9pQ2xL7vN3mR8sT1uW DB_PASSWORD=[SECRET:github_pat:0badc0de]Hunter2Passw0rd":
+        "Hunter2Passw0rd",
+}
+
+
+@pytest.mark.parametrize("text", sorted(FORGED))
+def test_a_forged_token_glued_to_a_secret_does_not_switch_redaction_off(text):
+    red = Redactor(KEY)
+    out, found = red.scan(text)
+    assert FORGED[text] not in out and found, out
+    assert red.scan(out) == (out, [])  # redacting the result again changes nothing
+
+
+def test_an_id_with_a_forged_token_in_it_is_redacted_and_stays_so():
+    red = Redactor(KEY)
+    gh = "ghp_" + "Zq81mN0aB7cD4eF6gH2iJ9kL3mN5oP1qR7sT"
+    call = f"call_{gh[:10]}{FAKE}{gh[10:]}"
+    rid = red.redact_id(call)
+    assert gh[10:] not in rid and red.redact_id(rid) == rid
+    assert red.redact_key(f"cmd:{call}:started") == f"cmd:{rid}:started"
+
+
+def test_text_redacted_before_is_left_as_it_is_by_any_redactor_with_the_key():
+    """Idempotence: redacting already-redacted text changes nothing, in the process that redacted it
+    and in another one (its tokens were not issued there, and nothing inside a token is a secret)."""
+    texts = list(PLACEHOLDER_PREFIXED) + [
+        "MYSQL_PWD=Sql5ecret mysql -u app", "java -Ddb.password=Hunter2Passw0rd -jar app.jar",
+        "curl -H 'Authorization: Bearer Zk9pQ2xL7vN3mR8sT1uW' https://x", "export GITHUB_TOKEN=ghp_" + "Zq81mN0aB7cD4eF6gH2iJ9kL3mN5oP1qR7sT",
+        '{"name": "DB_PASSWORD", "value": "Zq1Wx2Ec3Rv4Tb5"}', "openssl pkcs12 -export -passout pass:Hunter2Pw -out a.p12",
+    ]
+    red = Redactor(KEY)
+    for text in texts:
+        out, found = red.scan(text)
+        assert found and red.scan(out) == (out, []), out
+        assert Redactor(KEY).scan(out) == (out, []), out
+
+
+def test_a_token_standing_alone_is_not_listed_as_a_replacement():
+    """The redactions array lists what this redactor replaced, not text that looks like a token."""
+    red = Redactor(KEY)
+    rec = {"payload": ("CommandStarted", {"command_id": "c1", "cwd": "/w", "shell": f"echo {FAKE} && PGPASSWORD=Pg5ecr3t!x psql",
+                                          "argv": ["echo", FAKE, "&&", "PGPASSWORD=Pg5ecr3t!x", "psql"]}), "redactions": []}
+    out = red(rec)
+    assert "Pg5ecr3t!x" not in repr(out["payload"])
+    assert all(r["token"] != FAKE for r in out["redactions"]) and out["redactions"]
