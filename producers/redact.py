@@ -68,6 +68,7 @@ import logging
 import os
 import re
 import threading
+import unicodedata
 from bisect import bisect_right
 from dataclasses import dataclass
 from functools import cached_property
@@ -599,6 +600,14 @@ _BS_TRIGGER = re.compile(r"""\\["'/u]|\\\\\\n""")
 _CONTINUATION = re.compile(r"\\\r?\n")  # a shell line continuation: backslash, newline
 _B64_RUN = re.compile(r"(?<![A-Za-z0-9+/_=-])(?:[A-Za-z0-9+/]{16,}={0,2}|[A-Za-z0-9_-]{16,}={0,2})(?![A-Za-z0-9+/=_-])")
 _MAX_BACKSLASH_LEVELS = 3
+_MAX_PERCENT_LEVELS = 3
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+# Invisible characters: every format character (category Cf) of Unicode 15.1 and the other
+# default-ignorable code points (a test checks this against the running Python's unicodedata).
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 _BS_MAP = {'"': '"', "'": "'", "\\": "\\", "/": "/", "n": "\n", "r": "\r", "t": "\t"}
 
 
@@ -672,28 +681,54 @@ class _Chain:
         return self.outer.span(*self.inner.span(start, end))
 
 
-def _decoded_views(text: str) -> list:
-    """Every decoded spelling of ``text`` that is scanned too: percent-decoded; backslash escapes
-    decoded up to three levels deep (JSON in a JSON string in JSON output); each of those and the
-    text itself with line continuations joined."""
-    views: list = []
-    pv = _percent_view(text)
-    if pv is not None:
-        views.append(pv)
+def _unicode_view(text: str) -> _View | None:
+    """The text without invisible characters (format characters, category Cf: zero-width space,
+    word joiner, soft hyphen, bidi controls...; and the other default-ignorable ones: variation
+    selectors, Hangul fillers) and with compatibility characters in their NFKC form (fullwidth
+    letters, ligatures, a no-break space): ``ghp\u200b_…``, ``ＤＢ_ＰＡＳＳＷＯＲＤ=…`` read as what
+    they show. Each character is mapped alone, so every position maps back to the original."""
+    if text.isascii() or (_INVISIBLE.search(text) is None and unicodedata.is_normalized("NFKC", text)):
+        return None
+    edits = []
+    for m in _NON_ASCII.finditer(text):
+        c = m.group()
+        d = "" if _INVISIBLE.match(c) or unicodedata.category(c) == "Cf" else unicodedata.normalize("NFKC", c)
+        if d != c:
+            edits.append((m.start(), m.end(), _INVISIBLE.sub("", d)))
+    return _View(text, _NON_ASCII, edits=edits) if edits else None
+
+
+def _layers(text: str, view: Callable[[str], _View | None], levels: int) -> list:
+    """``view`` applied up to ``levels`` times (an encoding of an encoding), each layer mapped back
+    to ``text``."""
     layers: list = []
     cur, t = None, text
-    for _ in range(_MAX_BACKSLASH_LEVELS):
-        v = _backslash_view(t)
+    for _ in range(levels):
+        v = view(t)
         if v is None or v.text == t:
             break
         cur = v if cur is None else _Chain(cur, v)
         layers.append(cur)
         t = v.text
-    views += layers
+    return layers
+
+
+def _decoded_views(text: str) -> list:
+    """Every decoded spelling of ``text`` that is scanned too: percent-decoded and backslash escapes
+    decoded, each up to three levels deep (``%2526``, JSON in a JSON string in JSON output); each of
+    those and the text itself with line continuations joined, and without invisible characters and
+    in NFKC form."""
+    pct = _layers(text, _percent_view, _MAX_PERCENT_LEVELS)
+    layers = _layers(text, _backslash_view, _MAX_BACKSLASH_LEVELS)
+    views: list = pct + layers
     for base in (None, *layers):
         cv = _continuation_view(text if base is None else base.text)
         if cv is not None:
             views.append(cv if base is None else _Chain(base, cv))
+    for base in (None, *pct, *layers):
+        uv = _unicode_view(text if base is None else base.text)
+        if uv is not None:
+            views.append(uv if base is None else _Chain(base, uv))
     return views
 
 
@@ -1062,8 +1097,9 @@ class Redactor:
             for f in rules.find(view.text, dcand) if dcand else ():
                 f.start, f.end = view.span(f.start, f.end)
                 found.append(f)  # f.secret stays the decoded secret: the token joins both spellings
-            if " " in view.text and getattr(getattr(view, "inner", view), "escapes", None) is _CONTINUATION:
-                # a command line continued on the next line: the argv rules read it joined
+            if " " in view.text and getattr(getattr(view, "inner", view), "escapes", None) in (_CONTINUATION, _NON_ASCII):
+                # a command line continued on the next line, or with invisible characters in it
+                # (``--pass\u00adword X``): the argv rules read it joined
                 for f in _argv_findings(view.text, 0, len(view.text)):
                     f.start, f.end = view.span(f.start, f.end)
                     found.append(f)

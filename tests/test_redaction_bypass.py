@@ -116,3 +116,59 @@ def test_a_token_standing_alone_is_not_listed_as_a_replacement():
     out = red(rec)
     assert "Pg5ecr3t!x" not in repr(out["payload"])
     assert all(r["token"] != FAKE for r in out["redactions"]) and out["redactions"]
+
+
+# -- invisible and compatibility characters, and encodings of encodings -------------------------
+GH = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+AK = "AKIAIOSFODNN7EXAMPLQ"
+HIDDEN = {  # text -> (what must not stay, what must stay around it)
+    f"echo {GH[:3]}\u200b{GH[3:]} > ~/.token": (GH[3:], ("echo ", " > ~/.token")),
+    f"echo {GH[:10]}\ufeff{GH[10:]} > ~/.token": (GH[10:], ("echo ", " > ~/.token")),
+    f"export AWS_ACCESS_KEY_ID={AK[:4]}\u2060{AK[4:]}": (AK[4:], ("export AWS_ACCESS_KEY_ID=",)),
+    "export DB_PASS\u00adWORD=Hunter2Passw0rd": ("Hunter2Passw0rd", ("export DB_PASS\u00adWORD=",)),
+    "export \uff24\uff22_\uff30\uff21\uff33\uff33\uff37\uff2f\uff32\uff24=Hunter2Passw0rd2 && ./run":
+        ("Hunter2Passw0rd2", ("export \uff24\uff22_", " && ./run")),
+    "\uff47\uff48\uff50_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8 done": ("a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8", (" done",)),
+    "curl -H 'Authorization: Bearer\u00a0Zk9pQ2xL7vN3mR8sT1uW' https://x": ("Zk9pQ2xL7vN3mR8sT1uW", ("https://x",)),
+    "deploy --pass\u00adword Hunter2Passw0rd --prod": ("Hunter2Passw0rd", ("deploy --pass\u00adword ", " --prod")),
+    "PASS\ufe0fWORD=Hunter2Passw0rd": ("Hunter2Passw0rd", ()),
+    '{"out": "echo ghp\\u200b_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"}': (GH[4:], ('{"out": "echo ',)),
+    "curl https://x.example.com/cb?u=a%2526password%253DHunter2Passw0rd3": ("Hunter2Passw0rd3", ("https://x.example.com/cb?u=",)),
+    "curl 'https://x.example.com/cb?next=%25252Fa%252526token%25253DHunter2Passw0rd4'": ("Hunter2Passw0rd4", ("curl 'https://",)),
+}
+
+
+@pytest.mark.parametrize("text", sorted(HIDDEN))
+def test_invisible_or_compatibility_characters_and_double_encoding_hide_no_secret(text):
+    secret, kept = HIDDEN[text]
+    red = Redactor(KEY)
+    out, found = red.scan(text)
+    assert secret not in out and found, ascii(out)
+    assert all(k in out for k in kept), ascii(out)  # the secret's span, not the text around it, is replaced
+    assert red.scan(out) == (out, [])
+
+
+def test_a_secret_with_an_invisible_character_gets_the_token_of_the_secret():
+    red = Redactor(KEY)
+    plain = red.scan(f"echo {GH}")[0]
+    hidden = red.scan(f"echo {GH[:6]}\u200b{GH[6:]}")[0]
+    assert plain == hidden == red.scan(f"echo {GH[:6]}\u2060\u00ad{GH[6:]}")[0]
+
+
+@pytest.mark.parametrize("text", [
+    "日本語のテキスト: ビルドは成功しました", "café au lait — naïve résumé", "Ｈｅｌｌｏ ｗｏｒｌｄ",
+    "emoji \U0001f600 and a zero\u200bwidth space", "\u202eevil.exe", "x\u00a0=\u00a0y",
+])
+def test_text_in_other_scripts_or_with_invisible_characters_and_no_secret_is_left_alone(text):
+    assert Redactor(KEY).scan(text) == (text, [])
+
+
+def test_every_format_character_of_this_python_is_an_invisible_character():
+    import sys
+    import unicodedata
+
+    from agentledger.producers.redact import _INVISIBLE
+
+    missing = [hex(c) for c in range(0x80, sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"
+               and not _INVISIBLE.match(chr(c))]
+    assert missing == [], f"Unicode {unicodedata.unidata_version}: add these to _INVISIBLE"
