@@ -166,6 +166,15 @@ _NOT_SECRET_NAME = re.compile(
     r"(?:^|[_.-])(?:next[_.-]?page|page|continuation|pagination|cursor|sync|csrf[_.-]?cookie)[_.-]?token$|"
     r"nextpagetoken$|pagetoken$|^(?:old)?pwd$|^keys?$|^auth$|^token$|^sig$")
 _ENTROPY_VALUE = re.compile(r"^[A-Za-z0-9+/=_\-.~]{20,}$")
+_DIGIT = re.compile(r"[0-9]")
+_LETTER = re.compile(r"[A-Za-z]")
+
+
+def _entropy_at_least(value: str, bits: float) -> bool:
+    """``shannon_entropy(value) >= bits``; a value of fewer than 2**bits distinct characters cannot
+    reach it, which a set tells much faster than the count (a crafted ``token=token=…`` line
+    asks this of hundreds of characters at every '=')."""
+    return len(set(value)) >= 2 ** bits and shannon_entropy(value) >= bits
 
 
 def secret_name_kind(name: str) -> str | None:
@@ -220,7 +229,7 @@ def _assignment(value: str, m: re.Match) -> str | bool:
             return False
         if _NOT_SECRET_NAME.search(low):
             # bare "key", "token", "auth" and the like: only values that look random
-            if not (low in ("key", "keys", "token", "auth", "sig") and len(value) >= 16 and shannon_entropy(value) >= 3.5):
+            if not (low in ("key", "keys", "token", "auth", "sig") and len(value) >= 16 and _entropy_at_least(value, 3.5)):
                 return False
         elif _PATHLIKE.match(value) and re.search(r"(?i)(?:key|credentials?|cert|file|dsn)$", low):
             return False  # SSH_KEY=~/.ssh/id_ed25519, GOOGLE_APPLICATION_CREDENTIALS=/etc/x.json
@@ -229,9 +238,9 @@ def _assignment(value: str, m: re.Match) -> str | bool:
         return False
     if value.count("/") > 2 or value.count(".") > 2:  # paths, versions, host names
         return False
-    if not (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)):
+    if _DIGIT.search(value) is None or _LETTER.search(value) is None:
         return False
-    return "high_entropy_assignment" if shannon_entropy(value) >= 3.7 else False
+    return "high_entropy_assignment" if _entropy_at_least(value, 3.7) else False
 
 
 def _env_value(value: str, m: re.Match) -> bool:
@@ -253,7 +262,7 @@ def _url_password(value: str, m: re.Match) -> bool:
 def _userinfo_ok(value: str, m: re.Match) -> bool:
     """user@ alone in a URL: a secret when it looks like a token (https://<token>@github.com)."""
     return _url_password(value, m) and len(value) >= 16 and any(c.isdigit() for c in value) and \
-        shannon_entropy(value) >= 3.5 and not re.fullmatch(r"[a-z][a-z0-9._-]*", value)
+        _entropy_at_least(value, 3.5) and not re.fullmatch(r"[a-z][a-z0-9._-]*", value)
 
 
 _SCHEME_BEFORE = re.compile(r"(?i)(?<![a-z0-9+.-])[a-z][a-z0-9+.-]{1,20}\Z")
@@ -309,8 +318,8 @@ OWN_RULES: tuple[Rule, ...] = (
          ("passw", "pwd", "token", "key", "secret", "sig", "auth", "session", "credential", "code="), 2, group=1,
          check=_not_placeholder),
     _own("env_value",  # {"name": "DB_PASSWORD", "value": "..."} and its YAML form (Kubernetes, ECS, Actions)
-         r"(?i:name|key)[\"']?\s*[:=]\s*[\"']?" + _ENV_NAME +
-         r"[\"']?\s*(?:,\s*|\n\s*-?\s*)[\"']?(?i:value)[\"']?\s*[:=]\s*" + _VALUE,
+         r"(?i:name|key)[\"']?\s*+[:=]\s*+[\"']?" + _ENV_NAME +
+         r"[\"']?(?:\s*+,\s*+|[ \t\r\f\v]*+\n\s*+(?:-\s*+)?)[\"']?(?i:value)[\"']?\s*+[:=]\s*+" + _VALUE,
          ("name", "key"), 2, check=_env_value, value_groups=(2, 3, 4), requires=("=", ":")),
     # NAME=value, NAME: value, "name": "value", -Dname=value: the name ends in a secret word (the
     # whole name is checked by `_assignment`); any other name when the value looks random. (Look-
@@ -320,7 +329,9 @@ OWN_RULES: tuple[Rule, ...] = (
          r"[\"']?[ \t]*(?::=|=|:)(?=[ \t]*" + _VALUE + ")",
          ("pass", "pwd", "token", "secret", "key", "auth", "credential", "pat", "dsn", "cookie", "sig"), 2,
          check=_assignment, value_groups=(1, 2, 3), requires=("=", ":")),
-    _own("high_entropy_assignment", r"(?::=|=|:)(?=[ \t]*[\"']?([A-Za-z0-9+/=_\-.~]{20,}))", ("=", ":"), 4,
+    # (High entropy: '=' only as padding at the end of the value, so that the values of two operators
+    # never overlap: ``a=a=a=…`` costs one pass, not one pass per '='.)
+    _own("high_entropy_assignment", r"(?::=|=|:)(?=[ \t]*+[\"']?([A-Za-z0-9+/_\-.~]{20,}+=*+))", ("=", ":"), 4,
          check=_assignment, group=1),
 )
 _RANK_OF = {"high_entropy_assignment": 4}  # a check may rename a finding: its rank then
@@ -384,7 +395,10 @@ def argv_secrets(words: list[str | None]) -> list[tuple[int, int, int, str]]:
 
     ``words``: argv items, or the words of a shell string with ``None`` between commands."""
     out: list[tuple[int, int, int, str]] = []
-    progs: list[str] = []  # programs seen in the current command (wrappers and docker exec ... mysql alike)
+    # programs seen in the current command (wrappers and docker exec ... mysql alike), each once, the
+    # last seen last (a crafted `gh gh gh …` line must not make every word cost the whole line)
+    progs: list[str] = []
+    breaks: list[int] | None = None  # for each word, where its command ends (htpasswd's last word)
     skip = -1
     for i, w in enumerate(words):
         if w is None:
@@ -398,11 +412,11 @@ def argv_secrets(words: list[str | None]) -> list[tuple[int, int, int, str]]:
             prog = _program(w)
             if prog == "set":
                 if prev in ("config", "configure"):
-                    progs.append("set")  # npm config set K V, aws configure set K V, git config set K V
+                    _seen_program(progs, "set")  # npm config set K V, aws configure set K V, git config set K V
                 elif prev == "secret" and "gh" in progs:
-                    progs.append("gh-secret")
+                    _seen_program(progs, "gh-secret")
             elif prog:
-                progs.append(prog)
+                _seen_program(progs, prog)
             # positional forms
             if "set" in progs and progs[-1] == "set" and _secret_name(w) and nxt is not None and _secretish(nxt):
                 kind = "password_assignment" if re.search(r"(?i)pass|pwd", w) else "token_assignment"
@@ -440,7 +454,9 @@ def argv_secrets(words: list[str | None]) -> list[tuple[int, int, int, str]]:
         if handled:
             continue
         if "htpasswd" in progs and re.fullmatch(r"-[a-zA-Z]*b[a-zA-Z]*", w):
-            j = next((j for j in range(i + 1, len(words)) if words[j] is None), len(words)) - 1
+            if breaks is None:
+                breaks = _command_ends(words)
+            j = breaks[i] - 1
             if j > i and words[j] is not None and not words[j].startswith("-") and _secretish(words[j]):
                 out.append((j, 0, len(words[j]), "password_flag"))
             continue
@@ -455,6 +471,22 @@ def argv_secrets(words: list[str | None]) -> list[tuple[int, int, int, str]]:
             out.append((i + 1, _pass_prefix(nxt), len(nxt), _flag_kind(m.group(1))))
             skip = i + 1
     return out
+
+
+def _seen_program(progs: list[str], prog: str) -> None:
+    if prog in progs:
+        progs.remove(prog)
+    progs.append(prog)
+
+
+def _command_ends(words: list[str | None]) -> list[int]:
+    """For each word, the index of the next command break (``None``) after it, or ``len(words)``."""
+    ends, nxt = [0] * len(words), len(words)
+    for i in range(len(words) - 1, -1, -1):
+        ends[i] = nxt
+        if words[i] is None:
+            nxt = i
+    return ends
 
 
 def _pass_prefix(value: str) -> int:
@@ -755,11 +787,11 @@ def _shell_windows(text: str) -> list[tuple[int, int]]:
     if len(text) <= 4096:
         return [(0, len(text))] if next(_triggers(text), None) is not None else []
     spans: list[tuple[int, int]] = []
-    for ts, te in _triggers(text):
-        a = max(text.rfind("\n", 0, ts) + 1, ts - 4096)
-        b = text.find("\n", te)
+    for ts, te in _triggers(text):  # (each search bounded: a long line with a trigger every few characters)
+        a = max(text.rfind("\n", max(0, ts - 4096), ts) + 1, ts - 4096)
+        b = text.find("\n", te, te + 4096)
         if b > 0 and text[b - 1:b] == "\\":
-            b = text.find("\n", b + 1)
+            b = text.find("\n", b + 1, te + 4096)
         b = min(len(text) if b < 0 else b, te + 4096)
         spans.append((a, b))
     out: list[tuple[int, int]] = []
@@ -822,8 +854,27 @@ def _pem_fragments(text: str) -> list["_Finding"]:
     return found
 
 
-_QUOTED = re.compile(r'"((?:[^"\\\n]|\\.){3,4096})"')
-_QUOTED_LINES = re.compile(r'"((?:[^"\\]|\\.){3,4096})"')  # a double-quoted shell string, newlines and all
+# A double-quoted string (escapes skipped) up to its closing quote, if any: on one line; over several
+# (a double-quoted shell string, newlines and all). Read by `_quoted`, in one pass.
+_QUOTED = re.compile(r'"((?:[^"\\\n]++|\\.)*+)("?)')
+_QUOTED_LINES = re.compile(r'"((?:[^"\\]++|\\.)*+)("?)')
+
+
+def _quoted(pattern: re.Pattern, text: str) -> Iterable[re.Match]:
+    """The double-quoted strings of ``text`` with 3 characters or more inside, from left to right,
+    as a regex search for ``"(…){3,}"`` would find them, in linear time: a string too short is
+    passed over but its closing quote may open the next one; a quote never closed (a crafted
+    ``\\"\\"\\"…`` line) ends the search where its string does (every quote up to there was
+    escaped, so none opens a string that could close)."""
+    pos = 0
+    while (m := pattern.search(text, pos)) is not None:
+        if not m.group(2):
+            pos = m.end()
+        elif m.end(1) - m.start(1) < 3:
+            pos = m.end() - 1
+        else:
+            yield m
+            pos = m.end()
 
 
 def _argv_findings(text: str, lo: int, hi: int) -> list["_Finding"]:
@@ -929,9 +980,15 @@ class RuleSet:
 
 
 def _line(text: str, start: int, end: int) -> str:
-    a = text.rfind("\n", 0, start) + 1
-    b = text.find("\n", end)
-    return text[a:] if b < 0 else text[a:b]
+    """The line of a match (what gitleaks' line allowlists read), at most 4 KB either side of it: a
+    text of one long line with a match every few characters would otherwise be copied whole for each."""
+    lo = max(0, start - _LINE_CONTEXT)
+    a = text.rfind("\n", lo, start) + 1 or lo
+    b = text.find("\n", end, end + _LINE_CONTEXT)
+    return text[a:min(len(text), end + _LINE_CONTEXT)] if b < 0 else text[a:b]
+
+
+_LINE_CONTEXT = 4096
 
 
 _DEFAULT_RULES: RuleSet | None = None
@@ -1123,17 +1180,17 @@ class Redactor:
                 # a command line quoted inside a JSON string (a config dump, `ps` as JSON, a CI log) is
                 # one shell word to the pass above: read each such string as a command line too, also
                 # one JSON level down (the backslash view)
-                for m in _QUOTED.finditer(text):
+                for m in _quoted(_QUOTED, text):
                     if " " in m.group(1):
                         found += _argv_findings(text, m.start(1), m.end(1))
                 if "\n" in text:
                     # a shell string over several lines is one word too: `sh -c "$(cat <<'EOF'⏎cf login
                     # -p X⏎EOF⏎)"`, `bash -c "cd /w⏎mysql -pX"` -- its lines are command lines
-                    for m in _QUOTED_LINES.finditer(text):
+                    for m in _quoted(_QUOTED_LINES, text):
                         if "\n" in m.group(1) and " " in m.group(1):
                             found += _argv_findings(text, m.start(1), m.end(1))
                 view = _backslash_view(text)
-                for m in _QUOTED.finditer(view.text) if view is not None else ():
+                for m in _quoted(_QUOTED, view.text) if view is not None else ():
                     if " " in m.group(1):
                         for f in _argv_findings(view.text, m.start(1), m.end(1)):
                             f.start, f.end = view.span(f.start, f.end)

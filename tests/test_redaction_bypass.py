@@ -172,3 +172,38 @@ def test_every_format_character_of_this_python_is_an_invisible_character():
     missing = [hex(c) for c in range(0x80, sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"
                and not _INVISIBLE.match(chr(c))]
     assert missing == [], f"Unicode {unicodedata.unidata_version}: add these to _INVISIBLE"
+
+
+# -- crafted strings cost linear time ----------------------------------------------------------
+CRAFTED = {  # the audit's inputs (each 100 KB cost 18 s to 187 s) and argv ones found alike, as units to repeat
+    "a=": lambda n: "a=" * (n // 2),                          # high_entropy_assignment: a value at every '='
+    "key: spaces": lambda n: "key: abc\n" + " " * n,          # env_value: \n\s*-?\s* backtracking
+    "token=": lambda n: "token=" * (n // 6),                  # an entropy per '=' over hundreds of characters
+    "=": lambda n: "=" * n,
+    "escaped quotes": lambda n: ' "' + '\\"' * (n // 2),      # a quoted string never closed, from every quote
+    "gh secret set": lambda n: "gh secret set " * (n // 14),  # a program list growing with the line
+    "htpasswd -b": lambda n: "htpasswd -b " * (n // 12),      # each flag looking for the end of the command
+    "password= quoted": lambda n: 'password="' * (n // 10),
+}
+
+
+def _best_time(red_text: str) -> float:
+    import time
+
+    best = float("inf")
+    for _ in range(3):
+        red = Redactor(KEY)
+        t0 = time.perf_counter()
+        red.scan(red_text)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_crafted_strings_are_redacted_in_near_linear_time(name):
+    """The hook redacts every event with this code: 100 KB of anything must cost about ten times 10 KB
+    (quadratic work costs a hundred times), and well under a second here (5 s on a loaded machine)."""
+    Redactor(KEY).scan("warm up: token=abc key: x")  # rules compiled once
+    small, large = _best_time(CRAFTED[name](10_000)), _best_time(CRAFTED[name](100_000))
+    assert large < 5.0, f"{large:.2f}s for 100 KB"
+    assert large / max(small, 0.01) < 30, f"10 KB {small:.3f}s, 100 KB {large:.3f}s"
