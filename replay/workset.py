@@ -3,8 +3,13 @@
 SQL whether they run on one replayed session or on the whole warehouse.
 
 Decoding is native: the bodies are framed as an in-memory Avro container and DuckDB's avro
-extension reads them (a bundle file is read in place). Bodies of an older writer schema are
-resolved to the current reader in Python first, as ingest does.
+extension reads them. A bundle is decoded from the bytes that were read and verified, written to a
+private temporary copy -- never from its path, which DuckDB would read again (the file may have
+changed since) and expand as a glob (``incident[1].avro`` names ``incident1.avro``). Bodies of an
+older writer schema are resolved to the current reader in Python first, as ingest does.
+
+A decoder may stop early on a malformed record without an error: `replay.session.replay` holds the
+decoded rows to the verified events (one row per event, their seqs and hashes) whatever decoded them.
 """
 
 from __future__ import annotations
@@ -115,8 +120,9 @@ NATIVE_MIN_BYTES = 4 * 1024 * 1024  # a bundle this big is decoded by the native
 
 def _load_bundle(wh: Warehouse, b, fp_hex: str) -> str:
     """A bundle is already an OCF of the current schema: the native decoder reads a big one when
-    it is installed (`load_bundle_natively`); otherwise DuckDB reads it as it is, a big one cut at
-    block boundaries into a few parts (see `_insert_parts`)."""
+    it is installed (`load_bundle_natively`); otherwise DuckDB reads its framed blocks as they were
+    read and verified (``b.data``, never the file again: see the module doc), a big one cut at block
+    boundaries into a few parts (see `_insert_parts`)."""
     if len(b.data) >= NATIVE_MIN_BYTES and native.decoder() is not None:
         try:
             _insert_native(wh, b, wh.store, expect_rows=len(b.spans))
@@ -124,10 +130,9 @@ def _load_bundle(wh: Warehouse, b, fp_hex: str) -> str:
         except native.NativeDecodeError:  # the workset is unchanged: DuckDB's reader below
             pass
     n = len(b.spans)
-    if n <= CHUNK_EVENTS and b.path is not None:
-        _insert_ocf(wh, literal(str(b.path)), fp_hex)
+    if n == 0:
         return "duckdb"
-    parts = max(2, min(8, n // CHUNK_EVENTS))
+    parts = 1 if n <= CHUNK_EVENTS else max(2, min(8, n // CHUNK_EVENTS))
     ends = sorted({n * k // parts for k in range(1, parts + 1)} - {0})  # event index each part ends before
     _insert_parts(wh, b, [b.header.length] + [b.spans[j - 1][1] + codec.SYNC_LEN for j in ends], fp_hex)
     return "duckdb"
