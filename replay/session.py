@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from itertools import chain as chain_items
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+
 from agentledger.schemas.contract import SchemaStore, load_store
 from agentledger.schemas.signing import Keyring, is_simulator_key, load_public
 from agentledger.schemas.sql import idents
@@ -93,10 +96,16 @@ def _can_fork() -> bool:
 
 class _SpanHashes(Sequence):
     """The hashes of a bundle's first ``n`` events, read from the file (they verified, so the hash
-    each event carries is its hash)."""
+    each event carries is its hash). ``blob``: all of them, concatenated, when already at hand."""
 
-    def __init__(self, bundle, n: int):
-        self._b, self._n = bundle, n
+    def __init__(self, bundle, n: int, blob: bytes | None = None):
+        self._b, self._n, self._blob = bundle, n, blob
+
+    def blob(self) -> bytes:
+        """The ``n`` hashes concatenated (64 ASCII bytes each), gathered without a Python loop."""
+        if self._blob is None:
+            self._blob = _gather_hashes(self._b, self._n)
+        return self._blob
 
     def __len__(self) -> int:
         return self._n
@@ -112,17 +121,37 @@ class _SpanHashes(Sequence):
         return self._b.data[e - 64 : e].decode("ascii")
 
 
+def _gather_hashes(b, n: int) -> bytes:
+    """The last 64 bytes of each of the first ``n`` framed bodies of bundle ``b``, concatenated."""
+    spans = b.spans
+    if isinstance(spans, native.Spans):
+        ends = np.frombuffer(spans._flat, dtype=np.int64)[1 : 2 * n : 2]
+    else:
+        ends = np.fromiter((e for _, e in spans[:n]), dtype=np.int64, count=n)
+    data = b.data
+    if n == 0 or len(data) < 8:
+        return b""
+    # every 8 bytes of the file as an (unaligned) little-endian word: 8 vectorised gathers per hash
+    words = np.ndarray(shape=(len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
+    out = np.empty((n, 8), dtype="<u8")
+    for k in range(8):
+        out[:, k] = words[ends - 64 + 8 * k]
+    return out.tobytes()
+
+
 def _check_child(bundle, conn, send_framing: bool) -> None:
     try:
         chk = check_bundle(bundle)
+        blob = None
         if chk.chain is not None:
+            blob = "".join(chk.chain.hashes).encode("ascii")  # one string pickles far faster than a list
             chk.chain.hashes = []
         framing = None
         if send_framing:
             framing = (array("q", chain_items.from_iterable(bundle.spans)), bundle.framing_error)
-        conn.send((chk, framing))
+        conn.send((chk, framing, blob))
     except BaseException as exc:  # reported to the parent, which re-raises
-        conn.send((exc, None))
+        conn.send((exc, None, None))
     finally:
         conn.close()
 
@@ -140,7 +169,7 @@ def _check_in_child(bundle, work) -> BundleCheck:
     child.close()
     try:
         work()
-        res, framing = parent.recv()
+        res, framing, blob = parent.recv()
     finally:
         proc.join()
         parent.close()
@@ -151,7 +180,7 @@ def _check_in_child(bundle, work) -> BundleCheck:
         it = iter(flat.tolist())
         bundle.set_framing(list(zip(it, it)), error)
     if res.chain is not None:
-        res.chain.hashes = _SpanHashes(bundle, res.chain.verified)
+        res.chain.hashes = _SpanHashes(bundle, res.chain.verified, blob)
     return res
 
 
@@ -185,6 +214,83 @@ def _native_check_and_load(raw: RawSession, store: SchemaStore, box: dict) -> Bu
 def _chain_of(bcheck: BundleCheck, raw: RawSession) -> ChainResult:
     """The chain as the bundle check verified it; its events' own when the header was unreadable."""
     return bcheck.chain if bcheck.chain is not None else verify_values(raw.values, session_id=raw.session_id)
+
+
+def _expected_table(chain: ChainResult, n: int) -> pa.Table:
+    """The first ``n`` verified events as (seq, hash): what the decoded rows must be."""
+    hs = chain.hashes
+    blob = hs.blob()[: 64 * n] if isinstance(hs, _SpanHashes) else "".join(hs[:n]).encode("ascii")
+    if len(blob) != 64 * n:  # (a hash that is not 64 ASCII characters never verifies)
+        raise ValueError(f"the chain holds {len(blob)} bytes of hashes for {n} events")
+    offsets = np.arange(0, 64 * (n + 1), 64, dtype=np.int64)
+    hashes = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(blob))
+    seqs = pa.array(np.arange(chain.first_seq, chain.first_seq + n, dtype=np.int64))
+    return pa.table({"seq": seqs, "hash": hashes})
+
+
+def _undecoded(con, session_id: str, chain: ChainResult, n: int, loaded: int) -> int | None:
+    """The first of the ``n`` verified events (seq first_seq..) without its decoded row in
+    ``events`` of ``con``, or None when every one has exactly its row. A decoder can stop at a
+    malformed record without an error, so the rows are counted whatever decoded them: a verdict,
+    signature coverage and timeline made from a prefix would claim events that were never shown.
+
+    ``loaded``: how many events were decoded. When all of them are the verified ones (a sound chain:
+    the usual case) the check is a few aggregates, O(n) and parallel in DuckDB -- count, first and
+    last seq and the sum of hash(seq, hash), against the same sum over the verified hashes; only
+    when those differ (or the chain is broken, so unverified rows follow) is each event looked up."""
+    if n <= 0:
+        return None
+    name = "_agentledger_verified_events"
+    con.register(name, _expected_table(chain, n))
+    try:
+        if chain.ok and n == loaded:
+            got = con.execute("SELECT count(*), count(*) FILTER (WHERE session_id = ?), min(seq), max(seq), "
+                              "sum(hash(seq, hash)::HUGEINT) FROM events", [session_id]).fetchone()
+            want = con.execute(f"SELECT sum(hash(seq, hash)::HUGEINT) FROM {name}").fetchone()[0]
+            if got == (n, n, chain.first_seq, chain.first_seq + n - 1, want):
+                return None
+        missing = con.execute(
+            f"SELECT min(x.seq) FROM {name} x WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = x.seq "
+            "AND e.hash = x.hash AND e.session_id = ?)", [session_id]).fetchone()[0]
+        if missing is not None:
+            return int(missing)
+        if not (chain.ok and n == loaded):
+            return None  # every verified event has its row; the unverified rest is the chain's to report
+        # a row too many: a duplicated seq, or one that no verified event has
+        extra = con.execute(
+            f"SELECT min(seq) FROM (SELECT seq FROM events GROUP BY seq HAVING count(*) > 1 UNION ALL "
+            f"SELECT seq FROM events e WHERE NOT EXISTS (SELECT 1 FROM {name} x WHERE x.seq = e.seq "
+            "AND x.hash = e.hash) OR e.session_id IS DISTINCT FROM ?)", [session_id]).fetchone()[0]
+        return chain.first_seq if extra is None else max(chain.first_seq, min(int(extra), chain.head_seq))
+    finally:
+        con.unregister(name)
+
+
+def _rows_of_verified_events(raw: RawSession, chain: ChainResult, ws: Workset, store: SchemaStore,
+                             loaded: int) -> tuple[Workset, int | None, str | None]:
+    """``ws`` when it holds exactly one row per verified event; else a workset of the events before
+    the first one without its row (decoded again, and held to the same check), that seq, and why."""
+    first_bad = detail = None
+    n = min(chain.verified, loaded)
+    for _ in range(4):  # each round decodes fewer events
+        bad = _undecoded(ws.con, raw.session_id, chain, n, loaded)
+        if bad is None:
+            return ws, first_bad, detail
+        if first_bad is None:
+            first_bad = bad
+            detail = (f"the event at seq {bad} verified but could not be decoded (the decoder stopped or skipped it "
+                      f"without an error: {ws.events} rows for {loaded} events); nothing from seq {bad} on is shown "
+                      "or counted")
+        else:
+            first_bad = min(first_bad, bad)
+        ws.close()
+        n = loaded = first_bad - chain.first_seq
+        prefix = RawSession(raw.session_id, list(raw.values[:n]), raw.source, raw.where, raw.provenance[:n],
+                            raw.writer_schemas)
+        ws = load(prefix, store)
+    ws.close()  # (never in practice: an empty workset rather than rows nothing vouches for)
+    ws = load(RawSession(raw.session_id, [], raw.source, raw.where, [], raw.writer_schemas), store)
+    return ws, chain.first_seq, detail
 
 
 COVERAGE_SQL = """
@@ -264,9 +370,17 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
         prefix = RawSession(raw.session_id, list(raw.values[: chain.verified]), raw.source, raw.where,
                             raw.provenance[: chain.verified], raw.writer_schemas)
         ws = load(prefix, store)
+        loaded = chain.verified
         note = f"{err}; showing the {chain.verified} verified events only"
     else:
         ws = box["ws"]
+        loaded = len(raw.values)
+    # whatever decoded them, the rows must be the verified events, one each (a decoder can stop early)
+    try:
+        ws, undecodable, why = _rows_of_verified_events(raw, chain, ws, store, loaded)
+    except BaseException:
+        ws.close()
+        raise
     con = ws.con
     ended = con.execute("SELECT count(*) FROM events WHERE session_id = ? AND kind = 'session_ended'",
                         [raw.session_id]).fetchone()[0] > 0
@@ -292,6 +406,10 @@ def replay(raw: RawSession, *, keyring: Keyring | None = None, store: SchemaStor
         [raw.session_id, after]).fetchone()[0]
     if bcheck is not None and not bcheck.ok and v.status != "broken":
         v.status, v.first_bad_seq, v.reason, v.detail = "broken", bcheck.first_bad_seq, bcheck.reason, bcheck.detail
+    if undecodable is not None and (v.first_bad_seq is None or undecodable <= v.first_bad_seq):
+        v.status, v.first_bad_seq, v.reason, v.detail = "broken", undecodable, "undecodable", why
+        v.verified = undecodable - chain.first_seq
+        v.unsigned_events += max(0, chain.verified - v.verified)  # (not shown, so covered by nothing shown)
     if note:
         v.detail = (v.detail + "; " if v.detail else "") + note
     return Replay(raw, chain, ws, v, bcheck, list(alerts or []), note, store)
@@ -404,7 +522,9 @@ def verify_bundle(path, keyring: Keyring | None = None, *, require_signature: bo
 
     prov = check_provenance(b, operators or Keyring())
     problem = None
-    if listed != actual:
+    if v.status == "broken" and v.reason == "undecodable":  # (its checkpoints and coverage are cut short too)
+        problem = f"first bad seq {v.first_bad_seq}: {v.reason}: {v.detail}"
+    elif listed != actual:
         problem = "the header's checkpoint list does not match the checkpoint events in the bundle"
         v.status, v.reason, v.detail = "broken", "header_checkpoints", problem
     elif stated is not None and stated != coverage:

@@ -76,3 +76,64 @@ def test_a_glob_in_the_bundle_path_never_decodes_another_file(exported, tmp_path
         want = r.state().digest
     doc = json.loads(run_cli("replay", str(genuine), "--format", "json", env=cli_env(tmp_path / "v")).stdout)
     assert doc["state_digest"] == want and FORGED not in json.dumps(doc)
+
+
+def _attack_bundle(out, path, *, malformed: bool):
+    """The signed prefix 0..10 byte for byte, then (with ``malformed``) a command_started whose argv
+    claims 2**40 items, then a forged unsigned command and the end: a sound chain throughout."""
+    b = parse_bundle(out.read_bytes())
+    p, recs = _records(b)
+    keep = 11
+    values = [b.value(i) for i in range(keep)]
+    cps = [checkpoint_entry(r["seq"], r["payload"][1]) for r in recs[:keep] if r["payload"][0].endswith("Checkpoint")]
+    assert cps
+    prev = values[-1][-64:].decode()
+    cmd = next(r for r in recs if r["payload"][0].endswith("CommandStarted"))
+    ended = next(r for r in recs if r["payload"][0].endswith("SessionEnded"))
+    extra, seq = [], keep
+    if malformed:
+        r = dict(cmd, seq=seq, payload=(cmd["payload"][0], dict(cmd["payload"][1], argv=["AAAA"])))
+        extra.append((r, lambda body: body.replace(b"\x02\x08AAAA\x00", codec.zigzag_varint(2**40) + b"\x08AAAA\x00", 1)))
+        seq += 1
+    extra.append((dict(cmd, seq=seq, payload=(cmd["payload"][0], dict(cmd["payload"][1], argv=["curl", FORGED]))), None))
+    extra.append((dict(ended, seq=seq + 1), None))
+    for r, patch in extra:
+        v, prev = _seal(b, p, r, prev, patch)
+        values.append(v)
+    write_bundle(path, session_id=b.session_id, values=values, writer_schema=b.header.schema, checkpoints=cps)
+    return keep, keep + len(extra)
+
+
+@pytest.mark.parametrize("path", ["serial", "child", "native"])
+def test_a_record_the_decoder_stops_at_is_undecodable_not_a_shorter_session(exported, tmp_path, monkeypatch, path):
+    """DuckDB's avro reader stops without an error at an array claiming 2**40 items: the events after
+    it verified but were never decoded. The session is broken there (reason undecodable), never a
+    shorter session whose signatures look complete."""
+    import agentledger.replay.session as S
+    from agentledger.replay import native
+
+    out, pub, *_ = exported
+    keyring = signing.Keyring([signing.load_public(pub.read_bytes())])
+    control, attack = tmp_path / "control.avro", tmp_path / "attack.avro"
+    bad_seq, n_control = _attack_bundle(out, control, malformed=False)
+    _, n_attack = _attack_bundle(out, attack, malformed=True)
+    if path == "native" and native.decoder() is None:
+        pytest.skip("the native decoder is not installed")
+    if path == "child":
+        monkeypatch.setenv("AGENTLEDGER_AVRO2ARROW", "off")
+    if path != "serial":  # the big-bundle paths: framed and checked in a child, or by the native decoder
+        monkeypatch.setattr(S, "PARALLEL_MIN_BYTES", 0)
+    ok = verify_bundle(control, keyring)
+    assert ok.ok and ok.verification.as_dict()["signatures"] == "partial" and ok.verification.events == n_control
+    res = verify_bundle(attack, keyring)
+    assert not res.ok and res.first_bad_seq == bad_seq and res.verification.reason == "undecodable", res.problem
+    assert res.problem.startswith(f"first bad seq {bad_seq}: undecodable")
+    with replay(BundleSource(attack).read(), keyring=keyring) as r:
+        v = r.verification
+        assert v.status == "broken" and v.first_bad_seq == bad_seq and v.verified == bad_seq
+        assert v.as_dict()["signatures"] == "partial" and v.unsigned_events >= n_attack - bad_seq
+        assert max(e["seq"] for e in r.timeline()) == bad_seq - 1 and r.workset.events == bad_seq
+    if path == "serial":
+        proc = run_cli("verify-bundle", str(attack), "--public-key", str(pub), env=cli_env(tmp_path / "v"), check=False)
+        assert proc.returncode == 1 and f"first bad seq {bad_seq}: undecodable" in " ".join(proc.stderr.split())
+        assert "Traceback" not in proc.stderr
