@@ -137,3 +137,36 @@ def test_a_record_the_decoder_stops_at_is_undecodable_not_a_shorter_session(expo
         proc = run_cli("verify-bundle", str(attack), "--public-key", str(pub), env=cli_env(tmp_path / "v"), check=False)
         assert proc.returncode == 1 and f"first bad seq {bad_seq}: undecodable" in " ".join(proc.stderr.split())
         assert "Traceback" not in proc.stderr
+
+
+def _consistent_bundle(out, path, session_id: str):
+    """The events of ``out`` under another session id, re-chained: a sound (unsigned) bundle."""
+    b = parse_bundle(out.read_bytes())
+    p, recs = _records(b)
+    recs = [r for r in recs if not r["payload"][0].endswith("Checkpoint")]
+    prev, values = "0" * 64, []
+    for i, r in enumerate(recs):
+        v, prev = _seal(b, p, dict(r, session_id=session_id, seq=i), prev)
+        values.append(v)
+    write_bundle(path, session_id=session_id, values=values, writer_schema=b.header.schema, checkpoints=[])
+    return path
+
+
+@pytest.mark.parametrize("sid", ["abc[/]def", "[bold red]EVIL[/bold red] [link=https://evil.example]click[/link]"])
+def test_strings_from_a_bundle_are_printed_as_text_not_markup(exported, tmp_path, sid):
+    out, *_ = exported
+    bundle = _consistent_bundle(out, tmp_path / "[bold]odd.avro", sid)
+    env = cli_env(tmp_path / "v")
+    proc = run_cli("verify-bundle", str(bundle), env=env, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert text.startswith("VERIFIED") and f"session {sid}," in text and "[bold]odd.avro" in text
+    proc = run_cli("replay", str(bundle), env=env, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and f"session {sid}" in proc.stdout
+    # a failure names the file as it is too
+    cut = tmp_path / "[bold]cut.avro"
+    cut.write_bytes(bundle.read_bytes()[:-40])
+    proc = run_cli("verify-bundle", str(cut), env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "[bold]cut.avro" in proc.stderr
+    proc = run_cli("import", "bundle", str(bundle), env=env, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and sid in " ".join(proc.stdout.split())

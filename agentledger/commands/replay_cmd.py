@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from agentledger import api
 
-from ..output import Format, console, err_console, print_json, render_rows
+from ..output import Format, console, err_console, jsonable, print_json, render_rows
 from .groups import export_app, import_app
 from .options import OperatorKeys, PublicKeys, ReplayFormat, TableOrJson, WhatIfFormat, settings
 
@@ -29,7 +30,13 @@ def _check_source(source: str) -> None:
 
 def _notes(notes: list[str]) -> None:
     for note in notes:
-        err_console.print(f"[yellow]{note}[/]")
+        err_console.print(f"[yellow]{escape(note)}[/]")
+
+
+def _text(rows) -> list[list]:
+    """Table cells as text, not markup: a session's recorded strings and a bundle's header are
+    someone else's (``[/]`` would raise, ``[link=...]`` restyle the line)."""
+    return [[v if v is None or isinstance(v, (bool, int, float)) else escape(str(jsonable(v))) for v in r] for r in rows]
 
 
 # --- rendering ---------------------------------------------------------------------------------------
@@ -39,6 +46,8 @@ def _verification_line(v: dict) -> Text:
     t.append(f"chain {v['status']}", STATUS_STYLE.get(v["status"], "bold"))
     if v.get("first_bad_seq") is not None:
         t.append(f" — first bad seq {v['first_bad_seq']} ({v.get('reason')}): {v.get('detail')}", "red")
+    elif v.get("reason"):  # (a damaged header names no seq)
+        t.append(f" — {v['reason']}: {v.get('detail')}", "red")
     t.append(f"   signatures {v['signatures']}")
     if v["signatures"] == "simulator":
         t.append(" (a simulator's seed-derived key: never trusted)", "yellow")
@@ -108,29 +117,31 @@ def _print_state(state: dict, limit: int | None = TABLE_LIMIT) -> None:
     c = state["counts"]
     sess = state["session"]
     console.print(f"[bold]state after seq {state['as_of_seq']}[/]: {c['events']} events "
-                  f"({', '.join(f'{k} {v}' for k, v in c['by_family'].items())}); session {sess.get('status')}")
+                  f"({escape(', '.join(f'{k} {v}' for k, v in c['by_family'].items()))}); session "
+                  f"{escape(str(sess.get('status')))}")
     procs = state["processes"]
     if procs:
         render_rows(["seq", "command", "status", "exit", "ms"],
-                    [(p["started_seq"], " ".join(p["argv"] or []), p["status"], p["exit_code"], p["duration_ms"])
-                     for p in procs], Format.table, title="processes")
+                    _text((p["started_seq"], " ".join(p["argv"] or []), p["status"], p["exit_code"], p["duration_ms"])
+                          for p in procs), Format.table, title="processes")
     if state["approvals"]:
         render_rows(["requested", "subject", "decision", "by", "decided", "latency_ms"],
-                    [(a["requested_seq"], a["subject"], a["decision"], a["decided_by"], a["decided_seq"], a["latency_ms"])
-                     for a in state["approvals"]], Format.table, title="approvals")
+                    _text((a["requested_seq"], a["subject"], a["decision"], a["decided_by"], a["decided_seq"],
+                           a["latency_ms"]) for a in state["approvals"]), Format.table, title="approvals")
     if state["destinations"]:
         render_rows(["destination", "attempts", "allowed", "denied", "asked", "bytes_out"],
-                    [(f"{d['protocol']}://{d['host']}:{d['port']}", d["attempts"], d["allowed"], d["denied"], d["asked"],
-                      d["bytes_out"]) for d in state["destinations"]], Format.table, title="network destinations")
+                    _text((f"{d['protocol']}://{d['host']}:{d['port']}", d["attempts"], d["allowed"], d["denied"],
+                           d["asked"], d["bytes_out"]) for d in state["destinations"]), Format.table,
+                    title="network destinations")
     changed = [f for f in state["files"] if f["changes"]]
     if changed:
         render_rows(["path", "last op", "last digest", "present"],
-                    [(f["path"], f["last_operation"], (f["last_digest"] or "")[:16], f["present"]) for f in changed],
+                    _text((f["path"], f["last_operation"], (f["last_digest"] or "")[:16], f["present"]) for f in changed),
                     Format.table, title="files changed")
     for name in ("denials", "gaps"):
         if state[name]:
             rows = state[name]
-            render_rows(list(rows[0].keys()), [list(r.values()) for r in rows], Format.table, title=name)
+            render_rows(list(rows[0].keys()), _text(list(r.values()) for r in rows), Format.table, title=name)
 
 
 def _print_whatif(rep: dict, limit: int | None = None) -> None:
@@ -139,8 +150,9 @@ def _print_whatif(rep: dict, limit: int | None = None) -> None:
     if divs:
         shown = divs if not limit else divs[:limit]
         render_rows(["session", "seq", "kind", "request", "recorded", "new", "rule", "effect", "outcome"],
-                    [(d["session_id"][:13], d["seq"], d["kind"], d["request"], d["recorded"], d["new"], d["rule"],
-                      d["effect"], d["outcome"]) for d in shown], Format.table, title=f"what if: policy {s['policy']}")
+                    _text((d["session_id"][:13], d["seq"], d["kind"], d["request"], d["recorded"], d["new"], d["rule"],
+                           d["effect"], d["outcome"]) for d in shown), Format.table,
+                    title=escape(f"what if: policy {s['policy']}"))
         if len(shown) < len(divs):
             console.print(f"[dim]showing {len(shown)} of {len(divs)} divergences[/]")
     for line in api.whatif_summary(s):
@@ -191,10 +203,10 @@ def replay_cmd(
     if fmt is Format.json:
         print_json(r.as_dict(limit))
     else:
-        console.print(f"[bold]session {r.session_id}[/] from {r.where}")
+        console.print(f"[bold]session {escape(r.session_id)}[/] from {escape(str(r.where))}")
         console.print(_verification_line(r.verification))
         if r.notice:
-            err_console.print(f"[yellow]note:[/] {r.notice}", highlight=False)
+            err_console.print(f"[yellow]note:[/] {escape(r.notice)}", highlight=False)
         _print_timeline(r.timeline, len(r.timeline), None if limit == 0 else (limit or TABLE_LIMIT),
                         _alert_names(r.alerts))
         _print_state(r.state, None if limit == 0 else (limit or TABLE_LIMIT))
@@ -202,13 +214,13 @@ def replay_cmd(
             _print_whatif(r.whatif)
         if r.alerts:
             render_rows(["rule", "severity", "evidence", "alert"],
-                        [(a["source"], a.get("severity"), ", ".join(map(str, a["evidence_seqs"])), a["alert_id"])
-                         for a in r.alerts], Format.table, title="alerts")
+                        _text((a["source"], a.get("severity"), ", ".join(map(str, a["evidence_seqs"])), a["alert_id"])
+                              for a in r.alerts), Format.table, title="alerts")
         console.print(f"state digest [bold]{r.state['state_digest']}[/]"
                       + (f" (after seq {r.state['as_of_seq']})" if at is not None else ""))
         _print_cannot_prove(r.coverage)
         if html_out is not None:
-            console.print(f"HTML timeline written to {html_out}")
+            console.print(f"HTML timeline written to {html_out}", markup=False, highlight=False)
     if strict and not r.verifies:
         raise typer.Exit(1)
 
@@ -271,14 +283,14 @@ def export_cmd(
     _notes(res.notes)
     doc = res.doc
     if res.provenance_missing:
-        err_console.print(f"[yellow]the bundle carries no signed header or tree proof ({res.provenance_missing}): it "
-                          "will not pass verify-bundle --require-signature[/]")
+        err_console.print(f"[yellow]the bundle carries no signed header or tree proof ({escape(str(res.provenance_missing))})"
+                          ": it will not pass verify-bundle --require-signature[/]")
     if fmt is Format.json:
         print_json(doc)
     else:
         console.print(f"wrote {doc['events']} events of session {doc['session_id']} to {doc['path']} "
                       f"({doc['bytes']} bytes, sha256 {doc['sha256']}); chain {doc['chain']}, head seq "
-                      f"{doc['head_seq']}, {doc['checkpoints']} checkpoints")
+                      f"{doc['head_seq']}, {doc['checkpoints']} checkpoints", markup=False)
 
 
 @app.command("verify-bundle")
@@ -301,8 +313,8 @@ def verify_bundle_cmd(
     else:
         v = res.verification
         if res.ok:
-            console.print(f"[bold green]VERIFIED[/] {bundle}: session {v.session_id}, {v.events} events "
-                          f"(seq {v.first_seq}..{v.head_seq}), head {v.head_hash}")
+            console.print(f"[bold green]VERIFIED[/] {escape(str(bundle))}: session {escape(v.session_id)}, {v.events} "
+                          f"events (seq {v.first_seq}..{v.head_seq}), head {escape(v.head_hash)}")
             console.print(_verification_line(v.as_dict()))
             p = res.provenance
             if p is not None:
@@ -317,7 +329,7 @@ def verify_bundle_cmd(
                                                if res.coverage_in_header else
                                                " (from the events: the header has no coverage summary)"))
         else:
-            err_console.print(f"[bold red]FAILED[/] {bundle}: {res.problem}")
+            err_console.print(f"[bold red]FAILED[/] {escape(str(bundle))}: {escape(str(res.problem))}")
     if not res.ok:
         raise typer.Exit(1)
 
@@ -342,7 +354,7 @@ def import_bundle_cmd(
         print_json(res.as_dict())
     else:
         console.print(f"imported {res.imported} events of session {res.session_id} into {res.warehouse} "
-                      f"({res.already_present} already present, {res.quarantined} quarantined)")
+                      f"({res.already_present} already present, {res.quarantined} quarantined)", markup=False)
         _print_cannot_prove({"cannot_prove": res.cannot_prove})
     if res.quarantined:
         raise typer.Exit(1)
