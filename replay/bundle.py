@@ -282,7 +282,7 @@ class BundleHeader:
             return default
         try:
             return json.loads(self.meta(key))
-        except ValueError:
+        except (ValueError, RecursionError):  # (nesting deeper than the parser's recursion: not ours either)
             raise BundleError(f"the header's {META_PREFIX}{key} is not valid JSON") from None
 
 
@@ -326,6 +326,8 @@ def read_header(data: bytes) -> BundleHeader:
         schema = json.loads(schema_json)
         if not isinstance(schema, dict):
             raise ValueError("not a record schema")
+    except RecursionError:
+        raise BundleError("the header's avro.schema is not valid JSON: nested too deeply") from None
     except ValueError as exc:
         raise BundleError(f"the header's avro.schema is not valid JSON: {exc}") from None
     return BundleHeader(schema, schema_json, sync, meta, pos)
@@ -381,15 +383,37 @@ class Bundle:
 
     @property
     def checkpoints(self) -> list[dict]:
+        """The header's checkpoint list, each entry as `checkpoint_entry` writes it. The header digest
+        is unkeyed (anyone can recompute it), so every entry is checked here: a malformed one is a
+        `BundleError` (`check_bundle`: bad_header), never an exception further on."""
         cps = self.header.meta_json("checkpoints", [])
         if not isinstance(cps, list):
             raise BundleError("the header's agentledger.checkpoints is not a list")
+        for i, c in enumerate(cps):
+            if not isinstance(c, dict):
+                raise BundleError(f"the header's agentledger.checkpoints entry {i} is not an object")
+            for key, types in _CHECKPOINT_FIELDS.items():
+                if key not in c:
+                    if key in _CHECKPOINT_REQUIRED:
+                        raise BundleError(f"the header's agentledger.checkpoints entry {i} has no {key}")
+                    continue
+                v = c[key]
+                if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+                    raise BundleError(f"the header's agentledger.checkpoints entry {i} has a {key} of the wrong "
+                                      f"type ({type(v).__name__})")
         return cps
 
     @property
     def public_keys(self) -> dict[str, str]:
         keys = self.header.meta_json("public_keys", {})
         return keys if isinstance(keys, dict) else {}
+
+
+# The fields of a header checkpoint entry (`checkpoint_entry`) and their JSON types.
+_CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
+    "seq": (int,), "signature": (str,), "key_id": (str,), "head_seq": (int,), "head_hash": (str,),
+    "event_count": (int,), "algorithm": (str,), "final": (bool,)}
+_CHECKPOINT_REQUIRED = ("seq", "signature", "key_id")
 
 
 def parse_bundle(data: bytes, path: Path | None = None) -> Bundle:
@@ -515,6 +539,7 @@ def check_bundle(b: Bundle, chain: ChainResult | None = None) -> BundleCheck:
         if not schema_has_envelope_head(h.schema):
             raise BundleError("the bundle schema is not an agentledger event schema")
         b.checkpoints  # noqa: B018 -- parse now, so a damaged list is a header error
+        h.meta_json("public_keys")  # (and damaged embedded keys)
     except BundleError as exc:
         return BundleCheck(False, None, None, len(b.spans), None, None, "bad_header", str(exc), header_ok=False)
     if chain is None:

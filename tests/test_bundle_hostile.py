@@ -139,6 +139,55 @@ def test_a_record_the_decoder_stops_at_is_undecodable_not_a_shorter_session(expo
         assert "Traceback" not in proc.stderr
 
 
+def _rewrite(src, dst, update=None, raw_schema=None):
+    """``src`` with header fields replaced and the (unkeyed) header digest recomputed, as an attacker can."""
+    b = parse_bundle(src.read_bytes())
+    meta = {k: v for k, v in b.header.metadata.items() if not k.startswith("avro.")}
+    meta.update(update or {})
+    meta.pop(HEADER_DIGEST_KEY)
+    schema = b.header.schema_json if raw_schema is None else raw_schema
+    meta[HEADER_DIGEST_KEY] = header_digest({"avro.schema": schema, "avro.codec": b"null", **meta},
+                                            b.header.sync).encode()
+    m = {"avro.schema": schema, "avro.codec": b"null", **meta}
+    head = codec.OCF_MAGIC + codec.zigzag_varint(len(m))
+    for k, v in m.items():
+        head += codec.zigzag_varint(len(k)) + k.encode() + codec.zigzag_varint(len(v)) + v
+    dst.write_bytes(head + b"\x00" + b.header.sync + b.data[b.header.length:])
+    return dst
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+HOSTILE_HEADERS = {
+    "checkpoints_not_objects": {"agentledger.checkpoints": b"[1]"},
+    "checkpoint_without_seq": {"agentledger.checkpoints": b'[{"x": 1}]'},
+    "checkpoints_of_mixed_types": {"agentledger.checkpoints":
+                                   b'[{"seq": 1, "signature": 1}, {"seq": 1, "signature": "a"}]'},
+    "checkpoint_seq_a_string": {"agentledger.checkpoints": b'[{"seq": "1", "signature": "a", "key_id": "k"}]'},
+    "checkpoints_deep": {"agentledger.checkpoints": DEEP},
+    "coverage_deep": {"agentledger.coverage": DEEP},
+    "tree_head_deep": {"agentledger.tree_head": DEEP},
+    "public_keys_deep": {"agentledger.public_keys": DEEP},
+    "schema_deep": None,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+def test_a_rewritten_header_is_a_failure_never_a_traceback(exported, tmp_path, case):
+    out, *_ = exported
+    upd = HOSTILE_HEADERS[case]
+    bad = _rewrite(out, tmp_path / f"{case}.avro", upd, DEEP if upd is None else None)
+    res = verify_bundle(bad)  # never raises for bad data
+    assert not res.ok and res.problem
+    env = cli_env(tmp_path / "v")
+    proc = run_cli("verify-bundle", str(bad), env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.startswith("FAILED")
+    if case in ("checkpoint_without_seq", "schema_deep"):
+        for args in (["replay", str(bad), "--strict"], ["import", "bundle", str(bad)]):
+            proc = run_cli(*args, env=env, check=False)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, args
+            assert "bad_header" in proc.stdout or "error:" in proc.stderr, args
+
+
 def _consistent_bundle(out, path, session_id: str):
     """The events of ``out`` under another session id, re-chained: a sound (unsigned) bundle."""
     b = parse_bundle(out.read_bytes())
