@@ -174,6 +174,33 @@ def test_every_format_character_of_this_python_is_an_invisible_character():
     assert missing == [], f"Unicode {unicodedata.unidata_version}: add these to _INVISIBLE"
 
 
+# -- end to end: the hook and the importer ---------------------------------------------------
+def test_the_audits_forms_reach_no_log_warehouse_or_state_via_the_hook_or_the_importer(tmp_path):
+    from conftest import cli_env, run_cli
+    from test_hook import hook
+    from test_redaction_envelope import codex_rollout, leaks
+
+    commands = {t: s for t, s in PLACEHOLDER_PREFIXED.items() if t.startswith(("export", "psql", "mysql"))}
+    commands.update((t, s) for t, s in FORGED.items() if t.startswith(("curl -H 'Authorization", "git", "DB_")))
+    commands.update((t, v[0]) for t, v in HIDDEN.items() if t.startswith(("echo ghp", "export", "curl https")))
+    home = tmp_path / "home"
+    env = cli_env(home)
+    base = {"session_id": "cc-bypass", "cwd": "/w", "permission_mode": "default", "transcript_path": "/h/.claude/x.jsonl"}
+    hook(env, {**base, "hook_event_name": "SessionStart", "source": "startup"}, check_exit=0)
+    for i, cmd in enumerate(commands):
+        call = {**base, "tool_name": "Bash", "tool_use_id": f"toolu_{i}", "tool_input": {"command": cmd}}
+        hook(env, {**call, "hook_event_name": "PreToolUse"}, check_exit=0)
+        hook(env, {**call, "hook_event_name": "PostToolUse",
+                   "tool_response": {"stdout": f"ran: {cmd}", "stderr": "", "interrupted": False}}, check_exit=0)
+    hook(env, {**base, "hook_event_name": "PreToolUse", "tool_name": "WebFetch", "tool_use_id": "toolu_web",
+               "tool_input": {"url": "https://admin:test_Hunter2024@db.example.com/x?token=password-abc12345"}}, check_exit=0)
+    rollout = tmp_path / "rollout-2026-02-03T14-20-05-019c2d3e-0000-7000-8000-000000000002.jsonl"
+    rollout.write_text(codex_rollout("019c2d3e-0000-7000-8000-000000000002", list(commands)))
+    run_cli("import", "codex-rollout", str(rollout), env=env)
+    run_cli("ingest", env=env)
+    assert leaks(home, env, sorted(set(commands.values()) | {"Hunter2024", "abc12345"})) == {}
+
+
 # -- crafted strings cost linear time ----------------------------------------------------------
 CRAFTED = {  # the audit's inputs (each 100 KB cost 18 s to 187 s) and argv ones found alike, as units to repeat
     "a=": lambda n: "a=" * (n // 2),                          # high_entropy_assignment: a value at every '='
