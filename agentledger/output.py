@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from agentledger.schemas.terminal import printable
 
@@ -98,6 +99,12 @@ def _shorten(value: str) -> str:
     return value
 
 
+def _plain(value: str) -> Text:
+    """A cell as the text it is: recorded text is never rich markup (``[link=...]``, ``[/]``) and its
+    control characters are shown (`printable`)."""
+    return Text(printable(value))
+
+
 def _render_table(columns: list[str], cells: list[list[str]], title: str | None) -> None:
     """A table that reads on this terminal: as it is when it fits; else ids and hashes shortened
     (JSON/CSV give them whole), short columns kept, long text folded; and when even that cannot fit,
@@ -123,9 +130,9 @@ def _render_table(columns: list[str], cells: list[list[str]], title: str | None)
     t = Table(title=title, show_lines=False)
     fits = total(widest) <= width
     for c, _w, f, idn in zip(columns, widest, floor, ident):
-        t.add_column(c, overflow="fold", no_wrap=idn, min_width=None if fits else f)
+        t.add_column(_plain(c), overflow="fold", no_wrap=idn, min_width=None if fits else f)
     for r in cells:
-        t.add_row(*r)
+        t.add_row(*map(_plain, r))
     console.print(t)
 
 
@@ -139,7 +146,7 @@ def _render_expanded(columns: list[str], cells: list[list[str]], title: str | No
         grid.add_column(min_width=label, style="bold", no_wrap=True)
         grid.add_column(overflow="fold")
         for c, v in zip(columns, r):
-            grid.add_row(c, v)
+            grid.add_row(_plain(c), _plain(v))
         console.print(grid)
     if not cells:
         console.print("[dim](no rows)[/]")

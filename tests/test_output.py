@@ -68,3 +68,13 @@ def test_recorded_control_characters_are_shown_not_sent_to_the_terminal(screen):
     text = buf.getvalue()
     assert not any(c in text for c in "\x1b\r\u202e\x07")
     assert text.count("rm -rf /\\x1b[2K\\x1b[1Gecho harmless\\x0d\\u202eexe.txt\\x07") == 2
+
+
+def test_recorded_text_is_never_rich_markup(screen):
+    buf = screen(200)
+    render_rows(["session_id", "command"], [(SID, "[link=https://evil.example]click[/link] [/] [bold red]x")],
+                Format.table)
+    assert "[link=https://evil.example]click[/link] [/] [bold red]x" in buf.getvalue()
+    buf = screen(30)  # the expanded form too
+    render_rows(["a", "b", "[red]c"], [("[/]", "x" * 40, "y")], Format.table)
+    assert "[/]" in buf.getvalue() and "[red]c" in buf.getvalue()
