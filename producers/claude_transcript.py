@@ -62,6 +62,7 @@ fields as unknown fields; neither is ever fatal.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any
@@ -70,7 +71,7 @@ from .counts import FileCounts
 from .ledger import Observation, SessionInfo
 from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, mcp_arguments_json, mcp_call, mcp_result,
                         mcp_split, network_protocol, parse_exec_output, parse_time_us, permission_mode_policy,
-                        resolve_path, short_digest, urls_in)
+                        resolve_path, short_digest, type_name, urls_in)
 from .recorder import action_digest, output_digest
 
 # The event contract's ProducerSource enum has no symbol for Claude Code transcripts yet (adding
@@ -260,7 +261,7 @@ class ClaudeTranscriptParser:
             self.counts.not_object += 1
             return
         self.counts.records += 1
-        typ = obj.get("type")
+        typ = type_name(obj.get("type"))
         at = self._at(obj.get("timestamp"))
         if typ in CONVERSATION:
             self.counts.unknown_keys("entry", obj, KNOWN_ENTRY)  # (an unknown type is counted once, not its fields)
@@ -392,7 +393,7 @@ class ClaudeTranscriptParser:
             if not isinstance(block, dict):
                 self.counts.bump("unknown_types", "assistant/(not an object)")
                 continue
-            t = block.get("type")
+            t = type_name(block.get("type"))
             if t == "tool_use":
                 self._tool_use(sid, e, block, at)
             elif t not in IGNORED_BLOCKS:
@@ -485,7 +486,7 @@ class ClaudeTranscriptParser:
             if not isinstance(block, dict):
                 self.counts.bump("unknown_types", "user/(not an object)")
                 continue
-            t = block.get("type")
+            t = type_name(block.get("type"))
             if t == "tool_result":
                 extra = e.get("toolUseResult") if len(results) == 1 else None
                 self._tool_result(block, extra, at)
@@ -547,8 +548,9 @@ class ClaudeTranscriptParser:
             body = info.get("result") if tool in FETCH_TOOLS and "result" in info else text
             status = as_int(info.get("code")) if tool in FETCH_TOOLS else None
             took = as_int(info.get("durationMs"))
-            if took is None and isinstance(info.get("durationSeconds"), (int, float)):
-                took = int(info["durationSeconds"] * 1000)
+            secs = info.get("durationSeconds")
+            if took is None and isinstance(secs, (int, float)) and math.isfinite(secs) and abs(secs) < 1e15:
+                took = int(secs * 1000)
             self._obs(sid, f"net:net-{tid}:completed", "network_completed",
                       {"attempt_id": f"net-{tid}", "outcome": "error" if is_error else "ok", "status": status,
                        "bytes_in": as_int(info.get("bytes")) if as_int(info.get("bytes")) is not None

@@ -56,7 +56,7 @@ from .ledger import Observation, SessionInfo
 from .normalize import (approval_decision, approval_policy, as_int, command_argv, duration_ms, first,
                         infer_sandbox_denial, inside, loads_bounded, looks_declined, looks_timed_out, mcp_arguments_json,
                         mcp_call, mcp_refused, mcp_result, mcp_split, network_policy, parse_exec_output, parse_patch, parse_time_us,
-                        patch_changes, resolve_path, risk, sandbox_details, sandbox_mode, short_digest)
+                        patch_changes, resolve_path, risk, sandbox_details, sandbox_mode, scalar_text, short_digest, type_name)
 from .recorder import action_digest, output_digest
 
 SOURCE = "codex_rollout"
@@ -219,7 +219,7 @@ class RolloutParser:
             self.counts.not_object += 1
             return
         self.counts.records += 1
-        typ = obj.get("type")
+        typ = type_name(obj.get("type"))
         payload = obj.get("payload")
         if typ is None and "record_type" in obj:
             self.counts.ignored += 1
@@ -330,10 +330,11 @@ class RolloutParser:
             "at": at,
             "cwd": str(p.get("cwd") or ""),
             "originator": str(originator) if originator else None,
-            "git": ({"commit": first(git, ("commit_hash", "commit", "sha")),
-                     "branch": git.get("branch"), "repository_url": first(git, ("repository_url", "remote_url", "url"))}
+            "git": ({"commit": scalar_text(first(git, ("commit_hash", "commit", "sha"))),
+                     "branch": scalar_text(git.get("branch")),
+                     "repository_url": scalar_text(first(git, ("repository_url", "remote_url", "url")))}
                     if git else None),
-            "model": p.get("model"),
+            "model": scalar_text(p.get("model")),
         }
         self._mapped = True
 
@@ -353,7 +354,7 @@ class RolloutParser:
         self.ctx["sandbox"] = mode
         turn = {"cwd": str(p.get("cwd") or ""), "sandbox_mode": mode, "approval_policy": policy,
                 "writable_roots": roots, "network_policy": network_policy(mode, net, p.get("network")),
-                "model": p.get("model")}
+                "model": scalar_text(p.get("model"))}
         now = {"approval_policy": policy, "sandbox_mode": mode, "network": turn["network_policy"]["mode"]}
         before = self.ctx.get("policy")
         self.ctx["policy"] = {k: v if v != "unknown" else (before or {}).get(k, v) for k, v in now.items()}
@@ -402,7 +403,7 @@ class RolloutParser:
 
     # -- response items -------------------------------------------------------------------
     def _response_item(self, p: dict, at: int) -> None:
-        t = p.get("type")
+        t = type_name(p.get("type"))
         if t == "function_call":
             name = str(p.get("name") or "")
             args = p.get("arguments")
@@ -650,7 +651,7 @@ class RolloutParser:
 
     # -- event messages -------------------------------------------------------------------
     def _event_msg(self, p: dict, at: int) -> None:
-        t = p.get("type")
+        t = type_name(p.get("type"))
         turn = str(p["turn_id"]) if p.get("turn_id") else None
         if t in EXTENDED_EVENTS:
             self.ctx["extended"] = True  # written only in extended persistence mode (coverage statements)

@@ -172,7 +172,7 @@ def _claude_line(line: bytes) -> bool:
         obj = loads_bounded(line[len(BOM):] if line.startswith(BOM) else line)
     except ValueError:
         return False
-    if not isinstance(obj, dict) or "payload" in obj:
+    if not isinstance(obj, dict) or "payload" in obj or not isinstance(obj.get("type"), str):
         return False
     return (bool(_CLAUDE_KEYS & set(obj)) and obj.get("type") in _CLAUDE_TYPES) or \
         obj.get("type") in ("summary", "file-history-snapshot")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -96,16 +97,31 @@ _ISO = re.compile(
 
 def parse_time_us(value: Any) -> int | None:
     """Microseconds since the epoch from ISO-8601 (any number of fraction digits, Z or offset,
-    naive = UTC) or from epoch numbers (s, ms, us or ns, guessed by magnitude). None if unparseable."""
+    naive = UTC) or from epoch numbers (s, ms, us or ns, guessed by magnitude). None if unparseable,
+    and for a time after the year 9999 (not finite, or beyond what an event id can hold)."""
+    t = _time_us(value)
+    return t if t is None or t <= MAX_TIME_US else None
+
+
+MAX_TIME_US = 253402300799_999999  # 9999-12-31T23:59:59.999999Z
+
+
+def _time_us(value: Any) -> int | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return _epoch_us(float(value))
-    s = str(value).strip()
+        x = _num(value)  # (as a float, as always: the same value gives the same time as before)
+        return _epoch_us(x) if x is not None else None
+    if not isinstance(value, str):
+        return None
+    s = value.strip()
     if not s:
         return None
     if re.fullmatch(r"\d+(\.\d+)?", s):
-        return _epoch_us(float(s)) if "." in s else _epoch_us_int(int(s))
+        if "." not in s:
+            return _epoch_us_int(int(s))
+        x = _num(s)
+        return _epoch_us(x) if x is not None else None
     m = _ISO.match(s)
     if not m:
         return None
@@ -148,39 +164,71 @@ def _epoch_us(x: float) -> int | None:
 
 
 def duration_ms(value: Any) -> int | None:
-    """Codex durations: ``{"secs": s, "nanos": n}`` (Rust Duration), a number of ms, or "1.5s"."""
+    """Codex durations: ``{"secs": s, "nanos": n}`` (Rust Duration), a number of ms, or "1.5s".
+    None for anything else, and for a value no event can hold (not finite, beyond a 64-bit ms count)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, dict):
         secs = _num(value.get("secs", value.get("seconds", 0))) or 0
         nanos = _num(value.get("nanos", value.get("nanoseconds", 0))) or 0
-        return int(secs * 1000 + nanos / 1e6)
+        return _ms(secs * 1000 + nanos / 1e6)
     if isinstance(value, (int, float)):
         # A whole number is milliseconds (Codex's `duration_ms`); a fractional one is seconds, as
         # written by tools that serialise a Rust Duration with `as_secs_f64`.
-        return int(value) if float(value).is_integer() else int(round(value * 1000))
-    s = str(value).strip().lower()
+        x = _num(value)
+        if x is None:
+            return None
+        return _ms(x) if x.is_integer() else _ms(round(x * 1000))
+    if not isinstance(value, str):
+        return None
+    s = value.strip().lower()
     m = re.fullmatch(r"([\d.]+)\s*(ms|s|sec|secs|seconds)?", s)
     if not m:
         return None
-    try:
-        x = float(m.group(1))
-    except ValueError:
+    x = _num(m.group(1))
+    if x is None:
         return None
     if m.group(2):
-        return int(x) if m.group(2) == "ms" else int(round(x * 1000))
-    return int(x) if x.is_integer() else int(round(x * 1000))
+        return _ms(x) if m.group(2) == "ms" else _ms(round(x * 1000))
+    return _ms(x) if x.is_integer() else _ms(round(x * 1000))
+
+
+MAX_MS = 2**63 - 1  # an Avro long
+
+
+def _ms(x: float) -> int | None:
+    return int(x) if math.isfinite(x) and abs(x) < MAX_MS else None
 
 
 def _num(v: Any) -> float | None:
-    if isinstance(v, bool):
+    """A finite number from a number or its text; None for anything else (NaN, infinities and
+    integers too large for a float included: JSON allows them, no duration or count is one)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         return None
-    if isinstance(v, (int, float)):
-        return float(v)
     try:
-        return float(str(v).strip())
-    except ValueError:
+        x = float(v if isinstance(v, (int, float)) else v.strip())
+    except (ValueError, OverflowError):
         return None
+    return x if math.isfinite(x) else None
+
+
+def type_name(v: Any) -> str | None:
+    """A record's or block's ``type`` as a name to look up: a string or None as written; any other
+    JSON value (a list or object is no key of a set) as a name that matches no known type."""
+    return v if v is None or isinstance(v, str) else f"(type of JSON {type(v).__name__})"
+
+
+def scalar_text(v: Any) -> str | None:
+    """A name (a commit, a branch, a model) as text: a JSON string or number as written, None for
+    nothing or for an array or object (no name is one)."""
+    if v is None or v == "" or isinstance(v, (list, dict)):
+        return None
+    return str(v)
+
+
+def json_items(v: Any) -> list:
+    """The items of a JSON array; nothing for any other value (a source may write anything)."""
+    return v if isinstance(v, list) else []
 
 
 def as_int(v: Any) -> int | None:
@@ -266,8 +314,8 @@ def network_policy(mode: str, sandbox_network: bool | None, network: Any) -> dic
     allowed: list[str] = []
     denied: list[str] = []
     if isinstance(network, dict):
-        allowed = [str(x) for x in network.get("allowed_domains") or [] if isinstance(x, str)]
-        denied = [str(x) for x in network.get("denied_domains") or [] if isinstance(x, str)]
+        allowed = [str(x) for x in json_items(network.get("allowed_domains")) if isinstance(x, str)]
+        denied = [str(x) for x in json_items(network.get("denied_domains")) if isinstance(x, str)]
     if allowed:
         nmode = "allowlist"
     elif mode == "danger_full_access" or sandbox_network is True:

@@ -37,9 +37,9 @@ from typing import Any
 from .counts import FileCounts
 from .ledger import Observation, SessionInfo
 from .normalize import (approval_decision, approval_policy, as_bool, as_int, claude_decision, command_argv,
-                        decision_scope, decision_source, first, infer_sandbox_denial, inside, loads_bounded, looks_declined,
+                        decision_scope, decision_source, first, infer_sandbox_denial, inside, json_items, loads_bounded, looks_declined,
                         mcp_arguments_json, mcp_call, mcp_result, network_decision, network_protocol, parse_exec_output,
-                        parse_patch, parse_time_us, resolve_path, sandbox_mode, short_digest)
+                        parse_patch, parse_time_us, resolve_path, sandbox_mode, scalar_text, short_digest)
 from .recorder import output_digest
 
 SOURCE = "otel"
@@ -102,7 +102,7 @@ def attrs_dict(attrs: Any) -> dict:
     if isinstance(attrs, dict):
         return {str(k): attr_value(v) for k, v in attrs.items()}
     out = {}
-    for kv in attrs or []:
+    for kv in json_items(attrs):
         if isinstance(kv, dict) and "key" in kv:
             out[str(kv["key"])] = attr_value(kv.get("value"))
     return out
@@ -169,8 +169,9 @@ class OtelParser:
             if not isinstance(rl, dict):
                 self.counts.not_object += 1
                 continue
-            resource = attrs_dict(((rl.get("resource") or {}).get("attributes")) or [])
-            for sl in _k(rl, "scopeLogs", "scope_logs", "instrumentationLibraryLogs") or []:
+            res = rl.get("resource")
+            resource = attrs_dict(res.get("attributes") if isinstance(res, dict) else None)
+            for sl in json_items(_k(rl, "scopeLogs", "scope_logs", "instrumentationLibraryLogs")):
                 if not isinstance(sl, dict):
                     self.counts.not_object += 1
                     continue
@@ -178,7 +179,7 @@ class OtelParser:
                 scope_name = str(scope.get("name") or "") if isinstance(scope, dict) else ""
                 if not scope_name:
                     scope_name = str(resource.get("service.name") or "")
-                for rec in _k(sl, "logRecords", "log_records") or []:
+                for rec in json_items(_k(sl, "logRecords", "log_records")):
                     if isinstance(rec, dict):
                         self._record(rec, resource, scope_name)
                     else:
@@ -237,7 +238,8 @@ class OtelParser:
             self.counts.mapped += 1
 
     def _obs(self, sid, agent, version, fact, kind, payload, at, *, call_id=None, turn_id=None, priority=0):
-        self.observations.append(Observation(sid, fact, kind, payload, at, turn_id=turn_id, tool_call_id=call_id,
+        self.observations.append(Observation(sid, fact, kind, payload, at, turn_id=scalar_text(turn_id),
+                                             tool_call_id=call_id,
                                              source=SOURCE, agent=agent, agent_version=version, priority=priority,
                                              order=(self.file_index, self._offset, self._n)))
 
@@ -249,7 +251,8 @@ class OtelParser:
         if a.get("approval_policy") is not None and policy == "unknown":
             self.counts.unknown_value("approval_policy", a.get("approval_policy"))
         fields = {"agent": agent, "sandbox_mode": mode, "approval_policy": policy,
-                  "model": a.get("model") or a.get("slug"), "originator": a.get("originator") or a.get("source")}
+                  "model": scalar_text(a.get("model") or a.get("slug")),
+                  "originator": scalar_text(a.get("originator") or a.get("source"))}
         self.infos.append(SessionInfo(sid, at, agent, SOURCE, fields, version, P_INFO))
 
     def _codex_decision(self, sid, agent, version, at, a, rec):

@@ -14,9 +14,13 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from agent_sources import count_sources
 from conftest import REPO
 from agentledger.producers import normalize as N
+from agentledger.producers.claude_transcript import ClaudeTranscriptParser
+from agentledger.producers.codex_rollout import RolloutParser
+from agentledger.producers.counts import FileCounts
 from agentledger.producers.importer import run_import
 from agentledger.producers.importstate import ProducerState
 from agentledger.producers.ledger import SessionAppender
+from agentledger.producers.otel import OtelParser
 from agentledger.schemas.config import from_env
 from agentledger.schemas.contract import load_store
 from agentledger.schemas.envelope import ChainVerifier
@@ -220,6 +224,82 @@ def test_mutated_otel_exports_import_cleanly_with_exact_counts(ops, seed, pretty
         assert as_counts(kinds) == count_sources(files)
         assert rep.totals()["counts"]["unknown_types"].get("(document without resourceLogs)") is None
         assert run_import(s, [], files).events_added == 0
+
+
+# -- type-confused values ----------------------------------------------------------------------
+# Every imported file is written by an attacker: any field may hold any JSON value (JSON as Python
+# reads it: NaN, Infinity and integers of any size included). A parser never raises on one, and the
+# importer reads every line of the file whatever one of them holds.
+
+CLAUDE_FIXTURES = sorted((REPO / "tests" / "fixtures" / "claude-code" / "projects").rglob("*.jsonl"))
+TYPED_SOURCES = ([("codex_rollout", p) for p in ROLLOUTS] + [("claude_code", p) for p in CLAUDE_FIXTURES]
+                 + [("otel", p) for p in OTELS])
+PARSER_OF = {"codex_rollout": RolloutParser, "claude_code": ClaudeTranscriptParser, "otel": OtelParser}
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63, max_value=10**40)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1e308, -1e308, 2**63, -1]) | st.text(max_size=8)
+    | st.sampled_from(["", "9" * 30, "NaN", "1e999", "-5", "1.5s", "user", "exec_command_end", "tool_use"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["type", "secs", "x", "id"]), inner,
+                                                                max_size=3),
+    max_leaves=6)
+
+
+def _json_paths(obj, path=()):
+    yield path
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _json_paths(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _json_paths(v, path + (i,))
+
+
+def _type_confused(data, source: Path) -> tuple[list, int]:
+    """The records of a fixture with one value somewhere in one of them replaced by any JSON value."""
+    records = [json.loads(x) for x in source.read_text(encoding="utf-8-sig").splitlines() if x.strip()]
+    i = data.draw(st.integers(0, len(records) - 1), label="line")
+    paths = [p for p in _json_paths(records[i]) if p]
+    path = data.draw(st.sampled_from(paths), label="field")
+    target = records[i]
+    for k in path[:-1]:
+        target = target[k]
+    target[path[-1]] = data.draw(ANY_JSON, label="value")
+    return records, i
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), which=st.integers(0, len(TYPED_SOURCES) - 1))
+def test_a_parser_never_raises_on_a_value_of_another_type_in_any_field(data, which):
+    kind, source = TYPED_SOURCES[which]
+    records, _ = _type_confused(data, source)
+    parser = PARSER_OF[kind](str(source), None, 0, FileCounts())
+    for n, obj in enumerate(records):
+        parser.feed(obj, n * 100, n + 1)
+    parser.finish(True)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), which=st.integers(0, len(TYPED_SOURCES) - 1))
+def test_a_value_of_another_type_in_any_field_costs_no_other_line(data, which):
+    """Imported end to end (the events are encoded and appended): the file is read to its end, every
+    line reaches its parser, the parser fails on none, and a second import adds nothing."""
+    kind, source = TYPED_SOURCES[which]
+    records, _ = _type_confused(data, source)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / source.name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        s = from_env({"AGENTLEDGER_HOME": str(Path(d) / "home")})
+        args = {"codex_rollout": ([path], []), "otel": ([], [path]), "claude_code": ([], [])}[kind]
+        rep = run_import(s, *args, claude=[path] if kind == "claude_code" else [])
+        (f,) = rep.files
+        assert f.status == "new" and f.error is None
+        assert f.counts.lines == len(records) and f.to_offset == path.stat().st_size
+        if kind != "otel":  # (an OTLP line holds many records)
+            assert f.counts.records == len(records)
+        assert not [r for r in rep.rejects if r["reason"].startswith("record not usable")], rep.rejects
+        assert rep.events_added > 0
+        again = run_import(s, *args, claude=[path] if kind == "claude_code" else [])
+        assert again.events_added == 0 and [x.status for x in again.files] == ["unchanged"]
 
 
 # -- crash consistency -------------------------------------------------------------------------
