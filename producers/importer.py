@@ -24,13 +24,16 @@ make one session with one gapless chain.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 from agentledger.schemas.config import Settings
 
@@ -178,12 +181,59 @@ def _claude_line(line: bytes) -> bool:
         obj.get("type") in ("summary", "file-history-snapshot")
 
 
-def sniff(path: str) -> str | None:
-    """The format of a file from its first bytes: "otel", "codex_rollout", "claude_code", or None
-    (unclear). A Claude Code transcript is told by the keys of its first complete line, before any
-    marker is searched (its messages may quote rollouts or OTLP documents)."""
+class NotRegularFile(OSError):
+    """A path the importer does not read: not a regular file, or a link it does not follow."""
+
+
+_FILE_TYPES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"))
+NOT_FOLLOWED = "a symbolic link under a directory is not followed (name the file itself to import it)"
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this mode is not read, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    what = next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
+    return f"{what}, not a regular file: not read"
+
+
+def open_regular(path: str, follow: bool = True) -> tuple[BinaryIO, os.stat_result]:
+    """``path`` opened for reading, with its stat, when it is a regular file; else `NotRegularFile`.
+    A FIFO, socket or device is never opened (stat first; and the open is non-blocking, so a file
+    swapped for a FIFO after that cannot hang the import: fstat tells, and it is refused).
+    ``follow``: False for files found under a directory: a symbolic link is not followed (O_NOFOLLOW),
+    to wherever it leads; a path named by the user is theirs to choose."""
+    st = os.stat(path) if follow else os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise NotRegularFile(NOT_FOLLOWED)
+    if (why := _not_regular(st.st_mode)) is not None:
+        raise NotRegularFile(why)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if not follow and exc.errno == errno.ELOOP:
+            raise NotRegularFile(NOT_FOLLOWED) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if (why := _not_regular(st.st_mode)) is not None:
+            raise NotRegularFile(why)
+        return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sniff(path: str, follow: bool = True) -> str | None:
+    """The format of a file from its first bytes: "otel", "codex_rollout", "claude_code", or None
+    (unclear, or not a regular file: see `open_regular`). A Claude Code transcript is told by the
+    keys of its first complete line, before any marker is searched (its messages may quote rollouts
+    or OTLP documents)."""
+    try:
+        f, _ = open_regular(path, follow)
+        with f:
             head = f.read(65536)
     except OSError:
         return None
@@ -206,14 +256,16 @@ def sniff(path: str) -> str | None:
     return None
 
 
-def discover(paths: Iterable[str | Path], kind: str,
-             skipped: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    """(path, format) of the files named and of the files under the directories named (recursively,
-    by suffix). A named file that is clearly of the other format is imported as that format; under
-    directories only files of the wanted format are taken (sniffed from their first bytes), the
-    others are added to ``skipped``."""
+def discover(paths: Iterable[str | Path], kind: str, skipped: list[tuple[str, str]] | None = None,
+             refused: list[tuple[str, str, str]] | None = None) -> list[tuple[str, str, bool]]:
+    """(path, format, named) of the files named (named = True) and of the files under the directories
+    named (recursively, by suffix). A named file that is clearly of the other format is imported as
+    that format; under directories only files of the wanted format are taken (sniffed from their
+    first bytes), the others are added to ``skipped``. Under directories, symbolic links are not
+    followed (links to directories are not descended into, as ever; links to files are not read)
+    and only regular files are opened: the others are added to ``refused`` as (path, format, why)."""
     suffixes = SUFFIXES[kind]
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, bool]] = []
     for p in paths:
         p = Path(p).expanduser()
         if p.is_dir():
@@ -222,14 +274,23 @@ def discover(paths: Iterable[str | Path], kind: str,
                 for f in sorted(files):
                     if f.endswith(suffixes) and not f.startswith("."):
                         full = os.path.abspath(os.path.join(root, f))
-                        found = sniff(full) or kind
+                        try:
+                            mode = os.lstat(full).st_mode
+                        except OSError:
+                            continue  # (gone since it was listed)
+                        why = NOT_FOLLOWED if stat.S_ISLNK(mode) else _not_regular(mode)
+                        if why is not None:
+                            if refused is not None:
+                                refused.append((full, kind, why))
+                            continue
+                        found = sniff(full, follow=False) or kind
                         if found == kind:
-                            out.append((full, kind))
+                            out.append((full, kind, False))
                         elif skipped is not None:
                             skipped.append((full, found))
         else:
             full = os.path.abspath(str(p))
-            out.append((full, sniff(full) or kind))
+            out.append((full, sniff(full) or kind, True))
     return out
 
 
@@ -341,11 +402,18 @@ def _one_document(f, size: int) -> bool:
 
 
 def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: float, idle_s: float,
-                report: FileReport, rejects: list, ids: Callable = lambda obj: obj) -> tuple[object | None, dict | None]:
+                report: FileReport, rejects: list, ids: Callable = lambda obj: obj,
+                follow: bool = True) -> tuple[object | None, dict | None]:
     """Parse what is new in one file. ``ids``: redacts the agent's ids in a parsed record
     (`Redactor.redact_ids_in`) before the parser sees it, so every id the parser keeps (its
-    context, observations, fact keys) is the redacted one."""
-    st = os.stat(path)
+    context, observations, fact keys) is the redacted one. ``follow``: see `open_regular`."""
+    f, st = open_regular(path, follow)
+    with f:
+        return _parse_open(f, st, path, kind, row, file_index, now, idle_s, report, rejects, ids)
+
+
+def _parse_open(f: BinaryIO, st: os.stat_result, path: str, kind: str, row: dict | None, file_index: int, now: float,
+                idle_s: float, report: FileReport, rejects: list, ids: Callable) -> tuple[object | None, dict | None]:
     settled = now - st.st_mtime >= SETTLE_S
     same_file = row is not None and row["dev"] == st.st_dev and row["inode"] == st.st_ino
     if same_file and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns and row["offset"] == st.st_size:
@@ -354,32 +422,31 @@ def _parse_file(path: str, kind: str, row: dict | None, file_index: int, now: fl
         report.sessions = list(row["sessions"])
         report.earlier = FileCounts.from_dict(row["counts"])
         return None, None
-    with open(path, "rb") as f:
-        head = f.read(HEAD_LEN)
-        start, ctx = 0, None
-        if same_file and st.st_size >= row["offset"]:
-            if hashlib.sha256(head[:row["head_len"]]).hexdigest() == row["head_sha"]:
-                start, ctx = row["offset"], row["context"]
-                report.status = "grown" if st.st_size > row["offset"] else "unchanged"
-                report.earlier = FileCounts.from_dict(row["counts"])
-        if row is not None and start == 0:
-            report.status = "rewritten"
-        report.from_offset = start
-        parser = PARSERS[kind](path, ctx, file_index, report.counts)
-        if kind == "otel" and start == 0:
-            f.seek(0)
-            if _one_document(f, st.st_size):
-                done = _parse_document(f, path, st, settled, parser, head, report, rejects, ids)
-                if done is not None:
-                    return done
-        lineno = int((ctx or {}).get("_lines", 0))
-        reader = _LineReader(f, start, st.st_size, settled)
-        for line in reader:
-            lineno += 1
-            report.counts.lines += 1
-            _parse_line(path, line, lineno, parser, report.counts, rejects, ids)
+    head = f.read(HEAD_LEN)
+    start, ctx = 0, None
+    if same_file and st.st_size >= row["offset"]:
+        if hashlib.sha256(head[:row["head_len"]]).hexdigest() == row["head_sha"]:
+            start, ctx = row["offset"], row["context"]
+            report.status = "grown" if st.st_size > row["offset"] else "unchanged"
+            report.earlier = FileCounts.from_dict(row["counts"])
+    if row is not None and start == 0:
+        report.status = "rewritten"
+    report.from_offset = start
+    parser = PARSERS[kind](path, ctx, file_index, report.counts)
+    if kind == "otel" and start == 0:
+        f.seek(0)
+        if _one_document(f, st.st_size):
+            done = _parse_document(f, path, st, settled, parser, head, report, rejects, ids)
+            if done is not None:
+                return done
+    lineno = int((ctx or {}).get("_lines", 0))
+    reader = _LineReader(f, start, st.st_size, settled)
+    for line in reader:
+        lineno += 1
+        report.counts.lines += 1
+        _parse_line(path, line, lineno, parser, report.counts, rejects, ids)
     report.counts.pending_tail_bytes = reader.pending
-    parser.finish(settled and (now - st.st_mtime) >= idle_s)
+    _finish(path, parser, settled and (now - st.st_mtime) >= idle_s, reader.end, lineno, report.counts, rejects)
     _finish_report(report, parser, reader.end, head, st, lineno)
     if report.status == "grown" and reader.end == start:
         report.status = "unchanged"  # only an unterminated tail was added: nothing to read yet
@@ -418,7 +485,47 @@ def _parse_line(path: str, line: _Line, lineno: int, parser, counts: FileCounts,
         return
     if not isinstance(obj, dict):
         rejects.append((path, off, lineno, f"JSON {type(obj).__name__}, not an object", raw[:REJECT_SCAN_BYTES]))
-    parser.feed(ids(obj), off, lineno)
+    try:
+        parser.feed(ids(obj), off, lineno)
+    except Exception as exc:  # noqa: BLE001 - one record the parser cannot use never costs the file's others
+        _unusable(path, off, lineno, raw, parser, counts, rejects, exc)
+
+
+UNUSABLE = "(record the parser failed on)"  # its unknown_types name: counted as a problem
+
+
+def _unusable(path: str, off: int, lineno: int, raw: bytes, parser, counts: FileCounts, rejects: list,
+              exc: Exception) -> None:
+    """A record that is valid JSON but that the parser failed on (a field of a type it does not
+    expect: a list where a name belongs, a number no duration can be): a problem, a reject with
+    its bytes, and a gap in the session like an undecodable line; the file's other records are used.
+    The reason names the error and where the parser failed, never the exception's message (which
+    may quote the record)."""
+    log.debug("%s line %d: the parser failed", path, lineno, exc_info=True)
+    reason = f"record not usable: {_failure(exc)}"
+    counts.bump("unknown_types", UNUSABLE)
+    rejects.append((path, off, lineno, reason, raw[:REJECT_SCAN_BYTES]))
+    try:
+        parser.garbage(off, lineno, raw, reason)
+    except Exception:  # noqa: BLE001 - (the reject and the count are kept all the same)
+        log.debug("%s line %d: no gap recorded", path, lineno, exc_info=True)
+
+
+def _finish(path: str, parser, settled_idle: bool, end: int, lineno: int, counts: FileCounts, rejects: list) -> None:
+    """``parser.finish``: what it fails on is a problem of the file (a reject with no bytes), and
+    everything read before is still used."""
+    try:
+        parser.finish(settled_idle)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("%s: the parser failed at the end", path, exc_info=True)
+        counts.bump("unknown_types", UNUSABLE)
+        rejects.append((path, end, lineno, f"end of the records not usable: {_failure(exc)}", b""))
+
+
+def _failure(exc: Exception) -> str:
+    """An exception's type and where in our code it was raised (never its message: it may quote the record)."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    return f"{type(exc).__name__} at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else type(exc).__name__
 
 
 def _parse_document(f, path: str, st, settled: bool, parser, head: bytes, report: FileReport,
@@ -450,8 +557,11 @@ def _parse_document(f, path: str, st, settled: bool, parser, head: bytes, report
         return None, None
     report.counts.lines += lines
     report.counts.non_utf8 += probe.non_utf8
-    parser.feed(ids(doc), 0, 1)
-    parser.finish(settled)
+    try:
+        parser.feed(ids(doc), 0, 1)
+    except Exception as exc:  # noqa: BLE001 - as a line (_parse_line)
+        _unusable(path, 0, 1, doc_data, parser, report.counts, rejects, exc)
+    _finish(path, parser, settled, len(data), lines, report.counts, rejects)
     _finish_report(report, parser, len(data), head, st, lines)
     return parser, st
 
@@ -540,26 +650,34 @@ def run_import(
     red = redactor_of(transforms)
     ids = red.redact_ids_in if red is not None else (lambda obj: obj)
     inputs, seen = [], set()
-    found = (discover(rollouts, "codex_rollout", report.skipped) + discover(claude, "claude_code", report.skipped)
-             + discover(otel, "otel", report.skipped))
-    for path, kind in found:
+    refused: list[tuple[str, str, str]] = []
+    found = (discover(rollouts, "codex_rollout", report.skipped, refused)
+             + discover(claude, "claude_code", report.skipped, refused)
+             + discover(otel, "otel", report.skipped, refused))
+    for path, kind, named in found:
         if path not in seen:
             seen.add(path)
-            inputs.append((path, kind))
+            inputs.append((path, kind, named))
     report.skipped = [(p, k) for p, k in report.skipped if p not in seen]
+    for path, kind, why in refused:  # not read: a problem of that path, the others are imported
+        if path not in seen:
+            seen.add(path)
+            report.files.append(FileReport(path, kind, status="error", error=why))
+            if on_file:
+                on_file(report.files[-1])
     parsed: list[tuple[FileReport, object, object]] = []
     rejects: list[tuple] = []
     idle = end_idle_s if end_idle_s is not None else float("inf")
-    for i, (path, kind) in enumerate(inputs):
+    for i, (path, kind, named) in enumerate(inputs):
         fr = FileReport(path, kind)
         report.files.append(fr)
         file_rejects: list[tuple] = []
         try:
             row = state.file_row(path)
-            parser, st = _parse_file(path, kind, row, i, now, idle, fr, file_rejects, ids)
+            parser, st = _parse_file(path, kind, row, i, now, idle, fr, file_rejects, ids, follow=named)
         except Exception as exc:  # noqa: BLE001 - one file that cannot be read never stops the others
             log.debug("importing %s failed", path, exc_info=True)
-            fr.status, fr.error = "error", f"{type(exc).__name__}: {exc}"
+            fr.status, fr.error = "error", str(exc) if isinstance(exc, NotRegularFile) else f"{type(exc).__name__}: {exc}"
             parser = None
         if parser is not None:
             parsed.append((fr, parser, row))
