@@ -37,8 +37,10 @@ Rules (docs/agents.md, "Secret redaction", lists them with the measured recall):
   with the secret in the same argv item or the next one; applied to argv lists and to shell
   strings (split into words the way a POSIX shell does).
 * **Encoded forms**: text with ``%XX`` escapes or backslash escapes (JSON inside JSON strings,
-  ``\\u0040``; up to three levels deep) is also scanned decoded, and so is text with shell line
-  continuations (a secret continued on the next line after a backslash) joined; a secret found
+  ``\\u0040``; each up to three levels deep) is also scanned decoded, and so is text with shell line
+  continuations (a secret continued on the next line after a backslash) joined, and text without
+  invisible characters (format characters: ``\\u200b``, a soft hyphen...) and in NFKC form
+  (fullwidth letters); a secret found
   there is replaced in the original text, and its token is that of the decoded secret (so
   ``p%40ss`` and ``p@ss`` join). A base64 (or base64url) run that decodes to text holding a secret
   (``echo cGFzc3dvcmQ9… | base64 -d``) is replaced whole, by the token of the decoded secret.
@@ -46,6 +48,10 @@ Rules (docs/agents.md, "Secret redaction", lists them with the measured recall):
   wherever else it occurs in that event; a command's argv that is its shell string split into
   words (the hook's) is split again from the redacted string -- the words lose the quotes and the
   context that made the secret recognisable.
+
+Placeholders (``$VAR``, ``<token>``, ``your-api-key``, ``changeme``) are left alone only as a whole
+value (``test_Sup3rS3cretPw`` is a secret), and so is text a token of this redactor replaced; a
+token it did not issue (``[SECRET:x:00000000]`` glued to a secret) is read like any text.
 
 Overlaps: text that several rules match is replaced once, as the union of their matches (nothing
 any rule flagged stays readable), named after the best rule: private key blocks first, then
