@@ -160,6 +160,35 @@ def test_the_ingest_command_exits_0_with_a_damaged_partition_and_ingests_all_oth
     assert n + parked + 1 == sum(ends.values())
 
 
+def test_a_log_that_went_backwards_is_refused_not_skipped_and_can_be_read_again_on_purpose(tmp_path):
+    """Found by an audit: after the embedded log was deleted (or restored from an older copy), new
+    records started at offset 0 again, below the stored offsets, and ingest skipped them without a
+    word (exit 0, verify ok): whole sessions never reached the warehouse."""
+    import shutil
+
+    env, home, log, topic, ends = _simulated(tmp_path, 6, 5)
+    run_cli("ingest", env=env)
+    shutil.rmtree(home / "log")
+    run_cli("simulate", "--sessions", "2", "--seed", "9", "--benign-only", env=env)
+    new = LocalLog(home / "log")
+    now = {p: new.end_offset(topic, p) for p in range(new.partition_count(topic))}
+    assert any(now[p] < e for p, e in ends.items() if e)  # the case: records sit below the stored offsets
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    before = con.execute("SELECT count(*) FROM events").fetchone()[0]
+    con.close()
+    out = run_cli("ingest", env=env, check=False)
+    assert out.returncode == 1 and "the log went backwards" in out.stderr and "--log-replaced" in out.stderr
+    assert "Traceback" not in out.stderr
+    con = duckdb.connect(str(home / "warehouse.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM events").fetchone()[0] == before  # nothing ingested, nothing lost
+    con.close()
+    out = json.loads(run_cli("ingest", "--log-replaced", "--format", "json", env=env).stdout)
+    assert out["events"] == sum(now.values()) and out["dead_letters"] == 0
+    out = json.loads(run_cli("ingest", "--format", "json", env=env).stdout)  # and from then on as usual
+    assert out["messages"] == 0
+    assert run_cli("verify", env=env, check=False).returncode == 0
+
+
 # -- repair on open --------------------------------------------------------------------------------
 
 

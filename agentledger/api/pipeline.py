@@ -198,13 +198,15 @@ class Ingested:
 def ingest(s: Settings, *, follow: bool = False, batch_records: int | None = None, group: str | None = None,
            compact_every_s: float | None = None, detect: bool = False, rules_dirs: Sequence[Path] | None = None,
            model: Path | bool | None = True, stop: threading.Event | None = None, ocsf: str | Path | None = None,
-           progress: ProgressCallback | None = None) -> Ingested:
+           progress: ProgressCallback | None = None, log_replaced: bool = False) -> Ingested:
     """Consume the transport exactly once into the warehouse: until caught up, or with ``follow``
     until ``stop`` is set. ``group``: a Kafka consumer group (several ingest processes share the
     topic's partitions; needs a DuckLake warehouse). ``detect``: run the rules (more in
     ``rules_dirs``) and the anomaly ``model`` (see `resolve_model`) on every committed batch. ``ocsf``:
     append each committed batch's new events and (after detection) new alert revisions to this file as
-    OCSF JSON lines (what the warehouse holds beyond the file is appended first; see `ocsf_sink`)."""
+    OCSF JSON lines (what the warehouse holds beyond the file is appended first; see `ocsf_sink`).
+    A log that went backwards (a partition ending below what was ingested) is refused
+    (`LogWentBackwards`) unless ``log_replaced``, which reads those partitions from their beginning."""
     from agentledger.consumers.ingest import DEFAULT_BATCH, Ingestor
     from agentledger.schemas.transport import open_source
     from agentledger.schemas.treelog import tree_heads_for
@@ -233,7 +235,7 @@ def ingest(s: Settings, *, follow: bool = False, batch_records: int | None = Non
         ing = Ingestor(wh, source, s.topic, batch_records=batch_records or DEFAULT_BATCH, group=group,
                        compact_every_s=compact_every_s, after_commit=after_commit,
                        tree_heads=tree_heads_for(s, wh.con))
-        ing.subscribe() if group else ing.assign()
+        ing.subscribe(log_replaced=log_replaced) if group else ing.assign(log_replaced=log_replaced)
         count = Counter(progress, "ingesting events", None if follow or group else ing.lag())
         stats = ing.run(follow=follow, stop=stop, on_batch=lambda r, _stats: count.advance(r.messages))
     finally:

@@ -187,6 +187,9 @@ def ingest(
     model: Optional[str] = typer.Option(None, "--model", help="With --detect: model artifact, or 'none'."),
     ocsf: Optional[Path] = typer.Option(None, "--ocsf", help="Append each committed batch's new events and (with "
                                         "--detect) new alerts to this file as OCSF JSON lines (docs/export.md)."),
+    log_replaced: bool = typer.Option(False, "--log-replaced", help="The log went backwards (replaced, truncated, "
+                                      "restored or recreated) and you know why: read those partitions from their "
+                                      "beginning again (ingest refuses otherwise)."),
 ) -> None:
     """Consume events exactly once into the warehouse (rows and offsets commit together).
 
@@ -205,7 +208,8 @@ def ingest(
                                  "AGENTLEDGER_WAREHOUSE=ducklake:sqlite:/path/meta.sqlite (or Postgres)")
     detect_options = {"rules_dirs": list(rule_dirs(rules_dir)), "model": api.resolve_model(model, s=s)} if detect else {}
     stats = _ingest(s, follow=follow, batch_records=batch, show_progress=fmt is not Format.json, group=group,
-                    compact_every_s=compact_every or None, detect=detect, ocsf=ocsf, **detect_options)
+                    compact_every_s=compact_every or None, detect=detect, ocsf=ocsf, log_replaced=log_replaced,
+                    **detect_options)
     detection = stats.detection
     if fmt is Format.json:
         print_json(stats.as_dict())

@@ -45,10 +45,11 @@ from .common import (
     Batch,
     BatchResult,
     IngestStats,
+    LogWentBackwards,
     OffsetConflict,
 )
 from .native_path import NATIVE_MIN_MESSAGES
 from .runner import Ingestor
 
 __all__ = ["DEFAULT_BATCH", "MAX_MESSAGE_BYTES", "MAX_SESSION_ID", "NATIVE_MIN_MESSAGES", "Batch", "BatchResult",
-           "IngestStats", "Ingestor", "OffsetConflict"]
+           "IngestStats", "Ingestor", "LogWentBackwards", "OffsetConflict"]

@@ -36,6 +36,24 @@ class OffsetConflict(AgentLedgerError):
         super().__init__("; ".join(f"{t}/{p}: stored {s}, batch starts at {b}" for (t, p), (s, b) in conflicts.items()))
 
 
+class LogWentBackwards(AgentLedgerError):
+    """A partition is not the one the warehouse has ingested: it now ends below the stored offset,
+    or the record at the offset ingested last is another one. The log was replaced, truncated or
+    restored from an older copy (or the Kafka topic recreated): what it holds now would be skipped
+    below the stored offsets without a word, so ingest refuses."""
+
+    def __init__(self, topic: str, why: dict[int, str]):
+        self.topic = topic
+        self.why = why  # partition -> what is wrong with it
+        where = "; ".join(f"partition {p} {w}" for p, w in sorted(why.items()))
+        super().__init__(
+            f"the log went backwards: topic {topic}: {where}. It was replaced, truncated or restored from an "
+            "older copy (or the Kafka topic was recreated), and what it holds now would be skipped. Nothing was "
+            "ingested. Find out why first (a replaced log is what an attacker hiding events would do); if you know "
+            "(you deleted the log yourself), `agentledger ingest --log-replaced` reads those partitions from their "
+            "beginning again: events already in the warehouse are quarantined as duplicates, the rest ingested.")
+
+
 @dataclass
 class BatchResult:
     messages: int = 0

@@ -3,6 +3,7 @@ progress."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -15,12 +16,14 @@ import fsspec
 
 from agentledger.schemas import codec, native, treelog
 from agentledger.schemas.contract import SchemaStore
+from agentledger.schemas.envelope import peek
+from agentledger.schemas.errors import DecodeError
 from agentledger.schemas.transport.base import Source
 from agentledger.schemas.retry import retry_transaction
 from agentledger.schemas.warehouse import Warehouse
 
 from .common import (
-    MAX_MESSAGE_BYTES, DEFAULT_BATCH, OffsetConflict, BatchResult, IngestStats, Batch, chunk_len,
+    MAX_MESSAGE_BYTES, DEFAULT_BATCH, OffsetConflict, LogWentBackwards, BatchResult, IngestStats, Batch, chunk_len,
 )
 from .deadletters import DeadLetters
 from .native_path import NativeDecoder
@@ -31,6 +34,15 @@ log = logging.getLogger("agentledger.consumers.ingest")  # one logger for the pa
 
 
 _DONE = object()
+
+
+def _digest(value: bytes) -> str:
+    """A record as `Ingestor._ingested_from` names what the warehouse holds from its offset: an event
+    by its hash (read from its envelope), anything else by its bytes."""
+    try:
+        return "hash:" + peek(value).hash
+    except DecodeError:
+        return "raw:" + hashlib.sha256(value).hexdigest()
 
 
 class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
@@ -98,15 +110,66 @@ class Ingestor(IngestTransaction, DeadLetters, PythonDecoder, NativeDecoder):
         self._last_signed = float("-inf")
         self._follow = False
 
-    def assign(self) -> None:
-        """Read every partition, each from the offset stored with the data (the beginning if none)."""
+    def assign(self, *, log_replaced: bool = False) -> None:
+        """Read every partition, each from the offset stored with the data (the beginning if none).
+        ``log_replaced``: see `check_not_behind`."""
+        self.check_not_behind(log_replaced=log_replaced)
         self.source.assign(self.topic, self.stored_offsets())
         self._assigned = True
 
-    def subscribe(self) -> None:
+    def subscribe(self, *, log_replaced: bool = False) -> None:
         """Join the consumer group: partitions come and go with rebalances (see _on_assigned/_on_revoked)."""
+        self.check_not_behind(log_replaced=log_replaced)
         self.source.subscribe(self.topic, self.group, self._on_assigned, self._on_revoked)
         self._assigned = True
+
+    def check_not_behind(self, *, log_replaced: bool = False) -> None:
+        """Raise `LogWentBackwards` when a partition is not the one ingested: it now ends below its
+        stored offset, or the record at the offset ingested last (when the source can read it,
+        `Source.record_at`) is not the event or dead letter the warehouse holds from there. With
+        ``log_replaced`` (the user knows why), those partitions' stored offsets are dropped instead,
+        so they are read from their beginning again."""
+        stored = self.stored_offsets()  # (first: ends only grow, so a concurrent commit cannot pass them)
+        if not stored:
+            return
+        ends = self.source.end_offsets(self.topic)
+        why = {p: f"ends at offset {ends.get(p, 0)} but was ingested up to {o}"
+               for p, o in stored.items() if ends.get(p, 0) < o}
+        for p, o in stored.items():
+            if p in why or o <= 0:
+                continue
+            now = self.source.record_at(self.topic, p, o - 1)
+            if now is not None and self._ingested_from(p, o - 1) not in (None, _digest(now)):
+                why[p] = f"holds another record at offset {o - 1} than the one ingested from there"
+        if not why:
+            return
+        if not log_replaced:
+            raise LogWentBackwards(self.topic, why)
+        log.warning("%s: reading partitions %s from their beginning again (--log-replaced): %s", self.topic,
+                    sorted(why), why)
+
+        def drop(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute("BEGIN")
+            try:
+                con.executemany('DELETE FROM ingest_offsets WHERE topic = ? AND "partition" = ?',
+                                [[self.topic, p] for p in why])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+        retry_transaction(lambda: drop(self.con), "forgetting the offsets of a replaced log")
+
+    def _ingested_from(self, partition: int, offset: int) -> str | None:
+        """What the warehouse holds from one offset, as `_digest` of its bytes would be: the stored
+        event's hash, or the digest of a dead letter's raw bytes; None when it holds nothing from there."""
+        row = self.con.execute("SELECT hash FROM events WHERE source_topic = ? AND source_partition = ? "
+                               "AND source_offset = ? LIMIT 1", [self.topic, partition, offset]).fetchone()
+        if row:
+            return "hash:" + row[0]
+        row = self.con.execute('SELECT raw FROM dead_letters WHERE topic = ? AND "partition" = ? AND "offset" = ? '
+                               "LIMIT 1", [self.topic, partition, offset]).fetchone()
+        return None if row is None or row[0] is None else "raw:" + hashlib.sha256(bytes(row[0])).hexdigest()
 
     def lag(self) -> int:
         ends = self.source.end_offsets(self.topic)

@@ -278,6 +278,12 @@ class Source(ABC):
         """First offset still available per partition (above 0 once retention deleted old messages)."""
         return {p: 0 for p in self.partitions(topic)}
 
+    def record_at(self, topic: str, partition: int, offset: int) -> bytes | None:
+        """The value at one offset, read without moving this source; None when this source cannot
+        tell cheaply (the default), or the offset is gone or damaged. Ingest checks with it that the
+        record it last ingested from a partition is still the one there (a replaced log is not)."""
+        return None
+
     def assigned(self) -> list[tuple[str, int]]:
         """The (topic, partition)s this source reads now."""
         return sorted(self.positions())

@@ -1010,6 +1010,13 @@ class LocalSource(Source):
     def end_offsets(self, topic: str) -> dict[int, int]:
         return {p: self.log.end_offset(topic, p) for p in self.partitions(topic)}
 
+    def record_at(self, topic: str, partition: int, offset: int) -> bytes | None:
+        try:
+            got = self.log.read(topic, partition, offset, 1)
+        except (OSError, TransportError):
+            return None
+        return got[0].value if got and got[0].offset == offset and got[0].damaged is None else None
+
     def partition_for(self, topic: str, key: bytes) -> int | None:
         n = self.log.partition_count(topic)
         return partition_for_key(key, n) if n else None
