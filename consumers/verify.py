@@ -54,6 +54,10 @@ from agentledger.schemas.treelog import TreeReport, has_tree
 from agentledger.schemas.warehouse import Warehouse
 
 
+# reasons `schemas.rows.reencode` gives for a row, reported as they are
+ROW_PROBLEMS = ("unreadable_row", "field_not_in_writer_schema")
+
+
 @dataclass
 class Verdict:
     session_id: str
@@ -98,7 +102,7 @@ def session_ids(wh: Warehouse) -> list[str]:
     unresolved dead letters."""
     tree = "UNION SELECT DISTINCT session_id FROM tree_leaves" if has_tree(wh.con) else ""
     rows = wh.con.execute(f"""
-        SELECT DISTINCT session_id FROM events
+        SELECT DISTINCT session_id FROM {wh.events_relation()}
         UNION SELECT session_id FROM chain_heads
         {tree}
         UNION SELECT DISTINCT session_id FROM dead_letters WHERE session_id IS NOT NULL AND resolved_at IS NULL
@@ -135,8 +139,11 @@ def verify_session(wh: Warehouse, session_id: str, keyring: Keyring, *, require_
                 if cp_problem:
                     problem = (rec["seq"], *cp_problem)
                     break
-    except DecodeError as exc:
-        problem = (chain.head_seq + 1, "unreadable_row", f"{exc.reason}: {exc.detail}")
+    except DecodeError as exc:  # a row that cannot be the bytes its producer sealed (`schemas.rows.reencode`)
+        if exc.reason in ROW_PROBLEMS:
+            problem = (chain.head_seq + 1, exc.reason, exc.detail)
+        else:
+            problem = (chain.head_seq + 1, "unreadable_row", f"{exc.reason}: {exc.detail}")
     if problem is None:
         problem = _quarantined_problem(recorded.quarantined(session_id), chain.head_seq)
     leaves = recorded.leaves(session_id)
@@ -326,6 +333,8 @@ def verify(wh: Warehouse, sessions: Iterable[str] | None, keyring: Keyring, *,
     what was recorded about them, instead of a few queries per session (the same verdicts; on a
     DuckLake over PostgreSQL and S3 each query costs round trips, ~0.2 s here)."""
     kw = {"require_signatures": require_signatures, "allow_open": allow_open, "tree": tree}
+    if tree is not None:
+        check_schema(wh, tree)
     if sessions:
         recorded = Recorded.query(wh)
         for sid in sessions:
@@ -348,9 +357,18 @@ def verify(wh: Warehouse, sessions: Iterable[str] | None, keyring: Keyring, *,
             yield verify_session(wh, sid, keyring, store=store, recorded=recorded, values=(), **kw)
 
 
+def check_schema(wh: Warehouse, tree: TreeReport) -> None:
+    """Every view, table and macro of the warehouse as this code defines it
+    (`Warehouse.schema_problems`), else a ``schema_tampered`` problem naming it: verify reads the kind
+    tables itself, but everyone else reads the views (``events``, ``denied_actions``, ...), which
+    whoever can write the file can redefine, even to show verify's own queries the sealed rows."""
+    for name, detail in wh.schema_problems():
+        tree.problem("schema_tampered", f"{name}: {detail}")
+
+
 def _all_rows(wh: Warehouse) -> Iterator[dict[str, Any]]:
     cols = event_select_list(wh.store)
-    cur = wh.con.execute(f"SELECT {idents(cols)} FROM events ORDER BY session_id, seq")
+    cur = wh.con.execute(f"SELECT {idents(cols)} FROM {wh.events_relation()} ORDER BY session_id, seq")
     while True:
         chunk = cur.fetchmany(5000)
         if not chunk:
