@@ -219,3 +219,26 @@ def test_strings_from_a_bundle_are_printed_as_text_not_markup(exported, tmp_path
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "[bold]cut.avro" in proc.stderr
     proc = run_cli("import", "bundle", str(bundle), env=env, check=False)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and sid in " ".join(proc.stdout.split())
+
+
+def test_import_imports_the_bytes_it_verified_even_if_the_file_is_swapped_meanwhile(exported, tmp_path, monkeypatch):
+    """`import bundle` verified the file, then read it again to import it: a file swapped between the
+    two reads was imported unverified. Now one read: the swap changes nothing."""
+    from agentledger import api
+    import agentledger.replay.session as session_mod
+
+    out, pub, _, _ = exported
+    path = tmp_path / "incident.avro"
+    shutil.copy(out, path)
+    real = session_mod.verify_bundle
+
+    def verify_then_swap(*args, **kwargs):
+        res = real(*args, **kwargs)
+        path.write_bytes(b"swapped by an attacker after the check")
+        return res
+
+    monkeypatch.setattr(session_mod, "verify_bundle", verify_then_swap)
+    s = api.settings(home=tmp_path / "home")
+    got = api.import_bundle(s, path, public_keys=[pub])
+    assert got.imported == got.events > 0 and got.quarantined == 0
+    assert path.read_bytes() == b"swapped by an attacker after the check"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -344,17 +345,26 @@ def import_bundle(s: Settings, bundle: str | Path, *, public_keys: Sequence[Path
     """Load an evidence bundle into the warehouse through the normal exactly-once ingest, after
     verifying it; events already present (same seq, same hash) are skipped."""
     from agentledger.consumers.ingest import Ingestor
-    from agentledger.replay.bundle import BundleError, read_bundle
+    from agentledger.replay.bundle import BundleError, parse_bundle
     from agentledger.replay.importing import bundle_messages, new_messages
     from agentledger.replay.session import verify_bundle as run_verify_bundle
     from agentledger.schemas.treelog import tree_heads_for
     from agentledger.schemas.warehouse import open_warehouse
 
     bundle = Path(bundle)
-    res = run_verify_bundle(bundle, keyring(s, public_keys))
-    if not res.ok:
-        raise BundleError(f"{bundle} does not verify ({res.problem}); not importing it")
-    b = read_bundle(bundle)
+    # what is verified is what is imported: one private copy of the file, read once (read twice, a
+    # file swapped between the reads was imported unverified)
+    try:
+        data = bundle.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle {bundle}: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="agentledger-import-") as private:
+        copy = Path(private) / "bundle.avro"
+        copy.write_bytes(data)
+        res = run_verify_bundle(copy, keyring(s, public_keys))
+        if not res.ok:
+            raise BundleError(f"{bundle} does not verify ({res.problem}); not importing it")
+        b = parse_bundle(data, bundle)
     topic, msgs = bundle_messages(b)
     with open_warehouse(s.warehouse) as wh:
         todo = new_messages(wh.con, b.session_id, topic, msgs)
