@@ -44,6 +44,17 @@ class Broker:
         return self.bootstrap
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a server a test started: SIGTERM, then SIGKILL after 10 s; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start_broker(directory: Path, port: int | None = None, partitions: int = 6) -> tuple[str, int]:
     port = port or free_port()
     ctrl = free_port()

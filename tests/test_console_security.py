@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, free_port, run_cli
+from conftest import REPO, cli_env, free_port, run_cli, stop_process as stop
 
 EXPORT_PREFIX = "019b99aa-ev1l"
 # a deadly query of the audit: query() hides enable_logging from the guard; DuckDB then threw from a
@@ -67,16 +67,6 @@ def start(argv: list[str], env: dict, port: int) -> tuple[subprocess.Popen, str]
         stop(proc)
         raise
     return proc, base
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
