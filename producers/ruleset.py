@@ -51,6 +51,15 @@ _POSIX = {"alnum": "a-zA-Z0-9", "alpha": "a-zA-Z", "digit": "0-9", "xdigit": "0-
           "cntrl": r"\x00-\x1f\x7f", "graph": r"!-~", "print": r" -~", "ascii": r"\x00-\x7f"}
 
 
+# a text longer than this is searched by word starts for patterns that begin at a word boundary
+LONG_TEXT = 4096
+# rules whose pattern reads on from its keyword over the rest of its line (``\bcurl\b(?:.*?|...)``):
+# a match from a later keyword on the line is a match from the first one, which `.*?` can stretch to
+LINE_RULES = {rid: re.compile(r"(?<![A-Za-z0-9_])curl(?![A-Za-z0-9_])") for rid in ("curl-auth-header", "curl-auth-user")}
+# where \b then a word character can match (RE2's \w: ASCII letters, digits, _); a word, not a position
+_WORD_START = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z0-9_]+")
+
+
 def _is_word(text: str, i: int) -> bool:
     """RE2's \\w at text[i] (False outside the text)."""
     if i < 0 or i >= len(text):
@@ -210,9 +219,17 @@ class Rule:
     requires: tuple[str, ...] = ()  # the text must contain one of these for the pattern to match at all
 
     def finditer(self, text: str):
-        """The pattern's matches, as ``re.finditer`` gives them for the original pattern."""
+        """The pattern's matches, as ``re.finditer`` gives them for the original pattern.
+
+        On a long text a pattern that starts at a word boundary is tried only at word starts, and a
+        rule that reads its whole line from a keyword (`LINE_RULES`) only from the line's first match
+        of it: the engine's scan would try it at every position (or every keyword), each attempt
+        running to the end of the line, which is quadratic (a crafted 100 KB took 5-50 s)."""
         if not self.boundary:
             yield from self.regex.finditer(text)
+            return
+        if len(text) > LONG_TEXT:
+            yield from self._at_word_starts(text)
             return
         search, pos, n = self.regex.search, 0, len(text)
         while pos <= n:
@@ -225,6 +242,27 @@ class Rule:
                 continue
             yield m
             pos = m.end() if m.end() > s else s + 1
+
+    def _at_word_starts(self, text: str):
+        match, pos, n = self.regex.match, 0, len(text)
+        per_line = self.id in LINE_RULES
+        starts = LINE_RULES[self.id] if per_line else _WORD_START
+        while pos <= n:
+            w = starts.search(text, pos)
+            if w is None:
+                return
+            s = w.start()
+            m = match(text, s)
+            if m is not None:
+                yield m
+                pos = m.end() if m.end() > s else s + 1
+            elif per_line:  # no match from the line's first curl: none from a later one on that line
+                nl = text.find("\n", s)
+                if nl < 0:
+                    return
+                pos = nl + 1
+            else:
+                pos = w.end()
 
     def match_start(self, text: str, start: int) -> int:
         """Where gitleaks' match starts: before the pattern's match, over the identifier characters

@@ -211,6 +211,12 @@ CRAFTED = {  # the audit's inputs (each 100 KB cost 18 s to 187 s) and argv ones
     "gh secret set": lambda n: "gh secret set " * (n // 14),  # a program list growing with the line
     "htpasswd -b": lambda n: "htpasswd -b " * (n // 12),      # each flag looking for the end of the command
     "password= quoted": lambda n: 'password="' * (n // 10),
+    # gitleaks' rules: jwt tried at every 'ey' over the rest of the word, curl-auth-* from every curl
+    # over the rest of the line (5.9 s and 25.9 s at 100 KB)
+    "jwt: keykey": lambda n: "key" * (n // 3),
+    "jwt: eyey": lambda n: "ey" * (n // 2),
+    "curl -u a:": lambda n: "curl -u a:" * (n // 10),
+    "curl curl": lambda n: "curl " * (n // 5) + "-u a:b",
 }
 
 
@@ -234,3 +240,36 @@ def test_crafted_strings_are_redacted_in_near_linear_time(name):
     small, large = _best_time(CRAFTED[name](10_000)), _best_time(CRAFTED[name](100_000))
     assert large < 5.0, f"{large:.2f}s for 100 KB"
     assert large / max(small, 0.01) < 30, f"10 KB {small:.3f}s, 100 KB {large:.3f}s"
+
+
+def test_a_long_text_is_redacted_as_the_engines_own_search_would():
+    """Past `LONG_TEXT` a rule that starts at a word boundary is tried at word starts only (and the
+    curl rules from a line's first curl): the same findings as the regex engine's scan, in linear time."""
+    import random
+
+    from agentledger.producers import ruleset
+
+    jwt = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIn0."
+           "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+    secrets = [jwt, "AKIAIOSFODNN7EXAMPLQ", "curl -H 'Authorization: Bearer Zk9pQ2xL7vN3mR8sT1uWq' https://x",
+               "curl -u admin:Hunter2Passw0rd https://x", "ghp_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8",
+               "sk-ant-api03-" + "a" * 93 + "AA", "curl https://x \\\n  -u deploy:S3cretDeployPw"]
+    words = ["ls", "-la", "echo", "foo", "bar=baz", "x.y", "(a)", "curl", "https://e.example/p", "-u", "-H"]
+    rnd = random.Random(7)
+    for _ in range(8):
+        parts = []
+        for _ in range(1500):
+            parts.append(rnd.choice(words))
+            if rnd.random() < 0.01:
+                parts.append(rnd.choice(secrets))
+            if rnd.random() < 0.05:
+                parts.append("\n")
+        text = " ".join(parts)
+        assert len(text) > ruleset.LONG_TEXT
+        fast = Redactor(KEY).scan(text)
+        try:
+            ruleset.LONG_TEXT, saved = 10 ** 9, ruleset.LONG_TEXT
+            engine = Redactor(KEY).scan(text)
+        finally:
+            ruleset.LONG_TEXT = saved
+        assert fast == engine and fast[1]
