@@ -305,3 +305,29 @@ def test_alert_and_whatif_links_encode_the_ids_too(case):
               "divergences": [{"session_id": sid, "seq": 3}]}
     out = env.get_template("whatif.html").render(report=report, files=[], summary=[], page="whatif")
     assert out.count(f'href="/sessions/{enc}') == 2 and f"/sessions/{escape(sid)}" not in out
+
+
+def test_a_warehouse_whose_views_were_rewritten_is_refused_not_shown(tmp_path):
+    """A redefined view shows forged rows to every page that reads it: the console refuses such a
+    warehouse as `agentledger sql` does (checked again whenever the file changed)."""
+    import duckdb
+
+    from agentledger import api
+
+    home = tmp_path / "home"
+    s = api.settings(home=home, env={}, private=True)
+    api.simulate(s, 2, 3)
+    api.ingest(s)
+    port = free_port()
+    proc, base = start([sys.executable, "-m", "agentledger", "serve", "--port", str(port)], cli_env(home), port)
+    try:
+        code, body = page(base + "/sessions")
+        assert code == 200 and not error_of(body)
+        assert page(base + "/sessions")[0] == 200  # (the unchanged file is not checked again)
+        con = duckdb.connect(str(home / "warehouse.duckdb"))
+        con.execute("CREATE OR REPLACE VIEW denied_actions AS SELECT * FROM denied_actions WHERE false")
+        con.close()
+        code, body = page(base + "/sessions")
+        assert "refused" in error_of(body) and "denied_actions" in error_of(body) and "agentledger verify" in error_of(body)
+    finally:
+        stop(proc)

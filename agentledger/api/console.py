@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +56,42 @@ def _alerts_relation(con) -> str | None:
     return None
 
 
-def _open(s: Settings):
-    from agentledger.schemas.warehouse import open_for
+# the warehouse files whose views, tables and macros were last found to be this code's, with the
+# files' identity then: a page re-checks only after the files changed (~40-80 ms a check)
+_SCHEMA_CHECKED: dict[str, tuple] = {}
 
-    return open_for(s, read_only=True)
+
+def _file_identity(warehouse: str) -> tuple | None:
+    """What changes whenever a DuckDB file (or its WAL) is written, even if its mtime is set back:
+    inode, size, mtime and ctime of both. None for a DuckLake (checked at every open)."""
+    if warehouse.startswith("ducklake:"):
+        return None
+    out = []
+    for path in (warehouse, warehouse + ".wal"):
+        try:
+            st = os.stat(path)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _open(s: Settings):
+    """The warehouse read-only, refused when its views, tables or macros are not this code's (as
+    `agentledger sql` refuses it: its pages would show other rows than the ones stored)."""
+    from agentledger.schemas.warehouse import open_for, refuse_tampered_schema
+
+    before = _file_identity(s.warehouse)  # (taken before the open: a change after it is seen next time)
+    wh = open_for(s, read_only=True)
+    try:
+        if before is None or _SCHEMA_CHECKED.get(s.warehouse) != before:
+            refuse_tampered_schema(wh)
+            if before is not None:
+                _SCHEMA_CHECKED[s.warehouse] = before
+    except BaseException:
+        wh.close()
+        raise
+    return wh
 
 
 # --- the session list ----------------------------------------------------------------------------
