@@ -322,3 +322,101 @@ def test_a_damaged_spooled_record_is_quarantined_and_draining_goes_on(tmp_path, 
         got += [m.value for m in batch]
     src.close()
     assert sorted(got) == sorted(values[:7] + values[8:])
+
+
+# -- what a same-user agent can plant in the log: refused, never waited for or followed ---------------
+
+
+def _one_partition(tmp_path, **kw) -> tuple[LocalLog, list[bytes]]:
+    log = LocalLog(tmp_path / "log", default_partitions=1, fsync=False, **kw)
+    _, vals = record_session(n_commands=2, seed=3)
+    log.ensure_topic(TOPIC)
+    log.append(TOPIC, 0, vals[:3])
+    return log, vals
+
+
+def test_a_lock_held_by_another_process_fails_the_append_in_time_never_hangs_it(tmp_path):
+    """Found by an audit: the partition lock was waited for without end, so a process holding it
+    (stopped, hung, hostile) hung every hook of that partition, and fail-closed never denied."""
+    import subprocess
+    import sys
+    import time
+
+    from agentledger.schemas.transport.local import AppendFailed
+
+    log, vals = _one_partition(tmp_path, lock_timeout_s=0.5)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(log.segment_path(TOPIC, 0, 0).parent / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with pytest.raises(AppendFailed, match="locked by another process"):
+            log.append(TOPIC, 0, vals[3:4])
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(AppendFailed):
+            log.append(TOPIC, 0, vals[3:4], lock_timeout_s=0.1)  # (a sink's flush timeout bounds it too)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert log.append(TOPIC, 0, vals[3:4]) == 3  # the lock free again: appended as usual
+
+
+@pytest.mark.parametrize("planted", ["segment FIFO", "index FIFO", "index link", "partition link"])
+def test_what_is_planted_in_the_log_is_refused_never_opened_or_followed(tmp_path, planted):
+    """Found by an audit: a FIFO in place of the last segment or its index blocked every later
+    append at open(); a link made the appender's repair truncate a file outside the log, or its
+    writes land outside it."""
+    import shutil
+    import threading
+
+    from agentledger.schemas.transport.local import AppendFailed
+
+    log, vals = _one_partition(tmp_path)
+    seg = log.segment_path(TOPIC, 0, 0)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"x" * 38)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if planted == "segment FIFO":
+        seg.unlink()
+        os.mkfifo(seg)
+    elif planted == "index FIFO":
+        seg.with_suffix(".idx").unlink()
+        os.mkfifo(seg.with_suffix(".idx"))
+    elif planted == "index link":
+        seg.with_suffix(".idx").unlink()
+        seg.with_suffix(".idx").symlink_to(victim)
+    else:
+        shutil.rmtree(seg.parent)
+        seg.parent.symlink_to(elsewhere, target_is_directory=True)
+    fresh = LocalLog(log.root, fsync=False)  # (a new process: no cached headers)
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(_try_append(fresh, vals[3:4])), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the append hangs"
+    assert isinstance(got[0], AppendFailed) and "never followed" in str(got[0])
+    assert victim.read_bytes() == b"x" * 38 and list(elsewhere.iterdir()) == []
+
+
+def _try_append(log, values):
+    try:
+        return log.append(TOPIC, 0, values)
+    except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+        return exc
+
+
+def test_an_index_entry_pointing_outside_the_segment_starts_a_new_segment(tmp_path):
+    """Found by an audit: a last index entry with position 2**64-1 made every later append fail
+    (seek: EINVAL; pread: ValueError escaping as no transport error) instead of being damage."""
+    log, vals = _one_partition(tmp_path)
+    idx = log.segment_path(TOPIC, 0, 0).with_suffix(".idx")
+    raw = bytearray(idx.read_bytes())
+    raw[-IDX_ENTRY.size:-IDX_ENTRY.size + 8] = b"\xff" * 8
+    idx.write_bytes(bytes(raw))
+    fresh = LocalLog(log.root, fsync=False)
+    assert fresh.append(TOPIC, 0, vals[3:5]) == 3
+    assert fresh.segments(TOPIC, 0) == [0, 3]
+    msgs = read_all(fresh, 0)
+    assert [m.offset for m in msgs] == [0, 1, 2, 3, 4] and msgs[2].damaged and not msgs[3].damaged

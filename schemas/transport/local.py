@@ -63,6 +63,13 @@ the index points at (one message per offset; a broken header makes every offset 
 such a message, each with its own block's bytes; missing offsets come with no bytes). Ingest turns
 them into ``log_damaged`` dead letters and goes on with the rest of the partition and all others.
 An I/O error (EIO) is not damage -- it may pass -- and is raised: nothing is quarantined for it.
+An index entry that points outside its segment is damage too (a new segment is started).
+
+What another process of the same user can plant is refused, never waited for or followed: a
+partition's lock is waited for at most ``lock_timeout_s`` (30 s; a sink's flush timeout, which is
+the hook's budget, when shorter), and a segment, index or lock that is a link, FIFO or device, or a
+partition directory that is a link, fails the append (`AppendFailed`: fail-closed denies, the
+event stays in the producer's outbox) instead of hanging it or writing outside the log.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ import itertools
 import json
 import logging
 import os
+import stat
 import struct
 import sys
 import time
@@ -167,6 +175,20 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         raise ShortWriteError(exc, done) from exc  # ``done``: how much of ``data`` did reach the file
 
 
+def _plain(path: Path, *, directory: bool = False) -> None:
+    """Raise OSError unless ``path`` is absent or a plain regular file (``directory``: a directory),
+    not a link, FIFO, socket or device: what is planted in a log (a FIFO blocks whoever opens it, a
+    link leads the appender's repairs and writes out of the log) is refused, never followed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    if not ok:
+        raise OSError(errno.EINVAL, f"{path} is not a {'directory' if directory else 'regular file'} "
+                      "(a link, FIFO or device planted in the log is never followed)")
+
+
 def _sync_marker(topic: str, partition: int, base: int) -> bytes:
     # Deterministic so that the same events make byte-identical logs (reproducible simulations).
     return hashlib.sha256(f"agentledger/{topic}/{partition}/{base}".encode()).digest()[:16]
@@ -190,11 +212,13 @@ class LocalLog:
         default_partitions: int = 6,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         fsync: bool = True,
+        lock_timeout_s: float = 30.0,
     ):
         self.root = Path(root)
         self.default_partitions = default_partitions
         self.segment_bytes = segment_bytes
         self.fsync = fsync
+        self.lock_timeout_s = lock_timeout_s  # longest wait for a partition's (or topic's) lock
         self._partitions: dict[str, int] = {}
         self._headers: dict[Path, tuple[codec.OcfHeader, bytes, bytes]] = {}  # header, fingerprint, its bytes
 
@@ -310,14 +334,32 @@ class LocalLog:
         return last + self._idx_count(self.segment_path(topic, partition, last).with_suffix(".idx"))
 
     @contextmanager
-    def _flock(self, path: Path) -> Iterator[None]:
+    def _flock(self, path: Path, timeout_s: float | None = None) -> Iterator[None]:
+        """The exclusive lock ``path``, waited for at most ``timeout_s`` (default `lock_timeout_s`):
+        a process that holds it and never lets go (stopped, hung, or hostile) costs a producer an
+        OSError (ETIMEDOUT: the append fails, fail-closed denies), never a hook that hangs."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        _plain(path.parent, directory=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            limit = self.lock_timeout_s if timeout_s is None else timeout_s
+            deadline = time.monotonic() + max(0.0, limit)
+            delay = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OSError(errno.ETIMEDOUT, f"{path} is locked by another process for over {limit:g} s "
+                                      "(a producer that stopped or hangs)") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def _sync(self, fd: int) -> None:
@@ -416,8 +458,10 @@ class LocalLog:
             return None, 0
         base = bases[-1]
         path = self.segment_path(topic, partition, base)
+        _plain(path)
+        _plain(path.with_suffix(".idx"))
         count = self._whole_index(path.with_suffix(".idx"))
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             try:
                 seg = self._open_segment(topic, partition, base, fd)
@@ -452,6 +496,10 @@ class LocalLog:
             with open(seg.idx_path, "rb") as f:
                 f.seek((count - 1) * IDX_ENTRY.size)
                 start, _ = IDX_ENTRY.unpack(f.read(IDX_ENTRY.size))
+            if not seg.header.length <= start < seg.path.stat().st_size:
+                log.error("agentledger log: %s: indexed record %d points at byte %d, outside the segment; it is "
+                          "quarantined when read; appending to a new segment", seg.path, seg.base + count - 1, start)
+                return None, seg.base + count
         else:
             start = seg.header.length
         with open(seg.path, "rb") as f:
@@ -491,11 +539,12 @@ class LocalLog:
         return seg, seg.base + count
 
     # -- appending --------------------------------------------------------------------------
-    def append(self, topic: str, partition: int, values: list[bytes]) -> int:
+    def append(self, topic: str, partition: int, values: list[bytes], lock_timeout_s: float | None = None) -> int:
         """Append single-object-encoded events durably; returns the offset of the first one.
 
         Raises `AppendFailed` when only a prefix of ``values`` (maybe none) could be made durable
-        (the rest left nothing on disk), TransportError for values that are not events."""
+        (the rest left nothing on disk), TransportError for values that are not events.
+        ``lock_timeout_s``: the longest wait for the partition's lock (default `lock_timeout_s`)."""
         if not values:
             return self.end_offset(topic, partition)
         for v in values:
@@ -505,7 +554,7 @@ class LocalLog:
         try:
             self.ensure_topic(topic)
             pdir = self._pdir(topic, partition)
-            with self._flock(pdir / ".lock"):
+            with self._flock(pdir / ".lock", lock_timeout_s):
                 seg, end = self._open_for_append(topic, partition)
                 first = end
                 while done < len(values):
@@ -518,7 +567,7 @@ class LocalLog:
                     end += self._write_blocks(seg, values[done:j])
                     done = j
                 return first
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # (ValueError: an offset no file can have, read from damage)
             if isinstance(exc, PartialAppendError):
                 done += exc.durable_records
             raise AppendFailed(f"{topic}/{partition}: {len(values) - done} of {len(values)} events not written: "
@@ -825,7 +874,8 @@ def _whole_blocks(data: bytes, sync: bytes) -> list[codec.RawBlock]:
     return out
 
 
-def append_outgoing(target: LocalLog, pending: list[Outgoing], partition_of: Callable[[Outgoing], int]) -> None:
+def append_outgoing(target: LocalLog, pending: list[Outgoing], partition_of: Callable[[Outgoing], int],
+                    lock_timeout_s: float | None = None) -> None:
     """Append ``pending`` to ``target``, one append per (topic, partition), send order kept within each.
     Every group is tried, so one full or broken partition does not hold back the others. On failure
     raises `NotDurableError` whose ``undelivered`` are exactly the messages that are not durable, in
@@ -837,7 +887,7 @@ def append_outgoing(target: LocalLog, pending: list[Outgoing], partition_of: Cal
     first_error: Exception | None = None
     for (topic, partition), idxs in groups.items():
         try:
-            target.append(topic, partition, [pending[i].value for i in idxs])
+            target.append(topic, partition, [pending[i].value for i in idxs], lock_timeout_s)
         except AppendFailed as exc:
             failed.extend(idxs[exc.durable:])
             first_error = first_error or exc
@@ -883,7 +933,7 @@ class LocalSink(Sink):
         except (OSError, TransportError) as exc:
             raise NotDurableError(f"local log append failed: {exc}", pending) from exc
         try:
-            append_outgoing(self.log, pending, lambda m: partition_for_key(m.key, parts[m.topic]))
+            append_outgoing(self.log, pending, lambda m: partition_for_key(m.key, parts[m.topic]), timeout)
         except NotDurableError as exc:
             self._acked += len(pending) - len(exc.undelivered)
             raise
