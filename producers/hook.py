@@ -57,6 +57,7 @@ from agentledger.schemas.config import Settings
 from .coverage import observation as coverage_observation
 from .coverage import statements as coverage_statements
 from .ledger import Observation, SessionAppender, SessionInfo
+from .importstate import LockTimeout
 from .sinks import recording_mode_from_env
 from .normalize import (as_int, command_argv, infer_sandbox_denial, inside, loads_bounded, mcp_arguments_json, mcp_call,
                         mcp_result, mcp_split, network_protocol, parse_exec_output, parse_patch, permission_mode_policy,
@@ -646,6 +647,12 @@ def handle(
     except Exception as exc:  # recording failed: never silently; the outbox keeps what was sealed
         out.exit_code = 1
         out.stderr += f"agentledger hook: event not recorded durably: {type(exc).__name__}: {exc}\n"
+        if isinstance(exc, LockTimeout):  # nothing was sealed: keep the input itself, never lose it
+            try:
+                kept = save_reject(settings, raw, f"not recorded: {exc}")
+                out.stderr += f"agentledger hook: input kept in {kept}\n"
+            except OSError as keep_exc:
+                out.stderr += f"agentledger hook: the input could not be kept either: {keep_exc}\n"
         if fail_closed and event in DECISION_EVENTS:
             out.exit_code, out.stdout, extra = _deny_response(
                 event, f"agentledger (fail-closed): this action could not be recorded: {exc}", deny_style, who)

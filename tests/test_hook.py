@@ -588,3 +588,38 @@ def test_a_link_in_the_workspace_is_decided_as_the_file_it_leads_to(tmp_path):
     # what the policy allows stays allowed, through the linked workspace too
     assert evaluate(pol, "Write", {"file_path": "src/new.py", "content": "ok"}, cwd) is None
     assert evaluate(pol, "Read", {"file_path": str(tmp_path / "outside.rc")}, cwd) is None
+
+
+def test_a_call_that_cannot_take_its_session_lock_keeps_its_input(tmp_path):
+    """Found by an audit: when another producer held the session's lock past the budget, the call's
+    event was in no log, outbox or reject file: lost without a trace."""
+    import threading
+
+    from agentledger import api
+    from agentledger.producers.hook import handle
+    from agentledger.producers.importstate import ProducerState
+
+    home = tmp_path / "home"
+    s = api.settings(home=home, env={})
+    raw = json.dumps({"session_id": "s-locked", "hook_event_name": "PreToolUse", "cwd": str(tmp_path),
+                      "tool_name": "Bash", "tool_use_id": "t2", "tool_input": {"command": "ls"}}).encode()
+    state = ProducerState(home)
+    state.ensure_dirs()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with state.session_lock("s-locked", timeout_s=30):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert held.wait(30)
+    try:
+        out = handle(raw, s, budget_s=0.5, env={})
+    finally:
+        release.set()
+        t.join(30)
+    assert out.exit_code == 1 and "LockTimeout" in out.stderr and "input kept in" in out.stderr
+    kept = list((home / "state" / "hook-rejects").iterdir())
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["raw"] == raw.decode()
