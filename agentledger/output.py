@@ -20,6 +20,7 @@ from rich.text import Text
 
 from agentledger.schemas.terminal import printable
 
+
 class _Console(Console):
     """A rich console that shows recorded text's control characters instead of sending them to the
     terminal (`printable`): every string printed, or put in a table cell, is rendered through

@@ -12,7 +12,6 @@ other except for SQLite's short write transactions.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from agentledger.schemas.envelope import GENESIS_HASH
+from agentledger.schemas.locks import flock_within
 from agentledger.schemas.errors import TransportError
 
 SCHEMA_VERSION = 1
@@ -128,19 +128,8 @@ class ProducerState:
     def _exclusive(path: Path, timeout_s: float = 60.0, what: str | None = None) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            deadline = time.monotonic() + timeout_s
-            delay = 0.0005
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise LockTimeout(what or f"{path} stayed locked for {timeout_s}s") from exc
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.02)
+            if not flock_within(fd, timeout_s):
+                raise LockTimeout(what or f"{path} stayed locked for {timeout_s}s")
             try:
                 yield
             finally:

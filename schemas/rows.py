@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 
 from . import codec
 from .contract import SchemaStore
-from .errors import DecodeError
-from .errors import SchemaError
+from .errors import DecodeError, SchemaError
 from .sql import idents
 from .warehouse import PROVENANCE_COLUMNS, event_columns, events_relation
 

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from agentledger import api
 
-from ..output import Format, console, err_console, jsonable, print_json, render_rows
+from ..output import Format, console, err_console, print_json, render_rows
 from .groups import export_app, import_app
 from .options import OperatorKeys, PublicKeys, ReplayFormat, TableOrJson, WhatIfFormat, settings
 
@@ -31,12 +31,6 @@ def _check_source(source: str) -> None:
 def _notes(notes: list[str]) -> None:
     for note in notes:
         err_console.print(f"[yellow]{escape(note)}[/]")
-
-
-def _text(rows) -> list[list]:
-    """Table cells as text, not markup: a session's recorded strings and a bundle's header are
-    someone else's (``[/]`` would raise, ``[link=...]`` restyle the line)."""
-    return [[v if v is None or isinstance(v, (bool, int, float)) else escape(str(jsonable(v))) for v in r] for r in rows]
 
 
 # --- rendering ---------------------------------------------------------------------------------------
@@ -122,26 +116,25 @@ def _print_state(state: dict, limit: int | None = TABLE_LIMIT) -> None:
     procs = state["processes"]
     if procs:
         render_rows(["seq", "command", "status", "exit", "ms"],
-                    _text((p["started_seq"], " ".join(p["argv"] or []), p["status"], p["exit_code"], p["duration_ms"])
-                          for p in procs), Format.table, title="processes")
+                    [(p["started_seq"], " ".join(p["argv"] or []), p["status"], p["exit_code"], p["duration_ms"])
+                     for p in procs], Format.table, title="processes")
     if state["approvals"]:
         render_rows(["requested", "subject", "decision", "by", "decided", "latency_ms"],
-                    _text((a["requested_seq"], a["subject"], a["decision"], a["decided_by"], a["decided_seq"],
-                           a["latency_ms"]) for a in state["approvals"]), Format.table, title="approvals")
+                    [(a["requested_seq"], a["subject"], a["decision"], a["decided_by"], a["decided_seq"], a["latency_ms"])
+                     for a in state["approvals"]], Format.table, title="approvals")
     if state["destinations"]:
         render_rows(["destination", "attempts", "allowed", "denied", "asked", "bytes_out"],
-                    _text((f"{d['protocol']}://{d['host']}:{d['port']}", d["attempts"], d["allowed"], d["denied"],
-                           d["asked"], d["bytes_out"]) for d in state["destinations"]), Format.table,
-                    title="network destinations")
+                    [(f"{d['protocol']}://{d['host']}:{d['port']}", d["attempts"], d["allowed"], d["denied"], d["asked"],
+                      d["bytes_out"]) for d in state["destinations"]], Format.table, title="network destinations")
     changed = [f for f in state["files"] if f["changes"]]
     if changed:
         render_rows(["path", "last op", "last digest", "present"],
-                    _text((f["path"], f["last_operation"], (f["last_digest"] or "")[:16], f["present"]) for f in changed),
+                    [(f["path"], f["last_operation"], (f["last_digest"] or "")[:16], f["present"]) for f in changed],
                     Format.table, title="files changed")
     for name in ("denials", "gaps"):
         if state[name]:
             rows = state[name]
-            render_rows(list(rows[0].keys()), _text(list(r.values()) for r in rows), Format.table, title=name)
+            render_rows(list(rows[0].keys()), [list(r.values()) for r in rows], Format.table, title=name)
 
 
 def _print_whatif(rep: dict, limit: int | None = None) -> None:
@@ -150,8 +143,8 @@ def _print_whatif(rep: dict, limit: int | None = None) -> None:
     if divs:
         shown = divs if not limit else divs[:limit]
         render_rows(["session", "seq", "kind", "request", "recorded", "new", "rule", "effect", "outcome"],
-                    _text((d["session_id"][:13], d["seq"], d["kind"], d["request"], d["recorded"], d["new"], d["rule"],
-                           d["effect"], d["outcome"]) for d in shown), Format.table,
+                    [(d["session_id"][:13], d["seq"], d["kind"], d["request"], d["recorded"], d["new"], d["rule"],
+                      d["effect"], d["outcome"]) for d in shown], Format.table,
                     title=escape(f"what if: policy {s['policy']}"))
         if len(shown) < len(divs):
             console.print(f"[dim]showing {len(shown)} of {len(divs)} divergences[/]")
@@ -214,8 +207,8 @@ def replay_cmd(
             _print_whatif(r.whatif)
         if r.alerts:
             render_rows(["rule", "severity", "evidence", "alert"],
-                        _text((a["source"], a.get("severity"), ", ".join(map(str, a["evidence_seqs"])), a["alert_id"])
-                              for a in r.alerts), Format.table, title="alerts")
+                        [(a["source"], a.get("severity"), ", ".join(map(str, a["evidence_seqs"])), a["alert_id"])
+                         for a in r.alerts], Format.table, title="alerts")
         console.print(f"state digest [bold]{r.state['state_digest']}[/]"
                       + (f" (after seq {r.state['as_of_seq']})" if at is not None else ""))
         _print_cannot_prove(r.coverage)

@@ -262,14 +262,8 @@ class Console:
 
     async def export(self, request: Request) -> Response:
         await self._form(request)
+        # (export_to_temp writes a fixed file name in a directory of its own, and checks it did)
         directory, path, doc = self.call(api.export_to_temp, self.settings, request.path_params["sid"])
-        try:
-            # the one directory export_to_temp made, and the bundle inside it (never a path made of the id)
-            if path.resolve().parent != directory.resolve() or not directory.name.startswith("agentledger-export-"):
-                raise api.AgentLedgerError("refused: the bundle was not written in its own temporary directory")
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
         return FileResponse(path, media_type="application/octet-stream", filename=download_name(doc["session_id"]),
                             headers={"x-bundle-sha256": doc["sha256"]},
                             background=BackgroundTask(shutil.rmtree, directory, ignore_errors=True))

@@ -95,6 +95,7 @@ from typing import Callable, ClassVar, Iterator
 
 from .. import codec
 from ..errors import DecodeError, NotDurableError, TransportError
+from ..locks import flock_within
 from .base import Message, Outgoing, PartitionCallback, Scan, Sink, Source
 
 log = logging.getLogger(__name__)
@@ -343,18 +344,9 @@ class LocalLog:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         try:
             limit = self.lock_timeout_s if timeout_s is None else timeout_s
-            deadline = time.monotonic() + max(0.0, limit)
-            delay = 0.001
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise OSError(errno.ETIMEDOUT, f"{path} is locked by another process for over {limit:g} s "
-                                      "(a producer that stopped or hangs)") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
+            if not flock_within(fd, limit):
+                raise OSError(errno.ETIMEDOUT, f"{path} is locked by another process for over {limit:g} s "
+                              "(a producer that stopped or hangs)")
             try:
                 yield
             finally:
